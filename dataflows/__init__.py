@@ -1,0 +1,1 @@
+"""Dataflows: thin wiring of sources, operators and sinks."""

@@ -1,0 +1,236 @@
+"""Per-customer metering state: deduplicate, aggregate windows and periods, handle late events.
+
+One :class:`CustomerMeter` per ``tenant|customer`` key holds everything that key
+needs, so one recoverable snapshot covers dedupe and aggregates together (a
+replay can never see an id as "seen" without its effect, or the reverse).
+
+Memory bound, stated: per customer,
+- ``seen``: one entry per event id whose arrival watermark is within
+  ``dedupe_window`` of the current watermark;
+- windows and periods: rows whose billing period still accepts late events
+  (period end + ``late_grace`` >= watermark); older rows are evicted, their final
+  values already emitted;
+- unique_count and percentile rows additionally hold their distinct values.
+
+The watermark is the greatest event time seen, taken from the event's own time
+and the process watermark stamped on it at mediation, and it only grows.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+from operators.aggregate import ADDITIVE, Acc, new_acc
+from operators.mediate import MeteredEvent, dead_letter
+from operators.periods import period_bounds
+from operators.rules import Rules
+from operators.stats import STATS, FlowStats
+from schemas.records import Emission, PeriodAggregate, WindowAggregate
+
+STATE_VERSION = 1
+_MISSING = object()
+_NO_DIMS: Tuple[str, ...] = ()
+
+WindowKey = Tuple[str, int, Tuple[str, ...]]  # metric, window_start, dimension values
+PeriodKey = Tuple[str, int, int]  # metric, period_start, period_end
+
+
+class CustomerMeter:
+    """The metering state of one customer. Pure: no I/O, the clock comes in on the events."""
+
+    __slots__ = ("rules", "key", "tenant_id", "customer_id", "seen", "wm", "windows", "periods",
+                 "excluded", "next_evict", "next_dedupe_evict", "stats")
+
+    def __init__(self, rules: Rules, key: str, snapshot: Optional[bytes] = None, stats: FlowStats = STATS) -> None:
+        self.rules = rules
+        self.key = key
+        self.tenant_id, _, self.customer_id = key.partition("|")
+        self.stats = stats
+        self.seen: Dict[str, int] = {}
+        self.wm = 0
+        self.windows: Dict[WindowKey, Acc] = {}
+        self.periods: Dict[PeriodKey, Acc] = {}
+        self.excluded: Dict[PeriodKey, int] = {}
+        self.next_evict = 1 << 62
+        self.next_dedupe_evict = 0
+        if snapshot is not None:
+            self._restore(snapshot)
+
+    # -- recovery -----------------------------------------------------------------
+    def snapshot(self) -> bytes:
+        """An immutable, versioned copy of the state (bytes, so later mutation cannot leak in)."""
+        return pickle.dumps((STATE_VERSION, self.key, self.seen, self.wm, self.windows, self.periods,
+                             self.excluded), protocol=5)
+
+    def _restore(self, data: bytes) -> None:
+        version, key, self.seen, self.wm, self.windows, self.periods, self.excluded = pickle.loads(data)
+        if version != STATE_VERSION:
+            raise ValueError(f"snapshot of {key!r} has state version {version}, this build reads {STATE_VERSION}")
+        self._recompute_next_evict()
+
+    def is_empty(self) -> bool:
+        return not (self.seen or self.windows or self.periods or self.excluded)
+
+    # -- the hot path -----------------------------------------------------------------
+    def process(self, batches: List[List[MeteredEvent]]) -> Emission:
+        """Fold a batch of this customer's events; return the rows that changed and any dead letters."""
+        rules = self.rules
+        by_type = rules.by_event_type
+        window_ms = rules.window_ms
+        grace_ms = rules.grace_ms
+        sub = rules.subscription(self.key)
+        kind, anchor = sub.period, sub.anchor_ms
+        seen = self.seen
+        windows, periods, excluded_counts = self.windows, self.periods, self.excluded
+        wm = self.wm
+        pstart = pend = 0
+        dirty_w: Set[WindowKey] = set()
+        dirty_p: Set[PeriodKey] = set()
+        dead = []
+        n = dup = excl = unmetered = ignored = 0
+        for group in batches:
+            n += len(group)
+            for me in group:
+                ev = me.event
+                eid = ev.event_id
+                if eid in seen:
+                    dup += 1
+                    continue
+                if me.wm > wm:
+                    wm = me.wm
+                seen[eid] = wm
+                metrics = by_type.get(ev.event_type)
+                if metrics is None:
+                    unmetered += 1
+                    continue
+                ts = me.ts
+                if not pstart <= ts < pend:
+                    pstart, pend = period_bounds(ts, kind, anchor)
+                if pend + grace_ms < wm:
+                    dead.append(dead_letter(
+                        "too_late", f"billing period {pstart}..{pend} (epoch ms) closed more than late_grace "
+                        f"before the watermark {wm}", me.src, me.raw, self.tenant_id))
+                    continue
+                props = ev.properties
+                sign = -1 if ev.correction else 1
+                if me.excluded:
+                    excl += 1
+                for m in metrics:
+                    if m.where and not all(props.get(k, _MISSING) == v for k, v in m.where):
+                        continue
+                    pk = (m.code, pstart, pend)
+                    if me.excluded:
+                        excluded_counts[pk] = excluded_counts.get(pk, 0) + 1
+                        dirty_p.add(pk)
+                        continue
+                    v = None
+                    if m.prop is not None:
+                        v = props.get(m.prop)
+                        if v is None or (m.needs_number and (type(v) is bool or not isinstance(v, (int, float)))):
+                            why = "is missing" if v is None else f"must be a number, got {v!r}"
+                            dead.append(dead_letter("missing_property", f"metric {m.code!r} needs property "
+                                                    f"{m.prop!r}, which {why}", me.src, me.raw, self.tenant_id,
+                                                    metric=m.code))
+                            continue
+                    if sign < 0 and m.aggregation not in ADDITIVE:
+                        ignored += 1
+                        continue
+                    wstart = ts - ts % window_ms
+                    dims = tuple(_dim(props.get(g)) for g in m.group_by) if m.group_by else _NO_DIMS
+                    wk = (m.code, wstart, dims)
+                    acc = windows.get(wk)
+                    if acc is None:
+                        acc = windows[wk] = new_acc(m.aggregation)
+                        acc.expires = self._window_expiry(wstart + window_ms - 1, kind, anchor, pstart, pend)
+                        if acc.expires < self.next_evict:
+                            self.next_evict = acc.expires
+                    acc.add(v, ts, sign)
+                    dirty_w.add(wk)
+                    acc = periods.get(pk)
+                    if acc is None:
+                        acc = periods[pk] = new_acc(m.aggregation)
+                        acc.expires = pend + grace_ms
+                        if acc.expires < self.next_evict:
+                            self.next_evict = acc.expires
+                    acc.add(v, ts, sign)
+                    dirty_p.add(pk)
+        self.wm = wm
+        out = self._emit(dirty_w, dirty_p, sub, dead)
+        if wm > self.next_evict:
+            self._evict()
+        if wm >= self.next_dedupe_evict:
+            self._evict_seen()
+        self.stats.add({"accepted": n - dup, "duplicates": dup, "excluded": excl, "unmetered": unmetered,
+                        "corrections_ignored": ignored, "dead_lettered": len(dead)})
+        return out
+
+    # -- helpers ---------------------------------------------------------------------
+    def _window_expiry(self, last_ms: int, kind: str, anchor: int, pstart: int, pend: int) -> int:
+        # A window stays open for late events while the period holding its last millisecond does.
+        if not pstart <= last_ms < pend:
+            pstart, pend = period_bounds(last_ms, kind, anchor)
+        return pend + self.rules.grace_ms
+
+    def _emit(self, dirty_w: Set[WindowKey], dirty_p: Set[PeriodKey], sub, dead) -> Emission:
+        rules = self.rules
+        t, c = self.tenant_id, self.customer_id
+        wrows = []
+        for wk in dirty_w:
+            code, wstart, dims = wk
+            acc = self.windows[wk]
+            wrows.append(WindowAggregate(
+                tenant_id=t, customer_id=c, metric=code, window_start=wstart, window_end=wstart + rules.window_ms,
+                dimensions=dict(zip(rules.metrics[code].group_by, dims)) if dims else {},
+                value=acc.value(), events=acc.events, version=acc.events))
+        prows = []
+        for pk in dirty_p:
+            code, pstart, pend = pk
+            acc = self.periods.get(pk)
+            value = acc.value() if acc is not None else 0.0
+            events = acc.events if acc is not None else 0
+            excl = self.excluded.get(pk, 0)
+            included = sub.included(code)
+            prows.append(PeriodAggregate(
+                tenant_id=t, customer_id=c, metric=code, period_start=pstart, period_end=pend, value=value,
+                included=included, overage_units=max(0.0, value - included) if included is not None else 0.0,
+                events=events, excluded_events=excl, version=events + excl))
+        return Emission(windows=wrows, periods=prows, dead_letters=dead)
+
+    def _recompute_next_evict(self) -> None:
+        exp = [a.expires for a in self.windows.values()] + [a.expires for a in self.periods.values()]
+        exp += [pk[2] + self.rules.grace_ms for pk in self.excluded]
+        self.next_evict = min(exp) if exp else 1 << 62
+
+    def _evict(self) -> None:
+        wm = self.wm
+        for d in (self.windows, self.periods):
+            for k in [k for k, a in d.items() if a.expires < wm]:
+                del d[k]
+        grace = self.rules.grace_ms
+        for k in [k for k in self.excluded if k[2] + grace < wm]:
+            del self.excluded[k]
+        self._recompute_next_evict()
+
+    def _evict_seen(self) -> None:
+        # Ids are inserted in watermark order, so the oldest are at the front.
+        cutoff = self.wm - self.rules.dedupe_ms
+        old: List[str] = []
+        for eid, seen_at in self.seen.items():
+            if seen_at >= cutoff:
+                break
+            old.append(eid)
+        for eid in old:
+            del self.seen[eid]
+        # Check again after another 1/16 of the window of event-time progress.
+        self.next_dedupe_evict = self.wm + max(1, self.rules.dedupe_ms // 16)
+
+
+def _dim(v: Any) -> str:
+    if v is None:
+        return ""
+    if type(v) is str:
+        return v
+    if type(v) is bool:
+        return "true" if v else "false"
+    return str(v)

@@ -1,0 +1,89 @@
+"""The configuration compiled into lookup tables for the hot path.
+
+Rules are read-only and shared by every worker thread; nothing here is part of
+recoverable state, so a restart picks up a changed configuration.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import msgspec
+
+from operators.aggregate import NEEDS_NUMBER
+from operators.periods import CALENDAR_ANCHOR_MS
+from operators.timeutil import dt_to_ms
+from schemas.config import Config, EntitlementConfig, EntitlementOverride, SubscriptionConfig
+
+
+class MetricRule(msgspec.Struct, frozen=True):
+    code: str
+    event_type: str
+    aggregation: str
+    prop: Optional[str]
+    group_by: Tuple[str, ...]
+    where: Tuple[Tuple[str, Any], ...]
+    needs_number: bool
+
+
+class SubscriptionRule(msgspec.Struct, frozen=True):
+    """A customer's billing period and resolved entitlements (plan merged with overrides)."""
+
+    plan: str
+    period: str
+    anchor_ms: int
+    entitlements: Dict[str, EntitlementConfig]
+    account_name: str = ""
+    arr: float = 0.0
+    custom_contract: bool = False
+
+    def included(self, metric: str) -> Optional[float]:
+        ent = self.entitlements.get(metric)
+        return None if ent is None else ent.included
+
+
+CALENDAR_MONTH = SubscriptionRule(plan="", period="month", anchor_ms=CALENDAR_ANCHOR_MS, entitlements={})
+
+
+def merge_entitlement(base: Optional[EntitlementConfig], override: Optional[EntitlementOverride]) -> EntitlementConfig:
+    """The plan's entitlement with every field the custom contract sets replaced."""
+    ent = base if base is not None else EntitlementConfig()
+    if override is None:
+        return ent
+    changes = {f: getattr(override, f) for f in override.__struct_fields__ if getattr(override, f) is not None}
+    return msgspec.structs.replace(ent, **changes)
+
+
+def subscription_rule(cfg: Config, sub: SubscriptionConfig, plan_code: Optional[str] = None) -> SubscriptionRule:
+    plans = {p.code: p for p in cfg.plans}
+    plan = plans[plan_code or sub.plan]
+    codes = set(plan.entitlements) | set(sub.overrides)
+    ents = {c: merge_entitlement(plan.entitlements.get(c), sub.overrides.get(c)) for c in codes}
+    return SubscriptionRule(plan=plan.code, period=sub.period, anchor_ms=dt_to_ms(sub.anchor), entitlements=ents,
+                            account_name=sub.account_name, arr=sub.arr, custom_contract=bool(sub.overrides))
+
+
+class Rules:
+    """Everything the metering state needs from the configuration, as dicts keyed for O(1) lookups."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.config = cfg
+        self.window_ms = cfg.pipeline.rollup_window_ms
+        self.grace_ms = cfg.pipeline.late_grace_ms
+        self.dedupe_ms = cfg.pipeline.dedupe_window_ms
+        self.metrics: Dict[str, MetricRule] = {}
+        self.by_event_type: Dict[str, Tuple[MetricRule, ...]] = {}
+        for m in cfg.metrics:
+            rule = MetricRule(code=m.code, event_type=m.event_type, aggregation=m.aggregation,
+                              prop=m.property if m.aggregation != "count" else None,
+                              group_by=tuple(m.group_by), where=tuple(m.where.items()),
+                              needs_number=m.aggregation in NEEDS_NUMBER)
+            self.metrics[m.code] = rule
+            self.by_event_type[m.event_type] = self.by_event_type.get(m.event_type, ()) + (rule,)
+        self.subscriptions: Dict[str, SubscriptionRule] = {
+            s.tenant_id + "|" + s.customer_id: subscription_rule(cfg, s) for s in cfg.subscriptions
+        }
+
+    def subscription(self, key: str) -> SubscriptionRule:
+        """The customer's subscription, or calendar months with nothing included."""
+        return self.subscriptions.get(key, CALENDAR_MONTH)

@@ -1,0 +1,64 @@
+"""Time in meterflow: timezone-aware UTC, carried as integer epoch milliseconds.
+
+Integers compare and bucket exactly (no float rounding at window edges) and are
+cheap to keep in state.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta, timezone
+
+UTC = timezone.utc
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d|w)\s*$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+
+
+def parse_duration_ms(text: str) -> int:
+    """Parse "90s", "5m", "1h", "1d", "2w" into milliseconds.
+
+    >>> parse_duration_ms("1h")
+    3600000
+    >>> parse_duration_ms("0s")
+    0
+    """
+    m = _DURATION.match(text)
+    if m is None:
+        raise ValueError(f"expected a duration like '30s', '5m', '1h', '1d', got {text!r}")
+    return int(m.group(1)) * _UNIT_MS[m.group(2)]
+
+
+def dt_to_ms(dt: datetime) -> int:
+    """Exact epoch milliseconds of an aware datetime (sub-millisecond digits are truncated).
+
+    >>> dt_to_ms(datetime(2026, 11, 1, tzinfo=UTC))
+    1761955200000
+    """
+    return (dt - EPOCH) // _MS
+
+
+def ms_to_dt(ms: int) -> datetime:
+    """The UTC datetime of epoch milliseconds."""
+    return EPOCH + timedelta(milliseconds=ms)
+
+
+def ms_to_iso(ms: int) -> str:
+    """RFC 3339 in UTC with a ``Z``, milliseconds shown only when non-zero.
+
+    >>> ms_to_iso(1761955200000)
+    '2026-11-01T00:00:00Z'
+    >>> ms_to_iso(1761955200123)
+    '2026-11-01T00:00:00.123Z'
+    """
+    dt = ms_to_dt(ms)
+    if ms % 1000:
+        return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def now_ms() -> int:
+    """Wall-clock epoch milliseconds (inject a different getter in tests)."""
+    return dt_to_ms(datetime.now(UTC))

@@ -1,0 +1,1 @@
+"""Typed records exchanged with the outside world: events, configuration, outputs."""

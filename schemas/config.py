@@ -1,0 +1,283 @@
+"""The configuration file (contract section 2): one frozen object, validated at start.
+
+``load_config(path)`` reads TOML, applies ``METER_<SECTION>_<KEY>`` environment
+overrides (for example ``METER_KAFKA_BOOTSTRAP_SERVERS`` or
+``METER_PIPELINE_LATE_GRACE``), checks types with msgspec and cross-checks
+references (plans, metrics, tenants, durations). Any problem raises one
+:class:`ConfigError` whose message names the file and the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Dict, List, Literal, Optional, Union
+
+import msgspec
+
+from operators.errors import ConfigError
+from operators.periods import PERIOD_KINDS
+from operators.timeutil import parse_duration_ms
+
+Aggregation = Literal["count", "sum", "max", "min", "unique_count", "latest", "p95", "p99"]
+Enforcement = Literal["soft", "hard", "auto_overage"]
+Scalar = Union[str, int, float, bool]
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+Code = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class _Frozen(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class PipelineConfig(_Frozen):
+    rollup_window: str = "1h"
+    late_grace: str = "6h"
+    dedupe_window: str = "24h"
+    max_event_bytes: Annotated[int, msgspec.Meta(gt=0)] = 1_048_576
+    epoch_interval: str = "2s"
+
+    @property
+    def rollup_window_ms(self) -> int:
+        return parse_duration_ms(self.rollup_window)
+
+    @property
+    def late_grace_ms(self) -> int:
+        return parse_duration_ms(self.late_grace)
+
+    @property
+    def dedupe_window_ms(self) -> int:
+        return parse_duration_ms(self.dedupe_window)
+
+
+class TenantConfig(_Frozen):
+    id: Code
+    exclude_when: Dict[str, Scalar] = {}
+    excluded_customers: List[str] = []
+
+
+class MetricConfig(_Frozen):
+    code: Code
+    event_type: Code
+    aggregation: Aggregation = "count"
+    property: Optional[str] = None
+    group_by: List[str] = []
+    where: Dict[str, Scalar] = {}
+
+
+class Tier(_Frozen):
+    up_to: Optional[NonNegative] = None
+    unit_amount: NonNegative = 0.0
+    flat_amount: NonNegative = 0.0
+
+
+class PriceConfig(_Frozen):
+    model: Literal["per_unit", "tiered", "volume", "staircase", "package"] = "per_unit"
+    unit_amount: NonNegative = 0.0
+    tiers: List[Tier] = []
+    package_size: Optional[Positive] = None
+    package_amount: NonNegative = 0.0
+    round_up: bool = True
+    minimum: NonNegative = 0.0
+
+
+class EntitlementConfig(_Frozen):
+    included: Optional[NonNegative] = None
+    thresholds: List[Positive] = msgspec.field(default_factory=lambda: [75.0, 90.0, 100.0])
+    enforcement: Enforcement = "soft"
+    overage_rate: NonNegative = 0.0
+    next_plan: Optional[str] = None
+    price: Optional[PriceConfig] = None
+
+
+class EntitlementOverride(_Frozen):
+    """A custom contract: every field given replaces the plan's."""
+
+    included: Optional[NonNegative] = None
+    thresholds: Optional[List[Positive]] = None
+    enforcement: Optional[Enforcement] = None
+    overage_rate: Optional[NonNegative] = None
+    next_plan: Optional[str] = None
+    price: Optional[PriceConfig] = None
+
+
+class PlanConfig(_Frozen):
+    code: Code
+    entitlements: Dict[str, EntitlementConfig] = {}
+
+
+class WalletConfig(_Frozen):
+    balance: NonNegative
+    credit_rates: Dict[str, NonNegative] = {}
+    on_exhausted: Literal["block", "alert", "postpaid"] = "alert"
+    low_balance_pct: Positive = 20.0
+
+
+class SubscriptionConfig(_Frozen):
+    tenant_id: Code
+    customer_id: Code
+    plan: Code
+    period: str = "month"
+    anchor: Annotated[datetime, msgspec.Meta(tz=True)] = datetime.fromisoformat("1970-01-01T00:00:00+00:00")
+    account_name: str = ""
+    arr: NonNegative = 0.0
+    overrides: Dict[str, EntitlementOverride] = {}
+    wallet: Optional[WalletConfig] = None
+
+
+class KafkaConfig(_Frozen):
+    bootstrap_servers: str = "localhost:9092"
+    events_topic: str = "usage.events"
+    entitlements_topic: str = "usage.entitlements"
+    aggregated_topic: str = "usage.aggregated"
+    alerts_topic: str = "usage.alerts"
+    dead_letter_topic: str = "usage.dead-letter"
+    batch_size: Annotated[int, msgspec.Meta(gt=0)] = 5000
+    # Extra librdkafka settings for every client (security.protocol, sasl.*, ...).
+    client_config: Dict[str, str] = {}
+
+
+class ClickHouseConfig(_Frozen):
+    dsn: str = "chdb://./var/clickhouse"
+    database: Optional[str] = None
+
+
+class RedisConfig(_Frozen):
+    url: str = "redis://localhost:6379/0"
+
+
+class Config(_Frozen):
+    pipeline: PipelineConfig = PipelineConfig()
+    tenants: List[TenantConfig] = []
+    metrics: List[MetricConfig] = []
+    plans: List[PlanConfig] = []
+    subscriptions: List[SubscriptionConfig] = []
+    kafka: Optional[KafkaConfig] = None
+    clickhouse: ClickHouseConfig = ClickHouseConfig()
+    redis: Optional[RedisConfig] = None
+    source_path: str = "<memory>"
+
+    def redacted(self) -> "Config":
+        """A copy safe to print: passwords in URLs and secret client settings masked."""
+        kafka = self.kafka
+        if kafka is not None:
+            masked = {k: ("***" if _SECRET_KEY.search(k) else v) for k, v in kafka.client_config.items()}
+            kafka = msgspec.structs.replace(kafka, client_config=masked)
+        redis = self.redis
+        if redis is not None:
+            redis = msgspec.structs.replace(redis, url=_mask_url(redis.url))
+        ch = msgspec.structs.replace(self.clickhouse, dsn=_mask_url(self.clickhouse.dsn))
+        return msgspec.structs.replace(self, kafka=kafka, redis=redis, clickhouse=ch)
+
+
+_SECRET_KEY = re.compile(r"password|secret|token|key", re.I)
+_URL_PASSWORD = re.compile(r"(//[^:/@]+:)([^@]+)(@)")
+
+
+def _mask_url(url: str) -> str:
+    return _URL_PASSWORD.sub(r"\1***\3", url)
+
+
+_ENV_SECTIONS = {"pipeline": PipelineConfig, "kafka": KafkaConfig, "clickhouse": ClickHouseConfig, "redis": RedisConfig}
+
+
+def _apply_env(raw: dict, environ: Dict[str, str]) -> List[str]:
+    """Apply METER_<SECTION>_<FIELD> overrides to scalar keys; returns the variables used."""
+    used = []
+    for section, struct in _ENV_SECTIONS.items():
+        for field in msgspec.structs.fields(struct):
+            var = f"METER_{section.upper()}_{field.name.upper()}"
+            if var in environ and not field.name.endswith("config"):
+                raw.setdefault(section, {})[field.name] = environ[var]
+                used.append(var)
+    return used
+
+
+def parse_config(raw: dict, source: str = "<memory>", environ: Optional[Dict[str, str]] = None) -> Config:
+    """Validate an already-parsed TOML document (see :func:`load_config`)."""
+    raw = dict(raw)
+    _apply_env(raw, dict(os.environ) if environ is None else environ)
+    raw["source_path"] = source
+    try:
+        cfg = msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid configuration in {source}: {_humanize(str(exc))}") from exc
+    _cross_check(cfg, source)
+    return cfg
+
+
+def load_config(path: Union[str, Path], environ: Optional[Dict[str, str]] = None) -> Config:
+    """Read, override from the environment, and validate the TOML configuration file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {p} does not exist (pass --config FILE or set METER_CONFIG)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {p}: {exc.strerror}") from exc
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration file {p} is not valid TOML: {exc}") from exc
+    return parse_config(raw, str(p), environ)
+
+
+def _humanize(msg: str) -> str:
+    # msgspec says "... - at `$.plans[0].entitlements.api_calls.included`"; lead with the key.
+    m = re.match(r"^(.*) - at `\$\.?(.*)`$", msg)
+    if m:
+        return f"key '{m.group(2) or '<root>'}': {m.group(1)}"
+    return msg
+
+
+def _cross_check(cfg: Config, source: str) -> None:
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"invalid configuration in {source}: key '{key}': {why}")
+
+    for name in ("rollup_window", "late_grace", "dedupe_window", "epoch_interval"):
+        try:
+            ms = parse_duration_ms(getattr(cfg.pipeline, name))
+        except ValueError as exc:
+            fail(f"pipeline.{name}", str(exc))
+        if ms <= 0 and name in ("rollup_window", "dedupe_window", "epoch_interval"):
+            fail(f"pipeline.{name}", "must be greater than zero")
+    tenant_ids = set()
+    for i, t in enumerate(cfg.tenants):
+        if "|" in t.id:
+            fail(f"tenants[{i}].id", f"tenant id {t.id!r} must not contain '|' (it separates tenant and customer in keys)")
+        if t.id in tenant_ids:
+            fail(f"tenants[{i}].id", f"tenant {t.id!r} is listed twice")
+        tenant_ids.add(t.id)
+    metric_codes = set()
+    for i, m in enumerate(cfg.metrics):
+        if m.code in metric_codes:
+            fail(f"metrics[{i}].code", f"metric {m.code!r} is defined twice")
+        metric_codes.add(m.code)
+        if m.aggregation != "count" and not m.property:
+            fail(f"metrics[{i}].property", f"aggregation {m.aggregation!r} needs the property to aggregate")
+    plan_codes = {p.code for p in cfg.plans}
+    for i, p in enumerate(cfg.plans):
+        for code, ent in p.entitlements.items():
+            if code not in metric_codes:
+                fail(f"plans[{i}].entitlements.{code}", f"no metric with code {code!r} is defined in [[metrics]]")
+            if ent.next_plan is not None and ent.next_plan not in plan_codes:
+                fail(f"plans[{i}].entitlements.{code}.next_plan", f"no plan with code {ent.next_plan!r}")
+    seen_subs = set()
+    for i, s in enumerate(cfg.subscriptions):
+        if s.tenant_id not in tenant_ids:
+            fail(f"subscriptions[{i}].tenant_id", f"tenant {s.tenant_id!r} is not in [[tenants]]")
+        if s.plan not in plan_codes:
+            fail(f"subscriptions[{i}].plan", f"no plan with code {s.plan!r}")
+        if s.period not in PERIOD_KINDS:
+            fail(f"subscriptions[{i}].period", f"expected one of {', '.join(PERIOD_KINDS)}, got {s.period!r}")
+        key = (s.tenant_id, s.customer_id)
+        if key in seen_subs:
+            fail(f"subscriptions[{i}]", f"customer {s.customer_id!r} of tenant {s.tenant_id!r} has two subscriptions")
+        seen_subs.add(key)
+        for code in s.overrides:
+            if code not in metric_codes:
+                fail(f"subscriptions[{i}].overrides.{code}", f"no metric with code {code!r}")

@@ -1,0 +1,40 @@
+"""The usage event (contract section 1) and its one shared decoder.
+
+Decoding is the hot path of the whole system, so there is exactly one
+module-level :data:`EVENT_DECODER`, reused everywhere; msgspec validates types,
+lengths and the timestamp's zone in C while it parses.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Dict, Optional, Union
+
+import msgspec
+
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+# RFC 3339 with `Z` or an offset; a naive timestamp is rejected by `tz=True`.
+AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
+EpochMillis = Annotated[int, msgspec.Meta(ge=0)]
+PropertyValue = Union[str, int, float, bool, None]
+
+
+class UsageEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """One usage event as producers send it.
+
+    Unknown top-level fields are ignored (msgspec skips them while parsing).
+    """
+
+    event_id: EventId
+    tenant_id: NonEmpty
+    customer_id: NonEmpty
+    event_type: NonEmpty
+    timestamp: Union[AwareDatetime, EpochMillis]
+    properties: Dict[str, PropertyValue] = {}
+    correction: bool = False
+    corrects: Optional[str] = None
+
+
+EVENT_DECODER = msgspec.json.Decoder(UsageEvent)
+EVENT_ENCODER = msgspec.json.Encoder()

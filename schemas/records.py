@@ -1,0 +1,91 @@
+"""Output records: rollups, period totals and dead letters.
+
+These are the shapes billing systems read from the ``usage.aggregated`` topic
+and from ClickHouse. Every record carries a ``version`` that only grows as more
+events are folded into the same row, so any consumer can keep "the row with the
+highest version" and see exact values even when a resumed dataflow re-emits.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Union
+
+import msgspec
+
+
+class WindowAggregate(msgspec.Struct, frozen=True, kw_only=True, tag="window"):
+    """Usage of one tenant/customer/metric (and group_by dimensions) in one tumbling window.
+
+    ``window_start``/``window_end`` are epoch milliseconds, aligned to UTC epoch
+    boundaries. ``version`` = number of events folded in so far (it grows
+    monotonically; the row with the highest version is the current one).
+    """
+
+    tenant_id: str
+    customer_id: str
+    metric: str
+    window_start: int
+    window_end: int
+    dimensions: Dict[str, str]
+    value: float
+    events: int
+    version: int
+
+
+class PeriodAggregate(msgspec.Struct, frozen=True, kw_only=True, tag="period"):
+    """Running billing-period total of one tenant/customer/metric.
+
+    ``included`` is None for a customer without a subscription (calendar
+    months in UTC). ``excluded_events`` counts events that matched the tenant's
+    exclusions (test or internal traffic): recorded, not billed.
+    """
+
+    tenant_id: str
+    customer_id: str
+    metric: str
+    period_start: int
+    period_end: int
+    value: float
+    included: Optional[float]
+    overage_units: float
+    events: int
+    excluded_events: int
+    version: int
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """An input that could not be metered, with why and where it came from.
+
+    ``reason`` is one of the contract's codes: invalid_json, invalid_event,
+    unknown_tenant, missing_property, too_late. ``source`` locates the original
+    (``topic/partition/offset`` or ``file:line``); ``payload`` is the original
+    bytes, untouched. ``dl_id`` is deterministic, so a replay rewrites the same
+    row instead of adding one.
+    """
+
+    dl_id: str
+    reason: str
+    detail: str
+    source: str
+    tenant_id: str
+    metric: str
+    payload: bytes
+    received_at: int
+
+
+Aggregate = Union[WindowAggregate, PeriodAggregate]
+
+
+class Emission(msgspec.Struct, kw_only=True):
+    """Everything one step produced for one key in one batch, routed to every sink at once.
+
+    Grouping outputs per key and batch keeps Python calls per batch, not per event.
+    """
+
+    windows: List[WindowAggregate] = []
+    periods: List[PeriodAggregate] = []
+    dead_letters: List[DeadLetter] = []
+
+
+AGGREGATE_ENCODER = msgspec.json.Encoder()
+AGGREGATE_DECODER = msgspec.json.Decoder(Aggregate)

@@ -1,0 +1,1 @@
+"""Bytewax sinks, one module per destination. Each docstring states its delivery guarantee."""

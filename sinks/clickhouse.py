@@ -1,0 +1,174 @@
+"""ClickHouse: rollups, billing-period totals and dead letters, with exact views on top.
+
+Delivery guarantee: at-least-once from Bytewax (a resumed flow re-emits the rows
+of the epoch it was in); exactly-once in effect, because every row is an upsert:
+tables are ``ReplacingMergeTree(version)`` keyed by the row's identity, a row's
+``version`` is the number of events folded into it (it only grows), and the
+contract's views read ``FINAL``, so readers see each row's latest value with no
+FINAL or GROUP BY of their own. Dead letters are keyed by a deterministic id.
+
+The same code talks to a ClickHouse server (``http://host:8123/db``) and to
+embedded chDB (``chdb:///path``); chDB allows one data path per process, so the
+embedded client is shared and its calls serialised.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+from urllib.parse import urlparse
+
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+
+from operators.errors import MeterError
+from operators.timeutil import now_ms
+from schemas.config import ClickHouseConfig
+from schemas.records import Emission
+
+DEFAULT_DATABASE = "meter"
+
+_DDL = [
+    """CREATE TABLE IF NOT EXISTS {db}.usage_window_rows (
+        tenant_id String, customer_id String, metric LowCardinality(String),
+        window_start DateTime64(3, 'UTC'), window_end DateTime64(3, 'UTC'),
+        dims_key String, dimensions Map(String, String),
+        value Float64, events UInt64, version UInt64, updated_at DateTime64(3, 'UTC')
+    ) ENGINE = ReplacingMergeTree(version)
+    PARTITION BY toYYYYMM(window_start)
+    ORDER BY (tenant_id, customer_id, metric, window_start, dims_key)""",
+    """CREATE TABLE IF NOT EXISTS {db}.usage_period_rows (
+        tenant_id String, customer_id String, metric LowCardinality(String),
+        period_start DateTime64(3, 'UTC'), period_end DateTime64(3, 'UTC'),
+        value Float64, included Nullable(Float64), overage_units Float64,
+        events UInt64, excluded_events UInt64, version UInt64, updated_at DateTime64(3, 'UTC')
+    ) ENGINE = ReplacingMergeTree(version)
+    ORDER BY (tenant_id, customer_id, metric, period_start)""",
+    """CREATE TABLE IF NOT EXISTS {db}.dead_letter_rows (
+        dl_id String, received_at DateTime64(3, 'UTC'), reason LowCardinality(String), detail String,
+        source String, tenant_id String, metric String, payload String
+    ) ENGINE = ReplacingMergeTree
+    ORDER BY dl_id""",
+    """CREATE OR REPLACE VIEW {db}.usage_by_window AS
+       SELECT tenant_id, customer_id, metric, window_start, window_end, dimensions, value, events
+       FROM {db}.usage_window_rows FINAL""",
+    """CREATE OR REPLACE VIEW {db}.usage_by_period AS
+       SELECT tenant_id, customer_id, metric, period_start, period_end, value, included, overage_units,
+              events, excluded_events
+       FROM {db}.usage_period_rows FINAL""",
+    """CREATE OR REPLACE VIEW {db}.dead_letters AS
+       SELECT received_at, reason, detail, source, payload, tenant_id, metric, dl_id
+       FROM {db}.dead_letter_rows FINAL""",
+]
+
+WINDOW_COLUMNS = ["tenant_id", "customer_id", "metric", "window_start", "window_end", "dims_key", "dimensions",
+                  "value", "events", "version", "updated_at"]
+PERIOD_COLUMNS = ["tenant_id", "customer_id", "metric", "period_start", "period_end", "value", "included",
+                  "overage_units", "events", "excluded_events", "version", "updated_at"]
+DEAD_COLUMNS = ["dl_id", "received_at", "reason", "detail", "source", "tenant_id", "metric", "payload"]
+
+_EMBEDDED_LOCK = threading.RLock()
+_EMBEDDED: Dict[str, Any] = {}
+
+
+class LockedClient:
+    """Serialises calls to a client shared by threads (chDB is one engine per process)."""
+
+    def __init__(self, client: Any, lock: Optional[threading.RLock]) -> None:
+        self._client = client
+        self._lock = lock
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if self._lock is None or not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return call
+
+
+def resolve(cfg: ClickHouseConfig) -> Tuple[str, str, bool]:
+    """(dsn to connect with, database, embedded?) — chDB paths made absolute."""
+    u = urlparse(cfg.dsn)
+    if u.scheme == "chdb":
+        path = (u.netloc + u.path) if u.netloc not in ("", "localhost") else u.path
+        abs_path = Path(path).expanduser().resolve()
+        return f"chdb://{abs_path}", cfg.database or DEFAULT_DATABASE, True
+    db = cfg.database or (u.path.strip("/") or DEFAULT_DATABASE)
+    return cfg.dsn, db, False
+
+
+def connect(cfg: ClickHouseConfig) -> Tuple[LockedClient, str]:
+    """Open (or reuse, for chDB) a client; create the database, tables and views. Returns (client, database)."""
+    try:
+        import clickhouse_connect
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise MeterError("clickhouse-connect is not installed: pip install clickhouse-connect chdb") from exc
+    dsn, db, embedded = resolve(cfg)
+    try:
+        if embedded:
+            with _EMBEDDED_LOCK:
+                client = _EMBEDDED.get(dsn)
+                if client is None:
+                    Path(dsn[len("chdb://"):]).mkdir(parents=True, exist_ok=True)
+                    client = _EMBEDDED[dsn] = LockedClient(clickhouse_connect.get_client(dsn=dsn), _EMBEDDED_LOCK)
+        else:
+            client = LockedClient(clickhouse_connect.get_client(dsn=dsn, database="default"), None)
+        client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
+        for stmt in _DDL:
+            client.command(stmt.format(db=db))
+    except MeterError:
+        raise
+    except Exception as exc:
+        raise MeterError(f"cannot open ClickHouse at {_mask(cfg.dsn)} (database {db}): {exc}; check clickhouse.dsn "
+                         "(embedded chDB allows one data path per process)") from exc
+    return client, db
+
+
+def _mask(dsn: str) -> str:
+    u = urlparse(dsn)
+    return dsn.replace(u.password, "***") if u.password else dsn
+
+
+def emission_rows(items: List[Emission], at_ms: int) -> Tuple[List[list], List[list], List[list]]:
+    """Flatten a batch of emissions into (window rows, period rows, dead-letter rows) for insert."""
+    wrows, prows, drows = [], [], []
+    for e in items:
+        for w in e.windows:
+            dims = w.dimensions
+            dims_key = "\x1f".join(f"{k}={dims[k]}" for k in sorted(dims)) if dims else ""
+            wrows.append([w.tenant_id, w.customer_id, w.metric, w.window_start, w.window_end, dims_key, dims,
+                          w.value, w.events, w.version, at_ms])
+        for p in e.periods:
+            prows.append([p.tenant_id, p.customer_id, p.metric, p.period_start, p.period_end, p.value, p.included,
+                          p.overage_units, p.events, p.excluded_events, p.version, at_ms])
+        for d in e.dead_letters:
+            drows.append([d.dl_id, d.received_at, d.reason, d.detail, d.source, d.tenant_id, d.metric, d.payload])
+    return wrows, prows, drows
+
+
+class _ClickHousePartition(StatelessSinkPartition[Emission]):
+    def __init__(self, cfg: ClickHouseConfig) -> None:
+        self._client, self._db = connect(cfg)
+
+    def write_batch(self, items: List[Emission]) -> None:
+        wrows, prows, drows = emission_rows(items, now_ms())
+        if wrows:
+            self._client.insert(f"{self._db}.usage_window_rows", wrows, column_names=WINDOW_COLUMNS)
+        if prows:
+            self._client.insert(f"{self._db}.usage_period_rows", prows, column_names=PERIOD_COLUMNS)
+        if drows:
+            self._client.insert(f"{self._db}.dead_letter_rows", drows, column_names=DEAD_COLUMNS)
+
+
+class ClickHouseSink(DynamicSink[Emission]):
+    """Write emissions to ClickHouse (see the module docstring for the delivery guarantee)."""
+
+    def __init__(self, cfg: ClickHouseConfig) -> None:
+        self._cfg = cfg
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _ClickHousePartition:
+        return _ClickHousePartition(self._cfg)

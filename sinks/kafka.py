@@ -1,0 +1,105 @@
+"""Kafka outputs for downstream systems: the aggregated topic and the dead-letter topic.
+
+Delivery guarantee: at-least-once. ``write_batch`` returns only after every
+message of the batch is acknowledged (idempotent producer, ``acks=all``), so
+nothing a snapshot covers can be lost; a resumed flow may send a row again.
+Consumers get exactly-once *values* by upserting: the aggregated topic is keyed
+``tenant|customer|metric`` and each record carries its identity
+(kind, start, dimensions) and a ``version`` that only grows — keep the highest.
+Dead letters are keyed by their deterministic ``dl_id``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from confluent_kafka import Producer
+
+from operators.errors import MeterError
+from schemas.records import AGGREGATE_ENCODER, Emission
+
+
+def producer_config(bootstrap: str, client_config: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    return {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "linger.ms": 5,
+            "compression.type": "lz4", **(client_config or {})}
+
+
+class _ProducerPartition(StatelessSinkPartition[Emission]):
+    def __init__(self, config: Dict[str, Any], topic: str) -> None:
+        self._producer = Producer(config)
+        self._topic = topic
+        self._failed: List[str] = []
+
+    def _on_delivery(self, err: Any, msg: Any) -> None:
+        if err is not None:
+            self._failed.append(str(err))
+
+    def _produce(self, key: bytes, value: bytes, headers: Optional[list] = None) -> None:
+        while True:
+            try:
+                self._producer.produce(self._topic, value=value, key=key, headers=headers,
+                                       on_delivery=self._on_delivery)
+                return
+            except BufferError:  # local queue full: let deliveries drain, then retry
+                self._producer.poll(0.05)
+
+    def _flush(self) -> None:
+        remaining = self._producer.flush(60)
+        if remaining or self._failed:
+            why = self._failed[0] if self._failed else f"{remaining} messages unacknowledged after 60 s"
+            self._failed.clear()
+            raise MeterError(f"Kafka topic {self._topic!r}: delivery failed ({why}); the flow stops so that a "
+                             "resume from the last snapshot re-sends (check the broker)")
+
+    def close(self) -> None:
+        self._producer.flush(30)
+
+
+class _AggregatedPartition(_ProducerPartition):
+    def write_batch(self, items: List[Emission]) -> None:
+        encode = AGGREGATE_ENCODER.encode
+        for e in items:
+            for rec in e.windows:
+                self._produce(f"{rec.tenant_id}|{rec.customer_id}|{rec.metric}".encode(), encode(rec))
+            for rec in e.periods:
+                self._produce(f"{rec.tenant_id}|{rec.customer_id}|{rec.metric}".encode(), encode(rec))
+        self._flush()
+
+
+class _DeadLetterPartition(_ProducerPartition):
+    def write_batch(self, items: List[Emission]) -> None:
+        wrote = False
+        for e in items:
+            for d in e.dead_letters:
+                headers = [("reason", d.reason.encode()), ("detail", d.detail.encode()),
+                           ("source", d.source.encode()), ("tenant_id", d.tenant_id.encode()),
+                           ("metric", d.metric.encode()), ("received_at", str(d.received_at).encode())]
+                self._produce(d.dl_id.encode(), d.payload, headers)
+                wrote = True
+        if wrote:
+            self._flush()
+
+
+class AggregatedTopicSink(DynamicSink[Emission]):
+    """Window and period aggregates as JSON (schemas.records.WindowAggregate / PeriodAggregate, tagged by
+    ``type``) on the aggregated topic, keyed ``tenant|customer|metric``."""
+
+    def __init__(self, bootstrap: str, topic: str, client_config: Optional[Dict[str, str]] = None) -> None:
+        self._config = producer_config(bootstrap, client_config)
+        self._topic = topic
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _AggregatedPartition:
+        return _AggregatedPartition(self._config, self._topic)
+
+
+class DeadLetterTopicSink(DynamicSink[Emission]):
+    """Dead letters on the dead-letter topic: the original payload bytes untouched as the value, the reason,
+    detail, source, tenant and metric as headers, keyed by ``dl_id``."""
+
+    def __init__(self, bootstrap: str, topic: str, client_config: Optional[Dict[str, str]] = None) -> None:
+        self._config = producer_config(bootstrap, client_config)
+        self._topic = topic
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _DeadLetterPartition:
+        return _DeadLetterPartition(self._config, self._topic)
