@@ -170,10 +170,11 @@ def _pdeathsig_preexec():
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:  # pragma: no cover
         return None
+    prctl = libc.prctl  # resolve before fork: the child only makes the call
     parent = os.getpid()
 
     def _preexec() -> None:
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:  # parent already gone
             os._exit(1)
 

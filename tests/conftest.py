@@ -20,14 +20,22 @@ import pytest
 from meterflow.devservices import DevServiceError, KafkaBroker, RedisServer
 
 
+def _start(service) -> str | None:
+    """Start ``service``; return an error message instead of raising."""
+    try:
+        service.start()
+    except (DevServiceError, OSError) as exc:
+        return str(exc)
+    return None
+
+
 @pytest.fixture(scope="session")
 def kafka():
     """A started :class:`meterflow.devservices.KafkaBroker` (``.bootstrap``, ``.create_topic``)."""
     broker = KafkaBroker()
-    try:
-        broker.start()
-    except (DevServiceError, OSError) as exc:
-        pytest.fail(f"could not start the Kafka broker: {exc}", pytrace=False)
+    error = _start(broker)
+    if error:
+        pytest.fail(f"could not start the Kafka broker: {error}", pytrace=False)
     try:
         yield broker
     finally:
@@ -38,10 +46,9 @@ def kafka():
 def redis_server():
     """A started :class:`meterflow.devservices.RedisServer` (``.url``, ``.kill()``, ``.restart()``)."""
     server = RedisServer()
-    try:
-        server.start()
-    except (DevServiceError, OSError) as exc:
-        pytest.fail(f"could not start redis-server: {exc}", pytrace=False)
+    error = _start(server)
+    if error:
+        pytest.fail(f"could not start redis-server: {error}", pytrace=False)
     try:
         yield server
     finally:
