@@ -9,6 +9,7 @@ module-level ``flow`` from ``METER_CONFIG`` (and ``METER_INPUT`` in embedded mod
 from __future__ import annotations
 
 import os
+from datetime import datetime, timedelta, timezone
 from typing import Any, List, Optional, Sequence, Tuple
 
 import bytewax.operators as op
@@ -26,10 +27,18 @@ from schemas.records import Emission
 
 
 class _MeterLogic(StatefulBatchLogic):
-    """Bytewax glue around :class:`CustomerMeter` (the key arrives with the first event)."""
+    """Bytewax glue around :class:`CustomerMeter` (the key arrives with the first event).
 
-    def __init__(self, rules: Rules, resume: Optional[bytes]) -> None:
+    Dead letters leave with the batch that raised them. Changed rollup rows leave at once when the
+    key has not flushed within ``pipeline.flush_interval``, otherwise at the next notification, so a
+    busy customer writes each row about once per interval instead of once per batch.
+    """
+
+    def __init__(self, rules: Rules, resume: Optional[bytes], recoverable: bool) -> None:
         self._rules = rules
+        self._recoverable = recoverable
+        self._interval = timedelta(milliseconds=rules.flush_ms)
+        self._next_flush = _EPOCH_DT
         self._meter: Optional[CustomerMeter] = None
         if resume is not None:
             key = _snapshot_key(resume)
@@ -40,15 +49,42 @@ class _MeterLogic(StatefulBatchLogic):
         if meter is None:
             ev = values[0][0].event
             meter = self._meter = CustomerMeter(self._rules, ev.tenant_id + "|" + ev.customer_id)
-        em = meter.process(values)
+        now = datetime.now(timezone.utc)
+        due = now >= self._next_flush
+        em = meter.process(values, flush=due)
+        if due:
+            self._next_flush = now + self._interval
         if em.windows or em.periods or em.dead_letters:
             return [em], StatefulBatchLogic.RETAIN
         return [], StatefulBatchLogic.RETAIN
 
-    def snapshot(self) -> bytes:
+    def notify_at(self) -> Optional[datetime]:
+        if self._meter is not None and self._meter.has_dirty():
+            return self._next_flush
+        return None
+
+    def on_notify(self) -> Tuple[List[Emission], bool]:
+        return self._drain()
+
+    def on_eof(self) -> Tuple[List[Emission], bool]:
+        return self._drain()
+
+    def _drain(self) -> Tuple[List[Emission], bool]:
+        if self._meter is None or not self._meter.has_dirty():
+            return [], StatefulBatchLogic.RETAIN
+        self._next_flush = datetime.now(timezone.utc) + self._interval
+        return [self._meter.flush()], StatefulBatchLogic.RETAIN
+
+    def snapshot(self) -> Optional[bytes]:
+        # Bytewax asks for snapshots every epoch even without recovery; only pay for them when they are kept.
+        if not self._recoverable:
+            return None
         if self._meter is None:  # pragma: no cover - bytewax snapshots only keys that saw items
             raise MeterError("snapshot requested before any event reached this key")
         return self._meter.snapshot()
+
+
+_EPOCH_DT = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def _snapshot_key(data: bytes) -> str:
@@ -65,15 +101,19 @@ def _drop_key(kv: Tuple[str, Emission]) -> Emission:
     return kv[1]
 
 
-def build_flow(config: Config, source: Source, sinks: Sequence[Tuple[str, Sink]], flow_id: str = "meterflow") -> Dataflow:
-    """Wire the metering dataflow. ``source`` emits ``(src, raw_bytes)``; every sink receives :class:`Emission`s."""
+def build_flow(config: Config, source: Source, sinks: Sequence[Tuple[str, Sink]], flow_id: str = "meterflow",
+               recoverable: bool = True) -> Dataflow:
+    """Wire the metering dataflow. ``source`` emits ``(src, raw_bytes)``; every sink receives :class:`Emission`s.
+
+    ``recoverable=False`` (a run without a recovery directory) skips building state snapshots.
+    """
     rules = Rules(config)
     mediator = Mediator(config)
     flow = Dataflow(flow_id)
     raw = op.input("ingest", flow, source)
     mediated = op.flat_map_batch("mediate", raw, mediator)
     split = op.branch("split_dead_letters", mediated, _is_keyed)
-    metered = op.stateful_batch("meter", split.trues, lambda resume: _MeterLogic(rules, resume))
+    metered = op.stateful_batch("meter", split.trues, lambda resume: _MeterLogic(rules, resume, recoverable))
     emissions = op.merge("emissions", op.map("drop_key", metered, _drop_key), split.falses)
     for name, sink in sinks:
         op.output(name, emissions, sink)
@@ -109,8 +149,10 @@ def source_from_config(config: Config, inputs: Sequence[str] = (), stop_at_end: 
     raise MeterError("no input: without a [kafka] section, pass --input FILE (or - for standard input)")
 
 
-def flow_from_config(config: Config, inputs: Sequence[str] = (), stop_at_end: bool = False) -> Dataflow:
-    return build_flow(config, source_from_config(config, inputs, stop_at_end), sinks_from_config(config))
+def flow_from_config(config: Config, inputs: Sequence[str] = (), stop_at_end: bool = False,
+                     recoverable: bool = True) -> Dataflow:
+    return build_flow(config, source_from_config(config, inputs, stop_at_end), sinks_from_config(config),
+                      recoverable=recoverable)
 
 
 def __getattr__(name: str) -> Any:

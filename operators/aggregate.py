@@ -16,7 +16,7 @@ counts it as ``corrections_ignored``).
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Set
+from typing import Any, Dict, Optional, Set, Tuple
 
 ADDITIVE = frozenset({"count", "sum"})
 NEEDS_NUMBER = frozenset({"sum", "max", "min", "latest", "p95", "p99"})
@@ -34,12 +34,23 @@ class Acc:
     def value(self) -> float:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    # Snapshots pickle many accumulators: a flat tuple of slot values is the cheapest state.
     def __getstate__(self):
-        return {s: getattr(self, s) for cls in type(self).__mro__ for s in getattr(cls, "__slots__", ())}
+        return tuple([getattr(self, s) for s in _slots(type(self))])
 
     def __setstate__(self, state):
-        for k, v in state.items():
+        for k, v in zip(_slots(type(self)), state):
             setattr(self, k, v)
+
+
+_SLOTS: Dict[type, Tuple[str, ...]] = {}
+
+
+def _slots(cls: type) -> Tuple[str, ...]:
+    names = _SLOTS.get(cls)
+    if names is None:
+        names = _SLOTS[cls] = tuple(s for c in reversed(cls.__mro__) for s in getattr(c, "__slots__", ()))
+    return names
 
 
 class CountAcc(Acc):
@@ -192,22 +203,27 @@ def nearest_rank(counts: Dict[float, int], n: int, p: float) -> float:
     return float(max(counts))  # pragma: no cover - rank <= n always
 
 
+class P95Acc(PercentileAcc):
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__(0.95)
+
+
+class P99Acc(PercentileAcc):
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__(0.99)
+
+
+ACC_TYPES = {"count": CountAcc, "sum": SumAcc, "max": MaxAcc, "min": MinAcc, "latest": LatestAcc,
+             "unique_count": UniqueAcc, "p95": P95Acc, "p99": P99Acc}
+
+
 def new_acc(aggregation: str) -> Acc:
     """A fresh accumulator for a contract aggregation name."""
-    if aggregation == "count":
-        return CountAcc()
-    if aggregation == "sum":
-        return SumAcc()
-    if aggregation == "max":
-        return MaxAcc()
-    if aggregation == "min":
-        return MinAcc()
-    if aggregation == "latest":
-        return LatestAcc()
-    if aggregation == "unique_count":
-        return UniqueAcc()
-    if aggregation == "p95":
-        return PercentileAcc(0.95)
-    if aggregation == "p99":
-        return PercentileAcc(0.99)
-    raise ValueError(f"unknown aggregation {aggregation!r}")
+    try:
+        return ACC_TYPES[aggregation]()
+    except KeyError:
+        raise ValueError(f"unknown aggregation {aggregation!r}") from None

@@ -40,7 +40,7 @@ class CustomerMeter:
     """The metering state of one customer. Pure: no I/O, the clock comes in on the events."""
 
     __slots__ = ("rules", "key", "tenant_id", "customer_id", "seen", "wm", "windows", "periods",
-                 "excluded", "next_evict", "next_dedupe_evict", "stats")
+                 "excluded", "next_evict", "next_dedupe_evict", "stats", "dirty_w", "dirty_p", "_period")
 
     def __init__(self, rules: Rules, key: str, snapshot: Optional[bytes] = None, stats: FlowStats = STATS) -> None:
         self.rules = rules
@@ -54,6 +54,10 @@ class CustomerMeter:
         self.excluded: Dict[PeriodKey, int] = {}
         self.next_evict = 1 << 62
         self.next_dedupe_evict = 0
+        # Rows changed since the last flush: part of the state, so a resume re-emits them.
+        self.dirty_w: Set[WindowKey] = set()
+        self.dirty_p: Set[PeriodKey] = set()
+        self._period = (0, 0)  # cache of the last period looked up (not state)
         if snapshot is not None:
             self._restore(snapshot)
 
@@ -61,10 +65,11 @@ class CustomerMeter:
     def snapshot(self) -> bytes:
         """An immutable, versioned copy of the state (bytes, so later mutation cannot leak in)."""
         return pickle.dumps((STATE_VERSION, self.key, self.seen, self.wm, self.windows, self.periods,
-                             self.excluded), protocol=5)
+                             self.excluded, self.dirty_w, self.dirty_p), protocol=5)
 
     def _restore(self, data: bytes) -> None:
-        version, key, self.seen, self.wm, self.windows, self.periods, self.excluded = pickle.loads(data)
+        (version, key, self.seen, self.wm, self.windows, self.periods, self.excluded, self.dirty_w,
+         self.dirty_p) = pickle.loads(data)
         if version != STATE_VERSION:
             raise ValueError(f"snapshot of {key!r} has state version {version}, this build reads {STATE_VERSION}")
         self._recompute_next_evict()
@@ -72,9 +77,26 @@ class CustomerMeter:
     def is_empty(self) -> bool:
         return not (self.seen or self.windows or self.periods or self.excluded)
 
+    def has_dirty(self) -> bool:
+        return bool(self.dirty_w or self.dirty_p)
+
+    def flush(self) -> Emission:
+        """The current value of every row changed since the last flush (then nothing is dirty)."""
+        out = self._emit(self.dirty_w, self.dirty_p, self.rules.subscription(self.key), [])
+        self.dirty_w = set()
+        self.dirty_p = set()
+        if self.wm > self.next_evict:
+            self._evict()
+        return out
+
     # -- the hot path -----------------------------------------------------------------
-    def process(self, batches: List[List[MeteredEvent]]) -> Emission:
-        """Fold a batch of this customer's events; return the rows that changed and any dead letters."""
+    def process(self, batches: List[List[MeteredEvent]], flush: bool = True) -> Emission:
+        """Fold a batch of this customer's events.
+
+        Returns the batch's dead letters and, with ``flush`` (the default), the current value of every
+        row changed since the last flush. ``flush=False`` keeps changed rows pending so that a busy key
+        emits each row once per flush interval rather than once per batch (see :meth:`flush`).
+        """
         rules = self.rules
         by_type = rules.by_event_type
         window_ms = rules.window_ms
@@ -84,9 +106,9 @@ class CustomerMeter:
         seen = self.seen
         windows, periods, excluded_counts = self.windows, self.periods, self.excluded
         wm = self.wm
-        pstart = pend = 0
-        dirty_w: Set[WindowKey] = set()
-        dirty_p: Set[PeriodKey] = set()
+        pstart, pend = self._period
+        dirty_w = self.dirty_w
+        dirty_p = self.dirty_p
         dead = []
         n = dup = excl = unmetered = ignored = 0
         for group in batches:
@@ -137,7 +159,13 @@ class CustomerMeter:
                         ignored += 1
                         continue
                     wstart = ts - ts % window_ms
-                    dims = tuple(_dim(props.get(g)) for g in m.group_by) if m.group_by else _NO_DIMS
+                    gb = m.group_by
+                    if not gb:
+                        dims = _NO_DIMS
+                    elif len(gb) == 1:
+                        dims = (_dim(props.get(gb[0])),)
+                    else:
+                        dims = tuple([_dim(props.get(g)) for g in gb])
                     wk = (m.code, wstart, dims)
                     acc = windows.get(wk)
                     if acc is None:
@@ -156,13 +184,18 @@ class CustomerMeter:
                     acc.add(v, ts, sign)
                     dirty_p.add(pk)
         self.wm = wm
-        out = self._emit(dirty_w, dirty_p, sub, dead)
-        if wm > self.next_evict:
-            self._evict()
+        self._period = (pstart, pend)
+        if flush:
+            out = self._emit(dirty_w, dirty_p, sub, dead)
+            self.dirty_w = set()
+            self.dirty_p = set()
+            if wm > self.next_evict:
+                self._evict()
+        else:
+            out = Emission(dead_letters=dead)
         if wm >= self.next_dedupe_evict:
             self._evict_seen()
-        self.stats.add({"accepted": n - dup, "duplicates": dup, "excluded": excl, "unmetered": unmetered,
-                        "corrections_ignored": ignored, "dead_lettered": len(dead)})
+        self.stats.add_metered(n - dup, dup, excl, unmetered, ignored, len(dead))
         return out
 
     # -- helpers ---------------------------------------------------------------------
@@ -203,6 +236,7 @@ class CustomerMeter:
         self.next_evict = min(exp) if exp else 1 << 62
 
     def _evict(self) -> None:
+        # Only called right after a flush, so no evicted row has an unsent change.
         wm = self.wm
         for d in (self.windows, self.periods):
             for k in [k for k, a in d.items() if a.expires < wm]:

@@ -12,7 +12,7 @@ import msgspec
 
 from operators.aggregate import NEEDS_NUMBER
 from operators.periods import CALENDAR_ANCHOR_MS
-from operators.timeutil import dt_to_ms
+from operators.timeutil import dt_to_ms, parse_duration_ms
 from schemas.config import Config, EntitlementConfig, EntitlementOverride, SubscriptionConfig
 
 
@@ -71,6 +71,7 @@ class Rules:
         self.window_ms = cfg.pipeline.rollup_window_ms
         self.grace_ms = cfg.pipeline.late_grace_ms
         self.dedupe_ms = cfg.pipeline.dedupe_window_ms
+        self.flush_ms = parse_duration_ms(cfg.pipeline.flush_interval)
         self.metrics: Dict[str, MetricRule] = {}
         self.by_event_type: Dict[str, Tuple[MetricRule, ...]] = {}
         for m in cfg.metrics:

@@ -24,6 +24,18 @@ class FlowStats:
         with self._lock:
             self._c.update(counts)
 
+    def add_metered(self, accepted: int, duplicates: int, excluded: int, unmetered: int, ignored: int,
+                    dead: int) -> None:
+        """The metering step's per-batch counts (positional: this runs once per key and batch)."""
+        with self._lock:
+            c = self._c
+            c["accepted"] += accepted
+            c["duplicates"] += duplicates
+            c["excluded"] += excluded
+            c["unmetered"] += unmetered
+            c["corrections_ignored"] += ignored
+            c["dead_lettered"] += dead
+
     def snapshot(self) -> Dict[str, int]:
         with self._lock:
             out = {k: 0 for k in self.KEYS}

@@ -40,6 +40,8 @@ class PipelineConfig(_Frozen):
     dedupe_window: str = "24h"
     max_event_bytes: Annotated[int, msgspec.Meta(gt=0)] = 1_048_576
     epoch_interval: str = "2s"
+    # How often a busy customer's changed rollup rows are written (alerts never wait for this).
+    flush_interval: str = "1s"
 
     @property
     def rollup_window_ms(self) -> int:
@@ -238,7 +240,7 @@ def _cross_check(cfg: Config, source: str) -> None:
     def fail(key: str, why: str) -> None:
         raise ConfigError(f"invalid configuration in {source}: key '{key}': {why}")
 
-    for name in ("rollup_window", "late_grace", "dedupe_window", "epoch_interval"):
+    for name in ("rollup_window", "late_grace", "dedupe_window", "epoch_interval", "flush_interval"):
         try:
             ms = parse_duration_ms(getattr(cfg.pipeline, name))
         except ValueError as exc:
