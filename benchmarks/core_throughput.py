@@ -90,13 +90,22 @@ def main() -> None:
     print(f"generated {len(lines):,} events in {time.perf_counter() - t:.1f}s "
           f"({args.customers} customers x 3 tenants, batch {args.batch})")
     base = run_decode_baseline(lines)
+    rss_before = _rss_mib()
     r = run_core(cfg, batches)
+    rss_after = _rss_mib()
     eps = r["events"] / r["seconds"]
     print(f"baseline  msgspec decode only : {len(lines) / base:>12,.0f} events/s")
     print(f"core      decode->dedupe->agg : {eps:>12,.0f} events/s  ({eps / (len(lines) / base):.2f}x of decode-only)")
     print(f"          per-batch latency    : p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms")
     print(f"          accepted {r['accepted']:,}  rows emitted {r['rows']:,}")
-    print(f"peak RSS  {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB (includes the in-memory input)")
+    print(f"memory    RSS grew {rss_after - rss_before:,.0f} MiB while metering (state: dedupe ids, windows, "
+          f"periods); peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB incl. the "
+          "in-memory input")
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 if __name__ == "__main__":

@@ -41,8 +41,7 @@ class _MeterLogic(StatefulBatchLogic):
         self._next_flush = _EPOCH_DT
         self._meter: Optional[CustomerMeter] = None
         if resume is not None:
-            key = _snapshot_key(resume)
-            self._meter = CustomerMeter(rules, key, resume)
+            self._meter = CustomerMeter.from_snapshot(rules, resume)
 
     def on_batch(self, values: List[Any]) -> Tuple[List[Emission], bool]:
         meter = self._meter
@@ -85,12 +84,6 @@ class _MeterLogic(StatefulBatchLogic):
 
 
 _EPOCH_DT = datetime(1970, 1, 1, tzinfo=timezone.utc)
-
-
-def _snapshot_key(data: bytes) -> str:
-    import pickle
-
-    return pickle.loads(data)[1]
 
 
 def _is_keyed(item: Any) -> bool:

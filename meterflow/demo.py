@@ -7,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.progress import Progress
 
 from meterflow.sample import customer_ids, generate_events, sample_config_toml, tenant_ids
@@ -16,12 +15,12 @@ from operators.timeutil import ms_to_iso, now_ms
 
 
 def run_demo(n_events: int, workdir: str, seed: int) -> int:
-    from meterflow.reports import print_run_summary, query_usage, usage_table
+    from meterflow.reports import make_console, print_run_summary, query_usage, usage_table
     from meterflow.runner import run_flow
     from schemas.config import load_config
     from sinks.clickhouse import connect
 
-    console = Console()
+    console = make_console()
     wd = Path(workdir)
     if wd.exists():
         shutil.rmtree(wd)

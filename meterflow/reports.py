@@ -12,6 +12,11 @@ from rich.table import Table
 
 from operators.timeutil import ms_to_iso
 
+def make_console() -> Console:
+    """A console for tables: the terminal's width, or a wide fixed width when piped to a file or CI log."""
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
 _LABELS = {
     "read": "events read", "accepted": "accepted (unique)", "duplicates": "duplicates dropped",
     "excluded": "excluded (test/internal, counted not billed)", "dead_lettered": "dead-lettered",
@@ -20,7 +25,7 @@ _LABELS = {
 
 
 def print_run_summary(result: Any, console: Optional[Console] = None) -> None:
-    console = console or Console()
+    console = console or make_console()
     t = Table(title=f"meterflow run: {result.seconds:.2f} s, {result.events_per_second:,.0f} events/s",
               title_justify="left")
     t.add_column("counter")
@@ -101,7 +106,7 @@ def print_usage(args: argparse.Namespace) -> int:
         for r in rows:
             sys.stdout.write(json.dumps(r, default=str) + "\n")
         return 0
-    console = Console()
+    console = make_console()
     if not rows:
         console.print("no usage matches (has `meter run` written to this ClickHouse yet?)")
         return 0

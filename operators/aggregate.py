@@ -134,12 +134,12 @@ class LatestAcc(Acc):
 
     def __init__(self) -> None:
         super().__init__()
-        self.ts = -1
+        self.ts: Optional[int] = None
         self.last: Optional[float] = None
 
     def add(self, v: Any, ts: int, sign: int) -> None:
         self.events += 1
-        if ts >= self.ts:
+        if self.ts is None or ts >= self.ts:
             self.ts = ts
             self.last = v
 

@@ -62,16 +62,25 @@ class CustomerMeter:
             self._restore(snapshot)
 
     # -- recovery -----------------------------------------------------------------
+    @classmethod
+    def from_snapshot(cls, rules: Rules, data: bytes, stats: FlowStats = STATS) -> "CustomerMeter":
+        """Rebuild the state a :meth:`snapshot` captured (the key travels inside it)."""
+        meter = cls(rules, "|", stats=stats)
+        meter._restore(data)
+        return meter
+
     def snapshot(self) -> bytes:
         """An immutable, versioned copy of the state (bytes, so later mutation cannot leak in)."""
         return pickle.dumps((STATE_VERSION, self.key, self.seen, self.wm, self.windows, self.periods,
                              self.excluded, self.dirty_w, self.dirty_p), protocol=5)
 
     def _restore(self, data: bytes) -> None:
-        (version, key, self.seen, self.wm, self.windows, self.periods, self.excluded, self.dirty_w,
-         self.dirty_p) = pickle.loads(data)
-        if version != STATE_VERSION:
-            raise ValueError(f"snapshot of {key!r} has state version {version}, this build reads {STATE_VERSION}")
+        state = pickle.loads(data)
+        if state[0] != STATE_VERSION:
+            raise ValueError(f"snapshot of {state[1]!r} has state version {state[0]}, this build reads {STATE_VERSION}")
+        (_, key, self.seen, self.wm, self.windows, self.periods, self.excluded, self.dirty_w, self.dirty_p) = state
+        self.key = key
+        self.tenant_id, _, self.customer_id = key.partition("|")
         self._recompute_next_evict()
 
     def is_empty(self) -> bool:
