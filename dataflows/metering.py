@@ -34,7 +34,7 @@ class _MeterLogic(StatefulBatchLogic):
     busy customer writes each row about once per interval instead of once per batch.
     """
 
-    def __init__(self, rules: Rules, resume: Optional[bytes], recoverable: bool) -> None:
+    def __init__(self, rules: Rules, resume: Optional[bytes], recoverable: bool, mediator: Mediator) -> None:
         self._rules = rules
         self._recoverable = recoverable
         self._interval = timedelta(milliseconds=rules.flush_ms)
@@ -42,6 +42,9 @@ class _MeterLogic(StatefulBatchLogic):
         self._meter: Optional[CustomerMeter] = None
         if resume is not None:
             self._meter = CustomerMeter.from_snapshot(rules, resume)
+            # The process watermark is not stored by itself: the greatest watermark any resumed
+            # customer had seen is exactly the watermark at the snapshot.
+            mediator.observe_watermark(self._meter.wm)
 
     def on_batch(self, values: List[Any]) -> Tuple[List[Emission], bool]:
         meter = self._meter
@@ -106,7 +109,7 @@ def build_flow(config: Config, source: Source, sinks: Sequence[Tuple[str, Sink]]
     raw = op.input("ingest", flow, source)
     mediated = op.flat_map_batch("mediate", raw, mediator)
     split = op.branch("split_dead_letters", mediated, _is_keyed)
-    metered = op.stateful_batch("meter", split.trues, lambda resume: _MeterLogic(rules, resume, recoverable))
+    metered = op.stateful_batch("meter", split.trues, lambda resume: _MeterLogic(rules, resume, recoverable, mediator))
     emissions = op.merge("emissions", op.map("drop_key", metered, _drop_key), split.falses)
     for name, sink in sinks:
         op.output(name, emissions, sink)

@@ -88,14 +88,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("meter: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # a worker error surfaces wrapped by Bytewax: show its root cause
+    except Exception as exc:  # a worker error surfaces wrapped by Bytewax: show the most useful cause
         if args.debug:
             traceback.print_exc()
-        root = exc
-        while root.__cause__ is not None:
-            root = root.__cause__
-        print(f"meter: error: {type(root).__name__}: {str(root).strip().splitlines()[-1] if str(root).strip() else ''}"
-              " (rerun with --debug for the traceback)", file=sys.stderr)
+        chain, cur = [], exc
+        while cur is not None and cur not in chain:
+            chain.append(cur)
+            cur = cur.__cause__ or cur.__context__
+        ours = next((e for e in chain if isinstance(e, MeterError)), None)
+        if ours is not None:
+            print(f"meter: error: {ours}", file=sys.stderr)
+            return 2
+        root = chain[-1]
+        text = str(root).strip().splitlines()
+        print(f"meter: error: {type(root).__name__}: {text[-1] if text else ''} (rerun with --debug for the "
+              "traceback)", file=sys.stderr)
         return 1
     return 0
 

@@ -97,9 +97,12 @@ class SumAcc(Acc):
             self.fscaled += s if sign > 0 else -s
 
     def value(self) -> float:
-        if not self.fscaled:
-            return float(self.total)
-        return ((self.total << _SCALE_BITS) + self.fscaled) / (1 << _SCALE_BITS)
+        try:
+            if not self.fscaled:
+                return float(self.total)
+            return ((self.total << _SCALE_BITS) + self.fscaled) / (1 << _SCALE_BITS)
+        except OverflowError:  # beyond the double range: report it as such, never crash the flow
+            return math.inf if (self.total << _SCALE_BITS) + self.fscaled > 0 else -math.inf
 
 
 class MaxAcc(Acc):

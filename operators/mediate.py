@@ -14,7 +14,7 @@ from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 import msgspec
 
 from operators.stats import STATS, FlowStats
-from operators.timeutil import dt_to_ms, now_ms
+from operators.timeutil import now_ms, parse_rfc3339_ms
 from schemas.config import Config
 from schemas.events import EVENT_DECODER, UsageEvent
 from schemas.records import DeadLetter, Emission
@@ -94,6 +94,11 @@ class Mediator:
         self._stats = stats
         self.watermark = 0
 
+    def observe_watermark(self, ms: int) -> None:
+        """Raise the process watermark (a resumed customer state reports the watermark it had seen)."""
+        if ms > self.watermark:
+            self.watermark = ms
+
     def __call__(self, batch: List[Tuple[Any, Optional[bytes]]]) -> List[Any]:
         groups: Dict[str, List[MeteredEvent]] = {}
         dead: List[DeadLetter] = []
@@ -112,24 +117,30 @@ class Mediator:
             try:
                 ev = decode(raw)
             except msgspec.ValidationError as exc:
-                dead.append(dead_letter("invalid_event", str(exc), src, raw))
+                # msgspec validates while it parses: tell a schema problem from broken JSON.
+                dead.append(dead_letter(_schema_or_syntax(raw), str(exc), src, raw))
                 continue
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                 dead.append(dead_letter("invalid_json", str(exc), src, raw))
                 continue
+            ts = ev.timestamp
+            if type(ts) is not int:
+                try:
+                    ts = parse_rfc3339_ms(ts)
+                except ValueError as exc:
+                    dead.append(dead_letter("invalid_event", f"{exc} - at `$.timestamp`", src, raw))
+                    continue
             rule = tenants.get(ev.tenant_id)
             if rule is None:
                 dead.append(dead_letter("unknown_tenant", f"tenant {ev.tenant_id!r} is not in the tenant registry "
                                         "([[tenants]] in the config)", src, raw, tenant_id=ev.tenant_id))
                 continue
-            ts = ev.timestamp
-            ts = ts if type(ts) is int else dt_to_ms(ts)
             if ts > wm:
                 wm = ts
             is_excluded = ev.customer_id in rule.excluded_customers
             if not is_excluded and rule.exclude_when:
                 props = ev.properties
-                is_excluded = all(props.get(k, _MISSING) == v for k, v in rule.exclude_when)
+                is_excluded = matches(props, rule.exclude_when)
             key = ev.tenant_id + KEY_SEP + ev.customer_id
             item = MeteredEvent(ev, ts, wm, src, raw, is_excluded)
             group = groups.get(key)
@@ -147,3 +158,28 @@ class Mediator:
 
 
 _MISSING = object()
+
+
+def matches(props: Dict[str, Any], wanted: Tuple[Tuple[str, Any], ...]) -> bool:
+    """Exact JSON equality of every wanted property: ``true`` does not match ``1``, ``"1"`` does not match ``1``.
+
+    >>> matches({"environment": "test", "n": 1}, (("environment", "test"),))
+    True
+    >>> matches({"synthetic": 1}, (("synthetic", True),))
+    False
+    """
+    for k, v in wanted:
+        p = props.get(k, _MISSING)
+        if p != v or (type(p) is bool) is not (type(v) is bool):
+            return False
+    return True
+
+
+def _schema_or_syntax(raw: bytes) -> str:
+    try:
+        msgspec.json.decode(raw)
+    except msgspec.ValidationError:  # well-formed JSON whose values msgspec refuses (e.g. 1e400)
+        return "invalid_event"
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return "invalid_json"
+    return "invalid_event"

@@ -5,8 +5,10 @@ needs, so one recoverable snapshot covers dedupe and aggregates together (a
 replay can never see an id as "seen" without its effect, or the reverse).
 
 Memory bound, stated: per customer,
-- ``seen``: one entry per event id whose arrival watermark is within
-  ``dedupe_window`` of the current watermark;
+- ``seen``: one entry per event id until its billing period stops accepting late
+  events (period end + ``late_grace`` < watermark) and at least ``dedupe_window``
+  of watermark progress after it was seen. Keeping ids for the whole open period
+  is what makes totals independent of the order partitions are read in;
 - windows and periods: rows whose billing period still accepts late events
   (period end + ``late_grace`` >= watermark); older rows are evicted, their final
   values already emitted;
@@ -22,14 +24,14 @@ import pickle
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from operators.aggregate import ADDITIVE, Acc, new_acc
-from operators.mediate import MeteredEvent, dead_letter
+from operators.mediate import MeteredEvent, dead_letter, matches
 from operators.periods import period_bounds
 from operators.rules import Rules
 from operators.stats import STATS, FlowStats
 from schemas.records import Emission, PeriodAggregate, WindowAggregate
 
-STATE_VERSION = 1
-_MISSING = object()
+STATE_VERSION = 2  # 2: ids map to their expiry; pending dirty rows joined the snapshot
+_MAX_NUMBER = 1e300  # larger magnitudes (or a JSON 1e400 read as inf) are rejected, so sums stay finite
 _NO_DIMS: Tuple[str, ...] = ()
 
 WindowKey = Tuple[str, int, Tuple[str, ...]]  # metric, window_start, dimension values
@@ -53,7 +55,7 @@ class CustomerMeter:
         self.periods: Dict[PeriodKey, Acc] = {}
         self.excluded: Dict[PeriodKey, int] = {}
         self.next_evict = 1 << 62
-        self.next_dedupe_evict = 0
+        self.next_dedupe_evict = 1 << 62
         # Rows changed since the last flush: part of the state, so a resume re-emits them.
         self.dirty_w: Set[WindowKey] = set()
         self.dirty_p: Set[PeriodKey] = set()
@@ -82,6 +84,7 @@ class CustomerMeter:
         self.key = key
         self.tenant_id, _, self.customer_id = key.partition("|")
         self._recompute_next_evict()
+        self.next_dedupe_evict = min(self.seen.values()) if self.seen else 1 << 62
 
     def is_empty(self) -> bool:
         return not (self.seen or self.windows or self.periods or self.excluded)
@@ -115,6 +118,7 @@ class CustomerMeter:
         seen = self.seen
         windows, periods, excluded_counts = self.windows, self.periods, self.excluded
         wm = self.wm
+        dedupe_ms = rules.dedupe_ms
         pstart, pend = self._period
         dirty_w = self.dirty_w
         dirty_p = self.dirty_p
@@ -130,14 +134,21 @@ class CustomerMeter:
                     continue
                 if me.wm > wm:
                     wm = me.wm
-                seen[eid] = wm
+                ts = me.ts
+                if not pstart <= ts < pend:
+                    pstart, pend = period_bounds(ts, kind, anchor)
+                # Remember the id while its period accepts events (so a retry can never count twice,
+                # whatever the read order) and for at least dedupe_window.
+                expiry = pend + grace_ms
+                if expiry < wm + dedupe_ms:
+                    expiry = wm + dedupe_ms
+                seen[eid] = expiry
+                if expiry < self.next_dedupe_evict:
+                    self.next_dedupe_evict = expiry
                 metrics = by_type.get(ev.event_type)
                 if metrics is None:
                     unmetered += 1
                     continue
-                ts = me.ts
-                if not pstart <= ts < pend:
-                    pstart, pend = period_bounds(ts, kind, anchor)
                 if pend + grace_ms < wm:
                     dead.append(dead_letter(
                         "too_late", f"billing period {pstart}..{pend} (epoch ms) closed more than late_grace "
@@ -148,7 +159,7 @@ class CustomerMeter:
                 if me.excluded:
                     excl += 1
                 for m in metrics:
-                    if m.where and not all(props.get(k, _MISSING) == v for k, v in m.where):
+                    if m.where and not matches(props, m.where):
                         continue
                     pk = (m.code, pstart, pend)
                     if me.excluded:
@@ -158,8 +169,9 @@ class CustomerMeter:
                     v = None
                     if m.prop is not None:
                         v = props.get(m.prop)
-                        if v is None or (m.needs_number and (type(v) is bool or not isinstance(v, (int, float)))):
-                            why = "is missing" if v is None else f"must be a number, got {v!r}"
+                        if v is None or (m.needs_number and (type(v) is bool or not isinstance(v, (int, float))
+                                                             or not -_MAX_NUMBER < v < _MAX_NUMBER)):
+                            why = "is missing" if v is None else f"must be a number below 1e300 in size, got {v!r:.80}"
                             dead.append(dead_letter("missing_property", f"metric {m.code!r} needs property "
                                                     f"{m.prop!r}, which {why}", me.src, me.raw, self.tenant_id,
                                                     metric=m.code))
@@ -202,7 +214,7 @@ class CustomerMeter:
                 self._evict()
         else:
             out = Emission(dead_letters=dead)
-        if wm >= self.next_dedupe_evict:
+        if wm > self.next_dedupe_evict:
             self._evict_seen()
         self.stats.add_metered(n - dup, dup, excl, unmetered, ignored, len(dead))
         return out
@@ -256,17 +268,14 @@ class CustomerMeter:
         self._recompute_next_evict()
 
     def _evict_seen(self) -> None:
-        # Ids are inserted in watermark order, so the oldest are at the front.
-        cutoff = self.wm - self.rules.dedupe_ms
-        old: List[str] = []
-        for eid, seen_at in self.seen.items():
-            if seen_at >= cutoff:
-                break
-            old.append(eid)
-        for eid in old:
-            del self.seen[eid]
-        # Check again after another 1/16 of the window of event-time progress.
-        self.next_dedupe_evict = self.wm + max(1, self.rules.dedupe_ms // 16)
+        # An id expires once its period closed for late events (a retry would be too_late anyway)
+        # and dedupe_window passed: forgetting it can no longer change any total, whatever the
+        # order partitions are read in. One scan per expiry point (about once per period).
+        wm = self.wm
+        seen = self.seen
+        for eid in [eid for eid, expiry in seen.items() if expiry < wm]:
+            del seen[eid]
+        self.next_dedupe_evict = min(seen.values()) if seen else 1 << 62
 
 
 def _dim(v: Any) -> str:

@@ -40,6 +40,28 @@ def dt_to_ms(dt: datetime) -> int:
     return (dt - EPOCH) // _MS
 
 
+def parse_rfc3339_ms(text: str) -> int:
+    """Epoch milliseconds of an RFC 3339 timestamp with ``Z`` or an offset; digits past the millisecond
+    are truncated, never rounded (``...59.9999999Z`` stays in its second). Raises ValueError.
+
+    >>> parse_rfc3339_ms("2026-11-01T00:00:00Z")
+    1761955200000
+    >>> parse_rfc3339_ms("2026-04-30T23:59:59.9999999Z") % 86_400_000
+    86399999
+    >>> parse_rfc3339_ms("2026-10-31T19:00:00-05:00") == parse_rfc3339_ms("2026-11-01T00:00:00Z")
+    True
+    """
+    if len(text) < 20 or text[4] != "-" or text[7] != "-" or text[10] not in "Tt " or text[13] != ":":
+        raise ValueError(f"timestamp {text[:64]!r} is not RFC 3339 (expected like 2026-11-03T14:30:00Z)")
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"timestamp {text[:64]!r} is not RFC 3339 (expected like 2026-11-03T14:30:00Z)") from None
+    if dt.tzinfo is None:
+        raise ValueError(f"timestamp {text[:64]!r} has no zone: add Z or an offset such as +00:00")
+    return (dt - EPOCH) // _MS
+
+
 def ms_to_dt(ms: int) -> datetime:
     """The UTC datetime of epoch milliseconds."""
     return EPOCH + timedelta(milliseconds=ms)

@@ -194,7 +194,8 @@ def _apply_env(raw: dict, environ: Dict[str, str]) -> List[str]:
         for field in msgspec.structs.fields(struct):
             var = f"METER_{section.upper()}_{field.name.upper()}"
             if var in environ and not field.name.endswith("config"):
-                raw.setdefault(section, {})[field.name] = environ[var]
+                raw[section] = dict(raw.get(section) or {})  # copy: never change the caller's document
+                raw[section][field.name] = environ[var]
                 used.append(var)
     return used
 
@@ -247,6 +248,9 @@ def _cross_check(cfg: Config, source: str) -> None:
             fail(f"pipeline.{name}", str(exc))
         if ms <= 0 and name in ("rollup_window", "dedupe_window", "epoch_interval"):
             fail(f"pipeline.{name}", "must be greater than zero")
+    scheme = cfg.clickhouse.dsn.split("://", 1)[0] if "://" in cfg.clickhouse.dsn else ""
+    if scheme not in ("chdb", "http", "https", "clickhouse", "clickhouses"):
+        fail("clickhouse.dsn", f"expected chdb:///path (embedded) or http(s)://host:8123/db, got {cfg.clickhouse.dsn!r}")
     tenant_ids = set()
     for i, t in enumerate(cfg.tenants):
         if "|" in t.id:

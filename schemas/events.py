@@ -7,15 +7,15 @@ lengths and the timestamp's zone in C while it parses.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Dict, Optional, Union
 
 import msgspec
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-# RFC 3339 with `Z` or an offset; a naive timestamp is rejected by `tz=True`.
-AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
+# RFC 3339 text is parsed (and its zone required) by operators.timeutil.parse_rfc3339_ms at mediation,
+# which truncates sub-millisecond digits instead of rounding them into the next second.
+RFC3339Text = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 EpochMillis = Annotated[int, msgspec.Meta(ge=0)]
 PropertyValue = Union[str, int, float, bool, None]
 
@@ -30,7 +30,7 @@ class UsageEvent(msgspec.Struct, frozen=True, kw_only=True):
     tenant_id: NonEmpty
     customer_id: NonEmpty
     event_type: NonEmpty
-    timestamp: Union[AwareDatetime, EpochMillis]
+    timestamp: Union[RFC3339Text, EpochMillis]
     properties: Dict[str, PropertyValue] = {}
     correction: bool = False
     corrects: Optional[str] = None

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from operators.errors import MeterError
@@ -75,7 +75,11 @@ class KafkaEventSource(FixedPartitionedSource[Tuple[Any, bytes], int]):
 
     def list_parts(self) -> List[str]:
         admin = AdminClient(self._config)
-        meta = admin.list_topics(topic=self._topic, timeout=15)
+        try:
+            meta = admin.list_topics(topic=self._topic, timeout=15)
+        except KafkaException as exc:
+            raise MeterError(f"cannot reach Kafka at {self._config['bootstrap.servers']} "
+                             f"(kafka.bootstrap_servers): {exc.args[0] if exc.args else exc}") from exc
         tmeta = meta.topics.get(self._topic)
         if tmeta is None or tmeta.error is not None or not tmeta.partitions:
             why = tmeta.error if tmeta is not None and tmeta.error is not None else "no partitions"
