@@ -205,12 +205,37 @@ def parse_config(raw: dict, source: str = "<memory>", environ: Optional[Dict[str
     raw = dict(raw)
     _apply_env(raw, dict(os.environ) if environ is None else environ)
     raw["source_path"] = source
+    _check_keyed_tables(raw, source)
     try:
         cfg = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid configuration in {source}: {_humanize(str(exc))}") from exc
     _cross_check(cfg, source)
     return cfg
+
+
+def _check_keyed_tables(raw: dict, source: str) -> None:
+    """Validate tables keyed by metric code one by one, so an error names the metric (msgspec says ``[...]``)."""
+    checks = [("plans", "entitlements", EntitlementConfig), ("subscriptions", "overrides", EntitlementOverride)]
+    for section, table, struct in checks:
+        items = raw.get(section)
+        if not isinstance(items, list):
+            continue
+        for i, item in enumerate(items):
+            entries = item.get(table) if isinstance(item, dict) else None
+            if not isinstance(entries, dict):
+                continue
+            for code, value in entries.items():
+                try:
+                    msgspec.convert(value, struct, strict=False)
+                except msgspec.ValidationError as exc:
+                    msg = _humanize(str(exc))
+                    where = f"{section}[{i}].{table}.{code}"
+                    if msg.startswith("key '"):
+                        msg = msg.replace("key '", f"key '{where}.", 1).replace(".<root>'", "'", 1)
+                    else:
+                        msg = f"key '{where}': {msg}"
+                    raise ConfigError(f"invalid configuration in {source}: {msg}") from exc
 
 
 def load_config(path: Union[str, Path], environ: Optional[Dict[str, str]] = None) -> Config:

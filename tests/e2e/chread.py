@@ -1,0 +1,40 @@
+"""Read the contract's ClickHouse views of one embedded chDB path and print them as JSON.
+
+Run as a subprocess (``python tests/e2e/chread.py CONFIG``): chDB allows one data path per
+process, so the pytest process never opens a flow's chDB itself. Only plain SQL on the
+contract's views is used (what a downstream billing reader would do); timestamps come back
+as epoch milliseconds and payloads as hex plus sha256 so binary and 2 MB payloads survive.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main(config_path: str) -> None:
+    from schemas.config import load_config
+    from sinks.clickhouse import connect
+
+    cfg = load_config(config_path)
+    client, db = connect(cfg.clickhouse)
+    out = {}
+    q = client.query(
+        f"SELECT tenant_id, customer_id, metric, toUnixTimestamp64Milli(period_start) AS ps, "
+        f"toUnixTimestamp64Milli(period_end) AS pe, value, included, overage_units, events, excluded_events "
+        f"FROM {db}.usage_by_period")
+    out["periods"] = [list(r) for r in q.result_rows]
+    q = client.query(
+        f"SELECT tenant_id, customer_id, metric, toUnixTimestamp64Milli(window_start) AS ws, "
+        f"toUnixTimestamp64Milli(window_end) AS we, dimensions, value, events FROM {db}.usage_by_window")
+    out["windows"] = [[*r[:5], dict(r[5]), *r[6:]] for r in q.result_rows]
+    q = client.query(
+        f"SELECT reason, detail, source, length(payload) AS n, lower(hex(SHA256(payload))) AS sha, "
+        f"if(length(payload) <= 65536, lower(hex(payload)), '') AS hex, tenant_id, metric, "
+        f"toUnixTimestamp64Milli(received_at) AS ra FROM {db}.dead_letters")
+    out["dead_letters"] = [list(r) for r in q.result_rows]
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,198 @@
+"""End to end: SIGKILL `meter run --recovery` mid-stream, restart it, and get exactly a clean run's results.
+
+These tests run against the REAL Apache Kafka broker (4.1.1, KRaft) started by the ``kafka``
+session fixture and REAL embedded ClickHouse (chDB). `meter run` is a real subprocess killed with a
+real SIGKILL (no clean shutdown, no atexit, no flush); it is restarted with the same command and
+killed again while it recovers, then restarted until it exits 0. The results - the ClickHouse views, a downstream consumer's view of the
+aggregated topic (highest version per identity) and the dead letters - must equal those of a clean
+single run of the same input into a separate ClickHouse path and separate output topics: no loss,
+no double count.
+
+The stream is 300k generated events over ~20 h of event time (shorter than dedupe_window, so which
+partition is read first cannot matter; see the lagging-partition test in test_kafka_pipeline.py), with
+``pipeline.epoch_interval = "500ms"`` so several snapshots exist before the kill.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+import orjson
+import pytest
+
+from meterflow.sample import customer_ids, generate_events, sample_config_toml, tenant_ids
+from tests.e2e import reference as ref
+from tests.e2e.support import (LiveRun, aggregated_records, consume_all, kafka_section, produce, read_views,
+                               run_meter, run_summary, unique, write_config, write_jsonl)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+N_EVENTS = 300_000
+PARTITIONS = 3
+START = ref.to_ms(datetime(2026, 4, 16, 2, tzinfo=timezone.utc))
+SPAN = N_EVENTS * 241 + 17  # ~20 h
+TENANTS = tenant_ids(3)
+SUBSCRIBED = {t: customer_ids(10) for t in TENANTS}
+KILL_AT = 0.30  # kill once progress shows at least this share of the stream read ...
+KILL_BEFORE = 0.80  # ... and assert it was still well below the end
+SECOND_KILL_AT = 0.10  # the restarted run is killed again once it has read this share
+
+
+def _no_latest_ties(events) -> bool:
+    """No two first-seen seat_count events of a customer share the greatest timestamp of a window or
+    period with different values (otherwise `latest` would legitimately depend on arrival order)."""
+    seen = set()
+    best = {}
+    for raw in events:
+        if b'"seat_count"' not in raw:
+            continue
+        e = orjson.loads(raw)
+        k = (e["tenant_id"], e["event_id"])
+        if k in seen:
+            continue
+        seen.add(k)
+        ts = e["timestamp"] if isinstance(e["timestamp"], int) else ref.to_ms(datetime.fromisoformat(e["timestamp"]))
+        for group in ((e["tenant_id"], e["customer_id"], ts // 3_600_000), (e["tenant_id"], e["customer_id"])):
+            cur = best.get(group)
+            if cur is None or ts > cur[0]:
+                best[group] = (ts, {e["properties"]["seats"]})
+            elif ts == cur[0]:
+                cur[1].add(e["properties"]["seats"])
+    return all(len(vals) == 1 for _, vals in best.values())
+
+
+@pytest.fixture(scope="module")
+def stream():
+    events = list(generate_events(N_EVENTS, tenants=3, customers=50, start_ms=START, span_ms=SPAN, seed=3))
+    assert _no_latest_ties(events)
+    return events
+
+
+def _config(tmp_path: Path, name: str, kafka_cfg=None) -> Path:
+    base = sample_config_toml(TENANTS, SUBSCRIBED, "2026-03-15T00:00:00Z")
+    return write_config(tmp_path / f"{name}.toml", base, tmp_path / f"ch-{name}", kafka_cfg,
+                        pipeline_extra='epoch_interval = "500ms"')
+
+
+def _api_calls_events(views: dict) -> int:
+    return sum(r[8] for r in views["periods"] if r[2] == "api_calls")
+
+
+def _dl_rows(views: dict):
+    # everything but received_at (wall clock at the time the dead letter was made)
+    return Counter(json.dumps(r[:-1]) for r in views["dead_letters"])
+
+
+def _crash_and_resume(tmp_path: Path, cfg: Path, run_args, total: int) -> dict:
+    """Start `meter run`, SIGKILL it mid-stream; restart it and SIGKILL the restarted run too (a crash during
+    recovery); then restart the same command until it exits 0."""
+    argv = ["run", "--config", str(cfg), "--recovery", str(tmp_path / f"recovery-{cfg.stem}"),
+            "--progress-every", "0.5", "--json", *run_args]
+    kills = []
+    after_kill = None
+    for n, share in enumerate((KILL_AT, SECOND_KILL_AT)):
+        live = LiveRun(argv, tmp_path / f"{cfg.stem}-crash{n}.out")
+        try:
+            read_at_kill = live.wait_until_read(int(total * share), timeout=120)
+        finally:
+            rc = live.kill()
+        # -SIGKILL, not 0: it was still running when the signal arrived
+        assert rc == -signal.SIGKILL, f"run {n} was not killed by SIGKILL (exit {rc}):\n{''.join(live.stderr)}"
+        assert 0 < read_at_kill < total * KILL_BEFORE, f"killed at read={read_at_kill} of {total}: not mid-stream"
+        kills.append((read_at_kill, live.reads))
+        if after_kill is None:
+            after_kill = read_views(cfg)  # what the first killed run had written: some, not all
+    attempts = []
+    for _ in range(3):
+        proc = run_meter(*argv, timeout=240, check=False)
+        attempts.append(proc)
+        if proc.returncode == 0:
+            break
+    assert attempts[-1].returncode == 0, "restart did not finish:\n" + "\n".join(
+        f"exit {p.returncode}: {p.stderr[-2000:]}" for p in attempts)
+    resumed = run_summary(attempts[-1])["counters"]
+    print(f"{cfg.stem}: killed at read={kills[0][0]}/{total} (progress {kills[0][1]}), then the restarted run at "
+          f"read={kills[1][0]} (progress {kills[1][1]}); final restarts={len(attempts)}, final run read "
+          f"{resumed['read']}")
+    return {"kills": kills, "after_kill": after_kill, "resumed": resumed, "attempts": len(attempts)}
+
+
+def _assert_same_views(clean: dict, crashed: dict) -> None:
+    cp, kp = ref.views_periods(clean["periods"]), ref.views_periods(crashed["periods"])
+    assert kp == cp, "usage_by_period after crash+resume != clean run:\n" + ref.diff(cp, kp)
+    cw, kw = ref.views_windows(clean["windows"]), ref.views_windows(crashed["windows"])
+    assert kw == cw, "usage_by_window after crash+resume != clean run:\n" + ref.diff(cw, kw)
+    cd, kd = _dl_rows(clean), _dl_rows(crashed)
+    assert kd == cd, f"dead_letters differ: missing {list((cd - kd).items())[:3]}, extra {list((kd - cd).items())[:3]}"
+
+
+def _assert_killed_mid_stream(info: dict, clean_views: dict, total: int) -> None:
+    clean_calls = _api_calls_events(clean_views)
+    assert _api_calls_events(info["after_kill"]) < clean_calls, "the killed run had already written everything"
+    # the restart resumed from a snapshot instead of starting over ...
+    assert 0 < info["resumed"]["read"] < total, info["resumed"]
+
+
+@pytest.mark.kafka
+def test_kafka_sigkill_mid_stream_then_resume_equals_clean_run(kafka, tmp_path, stream):
+    events_topic = kafka.create_topic(unique("e2e-crash-events"), partitions=PARTITIONS)
+    produce(kafka.bootstrap, events_topic, stream, PARTITIONS)
+
+    clean_k = kafka_section(kafka.bootstrap, events_topic, unique("e2e-crash-clean"))
+    crash_k = kafka_section(kafka.bootstrap, events_topic, unique("e2e-crash-killed"))
+    for k in (clean_k, crash_k):
+        kafka.create_topic(k["aggregated_topic"], partitions=PARTITIONS)
+        kafka.create_topic(k["dead_letter_topic"], partitions=PARTITIONS)
+    clean_cfg = _config(tmp_path, "clean", clean_k)
+    crash_cfg = _config(tmp_path, "crash", crash_k)
+
+    clean = run_summary(run_meter("run", "--config", str(clean_cfg), "--stop-at-end", "--json",
+                                  "--progress-every", "0", timeout=240))["counters"]
+    assert clean["read"] == N_EVENTS, clean
+    info = _crash_and_resume(tmp_path, crash_cfg, ["--stop-at-end"], N_EVENTS)
+
+    clean_views, crash_views = read_views(clean_cfg), read_views(crash_cfg)
+    _assert_killed_mid_stream(info, clean_views, N_EVENTS)
+    _assert_same_views(clean_views, crash_views)
+
+    clean_recs = aggregated_records(kafka.bootstrap, clean_k["aggregated_topic"])
+    crash_recs = aggregated_records(kafka.bootstrap, crash_k["aggregated_topic"])
+    cp, cw = ref.topic_view(clean_recs)
+    kp, kw = ref.topic_view(crash_recs)
+    assert kp == cp, "aggregated topic (periods) after crash+resume != clean:\n" + ref.diff(cp, kp)
+    assert kw == cw, "aggregated topic (windows) after crash+resume != clean:\n" + ref.diff(cw, kw)
+    # and both equal what ClickHouse says
+    assert cp == ref.views_periods(clean_views["periods"])
+    assert cw == ref.views_windows(clean_views["windows"])
+
+    # dead-letter topic: at-least-once, keyed by dl_id; a consumer keeping one message per key sees the clean set
+    def dl_view(topic):
+        out = {}
+        for key, value, headers in consume_all(kafka.bootstrap, topic):
+            h = {k: v.decode() for k, v in headers}
+            rec = (h["reason"], h["source"], h["metric"], value)
+            assert out.setdefault(key, rec) == rec, f"dl_id {key!r} re-sent with different content"
+            out[key] = rec
+        return out
+
+    clean_dl = dl_view(clean_k["dead_letter_topic"])
+    assert len(clean_dl) == clean["dead_lettered"] > 0
+    assert dl_view(crash_k["dead_letter_topic"]) == clean_dl
+
+
+def test_jsonl_sigkill_mid_stream_then_resume_equals_clean_run(tmp_path, stream):
+    events = write_jsonl(tmp_path / "events.jsonl", stream)
+    clean_cfg = _config(tmp_path, "clean")
+    crash_cfg = _config(tmp_path, "crash")
+    clean = run_summary(run_meter("run", "--config", str(clean_cfg), "--input", str(events), "--json",
+                                  "--progress-every", "0", timeout=240))["counters"]
+    assert clean["read"] == N_EVENTS, clean
+    info = _crash_and_resume(tmp_path, crash_cfg, ["--input", str(events)], N_EVENTS)
+
+    clean_views, crash_views = read_views(clean_cfg), read_views(crash_cfg)
+    _assert_killed_mid_stream(info, clean_views, N_EVENTS)
+    _assert_same_views(clean_views, crash_views)
