@@ -129,11 +129,12 @@ class CustomerMeter:
             for me in group:
                 ev = me.event
                 eid = ev.event_id
-                if eid in seen:
-                    dup += 1
-                    continue
                 if me.wm > wm:
                     wm = me.wm
+                expiry = seen.get(eid)
+                if expiry is not None and expiry >= wm:  # expired ids count as unseen, however late evicted
+                    dup += 1
+                    continue
                 ts = me.ts
                 if not pstart <= ts < pend:
                     pstart, pend = period_bounds(ts, kind, anchor)

@@ -35,7 +35,7 @@ def dt_to_ms(dt: datetime) -> int:
     """Exact epoch milliseconds of an aware datetime (sub-millisecond digits are truncated).
 
     >>> dt_to_ms(datetime(2026, 11, 1, tzinfo=UTC))
-    1761955200000
+    1793491200000
     """
     return (dt - EPOCH) // _MS
 
@@ -45,7 +45,7 @@ def parse_rfc3339_ms(text: str) -> int:
     are truncated, never rounded (``...59.9999999Z`` stays in its second). Raises ValueError.
 
     >>> parse_rfc3339_ms("2026-11-01T00:00:00Z")
-    1761955200000
+    1793491200000
     >>> parse_rfc3339_ms("2026-04-30T23:59:59.9999999Z") % 86_400_000
     86399999
     >>> parse_rfc3339_ms("2026-10-31T19:00:00-05:00") == parse_rfc3339_ms("2026-11-01T00:00:00Z")
@@ -53,6 +53,8 @@ def parse_rfc3339_ms(text: str) -> int:
     """
     if len(text) < 20 or text[4] != "-" or text[7] != "-" or text[10] not in "Tt " or text[13] != ":":
         raise ValueError(f"timestamp {text[:64]!r} is not RFC 3339 (expected like 2026-11-03T14:30:00Z)")
+    if text[-1] == "z":  # RFC 3339 allows a lower-case zone designator
+        text = text[:-1] + "Z"
     try:
         dt = datetime.fromisoformat(text)
     except ValueError:
@@ -70,9 +72,9 @@ def ms_to_dt(ms: int) -> datetime:
 def ms_to_iso(ms: int) -> str:
     """RFC 3339 in UTC with a ``Z``, milliseconds shown only when non-zero.
 
-    >>> ms_to_iso(1761955200000)
+    >>> ms_to_iso(1793491200000)
     '2026-11-01T00:00:00Z'
-    >>> ms_to_iso(1761955200123)
+    >>> ms_to_iso(1793491200123)
     '2026-11-01T00:00:00.123Z'
     """
     dt = ms_to_dt(ms)

@@ -1,0 +1,208 @@
+"""Billing periods and rollup windows: UTC, anchors (incl. the 31st), weeks, quarters, years.
+
+Expected boundaries are written out by hand (calendar facts), not recomputed
+with the code under test.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import doctest
+import importlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from operators.periods import add_months, period_bounds, window_bounds
+from operators.timeutil import dt_to_ms, ms_to_dt, ms_to_iso, parse_duration_ms
+
+UTC = timezone.utc
+EST = timezone(timedelta(hours=-5))
+
+
+def ms(text: str) -> int:
+    """Epoch ms of an RFC 3339 string (test helper, via the standard library)."""
+    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return int((dt - datetime(1970, 1, 1, tzinfo=UTC)) / timedelta(milliseconds=1))
+
+
+def bounds_iso(ts: str, kind: str, anchor: str = "1970-01-01T00:00:00Z"):
+    s, e = period_bounds(ms(ts), kind, ms(anchor))
+    return ms_to_iso(s), ms_to_iso(e)
+
+
+# -- calendar months (customers without a subscription) --------------------------------------
+
+@pytest.mark.parametrize("ts, start, end", [
+    ("2026-01-01T00:00:00Z", "2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z"),
+    ("2026-01-31T23:59:59.999Z", "2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z"),
+    ("2026-02-01T00:00:00Z", "2026-02-01T00:00:00Z", "2026-03-01T00:00:00Z"),
+    ("2026-02-28T23:59:59Z", "2026-02-01T00:00:00Z", "2026-03-01T00:00:00Z"),
+    ("2028-02-29T12:00:00Z", "2028-02-01T00:00:00Z", "2028-03-01T00:00:00Z"),
+    ("2026-12-31T23:59:59.999Z", "2026-12-01T00:00:00Z", "2027-01-01T00:00:00Z"),
+    ("1999-07-04T00:00:00Z", "1999-07-01T00:00:00Z", "1999-08-01T00:00:00Z"),
+])
+def test_calendar_month(ts, start, end):
+    assert bounds_iso(ts, "month") == (start, end)
+
+
+def test_utc_boundary_2359_est_on_jan_31_is_february():
+    # 23:59 EST on Jan 31 = 04:59 UTC on Feb 1: February's period, February 1st's day window.
+    local = datetime(2026, 1, 31, 23, 59, tzinfo=EST)
+    t = dt_to_ms(local)
+    assert ms_to_iso(t) == "2026-02-01T04:59:00Z"
+    assert tuple(map(ms_to_iso, period_bounds(t, "month", 0))) == ("2026-02-01T00:00:00Z", "2026-03-01T00:00:00Z")
+    assert tuple(map(ms_to_iso, window_bounds(t, 86_400_000))) == ("2026-02-01T00:00:00Z", "2026-02-02T00:00:00Z")
+
+
+# -- anchored months ------------------------------------------------------------------------
+
+ANCHOR_31 = "2026-01-31T00:00:00Z"
+
+
+@pytest.mark.parametrize("ts, start, end", [
+    ("2026-01-31T00:00:00Z", "2026-01-31T00:00:00Z", "2026-02-28T00:00:00Z"),
+    ("2026-02-27T23:59:59.999Z", "2026-01-31T00:00:00Z", "2026-02-28T00:00:00Z"),
+    ("2026-02-28T00:00:00Z", "2026-02-28T00:00:00Z", "2026-03-31T00:00:00Z"),  # clamped, then back to the 31st
+    ("2026-03-30T23:59:59Z", "2026-02-28T00:00:00Z", "2026-03-31T00:00:00Z"),
+    ("2026-03-31T00:00:00Z", "2026-03-31T00:00:00Z", "2026-04-30T00:00:00Z"),
+    ("2026-05-01T00:00:00Z", "2026-04-30T00:00:00Z", "2026-05-31T00:00:00Z"),
+    ("2026-06-15T00:00:00Z", "2026-05-31T00:00:00Z", "2026-06-30T00:00:00Z"),
+    ("2026-12-31T00:00:00Z", "2026-12-31T00:00:00Z", "2027-01-31T00:00:00Z"),
+    ("2028-02-29T00:00:00Z", "2028-02-29T00:00:00Z", "2028-03-31T00:00:00Z"),  # leap year
+    ("2028-02-28T23:00:00Z", "2028-01-31T00:00:00Z", "2028-02-29T00:00:00Z"),
+    # before the anchor, periods extend backwards with the same clamping
+    ("2026-01-30T23:59:59Z", "2025-12-31T00:00:00Z", "2026-01-31T00:00:00Z"),
+    ("2025-12-15T00:00:00Z", "2025-11-30T00:00:00Z", "2025-12-31T00:00:00Z"),
+    ("2025-03-01T00:00:00Z", "2025-02-28T00:00:00Z", "2025-03-31T00:00:00Z"),
+])
+def test_month_anchored_on_the_31st(ts, start, end):
+    assert bounds_iso(ts, "month", ANCHOR_31) == (start, end)
+
+
+def test_month_anchor_keeps_time_of_day():
+    anchor = "2026-01-31T12:00:00Z"
+    assert bounds_iso("2026-02-28T11:59:59.999Z", "month", anchor) == ("2026-01-31T12:00:00Z", "2026-02-28T12:00:00Z")
+    assert bounds_iso("2026-02-28T12:00:00Z", "month", anchor) == ("2026-02-28T12:00:00Z", "2026-03-31T12:00:00Z")
+    assert bounds_iso("2026-01-31T11:00:00Z", "month", anchor) == ("2025-12-31T12:00:00Z", "2026-01-31T12:00:00Z")
+
+
+def test_month_anchor_given_with_an_offset_is_utc():
+    # 2026-11-01T00:00:00+01:00 is 2026-10-31T23:00Z: periods follow the UTC instant.
+    anchor = dt_to_ms(datetime(2026, 11, 1, tzinfo=timezone(timedelta(hours=1))))
+    s, e = period_bounds(ms("2026-11-15T00:00:00Z"), "month", anchor)
+    assert (ms_to_iso(s), ms_to_iso(e)) == ("2026-10-31T23:00:00Z", "2026-11-30T23:00:00Z")
+
+
+def test_add_months_clamps_day_of_month():
+    a = datetime(2026, 1, 31, 9, 30, tzinfo=UTC)
+    assert [add_months(a, k).date().isoformat() for k in range(-2, 5)] == [
+        "2025-11-30", "2025-12-31", "2026-01-31", "2026-02-28", "2026-03-31", "2026-04-30", "2026-05-31"]
+    assert add_months(a, 1).time() == a.time()
+
+
+# -- quarters, years, weeks, days -------------------------------------------------------------
+
+@pytest.mark.parametrize("ts, start, end", [
+    ("2026-01-01T00:00:00Z", "2026-01-01T00:00:00Z", "2026-04-01T00:00:00Z"),
+    ("2026-03-31T23:59:59.999Z", "2026-01-01T00:00:00Z", "2026-04-01T00:00:00Z"),
+    ("2026-04-01T00:00:00Z", "2026-04-01T00:00:00Z", "2026-07-01T00:00:00Z"),
+    ("2026-11-15T00:00:00Z", "2026-10-01T00:00:00Z", "2027-01-01T00:00:00Z"),
+])
+def test_calendar_quarter(ts, start, end):
+    assert bounds_iso(ts, "quarter") == (start, end)
+
+
+@pytest.mark.parametrize("ts, start, end", [
+    ("2025-12-01T00:00:00Z", "2025-11-30T12:00:00Z", "2026-02-28T12:00:00Z"),
+    ("2026-02-28T11:59:59Z", "2025-11-30T12:00:00Z", "2026-02-28T12:00:00Z"),
+    ("2026-02-28T12:00:00Z", "2026-02-28T12:00:00Z", "2026-05-30T12:00:00Z"),
+    ("2026-08-30T12:00:00Z", "2026-08-30T12:00:00Z", "2026-11-30T12:00:00Z"),
+    ("2025-11-30T11:59:59Z", "2025-08-30T12:00:00Z", "2025-11-30T12:00:00Z"),
+])
+def test_quarter_anchored_on_the_30th(ts, start, end):
+    assert bounds_iso(ts, "quarter", "2025-11-30T12:00:00Z") == (start, end)
+
+
+def test_year_anchored_on_feb_29():
+    anchor = "2024-02-29T00:00:00Z"
+    assert bounds_iso("2024-06-01T00:00:00Z", "year", anchor) == ("2024-02-29T00:00:00Z", "2025-02-28T00:00:00Z")
+    assert bounds_iso("2025-02-28T00:00:00Z", "year", anchor) == ("2025-02-28T00:00:00Z", "2026-02-28T00:00:00Z")
+    assert bounds_iso("2028-03-01T00:00:00Z", "year", anchor) == ("2028-02-29T00:00:00Z", "2029-02-28T00:00:00Z")
+    assert bounds_iso("2026-01-01T00:00:00Z", "year") == ("2026-01-01T00:00:00Z", "2027-01-01T00:00:00Z")
+
+
+@pytest.mark.parametrize("ts, start, end", [
+    ("2026-01-05T00:00:00Z", "2026-01-05T00:00:00Z", "2026-01-12T00:00:00Z"),   # Monday anchor
+    ("2026-01-11T23:59:59.999Z", "2026-01-05T00:00:00Z", "2026-01-12T00:00:00Z"),
+    ("2026-01-12T00:00:00Z", "2026-01-12T00:00:00Z", "2026-01-19T00:00:00Z"),
+    ("2026-01-04T23:59:59Z", "2025-12-29T00:00:00Z", "2026-01-05T00:00:00Z"),   # before the anchor
+    ("2026-03-01T10:00:00Z", "2026-02-23T00:00:00Z", "2026-03-02T00:00:00Z"),
+])
+def test_week_anchored_on_a_monday(ts, start, end):
+    assert bounds_iso(ts, "week", "2026-01-05T00:00:00Z") == (start, end)
+
+
+def test_day_anchored_at_six():
+    anchor = "2026-01-01T06:00:00Z"
+    assert bounds_iso("2026-03-10T05:59:59Z", "day", anchor) == ("2026-03-09T06:00:00Z", "2026-03-10T06:00:00Z")
+    assert bounds_iso("2026-03-10T06:00:00Z", "day", anchor) == ("2026-03-10T06:00:00Z", "2026-03-11T06:00:00Z")
+    assert bounds_iso("2026-03-10T12:00:00Z", "day") == ("2026-03-10T00:00:00Z", "2026-03-11T00:00:00Z")
+
+
+# -- rollup windows ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ts, width, start, end", [
+    ("2026-11-03T14:30:00Z", "1h", "2026-11-03T14:00:00Z", "2026-11-03T15:00:00Z"),
+    ("2026-11-03T14:00:00Z", "1h", "2026-11-03T14:00:00Z", "2026-11-03T15:00:00Z"),
+    ("2026-11-03T14:59:59.999Z", "1h", "2026-11-03T14:00:00Z", "2026-11-03T15:00:00Z"),
+    ("2026-11-03T14:34:59Z", "5m", "2026-11-03T14:30:00Z", "2026-11-03T14:35:00Z"),
+    ("2026-11-03T14:30:59.999Z", "1m", "2026-11-03T14:30:00Z", "2026-11-03T14:31:00Z"),
+    ("2026-11-03T23:59:59Z", "1d", "2026-11-03T00:00:00Z", "2026-11-04T00:00:00Z"),
+])
+def test_windows_align_to_utc_epoch(ts, width, start, end):
+    s, e = window_bounds(ms(ts), parse_duration_ms(width))
+    assert (ms_to_iso(s), ms_to_iso(e)) == (start, end)
+
+
+# -- properties ----------------------------------------------------------------------------------
+
+T_MIN = ms("2000-01-01T00:00:00Z")
+T_MAX = ms("2040-01-01T00:00:00Z")
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(ts=st.integers(T_MIN, T_MAX), anchor=st.integers(T_MIN, T_MAX),
+       kind=st.sampled_from(["day", "week", "month", "quarter", "year"]))
+def test_periods_tile_time(ts, anchor, kind):
+    """Every instant is in exactly one period; periods are contiguous; the anchor starts one."""
+    s, e = period_bounds(ts, kind, anchor)
+    assert s <= ts < e
+    assert period_bounds(s, kind, anchor) == (s, e)
+    assert period_bounds(e - 1, kind, anchor) == (s, e)
+    assert period_bounds(e, kind, anchor)[0] == e
+    assert period_bounds(s - 1, kind, anchor)[1] == s
+    assert period_bounds(anchor, kind, anchor)[0] == anchor
+    a, b = ms_to_dt(s), ms_to_dt(anchor)
+    assert a.time() == b.time()
+    if kind in ("month", "quarter", "year"):
+        # day of month = the anchor's, clamped to the month's length
+        import calendar
+        assert a.day == min(b.day, calendar.monthrange(a.year, a.month)[1])
+        months = (a.year - b.year) * 12 + a.month - b.month
+        assert months % {"month": 1, "quarter": 3, "year": 12}[kind] == 0
+    else:
+        assert (e - s) == {"day": 1, "week": 7}[kind] * 86_400_000
+
+
+# -- docstring examples run (STYLE: "Docstring examples that run (doctest) or none at all") --------------
+
+@pytest.mark.parametrize("module", [
+    "operators.periods", "operators.aggregate", "operators.mediate",
+    "operators.timeutil",
+])
+def test_docstring_examples_run(module):
+    result = doctest.testmod(importlib.import_module(module), verbose=False)
+    assert result.failed == 0

@@ -1,0 +1,295 @@
+"""Configuration: the contract's example parses; every error names the key and the file in one line."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from datetime import datetime, timezone
+
+import pytest
+
+from operators.errors import ConfigError, MeterError
+from operators.rules import CALENDAR_MONTH, Rules, merge_entitlement
+from schemas.config import EntitlementConfig, EntitlementOverride, load_config, parse_config
+
+CONTRACT_EXAMPLE = textwrap.dedent('''
+    [pipeline]
+    rollup_window = "1h"
+    late_grace = "6h"
+    dedupe_window = "24h"
+
+    [[tenants]]
+    id = "acme"
+    exclude_when = { environment = "test" }
+    excluded_customers = ["cust_internal"]
+
+    [[metrics]]
+    code = "api_calls"
+    event_type = "api_call"
+    aggregation = "count"
+
+    [[metrics]]
+    code = "tokens"
+    event_type = "api_call"
+    aggregation = "sum"
+    property = "tokens_input"
+    group_by = ["region"]
+    where = { model = "m-large" }
+
+    [[plans]]
+    code = "pro"
+    [plans.entitlements.api_calls]
+    included = 500000
+    thresholds = [75, 90, 100]
+    enforcement = "soft"
+    overage_rate = 0.0004
+    price = { model = "tiered", tiers = [{ up_to = 5000, unit_amount = 0.02 }, { up_to = 20000, unit_amount = 0.015 }, { unit_amount = 0.01 }] }
+
+    [[plans]]
+    code = "scale"
+    [plans.entitlements.api_calls]
+    included = 2000000
+    enforcement = "auto_overage"
+    next_plan = "pro"
+
+    [[subscriptions]]
+    tenant_id = "acme"
+    customer_id = "cust_456"
+    plan = "pro"
+    period = "month"
+    anchor = "2026-11-01T00:00:00Z"
+    account_name = "Acme Corp"
+    arr = 180000.0
+    [subscriptions.overrides.api_calls]
+    included = 1000000
+    overage_rate = 0.0003
+    [subscriptions.wallet]
+    balance = 500.0
+    credit_rates = { api_calls = 0.001 }
+    on_exhausted = "block"
+
+    [kafka]
+    bootstrap_servers = "localhost:9092"
+    [clickhouse]
+    dsn = "http://localhost:8123/meter"
+    [redis]
+    url = "redis://localhost:6379/0"
+''')
+
+
+def base() -> dict:
+    return {
+        "tenants": [{"id": "acme"}],
+        "metrics": [{"code": "api_calls", "event_type": "api_call"},
+                    {"code": "tokens", "event_type": "api_call", "aggregation": "sum", "property": "tokens"}],
+        "plans": [{"code": "pro", "entitlements": {"api_calls": {"included": 100}}}],
+        "subscriptions": [{"tenant_id": "acme", "customer_id": "c1", "plan": "pro"}],
+    }
+
+
+def parse(raw, environ=None):
+    return parse_config(raw, "meter.toml", environ={} if environ is None else environ)
+
+
+def error_of(raw, environ=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse(raw, environ)
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    assert "meter.toml" in msg, msg
+    return msg
+
+
+# -- valid configurations ----------------------------------------------------------------------------
+
+def test_contract_example_loads_from_a_file(tmp_path):
+    f = tmp_path / "meter.toml"
+    f.write_text(CONTRACT_EXAMPLE)
+    cfg = load_config(f, environ={})
+    assert cfg.source_path == str(f)
+    assert cfg.pipeline.rollup_window_ms == 3_600_000
+    assert cfg.pipeline.late_grace_ms == 6 * 3_600_000
+    assert cfg.pipeline.dedupe_window_ms == 24 * 3_600_000
+    assert cfg.tenants[0].exclude_when == {"environment": "test"}
+    assert cfg.metrics[1].group_by == ["region"] and cfg.metrics[1].where == {"model": "m-large"}
+    sub = cfg.subscriptions[0]
+    assert sub.anchor == datetime(2026, 11, 1, tzinfo=timezone.utc)
+    assert sub.wallet.balance == 500.0 and sub.wallet.on_exhausted == "block"
+    assert cfg.kafka.bootstrap_servers == "localhost:9092"
+    assert cfg.clickhouse.dsn == "http://localhost:8123/meter"
+    assert cfg.redis.url == "redis://localhost:6379/0"
+    assert [t.up_to for t in cfg.plans[0].entitlements["api_calls"].price.tiers] == [5000, 20000, None]
+
+
+def test_custom_contract_overrides_the_plan():
+    cfg = parse_config(__import__("tomllib").loads(CONTRACT_EXAMPLE), "meter.toml", environ={})
+    rules = Rules(cfg)
+    sub = rules.subscription("acme|cust_456")
+    ent = sub.entitlements["api_calls"]
+    assert (ent.included, ent.overage_rate, ent.thresholds, ent.enforcement) == (1000000, 0.0003, [75, 90, 100], "soft")
+    assert sub.custom_contract and sub.account_name == "Acme Corp" and sub.arr == 180000.0
+    assert sub.included("api_calls") == 1000000 and sub.included("tokens") is None
+    assert sub.anchor_ms == 1793491200000  # 2026-11-01T00:00:00Z
+    assert rules.subscription("acme|nobody") is CALENDAR_MONTH
+    assert CALENDAR_MONTH.period == "month" and CALENDAR_MONTH.anchor_ms == 0 and CALENDAR_MONTH.included("x") is None
+
+
+def test_merge_entitlement():
+    plan = EntitlementConfig(included=10, thresholds=[50.0], enforcement="hard", overage_rate=1.0)
+    assert merge_entitlement(plan, None) is plan
+    merged = merge_entitlement(plan, EntitlementOverride(included=20))
+    assert (merged.included, merged.thresholds, merged.enforcement, merged.overage_rate) == (20, [50.0], "hard", 1.0)
+    fresh = merge_entitlement(None, EntitlementOverride(overage_rate=0.5))
+    assert fresh.overage_rate == 0.5 and fresh.included is None
+
+
+def test_defaults():
+    cfg = parse({})
+    assert cfg.pipeline.rollup_window == "1h" and cfg.pipeline.late_grace == "6h"
+    assert cfg.kafka is None and cfg.redis is None
+    assert cfg.source_path == "meter.toml"
+
+
+def test_anchor_with_offset_and_rfc3339_string():
+    raw = base()
+    raw["subscriptions"][0]["anchor"] = "2026-11-01T00:00:00+01:00"
+    assert Rules(parse(raw)).subscription("acme|c1").anchor_ms == 1793487600000  # 2026-10-31T23:00:00Z
+
+
+def test_count_metric_may_omit_property_and_other_periods_are_accepted():
+    raw = base()
+    for p in ("day", "week", "month", "quarter", "year"):
+        raw["subscriptions"][0]["period"] = p
+        assert parse(raw).subscriptions[0].period == p
+
+
+# -- environment overrides -----------------------------------------------------------------------------
+
+def test_environment_overrides_pipeline_and_enables_sections():
+    cfg = parse(base(), environ={"METER_PIPELINE_LATE_GRACE": "2h", "METER_PIPELINE_MAX_EVENT_BYTES": "2048",
+                                 "METER_KAFKA_BOOTSTRAP_SERVERS": "broker:9092", "UNRELATED": "x"})
+    assert cfg.pipeline.late_grace_ms == 7_200_000
+    assert cfg.pipeline.max_event_bytes == 2048
+    assert cfg.kafka is not None and cfg.kafka.bootstrap_servers == "broker:9092"
+
+
+def test_environment_wins_over_the_file(tmp_path):
+    f = tmp_path / "meter.toml"
+    f.write_text('[pipeline]\nlate_grace = "1h"\n')
+    assert load_config(f, environ={"METER_PIPELINE_LATE_GRACE": "3h"}).pipeline.late_grace == "3h"
+
+
+def test_bad_environment_value_names_the_key():
+    msg = error_of({}, environ={"METER_PIPELINE_LATE_GRACE": "soon"})
+    assert "pipeline.late_grace" in msg and "soon" in msg
+    msg = error_of({}, environ={"METER_PIPELINE_MAX_EVENT_BYTES": "lots"})
+    assert "pipeline.max_event_bytes" in msg
+
+
+def test_environment_overrides_do_not_mutate_the_callers_document():
+    raw = {"pipeline": {"late_grace": "1h"}}
+    parse(raw, environ={"METER_PIPELINE_LATE_GRACE": "2h"})
+    assert raw == {"pipeline": {"late_grace": "1h"}}
+
+
+# -- errors name the key and the file ----------------------------------------------------------------
+
+def _with(path, value, raw=None):
+    raw = raw or base()
+    node = raw
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    return raw
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"pipeline": {"late_grace": "6 hours"}}, "pipeline.late_grace"),
+    ({"pipeline": {"rollup_window": "1H"}}, "pipeline.rollup_window"),
+    ({"pipeline": {"rollup_window": "0s"}}, "pipeline.rollup_window"),
+    ({"pipeline": {"dedupe_window": "0m"}}, "pipeline.dedupe_window"),
+    ({"pipeline": {"dedupe_window": "-1h"}}, "pipeline.dedupe_window"),
+    ({"pipeline": {"epoch_interval": ""}}, "pipeline.epoch_interval"),
+    ({"pipeline": {"late_grace": 6}}, "pipeline.late_grace"),
+    ({"pipeline": {"max_event_bytes": 0}}, "pipeline.max_event_bytes"),
+    ({"pipeline": {"rollup_windw": "1h"}}, "rollup_windw"),
+    ({"kafak": {}}, "kafak"),
+    (_with(["metrics", 1, "property"], None), "metrics[1].property"),
+    (_with(["metrics", 1, "aggregation"], "median"), "metrics[1].aggregation"),
+    (_with(["metrics", 1], {"code": "api_calls", "event_type": "x"}), "metrics[1].code"),
+    (_with(["metrics", 0, "code"], ""), "metrics[0].code"),
+    (_with(["metrics", 0, "where"], {"model": ["a", "b"]}), "metrics[0].where"),
+    (_with(["metrics", 0, "group_by"], "region"), "metrics[0].group_by"),
+    (_with(["tenants"], [{"id": "acme"}, {"id": "acme"}]), "tenants[1].id"),
+    (_with(["tenants", 0, "id"], "ac|me"), "tenants[0].id"),
+    (_with(["subscriptions", 0, "plan"], "enterprise"), "subscriptions[0].plan"),
+    (_with(["subscriptions", 0, "tenant_id"], "ghost"), "subscriptions[0].tenant_id"),
+    (_with(["subscriptions", 0, "period"], "fortnight"), "subscriptions[0].period"),
+    (_with(["subscriptions", 0, "anchor"], datetime(2026, 11, 1)), "subscriptions[0].anchor"),  # TOML local datetime
+    (_with(["subscriptions", 0, "anchor"], "next monday"), "subscriptions[0].anchor"),
+    (_with(["subscriptions", 0, "arr"], -1), "subscriptions[0].arr"),
+    (_with(["subscriptions", 0, "overrides"], {"nope": {"included": 1}}), "subscriptions[0].overrides.nope"),
+    (_with(["subscriptions"], [{"tenant_id": "acme", "customer_id": "c1", "plan": "pro"}] * 2), "subscriptions[1]"),
+    (_with(["plans", 0, "entitlements"], {"storage": {"included": 1}}), "plans[0].entitlements.storage"),
+    (_with(["plans", 0, "entitlements", "api_calls", "next_plan"], "scale"), "plans[0].entitlements.api_calls.next_plan"),
+    (_with(["plans", 0, "code"], ""), "plans[0].code"),
+])
+def test_errors_name_the_key_and_the_file(raw, key):
+    msg = error_of(raw)
+    assert key in msg, msg
+    assert "Traceback" not in msg
+
+
+@pytest.mark.parametrize("field, value", [("included", -1), ("thresholds", [75, 0]), ("enforcement", "strict"),
+                                          ("overage_rate", "cheap")])
+def test_entitlement_field_errors_name_the_field(field, value):
+    raw = base()
+    raw["plans"][0]["entitlements"]["api_calls"][field] = value
+    msg = error_of(raw)
+    assert "plans[0].entitlements" in msg and field in msg, msg
+
+
+def test_entitlement_errors_name_the_metric():
+    raw = base()
+    raw["plans"][0]["entitlements"]["tokens"] = {"included": 5}
+    raw["plans"][0]["entitlements"]["api_calls"]["included"] = -1
+    assert "plans[0].entitlements.api_calls.included" in error_of(raw)
+
+
+def test_config_error_is_a_meter_error():
+    assert issubclass(ConfigError, MeterError)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml", environ={})
+
+
+def test_invalid_toml_names_the_file(tmp_path):
+    f = tmp_path / "broken.toml"
+    f.write_text("[pipeline\nlate_grace = 6h\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(f, environ={})
+    assert str(f) in str(info.value) and "TOML" in str(info.value)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    f = tmp_path / "meter.toml"
+    f.write_text('[pipeline]\nlate_grace = "soon"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(f, environ={})
+    assert str(f) in str(info.value) and "pipeline.late_grace" in str(info.value)
+
+
+# -- printing --------------------------------------------------------------------------------------------
+
+def test_redacted_masks_secrets():
+    raw = base()
+    raw["kafka"] = {"client_config": {"sasl.password": "hunter2", "security.protocol": "SASL_SSL"}}
+    raw["redis"] = {"url": "redis://user:s3cret@cache:6379/0"}
+    raw["clickhouse"] = {"dsn": "http://default:pw@ch:8123/meter"}
+    red = parse(raw).redacted()
+    text = json.dumps(__import__("msgspec").to_builtins(red))
+    assert "hunter2" not in text and "s3cret" not in text and ":pw@" not in text
+    assert red.kafka.client_config["security.protocol"] == "SASL_SSL"
+    assert red.redis.url == "redis://user:***@cache:6379/0"
