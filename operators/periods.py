@@ -12,7 +12,7 @@ import calendar
 from datetime import datetime
 from typing import Tuple
 
-from operators.timeutil import UTC, dt_to_ms, ms_to_dt
+from operators.timeutil import UTC, dt_to_ms, ms_to_dt  # noqa: F401 - UTC is used by the doctests
 
 PERIOD_MONTHS = {"month": 1, "quarter": 3, "year": 12}
 PERIOD_DAYS = {"day": 1, "week": 7}
