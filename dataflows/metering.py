@@ -18,6 +18,8 @@ from bytewax.inputs import Source
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 
+from operators.changelog import ChangelogMediator
+from operators.entitlements import EntitlementUpdate
 from operators.errors import MeterError
 from operators.mediate import Mediator
 from operators.meter import CustomerMeter
@@ -49,14 +51,18 @@ class _MeterLogic(StatefulBatchLogic):
     def on_batch(self, values: List[Any]) -> Tuple[List[Emission], bool]:
         meter = self._meter
         if meter is None:
-            ev = values[0][0].event
-            meter = self._meter = CustomerMeter(self._rules, ev.tenant_id + "|" + ev.customer_id)
+            first = values[0]
+            if type(first) is EntitlementUpdate:
+                key = first.message.tenant_id + "|" + first.message.customer_id
+            else:
+                key = first[0].event.tenant_id + "|" + first[0].event.customer_id
+            meter = self._meter = CustomerMeter(self._rules, key)
         now = datetime.now(timezone.utc)
         due = now >= self._next_flush
         em = meter.process(values, flush=due)
         if due:
             self._next_flush = now + self._interval
-        if em.windows or em.periods or em.dead_letters:
+        if em.windows or em.periods or em.dead_letters or em.alerts or em.gateway or em.wallets:
             return [em], StatefulBatchLogic.RETAIN
         return [], StatefulBatchLogic.RETAIN
 
@@ -98,9 +104,11 @@ def _drop_key(kv: Tuple[str, Emission]) -> Emission:
 
 
 def build_flow(config: Config, source: Source, sinks: Sequence[Tuple[str, Sink]], flow_id: str = "meterflow",
-               recoverable: bool = True) -> Dataflow:
+               recoverable: bool = True, entitlements: Optional[Source] = None) -> Dataflow:
     """Wire the metering dataflow. ``source`` emits ``(src, raw_bytes)``; every sink receives :class:`Emission`s.
 
+    ``entitlements`` (optional) emits changelog records ``(src, raw_bytes)`` that are joined into the
+    same keyed state as the events, so a subscription change applies to the customer's next event.
     ``recoverable=False`` (a run without a recovery directory) skips building state snapshots.
     """
     rules = Rules(config)
@@ -109,8 +117,15 @@ def build_flow(config: Config, source: Source, sinks: Sequence[Tuple[str, Sink]]
     raw = op.input("ingest", flow, source)
     mediated = op.flat_map_batch("mediate", raw, mediator)
     split = op.branch("split_dead_letters", mediated, _is_keyed)
-    metered = op.stateful_batch("meter", split.trues, lambda resume: _MeterLogic(rules, resume, recoverable, mediator))
-    emissions = op.merge("emissions", op.map("drop_key", metered, _drop_key), split.falses)
+    keyed, dead = split.trues, split.falses
+    if entitlements is not None:
+        changes = op.flat_map_batch("mediate_entitlements", op.input("entitlements_in", flow, entitlements),
+                                    ChangelogMediator(config))
+        csplit = op.branch("split_bad_entitlements", changes, _is_keyed)
+        keyed = op.merge("events_and_changes", keyed, csplit.trues)
+        dead = op.merge("all_dead_letters", dead, csplit.falses)
+    metered = op.stateful_batch("meter", keyed, lambda resume: _MeterLogic(rules, resume, recoverable, mediator))
+    emissions = op.merge("emissions", op.map("drop_key", metered, _drop_key), dead)
     for name, sink in sinks:
         op.output(name, emissions, sink)
     return flow
@@ -145,10 +160,30 @@ def source_from_config(config: Config, inputs: Sequence[str] = (), stop_at_end: 
     raise MeterError("no input: without a [kafka] section, pass --input FILE (or - for standard input)")
 
 
+def entitlements_source_from_config(config: Config, inputs: Sequence[str] = (), event_inputs: Sequence[str] = (),
+                                   stop_at_end: bool = False) -> Optional[Source]:
+    """The entitlements changelog: JSONL ``inputs`` if given; else the Kafka topic when Kafka feeds the events.
+
+    A missing changelog topic is not an error (the config file's subscriptions apply); it is logged.
+    """
+    if inputs:
+        from sources.jsonl import JsonlSource
+
+        return JsonlSource(list(inputs))
+    if config.kafka is not None and not event_inputs:
+        from sources.kafka import KafkaEventSource
+
+        k = config.kafka
+        return KafkaEventSource(k.bootstrap_servers, k.entitlements_topic, k.client_config, batch_size=k.batch_size,
+                                stop_at_end=stop_at_end, config_key="kafka.entitlements_topic", missing_ok=True)
+    return None
+
+
 def flow_from_config(config: Config, inputs: Sequence[str] = (), stop_at_end: bool = False,
-                     recoverable: bool = True) -> Dataflow:
+                     recoverable: bool = True, entitlements: Sequence[str] = ()) -> Dataflow:
     return build_flow(config, source_from_config(config, inputs, stop_at_end), sinks_from_config(config),
-                      recoverable=recoverable)
+                      recoverable=recoverable,
+                      entitlements=entitlements_source_from_config(config, entitlements, inputs, stop_at_end))
 
 
 def __getattr__(name: str) -> Any:
@@ -159,4 +194,6 @@ def __getattr__(name: str) -> Any:
     if not path:
         raise MeterError("set METER_CONFIG to the configuration file to run dataflows.metering:flow")
     inputs = [p for p in os.environ.get("METER_INPUT", "").split(",") if p]
-    return flow_from_config(load_config(path), inputs, stop_at_end=os.environ.get("METER_STOP_AT_END") == "1")
+    changes = [p for p in os.environ.get("METER_ENTITLEMENTS_INPUT", "").split(",") if p]
+    return flow_from_config(load_config(path), inputs, stop_at_end=os.environ.get("METER_STOP_AT_END") == "1",
+                            entitlements=changes)

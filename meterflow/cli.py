@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--config", required=True, metavar="FILE", help="TOML configuration (see README)")
     r.add_argument("--input", action="append", default=[], metavar="FILE|-",
                    help="JSONL events file, or - for standard input (repeatable); overrides Kafka input")
+    r.add_argument("--entitlements", action="append", default=[], metavar="FILE",
+                   help="JSONL file of entitlement changes (the usage.entitlements record format), applied "
+                   "alongside the events; in Kafka mode the entitlements topic is read instead")
     r.add_argument("--workers", type=int, default=1, metavar="N", help="Bytewax workers in this process (default 1)")
     r.add_argument("--recovery", metavar="DIR",
                    help="Bytewax recovery directory (SQLite snapshots; created and initialised on first use). "
@@ -115,7 +118,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = run_flow(cfg, args.input, workers=args.workers, recovery_dir=args.recovery,
                       stop_at_end=args.stop_at_end,
                       progress_out=sys.stderr if args.progress_every > 0 else None,
-                      progress_every=args.progress_every or 5.0)
+                      progress_every=args.progress_every or 5.0, entitlements=args.entitlements)
     if args.json:
         print(json.dumps({"counters": result.counters, "seconds": round(result.seconds, 3),
                           "events_per_second": round(result.events_per_second, 1)}))

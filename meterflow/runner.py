@@ -53,7 +53,8 @@ class _Progress(threading.Thread):
             rate = (c["read"] - last_read) / (now - last_t) if now > last_t else 0.0
             last_read, last_t = c["read"], now
             print(f"progress: read={c['read']} accepted={c['accepted']} duplicates={c['duplicates']} "
-                  f"excluded={c['excluded']} dead_lettered={c['dead_lettered']} rate={rate:,.0f} ev/s "
+                  f"excluded={c['excluded']} dead_lettered={c['dead_lettered']} alerts={c['alerts']} "
+                  f"rate={rate:,.0f} ev/s "
                   f"elapsed={now - self._t0:.1f}s", file=self._out, flush=True)
 
     def stop(self) -> None:
@@ -61,7 +62,8 @@ class _Progress(threading.Thread):
 
 
 def run_flow(cfg: Config, inputs: Sequence[str] = (), *, workers: int = 1, recovery_dir: Optional[str] = None,
-             stop_at_end: bool = False, progress_out: Optional[TextIO] = None, progress_every: float = 5.0) -> RunResult:
+             stop_at_end: bool = False, progress_out: Optional[TextIO] = None, progress_every: float = 5.0,
+             entitlements: Sequence[str] = ()) -> RunResult:
     """Build the flow from the configuration and run it to completion (or until interrupted)."""
     from bytewax.run import cli_main
 
@@ -69,7 +71,8 @@ def run_flow(cfg: Config, inputs: Sequence[str] = (), *, workers: int = 1, recov
 
     if workers < 1:
         raise MeterError(f"--workers must be at least 1, got {workers}")
-    flow = flow_from_config(cfg, inputs, stop_at_end=stop_at_end, recoverable=recovery_dir is not None)
+    flow = flow_from_config(cfg, inputs, stop_at_end=stop_at_end, recoverable=recovery_dir is not None,
+                            entitlements=entitlements)
     recovery = prepare_recovery(recovery_dir) if recovery_dir else None
     epoch = timedelta(milliseconds=parse_duration_ms(cfg.pipeline.epoch_interval))
     STATS.reset()

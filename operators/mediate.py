@@ -76,6 +76,7 @@ class MeteredEvent(msgspec.Struct, frozen=True, gc=False):
     src: Any
     raw: bytes
     excluded: bool
+    ingested: int = 0  # when mediation read it (epoch ms), for breach-to-alert latency
 
 
 class _TenantRule(msgspec.Struct, frozen=True):
@@ -106,6 +107,7 @@ class Mediator:
         decode = EVENT_DECODER.decode
         max_bytes = self._max_bytes
         wm = self.watermark
+        ingested = now_ms()
         for src, raw in batch:
             if not raw:
                 dead.append(dead_letter("invalid_json", "empty message (no bytes)", src, raw))
@@ -142,7 +144,7 @@ class Mediator:
                 props = ev.properties
                 is_excluded = matches(props, rule.exclude_when)
             key = ev.tenant_id + KEY_SEP + ev.customer_id
-            item = MeteredEvent(ev, ts, wm, src, raw, is_excluded)
+            item = MeteredEvent(ev, ts, wm, src, raw, is_excluded, ingested)
             group = groups.get(key)
             if group is None:
                 groups[key] = [item]

@@ -24,13 +24,15 @@ import pickle
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from operators.aggregate import ADDITIVE, Acc, new_acc
+from operators.entitlements import Entitlements, EntitlementUpdate
 from operators.mediate import MeteredEvent, dead_letter, matches
 from operators.periods import period_bounds
 from operators.rules import Rules
 from operators.stats import STATS, FlowStats
+from operators.timeutil import now_ms
 from schemas.records import Emission, PeriodAggregate, WindowAggregate
 
-STATE_VERSION = 2  # 2: ids map to their expiry; pending dirty rows joined the snapshot
+STATE_VERSION = 3  # 2: ids map to their expiry; pending dirty rows joined the snapshot; 3: entitlement state
 _MAX_NUMBER = 1e300  # larger magnitudes (or a JSON 1e400 read as inf) are rejected, so sums stay finite
 _NO_DIMS: Tuple[str, ...] = ()
 
@@ -42,7 +44,7 @@ class CustomerMeter:
     """The metering state of one customer. Pure: no I/O, the clock comes in on the events."""
 
     __slots__ = ("rules", "key", "tenant_id", "customer_id", "seen", "wm", "windows", "periods",
-                 "excluded", "next_evict", "next_dedupe_evict", "stats", "dirty_w", "dirty_p", "_period")
+                 "excluded", "next_evict", "next_dedupe_evict", "stats", "dirty_w", "dirty_p", "_period", "ent")
 
     def __init__(self, rules: Rules, key: str, snapshot: Optional[bytes] = None, stats: FlowStats = STATS) -> None:
         self.rules = rules
@@ -60,6 +62,7 @@ class CustomerMeter:
         self.dirty_w: Set[WindowKey] = set()
         self.dirty_p: Set[PeriodKey] = set()
         self._period = (0, 0)  # cache of the last period looked up (not state)
+        self.ent = Entitlements(rules, key)
         if snapshot is not None:
             self._restore(snapshot)
 
@@ -74,15 +77,18 @@ class CustomerMeter:
     def snapshot(self) -> bytes:
         """An immutable, versioned copy of the state (bytes, so later mutation cannot leak in)."""
         return pickle.dumps((STATE_VERSION, self.key, self.seen, self.wm, self.windows, self.periods,
-                             self.excluded, self.dirty_w, self.dirty_p), protocol=5)
+                             self.excluded, self.dirty_w, self.dirty_p, self.ent.state()), protocol=5)
 
     def _restore(self, data: bytes) -> None:
         state = pickle.loads(data)
         if state[0] != STATE_VERSION:
             raise ValueError(f"snapshot of {state[1]!r} has state version {state[0]}, this build reads {STATE_VERSION}")
-        (_, key, self.seen, self.wm, self.windows, self.periods, self.excluded, self.dirty_w, self.dirty_p) = state
+        (_, key, self.seen, self.wm, self.windows, self.periods, self.excluded, self.dirty_w, self.dirty_p,
+         ent_state) = state
         self.key = key
         self.tenant_id, _, self.customer_id = key.partition("|")
+        self.ent = Entitlements(self.rules, key)
+        self.ent.restore(ent_state)
         self._recompute_next_evict()
         self.next_dedupe_evict = min(self.seen.values()) if self.seen else 1 << 62
 
@@ -92,9 +98,14 @@ class CustomerMeter:
     def has_dirty(self) -> bool:
         return bool(self.dirty_w or self.dirty_p)
 
+    def usage(self, pk: PeriodKey) -> float:
+        """The current billing-period value of ``pk`` (0 when nothing counted yet)."""
+        acc = self.periods.get(pk)
+        return acc.value() if acc is not None else 0.0
+
     def flush(self) -> Emission:
         """The current value of every row changed since the last flush (then nothing is dirty)."""
-        out = self._emit(self.dirty_w, self.dirty_p, self.rules.subscription(self.key), [])
+        out = self._emit(self.dirty_w, self.dirty_p, self.ent.rule, [])
         self.dirty_w = set()
         self.dirty_p = set()
         if self.wm > self.next_evict:
@@ -102,29 +113,43 @@ class CustomerMeter:
         return out
 
     # -- the hot path -----------------------------------------------------------------
-    def process(self, batches: List[List[MeteredEvent]], flush: bool = True) -> Emission:
-        """Fold a batch of this customer's events.
+    def process(self, batches: List[Any], flush: bool = True) -> Emission:
+        """Fold a batch of this customer's items: lists of events, and entitlement changes in between.
 
-        Returns the batch's dead letters and, with ``flush`` (the default), the current value of every
-        row changed since the last flush. ``flush=False`` keeps changed rows pending so that a busy key
-        emits each row once per flush interval rather than once per batch (see :meth:`flush`).
+        Returns the batch's dead letters, alerts and changed gateway state at once, and, with ``flush``
+        (the default), the current value of every row changed since the last flush. ``flush=False``
+        keeps changed rows pending so that a busy key emits each row once per flush interval rather
+        than once per batch (see :meth:`flush`). Alerts never wait for a flush.
         """
         rules = self.rules
         by_type = rules.by_event_type
         window_ms = rules.window_ms
         grace_ms = rules.grace_ms
-        sub = rules.subscription(self.key)
-        kind, anchor = sub.period, sub.anchor_ms
+        ent = self.ent
         seen = self.seen
         windows, periods, excluded_counts = self.windows, self.periods, self.excluded
         wm = self.wm
         dedupe_ms = rules.dedupe_ms
-        pstart, pend = self._period
         dirty_w = self.dirty_w
         dirty_p = self.dirty_p
-        dead = []
-        n = dup = excl = unmetered = ignored = 0
+        dead: List[Any] = []
+        alerts: List[Any] = []
+        deferred: Dict[PeriodKey, Any] = {}
+        usage_of = self.usage
+        n = dup = excl = unmetered = ignored = unevaluated = 0
         for group in batches:
+            if type(group) is EntitlementUpdate:
+                self.wm = wm
+                ent.apply_change(group, usage_of, alerts)
+                self._period = (0, 0)
+                continue
+            sub = ent.rule
+            kind, anchor = sub.period, sub.anchor_ms
+            evaluated = ent.evaluated
+            infos, credit = ent.infos, ent.credit
+            if not evaluated:
+                unevaluated += len(group)
+            pstart, pend = self._period
             n += len(group)
             for me in group:
                 ev = me.event
@@ -203,21 +228,71 @@ class CustomerMeter:
                         acc.expires = pend + grace_ms
                         if acc.expires < self.next_evict:
                             self.next_evict = acc.expires
-                    acc.add(v, ts, sign)
                     dirty_p.add(pk)
+                    if not evaluated:
+                        acc.add(v, ts, sign)
+                        continue
+                    # -- entitlements: only for metrics this customer's subscription evaluates
+                    code = m.code
+                    info = infos.get(code)
+                    rate = credit.get(code)
+                    if info is None and rate is None:
+                        acc.add(v, ts, sign)
+                        continue
+                    cur = ent.cur.get(code)
+                    if cur is None or cur[1] < pstart:
+                        ent.advance(code, pk, me, usage_of, alerts)
+                    if not m.per_event:
+                        if pk not in deferred:
+                            deferred[pk] = [acc.value(), me]
+                        else:
+                            deferred[pk][1] = me
+                        acc.add(v, ts, sign)
+                        continue
+                    additive = m.aggregation in ADDITIVE
+                    before = acc.value() if rate is not None and not additive else 0.0
+                    acc.add(v, ts, sign)
+                    if info is not None:
+                        usage = acc.value()
+                        lvl = ent.next_level.get(pk)
+                        if lvl is None:
+                            lvl = ent.level(pk, info)
+                        if usage >= lvl or (sign < 0 and pk in ent.blocked):
+                            ent.evaluate(code, pk, usage, me, usage_of, alerts)
+                        else:
+                            ent.touched.add(pk)
+                    if rate is not None:
+                        if additive:  # exact units: 1 per event for count, the value for sum
+                            ent.spend(code, 1 if v is None else v, sign, me, pk, alerts)
+                        else:
+                            ent.spend(code, acc.value() - before, 1, me, pk, alerts)
+            self._period = (pstart, pend)
+        for pk, (before, me) in deferred.items():  # p95/p99: once per batch, on its last event
+            code = pk[0]
+            usage = usage_of(pk)
+            if code in ent.infos:
+                ent.evaluate(code, pk, usage, me, usage_of, alerts)
+            if code in ent.credit:
+                ent.spend(code, usage - before, 1, me, pk, alerts)
         self.wm = wm
-        self._period = (pstart, pend)
+        gateway, wallets = ent.gateway(usage_of, now_ms()) if (ent.touched or ent.deleted or ent.wallet_dirty) \
+            else ([], [])
         if flush:
-            out = self._emit(dirty_w, dirty_p, sub, dead)
+            out = self._emit(dirty_w, dirty_p, ent.rule, dead)
             self.dirty_w = set()
             self.dirty_p = set()
             if wm > self.next_evict:
                 self._evict()
         else:
             out = Emission(dead_letters=dead)
+        out.alerts = alerts
+        out.gateway = gateway
+        out.wallets = wallets
         if wm > self.next_dedupe_evict:
             self._evict_seen()
         self.stats.add_metered(n - dup, dup, excl, unmetered, ignored, len(dead))
+        if alerts or unevaluated:
+            self.stats.add({"alerts": len(alerts), "unevaluated": unevaluated})
         return out
 
     # -- helpers ---------------------------------------------------------------------
@@ -266,6 +341,7 @@ class CustomerMeter:
         grace = self.rules.grace_ms
         for k in [k for k in self.excluded if k[2] + grace < wm]:
             del self.excluded[k]
+        self.ent.evict(wm, grace)
         self._recompute_next_evict()
 
     def _evict_seen(self) -> None:

@@ -13,7 +13,7 @@ import msgspec
 from operators.aggregate import NEEDS_NUMBER
 from operators.periods import CALENDAR_ANCHOR_MS
 from operators.timeutil import dt_to_ms, parse_duration_ms
-from schemas.config import Config, EntitlementConfig, EntitlementOverride, SubscriptionConfig
+from schemas.config import Config, EntitlementConfig, EntitlementOverride, SubscriptionConfig, WalletConfig
 
 
 class MetricRule(msgspec.Struct, frozen=True):
@@ -24,6 +24,7 @@ class MetricRule(msgspec.Struct, frozen=True):
     group_by: Tuple[str, ...]
     where: Tuple[Tuple[str, Any], ...]
     needs_number: bool
+    per_event: bool = True  # entitlements evaluated per event (p95/p99: once per batch)
 
 
 class SubscriptionRule(msgspec.Struct, frozen=True):
@@ -36,6 +37,7 @@ class SubscriptionRule(msgspec.Struct, frozen=True):
     account_name: str = ""
     arr: float = 0.0
     custom_contract: bool = False
+    wallet: Optional[WalletConfig] = None
 
     def included(self, metric: str) -> Optional[float]:
         ent = self.entitlements.get(metric)
@@ -60,7 +62,8 @@ def subscription_rule(cfg: Config, sub: SubscriptionConfig, plan_code: Optional[
     codes = set(plan.entitlements) | set(sub.overrides)
     ents = {c: merge_entitlement(plan.entitlements.get(c), sub.overrides.get(c)) for c in codes}
     return SubscriptionRule(plan=plan.code, period=sub.period, anchor_ms=dt_to_ms(sub.anchor), entitlements=ents,
-                            account_name=sub.account_name, arr=sub.arr, custom_contract=bool(sub.overrides))
+                            account_name=sub.account_name, arr=sub.arr, custom_contract=bool(sub.overrides),
+                            wallet=sub.wallet)
 
 
 class Rules:
@@ -78,12 +81,21 @@ class Rules:
             rule = MetricRule(code=m.code, event_type=m.event_type, aggregation=m.aggregation,
                               prop=m.property if m.aggregation != "count" else None,
                               group_by=tuple(m.group_by), where=tuple(m.where.items()),
-                              needs_number=m.aggregation in NEEDS_NUMBER)
+                              needs_number=m.aggregation in NEEDS_NUMBER,
+                              per_event=m.aggregation not in ("p95", "p99"))
             self.metrics[m.code] = rule
             self.by_event_type[m.event_type] = self.by_event_type.get(m.event_type, ()) + (rule,)
-        self.subscriptions: Dict[str, SubscriptionRule] = {
-            s.tenant_id + "|" + s.customer_id: subscription_rule(cfg, s) for s in cfg.subscriptions
+        self.plan_codes = frozenset(p.code for p in cfg.plans)
+        self.subscription_configs: Dict[str, SubscriptionConfig] = {
+            s.tenant_id + "|" + s.customer_id: s for s in cfg.subscriptions
         }
+        self.subscriptions: Dict[str, SubscriptionRule] = {
+            k: subscription_rule(cfg, s) for k, s in self.subscription_configs.items()
+        }
+
+    def resolve(self, sub: SubscriptionConfig, plan: Optional[str] = None) -> SubscriptionRule:
+        """A subscription (from the config or the changelog), optionally moved to another plan."""
+        return subscription_rule(self.config, sub, plan)
 
     def subscription(self, key: str) -> SubscriptionRule:
         """The customer's subscription, or calendar months with nothing included."""

@@ -14,7 +14,8 @@ from typing import Dict
 class FlowStats:
     """Thread-safe named counters (Bytewax workers of one process are threads)."""
 
-    KEYS = ("read", "accepted", "duplicates", "excluded", "dead_lettered", "unmetered", "corrections_ignored")
+    KEYS = ("read", "accepted", "duplicates", "excluded", "dead_lettered", "unmetered", "corrections_ignored",
+            "unevaluated", "alerts")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

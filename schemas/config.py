@@ -150,6 +150,27 @@ class ClickHouseConfig(_Frozen):
 
 class RedisConfig(_Frozen):
     url: str = "redis://localhost:6379/0"
+    # Seconds before an unanswered Redis call counts as an outage (the flow then buffers and retries).
+    timeout: Annotated[float, msgspec.Meta(gt=0)] = 2.0
+
+
+class WebhookConfig(_Frozen):
+    """Alerts POSTed as JSON, signed ``X-Meter-Signature: sha256=<hex HMAC of the body>`` when a secret is set."""
+
+    url: Annotated[str, msgspec.Meta(pattern=r"^https?://")]
+    secret: str = ""
+    timeout: str = "5s"
+    max_backoff: str = "60s"
+    # Durable outbox: alerts wait here until the receiver acknowledges them (never lost).
+    spool_dir: str = "var/webhook-outbox"
+
+
+class AlertsConfig(_Frozen):
+    """Where alerts go besides ClickHouse's ``alerts_log`` (and ``kafka.alerts_topic`` in Kafka mode)."""
+
+    jsonl: Optional[str] = None
+    stdout: bool = False
+    webhook: Optional[WebhookConfig] = None
 
 
 class Config(_Frozen):
@@ -161,6 +182,7 @@ class Config(_Frozen):
     kafka: Optional[KafkaConfig] = None
     clickhouse: ClickHouseConfig = ClickHouseConfig()
     redis: Optional[RedisConfig] = None
+    alerts: AlertsConfig = AlertsConfig()
     source_path: str = "<memory>"
 
     def redacted(self) -> "Config":
@@ -173,7 +195,12 @@ class Config(_Frozen):
         if redis is not None:
             redis = msgspec.structs.replace(redis, url=_mask_url(redis.url))
         ch = msgspec.structs.replace(self.clickhouse, dsn=_mask_url(self.clickhouse.dsn))
-        return msgspec.structs.replace(self, kafka=kafka, redis=redis, clickhouse=ch)
+        alerts = self.alerts
+        if alerts.webhook is not None:
+            hook = msgspec.structs.replace(alerts.webhook, url=_mask_url(alerts.webhook.url),
+                                           secret="***" if alerts.webhook.secret else "")
+            alerts = msgspec.structs.replace(alerts, webhook=hook)
+        return msgspec.structs.replace(self, kafka=kafka, redis=redis, clickhouse=ch, alerts=alerts)
 
 
 _SECRET_KEY = re.compile(r"password|secret|token|key", re.I)
@@ -184,7 +211,8 @@ def _mask_url(url: str) -> str:
     return _URL_PASSWORD.sub(r"\1***\3", url)
 
 
-_ENV_SECTIONS = {"pipeline": PipelineConfig, "kafka": KafkaConfig, "clickhouse": ClickHouseConfig, "redis": RedisConfig}
+_ENV_SECTIONS = {"pipeline": PipelineConfig, "kafka": KafkaConfig, "clickhouse": ClickHouseConfig, "redis": RedisConfig,
+                 "alerts": AlertsConfig}
 
 
 def _apply_env(raw: dict, environ: Dict[str, str]) -> List[str]:
@@ -193,10 +221,19 @@ def _apply_env(raw: dict, environ: Dict[str, str]) -> List[str]:
     for section, struct in _ENV_SECTIONS.items():
         for field in msgspec.structs.fields(struct):
             var = f"METER_{section.upper()}_{field.name.upper()}"
-            if var in environ and not field.name.endswith("config"):
+            if var in environ and not field.name.endswith("config") and field.name != "webhook":
                 raw[section] = dict(raw.get(section) or {})  # copy: never change the caller's document
                 raw[section][field.name] = environ[var]
                 used.append(var)
+    # The webhook is a table inside [alerts]: METER_ALERTS_WEBHOOK_URL, METER_ALERTS_WEBHOOK_SECRET, ...
+    for field in msgspec.structs.fields(WebhookConfig):
+        var = f"METER_ALERTS_WEBHOOK_{field.name.upper()}"
+        if var in environ:
+            alerts = dict(raw.get("alerts") or {})
+            alerts["webhook"] = dict(alerts.get("webhook") or {})
+            alerts["webhook"][field.name] = environ[var]
+            raw["alerts"] = alerts
+            used.append(var)
     return used
 
 
@@ -273,6 +310,14 @@ def _cross_check(cfg: Config, source: str) -> None:
             fail(f"pipeline.{name}", str(exc))
         if ms <= 0 and name in ("rollup_window", "dedupe_window", "epoch_interval"):
             fail(f"pipeline.{name}", "must be greater than zero")
+    hook = cfg.alerts.webhook
+    if hook is not None:
+        for name in ("timeout", "max_backoff"):
+            try:
+                if parse_duration_ms(getattr(hook, name)) <= 0:
+                    fail(f"alerts.webhook.{name}", "must be greater than zero")
+            except ValueError as exc:
+                fail(f"alerts.webhook.{name}", str(exc))
     scheme = cfg.clickhouse.dsn.split("://", 1)[0] if "://" in cfg.clickhouse.dsn else ""
     if scheme not in ("chdb", "http", "https", "clickhouse", "clickhouses"):
         fail("clickhouse.dsn", f"expected chdb:///path (embedded) or http(s)://host:8123/db, got {cfg.clickhouse.dsn!r}")
@@ -299,16 +344,35 @@ def _cross_check(cfg: Config, source: str) -> None:
                 fail(f"plans[{i}].entitlements.{code}.next_plan", f"no plan with code {ent.next_plan!r}")
     seen_subs = set()
     for i, s in enumerate(cfg.subscriptions):
-        if s.tenant_id not in tenant_ids:
-            fail(f"subscriptions[{i}].tenant_id", f"tenant {s.tenant_id!r} is not in [[tenants]]")
-        if s.plan not in plan_codes:
-            fail(f"subscriptions[{i}].plan", f"no plan with code {s.plan!r}")
-        if s.period not in PERIOD_KINDS:
-            fail(f"subscriptions[{i}].period", f"expected one of {', '.join(PERIOD_KINDS)}, got {s.period!r}")
+        problem = subscription_problem(cfg, s)
+        if problem is not None:
+            fail(f"subscriptions[{i}]{problem[0]}", problem[1])
         key = (s.tenant_id, s.customer_id)
         if key in seen_subs:
             fail(f"subscriptions[{i}]", f"customer {s.customer_id!r} of tenant {s.tenant_id!r} has two subscriptions")
         seen_subs.add(key)
-        for code in s.overrides:
+
+
+def subscription_problem(cfg: Config, s: SubscriptionConfig) -> Optional[tuple]:
+    """Why a subscription does not fit the configuration, as ``(key suffix, reason)``, or None.
+
+    Used for the config file and for every record of the entitlements changelog.
+    """
+    if s.tenant_id not in {t.id for t in cfg.tenants}:
+        return ".tenant_id", f"tenant {s.tenant_id!r} is not in [[tenants]]"
+    plan_codes = {p.code for p in cfg.plans}
+    if s.plan not in plan_codes:
+        return ".plan", f"no plan with code {s.plan!r}"
+    if s.period not in PERIOD_KINDS:
+        return ".period", f"expected one of {', '.join(PERIOD_KINDS)}, got {s.period!r}"
+    metric_codes = {m.code for m in cfg.metrics}
+    for code, o in s.overrides.items():
+        if code not in metric_codes:
+            return f".overrides.{code}", f"no metric with code {code!r}"
+        if o.next_plan is not None and o.next_plan not in plan_codes:
+            return f".overrides.{code}.next_plan", f"no plan with code {o.next_plan!r}"
+    if s.wallet is not None:
+        for code in s.wallet.credit_rates:
             if code not in metric_codes:
-                fail(f"subscriptions[{i}].overrides.{code}", f"no metric with code {code!r}")
+                return f".wallet.credit_rates.{code}", f"no metric with code {code!r}"
+    return None

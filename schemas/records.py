@@ -12,6 +12,8 @@ from typing import Dict, List, Optional, Union
 
 import msgspec
 
+from schemas.alerts import Alert, GatewayState, WalletState
+
 
 class WindowAggregate(msgspec.Struct, frozen=True, kw_only=True, tag="window"):
     """Usage of one tenant/customer/metric (and group_by dimensions) in one tumbling window.
@@ -85,6 +87,9 @@ class Emission(msgspec.Struct, kw_only=True):
     windows: List[WindowAggregate] = []
     periods: List[PeriodAggregate] = []
     dead_letters: List[DeadLetter] = []
+    alerts: List[Alert] = []
+    gateway: List[GatewayState] = []
+    wallets: List[WalletState] = []
 
 
 AGGREGATE_ENCODER = msgspec.json.Encoder()

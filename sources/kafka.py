@@ -11,6 +11,7 @@ per-message wrapper objects on the hot path.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, List, Optional, Tuple
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
@@ -18,6 +19,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka.admin import AdminClient
 
 from operators.errors import MeterError
+
+log = logging.getLogger("meterflow.kafka")
 
 
 class _TopicPartition(StatefulSourcePartition[Tuple[Any, bytes], int]):
@@ -63,11 +66,14 @@ class _TopicPartition(StatefulSourcePartition[Tuple[Any, bytes], int]):
 
 
 class KafkaEventSource(FixedPartitionedSource[Tuple[Any, bytes], int]):
-    """The usage events topic as a partitioned Bytewax source."""
+    """A topic (the usage events, or the entitlements changelog) as a partitioned Bytewax source."""
 
     def __init__(self, bootstrap_servers: str, topic: str, client_config: Optional[Dict[str, str]] = None,
-                 batch_size: int = 5000, stop_at_end: bool = False, poll_timeout: float = 0.005) -> None:
+                 batch_size: int = 5000, stop_at_end: bool = False, poll_timeout: float = 0.005,
+                 config_key: str = "kafka.events_topic", missing_ok: bool = False) -> None:
         self._config: Dict[str, Any] = {"bootstrap.servers": bootstrap_servers, **(client_config or {})}
+        self._config_key = config_key
+        self._missing_ok = missing_ok
         self._topic = topic
         self._batch = batch_size
         self._stop_at_end = stop_at_end
@@ -81,10 +87,14 @@ class KafkaEventSource(FixedPartitionedSource[Tuple[Any, bytes], int]):
             raise MeterError(f"cannot reach Kafka at {self._config['bootstrap.servers']} "
                              f"(kafka.bootstrap_servers): {exc.args[0] if exc.args else exc}") from exc
         tmeta = meta.topics.get(self._topic)
-        if tmeta is None or tmeta.error is not None or not tmeta.partitions:
+        missing = tmeta is None or tmeta.error is not None or not tmeta.partitions
+        if missing and self._missing_ok:
+            log.warning("Kafka topic %r (%s) does not exist; continuing without it", self._topic, self._config_key)
+            return []
+        if missing:
             why = tmeta.error if tmeta is not None and tmeta.error is not None else "no partitions"
             raise MeterError(f"Kafka topic {self._topic!r} on {self._config['bootstrap.servers']} is not usable "
-                             f"({why}); create it or set kafka.events_topic")
+                             f"({why}); create it or set {self._config_key}")
         return [f"{p}-{self._topic}" for p in sorted(tmeta.partitions)]
 
     def build_part(self, step_id: str, for_part: str, resume_state: Optional[int]) -> _TopicPartition:

@@ -1,0 +1,422 @@
+"""Entitlement evaluation for one customer: thresholds, enforcement, wallets and gateway state.
+
+Pure logic with no I/O, owned by the customer's :class:`operators.meter.CustomerMeter` and saved in
+the same snapshot, so alert state can never disagree with the totals after a resume.
+
+Semantics (the README's "Entitlements and alerts" section says the same for users):
+
+* A metric is *evaluated* for a customer when its subscription (config file, or the latest record of
+  the entitlements changelog) gives it an ``included`` amount. Usage is the metric's billing-period
+  value after the event. Threshold ``t`` is crossed when ``usage * 100 >= t * included``.
+* Each threshold fires ``threshold_crossed`` exactly once per customer, metric and period, in
+  ascending order, on the event that crosses it; thresholds already fired never fire again in that
+  period (plan changes and corrections included). p95/p99 metrics are evaluated once per batch, on
+  the batch's last event of that metric (their value is not monotonic and costs a sort).
+* ``hard``: when usage reaches ``included`` the period is blocked (``blocked``); when usage falls
+  below it again (a raised quota, a correction) or enforcement stops being hard, ``unblocked``. A
+  blocked period is unblocked when the customer's first event of a later period of that metric
+  arrives (gateways already allow calls once ``period_end`` passed, see ``meterflow.gate``).
+* ``auto_overage``: when usage reaches ``included`` the customer moves to ``next_plan``
+  (``plan_changed``, action ``upgrade``, then the new plan is evaluated at once) or, without a next
+  plan, overage starts accruing at ``overage_rate`` (``plan_changed``, action ``overage``, once per
+  period).
+* Wallet: ``spent`` is the sum over rated metrics (in code order) of ``rate x units``, where units are
+  summed exactly: 1 per event for count, the value for sum, the change of the period value for other
+  aggregations (p95/p99: the batch's change); ``remaining = balance - spent``. ``wallet_low`` when remaining falls to
+  ``low_balance_pct`` % of the balance or below, ``wallet_exhausted`` at zero or below (``block``
+  blocks every rated metric). Both re-arm when a top-up (a larger ``balance`` on the changelog) lifts
+  remaining above their level; lifting a wallet block fires ``unblocked`` (metric ``""``).
+* Entitlement changes apply at once: every metric's current period is re-evaluated under the new
+  entitlement (an upgrade can unblock, a downgrade fires only thresholds not fired yet). A change is
+  applied only if its version (changelog offset) is newer than the one in effect, so a replayed or
+  out-of-date record never rolls a customer back.
+
+Memory: per customer, a few entries per open billing period and metric; evicted with the period.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+import msgspec
+
+from operators.aggregate import SumAcc
+from operators.rules import CALENDAR_MONTH, Rules, SubscriptionRule
+from operators.timeutil import ms_to_iso, now_ms
+from schemas.alerts import Alert, EntitlementMessage, GatewayState, WalletState, alert_id
+
+PeriodKey = Tuple[str, int, int]  # metric, period_start, period_end
+_WALLET_PK: PeriodKey = ("", 0, 0)
+_INF = float("inf")
+_SLACK = 1e-9  # the fast check's level sits a hair low; the exact test is usage * 100 >= t * included
+_EXHAUSTED_ACTION = {"block": "block", "alert": "notify", "postpaid": "postpaid"}
+
+
+class EntitlementUpdate(msgspec.Struct, frozen=True):
+    """A changelog record on its way to the customer's state; ``version`` orders records of one key."""
+
+    message: EntitlementMessage
+    version: int
+    src: Any
+
+
+class EntInfo:
+    """One metric's resolved entitlement, in the shape the hot path wants."""
+
+    __slots__ = ("code", "included", "thresholds", "enforcement", "next_plan", "overage_rate")
+
+    def __init__(self, code: str, included: float, thresholds: Tuple[float, ...], enforcement: str,
+                 next_plan: Optional[str], overage_rate: float) -> None:
+        self.code = code
+        self.included = included
+        self.thresholds = thresholds
+        self.enforcement = enforcement
+        self.next_plan = next_plan
+        self.overage_rate = overage_rate
+
+
+def infos_of(sub: SubscriptionRule) -> Dict[str, EntInfo]:
+    return {code: EntInfo(code, float(e.included), tuple(sorted(set(e.thresholds))), e.enforcement, e.next_plan,
+                          e.overage_rate)
+            for code, e in sub.entitlements.items() if e.included is not None}
+
+
+class Entitlements:
+    """Alert and enforcement state of one customer (see the module docstring for the semantics)."""
+
+    __slots__ = ("rules", "key", "tenant_id", "customer_id",
+                 # state (snapshotted)
+                 "fired", "blocked", "overage", "seq", "cur", "src", "version", "cancelled", "moved_plan",
+                 "units", "wallet_low", "wallet_exhausted", "wallet_blocked",
+                 # derived (rebuilt after restore)
+                 "rule", "infos", "credit", "next_level", "touched", "deleted", "wallet_dirty")
+
+    def __init__(self, rules: Rules, key: str) -> None:
+        self.rules = rules
+        self.key = key
+        self.tenant_id, _, self.customer_id = key.partition("|")
+        self.fired: Dict[PeriodKey, Set[float]] = {}
+        self.blocked: Set[PeriodKey] = set()
+        self.overage: Set[PeriodKey] = set()
+        self.seq: Dict[Tuple[str, PeriodKey], int] = {}
+        self.cur: Dict[str, PeriodKey] = {}
+        self.src: Optional[EntitlementMessage] = None
+        self.version = -1
+        self.cancelled: Optional[Tuple[str, int]] = None  # (period kind, anchor) kept after a cancellation
+        self.moved_plan: Optional[str] = None
+        self.units: Dict[str, SumAcc] = {}
+        self.wallet_low = False
+        self.wallet_exhausted = False
+        self.wallet_blocked = False
+        self.touched: Set[PeriodKey] = set()
+        self.deleted: Set[str] = set()
+        self.wallet_dirty = False
+        self._resolve()
+
+    # -- state --------------------------------------------------------------------------
+    def state(self) -> tuple:
+        return (self.fired, self.blocked, self.overage, self.seq, self.cur, self.src, self.version, self.cancelled,
+                self.moved_plan, self.units, self.wallet_low, self.wallet_exhausted, self.wallet_blocked,
+                self.touched, self.deleted, self.wallet_dirty)
+
+    def restore(self, state: tuple) -> None:
+        (self.fired, self.blocked, self.overage, self.seq, self.cur, self.src, self.version, self.cancelled,
+         self.moved_plan, self.units, self.wallet_low, self.wallet_exhausted, self.wallet_blocked,
+         self.touched, self.deleted, self.wallet_dirty) = state
+        self._resolve()
+
+    def evict(self, wm: int, grace_ms: int) -> None:
+        """Forget periods that no longer accept late events (their alerts are final)."""
+        for d in (self.fired, self.next_level):
+            for pk in [pk for pk in d if pk[2] + grace_ms < wm]:
+                del d[pk]
+        self.blocked = {pk for pk in self.blocked if pk[2] + grace_ms >= wm or self.cur.get(pk[0]) == pk}
+        self.overage = {pk for pk in self.overage if pk[2] + grace_ms >= wm}
+        self.seq = {k: n for k, n in self.seq.items()
+                    if k[1] == _WALLET_PK or k[1][2] + grace_ms >= wm or k[1] in self.blocked}
+
+    # -- subscription -------------------------------------------------------------------
+    def _resolve(self) -> None:
+        rules = self.rules
+        if self.cancelled is not None:
+            kind, anchor = self.cancelled
+            rule = SubscriptionRule(plan="", period=kind, anchor_ms=anchor, entitlements={})
+        elif self.src is not None and self.src.subscription is not None:
+            rule = rules.resolve(self.src.subscription, self.moved_plan)
+        else:
+            base = rules.subscription_configs.get(self.key)
+            if base is None:
+                rule = CALENDAR_MONTH
+            else:
+                rule = rules.resolve(base, self.moved_plan) if self.moved_plan else rules.subscriptions[self.key]
+        self.rule = rule
+        self.infos = infos_of(rule)
+        self.credit: Dict[str, float] = dict(rule.wallet.credit_rates) if rule.wallet is not None else {}
+        self.next_level: Dict[PeriodKey, float] = {}
+
+    @property
+    def evaluated(self) -> bool:
+        return bool(self.infos) or bool(self.credit)
+
+    def level(self, pk: PeriodKey, info: EntInfo) -> float:
+        """The smallest usage at which :meth:`evaluate` has something to do for ``pk`` (cached)."""
+        fired = self.fired.get(pk, ())
+        inc = info.included
+        lvl = _INF
+        for t in info.thresholds:
+            if t not in fired:
+                lvl = t * inc / 100.0
+                break
+        if info.enforcement == "hard" and pk not in self.blocked or \
+                info.enforcement == "auto_overage" and pk not in self.overage:
+            lvl = min(lvl, inc)
+        lvl = lvl - abs(lvl) * _SLACK - 1e-12 if lvl != _INF else _INF
+        self.next_level[pk] = lvl
+        return lvl
+
+    # -- evaluation -----------------------------------------------------------------------
+    def advance(self, code: str, pk: PeriodKey, me: Any, usage_of, alerts: List[Alert]) -> None:
+        """``pk`` became the current period of ``code``: a blocked earlier period is over."""
+        old = self.cur.get(code)
+        self.cur[code] = pk
+        self.touched.add(pk)
+        if old is not None and old in self.blocked:
+            self.blocked.discard(old)
+            info = self.infos.get(code)
+            alerts.append(self._alert("unblocked", code, old, None, usage_of(old), info, "unblock", me,
+                                      detail="a new billing period started"))
+
+    def evaluate(self, code: str, pk: PeriodKey, usage: float, me: Any, usage_of, alerts: List[Alert],
+                 _depth: int = 0) -> None:
+        """Fire what ``usage`` crosses for ``code`` in ``pk`` and apply the enforcement."""
+        info = self.infos.get(code)
+        self.touched.add(pk)
+        if info is None:
+            if pk in self.blocked:
+                self.blocked.discard(pk)
+                alerts.append(self._alert("unblocked", code, pk, None, usage, None, "unblock", me,
+                                          detail="the metric has no entitlement any more"))
+            return
+        inc = info.included
+        fired = self.fired.get(pk)
+        if fired is None:
+            fired = self.fired[pk] = set()
+        hundred = usage * 100.0
+        for t in info.thresholds:
+            if t not in fired and hundred >= t * inc:
+                fired.add(t)
+                alerts.append(self._alert("threshold_crossed", code, pk, t, usage, info,
+                                          _threshold_action(info, t), me))
+        over = hundred >= 100.0 * inc
+        if pk in self.blocked and (info.enforcement != "hard" or not over):
+            self.blocked.discard(pk)
+            why = "usage is below the included amount" if info.enforcement == "hard" else \
+                f"enforcement is now {info.enforcement}"
+            alerts.append(self._alert("unblocked", code, pk, None, usage, info, "unblock", me, detail=why))
+        elif info.enforcement == "hard" and over and pk not in self.blocked:
+            self.blocked.add(pk)
+            alerts.append(self._alert("blocked", code, pk, 100.0, usage, info, "block", me))
+        elif info.enforcement == "auto_overage" and over and pk not in self.overage:
+            if info.next_plan and info.next_plan != self.rule.plan and _depth < 8:
+                previous = self.rule.plan
+                self.moved_plan = info.next_plan
+                self._resolve()
+                alerts.append(self._alert("plan_changed", code, pk, 100.0, usage, info, "upgrade", me,
+                                          previous_plan=previous,
+                                          detail=f"moved from plan {previous!r} to {self.rule.plan!r}"))
+                self.reevaluate(me, usage_of, alerts, _depth + 1)
+                return
+            self.overage.add(pk)
+            alerts.append(self._alert("plan_changed", code, pk, 100.0, usage, info, "overage", me,
+                                      detail=f"overage accrues at {info.overage_rate} per unit"))
+        self.level(pk, info)
+
+    def reevaluate(self, me: Any, usage_of, alerts: List[Alert], _depth: int = 0) -> None:
+        """Evaluate every metric's current period under the entitlement now in effect."""
+        for code in sorted(self.cur):
+            pk = self.cur[code]
+            if code in self.infos or pk in self.blocked:
+                self.evaluate(code, pk, usage_of(pk), me, usage_of, alerts, _depth)
+        self._check_wallet(me, None, alerts)
+
+    def spend(self, code: str, units: Any, sign: int, me: Any, pk: PeriodKey, alerts: List[Alert]) -> None:
+        """Draw ``units`` of ``code`` from the wallet (exact unit totals; see :attr:`spent`)."""
+        acc = self.units.get(code)
+        if acc is None:
+            acc = self.units[code] = SumAcc()
+        acc.add(units, 0, sign)
+        self.wallet_dirty = True
+        self._check_wallet(me, pk, alerts)
+
+    @property
+    def spent(self) -> float:
+        """Credits spent: the sum over rated metrics (by code) of ``rate x units``, units summed exactly,
+        so 10 calls at 0.1 spend exactly 1.0."""
+        credit = self.credit
+        total = 0.0
+        for code in sorted(self.units):
+            rate = credit.get(code)
+            if rate:
+                total += rate * self.units[code].value()
+        return total
+
+    def _check_wallet(self, me: Any, pk: Optional[PeriodKey], alerts: List[Alert]) -> None:
+        w = self.rule.wallet
+        if w is None:
+            if self.wallet_blocked:
+                self._lift_wallet_block(me, alerts, "the subscription has no wallet any more")
+            return
+        remaining = w.balance - self.spent
+        low = w.balance * w.low_balance_pct / 100.0
+        if remaining <= low and not self.wallet_low:
+            self.wallet_low = True
+            alerts.append(self._wallet_alert("wallet_low", "notify", me, pk, w.balance, remaining))
+        elif remaining > low and self.wallet_low:
+            self.wallet_low = False
+        if remaining <= 0 and not self.wallet_exhausted:
+            self.wallet_exhausted = True
+            alerts.append(self._wallet_alert("wallet_exhausted", _EXHAUSTED_ACTION[w.on_exhausted], me, pk,
+                                             w.balance, remaining))
+            if w.on_exhausted == "block":
+                self.wallet_blocked = True
+                self._touch_credit()
+        elif remaining > 0 and self.wallet_exhausted:
+            self.wallet_exhausted = False
+            if self.wallet_blocked:
+                self._lift_wallet_block(me, alerts, "the wallet was topped up")
+        elif self.wallet_blocked and w.on_exhausted != "block":
+            self._lift_wallet_block(me, alerts, f"on_exhausted is now {w.on_exhausted}")
+
+    def _lift_wallet_block(self, me: Any, alerts: List[Alert], why: str) -> None:
+        self.wallet_blocked = False
+        self._touch_credit()
+        w = self.rule.wallet
+        balance = w.balance if w is not None else 0.0
+        alerts.append(self._wallet_alert("unblocked", "unblock", me, None, balance, balance - self.spent, why))
+
+    def _touch_credit(self) -> None:
+        self.wallet_dirty = True
+        for code in self.credit:
+            pk = self.cur.get(code)
+            if pk is not None:
+                self.touched.add(pk)
+
+    # -- entitlement changes ----------------------------------------------------------------
+    def apply_change(self, upd: EntitlementUpdate, usage_of, alerts: List[Alert]) -> bool:
+        """Apply a changelog record if it is newer than the one in effect; re-evaluate at once."""
+        if upd.version <= self.version:
+            return False
+        msg = upd.message
+        before = set(self.infos)
+        self.version = upd.version
+        self.moved_plan = None
+        if msg.cancelled or msg.subscription is None:
+            self.cancelled = (self.rule.period, self.rule.anchor_ms)
+            self.src = None
+        else:
+            self.cancelled = None
+            self.src = msg
+        self._resolve()
+        for code in before - set(self.infos):
+            if code in self.cur:
+                self.deleted.add(code)
+        self.deleted -= set(self.infos)
+        for code in self.infos:
+            if code in self.cur:
+                self.touched.add(self.cur[code])
+        self.wallet_dirty = True
+        self.reevaluate(None, usage_of, alerts)
+        return True
+
+    # -- outputs ----------------------------------------------------------------------------
+    def gateway(self, usage_of, at_ms: int) -> Tuple[List[GatewayState], List[WalletState]]:
+        """The live state of every metric whose current period changed (then nothing is pending)."""
+        states: List[GatewayState] = []
+        t, c = self.tenant_id, self.customer_id
+        for pk in self.touched:
+            code = pk[0]
+            info = self.infos.get(code)
+            if info is None or self.cur.get(code) != pk:
+                continue
+            used = usage_of(pk)
+            inc = info.included
+            pct = used * 100.0 / inc if inc else None
+            blocked_by = "quota" if pk in self.blocked else ("wallet" if self.wallet_blocked and code in self.credit
+                                                              else "")
+            if blocked_by:
+                st = "blocked"
+            elif used > inc:
+                st = "over"
+            elif info.thresholds and used * 100.0 >= info.thresholds[0] * inc:
+                st = "approaching"
+            else:
+                st = "ok"
+            states.append(GatewayState(tenant_id=t, customer_id=c, metric=code, included=inc, used=used,
+                                       remaining=max(0.0, inc - used), pct=pct, state=st, period_start=pk[1],
+                                       period_end=pk[2], updated_at=at_ms, plan=self.rule.plan,
+                                       blocked_by=blocked_by))
+        for code in self.deleted:
+            pk = self.cur.get(code, (code, 0, 0))
+            states.append(GatewayState(tenant_id=t, customer_id=c, metric=code, included=0.0, used=0.0,
+                                       remaining=0.0, pct=None, state="ok", period_start=pk[1], period_end=pk[2],
+                                       updated_at=at_ms, deleted=True))
+        self.touched = set()
+        self.deleted = set()
+        wallets: List[WalletState] = []
+        if self.wallet_dirty:
+            self.wallet_dirty = False
+            w = self.rule.wallet
+            if w is not None:
+                remaining = w.balance - self.spent
+                st = "exhausted" if remaining <= 0 else ("low" if self.wallet_low else "ok")
+                wallets.append(WalletState(tenant_id=t, customer_id=c, balance=w.balance, spent=self.spent,
+                                           remaining=remaining, state=st, on_exhausted=w.on_exhausted,
+                                           updated_at=at_ms))
+        return states, wallets
+
+    def _next_seq(self, type_: str, pk: PeriodKey) -> int:
+        k = (type_, pk)
+        n = self.seq.get(k, 0) + 1
+        self.seq[k] = n
+        return n
+
+    def _alert(self, type_: str, code: str, pk: PeriodKey, threshold: Optional[float], usage: float,
+               info: Optional[EntInfo], action: str, me: Any, previous_plan: str = "", detail: str = "") -> Alert:
+        seq = 0 if type_ == "threshold_crossed" else self._next_seq(type_, pk)
+        inc = info.included if info is not None else None
+        pct = round(usage * 100.0 / inc, 6) if inc else None
+        return self._build(type_, alert_id(type_, self.tenant_id, self.customer_id, code, pk[1], threshold, seq),
+                           code, pk, threshold, inc, usage, pct, info.enforcement if info is not None else "", action,
+                           me, previous_plan=previous_plan, detail=detail)
+
+    def _wallet_alert(self, type_: str, action: str, me: Any, pk: Optional[PeriodKey], balance: float,
+                      remaining: float, detail: str = "") -> Alert:
+        seq = self._next_seq(type_, _WALLET_PK)
+        spent = balance - remaining
+        code = pk[0] if pk is not None else ""
+        return self._build(type_, alert_id(type_, self.tenant_id, self.customer_id, "", 0, None, seq), code,
+                           pk if pk is not None else _WALLET_PK, None, balance, spent,
+                           round(spent * 100.0 / balance, 6) if balance else None, "wallet", action, me,
+                           wallet_balance=balance, wallet_remaining=remaining, detail=detail)
+
+    def _build(self, type_: str, aid: str, code: str, pk: PeriodKey, threshold: Optional[float],
+               included: Optional[float], usage: float, pct: Optional[float], enforcement: str, action: str,
+               me: Any, **extra: Any) -> Alert:
+        now = now_ms()
+        if me is not None:
+            eid, ev_time, ingested = me.event.event_id, ms_to_iso(me.ts), ms_to_iso(me.ingested or now)
+        else:
+            eid, ev_time, ingested = "", ms_to_iso(now), ms_to_iso(now)
+        return Alert(alert_id=aid, type=type_, tenant_id=self.tenant_id, customer_id=self.customer_id, metric=code,
+                     period_start=ms_to_iso(pk[1]), period_end=ms_to_iso(pk[2]), threshold_pct=threshold,
+                     included=included, usage=usage, usage_pct=pct, enforcement=enforcement, action=action,
+                     event_id=eid, event_time=ev_time, ingested_at=ingested, detected_at=ms_to_iso(now),
+                     plan=self.rule.plan, account_name=self.rule.account_name, **extra)
+
+
+def _threshold_action(info: EntInfo, t: float) -> str:
+    if t < 100 or info.enforcement == "soft":
+        return "notify"
+    if info.enforcement == "hard":
+        return "block"
+    return "upgrade" if info.next_plan else "overage"

@@ -1,0 +1,173 @@
+"""Alerts, live gateway state and entitlement changes (contract sections 3 and 4).
+
+An :class:`Alert` is the same JSON on the alerts topic, the alert JSONL file, webhooks and the
+``alerts_log`` ClickHouse view. Its ``alert_id`` is deterministic (:func:`alert_id`), so a replay
+after a crash produces the same ids and every consumer can deduplicate by it.
+
+:class:`GatewayState` is what the flow writes to Redis for API gateways (hash
+``meter:{tenant}:{customer}:{metric}``); :class:`WalletState` is a prepaid wallet's live balance
+(hash ``meter-wallet:{tenant}:{customer}``).
+
+:class:`EntitlementMessage` is one record of the ``usage.entitlements`` changelog topic (compacted,
+keyed ``tenant|customer``): the customer's whole current subscription, or ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Dict, Optional
+
+import msgspec
+
+from schemas.config import SubscriptionConfig
+
+ALERT_TYPES = ("threshold_crossed", "blocked", "unblocked", "plan_changed", "wallet_low", "wallet_exhausted",
+               "anomaly")
+GATEWAY_STATES = ("ok", "approaching", "over", "blocked")
+
+
+def fmt_pct(pct: Optional[float]) -> str:
+    """The canonical text of a threshold in alert ids: integers without a fraction.
+
+    >>> fmt_pct(90.0), fmt_pct(92.5), fmt_pct(None)
+    ('90', '92.5', '')
+    """
+    if pct is None:
+        return ""
+    return str(int(pct)) if float(pct).is_integer() else repr(float(pct))
+
+
+def alert_id(type_: str, tenant_id: str, customer_id: str, metric: str, period_start_ms: int,
+             threshold_pct: Optional[float] = None, seq: int = 0) -> str:
+    """Deterministic alert id: 32 hex digits of BLAKE2b-128 over the alert's identity.
+
+    The identity is ``type, tenant, customer, metric, period_start (epoch ms), threshold, seq`` joined
+    with the unit separator ``\\x1f``. ``threshold_crossed`` uses its threshold and seq 0 (it fires once
+    per customer, metric and period); ``blocked``/``unblocked``/``plan_changed`` use the n-th occurrence
+    of that type in the customer/metric/period as seq; wallet alerts use metric ``""``, period 0 and the
+    n-th occurrence for the customer. Anyone can recompute an id from an alert's fields.
+
+    >>> a = alert_id("threshold_crossed", "acme", "c1", "api_calls", 1793491200000, 90.0)
+    >>> len(a), a == alert_id("threshold_crossed", "acme", "c1", "api_calls", 1793491200000, 90)
+    (32, True)
+    """
+    text = "\x1f".join((type_, tenant_id, customer_id, metric, str(period_start_ms), fmt_pct(threshold_pct),
+                        str(seq)))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+class Alert(msgspec.Struct, frozen=True, kw_only=True):
+    """One alert. Times are RFC 3339 UTC strings: ``event_time`` is the crossing event's time,
+    ``ingested_at`` when meterflow read that event, ``detected_at`` when it evaluated it, so
+    breach-to-alert latency is ``detected_at - ingested_at`` (or ``- event_time`` end to end).
+
+    ``event_id`` is empty when no event caused the alert (an entitlement change, a period roll-over).
+    ``usage_pct`` is None when nothing is included (``included`` 0).
+    """
+
+    alert_id: str
+    type: str
+    tenant_id: str
+    customer_id: str
+    metric: str
+    period_start: str
+    period_end: str
+    threshold_pct: Optional[float]
+    included: Optional[float]
+    usage: float
+    usage_pct: Optional[float]
+    enforcement: str
+    action: str
+    event_id: str
+    event_time: str
+    ingested_at: str
+    detected_at: str
+    plan: str = ""
+    previous_plan: str = ""
+    account_name: str = ""
+    wallet_balance: Optional[float] = None
+    wallet_remaining: Optional[float] = None
+    detail: str = ""
+
+
+ALERT_ENCODER = msgspec.json.Encoder()
+ALERT_DECODER = msgspec.json.Decoder(Alert)
+
+
+class GatewayState(msgspec.Struct, frozen=True, kw_only=True):
+    """A customer's live standing on one metric in its current billing period (Redis, for gateways).
+
+    ``state``: ``ok`` below the first threshold, ``approaching`` from it up to 100 %, ``over`` above
+    100 %, ``blocked`` when hard enforcement (or an exhausted wallet with ``on_exhausted = "block"``)
+    stops the customer. ``deleted`` means the customer's subscription was cancelled: remove the hash.
+    Times are epoch milliseconds.
+    """
+
+    tenant_id: str
+    customer_id: str
+    metric: str
+    included: float
+    used: float
+    remaining: float
+    pct: Optional[float]
+    state: str
+    period_start: int
+    period_end: int
+    updated_at: int
+    plan: str = ""
+    blocked_by: str = ""  # "quota" or "wallet" when state is blocked
+    deleted: bool = False
+
+    @property
+    def redis_key(self) -> str:
+        return f"meter:{self.tenant_id}:{self.customer_id}:{self.metric}"
+
+
+class WalletState(msgspec.Struct, frozen=True, kw_only=True):
+    """A prepaid wallet's live balance: ``remaining = balance - spent`` (holds are kept by gateways)."""
+
+    tenant_id: str
+    customer_id: str
+    balance: float
+    spent: float
+    remaining: float
+    state: str  # ok | low | exhausted
+    on_exhausted: str
+    updated_at: int
+
+    @property
+    def redis_key(self) -> str:
+        return f"meter-wallet:{self.tenant_id}:{self.customer_id}"
+
+
+class EntitlementMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """One record of the entitlements changelog (key ``tenant|customer``).
+
+    ``subscription`` is the customer's complete subscription as in the config file's
+    ``[[subscriptions]]`` (plan, period, anchor, overrides, wallet, ...); ``cancelled = true`` ends it
+    (the customer is then metered without entitlements, like a customer with no subscription).
+    """
+
+    tenant_id: str
+    customer_id: str
+    subscription: Optional[SubscriptionConfig] = None
+    cancelled: bool = False
+    published_at: Optional[str] = None
+
+
+ENTITLEMENT_DECODER = msgspec.json.Decoder(EntitlementMessage)
+ENTITLEMENT_ENCODER = msgspec.json.Encoder()
+
+
+def state_fields(g: GatewayState) -> Dict[str, str]:
+    """The Redis hash fields of a gateway state (contract section 4, plus ``plan``/``blocked_by``)."""
+    from operators.timeutil import ms_to_iso
+
+    return {"included": _num(g.included), "used": _num(g.used), "remaining": _num(g.remaining),
+            "pct": "" if g.pct is None else _num(g.pct), "state": g.state,
+            "period_start": ms_to_iso(g.period_start), "period_end": ms_to_iso(g.period_end),
+            "updated_at": ms_to_iso(g.updated_at), "plan": g.plan, "blocked_by": g.blocked_by}
+
+
+def _num(x: float) -> str:
+    return repr(float(x)) if not float(x).is_integer() else str(int(x))
