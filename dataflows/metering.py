@@ -132,7 +132,8 @@ def build_flow(config: Config, source: Source, sinks: Sequence[Tuple[str, Sink]]
 
 
 def sinks_from_config(config: Config) -> List[Tuple[str, Sink]]:
-    """ClickHouse always (embedded chDB unless [clickhouse] names a server); Kafka topics in Kafka mode."""
+    """ClickHouse always (embedded chDB unless [clickhouse] names a server); Kafka topics in Kafka mode;
+    live gateway state when [redis] is configured; the alert sinks of [alerts]."""
     from sinks.clickhouse import ClickHouseSink
 
     sinks: List[Tuple[str, Sink]] = [("clickhouse", ClickHouseSink(config.clickhouse))]
@@ -142,6 +143,10 @@ def sinks_from_config(config: Config) -> List[Tuple[str, Sink]]:
         k = config.kafka
         sinks.append(("aggregated_topic", AggregatedTopicSink(k.bootstrap_servers, k.aggregated_topic, k.client_config)))
         sinks.append(("dead_letter_topic", DeadLetterTopicSink(k.bootstrap_servers, k.dead_letter_topic, k.client_config)))
+    if config.redis is not None:
+        from sinks.redis import GatewayStateSink
+
+        sinks.append(("redis_gateway", GatewayStateSink(config.redis)))
     return sinks
 
 

@@ -1,0 +1,222 @@
+"""Redis: live gateway state (``meter:{tenant}:{customer}:{metric}``) and prepaid wallet balances
+(``meter-wallet:{tenant}:{customer}``) for API gateways (contract section 4; read by
+:class:`meterflow.gate.QuotaGate`).
+
+What is written. Per batch the partition coalesces every :class:`~schemas.alerts.GatewayState` and
+:class:`~schemas.alerts.WalletState` to the LAST one per Redis key (later items win), then sends them all
+in ONE pipelined round trip (no MULTI): ``HSET key <state_fields>`` per gateway state, ``DEL key`` for a
+``deleted`` one (a cancelled subscription), and ``HSET`` of ``balance, spent, remaining, state,
+on_exhausted, updated_at`` per wallet. Wallet holds live in their own hash
+(``meter-wallet-holds:{tenant}:{customer}``), owned by the gate; this sink never touches it, so the flow
+and the gateways never race on the same key.
+
+Delivery guarantee: at-least-once, latest-state-wins. Every write is an absolute value (HSET of the
+whole state, or DEL), so a replay after a resume, a duplicate batch or a retry converges to the same
+hash. While Redis is up, gateway state lags the stream by at most one batch's processing plus one Redis
+round trip (``write_batch`` returns after Redis acknowledged the pipeline).
+
+Outages. A Redis error (refused or reset connection, timeout after ``RedisConfig.timeout``, LOADING,
+OOM, READONLY, ...) never stops the flow: the unsent states stay in a pending dict keyed by Redis key
+(latest wins, so memory is bounded by the number of distinct keys, not by the outage's length), ONE
+warning is logged when the outage starts and one when Redis has caught up. Pending states are retried
+with exponential backoff (``retry_initial`` doubling up to ``retry_max`` seconds) on later
+``write_batch`` calls and once more at ``close``; between retries a batch only updates the pending dict
+and returns at once, so an outage costs the flow at most one timed-out attempt per backoff interval.
+Once Redis answers again every key converges to its latest state.
+
+Limits, stated honestly: ``write_batch`` is only called when new items reach the sink, so after an
+outage a worker with no new output catches up at its next batch (or at close); pending states live in
+memory, so a crash *during* an outage loses them until those keys change again (a gateway then sees the
+pre-outage state, bounded by the period's ``period_end``); a Redis restart without persistence empties
+it, so keys not changed since come back only when the flow emits them again (a missing key reads as
+untracked, which gateways allow, and the next event of that customer rewrites it). Billing never
+depends on Redis: the exact figures are in ClickHouse and the aggregated topic.
+
+Counters in :data:`operators.stats.STATS`: ``redis_writes`` (keys written), ``redis_pending`` (keys
+waiting, kept as a gauge through deltas), ``redis_errors`` (failed round trips), ``redis_outages``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Dict, List, Optional, Union
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from operators.stats import STATS, FlowStats
+from operators.timeutil import ms_to_iso
+from schemas.alerts import GatewayState, WalletState, state_fields
+from schemas.config import RedisConfig
+from schemas.records import Emission
+
+log = logging.getLogger("meterflow.sinks.redis")
+
+State = Union[GatewayState, WalletState]
+
+
+def masked_url(url: str) -> str:
+    """The URL with its password replaced by ``***`` (for logs).
+
+    >>> masked_url("redis://:s3cret@cache:6379/0")
+    'redis://:***@cache:6379/0'
+    >>> masked_url("redis://localhost:6379/0")
+    'redis://localhost:6379/0'
+    """
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def wallet_fields(w: WalletState) -> Dict[str, str]:
+    """The wallet hash fields the flow owns (never the gate's holds); numbers as in ``state_fields``.
+
+    >>> wallet_fields(WalletState(tenant_id="t", customer_id="c", balance=100.0, spent=12.5, remaining=87.5,
+    ...                           state="ok", on_exhausted="block", updated_at=1793491200000))["spent"]
+    '12.5'
+    """
+    return {"balance": _num(w.balance), "spent": _num(w.spent), "remaining": _num(w.remaining),
+            "state": w.state, "on_exhausted": w.on_exhausted, "updated_at": ms_to_iso(w.updated_at)}
+
+
+def _num(x: float) -> str:
+    f = float(x)
+    return str(int(f)) if f.is_integer() else repr(f)
+
+
+def make_client(url: str, timeout: float) -> "redis.Redis":
+    """A client whose calls give up after ``timeout`` seconds and retry once at once (a pooled socket that
+    the server closed reconnects transparently), instead of redis-py's default of many backed-off retries."""
+    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                retry=Retry(NoBackoff(), 1))
+
+
+class _GatewayStatePartition(StatelessSinkPartition[Emission]):
+    def __init__(self, client: "redis.Redis", url: str, retry_initial: float, retry_max: float,
+                 clock: Callable[[], float], stats: FlowStats) -> None:
+        self._client = client
+        self._url = masked_url(url)
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._clock = clock
+        self._stats = stats
+        self._pending: Dict[str, State] = {}
+        self._reported_pending = 0
+        self._outage_since: Optional[float] = None
+        self._backoff = retry_initial
+        self._next_try = 0.0
+
+    @property
+    def pending(self) -> Dict[str, State]:
+        """States not yet acknowledged by Redis, by key (read-only view for tests and diagnostics)."""
+        return dict(self._pending)
+
+    def write_batch(self, items: List[Emission]) -> None:
+        pending = self._pending
+        for e in items:
+            for g in e.gateway:
+                pending[g.redis_key] = g
+            for w in e.wallets:
+                pending[w.redis_key] = w
+        if pending and (self._outage_since is None or self._clock() >= self._next_try):
+            self._flush()
+        self._report_pending()
+
+    def close(self) -> None:
+        if self._pending:
+            self._flush()
+            self._report_pending()
+        if self._pending:
+            log.warning("Redis %s: closing with %d gateway state keys unsent (Redis still unavailable); they are "
+                        "written again when the flow next emits them", self._url, len(self._pending))
+        self._client.close()
+
+    def _flush(self) -> None:
+        """One pipelined round trip with every pending state; keeps what Redis did not acknowledge."""
+        keys = list(self._pending)
+        pipe = self._client.pipeline(transaction=False)
+        for key in keys:
+            s = self._pending[key]
+            if isinstance(s, WalletState):
+                pipe.hset(key, mapping=wallet_fields(s))
+            elif s.deleted:
+                pipe.delete(key)
+            else:
+                pipe.hset(key, mapping=state_fields(s))
+        try:
+            results = pipe.execute(raise_on_error=False)
+        except redis.RedisError as exc:
+            self._failed(exc)
+            return
+        first_error: Optional[Exception] = None
+        written = 0
+        for key, res in zip(keys, results):
+            if isinstance(res, Exception):  # OOM, READONLY, WRONGTYPE...: keep this key, retry later
+                first_error = first_error or res
+            else:
+                del self._pending[key]
+                written += 1
+        if written:
+            self._stats.add({"redis_writes": written})
+        if first_error is not None:
+            self._failed(first_error)
+        else:
+            self._recovered()
+
+    def _failed(self, exc: Exception) -> None:
+        now = self._clock()
+        self._stats.add({"redis_errors": 1})
+        if self._outage_since is None:
+            self._outage_since = now
+            self._backoff = self._retry_initial
+            self._stats.add({"redis_outages": 1})
+            log.warning("Redis %s unavailable (%s: %s): gateway state is kept in memory (latest per key, "
+                        "%d keys now) and retried with backoff up to %g s; the flow continues",
+                        self._url, type(exc).__name__, exc, len(self._pending), self._retry_max)
+        else:
+            self._backoff = min(self._backoff * 2, self._retry_max)
+        self._next_try = now + self._backoff
+
+    def _recovered(self) -> None:
+        if self._outage_since is not None:
+            log.warning("Redis %s is back after %.1f s: gateway state caught up", self._url,
+                        self._clock() - self._outage_since)
+            self._outage_since = None
+            self._backoff = self._retry_initial
+
+    def _report_pending(self) -> None:
+        n = len(self._pending)
+        if n != self._reported_pending:
+            self._stats.add({"redis_pending": n - self._reported_pending})
+            self._reported_pending = n
+
+
+class GatewayStateSink(DynamicSink[Emission]):
+    """Latest gateway and wallet state per key into Redis hashes, one pipelined round trip per batch.
+
+    ``retry_initial``/``retry_max``: backoff in seconds between attempts while Redis is unreachable.
+    ``clock`` (monotonic seconds) and ``stats`` are injectable for tests.
+    """
+
+    def __init__(self, config: RedisConfig, *, retry_initial: float = 0.5, retry_max: float = 15.0,
+                 clock: Callable[[], float] = time.monotonic, stats: FlowStats = STATS) -> None:
+        if not 0 < retry_initial <= retry_max:
+            raise ValueError(f"redis sink: need 0 < retry_initial <= retry_max, got {retry_initial}, {retry_max}")
+        self._config = config
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._clock = clock
+        self._stats = stats
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _GatewayStatePartition:
+        client = make_client(self._config.url, self._config.timeout)
+        return _GatewayStatePartition(client, self._config.url, self._retry_initial, self._retry_max,
+                                      self._clock, self._stats)
