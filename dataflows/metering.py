@@ -147,6 +147,9 @@ def sinks_from_config(config: Config) -> List[Tuple[str, Sink]]:
         from sinks.redis import GatewayStateSink
 
         sinks.append(("redis_gateway", GatewayStateSink(config.redis)))
+    from sinks.alerts import alert_sinks_from_config
+
+    sinks.extend(alert_sinks_from_config(config))
     return sinks
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import traceback
 from typing import List, Optional
 
@@ -15,7 +16,19 @@ EPILOG = """examples:
   meter run --config meterflow.toml --input events.jsonl
   meter run --config meterflow.toml --recovery var/recovery      (Kafka mode when [kafka] is configured)
   meter usage --config meterflow.toml --customer cust_456 --by window
+  meter alerts --config meterflow.toml --customer cust_456 --since 2026-11-01T00:00:00Z
+  meter alerts --config meterflow.toml --type blocked --json       (JSON lines, every field)
+  meter entitlements publish --config meterflow.toml --dry-run      (what would be published)
+  meter entitlements publish --config meterflow.toml --customer acme/cust_456
+  meter entitlements publish --config meterflow.toml --cancel acme/cust_old
 """
+
+PUBLISH_DESCRIPTION = (
+    "Publish each [[subscriptions]] entry of the config (or only those chosen with --customer) as an entitlement "
+    "record to kafka.entitlements_topic, keyed tenant|customer, and wait until the broker acknowledges every "
+    "record. The running dataflow applies each record as the customer's complete current subscription (plan, "
+    "period, anchor, overrides, wallet). --cancel ends a subscription: the customer is then metered without "
+    "entitlements. Needs [kafka] in the config.")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,6 +76,44 @@ def _parser() -> argparse.ArgumentParser:
                    help="billing-period totals (default) or rollup windows")
     u.add_argument("--limit", type=int, default=200, help="rows to print (default 200; --json prints all)")
     u.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+
+    from schemas.alerts import ALERT_TYPES
+
+    a = sub.add_parser("alerts", help="alerts fired, from ClickHouse",
+                       description="Print the alerts the dataflow fired (the alerts_log view of ClickHouse, embedded "
+                       "chDB or a server), ordered by detection time. latency ms = detected_at - event_time, the "
+                       "breach-to-alert latency end to end.")
+    a.add_argument("--config", required=True, metavar="FILE", help="TOML configuration (its [clickhouse] is read)")
+    a.add_argument("--tenant", help="only this tenant")
+    a.add_argument("--customer", help="only this customer id")
+    a.add_argument("--metric", help="only this metric code")
+    a.add_argument("--type", choices=ALERT_TYPES, help="only this alert type")
+    a.add_argument("--since", metavar="ISO", help="only alerts detected at or after this RFC 3339 time, "
+                   "e.g. 2026-11-01T00:00:00Z")
+    a.add_argument("--limit", type=int, metavar="N",
+                   help="print the latest N alerts (default 200 for the table; --json prints all unless given)")
+    a.add_argument("--json", action="store_true",
+                   help="JSON lines with every field (the contract's alert record plus latency_ms)")
+
+    e = sub.add_parser("entitlements", help="manage subscriptions on the entitlements topic",
+                       description="Manage the usage.entitlements changelog topic (compacted, keyed "
+                       "tenant|customer) that a running Kafka-mode dataflow follows for subscription changes.")
+    esub = e.add_subparsers(dest="entitlements_command", metavar="ACTION", required=True)
+    ep = esub.add_parser("publish", help="publish subscriptions from the config file",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description=textwrap.fill(PUBLISH_DESCRIPTION, 100),
+                         epilog="examples:\n"
+                         "  meter entitlements publish --config meterflow.toml --dry-run\n"
+                         "  meter entitlements publish --config meterflow.toml --customer acme/cust_456\n"
+                         "  meter entitlements publish --config meterflow.toml --cancel acme/cust_old\n")
+    ep.add_argument("--config", required=True, metavar="FILE", help="TOML configuration with [kafka] and the "
+                    "[[subscriptions]] to publish")
+    ep.add_argument("--customer", action="append", default=[], metavar="TENANT/CUSTOMER",
+                    help="publish only this customer's subscription (repeatable; default: every subscription, "
+                    "unless only --cancel is given)")
+    ep.add_argument("--cancel", action="append", default=[], metavar="TENANT/CUSTOMER",
+                    help="publish a cancellation for this customer (repeatable)")
+    ep.add_argument("--dry-run", action="store_true", help="show what would be published; send nothing")
     return p
 
 
@@ -82,6 +133,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             from meterflow.reports import print_usage
 
             return print_usage(args)
+        if args.command == "alerts":
+            from meterflow.reports import print_alerts
+
+            return print_alerts(args)
+        if args.command == "entitlements":
+            from meterflow.reports import publish_entitlements_cmd
+
+            return publish_entitlements_cmd(args)
     except MeterError as exc:
         if args.debug:
             traceback.print_exc()

@@ -1,11 +1,12 @@
-"""Readable output: the run summary and exact usage from the ClickHouse views."""
+"""Readable output: the run summary, exact usage and alerts from the ClickHouse views, and the
+``meter entitlements publish`` command."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from rich.console import Console
 from rich.table import Table
@@ -21,6 +22,8 @@ _LABELS = {
     "read": "events read", "accepted": "accepted (unique)", "duplicates": "duplicates dropped",
     "excluded": "excluded (test/internal, counted not billed)", "dead_lettered": "dead-lettered",
     "unmetered": "accepted, no metric for event_type", "corrections_ignored": "corrections on non-additive metrics",
+    "unevaluated": "metered, no subscription (not evaluated)", "entitlement_changes": "entitlement changes received",
+    "alerts": "alerts fired",
 }
 
 
@@ -111,4 +114,161 @@ def print_usage(args: argparse.Namespace) -> int:
         console.print("no usage matches (has `meter run` written to this ClickHouse yet?)")
         return 0
     console.print(usage_table(rows, args.by, args.limit, f"usage by {args.by}"))
+    return 0
+
+
+# -- alerts (``meter alerts``) ------------------------------------------------------------------------
+
+_ALERT_FIELDS = ("alert_id", "type", "tenant_id", "customer_id", "metric", "period_start", "period_end",
+                 "threshold_pct", "included", "usage", "usage_pct", "enforcement", "action", "event_id", "event_time",
+                 "ingested_at", "detected_at", "plan", "previous_plan", "account_name", "wallet_balance",
+                 "wallet_remaining", "detail")
+_ALERT_TIMES = ("period_start", "period_end", "event_time", "ingested_at", "detected_at")
+_ALERT_VALUES = ("alert_id", "type", "tenant_id", "customer_id", "metric", "threshold_pct", "included", "usage",
+                 "usage_pct", "enforcement", "action", "event_id", "plan", "previous_plan", "account_name",
+                 "wallet_balance", "wallet_remaining", "detail")
+
+
+def query_alerts(client: Any, db: str, tenant: Optional[str] = None, customer: Optional[str] = None,
+                 metric: Optional[str] = None, type_: Optional[str] = None, since_ms: Optional[int] = None,
+                 limit: Optional[int] = None) -> List[Dict[str, Any]]:
+    """Rows of ``alerts_log`` ordered by detected_at, event_time (the latest ``limit`` when given), shaped like
+    the contract's alert JSON (RFC 3339 times, ``""`` when absent) plus ``latency_ms`` = detected_at -
+    event_time (None without a causing event)."""
+    conds, params = [], {}
+    for col, val in (("tenant_id", tenant), ("customer_id", customer), ("metric", metric), ("type", type_)):
+        if val is not None:
+            conds.append(f"{col} = {{{col}:String}}")
+            params[col] = val
+    if since_ms is not None:
+        conds.append("detected_at >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')")
+        params["since"] = since_ms
+    where = f"WHERE {' AND '.join(conds)}" if conds else ""
+    cols = ", ".join([*_ALERT_VALUES, *(f"toUnixTimestamp64Milli({c}) AS {c}_ms" for c in _ALERT_TIMES)])
+    if limit is None:
+        order = "ORDER BY detected_at, event_time, alert_id"
+    else:  # the latest `limit`, printed oldest first
+        order = f"ORDER BY detected_at DESC, event_time DESC NULLS FIRST, alert_id DESC LIMIT {int(limit)}"
+    q = client.query(f"SELECT {cols} FROM {db}.alerts_log {where} {order}", parameters=params)
+    rows = []
+    for r in q.named_results():
+        times = {c: r[f"{c}_ms"] for c in _ALERT_TIMES}
+        row = {c: r[c] if c in _ALERT_VALUES else  # the alert record's field order
+               ("" if times[c] is None or (times[c] == 0 and c.startswith("period")) else ms_to_iso(times[c]))
+               for c in _ALERT_FIELDS}
+        ev, det = r["event_time_ms"], r["detected_at_ms"]
+        row["latency_ms"] = None if ev is None else det - ev
+        rows.append(row)
+    return rows if limit is None else rows[::-1]
+
+
+def alerts_table(rows: List[Dict[str, Any]], title: str = "alerts") -> Table:
+    t = Table(title=title, title_justify="left")
+    for c in ("detected (UTC)", "type", "tenant", "customer", "metric", "threshold", "usage / included", "pct",
+              "action", "event_id", "latency ms"):
+        t.add_column(c, justify="right" if c in ("threshold", "usage / included", "pct", "latency ms") else "left")
+    for r in rows:
+        inc = r["included"]
+        t.add_row(r["detected_at"].replace("T", " ").rstrip("Z"), r["type"], r["tenant_id"], r["customer_id"],
+                  r["metric"] or "-", "-" if r["threshold_pct"] is None else f"{r['threshold_pct']:g}%",
+                  _num(r["usage"]) + ("" if inc is None else f" / {_num(inc)}"),
+                  "-" if r["usage_pct"] is None else f"{r['usage_pct']:.1f}", r["action"], r["event_id"] or "-",
+                  "-" if r["latency_ms"] is None else f"{r['latency_ms']:,}")
+    return t
+
+
+def print_alerts(args: argparse.Namespace) -> int:
+    from operators.errors import MeterError
+    from operators.timeutil import parse_rfc3339_ms
+    from schemas.config import load_config
+    from sinks.clickhouse import connect
+
+    since = None
+    if args.since is not None:
+        try:
+            since = parse_rfc3339_ms(args.since)
+        except ValueError as exc:
+            raise MeterError(f"--since: {exc}") from None
+    if args.limit is not None and args.limit <= 0:
+        raise MeterError(f"--limit must be a positive number of alerts, got {args.limit}")
+    cfg = load_config(args.config)
+    client, db = connect(cfg.clickhouse)
+    limit = args.limit if (args.limit is not None or args.json) else 200
+    rows = query_alerts(client, db, args.tenant, args.customer, args.metric, args.type, since,
+                        None if limit is None else limit + 1)
+    more = limit is not None and len(rows) > limit
+    rows = rows[1:] if more else rows
+    if args.json:
+        for r in rows:
+            sys.stdout.write(json.dumps(r) + "\n")
+        return 0
+    console = make_console()
+    if not rows:
+        console.print("no alerts match (has `meter run` written to this ClickHouse yet?)")
+        return 0
+    t = alerts_table(rows, f"alerts ({len(rows)}{' latest' if more else ''})")
+    if more:
+        t.caption = "earlier alerts not shown: narrow with --since/--tenant/--customer/--type or raise --limit"
+    console.print(t)
+    return 0
+
+
+# -- entitlements (``meter entitlements publish``) ----------------------------------------------------
+
+def _tenant_customer(text: str, option: str) -> Tuple[str, str]:
+    from operators.errors import MeterError
+
+    tenant, sep, customer = text.partition("/")
+    if not sep or not tenant or not customer:
+        raise MeterError(f"{option} {text!r}: expected TENANT/CUSTOMER, e.g. acme/cust_456")
+    return tenant, customer
+
+
+def publish_entitlements_cmd(args: argparse.Namespace) -> int:
+    """Publish the config's subscriptions (or the chosen ones) and cancellations to the entitlements topic."""
+    from operators.errors import MeterError
+    from operators.timeutil import now_ms
+    from schemas.alerts import ENTITLEMENT_ENCODER, EntitlementMessage
+    from schemas.config import load_config
+    from sinks.kafka import publish_entitlements
+
+    cfg = load_config(args.config)
+    if cfg.kafka is None:
+        raise MeterError(f"entitlements publish needs a [kafka] section in {cfg.source_path} "
+                         "(bootstrap_servers, entitlements_topic)")
+    subs = {(s.tenant_id, s.customer_id): s for s in cfg.subscriptions}
+    chosen = [_tenant_customer(c, "--customer") for c in args.customer]
+    cancels = [_tenant_customer(c, "--cancel") for c in args.cancel]
+    for t, c in chosen:
+        if (t, c) not in subs:
+            raise MeterError(f"--customer {t}/{c}: no [[subscriptions]] entry for it in {cfg.source_path}")
+    tenants = {t.id for t in cfg.tenants}
+    for t, c in cancels:
+        if t not in tenants:
+            raise MeterError(f"--cancel {t}/{c}: tenant {t!r} is not in [[tenants]] of {cfg.source_path}")
+        if (t, c) in chosen:
+            raise MeterError(f"{t}/{c} is given to both --customer and --cancel")
+    if not chosen and not cancels:
+        chosen = list(subs)
+    if not chosen and not cancels:
+        raise MeterError(f"nothing to publish: {cfg.source_path} has no [[subscriptions]] (use --cancel to end one)")
+    published_at = ms_to_iso(now_ms())
+    msgs = [EntitlementMessage(tenant_id=t, customer_id=c, subscription=subs[(t, c)], published_at=published_at)
+            for t, c in dict.fromkeys(chosen)]
+    msgs += [EntitlementMessage(tenant_id=t, customer_id=c, cancelled=True, published_at=published_at)
+             for t, c in dict.fromkeys(cancels)]
+    records = [(f"{m.tenant_id}|{m.customer_id}".encode(), ENTITLEMENT_ENCODER.encode(m)) for m in msgs]
+    k = cfg.kafka
+    where = [None] * len(records) if args.dry_run else \
+        publish_entitlements(k.bootstrap_servers, k.entitlements_topic, records, k.client_config)
+    verb = "would publish" if args.dry_run else "published"
+    t = Table(title=f"{verb} {len(msgs)} entitlement records to {k.entitlements_topic}", title_justify="left")
+    for c in ("tenant", "customer", "change", "plan", "period", "anchor", "partition/offset"):
+        t.add_column(c)
+    for m, w in zip(msgs, where):
+        s = m.subscription
+        t.add_row(m.tenant_id, m.customer_id, "cancelled" if m.cancelled else "subscription",
+                  s.plan if s else "-", s.period if s else "-", s.anchor.isoformat() if s else "-",
+                  "-" if w is None else f"{w[0]}/{w[1]}")
+    make_console().print(t)
     return 0

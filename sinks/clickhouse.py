@@ -1,4 +1,4 @@
-"""ClickHouse: rollups, billing-period totals and dead letters, with exact views on top.
+"""ClickHouse: rollups, billing-period totals, dead letters and alerts, with exact views on top.
 
 Delivery guarantee: at-least-once from Bytewax (a resumed flow re-emits the rows
 of the epoch it was in); exactly-once in effect, because every row is an upsert:
@@ -6,6 +6,9 @@ tables are ``ReplacingMergeTree(version)`` keyed by the row's identity, a row's
 ``version`` is the number of events folded into it (it only grows), and the
 contract's views read ``FINAL``, so readers see each row's latest value with no
 FINAL or GROUP BY of their own. Dead letters are keyed by a deterministic id.
+Alerts are keyed by their deterministic ``alert_id``; when a replay re-detects an
+alert the FIRST detection is kept (``rank`` = 2^62 - detected_at ms grows for
+earlier detections), so ``alerts_log`` agrees with the JSONL file and webhooks.
 
 The same code talks to a ClickHouse server (``http://host:8123/db``) and to
 embedded chDB (``chdb:///path``); chDB allows one data path per process, so the
@@ -22,7 +25,8 @@ from urllib.parse import urlparse
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from operators.errors import MeterError
-from operators.timeutil import now_ms
+from operators.timeutil import now_ms, parse_rfc3339_ms
+from schemas.alerts import Alert
 from schemas.config import ClickHouseConfig
 from schemas.records import Emission
 
@@ -49,6 +53,16 @@ _DDL = [
         source String, tenant_id String, metric String, payload String
     ) ENGINE = ReplacingMergeTree
     ORDER BY dl_id""",
+    """CREATE TABLE IF NOT EXISTS {db}.alert_rows (
+        alert_id String, type LowCardinality(String), tenant_id String, customer_id String,
+        metric LowCardinality(String), period_start DateTime64(3, 'UTC'), period_end DateTime64(3, 'UTC'),
+        threshold_pct Nullable(Float64), included Nullable(Float64), usage Float64, usage_pct Nullable(Float64),
+        enforcement LowCardinality(String), action LowCardinality(String), event_id String,
+        event_time Nullable(DateTime64(3, 'UTC')), ingested_at Nullable(DateTime64(3, 'UTC')),
+        detected_at DateTime64(3, 'UTC'), plan String, previous_plan String, account_name String,
+        wallet_balance Nullable(Float64), wallet_remaining Nullable(Float64), detail String, rank UInt64
+    ) ENGINE = ReplacingMergeTree(rank)
+    ORDER BY alert_id""",
     """CREATE OR REPLACE VIEW {db}.usage_by_window AS
        SELECT tenant_id, customer_id, metric, window_start, window_end, dimensions, value, events
        FROM {db}.usage_window_rows FINAL""",
@@ -59,6 +73,11 @@ _DDL = [
     """CREATE OR REPLACE VIEW {db}.dead_letters AS
        SELECT received_at, reason, detail, source, payload, tenant_id, metric, dl_id
        FROM {db}.dead_letter_rows FINAL""",
+    """CREATE OR REPLACE VIEW {db}.alerts_log AS
+       SELECT alert_id, type, tenant_id, customer_id, metric, period_start, period_end, threshold_pct, usage,
+              included, usage_pct, enforcement, action, event_id, event_time, ingested_at, detected_at, plan,
+              previous_plan, account_name, wallet_balance, wallet_remaining, detail
+       FROM {db}.alert_rows FINAL""",
 ]
 
 WINDOW_COLUMNS = ["tenant_id", "customer_id", "metric", "window_start", "window_end", "dims_key", "dimensions",
@@ -66,6 +85,11 @@ WINDOW_COLUMNS = ["tenant_id", "customer_id", "metric", "window_start", "window_
 PERIOD_COLUMNS = ["tenant_id", "customer_id", "metric", "period_start", "period_end", "value", "included",
                   "overage_units", "events", "excluded_events", "version", "updated_at"]
 DEAD_COLUMNS = ["dl_id", "received_at", "reason", "detail", "source", "tenant_id", "metric", "payload"]
+ALERT_COLUMNS = ["alert_id", "type", "tenant_id", "customer_id", "metric", "period_start", "period_end",
+                 "threshold_pct", "included", "usage", "usage_pct", "enforcement", "action", "event_id", "event_time",
+                 "ingested_at", "detected_at", "plan", "previous_plan", "account_name", "wallet_balance",
+                 "wallet_remaining", "detail", "rank"]
+_RANK_BASE = 1 << 62  # rank = _RANK_BASE - detected_at ms: the earliest detection of an alert_id wins
 
 _EMBEDDED_LOCK = threading.RLock()
 _EMBEDDED: Dict[str, Any] = {}
@@ -150,6 +174,33 @@ def emission_rows(items: List[Emission], at_ms: int) -> Tuple[List[list], List[l
     return wrows, prows, drows
 
 
+def alert_time_ms(alert: Alert, field: str, optional: bool = False) -> Optional[int]:
+    """Epoch ms of one of an alert's RFC 3339 time fields; an empty string is None when ``optional``
+    (``event_time`` of an alert no event caused), else the epoch (wallet alerts have no period)."""
+    text = getattr(alert, field)
+    if not text:
+        return None if optional else 0
+    try:
+        return parse_rfc3339_ms(text)
+    except ValueError as exc:
+        raise MeterError(f"ClickHouse sink: alert {alert.alert_id} has an invalid {field}: {exc}") from exc
+
+
+def alert_rows(items: List[Emission]) -> List[list]:
+    """The ``alert_rows`` insert rows of a batch of emissions (columns ``ALERT_COLUMNS``)."""
+    rows = []
+    for e in items:
+        for a in e.alerts:
+            detected = alert_time_ms(a, "detected_at")
+            rows.append([a.alert_id, a.type, a.tenant_id, a.customer_id, a.metric,
+                         alert_time_ms(a, "period_start"), alert_time_ms(a, "period_end"), a.threshold_pct,
+                         a.included, a.usage, a.usage_pct, a.enforcement, a.action, a.event_id,
+                         alert_time_ms(a, "event_time", True), alert_time_ms(a, "ingested_at", True), detected,
+                         a.plan, a.previous_plan, a.account_name, a.wallet_balance, a.wallet_remaining, a.detail,
+                         max(0, _RANK_BASE - detected)])
+    return rows
+
+
 class _ClickHousePartition(StatelessSinkPartition[Emission]):
     def __init__(self, cfg: ClickHouseConfig) -> None:
         self._client, self._db = connect(cfg)
@@ -162,6 +213,9 @@ class _ClickHousePartition(StatelessSinkPartition[Emission]):
             self._client.insert(f"{self._db}.usage_period_rows", prows, column_names=PERIOD_COLUMNS)
         if drows:
             self._client.insert(f"{self._db}.dead_letter_rows", drows, column_names=DEAD_COLUMNS)
+        arows = alert_rows(items)
+        if arows:
+            self._client.insert(f"{self._db}.alert_rows", arows, column_names=ALERT_COLUMNS)
 
 
 class ClickHouseSink(DynamicSink[Emission]):

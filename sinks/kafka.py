@@ -1,4 +1,4 @@
-"""Kafka outputs for downstream systems: the aggregated topic and the dead-letter topic.
+"""Kafka outputs for downstream systems: the aggregated, dead-letter and alerts topics.
 
 Delivery guarantee: at-least-once. ``write_batch`` returns only after every
 message of the batch is acknowledged (idempotent producer, ``acks=all``), so
@@ -6,17 +6,22 @@ nothing a snapshot covers can be lost; a resumed flow may send a row again.
 Consumers get exactly-once *values* by upserting: the aggregated topic is keyed
 ``tenant|customer|metric`` and each record carries its identity
 (kind, start, dimensions) and a ``version`` that only grows — keep the highest.
-Dead letters are keyed by their deterministic ``dl_id``.
+Dead letters are keyed by their deterministic ``dl_id``, alerts by their
+deterministic ``alert_id`` (a consumer keeps the first record of each id).
+
+:func:`publish_entitlements` is the producer side of the entitlements changelog
+(``meter entitlements publish``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Producer
 
 from operators.errors import MeterError
+from schemas.alerts import ALERT_ENCODER
 from schemas.records import AGGREGATE_ENCODER, Emission
 
 
@@ -81,6 +86,18 @@ class _DeadLetterPartition(_ProducerPartition):
             self._flush()
 
 
+class _AlertPartition(_ProducerPartition):
+    def write_batch(self, items: List[Emission]) -> None:
+        wrote = False
+        for e in items:
+            for a in e.alerts:
+                headers = [("type", a.type.encode()), ("tenant_id", a.tenant_id.encode())]
+                self._produce(a.alert_id.encode(), ALERT_ENCODER.encode(a), headers)
+                wrote = True
+        if wrote:
+            self._flush()
+
+
 class AggregatedTopicSink(DynamicSink[Emission]):
     """Window and period aggregates as JSON (schemas.records.WindowAggregate / PeriodAggregate, tagged by
     ``type``) on the aggregated topic, keyed ``tenant|customer|metric``."""
@@ -103,3 +120,44 @@ class DeadLetterTopicSink(DynamicSink[Emission]):
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _DeadLetterPartition:
         return _DeadLetterPartition(self._config, self._topic)
+
+
+class AlertTopicSink(DynamicSink[Emission]):
+    """Alerts on the alerts topic: the contract's alert JSON (``schemas.alerts.Alert``) as the value, keyed by
+    the deterministic ``alert_id``, with ``type`` and ``tenant_id`` headers for routing without decoding.
+
+    At-least-once: a resumed flow may re-send an alert with the same key; consumers deduplicate by key."""
+
+    def __init__(self, bootstrap: str, topic: str, client_config: Optional[Dict[str, str]] = None) -> None:
+        self._config = producer_config(bootstrap, client_config)
+        self._topic = topic
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _AlertPartition:
+        return _AlertPartition(self._config, self._topic)
+
+
+def publish_entitlements(bootstrap: str, topic: str, messages: Sequence[Tuple[bytes, bytes]],
+                         client_config: Optional[Dict[str, str]] = None,
+                         timeout: float = 30.0) -> List[Tuple[int, int]]:
+    """Produce ``(key, value)`` records to the entitlements topic with an idempotent producer, wait for every
+    acknowledgement and return ``(partition, offset)`` per record, in order. Raises MeterError on any failure."""
+    producer = Producer({**producer_config(bootstrap, client_config), "linger.ms": 0,
+                         "message.timeout.ms": int(timeout * 1000)})
+    where: List[Optional[Tuple[int, int]]] = [None] * len(messages)
+    errors: List[str] = []
+
+    def on_delivery(i: int) -> Any:
+        def cb(err: Any, msg: Any) -> None:
+            if err is not None:
+                errors.append(str(err))
+            else:
+                where[i] = (msg.partition(), msg.offset())
+        return cb
+
+    for i, (key, value) in enumerate(messages):
+        producer.produce(topic, value=value, key=key, on_delivery=on_delivery(i))
+    remaining = producer.flush(timeout)
+    if errors or remaining or any(w is None for w in where):
+        why = errors[0] if errors else f"{remaining} messages unacknowledged after {timeout:g} s"
+        raise MeterError(f"Kafka topic {topic!r} at {bootstrap}: publishing entitlements failed ({why})")
+    return where  # type: ignore[return-value]
