@@ -30,8 +30,10 @@ def run_demo(n_events: int, workdir: str, seed: int) -> int:
     tenants = tenant_ids(3)
     subscribed = {t: customer_ids(20) for t in tenants}
     cfg_path = wd / "meterflow.toml"
-    cfg_path.write_text(sample_config_toml(tenants, subscribed, ms_to_iso(pstart), included=400)
-                        + f'\n[clickhouse]\ndsn = "chdb://{(wd / "clickhouse").resolve()}"\n')
+    cfg_path.write_text(sample_config_toml(tenants, subscribed, ms_to_iso(pstart), included=400,
+                                           extra=_demo_plans(tenants, ms_to_iso(pstart)))
+                        + f'\n[clickhouse]\ndsn = "chdb://{(wd / "clickhouse").resolve()}"\n'
+                        + f'\n[alerts]\njsonl = "{(wd / "alerts.jsonl").resolve()}"\n')
     events_path = wd / "events.jsonl"
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("generating sample events", total=n_events)
@@ -53,6 +55,50 @@ def run_demo(n_events: int, workdir: str, seed: int) -> int:
     dl = client.query(f"SELECT reason, count() AS n FROM {db}.dead_letters GROUP BY reason ORDER BY n DESC")
     if dl.result_rows:
         console.print("dead letters by reason: " + ", ".join(f"{r}={n}" for r, n in dl.result_rows))
+    _print_alerts(console, client, db)
     console.print(f"done in {time.monotonic() - t0:.1f}s. Explore: meter usage --config {cfg_path} --by window "
-                  f"--customer cust_00000")
+                  f"--customer cust_00000   |   meter alerts --config {cfg_path} --type blocked")
+    console.print(f"alerts as JSON lines (what webhooks and the usage.alerts topic carry): {wd / 'alerts.jsonl'}")
     return 0
+
+
+def _demo_plans(tenants: list, anchor: str) -> str:
+    """Besides the soft 'pro' plan: a hard-enforced 'team' plan and a prepaid wallet, so every kind of
+    alert shows up; customers 35+ have no subscription (metered, not evaluated)."""
+    out = ['[[plans]]\ncode = "team"\n[plans.entitlements.api_calls]\nincluded = 60\n'
+           'thresholds = [50, 75, 90, 100]\nenforcement = "hard"\n',
+           '[[plans]]\ncode = "prepaid"\n[plans.entitlements.api_calls]\nincluded = 1000\n'
+           'enforcement = "auto_overage"\noverage_rate = 0.003\n']
+    for t in tenants:
+        for c in customer_ids(35)[20:30]:
+            out.append(f'[[subscriptions]]\ntenant_id = "{t}"\ncustomer_id = "{c}"\nplan = "team"\n'
+                       f'anchor = "{anchor}"\naccount_name = "{t.title()} / {c}"\narr = 24000.0\n')
+        for c in customer_ids(35)[30:35]:
+            out.append(f'[[subscriptions]]\ntenant_id = "{t}"\ncustomer_id = "{c}"\nplan = "prepaid"\n'
+                       f'anchor = "{anchor}"\naccount_name = "{t.title()} / {c}"\n'
+                       f'[subscriptions.wallet]\nbalance = 0.3\ncredit_rates = {{ api_calls = 0.01 }}\n'
+                       f'on_exhausted = "block"\n')
+    return "\n".join(out)
+
+
+def _print_alerts(console, client, db: str) -> None:
+    from meterflow.reports import alerts_table, query_alerts
+    from operators.timeutil import parse_rfc3339_ms
+
+    rows = query_alerts(client, db)
+    if not rows:
+        console.print("no alerts fired")
+        return
+    by_type: dict = {}
+    for r in rows:
+        by_type[r["type"]] = by_type.get(r["type"], 0) + 1
+    console.print("alerts by type: " + ", ".join(f"{k}={v}" for k, v in sorted(by_type.items())))
+    lat = sorted(parse_rfc3339_ms(r["detected_at"]) - parse_rfc3339_ms(r["ingested_at"])
+                 for r in rows if r.get("ingested_at"))
+    if lat:
+        console.print(f"ingest -> alert detected: p50 {lat[len(lat) // 2]} ms, p99 {lat[int(len(lat) * 0.99)]} ms, "
+                      f"max {lat[-1]} ms over {len(lat)} alerts (sample events carry historical times, so this is "
+                      "the pipeline's own latency)")
+    shown = [r for r in rows if r["type"] != "threshold_crossed"][-6:] + \
+        [r for r in rows if r["type"] == "threshold_crossed"][-6:]
+    console.print(alerts_table(shown, "a few of the alerts (meter alerts lists them all)"))
