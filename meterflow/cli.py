@@ -156,6 +156,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         while cur is not None and cur not in chain:
             chain.append(cur)
             cur = cur.__cause__ or cur.__context__
+        if any(isinstance(e, KeyboardInterrupt) for e in chain):  # raised inside a worker, wrapped by Bytewax
+            print("meter: interrupted", file=sys.stderr)
+            return 130
         ours = next((e for e in chain if isinstance(e, MeterError)), None)
         if ours is not None:
             print(f"meter: error: {ours}", file=sys.stderr)
@@ -183,6 +186,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
                           "events_per_second": round(result.events_per_second, 1)}))
     else:
         print_run_summary(result)
+    if result.interrupted:
+        print("meter: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Dict, Optional, Sequence, TextIO
+from typing import Any, Dict, Optional, Sequence, TextIO
 
 from operators.errors import MeterError
 from operators.stats import STATS
 from operators.timeutil import parse_duration_ms
 from schemas.config import Config
+from sources.stop import STOP
 
 
 @dataclass(frozen=True)
 class RunResult:
     counters: Dict[str, int]
     seconds: float
+    interrupted: bool = False
 
     @property
     def events_per_second(self) -> float:
@@ -76,13 +80,35 @@ def run_flow(cfg: Config, inputs: Sequence[str] = (), *, workers: int = 1, recov
     recovery = prepare_recovery(recovery_dir) if recovery_dir else None
     epoch = timedelta(milliseconds=parse_duration_ms(cfg.pipeline.epoch_interval))
     STATS.reset()
+    STOP.clear()
     progress = _Progress(progress_out, progress_every) if progress_out is not None else None
     t0 = time.monotonic()
     if progress:
         progress.start()
+    previous = _install_stop_handlers(progress_out)
     try:
         cli_main(flow, workers_per_process=workers, epoch_interval=epoch, recovery_config=recovery)
     finally:
         if progress:
             progress.stop()
-    return RunResult(STATS.snapshot(), time.monotonic() - t0)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return RunResult(STATS.snapshot(), time.monotonic() - t0, interrupted=STOP.is_set())
+
+
+def _install_stop_handlers(out: Optional[TextIO]) -> Dict[int, Any]:
+    """First SIGINT/SIGTERM: stop reading and drain cleanly (sinks flush, snapshot kept); second: interrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if STOP.is_set():
+            raise KeyboardInterrupt
+        STOP.set()
+        print("meter: stopping: finishing the batches in flight and flushing every output "
+              "(signal again to abort)", file=out or sys.stderr, flush=True)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, on_signal)
+    return previous

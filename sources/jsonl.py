@@ -17,6 +17,8 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
 from operators.errors import MeterError
 
+from sources.stop import STOP
+
 STDIN = "-"
 
 
@@ -37,6 +39,8 @@ class _LinePartition(StatefulSourcePartition[Tuple[Any, bytes], Tuple[int, int]]
         self._label = path
 
     def next_batch(self) -> List[Tuple[Any, bytes]]:
+        if STOP.is_set():
+            raise StopIteration()
         out: List[Tuple[Any, bytes]] = []
         readline = self._f.readline
         label, line_no, offset = self._label, self._line, self._offset

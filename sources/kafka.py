@@ -19,6 +19,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka.admin import AdminClient
 
 from operators.errors import MeterError
+from sources.stop import STOP
 
 log = logging.getLogger("meterflow.kafka")
 
@@ -38,6 +39,8 @@ class _TopicPartition(StatefulSourcePartition[Tuple[Any, bytes], int]):
             self._end = high
 
     def next_batch(self) -> List[Tuple[Any, bytes]]:
+        if STOP.is_set():
+            raise StopIteration()
         if self._end is not None and self._next != OFFSET_BEGINNING and self._next >= self._end:
             raise StopIteration()
         if self._end == 0:
