@@ -24,8 +24,10 @@ with exponential backoff (``retry_initial`` doubling up to ``retry_max`` seconds
 and returns at once, so an outage costs the flow at most one timed-out attempt per backoff interval.
 Once Redis answers again every key converges to its latest state.
 
-Limits, stated honestly: ``write_batch`` is only called when new items reach the sink, so after an
-outage a worker with no new output catches up at its next batch (or at close); pending states live in
+A background thread also retries on the same schedule, so a worker with no new output catches up
+after an outage without waiting for its next batch (``write_batch`` and the thread share a lock).
+
+Limits, stated honestly: pending states live in
 memory, so a crash *during* an outage loses them until those keys change again (a gateway then sees the
 pre-outage state, bounded by the period's ``period_end``); a Redis restart without persistence empties
 it, so keys not changed since come back only when the flow emits them again (a missing key reads as
@@ -39,6 +41,7 @@ waiting, kept as a gauge through deltas), ``redis_errors`` (failed round trips),
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Callable, Dict, List, Optional, Union
 from urllib.parse import urlsplit, urlunsplit
@@ -113,6 +116,18 @@ class _GatewayStatePartition(StatelessSinkPartition[Emission]):
         self._outage_since: Optional[float] = None
         self._backoff = retry_initial
         self._next_try = 0.0
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._retrier = threading.Thread(target=self._retry_loop, daemon=True, name="meterflow-redis-retry")
+        self._retrier.start()
+
+    def _retry_loop(self) -> None:
+        # Between batches, retry pending states when the backoff allows (checked about once a second).
+        while not self._closed.wait(min(1.0, self._retry_initial)):
+            with self._lock:
+                if self._pending and self._outage_since is not None and self._clock() >= self._next_try:
+                    self._flush()
+                    self._report_pending()
 
     @property
     def pending(self) -> Dict[str, State]:
@@ -120,17 +135,20 @@ class _GatewayStatePartition(StatelessSinkPartition[Emission]):
         return dict(self._pending)
 
     def write_batch(self, items: List[Emission]) -> None:
-        pending = self._pending
-        for e in items:
-            for g in e.gateway:
-                pending[g.redis_key] = g
-            for w in e.wallets:
-                pending[w.redis_key] = w
-        if pending and (self._outage_since is None or self._clock() >= self._next_try):
-            self._flush()
-        self._report_pending()
+        with self._lock:
+            pending = self._pending
+            for e in items:
+                for g in e.gateway:
+                    pending[g.redis_key] = g
+                for w in e.wallets:
+                    pending[w.redis_key] = w
+            if pending and (self._outage_since is None or self._clock() >= self._next_try):
+                self._flush()
+            self._report_pending()
 
     def close(self) -> None:
+        self._closed.set()
+        self._retrier.join(5)
         if self._pending:
             self._flush()
             self._report_pending()

@@ -236,3 +236,24 @@ def test_hanging_redis_is_bounded_by_the_timeout(redis_server, client, tenant):
 def test_masked_url_and_docstring_examples():
     assert "s3cret" not in redis_sink.masked_url("redis://user:s3cret@host:6380/1")
     assert doctest.testmod(redis_sink, verbose=False).failed == 0
+
+
+def test_outage_caught_up_in_the_background_without_new_batches(redis_server, client, tenant):
+    """After Redis returns, a worker that emits nothing more still converges (the retry thread)."""
+    part = build(redis_server, FlowStats(), timeout=0.5, retry_initial=0.2, retry_max=0.4)
+    try:
+        part.write_batch([Emission(gateway=[gstate(tenant, "c1", "calls", 1)])])
+        try:
+            redis_server.kill()
+            part.write_batch([Emission(gateway=[gstate(tenant, "c1", "calls", 7, state="blocked")])])
+            assert len(part.pending) == 1
+        finally:
+            redis_server.restart()
+        deadline = time.monotonic() + 10
+        while part.pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not part.pending, "the retry thread did not write the pending state within 10 s"
+        got = decoded(client, f"meter:{tenant}:c1:calls")
+        assert (got["used"], got["state"]) == ("7", "blocked")
+    finally:
+        part.close()
