@@ -111,6 +111,7 @@ class Entitlements:
         self.touched: Set[PeriodKey] = set()
         self.deleted: Set[str] = set()
         self.wallet_dirty = False
+        self.infos: Dict[str, EntInfo] = {}
         self._resolve()
 
     # -- state --------------------------------------------------------------------------
@@ -136,8 +137,11 @@ class Entitlements:
                     if k[1] == _WALLET_PK or k[1][2] + grace_ms >= wm or k[1] in self.blocked}
 
     # -- subscription -------------------------------------------------------------------
-    def _resolve(self) -> None:
+    def _resolve(self, track: bool = False) -> None:
+        """Resolve the subscription in effect; with ``track``, mark the gateway state that changes with it
+        (metrics whose entitlement went away are deleted, the others re-emitted)."""
         rules = self.rules
+        before = set(self.infos)
         if self.cancelled is not None:
             kind, anchor = self.cancelled
             rule = SubscriptionRule(plan="", period=kind, anchor_ms=anchor, entitlements={})
@@ -153,6 +157,12 @@ class Entitlements:
         self.infos = infos_of(rule)
         self.credit: Dict[str, float] = dict(rule.wallet.credit_rates) if rule.wallet is not None else {}
         self.next_level: Dict[PeriodKey, float] = {}
+        if track:
+            after = set(self.infos)
+            self.deleted |= {code for code in before - after if code in self.cur}
+            self.deleted -= after
+            self.touched |= {self.cur[code] for code in after if code in self.cur}
+            self.wallet_dirty = True
 
     @property
     def evaluated(self) -> bool:
@@ -182,9 +192,11 @@ class Entitlements:
         self.touched.add(pk)
         if old is not None and old in self.blocked:
             self.blocked.discard(old)
+            self.next_level.pop(old, None)  # a late event may block that period again
             info = self.infos.get(code)
-            alerts.append(self._alert("unblocked", code, old, None, usage_of(old), info, "unblock", me,
-                                      detail="a new billing period started"))
+            used = usage_of(old)
+            alerts.append(self._alert("unblocked", code, old, None, 0.0 if used is None else used, info, "unblock",
+                                      me, detail="a new billing period started"))
 
     def evaluate(self, code: str, pk: PeriodKey, usage: float, me: Any, usage_of, alerts: List[Alert],
                  _depth: int = 0) -> None:
@@ -213,14 +225,14 @@ class Entitlements:
             why = "usage is below the included amount" if info.enforcement == "hard" else \
                 f"enforcement is now {info.enforcement}"
             alerts.append(self._alert("unblocked", code, pk, None, usage, info, "unblock", me, detail=why))
-        elif info.enforcement == "hard" and over and pk not in self.blocked:
+        if info.enforcement == "hard" and over and pk not in self.blocked:
             self.blocked.add(pk)
             alerts.append(self._alert("blocked", code, pk, 100.0, usage, info, "block", me))
         elif info.enforcement == "auto_overage" and over and pk not in self.overage:
             if info.next_plan and info.next_plan != self.rule.plan and _depth < 8:
                 previous = self.rule.plan
                 self.moved_plan = info.next_plan
-                self._resolve()
+                self._resolve(track=True)
                 alerts.append(self._alert("plan_changed", code, pk, 100.0, usage, info, "upgrade", me,
                                           previous_plan=previous,
                                           detail=f"moved from plan {previous!r} to {self.rule.plan!r}"))
@@ -236,7 +248,10 @@ class Entitlements:
         for code in sorted(self.cur):
             pk = self.cur[code]
             if code in self.infos or pk in self.blocked:
-                self.evaluate(code, pk, usage_of(pk), me, usage_of, alerts, _depth)
+                used = usage_of(pk)
+                if used is None:  # the period closed and its rows were evicted: its alerts are final
+                    continue
+                self.evaluate(code, pk, used, me, usage_of, alerts, _depth)
         self._check_wallet(me, None, alerts)
 
     def spend(self, code: str, units: Any, sign: int, me: Any, pk: PeriodKey, alerts: List[Alert]) -> None:
@@ -307,7 +322,6 @@ class Entitlements:
         if upd.version <= self.version:
             return False
         msg = upd.message
-        before = set(self.infos)
         self.version = upd.version
         self.moved_plan = None
         if msg.cancelled or msg.subscription is None:
@@ -316,15 +330,7 @@ class Entitlements:
         else:
             self.cancelled = None
             self.src = msg
-        self._resolve()
-        for code in before - set(self.infos):
-            if code in self.cur:
-                self.deleted.add(code)
-        self.deleted -= set(self.infos)
-        for code in self.infos:
-            if code in self.cur:
-                self.touched.add(self.cur[code])
-        self.wallet_dirty = True
+        self._resolve(track=True)
         self.reevaluate(None, usage_of, alerts)
         return True
 
@@ -339,6 +345,8 @@ class Entitlements:
             if info is None or self.cur.get(code) != pk:
                 continue
             used = usage_of(pk)
+            if used is None:
+                continue
             inc = info.included
             pct = used * 100.0 / inc if inc else None
             blocked_by = "quota" if pk in self.blocked else ("wallet" if self.wallet_blocked and code in self.credit

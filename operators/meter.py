@@ -98,10 +98,11 @@ class CustomerMeter:
     def has_dirty(self) -> bool:
         return bool(self.dirty_w or self.dirty_p)
 
-    def usage(self, pk: PeriodKey) -> float:
-        """The current billing-period value of ``pk`` (0 when nothing counted yet)."""
+    def usage(self, pk: PeriodKey) -> Optional[float]:
+        """The current billing-period value of ``pk``; None when the period has no row (never counted, or
+        closed and evicted)."""
         acc = self.periods.get(pk)
-        return acc.value() if acc is not None else 0.0
+        return acc.value() if acc is not None else None
 
     def flush(self) -> Emission:
         """The current value of every row changed since the last flush (then nothing is dirty)."""
@@ -257,8 +258,9 @@ class CustomerMeter:
                         lvl = ent.next_level.get(pk)
                         if lvl is None:
                             lvl = ent.level(pk, info)
-                        if usage >= lvl or (sign < 0 and pk in ent.blocked):
+                        if usage >= lvl or pk in ent.blocked:
                             ent.evaluate(code, pk, usage, me, usage_of, alerts)
+                            infos, credit, evaluated = ent.infos, ent.credit, ent.evaluated  # a plan may have moved
                         else:
                             ent.touched.add(pk)
                     if rate is not None:
@@ -266,10 +268,11 @@ class CustomerMeter:
                             ent.spend(code, 1 if v is None else v, sign, me, pk, alerts)
                         else:
                             ent.spend(code, acc.value() - before, 1, me, pk, alerts)
+                        infos, credit, evaluated = ent.infos, ent.credit, ent.evaluated
             self._period = (pstart, pend)
         for pk, (before, me) in deferred.items():  # p95/p99: once per batch, on its last event
             code = pk[0]
-            usage = usage_of(pk)
+            usage = self.periods[pk].value()
             if code in ent.infos:
                 ent.evaluate(code, pk, usage, me, usage_of, alerts)
             if code in ent.credit:

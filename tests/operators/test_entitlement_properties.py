@@ -1,0 +1,355 @@
+"""Property tests: random streams of usage events and entitlement changes through the real operators
+(Mediator, ChangelogMediator, CustomerMeter) and the full Bytewax flow, compared exactly with the
+independent reference model in ``tests/operators/alert_model.py``.
+
+Streams: four customers of two tenants (``acme/c1`` monthly on the 15th with a blocking wallet,
+``acme/c2`` daily with a hard custom contract, ``beta/c1`` weekly with an alerting wallet, ``beta/c3``
+without a subscription), a count, a filtered count, a sum, a max, a second event type's sum and
+sometimes a p95 metric; timestamps clustered around period boundaries, out-of-order arrivals,
+resent duplicates, corrections, negative and fractional sums, missing properties, the same event id
+in both tenants; changelog records with random plans, overrides, wallets and cancellations, and
+versions that are sometimes stale. No exclusions and no events beyond late_grace (see the model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from datetime import timedelta
+
+from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import strategies as st
+
+from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
+from dataflows.metering import build_flow
+from schemas.config import parse_config
+from schemas.records import Emission
+from tests.operators.alert_model import (KNOWN_DEVIATIONS, Change, Ev, MeterHarness, alerts_by_customer,
+                                         expected_gateway, final_gateway, ms, run_model)
+
+# -- the configuration under test ------------------------------------------------------------------------
+
+METRICS = [  # configuration order = code order
+    {"code": "calls", "event_type": "api_call"},
+    {"code": "lat95", "event_type": "api_call", "aggregation": "p95", "property": "latency"},
+    {"code": "large", "event_type": "api_call", "where": {"model": "m-large"}},
+    {"code": "peak", "event_type": "api_call", "aggregation": "max", "property": "tokens"},
+    {"code": "storage", "event_type": "storage", "aggregation": "sum", "property": "gb"},
+    {"code": "tokens", "event_type": "api_call", "aggregation": "sum", "property": "tokens"},
+]
+
+
+def plans(p95: bool):
+    basic = {"calls": {"included": 3, "thresholds": [50, 80, 100], "enforcement": "hard"},
+             "tokens": {"included": 200, "thresholds": [75, 90, 100]},
+             "peak": {"included": 100, "thresholds": [100], "enforcement": "auto_overage", "next_plan": "pro"}}
+    pro = {"calls": {"included": 5, "thresholds": [50, 100, 150], "enforcement": "auto_overage", "next_plan": "scale"},
+           "tokens": {"included": 400, "thresholds": [25, 100], "enforcement": "hard"},
+           "peak": {"included": 300, "thresholds": [80, 100]},
+           "storage": {"included": 50, "thresholds": [50, 100], "enforcement": "hard"}}
+    scale = {"calls": {"included": 8, "thresholds": [90, 100], "enforcement": "auto_overage"},
+             "tokens": {"included": 2000},
+             "storage": {"included": 0, "thresholds": [100]}}
+    if p95:
+        basic["lat95"] = {"included": 100, "thresholds": [90, 100], "enforcement": "hard"}
+        pro["lat95"] = {"included": 200, "thresholds": [100], "enforcement": "auto_overage"}
+        scale["lat95"] = {"included": 150, "thresholds": [50, 100]}
+    return [{"code": "basic", "entitlements": basic}, {"code": "pro", "entitlements": pro},
+            {"code": "scale", "entitlements": scale}, {"code": "free", "entitlements": {}}]
+
+
+SCHEMES = {  # customer -> (period, anchor) kept by every changelog record
+    ("acme", "c1"): ("month", "2026-01-15T00:00:00Z"),
+    ("acme", "c2"): ("day", "2026-01-01T06:00:00Z"),
+    ("beta", "c1"): ("week", "2026-01-05T00:00:00Z"),
+    ("beta", "c3"): ("month", "1970-01-01T00:00:00Z"),
+}
+CUSTOMERS = list(SCHEMES)
+BOUNDARIES = {  # a few period boundaries per customer, where its events cluster
+    ("acme", "c1"): ["2026-01-15T00:00:00Z", "2026-02-15T00:00:00Z", "2026-03-15T00:00:00Z"],
+    ("acme", "c2"): ["2026-01-20T06:00:00Z", "2026-01-21T06:00:00Z", "2026-01-22T06:00:00Z"],
+    ("beta", "c1"): ["2026-01-12T00:00:00Z", "2026-01-19T00:00:00Z", "2026-01-26T00:00:00Z"],
+    ("beta", "c3"): ["2026-02-01T00:00:00Z", "2026-03-01T00:00:00Z", "2026-04-01T00:00:00Z"],
+}
+
+
+def make_config(p95: bool):
+    raw = {
+        "pipeline": {"late_grace": "3650d", "dedupe_window": "3650d"},
+        "tenants": [{"id": "acme"}, {"id": "beta"}],
+        "metrics": METRICS,
+        "plans": plans(p95),
+        "subscriptions": [
+            {"tenant_id": "acme", "customer_id": "c1", "plan": "basic", "period": "month",
+             "anchor": "2026-01-15T00:00:00Z",
+             "wallet": {"balance": 25, "credit_rates": {"calls": 1, "tokens": 0.05, "large": 0.5},
+                        "on_exhausted": "block", "low_balance_pct": 30}},
+            {"tenant_id": "acme", "customer_id": "c2", "plan": "pro", "period": "day",
+             "anchor": "2026-01-01T06:00:00Z",
+             "overrides": {"calls": {"included": 2, "enforcement": "hard", "thresholds": [50, 100]}}},
+            {"tenant_id": "beta", "customer_id": "c1", "plan": "scale", "period": "week",
+             "anchor": "2026-01-05T00:00:00Z",
+             "wallet": {"balance": 5, "credit_rates": {"storage": 0.1, "peak": 0.01}, "on_exhausted": "alert"}},
+        ],
+    }
+    return parse_config(json.loads(json.dumps(raw)), "entitlements.toml", environ={})
+
+
+CONFIGS = {True: make_config(True), False: make_config(False)}
+
+# -- stream generation -------------------------------------------------------------------------------------
+
+H = 3_600_000
+OFFSETS = st.one_of(st.sampled_from([0, -1, 1, -H, H]), st.integers(-12 * H, 12 * H))
+TOKENS = st.one_of(st.integers(0, 150), st.integers(0, 150), st.integers(-60, 60),
+                   st.sampled_from([0.1, 0.2, 0.3, 12.5, 99.99, 1e-3]))
+
+
+@st.composite
+def props_for(draw, etype):
+    if etype == "storage":
+        p = {"gb": draw(st.one_of(st.integers(0, 30), st.sampled_from([2.5, 0.1, -5])))}
+        return {k: v for k, v in p.items() if draw(st.integers(0, 7))}
+    p = {"tokens": draw(TOKENS), "latency": draw(st.integers(0, 300)),
+         "model": draw(st.sampled_from(["m-large", "m-small"]))}
+    return {k: v for k, v in p.items() if draw(st.integers(0, 6))}
+
+
+@st.composite
+def subscriptions(draw, key, p95):
+    kind, anchor = SCHEMES[key]
+    sub = {"plan": draw(st.sampled_from(["basic", "pro", "scale", "free"])), "period": kind, "anchor": anchor}
+    overrides = {}
+    codes = ["calls", "tokens", "peak", "storage", "large"] + (["lat95"] if p95 else [])
+    for code in draw(st.lists(st.sampled_from(codes), unique=True, max_size=3)):
+        o = {}
+        if draw(st.booleans()):
+            o["included"] = draw(st.sampled_from([0, 1, 2, 4, 10, 150, 300]))
+        if draw(st.booleans()):
+            o["thresholds"] = draw(st.lists(st.sampled_from([25, 50, 75, 90, 100, 120, 33.3]), min_size=1,
+                                            max_size=3))
+        if draw(st.booleans()):
+            o["enforcement"] = draw(st.sampled_from(["soft", "hard", "auto_overage"]))
+        if draw(st.integers(0, 3)) == 0:
+            o["next_plan"] = "scale"  # overrides only point at the last plan: plan moves never loop
+        overrides[code] = o
+    if overrides:
+        sub["overrides"] = overrides
+    if draw(st.integers(0, 2)) == 0:
+        rated = ["calls", "tokens", "peak", "storage", "large"] + (["lat95"] if p95 else [])
+        sub["wallet"] = {
+            "balance": draw(st.sampled_from([0, 2, 5, 10, 25, 100])),
+            "credit_rates": {c: draw(st.sampled_from([0, 0.05, 0.1, 0.5, 1, 2.5]))
+                             for c in draw(st.lists(st.sampled_from(rated), unique=True, max_size=3))},
+            "on_exhausted": draw(st.sampled_from(["block", "alert", "postpaid"])),
+            "low_balance_pct": draw(st.sampled_from([10, 20, 50, 100])),
+        }
+    return sub
+
+
+@st.composite
+def streams(draw, max_events=40, max_changes=4, p95=True):
+    """A list of Ev/Change items in arrival order."""
+    n = draw(st.integers(1, max_events))
+    timed = []
+    for i in range(n):
+        key = draw(st.sampled_from(CUSTOMERS))
+        etype = draw(st.sampled_from(["api_call"] * 4 + ["storage"]))
+        b = BOUNDARIES[key]
+        ts = ms(b[draw(st.sampled_from([0, 0, 1, 1, 2]))]) + draw(OFFSETS)
+        ev = Ev(key[0], key[1], f"e{i}", etype, ts, draw(props_for(etype)),
+                correction=draw(st.integers(0, 7)) == 0)
+        arrival = ts + draw(st.one_of(st.just(0), st.just(0), st.integers(0, 36 * H)))
+        timed.append((arrival, i, ev))
+        if draw(st.integers(0, 9)) == 0:  # the same event id in the other tenant is another event
+            other = [c for c in CUSTOMERS if c[0] != key[0]]
+            t2, c2 = draw(st.sampled_from(other))
+            timed.append((arrival + draw(st.integers(0, H)), i + 0.5,
+                          Ev(t2, c2, ev.event_id, ev.event_type, ev.ts, ev.props, ev.correction)))
+    for _ in range(draw(st.integers(0, max(1, n // 4)))):  # resends, possibly much later
+        arrival, i, ev = draw(st.sampled_from(timed))
+        timed.append((arrival + draw(st.integers(0, 48 * H)), i + 0.25, ev))
+    timed.sort(key=lambda t: (t[0], t[1]))
+    stream = [t[2] for t in timed]
+    version = 0
+    for _ in range(draw(st.integers(0, max_changes))):
+        key = draw(st.sampled_from(CUSTOMERS))
+        version += draw(st.integers(1, 3))
+        v = version if draw(st.integers(0, 4)) else draw(st.integers(0, version))  # sometimes stale
+        sub = None if draw(st.integers(0, 5)) == 0 else draw(subscriptions(key, p95))
+        stream.insert(draw(st.integers(0, len(stream))), Change(key[0], key[1], v, sub))
+    return stream
+
+
+def deliveries(data, stream, max_size=6):
+    out, i = [], 0
+    while i < len(stream):
+        k = data.draw(st.integers(1, max_size))
+        out.append(stream[i:i + k])
+        i += k
+    return out
+
+
+def per_customer(model):
+    out = defaultdict(list)
+    for key, a in model.alerts:
+        out[key].append(a)
+    return dict(out)
+
+
+def assert_final_states(emissions, cfg, parts):
+    """Final gateway states equal the model's; so do wallet states, except that a wallet nothing has
+    touched yet (no rated contribution, no change applied) need not have been written. (A wallet that
+    was removed keeps its last state: WalletState has no ``deleted`` flag, so that is not checked.)"""
+    got_gw, got_wallets = final_gateway(emissions)
+    want_gw, want_wallets = expected_gateway(cfg, parts)
+    assert got_gw == want_gw
+    model = run_model(cfg, parts)
+    for key, want in want_wallets.items():
+        cm = model.customers[key]
+        if key not in got_wallets and not cm.units and cm.version < 0:
+            continue
+        assert got_wallets.get(key) == want, (key, got_wallets.get(key), want)
+
+
+def assert_same(got_by_customer, want_by_customer):
+    for key in set(got_by_customer) | set(want_by_customer):
+        got, want = got_by_customer.get(key, []), want_by_customer.get(key, [])
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert g == w, (key, i, "got", g, "want", w, "got so far", got[:i], "model", want)
+        assert len(got) == len(want), (key, "got", got[len(want):], "model", want[len(got):])
+
+
+# No shrink phase by default (a failing stream is printed whole); ENT_SHRINK=1 shrinks it while debugging.
+SETTINGS = dict(deadline=None, database=None,
+                phases=[Phase.explicit, Phase.generate] + ([Phase.shrink] if os.environ.get("ENT_SHRINK") else []),
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+
+# Examples that run into a known deviation of the implementation are skipped here; each deviation has an
+# xfail test in test_entitlements.py. Remove a name once it is fixed so the property tests cover it again.
+SKIP_KNOWN: set = set()  # every deviation found so far is fixed
+
+
+def skip_known_deviations(model):
+    assume(not (model.notes & SKIP_KNOWN))
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(stream=streams(), p95=st.booleans(), data=st.data())
+def test_customer_meter_matches_model(stream, p95, data):
+    cfg = CONFIGS[p95]
+    parts = deliveries(data, stream)
+    model = run_model(cfg, parts)
+    skip_known_deviations(model)
+    h = MeterHarness(cfg)
+    for d in parts:
+        h.deliver(d, flush=data.draw(st.booleans()))
+    assert_same(alerts_by_customer(h.alerts()), per_customer(model))
+    assert not [d for d in h.dead_letters() if d.reason not in ("missing_property",)]
+    assert_final_states(h.emissions, cfg, parts)
+
+
+@settings(max_examples=80, **SETTINGS)
+@given(stream=streams(), p95=st.booleans(), data=st.data(), restore_at=st.integers(0, 1000))
+def test_snapshot_restore_at_a_random_point_matches_model(stream, p95, data, restore_at):
+    """Every meter snapshotted and rebuilt from its bytes between two deliveries: the same alerts (no
+    duplicates, none lost) and the same final gateway and wallet states as the model."""
+    cfg = CONFIGS[p95]
+    parts = deliveries(data, stream)
+    model = run_model(cfg, parts)
+    skip_known_deviations(model)
+    h = MeterHarness(cfg)
+    cut = restore_at % (len(parts) + 1)
+    for i, d in enumerate(parts):
+        if i == cut:
+            h.restore_all()
+        h.deliver(d)
+    assert_same(alerts_by_customer(h.alerts()), per_customer(model))
+    ids = [a.alert_id for a in h.alerts()]
+    assert len(ids) == len(set(ids)), "an alert id was emitted twice"
+    assert_final_states(h.emissions, cfg, parts)
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(stream=streams(max_events=15, p95=False), data=st.data())
+def test_batching_does_not_change_alerts_without_percentiles(stream, data):
+    """Without p95 entitlements alerts are evaluated per event: any batch split gives the same alerts."""
+    cfg = CONFIGS[False]
+    skip_known_deviations(run_model(cfg, [stream]))
+    a, b = MeterHarness(cfg), MeterHarness(cfg)
+    for d in deliveries(data, stream):
+        a.deliver(d)
+    for it in stream:
+        b.deliver([it])
+    assert alerts_by_customer(a.alerts()) == alerts_by_customer(b.alerts())
+
+
+# -- end to end through Bytewax --------------------------------------------------------------------------------
+
+GAP = timedelta(milliseconds=120)
+
+
+def flow_inputs(stream):
+    """Two TestingSources (events, changelog) whose runs alternate in time: PAUSEs put each run of
+    changes after the events before it and before the events after it (one epoch, processed eagerly)."""
+    runs = []
+    for it in stream:
+        kind = "c" if isinstance(it, Change) else "e"
+        if runs and runs[-1][0] == kind:
+            runs[-1][1].append(it)
+        else:
+            runs.append((kind, [it]))
+    events, changes = [], []
+    line = 0
+    for i, (kind, items) in enumerate(runs):
+        target = events if kind == "e" else changes
+        other = changes if kind == "e" else events
+        for it in items:
+            if kind == "e":
+                line += 1
+                target.append((("events.jsonl", line), it.raw()))
+            else:
+                target.append((("changes.jsonl", it.version), it.raw()))
+        if i < len(runs) - 1:  # both inputs wait one gap per run boundary: runs keep their order in time
+            target.append(TestingSource.PAUSE(GAP))
+            other.append(TestingSource.PAUSE(GAP))
+    return events, changes
+
+
+def run_flow(cfg, stream, batch_size, workers):
+    out = []
+    events, changes = flow_inputs(stream)
+    flow = build_flow(cfg, TestingSource(events, batch_size=batch_size), [("out", TestingSink(out))],
+                      recoverable=False, entitlements=TestingSource(changes, batch_size=batch_size))
+    if workers == 1:
+        run_main(flow, epoch_interval=timedelta(seconds=60))
+    else:
+        cluster_main(flow, [], 0, worker_count_per_proc=workers, epoch_interval=timedelta(seconds=60))
+    assert all(isinstance(em, Emission) for em in out)
+    return out
+
+
+def check_flow(stream, batch_size, workers):
+    cfg = CONFIGS[False]
+    # Bytewax batches are not ours: judge known deviations as if all of a customer's events came at once
+    skip_known_deviations(run_model(cfg, [stream]))
+    out = run_flow(cfg, stream, batch_size, workers)
+    alerts = [a for em in out for a in em.alerts]
+    model = run_model(cfg, [[it] for it in stream])
+    want = per_customer(model)
+    assert {a.alert_id for a in alerts} == {a[0] for al in want.values() for a in al}
+    assert_same(alerts_by_customer(alerts), want)
+    assert_final_states(out, cfg, [[it] for it in stream])
+
+
+@settings(max_examples=12, **SETTINGS)
+@given(stream=streams(max_events=30, max_changes=2, p95=False), batch_size=st.integers(1, 8))
+def test_full_flow_one_worker_matches_model(stream, batch_size):
+    check_flow(stream, batch_size, 1)
+
+
+@settings(max_examples=8, **SETTINGS)
+@given(stream=streams(max_events=30, max_changes=2, p95=False), batch_size=st.integers(1, 8))
+def test_full_flow_two_workers_matches_model(stream, batch_size):
+    check_flow(stream, batch_size, 2)
