@@ -114,10 +114,16 @@ def _parser() -> argparse.ArgumentParser:
     ep.add_argument("--cancel", action="append", default=[], metavar="TENANT/CUSTOMER",
                     help="publish a cancellation for this customer (repeatable)")
     ep.add_argument("--dry-run", action="store_true", help="show what would be published; send nothing")
+
+    sub.add_parser("bench", add_help=False, help="benchmarks against the peers (same as python -m benchmarks; "
+                   "meter bench --help for its options)")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        return _cmd_bench(argv[1:])
     args = _parser().parse_args(argv)
     if args.command is None:
         _parser().print_help()
@@ -190,6 +196,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print("meter: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _cmd_bench(argv: List[str]) -> int:
+    """``meter bench ARGS`` runs ``python -m benchmarks ARGS`` (the harness lives in the source checkout)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        print("meter: error: meter bench needs a source checkout (benchmarks/ next to meterflow/); "
+              "run python -m benchmarks there", file=sys.stderr)
+        return 2
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from benchmarks.__main__ import main as bench_main
+
+    return bench_main(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,239 @@
+"""meterflow as a contender: its configuration for the benchmark's rules, a Bytewax-process launcher, the
+collection of its outputs, and the in-process core and state-memory figures.
+
+* ``meterflow-1w`` / ``meterflow-1w-recovery`` run ``meter run --stop-at-end --json`` (the harness starts
+  it); ``meterflow-2p`` runs ``python -m benchmarks.peers.meterflow process`` twice: each builds the same
+  flow as ``python -m bytewax.run dataflows.metering:flow -a host:port;host:port -i N`` (``flow_from_config``
+  then ``bytewax.run.cli_main`` with the addresses and process id), times it, and writes its counters.
+  chDB allows one data path per process, so each process gets its own ``[clickhouse] dsn``.
+* Totals come from what meterflow wrote, not from inside it: the ``usage.aggregated`` period records
+  (highest ``version`` per row) and the ``threshold_crossed`` alerts on the alerts topic.
+* ``python -m benchmarks.peers.meterflow core`` times the in-process core (the operators the dataflow
+  runs, no Kafka, no sinks; ``benchmarks.core_throughput.run_core``) on the same events and measures the
+  keyed state with ``tracemalloc``: bytes freed when every customer's dedupe dict is dropped (per tracked
+  event id), and bytes held by all ``CustomerMeter`` objects (per customer); plus snapshot (pickle) bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from benchmarks.peers.common import FETCH_CONFIG, alert_key, clean_totals, total_key
+
+ANCHOR = "2020-01-01T00:00:00Z"  # monthly periods on the 1st at 00:00 UTC: calendar months
+
+
+def config_toml(rules: Dict[str, Any], subscribed: Sequence[str], *, bootstrap: Optional[str] = None,
+                topics: Optional[Dict[str, str]] = None, chdb: Optional[str] = None) -> str:
+    """The rules as a meterflow configuration: plan ``pro`` with the default quotas, and a custom contract
+    (``overrides``) for every customer with its own quotas."""
+    thresholds = ", ".join(f"{t:g}" for t in rules["thresholds"])
+    out = ['[pipeline]\nrollup_window = "1h"\nlate_grace = "6h"\ndedupe_window = "24h"\n']
+    for t, r in rules["tenants"].items():
+        when = ", ".join(f"{k} = {json.dumps(v)}" for k, v in r["exclude_when"].items())
+        out.append(f'[[tenants]]\nid = "{t}"\nexclude_when = {{ {when} }}\n'
+                   f'excluded_customers = {json.dumps(r["excluded_customers"])}\n')
+    out.append('[[metrics]]\ncode = "api_calls"\nevent_type = "api_call"\naggregation = "count"\n\n'
+               '[[metrics]]\ncode = "tokens"\nevent_type = "api_call"\naggregation = "sum"\nproperty = "tokens"\n')
+    out.append('[[plans]]\ncode = "pro"\n')
+    for metric in ("api_calls", "tokens"):
+        out.append(f'[plans.entitlements.{metric}]\nincluded = {rules["included"][metric]!r}\n'
+                   f'thresholds = [{thresholds}]\nenforcement = "soft"\n')
+    by_key = rules.get("included_by_key", {})
+    for key in subscribed:
+        tenant, _, customer = key.partition("|")
+        sub = f'[[subscriptions]]\ntenant_id = "{tenant}"\ncustomer_id = "{customer}"\nplan = "pro"\n' \
+              f'period = "month"\nanchor = "{ANCHOR}"\n'
+        inc = by_key.get(key)
+        if inc:
+            sub += "overrides = { " + ", ".join(f"{m} = {{ included = {v!r} }}" for m, v in inc.items()) + " }\n"
+        out.append(sub)
+    if bootstrap:
+        t = topics or {}
+        fetch = ", ".join(f'"{k}" = "{v}"' for k, v in FETCH_CONFIG.items())
+        out.append(f'[kafka]\nbootstrap_servers = "{bootstrap}"\nclient_config = {{ {fetch} }}\n' + "".join(
+            f'{name}_topic = "{value}"\n' for name, value in t.items()))
+    if chdb:
+        out.append(f'[clickhouse]\ndsn = "chdb://{chdb}"\n')
+    return "\n".join(out)
+
+
+def topics_for(run: str, events_topic: str = "") -> Dict[str, str]:
+    """Topics of one meterflow run (the entitlements topic does not exist: the config file applies)."""
+    return {"events": events_topic, "aggregated": f"bench.{run}.aggregated", "alerts": f"bench.{run}.alerts",
+            "dead_letter": f"bench.{run}.dead", "entitlements": f"bench.{run}.entitlements-none"}
+
+
+def _read_topic(bootstrap: str, topic: str) -> List[bytes]:
+    from benchmarks.peers.common import TopicReader
+
+    try:
+        reader = TopicReader(bootstrap, topic, to_end=True)
+    except KeyError:
+        return []
+    out = [v for batch in reader.batches() for _k, v in batch if v]
+    reader.close()
+    return out
+
+
+def collect_outputs(bootstrap: str, run: str) -> Tuple[Dict[str, float], List[str]]:
+    """meterflow's billing-period totals (highest version per row) and threshold alerts, read back from Kafka."""
+    import orjson
+
+    from operators.timeutil import parse_rfc3339_ms
+
+    t = topics_for(run)
+    best: Dict[str, Tuple[int, float]] = {}
+    for raw in _read_topic(bootstrap, t["aggregated"]):
+        r = orjson.loads(raw)
+        if r.get("type") != "period":
+            continue
+        k = total_key(f"{r['tenant_id']}|{r['customer_id']}", r["metric"], r["period_start"])
+        if k not in best or r["version"] >= best[k][0]:
+            best[k] = (r["version"], float(r["value"]))
+    alerts = []
+    for raw in _read_topic(bootstrap, t["alerts"]):
+        a = orjson.loads(raw)
+        if a.get("type") == "threshold_crossed":
+            alerts.append(alert_key(f"{a['tenant_id']}|{a['customer_id']}", a["metric"],
+                                    parse_rfc3339_ms(a["period_start"]), float(a["threshold_pct"])))
+    return clean_totals({k: v for k, (_ver, v) in best.items()}), sorted(set(alerts))
+
+
+def parse_alert(raw: bytes) -> Tuple[Optional[str], Optional[float]]:
+    """A meterflow alert on the alerts topic as (the benchmark's alert key, detected_at in epoch ms);
+    (None, None) for anything but a threshold crossing."""
+    import orjson
+
+    from operators.timeutil import parse_rfc3339_ms
+
+    a = orjson.loads(raw)
+    if a.get("type") != "threshold_crossed":
+        return None, None
+    return (alert_key(f"{a['tenant_id']}|{a['customer_id']}", a["metric"], parse_rfc3339_ms(a["period_start"]),
+                      float(a["threshold_pct"])), float(parse_rfc3339_ms(a["detected_at"])))
+
+
+# -- subcommands --------------------------------------------------------------------------------------------
+
+def _process(args: argparse.Namespace) -> int:
+    """One Bytewax process of a multi-process cluster (what ``python -m bytewax.run -a ... -i N`` does)."""
+    from datetime import timedelta
+
+    from bytewax.run import cli_main
+
+    from dataflows.metering import flow_from_config
+    from operators.stats import STATS
+    from operators.timeutil import parse_duration_ms
+    from schemas.config import load_config
+
+    cfg = load_config(args.config)
+    flow = flow_from_config(cfg, stop_at_end=True, recoverable=False)
+    first: List[float] = []
+    done = threading.Event()
+
+    def watch() -> None:  # when this process's source delivered its first events
+        while not done.wait(0.02):
+            if STATS.snapshot()["read"] > 0:
+                first.append(time.time())
+                return
+
+    threading.Thread(target=watch, daemon=True).start()
+    t0 = time.time()
+    cli_main(flow, workers_per_process=1, process_id=args.process_id, addresses=args.addresses.split(";"),
+             epoch_interval=timedelta(milliseconds=parse_duration_ms(cfg.pipeline.epoch_interval)))
+    t1 = time.time()
+    done.set()
+    Path(args.out).write_text(json.dumps({"t_start": t0, "t_first": first[0] if first else t0, "t_end": t1,
+                                          "counters": STATS.snapshot()}))
+    return 0
+
+
+def _core(args: argparse.Namespace) -> int:
+    import gc
+    import tomllib
+    import tracemalloc
+
+    from benchmarks.core_throughput import run_core, run_decode_baseline
+    from operators.mediate import Mediator
+    from operators.meter import CustomerMeter
+    from operators.rules import Rules
+    from operators.stats import FlowStats
+    from schemas.config import parse_config
+
+    cfg = parse_config(tomllib.loads(Path(args.config).read_text()), args.config, environ={})
+    lines = Path(args.events).read_bytes().split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    n, b = len(lines), args.batch
+    batches = [[(("bench", i + j), lines[i + j]) for j in range(min(b, n - i))] for i in range(0, n, b)]
+    decode_s = run_decode_baseline(lines)
+    core = run_core(cfg, batches)
+    # State memory: the same stream again with tracemalloc tracing every allocation of the meters.
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    rules = Rules(cfg)
+    stats = FlowStats()
+    mediator = Mediator(cfg, stats)
+    meters: Dict[str, CustomerMeter] = {}
+    for batch in batches:
+        for item in mediator(batch):
+            if type(item) is tuple:
+                key, events = item
+                m = meters.get(key)
+                if m is None:
+                    m = meters[key] = CustomerMeter(rules, key, stats=stats)
+                m.process([events], flush=False)
+    for m in meters.values():
+        m.flush()
+    gc.collect()
+    held = tracemalloc.get_traced_memory()[0] - base
+    ids = sum(len(m.seen) for m in meters.values())
+    snapshot_bytes = sum(len(m.snapshot()) for m in meters.values())
+    for m in meters.values():
+        m.seen = {}
+    gc.collect()
+    without_ids = tracemalloc.get_traced_memory()[0] - base
+    customers = len(meters)
+    meters.clear()
+    gc.collect()
+    tracemalloc.stop()
+    out = {"events": n, "decode_eps": n / decode_s, "core_eps": core["events"] / core["seconds"],
+           "core_seconds": core["seconds"], "batch_p50_ms": core["p50_ms"], "batch_p99_ms": core["p99_ms"],
+           "customers": customers, "tracked_ids": ids,
+           "dedupe_bytes_per_id": (held - without_ids) / ids if ids else None,
+           "state_bytes_per_customer": held / customers if customers else None,
+           "state_bytes_per_customer_without_ids": without_ids / customers if customers else None,
+           "snapshot_bytes_per_customer": snapshot_bytes / customers if customers else None,
+           "how": "tracemalloc: bytes freed when every CustomerMeter's dedupe dict is dropped / ids in it; "
+                  "bytes held by all CustomerMeters (after a final flush) / customers; snapshot = pickle bytes"}
+    Path(args.out).write_text(json.dumps(out))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("process", help="one process of a multi-process Bytewax cluster, stopping at the topic end")
+    p.add_argument("--config", required=True)
+    p.add_argument("--process-id", type=int, required=True)
+    p.add_argument("--addresses", required=True, help="host:port;host:port")
+    p.add_argument("--out", required=True)
+    c = sub.add_parser("core", help="in-process core throughput and keyed-state memory")
+    c.add_argument("--config", required=True)
+    c.add_argument("--events", required=True, help="JSONL file of the workload")
+    c.add_argument("--batch", type=int, default=4096)
+    c.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    return _process(args) if args.cmd == "process" else _core(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Smoke test of the benchmark harness's plumbing (``python -m benchmarks``) on tiny sizes.
+
+Runs the ``raw`` and ``redis-counters`` contenders as the harness runs them (their own processes,
+measured with psutil) over a few thousand events on the real broker, checks that the totals and alerts
+agree with the reference model, and runs a short breach-to-alert latency measurement. The benchmark's
+figures themselves are never asserted here (2-core CI is noisy); the Quix venv is not needed.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from types import SimpleNamespace
+
+import pytest
+
+from benchmarks.__main__ import Bench, compare, markdown, parse_args, table_rows, targets
+from benchmarks.peers.common import ReferenceMeter, Rules, month_start_ms, parse_usage
+from benchmarks.peers.meterflow import config_toml
+from benchmarks.workload import LatencyPlan, build_workload
+from schemas.config import parse_config
+
+pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.timeout(120)]
+
+
+def test_latency_plan_crossings_match_the_reference_model():
+    plan = LatencyPlan(rate=400, seconds=2.0, customers=8)
+    ts = 1_793_491_200_000 + 5
+    ref = ReferenceMeter(Rules(plan.rules()))
+    for i in range(plan.n_events):
+        ref.feed(plan.event(i, ts)[1])
+    assert ref.fired == plan.crossings(plan.n_events, month_start_ms(ts))
+    assert ref.fired  # the quotas are spread so that crossings happen
+
+
+def test_meterflow_config_of_the_rules_is_valid():
+    import tomllib
+
+    wl = build_workload(500, customers=10, tenants=2)
+    cfg = parse_config(tomllib.loads(config_toml(wl.rules, wl.subscribed)), "bench", environ={})
+    assert [m.code for m in cfg.metrics] == ["api_calls", "tokens"]
+    assert len(cfg.subscriptions) == 20
+    plan = LatencyPlan(rate=100, seconds=1.0, customers=3)
+    cfg = parse_config(tomllib.loads(config_toml(plan.rules(), plan.subscribed())), "bench", environ={})
+    over = {s.customer_id: s.overrides["api_calls"].included for s in cfg.subscriptions}
+    assert over["c0"] == plan.included[0] and over["warm"] == 1
+
+
+def test_workload_has_duplicates_bad_and_excluded_events():
+    wl = build_workload(3000, customers=30, tenants=3)
+    rules = Rules(wl.rules)
+    usable = [parse_usage(v, rules) for _k, v in wl.items]
+    assert sum(u is None for u in usable) > 0  # bad, unknown tenant, test traffic, seat counts
+    ids = [(u.key, u.event_id) for u in usable if u is not None]
+    assert len(set(ids)) < len(ids)  # retried duplicates
+    assert {k for k, _v in wl.items} & {b"bad", b"ghost|c"}  # broken JSON, schema violations, unknown tenant
+
+
+def test_raw_and_redis_counters_agree_with_the_reference(kafka, redis_server, tmp_path, request):
+    args = parse_args(["--events", "3000", "--customers", "30", "--included", "100", "--only", "raw,redis-counters",
+                       "--latency-customers", "20", "--results", str(tmp_path)])
+    from rich.console import Console
+
+    bench = Bench(args, Console(file=io.StringIO()))
+    request.addfinalizer(lambda: shutil.rmtree(bench.work, ignore_errors=True))
+    # A database of its own: the contender flushes it.
+    redis_db = SimpleNamespace(url=redis_server.url.rsplit("/", 1)[0] + "/15", pid=redis_server.pid)
+    bench.setup(kafka, redis_db, topic="bench-smoke.events")
+    assert len(bench.wl.expected_alerts) > 0
+    raw = bench.run_throughput("raw")
+    assert raw.ran, raw.error
+    assert raw.events == 3000 and raw.eps > 0 and raw.peak_rss_mib > 0
+    counters = bench.run_throughput("redis-counters")
+    assert counters.ran, counters.error
+    assert counters.events == 3000
+    assert counters.totals_ok, counters.totals
+    assert counters.alerts.startswith("ok"), counters.alerts
+    assert counters.cpu_s_per_m is not None and counters.state_bytes_per_id > 0
+
+    lat = bench.run_latency("redis-counters", rate=1000, seconds=1.5)
+    assert "error" not in lat, lat
+    assert lat["received_alerts"] == lat["expected_alerts"] > 0
+    assert 0 < lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+
+    counters.latency = lat
+    raw.ratio_to_raw, counters.ratio_to_raw = 1.0, counters.eps / raw.eps
+    rows = [raw, counters]
+    cells = table_rows(rows)
+    assert cells[1][0] == "redis-counters" and cells[1][3].startswith("ok")
+    doc = {"targets": targets({r.name: r for r in rows}, None)}
+    assert "redis-counters" in markdown(rows, doc)
+
+
+def test_compare_reports_wrong_totals():
+    ok, text = compare({"a|x|api_calls|0": 2.0}, {"a|x|api_calls|0": 2.0})
+    assert ok and text.startswith("ok")
+    ok, text = compare({"a|x|api_calls|0": 3.0, "b": 1.0}, {"a|x|api_calls|0": 2.0, "c": 1.0})
+    assert not ok and "1 differ" in text and "1 missing" in text and "1 extra" in text
