@@ -89,7 +89,7 @@ class Entitlements:
                  "fired", "blocked", "overage", "seq", "cur", "src", "version", "cancelled", "moved_plan",
                  "units", "wallet_low", "wallet_exhausted", "wallet_blocked",
                  # derived (rebuilt after restore)
-                 "rule", "infos", "credit", "next_level", "touched", "deleted", "wallet_dirty")
+                 "rule", "infos", "credit", "rated", "next_level", "touched", "deleted", "wallet_dirty")
 
     def __init__(self, rules: Rules, key: str) -> None:
         self.rules = rules
@@ -156,6 +156,7 @@ class Entitlements:
         self.rule = rule
         self.infos = infos_of(rule)
         self.credit: Dict[str, float] = dict(rule.wallet.credit_rates) if rule.wallet is not None else {}
+        self.rated: List[Tuple[str, float]] = sorted(self.credit.items())  # code order: spent sums the same way
         self.next_level: Dict[PeriodKey, float] = {}
         if track:
             after = set(self.infos)
@@ -267,12 +268,12 @@ class Entitlements:
     def spent(self) -> float:
         """Credits spent: the sum over rated metrics (by code) of ``rate x units``, units summed exactly,
         so 10 calls at 0.1 spend exactly 1.0."""
-        credit = self.credit
+        units = self.units
         total = 0.0
-        for code in sorted(self.units):
-            rate = credit.get(code)
-            if rate:
-                total += rate * self.units[code].value()
+        for code, rate in self.rated:
+            acc = units.get(code)
+            if acc is not None and rate:
+                total += rate * acc.value()
         return total
 
     def _check_wallet(self, me: Any, pk: Optional[PeriodKey], alerts: List[Alert]) -> None:

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 from operators.aggregate import ADDITIVE, Acc, new_acc
 from operators.entitlements import Entitlements, EntitlementUpdate
-from operators.mediate import MeteredEvent, dead_letter, matches
+from operators.mediate import dead_letter, matches
 from operators.periods import period_bounds
 from operators.rules import Rules
 from operators.stats import STATS, FlowStats

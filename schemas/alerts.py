@@ -19,6 +19,7 @@ from typing import Dict, Optional
 
 import msgspec
 
+from operators.timeutil import ms_to_iso
 from schemas.config import SubscriptionConfig
 
 ALERT_TYPES = ("threshold_crossed", "blocked", "unblocked", "plan_changed", "wallet_low", "wallet_exhausted",
@@ -161,13 +162,17 @@ ENTITLEMENT_ENCODER = msgspec.json.Encoder()
 
 def state_fields(g: GatewayState) -> Dict[str, str]:
     """The Redis hash fields of a gateway state (contract section 4, plus ``plan``/``blocked_by``)."""
-    from operators.timeutil import ms_to_iso
-
-    return {"included": _num(g.included), "used": _num(g.used), "remaining": _num(g.remaining),
-            "pct": "" if g.pct is None else _num(g.pct), "state": g.state,
+    return {"included": fmt_num(g.included), "used": fmt_num(g.used), "remaining": fmt_num(g.remaining),
+            "pct": "" if g.pct is None else fmt_num(g.pct), "state": g.state,
             "period_start": ms_to_iso(g.period_start), "period_end": ms_to_iso(g.period_end),
             "updated_at": ms_to_iso(g.updated_at), "plan": g.plan, "blocked_by": g.blocked_by}
 
 
-def _num(x: float) -> str:
-    return repr(float(x)) if not float(x).is_integer() else str(int(x))
+def fmt_num(x: float) -> str:
+    """A number as Redis hash text: integers without a fraction, others exactly (``repr``).
+
+    >>> fmt_num(400.0), fmt_num(12.5)
+    ('400', '12.5')
+    """
+    f = float(x)
+    return str(int(f)) if f.is_integer() else repr(f)

@@ -204,11 +204,21 @@ class Config(_Frozen):
 
 
 _SECRET_KEY = re.compile(r"password|secret|token|key", re.I)
-_URL_PASSWORD = re.compile(r"(//[^:/@]+:)([^@]+)(@)")
+_URL_PASSWORD = re.compile(r"(//[^:/@]*:)([^@/]+)(@)")
 
 
-def _mask_url(url: str) -> str:
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ``***`` (for messages and logs); with or without a user name.
+
+    >>> mask_url("redis://:s3cret@cache:6379/0"), mask_url("http://meter:pw@ch:8123/meter")
+    ('redis://:***@cache:6379/0', 'http://meter:***@ch:8123/meter')
+    >>> mask_url("redis://localhost:6379/0")
+    'redis://localhost:6379/0'
+    """
     return _URL_PASSWORD.sub(r"\1***\3", url)
+
+
+_mask_url = mask_url
 
 
 _ENV_SECTIONS = {"pipeline": PipelineConfig, "kafka": KafkaConfig, "clickhouse": ClickHouseConfig, "redis": RedisConfig,

@@ -27,7 +27,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from operators.errors import MeterError
 from operators.timeutil import now_ms, parse_rfc3339_ms
 from schemas.alerts import Alert
-from schemas.config import ClickHouseConfig
+from schemas.config import ClickHouseConfig, mask_url
 from schemas.records import Emission
 
 DEFAULT_DATABASE = "meter"
@@ -147,14 +147,9 @@ def connect(cfg: ClickHouseConfig) -> Tuple[LockedClient, str]:
     except MeterError:
         raise
     except Exception as exc:
-        raise MeterError(f"cannot open ClickHouse at {_mask(cfg.dsn)} (database {db}): {exc}; check clickhouse.dsn "
+        raise MeterError(f"cannot open ClickHouse at {mask_url(cfg.dsn)} (database {db}): {exc}; check clickhouse.dsn "
                          "(embedded chDB allows one data path per process)") from exc
     return client, db
-
-
-def _mask(dsn: str) -> str:
-    u = urlparse(dsn)
-    return dsn.replace(u.password, "***") if u.password else dsn
 
 
 def emission_rows(items: List[Emission], at_ms: int) -> Tuple[List[list], List[list], List[list]]:

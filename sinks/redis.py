@@ -44,7 +44,6 @@ import logging
 import threading
 import time
 from typing import Callable, Dict, List, Optional, Union
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
@@ -53,8 +52,8 @@ from redis.retry import Retry
 
 from operators.stats import STATS, FlowStats
 from operators.timeutil import ms_to_iso
-from schemas.alerts import GatewayState, WalletState, state_fields
-from schemas.config import RedisConfig
+from schemas.alerts import GatewayState, WalletState, fmt_num, state_fields
+from schemas.config import RedisConfig, mask_url
 from schemas.records import Emission
 
 log = logging.getLogger("meterflow.sinks.redis")
@@ -62,21 +61,7 @@ log = logging.getLogger("meterflow.sinks.redis")
 State = Union[GatewayState, WalletState]
 
 
-def masked_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (for logs).
-
-    >>> masked_url("redis://:s3cret@cache:6379/0")
-    'redis://:***@cache:6379/0'
-    >>> masked_url("redis://localhost:6379/0")
-    'redis://localhost:6379/0'
-    """
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+masked_url = mask_url  # the URL with its password replaced by ``***`` (for logs)
 
 
 def wallet_fields(w: WalletState) -> Dict[str, str]:
@@ -86,13 +71,8 @@ def wallet_fields(w: WalletState) -> Dict[str, str]:
     ...                           state="ok", on_exhausted="block", updated_at=1793491200000))["spent"]
     '12.5'
     """
-    return {"balance": _num(w.balance), "spent": _num(w.spent), "remaining": _num(w.remaining),
+    return {"balance": fmt_num(w.balance), "spent": fmt_num(w.spent), "remaining": fmt_num(w.remaining),
             "state": w.state, "on_exhausted": w.on_exhausted, "updated_at": ms_to_iso(w.updated_at)}
-
-
-def _num(x: float) -> str:
-    f = float(x)
-    return str(int(f)) if f.is_integer() else repr(f)
 
 
 def make_client(url: str, timeout: float) -> "redis.Redis":

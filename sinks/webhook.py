@@ -40,7 +40,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from operators.errors import MeterError
 from operators.timeutil import ms_to_iso, parse_duration_ms
 from schemas.alerts import ALERT_DECODER, ALERT_ENCODER, Alert
-from schemas.config import WebhookConfig
+from schemas.config import WebhookConfig, mask_url
 from schemas.records import Emission
 
 log = logging.getLogger(__name__)
@@ -254,11 +254,6 @@ def http_post(url: str, body: bytes, headers: dict, timeout: float) -> _Response
         conn.close()
 
 
-def _mask(url: str) -> str:
-    u = urlsplit(url)
-    return url.replace(f":{u.password}@", ":***@") if u.password else url
-
-
 class _WebhookPartition(StatelessSinkPartition[Emission]):
     def __init__(self, sink: "WebhookSink", worker_index: int, worker_count: int) -> None:
         self._sink = sink
@@ -304,7 +299,7 @@ class _WebhookPartition(StatelessSinkPartition[Emission]):
             box.close()
         if self._thread.is_alive():
             log.warning("webhook %s: %d alerts left in the outbox in %s for the next start",
-                        _mask(self._sink.url), self.pending(), self._sink.spool_dir)
+                        mask_url(self._sink.url), self.pending(), self._sink.spool_dir)
 
     # -- the delivery thread ---------------------------------------------------------------------
     def _next(self) -> Tuple[Optional[Outbox], Optional[bytes]]:
@@ -328,7 +323,7 @@ class _WebhookPartition(StatelessSinkPartition[Emission]):
                 if box is not self._own and box.pending == 0 and box.retire():
                     self._boxes.remove(box)
             except Exception:  # a disk error must not end deliveries for good: log, wait, try again
-                log.exception("webhook %s: outbox delivery failed; retrying", _mask(self._sink.url))
+                log.exception("webhook %s: outbox delivery failed; retrying", mask_url(self._sink.url))
                 self._stop.wait(1.0)
 
     def _deliver(self, box: Outbox, line: bytes) -> None:
@@ -349,7 +344,7 @@ class _WebhookPartition(StatelessSinkPartition[Emission]):
                 if box.ack(len(line)):
                     self.delivered += 1
                     if attempt > 1:
-                        log.info("webhook %s: alert %s delivered after %d attempts", _mask(sink.url),
+                        log.info("webhook %s: alert %s delivered after %d attempts", mask_url(sink.url),
                                  alert.alert_id, attempt)
                 return
             if not resp.retryable:
@@ -358,12 +353,12 @@ class _WebhookPartition(StatelessSinkPartition[Emission]):
             self.retried += 1
             delay = sink.backoff(attempt, resp.retry_after)
             if attempt == 1 or attempt % 10 == 0:
-                log.warning("webhook %s: alert %s attempt %d failed (%s); retrying in %.1f s", _mask(sink.url),
+                log.warning("webhook %s: alert %s attempt %d failed (%s); retrying in %.1f s", mask_url(sink.url),
                             alert.alert_id, attempt, resp.status or resp.text, delay)
             sink.sleep_for(delay, self._stop)
 
     def _give_up(self, box: Outbox, line: bytes, resp: _Response, attempts: int) -> None:
-        meta = {"failed_at": ms_to_iso(int(self._sink.clock() * 1000)), "url": _mask(self._sink.url),
+        meta = {"failed_at": ms_to_iso(int(self._sink.clock() * 1000)), "url": mask_url(self._sink.url),
                 "status": resp.status, "response": resp.text[:_SNIPPET], "attempts": attempts}
         alert_json = line.rstrip(b"\n").decode("utf-8", errors="replace")
         try:
@@ -377,7 +372,7 @@ class _WebhookPartition(StatelessSinkPartition[Emission]):
 
         if box.ack(len(line), before=move):
             self.undeliverable += 1
-            log.warning("webhook %s: alert record moved to %s after HTTP %s: %s", _mask(self._sink.url),
+            log.warning("webhook %s: alert record moved to %s after HTTP %s: %s", mask_url(self._sink.url),
                         self._undeliverable, resp.status, resp.text[:200])
 
 
