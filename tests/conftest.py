@@ -19,6 +19,9 @@ import pytest
 
 from meterflow.devservices import DevServiceError, KafkaBroker, RedisServer
 
+# ``client`` (redis-py on the session's redis-server) and ``tenant`` (a unique tenant id) for Redis tests.
+pytest_plugins = ["tests.redis_support"]
+
 
 def _start(service) -> str | None:
     """Start ``service``; return an error message instead of raising."""

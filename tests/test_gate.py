@@ -7,9 +7,9 @@ import os
 import signal
 import threading
 import time
-import uuid
 
 import pytest
+
 
 import meterflow.gate as gate_module
 from meterflow.gate import GateUnavailable, QuotaGate, gateway_key, holds_key, wallet_key
@@ -21,18 +21,6 @@ pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
 T0 = 1_793_491_200_000  # 2026-11-01T00:00:00Z
 PERIOD_END = 1_796_083_200_000  # 2026-12-01T00:00:00Z
 IN_PERIOD = T0 + 86_400_000
-
-
-@pytest.fixture
-def tenant() -> str:
-    return f"t{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def client(redis_server):
-    c = redis_server.client()
-    yield c
-    c.close()
 
 
 @pytest.fixture

@@ -121,7 +121,7 @@ def _flat(per_customer: Dict[Tuple[str, str], List[tuple]]) -> List[tuple]:
 
 # -- 1 ---------------------------------------------------------------------------------------------------
 
-def test_randomised_stream_alerts_and_gateway_state_match_the_reference(kafka, redis_server, tmp_path):
+def test_randomised_stream_alerts_and_gateway_state_match_the_reference(kafka, redis_server, client, tmp_path):
     tag = _tag()
     w = al.make_workload(seed=20261121, tag=tag)
     k = _topics(kafka, "e2e-alerts-rand")
@@ -176,16 +176,12 @@ def test_randomised_stream_alerts_and_gateway_state_match_the_reference(kafka, r
     assert sorted(a["alert_id"] for a in blocked) == sorted(a[0] for a in _flat(expected) if a[1] == "blocked")
 
     # Redis after the flow drained, and what a gateway decides from it
-    client = redis_server.client()
-    try:
-        _check_redis(redis_server.url, client, w.subs, w.unsubscribed, want_gw)
-    finally:
-        client.close()
+    _check_redis(redis_server.url, client, w.subs, w.unsubscribed, want_gw)
 
 
 # -- 2 ---------------------------------------------------------------------------------------------------
 
-def test_sigkill_while_alerting_then_resume_gives_each_alert_exactly_once(kafka, redis_server, tmp_path):
+def test_sigkill_while_alerting_then_resume_gives_each_alert_exactly_once(kafka, redis_server, client, tmp_path):
     tag = _tag()
     w = al.make_workload(seed=7_2026, tag=tag)
     # small source batches: the flow works through the stream in many small steps while it is killed
@@ -264,11 +260,7 @@ def test_sigkill_while_alerting_then_resume_gives_each_alert_exactly_once(kafka,
     assert {a["alert_id"] for a in topic_alerts} == set(ids) and n_msgs >= n_alerts
     print(f"alerts topic: {n_msgs} messages for {n_alerts} alerts (re-sent after the resume: {n_msgs - n_alerts})")
 
-    client = redis_server.client()
-    try:
-        _check_redis(redis_server.url, client, w.subs, w.unsubscribed, want_gw)
-    finally:
-        client.close()
+    _check_redis(redis_server.url, client, w.subs, w.unsubscribed, want_gw)
 
 
 # -- 3 ---------------------------------------------------------------------------------------------------

@@ -8,10 +8,10 @@ import logging
 import os
 import signal
 import time
-import uuid
 from typing import Dict, List
 
 import pytest
+
 
 import sinks.redis as redis_sink
 from meterflow.gate import QuotaGate, holds_key
@@ -50,18 +50,6 @@ def commandstats(client) -> Dict[str, int]:
 
 def delta(before: Dict[str, int], after: Dict[str, int], name: str) -> int:
     return after.get(f"cmdstat_{name}", 0) - before.get(f"cmdstat_{name}", 0)
-
-
-@pytest.fixture
-def tenant() -> str:
-    return f"t{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def client(redis_server):
-    c = redis_server.client()
-    yield c
-    c.close()
 
 
 @pytest.fixture
