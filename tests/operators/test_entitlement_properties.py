@@ -27,6 +27,7 @@ from schemas.config import parse_config
 from schemas.records import Emission
 from tests.operators.alert_model import (KNOWN_DEVIATIONS, Change, Ev, MeterHarness, alerts_by_customer,
                                          expected_gateway, final_gateway, ms, run_model)
+from tests.operators.test_meter_properties import chunk
 
 # -- the configuration under test ------------------------------------------------------------------------
 
@@ -182,13 +183,9 @@ def streams(draw, max_events=40, max_changes=4, p95=True):
     return stream
 
 
-def deliveries(data, stream, max_size=6):
-    out, i = [], 0
-    while i < len(stream):
-        k = data.draw(st.integers(1, max_size))
-        out.append(stream[i:i + k])
-        i += k
-    return out
+def deliveries(data, stream):
+    """The stream cut into consecutive deliveries of 1-6 items (one ``process`` call per customer each)."""
+    return chunk(data, stream, max_size=6)
 
 
 def per_customer(model):
