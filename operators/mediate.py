@@ -14,7 +14,7 @@ from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 import msgspec
 
 from operators.stats import STATS, FlowStats
-from operators.timeutil import now_ms, parse_rfc3339_ms
+from operators.timeutil import Rfc3339Parser, now_ms
 from schemas.config import Config
 from schemas.events import EVENT_DECODER, UsageEvent
 from schemas.records import DeadLetter, Emission
@@ -93,6 +93,7 @@ class Mediator:
         }
         self._max_bytes = cfg.pipeline.max_event_bytes
         self._stats = stats
+        self._parse_ts = Rfc3339Parser()
         self.watermark = 0
 
     def observe_watermark(self, ms: int) -> None:
@@ -108,6 +109,7 @@ class Mediator:
         max_bytes = self._max_bytes
         wm = self.watermark
         ingested = now_ms()
+        parse_ts = self._parse_ts
         for src, raw in batch:
             if not raw:
                 dead.append(dead_letter("invalid_json", "empty message (no bytes)", src, raw))
@@ -128,7 +130,7 @@ class Mediator:
             ts = ev.timestamp
             if type(ts) is not int:
                 try:
-                    ts = parse_rfc3339_ms(ts)
+                    ts = parse_ts(ts)
                 except ValueError as exc:
                     dead.append(dead_letter("invalid_event", f"{exc} - at `$.timestamp`", src, raw))
                     continue

@@ -64,6 +64,51 @@ def parse_rfc3339_ms(text: str) -> int:
     return (dt - EPOCH) // _MS
 
 
+_PREFIX_SHAPE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}")
+_CACHE_LIMIT = 65_536
+
+
+class Rfc3339Parser:
+    """:func:`parse_rfc3339_ms` with memoised halves, for the mediation hot path.
+
+    An RFC 3339 timestamp is ``YYYY-MM-DDTHH:MM:SS`` followed by an optional fraction and the zone, and its
+    epoch milliseconds are the sum of two parts that each depend on one half only: the first 19 characters
+    read as UTC, plus the suffix's fraction (truncated to the millisecond) minus its offset. Both parts are
+    cached the first time the full parser accepts a timestamp, so a stream of timestamps costs two slices
+    and two dict lookups each instead of a datetime parse. Anything unusual goes to the full parser, which
+    also raises the same errors. Each cache holds at most 65,536 entries (cleared when full).
+
+    >>> p = Rfc3339Parser()
+    >>> p("2026-11-01T00:00:00.250Z") - p("2026-10-31T19:00:00-05:00")
+    250
+    """
+
+    __slots__ = ("_prefix", "_suffix")
+
+    def __init__(self) -> None:
+        self._prefix: dict = {}
+        self._suffix: dict = {}
+
+    def __call__(self, text: str) -> int:
+        p = self._prefix.get(text[:19])
+        if p is not None:
+            s = self._suffix.get(text[19:])
+            if s is not None:
+                return p + s
+        ms = parse_rfc3339_ms(text)  # raises ValueError on anything that is not RFC 3339 with a zone
+        head = text[:19]
+        if _PREFIX_SHAPE.fullmatch(head):
+            if len(self._prefix) >= _CACHE_LIMIT:
+                self._prefix.clear()
+            if len(self._suffix) >= _CACHE_LIMIT:
+                self._suffix.clear()
+            p = self._prefix.get(head)
+            if p is None:
+                p = self._prefix[head] = parse_rfc3339_ms(head + "Z")
+            self._suffix[text[19:]] = ms - p
+        return ms
+
+
 def ms_to_dt(ms: int) -> datetime:
     """The UTC datetime of epoch milliseconds."""
     return EPOCH + timedelta(milliseconds=ms)

@@ -20,7 +20,7 @@ EpochMillis = Annotated[int, msgspec.Meta(ge=0)]
 PropertyValue = Union[str, int, float, bool, None]
 
 
-class UsageEvent(msgspec.Struct, frozen=True, kw_only=True):
+class UsageEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One usage event as producers send it.
 
     Unknown top-level fields are ignored (msgspec skips them while parsing).

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from operators.periods import add_months, period_bounds, window_bounds
-from operators.timeutil import dt_to_ms, ms_to_dt, ms_to_iso, parse_duration_ms
+from operators.timeutil import Rfc3339Parser, dt_to_ms, ms_to_dt, ms_to_iso, parse_duration_ms, parse_rfc3339_ms
 
 UTC = timezone.utc
 EST = timezone(timedelta(hours=-5))
@@ -206,3 +206,47 @@ def test_periods_tile_time(ts, anchor, kind):
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), verbose=False)
     assert result.failed == 0
+
+
+# -- the memoised RFC 3339 parser of the mediation hot path ---------------------------------------------------
+
+_PREFIXES = ["2026-11-01T00:00:00", "2026-02-28T23:59:59", "2024-02-29T12:30:45", "2026-02-29T00:00:00",
+             "2026-11-01t00:00:00", "2026-11-01 00:00:00", "2026-13-01T00:00:00", "2026-11-01T24:00:00",
+             "2026-11-01T00:00", "０２０２-11-01T00:00:00", "2026-11-01T00:00:60"]
+_SUFFIXES = ["Z", "z", ".250Z", ".5Z", ".9999999Z", ".123456+05:30", "-05:00", "+00:00", "", "0Z", "1Z",
+             ".Z", "+05", "+0530", " Z", "Zjunk", ".12a Z", ":00Z", "00Z", ".000001-00:01"]
+
+
+def _full_or_error(text):
+    try:
+        return parse_rfc3339_ms(text)
+    except ValueError:
+        return "error"
+
+
+def _cached_or_error(parser, text):
+    try:
+        return parser(text)
+    except ValueError:
+        return "error"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_PREFIXES), st.sampled_from(_SUFFIXES)), min_size=1, max_size=40))
+def test_cached_parser_agrees_with_the_full_parser_on_every_mix_of_halves(pairs):
+    # Halves cached from one timestamp are reused with halves of others: every mix must give the full answer.
+    parser = Rfc3339Parser()
+    for prefix, suffix in pairs + pairs[::-1]:
+        text = prefix + suffix
+        assert _cached_or_error(parser, text) == _full_or_error(text), text
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=0, max_value=4_102_444_800_000), st.sampled_from(["", ".5", ".123", ".1234567"]),
+       st.sampled_from(["Z", "+01:00", "-11:30"]))
+def test_cached_parser_is_exact_for_any_instant(ms, frac, zone):
+    parser = Rfc3339Parser()
+    text = ms_to_iso(ms - ms % 1000)[:19] + frac + zone
+    first = parser(text)
+    assert first == parse_rfc3339_ms(text)
+    assert parser(text) == first  # from the cache
