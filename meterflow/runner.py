@@ -29,6 +29,22 @@ class RunResult:
         return self.counters["read"] / self.seconds if self.seconds > 0 else 0.0
 
 
+def tune_gc() -> None:
+    """Garbage-collector settings for a long-running flow.
+
+    The keyed state is millions of long-lived objects and the hot path allocates short-lived ones per
+    event; CPython's default (a young collection every 700 allocations) then spends a fifth of the
+    time re-scanning survivors. Objects alive at start-up (modules, configuration, rules) are frozen
+    out of every collection, and young collections run every 100,000 allocations. Reference counting
+    still frees almost everything at once; only cycles wait for a collection.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(100_000, 20, 100)
+
+
 def prepare_recovery(directory: str, partitions: int = 1):
     """A Bytewax RecoveryConfig for ``directory``, initialising the SQLite partitions on first use."""
     from bytewax.recovery import RecoveryConfig, init_db_dir
@@ -78,6 +94,7 @@ def run_flow(cfg: Config, inputs: Sequence[str] = (), *, workers: int = 1, recov
     flow = flow_from_config(cfg, inputs, stop_at_end=stop_at_end, recoverable=recovery_dir is not None,
                             entitlements=entitlements)
     recovery = prepare_recovery(recovery_dir) if recovery_dir else None
+    tune_gc()
     epoch = timedelta(milliseconds=parse_duration_ms(cfg.pipeline.epoch_interval))
     STATS.reset()
     STOP.clear()

@@ -44,7 +44,8 @@ class CustomerMeter:
     """The metering state of one customer. Pure: no I/O, the clock comes in on the events."""
 
     __slots__ = ("rules", "key", "tenant_id", "customer_id", "seen", "wm", "windows", "periods",
-                 "excluded", "next_evict", "next_dedupe_evict", "stats", "dirty_w", "dirty_p", "_period", "ent")
+                 "excluded", "next_evict", "next_dedupe_evict", "stats", "dirty_w", "dirty_p", "_period", "ent",
+                 "_rows")
 
     def __init__(self, rules: Rules, key: str, snapshot: Optional[bytes] = None, stats: FlowStats = STATS) -> None:
         self.rules = rules
@@ -62,6 +63,11 @@ class CustomerMeter:
         self.dirty_w: Set[WindowKey] = set()
         self.dirty_p: Set[PeriodKey] = set()
         self._period = (0, 0)  # cache of the last period looked up (not state)
+        # The rows each metric's last event folded into (not state): consecutive events of a customer
+        # mostly land in the same window and period, so a hit skips building keys, two dict lookups, two
+        # set adds, the entitlement lookups and the period-advance check. Valid while the dirty sets, the
+        # rows and the subscription stay the same objects: dropped on every flush, eviction and plan change.
+        self._rows: Dict[str, list] = {}
         self.ent = Entitlements(rules, key)
         if snapshot is not None:
             self._restore(snapshot)
@@ -109,6 +115,7 @@ class CustomerMeter:
         out = self._emit(self.dirty_w, self.dirty_p, self.ent.rule, [])
         self.dirty_w = set()
         self.dirty_p = set()
+        self._rows = {}
         if self.wm > self.next_evict:
             self._evict()
         return out
@@ -123,7 +130,7 @@ class CustomerMeter:
         than once per batch (see :meth:`flush`). Alerts never wait for a flush.
         """
         rules = self.rules
-        by_type = rules.by_event_type
+        by_type = rules.fold_by_event_type
         window_ms = rules.window_ms
         grace_ms = rules.grace_ms
         ent = self.ent
@@ -137,12 +144,14 @@ class CustomerMeter:
         alerts: List[Any] = []
         deferred: Dict[PeriodKey, Any] = {}
         usage_of = self.usage
+        rowc = self._rows
         n = dup = excl = unmetered = ignored = unevaluated = 0
         for group in batches:
             if type(group) is EntitlementUpdate:
                 self.wm = wm
                 ent.apply_change(group, usage_of, alerts)
                 self._period = (0, 0)
+                rowc = self._rows = {}
                 continue
             sub = ent.rule
             kind, anchor = sub.period, sub.anchor_ms
@@ -182,75 +191,84 @@ class CustomerMeter:
                         f"before the watermark {wm}", me.src, me.raw, self.tenant_id))
                     continue
                 props = ev.properties
-                sign = -1 if ev.correction else 1
-                if me.excluded:
+                if me.excluded:  # counted per metric it would have matched, never aggregated
                     excl += 1
-                for m in metrics:
-                    if m.where and not matches(props, m.where):
-                        continue
-                    pk = (m.code, pstart, pend)
-                    if me.excluded:
+                    for m, code, where, *_ in metrics:
+                        if where and not matches(props, where):
+                            continue
+                        pk = (code, pstart, pend)
                         excluded_counts[pk] = excluded_counts.get(pk, 0) + 1
                         dirty_p.add(pk)
+                    continue
+                sign = -1 if ev.correction else 1
+                wstart = ts - ts % window_ms
+                for m, code, where, prop, needs_number, additive, gb, per_event, agg in metrics:
+                    if where and not matches(props, where):
                         continue
                     v = None
-                    if m.prop is not None:
-                        v = props.get(m.prop)
-                        if v is None or (m.needs_number and (type(v) is bool or not isinstance(v, (int, float))
-                                                             or not -_MAX_NUMBER < v < _MAX_NUMBER)):
+                    if prop is not None:
+                        v = props.get(prop)
+                        if v is None or (needs_number and (type(v) is bool or not isinstance(v, (int, float))
+                                                           or not -_MAX_NUMBER < v < _MAX_NUMBER)):
                             why = "is missing" if v is None else f"must be a number below 1e300 in size, got {v!r:.80}"
-                            dead.append(dead_letter("missing_property", f"metric {m.code!r} needs property "
-                                                    f"{m.prop!r}, which {why}", me.src, me.raw, self.tenant_id,
-                                                    metric=m.code))
+                            dead.append(dead_letter("missing_property", f"metric {code!r} needs property "
+                                                    f"{prop!r}, which {why}", me.src, me.raw, self.tenant_id,
+                                                    metric=code))
                             continue
-                    if sign < 0 and m.aggregation not in ADDITIVE:
+                    if sign < 0 and not additive:
                         ignored += 1
                         continue
-                    wstart = ts - ts % window_ms
-                    gb = m.group_by
                     if not gb:
                         dims = _NO_DIMS
                     elif len(gb) == 1:
                         dims = (_dim(props.get(gb[0])),)
                     else:
                         dims = tuple([_dim(props.get(g)) for g in gb])
-                    wk = (m.code, wstart, dims)
-                    acc = windows.get(wk)
-                    if acc is None:
-                        acc = windows[wk] = new_acc(m.aggregation)
-                        acc.expires = self._window_expiry(wstart + window_ms - 1, kind, anchor, pstart, pend)
-                        if acc.expires < self.next_evict:
-                            self.next_evict = acc.expires
-                    acc.add(v, ts, sign)
-                    dirty_w.add(wk)
-                    acc = periods.get(pk)
-                    if acc is None:
-                        acc = periods[pk] = new_acc(m.aggregation)
-                        acc.expires = pend + grace_ms
-                        if acc.expires < self.next_evict:
-                            self.next_evict = acc.expires
-                    dirty_p.add(pk)
+                    row = rowc.get(code)
+                    if row is not None and row[0] == wstart and row[2] == pstart and row[1] == dims:
+                        _, _, _, wacc, pk, acc, check_advance, info, rate = row
+                        wacc.add(v, ts, sign)
+                    else:
+                        wk = (code, wstart, dims)
+                        wacc = windows.get(wk)
+                        if wacc is None:
+                            wacc = windows[wk] = new_acc(agg)
+                            wacc.expires = self._window_expiry(wstart + window_ms - 1, kind, anchor, pstart, pend)
+                            if wacc.expires < self.next_evict:
+                                self.next_evict = wacc.expires
+                        wacc.add(v, ts, sign)
+                        dirty_w.add(wk)
+                        pk = (code, pstart, pend)
+                        acc = periods.get(pk)
+                        if acc is None:
+                            acc = periods[pk] = new_acc(agg)
+                            acc.expires = pend + grace_ms
+                            if acc.expires < self.next_evict:
+                                self.next_evict = acc.expires
+                        dirty_p.add(pk)
+                        check_advance = True  # the period-advance check below is still to run for this row
+                        info = infos.get(code)
+                        rate = credit.get(code)
+                        row = rowc[code] = [wstart, dims, pstart, wacc, pk, acc, True, info, rate]
                     if not evaluated:
                         acc.add(v, ts, sign)
                         continue
                     # -- entitlements: only for metrics this customer's subscription evaluates
-                    code = m.code
-                    info = infos.get(code)
-                    rate = credit.get(code)
                     if info is None and rate is None:
                         acc.add(v, ts, sign)
                         continue
-                    cur = ent.cur.get(code)
-                    if cur is None or cur[1] < pstart:
-                        ent.advance(code, pk, me, usage_of, alerts)
-                    if not m.per_event:
+                    if check_advance:
+                        row[6] = False
+                        cur = ent.cur.get(code)
+                        if cur is None or cur[1] < pstart:
+                            ent.advance(code, pk, me, usage_of, alerts)
+                    if not per_event:
                         if pk not in deferred:
                             deferred[pk] = [acc.value(), me]
                         else:
                             deferred[pk][1] = me
                         acc.add(v, ts, sign)
                         continue
-                    additive = m.aggregation in ADDITIVE
                     before = acc.value() if rate is not None and not additive else 0.0
                     acc.add(v, ts, sign)
                     if info is not None:
@@ -260,7 +278,9 @@ class CustomerMeter:
                             lvl = ent.level(pk, info)
                         if usage >= lvl or pk in ent.blocked:
                             ent.evaluate(code, pk, usage, me, usage_of, alerts)
-                            infos, credit, evaluated = ent.infos, ent.credit, ent.evaluated  # a plan may have moved
+                            if ent.infos is not infos:  # the plan moved: other entitlements from the next metric on
+                                infos, credit, evaluated = ent.infos, ent.credit, ent.evaluated
+                                rowc = self._rows = {}
                         else:
                             ent.touched.add(pk)
                     if rate is not None:
@@ -268,7 +288,9 @@ class CustomerMeter:
                             ent.spend(code, 1 if v is None else v, sign, me, pk, alerts)
                         else:
                             ent.spend(code, acc.value() - before, 1, me, pk, alerts)
-                        infos, credit, evaluated = ent.infos, ent.credit, ent.evaluated
+                        if ent.infos is not infos:
+                            infos, credit, evaluated = ent.infos, ent.credit, ent.evaluated
+                            rowc = self._rows = {}
             self._period = (pstart, pend)
         for pk, (before, me) in deferred.items():  # p95/p99: once per batch, on its last event
             code = pk[0]
@@ -278,12 +300,20 @@ class CustomerMeter:
             if code in ent.credit:
                 ent.spend(code, usage - before, 1, me, pk, alerts)
         self.wm = wm
-        gateway, wallets = ent.gateway(usage_of, now_ms()) if (ent.touched or ent.deleted or ent.wallet_dirty) \
-            else ([], [])
+        gateway: List[Any] = []
+        wallets: List[Any] = []
+        if ent.touched or ent.deleted or ent.wallet_dirty:
+            if rules.gateway_states:
+                gateway, wallets = ent.gateway(usage_of, now_ms())
+            else:  # nothing consumes live gateway state (no [redis]): do not build it
+                ent.touched.clear()
+                ent.deleted.clear()
+                ent.wallet_dirty = False
         if flush:
             out = self._emit(dirty_w, dirty_p, ent.rule, dead)
             self.dirty_w = set()
             self.dirty_p = set()
+            self._rows = {}
             if wm > self.next_evict:
                 self._evict()
         else:

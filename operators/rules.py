@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import msgspec
 
-from operators.aggregate import NEEDS_NUMBER
+from operators.aggregate import ADDITIVE, NEEDS_NUMBER
 from operators.periods import CALENDAR_ANCHOR_MS
 from operators.timeutil import dt_to_ms, parse_duration_ms
 from schemas.config import Config, EntitlementConfig, EntitlementOverride, SubscriptionConfig, WalletConfig
@@ -75,6 +75,9 @@ class Rules:
         self.grace_ms = cfg.pipeline.late_grace_ms
         self.dedupe_ms = cfg.pipeline.dedupe_window_ms
         self.flush_ms = parse_duration_ms(cfg.pipeline.flush_interval)
+        # Build live gateway state (Emission.gateway / wallets) for a consumer; the dataflow turns it off
+        # when no sink reads it (no [redis] section).
+        self.gateway_states = True
         self.metrics: Dict[str, MetricRule] = {}
         self.by_event_type: Dict[str, Tuple[MetricRule, ...]] = {}
         for m in cfg.metrics:
@@ -85,6 +88,11 @@ class Rules:
                               per_event=m.aggregation not in ("p95", "p99"))
             self.metrics[m.code] = rule
             self.by_event_type[m.event_type] = self.by_event_type.get(m.event_type, ()) + (rule,)
+        # The hot path's view of by_event_type: one flat tuple per metric, unpacked in one step.
+        self.fold_by_event_type: Dict[str, Tuple[Tuple[Any, ...], ...]] = {
+            t: tuple((r, r.code, r.where, r.prop, r.needs_number, r.aggregation in ADDITIVE, r.group_by, r.per_event,
+                      r.aggregation) for r in rs)
+            for t, rs in self.by_event_type.items()}
         self.plan_codes = frozenset(p.code for p in cfg.plans)
         self.subscription_configs: Dict[str, SubscriptionConfig] = {
             s.tenant_id + "|" + s.customer_id: s for s in cfg.subscriptions
