@@ -516,7 +516,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     mf = bench.rows.get("meterflow-1w")
                     if mf is not None and mf.ran:
                         mf.state_bytes_per_id = c["dedupe_bytes_per_id"]
-                        mf.state_how = "tracemalloc: CustomerMeter dedupe dicts / ids"
+                        mf.state_how = "tracemalloc: CustomerMeter dedupe tables (IdTable) / ids"
             if not args.no_latency:
                 mf = bench.rows.get("meterflow-1w")
                 base_rate = args.latency_rate or (int(mf.eps / 2) if mf is not None and mf.ran else 5000)

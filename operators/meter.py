@@ -5,7 +5,8 @@ needs, so one recoverable snapshot covers dedupe and aggregates together (a
 replay can never see an id as "seen" without its effect, or the reverse).
 
 Memory bound, stated: per customer,
-- ``seen``: one entry per event id until its billing period stops accepting late
+- ``seen``: one 64-bit fingerprint and its expiry per event id (``operators.dedupe.IdTable``, about
+  36 bytes per id instead of ~124 for a dict of strings) until its billing period stops accepting late
   events (period end + ``late_grace`` < watermark) and at least ``dedupe_window``
   of watermark progress after it was seen. Keeping ids for the whole open period
   is what makes totals independent of the order partitions are read in;
@@ -24,6 +25,7 @@ import pickle
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from operators.aggregate import ADDITIVE, Acc, new_acc
+from operators.dedupe import IdTable
 from operators.entitlements import Entitlements, EntitlementUpdate
 from operators.mediate import dead_letter, matches
 from operators.periods import period_bounds
@@ -32,9 +34,14 @@ from operators.stats import STATS, FlowStats
 from operators.timeutil import now_ms
 from schemas.records import Emission, PeriodAggregate, WindowAggregate
 
-STATE_VERSION = 3  # 2: ids map to their expiry; pending dirty rows joined the snapshot; 3: entitlement state
+STATE_VERSION = 4  # 2: ids map to their expiry; pending dirty rows joined the snapshot; 3: entitlement state;
+#                   4: ids kept as fingerprints in an IdTable (a version 3 snapshot is converted on restore)
 _MAX_NUMBER = 1e300  # larger magnitudes (or a JSON 1e400 read as inf) are rejected, so sums stay finite
 _NO_DIMS: Tuple[str, ...] = ()
+# Expired ids already count as unseen, so evicting them only frees memory: doing it once the watermark is an
+# hour past the earliest expiry (not at every batch that passes one) keeps the rebuilds rare at period ends,
+# where each id seen in the last dedupe_window has its own expiry.
+_DEDUPE_EVICT_SLACK_MS = 3_600_000
 
 WindowKey = Tuple[str, int, Tuple[str, ...]]  # metric, window_start, dimension values
 PeriodKey = Tuple[str, int, int]  # metric, period_start, period_end
@@ -52,7 +59,7 @@ class CustomerMeter:
         self.key = key
         self.tenant_id, _, self.customer_id = key.partition("|")
         self.stats = stats
-        self.seen: Dict[str, int] = {}
+        self.seen = IdTable()
         self.wm = 0
         self.windows: Dict[WindowKey, Acc] = {}
         self.periods: Dict[PeriodKey, Acc] = {}
@@ -87,6 +94,11 @@ class CustomerMeter:
 
     def _restore(self, data: bytes) -> None:
         state = pickle.loads(data)
+        if state[0] == 3:  # the previous layout: the same, with ids in a dict of strings
+            ids = IdTable(reserve=len(state[2]))
+            for eid, expiry in state[2].items():
+                ids.check_add_id(eid, expiry, 0)
+            state = (STATE_VERSION, state[1], ids) + tuple(state[3:])
         if state[0] != STATE_VERSION:
             raise ValueError(f"snapshot of {state[1]!r} has state version {state[0]}, this build reads {STATE_VERSION}")
         (_, key, self.seen, self.wm, self.windows, self.periods, self.excluded, self.dirty_w, self.dirty_p,
@@ -96,7 +108,7 @@ class CustomerMeter:
         self.ent = Entitlements(self.rules, key)
         self.ent.restore(ent_state)
         self._recompute_next_evict()
-        self.next_dedupe_evict = min(self.seen.values()) if self.seen else 1 << 62
+        self.next_dedupe_evict = self.seen.min_expiry()
 
     def is_empty(self) -> bool:
         return not (self.seen or self.windows or self.periods or self.excluded)
@@ -134,7 +146,7 @@ class CustomerMeter:
         window_ms = rules.window_ms
         grace_ms = rules.grace_ms
         ent = self.ent
-        seen = self.seen
+        seen_check = self.seen.check_add_id
         windows, periods, excluded_counts = self.windows, self.periods, self.excluded
         wm = self.wm
         dedupe_ms = rules.dedupe_ms
@@ -166,19 +178,18 @@ class CustomerMeter:
                 eid = ev.event_id
                 if me.wm > wm:
                     wm = me.wm
-                expiry = seen.get(eid)
-                if expiry is not None and expiry >= wm:  # expired ids count as unseen, however late evicted
-                    dup += 1
-                    continue
                 ts = me.ts
                 if not pstart <= ts < pend:
                     pstart, pend = period_bounds(ts, kind, anchor)
                 # Remember the id while its period accepts events (so a retry can never count twice,
-                # whatever the read order) and for at least dedupe_window.
+                # whatever the read order) and for at least dedupe_window. An id whose expiry passed
+                # counts as unseen, however late it is evicted.
                 expiry = pend + grace_ms
                 if expiry < wm + dedupe_ms:
                     expiry = wm + dedupe_ms
-                seen[eid] = expiry
+                if seen_check(eid, expiry, wm):
+                    dup += 1
+                    continue
                 if expiry < self.next_dedupe_evict:
                     self.next_dedupe_evict = expiry
                 metrics = by_type.get(ev.event_type)
@@ -321,7 +332,7 @@ class CustomerMeter:
         out.alerts = alerts
         out.gateway = gateway
         out.wallets = wallets
-        if wm > self.next_dedupe_evict:
+        if wm > self.next_dedupe_evict + _DEDUPE_EVICT_SLACK_MS:
             self._evict_seen()
         self.stats.add_metered(n - dup, dup, excl, unmetered, ignored, len(dead))
         if alerts or unevaluated:
@@ -380,12 +391,9 @@ class CustomerMeter:
     def _evict_seen(self) -> None:
         # An id expires once its period closed for late events (a retry would be too_late anyway)
         # and dedupe_window passed: forgetting it can no longer change any total, whatever the
-        # order partitions are read in. One scan per expiry point (about once per period).
-        wm = self.wm
-        seen = self.seen
-        for eid in [eid for eid, expiry in seen.items() if expiry < wm]:
-            del seen[eid]
-        self.next_dedupe_evict = min(seen.values()) if seen else 1 << 62
+        # order partitions are read in. The table keeps its size (reserve), so a customer with steady
+        # volume never regrows it.
+        self.next_dedupe_evict = self.seen.evict(self.wm, reserve=len(self.seen))
 
 
 def _dim(v: Any) -> str:
