@@ -4,13 +4,27 @@
 ``TestingSource``/``TestingSink``); :func:`flow_from_config` picks them from the
 configuration. ``python -m bytewax.run "dataflows.metering:flow"`` builds the
 module-level ``flow`` from ``METER_CONFIG`` (and ``METER_INPUT`` in embedded mode).
+
+The meter step is keyed by shard, not by customer: mediation bundles each batch's
+customers into ``pipeline.shards`` shards (a stable hash of ``tenant|customer``) and
+one :class:`_ShardLogic` per shard holds a :class:`CustomerMeter` per customer, so
+Bytewax routes, schedules and snapshots a few dozen keys per batch whatever the
+number of customers. Changelog records are re-keyed to their customer's shard.
+
+Delivery: every output is an idempotent upsert (rows carry a growing ``version``,
+dead letters and alerts deterministic ids) and sinks write synchronously, so
+Bytewax's at-least-once replay from the last snapshot leaves the outputs of one
+clean run. Alerts, gateway state, wallets and dead letters leave with the batch
+that produced them; changed rollup rows at the next flush tick (every
+``pipeline.flush_interval``), pending ones being part of the snapshot.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from datetime import datetime, timedelta, timezone
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
@@ -21,55 +35,153 @@ from bytewax.outputs import Sink
 from operators.changelog import ChangelogMediator
 from operators.entitlements import EntitlementUpdate
 from operators.errors import MeterError
-from operators.mediate import Mediator
+from operators.mediate import Mediator, customer_key, shard_of
 from operators.meter import CustomerMeter
 from operators.rules import Rules
 from schemas.config import Config, load_config
 from schemas.records import Emission
 
 
-class _MeterLogic(StatefulBatchLogic):
-    """Bytewax glue around :class:`CustomerMeter` (the key arrives with the first event).
+SHARD_STATE_VERSION = 1  # layout of a shard's snapshot: (version, shard count, {tenant|customer: meter bytes})
 
-    Dead letters leave with the batch that raised them. Changed rollup rows leave at once when the
-    key has not flushed within ``pipeline.flush_interval``, otherwise at the next notification, so a
-    busy customer writes each row about once per interval instead of once per batch.
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class _ShardLogic(StatefulBatchLogic):
+    """Bytewax glue: one logic per shard (``pipeline.shards``), one :class:`CustomerMeter` per ``tenant|customer``
+    key routed to the shard (:func:`operators.mediate.shard_of`). Bytewax routes, schedules and snapshots a
+    few dozen shards instead of every customer, and each shard answers a batch with at most one Emission.
+
+    Values arrive in order: ``{tenant|customer: [MeteredEvent, ...]}`` bundles from mediation and
+    :class:`EntitlementUpdate` changelog records; each customer's share goes to its meter in that order, in
+    one :meth:`CustomerMeter.process` call per customer and batch. A mediation batch's dead letters arrive
+    as an Emission in one of the batch's shards and leave with that shard's outputs.
+
+    Dead letters, alerts, gateway state and wallets leave with the batch that produced them. Changed rollup
+    rows leave at flush ticks: ticks fall on multiples of ``pipeline.flush_interval`` of the wall clock, the
+    same instants in every shard and process, and at a tick the rows of every customer of the shard changed
+    since the last tick leave together (at once when the tick has passed when a batch arrives, otherwise at
+    the notification), so each changed row is written once per interval and sinks get few, large batches.
+    Pending rows are part of each meter's state, so a resume re-emits them.
+
+    Snapshots (only with recovery): ``(SHARD_STATE_VERSION, shards, {tenant|customer: bytes})``; only the
+    customers processed or flushed since the shard's last snapshot are pickled again, the others keep their
+    previous bytes. Resuming rebuilds every customer of the shard and feeds each one's watermark to the
+    mediator; a snapshot taken with another shard count is refused (its customers would no longer meet
+    their events).
     """
 
-    def __init__(self, rules: Rules, resume: Optional[bytes], recoverable: bool, mediator: Mediator) -> None:
+    def __init__(self, rules: Rules, shards: int, resume: Any, recoverable: bool, mediator: Mediator,
+                 clock: Callable[[], int] = _wall_ms) -> None:
         self._rules = rules
+        self._shards = shards
         self._recoverable = recoverable
-        self._interval = timedelta(milliseconds=rules.flush_ms)
-        self._next_flush = _EPOCH_DT
-        self._meter: Optional[CustomerMeter] = None
+        self._interval = rules.flush_ms
+        self._clock = clock
+        self._meters: Dict[str, CustomerMeter] = {}
+        self._dirty: Set[str] = set()  # customers with changed rows waiting for the next tick
+        self._changed: Set[str] = set()  # customers whose state changed since the last snapshot
+        self._snaps: Dict[str, bytes] = {}  # every customer's latest snapshot
+        self._next_flush = 0  # epoch ms of the next tick; 0: the first batch flushes at once
+        self._notify: Optional[datetime] = None  # _next_flush as a datetime, for notify_at
         if resume is not None:
-            self._meter = CustomerMeter.from_snapshot(rules, resume)
+            self._resume(resume, mediator)
+
+    def _resume(self, state: Any, mediator: Mediator) -> None:
+        if isinstance(state, bytes):
+            raise MeterError("the recovery directory holds per-customer snapshots from a build without "
+                             "pipeline.shards; resume it with that build, or start with a new recovery directory")
+        if not (isinstance(state, tuple) and len(state) == 3 and state[0] == SHARD_STATE_VERSION):
+            raise MeterError(f"unrecognised snapshot of the meter step (expected shard state version "
+                             f"{SHARD_STATE_VERSION}); start with a new recovery directory")
+        _version, shards, snaps = state
+        if shards != self._shards:
+            raise MeterError(f"the recovery snapshots were taken with pipeline.shards = {shards}, but this flow "
+                             f"has pipeline.shards = {self._shards}: customers would be routed to shards that do "
+                             f"not hold their state. Set pipeline.shards = {shards} (or METER_PIPELINE_SHARDS) to "
+                             "resume, or start with a new recovery directory")
+        rules = self._rules
+        for key, data in snaps.items():
+            meter = CustomerMeter.from_snapshot(rules, data)
+            if meter.key != key:
+                raise MeterError(f"shard snapshot: the state stored for {key!r} belongs to {meter.key!r}")
+            self._meters[key] = meter
             # The process watermark is not stored by itself: the greatest watermark any resumed
             # customer had seen is exactly the watermark at the snapshot.
-            mediator.observe_watermark(self._meter.wm)
+            mediator.observe_watermark(meter.wm)
+            if meter.has_dirty():
+                self._dirty.add(key)
+        self._snaps = dict(snaps)
 
     def on_batch(self, values: List[Any]) -> Tuple[List[Emission], bool]:
-        meter = self._meter
-        if meter is None:
-            first = values[0]
-            if type(first) is EntitlementUpdate:
-                key = first.message.tenant_id + "|" + first.message.customer_id
-            else:
-                key = first[0].event.tenant_id + "|" + first[0].event.customer_id
-            meter = self._meter = CustomerMeter(self._rules, key)
-        now = datetime.now(timezone.utc)
+        out = _Merged()
+        if len(values) == 1 and type(values[0]) is dict:  # the usual case: one bundle of event lists
+            work: Any = [(key, [events]) for key, events in values[0].items()]
+        else:
+            work = self._gather(values, out)
+        now = self._clock()
         due = now >= self._next_flush
-        em = meter.process(values, flush=due)
+        meters, dirty, rules = self._meters, self._dirty, self._rules
+        for key, items in work:
+            meter = meters.get(key)
+            if meter is None:
+                meter = meters[key] = CustomerMeter(rules, key)
+            out.add(meter.process(items, flush=due))
+            if not due and meter.has_dirty():
+                dirty.add(key)
+        if self._recoverable:
+            self._changed.update([key for key, _ in work])
         if due:
-            self._next_flush = now + self._interval
-        if em.windows or em.periods or em.dead_letters or em.alerts or em.gateway or em.wallets:
-            return [em], StatefulBatchLogic.RETAIN
-        return [], StatefulBatchLogic.RETAIN
+            self._flush_dirty(out, now)
+        return out.emit(), StatefulBatchLogic.RETAIN
+
+    @staticmethod
+    def _gather(values: List[Any], out: "_Merged") -> List[Tuple[str, List[Any]]]:
+        """Each customer's event lists and changelog records, in arrival order; mediation's dead letters
+        (an Emission) pass straight to ``out``."""
+        per: Dict[str, List[Any]] = {}
+        for v in values:
+            if type(v) is Emission:
+                out.add(v)
+                continue
+            if type(v) is EntitlementUpdate:
+                key = customer_key(v.message.tenant_id, v.message.customer_id)
+                items = per.get(key)
+                if items is None:
+                    per[key] = [v]
+                else:
+                    items.append(v)
+                continue
+            for key, events in v.items():
+                items = per.get(key)
+                if items is None:
+                    per[key] = [events]
+                else:
+                    items.append(events)
+        return list(per.items())
+
+    def _flush_dirty(self, out: "_Merged", now: int) -> None:
+        """The tick: every pending row of the shard leaves; the next tick is scheduled."""
+        meters = self._meters
+        for key in self._dirty:
+            meter = meters[key]
+            if meter.has_dirty():  # (a customer of this batch was already flushed by process)
+                out.add(meter.flush())
+        if self._recoverable:
+            self._changed.update(self._dirty)
+        self._dirty = set()
+        interval = self._interval
+        self._next_flush = now - now % interval + interval if interval > 0 else 0
+        self._notify = None
 
     def notify_at(self) -> Optional[datetime]:
-        if self._meter is not None and self._meter.has_dirty():
-            return self._next_flush
-        return None
+        if not self._dirty:
+            return None
+        if self._notify is None:
+            self._notify = _EPOCH_DT + timedelta(milliseconds=self._next_flush)
+        return self._notify
 
     def on_notify(self) -> Tuple[List[Emission], bool]:
         return self._drain()
@@ -78,18 +190,56 @@ class _MeterLogic(StatefulBatchLogic):
         return self._drain()
 
     def _drain(self) -> Tuple[List[Emission], bool]:
-        if self._meter is None or not self._meter.has_dirty():
+        if not self._dirty:
             return [], StatefulBatchLogic.RETAIN
-        self._next_flush = datetime.now(timezone.utc) + self._interval
-        return [self._meter.flush()], StatefulBatchLogic.RETAIN
+        out = _Merged()
+        self._flush_dirty(out, self._clock())
+        return out.emit(), StatefulBatchLogic.RETAIN
 
-    def snapshot(self) -> Optional[bytes]:
+    def snapshot(self) -> Any:
         # Bytewax asks for snapshots every epoch even without recovery; only pay for them when they are kept.
         if not self._recoverable:
             return None
-        if self._meter is None:  # pragma: no cover - bytewax snapshots only keys that saw items
-            raise MeterError("snapshot requested before any event reached this key")
-        return self._meter.snapshot()
+        snaps, meters = self._snaps, self._meters
+        for key in self._changed:
+            snaps[key] = meters[key].snapshot()
+        self._changed = set()
+        # A copy: Bytewax may serialise the snapshot after this logic has moved on.
+        return (SHARD_STATE_VERSION, self._shards, dict(snaps))
+
+
+class _Merged:
+    """The outputs of many customers' Emissions gathered into one (each customer's order kept)."""
+
+    __slots__ = ("windows", "periods", "dead_letters", "alerts", "gateway", "wallets")
+
+    def __init__(self) -> None:
+        self.windows: List[Any] = []
+        self.periods: List[Any] = []
+        self.dead_letters: List[Any] = []
+        self.alerts: List[Any] = []
+        self.gateway: List[Any] = []
+        self.wallets: List[Any] = []
+
+    def add(self, em: Emission) -> None:
+        if em.windows:
+            self.windows += em.windows
+        if em.periods:
+            self.periods += em.periods
+        if em.dead_letters:
+            self.dead_letters += em.dead_letters
+        if em.alerts:
+            self.alerts += em.alerts
+        if em.gateway:
+            self.gateway += em.gateway
+        if em.wallets:
+            self.wallets += em.wallets
+
+    def emit(self) -> List[Emission]:
+        if self.windows or self.periods or self.dead_letters or self.alerts or self.gateway or self.wallets:
+            return [Emission(windows=self.windows, periods=self.periods, dead_letters=self.dead_letters,
+                             alerts=self.alerts, gateway=self.gateway, wallets=self.wallets)]
+        return []
 
 
 _EPOCH_DT = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -104,15 +254,20 @@ def _drop_key(kv: Tuple[str, Emission]) -> Emission:
 
 
 def build_flow(config: Config, source: Source, sinks: Sequence[Tuple[str, Sink]], flow_id: str = "meterflow",
-               recoverable: bool = True, entitlements: Optional[Source] = None) -> Dataflow:
+               recoverable: bool = True, entitlements: Optional[Source] = None,
+               gateway_states: Optional[bool] = None) -> Dataflow:
     """Wire the metering dataflow. ``source`` emits ``(src, raw_bytes)``; every sink receives :class:`Emission`s.
 
     ``entitlements`` (optional) emits changelog records ``(src, raw_bytes)`` that are joined into the
     same keyed state as the events, so a subscription change applies to the customer's next event.
     ``recoverable=False`` (a run without a recovery directory) skips building state snapshots.
+    ``gateway_states`` (default: whether ``[redis]`` is configured) builds the live gateway and wallet
+    states (``Emission.gateway``/``wallets``), which only the Redis sink reads.
     """
     rules = Rules(config)
-    mediator = Mediator(config)
+    rules.gateway_states = config.redis is not None if gateway_states is None else gateway_states
+    shards = config.pipeline.shards
+    mediator = Mediator(config, shards=shards)
     flow = Dataflow(flow_id)
     raw = op.input("ingest", flow, source)
     mediated = op.flat_map_batch("mediate", raw, mediator)
@@ -122,9 +277,13 @@ def build_flow(config: Config, source: Source, sinks: Sequence[Tuple[str, Sink]]
         changes = op.flat_map_batch("mediate_entitlements", op.input("entitlements_in", flow, entitlements),
                                     ChangelogMediator(config))
         csplit = op.branch("split_bad_entitlements", changes, _is_keyed)
-        keyed = op.merge("events_and_changes", keyed, csplit.trues)
+        # Changelog records are keyed tenant|customer: route each to its customer's shard.
+        to_shard = op.map("shard_entitlements", csplit.trues,
+                          lambda kv: (shard_of(kv[0], shards), kv[1]))
+        keyed = op.merge("events_and_changes", keyed, to_shard)
         dead = op.merge("all_dead_letters", dead, csplit.falses)
-    metered = op.stateful_batch("meter", keyed, lambda resume: _MeterLogic(rules, resume, recoverable, mediator))
+    metered = op.stateful_batch("meter", keyed,
+                                lambda resume: _ShardLogic(rules, shards, resume, recoverable, mediator))
     emissions = op.merge("emissions", op.map("drop_key", metered, _drop_key), dead)
     for name, sink in sinks:
         op.output(name, emissions, sink)
@@ -203,5 +362,9 @@ def __getattr__(name: str) -> Any:
         raise MeterError("set METER_CONFIG to the configuration file to run dataflows.metering:flow")
     inputs = [p for p in os.environ.get("METER_INPUT", "").split(",") if p]
     changes = [p for p in os.environ.get("METER_ENTITLEMENTS_INPUT", "").split(",") if p]
-    return flow_from_config(load_config(path), inputs, stop_at_end=os.environ.get("METER_STOP_AT_END") == "1",
-                            entitlements=changes)
+    from meterflow.runner import tune_gc
+
+    built = flow_from_config(load_config(path), inputs, stop_at_end=os.environ.get("METER_STOP_AT_END") == "1",
+                             entitlements=changes)
+    tune_gc()
+    return built

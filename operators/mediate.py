@@ -4,11 +4,20 @@ Runs on whole batches (``flat_map_batch``). For one input batch it returns one
 ``(key, [MeteredEvent, ...])`` item per ``tenant|customer`` key, plus one
 :class:`Emission` holding the batch's dead letters, so the rest of the flow
 handles items per key and batch rather than per event.
+
+With ``shards`` (what the dataflow uses, ``pipeline.shards``) the customers' groups
+are bundled per shard instead: one ``(shard key, {tenant|customer: [MeteredEvent, ...]})``
+item per shard that has events in the batch, the shard being :func:`shard_of` the
+customer key, and the dead letters as ``(shard key, Emission)`` to one of those
+shards, which passes them on with its outputs. Bytewax then routes a few dozen
+items per batch rather than one per customer, and one keyed logic per shard holds
+that shard's customers.
 """
 
 from __future__ import annotations
 
 import hashlib
+import zlib
 from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
 import msgspec
@@ -29,6 +38,17 @@ def customer_key(tenant_id: str, customer_id: str) -> str:
     'acme|cust_456'
     """
     return tenant_id + KEY_SEP + customer_id
+
+
+def shard_of(key: str, shards: int) -> str:
+    """The shard (a Bytewax state key) of a ``tenant|customer`` key: CRC-32 of its UTF-8 bytes modulo
+    ``shards``. Stable across processes, restarts and Python versions (unlike ``hash``), so a customer's
+    events, its changelog records and its recovered state always meet in the same shard.
+
+    >>> shard_of("acme|cust_456", 64), shard_of("acme|cust_456", 64) == shard_of("acme|cust_456", 64)
+    ('8', True)
+    """
+    return str(zlib.crc32(key.encode()) % shards)
 
 
 def format_source(src: Any) -> str:
@@ -87,7 +107,8 @@ class _TenantRule(msgspec.Struct, frozen=True):
 class Mediator:
     """Stateless per event except for the process watermark; call it with a batch of ``(src, raw)``."""
 
-    def __init__(self, cfg: Config, stats: FlowStats = STATS) -> None:
+    def __init__(self, cfg: Config, stats: FlowStats = STATS, shards: Optional[int] = None) -> None:
+        self._shards = shards  # None: one item per customer; n: one item per shard (see the module docstring)
         self._tenants: Dict[str, _TenantRule] = {
             t.id: _TenantRule(tuple(t.exclude_when.items()), frozenset(t.excluded_customers)) for t in cfg.tenants
         }
@@ -155,7 +176,24 @@ class Mediator:
         if wm > self.watermark:
             self.watermark = wm
         self._stats.add({"read": len(batch), "dead_lettered": len(dead)})
-        out: List[Any] = list(groups.items())
+        shards = self._shards
+        if shards is None:
+            out: List[Any] = list(groups.items())
+        else:
+            by_shard: Dict[str, Dict[str, List[MeteredEvent]]] = {}
+            for key, group in groups.items():
+                shard = str(zlib.crc32(key.encode()) % shards)  # shard_of, inlined: once per customer and batch
+                bundle = by_shard.get(shard)
+                if bundle is None:
+                    by_shard[shard] = {key: group}
+                else:
+                    bundle[key] = group
+            out = list(by_shard.items())
+            if dead:
+                # Keyed too, to the shard of the first customer (or shard 0): the batch's dead letters then
+                # leave in the same sink batch as its metered outputs instead of a separate write per batch.
+                out.append((out[0][0] if out else "0", Emission(dead_letters=dead)))
+            return out
         if dead:
             out.append(Emission(dead_letters=dead))
         return out

@@ -42,6 +42,9 @@ class PipelineConfig(_Frozen):
     epoch_interval: str = "2s"
     # How often a busy customer's changed rollup rows are written (alerts never wait for this).
     flush_interval: str = "1s"
+    # Keyed state is routed in this many shards (stable hash of tenant|customer), one Bytewax key each.
+    # Part of the recovery state: a flow resumes only with the shard count its snapshots were taken with.
+    shards: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 256
 
     @property
     def rollup_window_ms(self) -> int:

@@ -13,11 +13,17 @@ earlier detections), so ``alerts_log`` agrees with the JSONL file and webhooks.
 The same code talks to a ClickHouse server (``http://host:8123/db``) and to
 embedded chDB (``chdb:///path``); chDB allows one data path per process, so the
 embedded client is shared and its calls serialised.
+
+Per row the sink does as little Python as it can: one insert context per table is
+made when the partition is built (column types read once, not per insert), and a
+batch is handed over column-oriented, one list per column read straight off the
+records, rather than as rows that the driver would transpose again.
 """
 
 from __future__ import annotations
 
 import threading
+from itertools import chain
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import urlparse
@@ -80,11 +86,13 @@ _DDL = [
        FROM {db}.alert_rows FINAL""",
 ]
 
-WINDOW_COLUMNS = ["tenant_id", "customer_id", "metric", "window_start", "window_end", "dims_key", "dimensions",
-                  "value", "events", "version", "updated_at"]
+# Insert column orders: the record's fields in declaration order (schemas.records), then the derived ones,
+# so that a batch's columns are its records transposed.
+WINDOW_COLUMNS = ["tenant_id", "customer_id", "metric", "window_start", "window_end", "dimensions", "value", "events",
+                  "version", "dims_key", "updated_at"]
 PERIOD_COLUMNS = ["tenant_id", "customer_id", "metric", "period_start", "period_end", "value", "included",
                   "overage_units", "events", "excluded_events", "version", "updated_at"]
-DEAD_COLUMNS = ["dl_id", "received_at", "reason", "detail", "source", "tenant_id", "metric", "payload"]
+DEAD_COLUMNS = ["dl_id", "reason", "detail", "source", "tenant_id", "metric", "payload", "received_at"]
 ALERT_COLUMNS = ["alert_id", "type", "tenant_id", "customer_id", "metric", "period_start", "period_end",
                  "threshold_pct", "included", "usage", "usage_pct", "enforcement", "action", "event_id", "event_time",
                  "ingested_at", "detected_at", "plan", "previous_plan", "account_name", "wallet_balance",
@@ -152,21 +160,40 @@ def connect(cfg: ClickHouseConfig) -> Tuple[LockedClient, str]:
     return client, db
 
 
-def emission_rows(items: List[Emission], at_ms: int) -> Tuple[List[list], List[list], List[list]]:
-    """Flatten a batch of emissions into (window rows, period rows, dead-letter rows) for insert."""
-    wrows, prows, drows = [], [], []
-    for e in items:
-        for w in e.windows:
-            dims = w.dimensions
-            dims_key = "\x1f".join(f"{k}={dims[k]}" for k in sorted(dims)) if dims else ""
-            wrows.append([w.tenant_id, w.customer_id, w.metric, w.window_start, w.window_end, dims_key, dims,
-                          w.value, w.events, w.version, at_ms])
-        for p in e.periods:
-            prows.append([p.tenant_id, p.customer_id, p.metric, p.period_start, p.period_end, p.value, p.included,
-                          p.overage_units, p.events, p.excluded_events, p.version, at_ms])
-        for d in e.dead_letters:
-            drows.append([d.dl_id, d.received_at, d.reason, d.detail, d.source, d.tenant_id, d.metric, d.payload])
-    return wrows, prows, drows
+def dims_key(dims: Dict[str, str]) -> str:
+    r"""The dimensions as one sortable string (part of a window row's identity).
+
+    >>> dims_key({}), dims_key({"region": "eu", "model": "m"})
+    ('', 'model=m\x1fregion=eu')
+    """
+    return "\x1f".join(f"{k}={dims[k]}" for k in sorted(dims)) if dims else ""
+
+
+def emission_columns(items: List[Emission], at_ms: int) -> Tuple[Optional[list], Optional[list], Optional[list]]:
+    """A batch of emissions as the columns of (window rows, period rows, dead-letter rows) — each None when the
+    batch has no such row — in the orders ``WINDOW_COLUMNS``, ``PERIOD_COLUMNS``, ``DEAD_COLUMNS``.
+
+    One list per column, filled by a comprehension over the records: no per-row list or tuple is made."""
+    wcols = pcols = dcols = None
+    ws = list(chain.from_iterable([e.windows for e in items if e.windows]))
+    if ws:
+        dims = [w.dimensions for w in ws]
+        wcols = [[w.tenant_id for w in ws], [w.customer_id for w in ws], [w.metric for w in ws],
+                 [w.window_start for w in ws], [w.window_end for w in ws], dims, [w.value for w in ws],
+                 [w.events for w in ws], [w.version for w in ws], [dims_key(d) if d else "" for d in dims],
+                 [at_ms] * len(ws)]
+    ps = list(chain.from_iterable([e.periods for e in items if e.periods]))
+    if ps:
+        pcols = [[p.tenant_id for p in ps], [p.customer_id for p in ps], [p.metric for p in ps],
+                 [p.period_start for p in ps], [p.period_end for p in ps], [p.value for p in ps],
+                 [p.included for p in ps], [p.overage_units for p in ps], [p.events for p in ps],
+                 [p.excluded_events for p in ps], [p.version for p in ps], [at_ms] * len(ps)]
+    ds = list(chain.from_iterable([e.dead_letters for e in items if e.dead_letters]))
+    if ds:
+        dcols = [[d.dl_id for d in ds], [d.reason for d in ds], [d.detail for d in ds], [d.source for d in ds],
+                 [d.tenant_id for d in ds], [d.metric for d in ds], [d.payload for d in ds],
+                 [d.received_at for d in ds]]
+    return wcols, pcols, dcols
 
 
 def alert_time_ms(alert: Alert, field: str, optional: bool = False) -> Optional[int]:
@@ -198,19 +225,35 @@ def alert_rows(items: List[Emission]) -> List[list]:
 
 class _ClickHousePartition(StatelessSinkPartition[Emission]):
     def __init__(self, cfg: ClickHouseConfig) -> None:
-        self._client, self._db = connect(cfg)
+        self._client, db = connect(cfg)
+        try:
+            # One reusable insert context per table: the column types are read once here, not per insert.
+            self._windows, self._periods, self._dead, self._alerts = (
+                self._client.create_insert_context(f"{db}.{table}", columns, column_oriented=True)
+                for table, columns in (("usage_window_rows", WINDOW_COLUMNS), ("usage_period_rows", PERIOD_COLUMNS),
+                                       ("dead_letter_rows", DEAD_COLUMNS), ("alert_rows", ALERT_COLUMNS)))
+        except Exception as exc:
+            raise MeterError(f"cannot prepare inserts into ClickHouse at {mask_url(cfg.dsn)} (database {db}): {exc}; "
+                             "check that its tables have this version's columns") from exc
+        # clickhouse-connect imports pandas/numpy lazily on the first insert (~0.3 s): pay it at start-up.
+        from clickhouse_connect.driver import options
+        options.pd, options.np  # noqa: B018 - attribute access triggers the import
+
+    def _insert(self, context: Any, columns: list) -> None:
+        context.data = columns
+        self._client.insert(context=context)
 
     def write_batch(self, items: List[Emission]) -> None:
-        wrows, prows, drows = emission_rows(items, now_ms())
-        if wrows:
-            self._client.insert(f"{self._db}.usage_window_rows", wrows, column_names=WINDOW_COLUMNS)
-        if prows:
-            self._client.insert(f"{self._db}.usage_period_rows", prows, column_names=PERIOD_COLUMNS)
-        if drows:
-            self._client.insert(f"{self._db}.dead_letter_rows", drows, column_names=DEAD_COLUMNS)
+        wcols, pcols, dcols = emission_columns(items, now_ms())
+        if wcols:
+            self._insert(self._windows, wcols)
+        if pcols:
+            self._insert(self._periods, pcols)
+        if dcols:
+            self._insert(self._dead, dcols)
         arows = alert_rows(items)
         if arows:
-            self._client.insert(f"{self._db}.alert_rows", arows, column_names=ALERT_COLUMNS)
+            self._insert(self._alerts, list(zip(*arows)))
 
 
 class ClickHouseSink(DynamicSink[Emission]):

@@ -10,6 +10,7 @@ double-count lines.
 from __future__ import annotations
 
 import sys
+from itertools import islice
 from pathlib import Path
 from typing import Any, BinaryIO, List, Optional, Sequence, Tuple
 
@@ -41,21 +42,14 @@ class _LinePartition(StatefulSourcePartition[Tuple[Any, bytes], Tuple[int, int]]
     def next_batch(self) -> List[Tuple[Any, bytes]]:
         if STOP.is_set():
             raise StopIteration()
-        out: List[Tuple[Any, bytes]] = []
-        readline = self._f.readline
-        label, line_no, offset = self._label, self._line, self._offset
-        for _ in range(self._batch):
-            raw = readline()
-            if not raw:
-                break
-            line_no += 1
-            offset += len(raw)
-            raw = raw.rstrip(b"\r\n")
-            if raw.strip():  # blank lines are layout, not events
-                out.append(((label, line_no), raw))
-        if not out and line_no == self._line:
+        lines = list(islice(self._f, self._batch))  # the file's own line iterator: no Python call per line
+        if not lines:
             raise StopIteration()
-        self._line, self._offset = line_no, offset
+        label, first = self._label, self._line + 1
+        out = [((label, first + i), raw.rstrip(b"\r\n")) for i, raw in enumerate(lines)
+               if raw.strip()]  # blank lines are layout, not events
+        self._line += len(lines)
+        self._offset += sum(map(len, lines))
         return out
 
     def snapshot(self) -> Tuple[int, int]:

@@ -129,12 +129,14 @@ def _process(args: argparse.Namespace) -> int:
     from bytewax.run import cli_main
 
     from dataflows.metering import flow_from_config
+    from meterflow.runner import tune_gc
     from operators.stats import STATS
     from operators.timeutil import parse_duration_ms
     from schemas.config import load_config
 
     cfg = load_config(args.config)
     flow = flow_from_config(cfg, stop_at_end=True, recoverable=False)
+    tune_gc()  # as meter run does
     first: List[float] = []
     done = threading.Event()
 

@@ -321,7 +321,8 @@ def run_flow(cfg, stream, batch_size, workers):
     out = []
     events, changes = flow_inputs(stream)
     flow = build_flow(cfg, TestingSource(events, batch_size=batch_size), [("out", TestingSink(out))],
-                      recoverable=False, entitlements=TestingSource(changes, batch_size=batch_size))
+                      recoverable=False, entitlements=TestingSource(changes, batch_size=batch_size),
+                      gateway_states=True)  # no [redis] here, but the test reads the gateway states
     if workers == 1:
         run_main(flow, epoch_interval=timedelta(seconds=60))
     else:

@@ -160,6 +160,21 @@ def test_included_zero_fires_every_threshold_on_the_first_event_and_blocks():
     assert (g.used, g.included, g.remaining, g.pct, g.state, g.blocked_by) == (2.0, 0.0, 0.0, None, "blocked", "quota")
 
 
+def test_without_a_gateway_consumer_no_gateway_state_is_built_and_alerts_are_the_same():
+    # The dataflow turns gateway states off without [redis]; enforcement and alerts must not depend on it.
+    cfg = config(sub("hard"))
+    items = singles(calls(11) + [ev("c1", JAN + 100, correction=True), ev("c2", JAN + 101, correction=True)])
+    on = run(cfg, *items)
+    off = MeterHarness(cfg)
+    off.rules.gateway_states = False
+    for d in items:
+        off.deliver(d)
+    assert [g for em in on.emissions for g in em.gateway]
+    assert not [g for em in off.emissions for g in em.gateway + em.wallets]
+    assert off.alert_tuples() == on.alert_tuples()
+    assert all(not m.ent.touched and not m.ent.deleted for m in off.meters.values())
+
+
 # -- hard enforcement -------------------------------------------------------------------------------------------
 
 def test_hard_blocks_at_included_and_unblocks_when_a_correction_lowers_usage():

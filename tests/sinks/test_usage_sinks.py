@@ -1,0 +1,140 @@
+"""The usage outputs: ClickHouse rollup, period and dead-letter tables (chDB) and the aggregated and
+dead-letter topics (the real broker). The sinks build columns and messages straight from the records;
+these tests pin what reaches the tables and topics, and that a failed delivery stops the flow."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from operators.errors import MeterError
+from schemas.config import ClickHouseConfig
+from schemas.records import AGGREGATE_DECODER, DeadLetter, Emission, PeriodAggregate, WindowAggregate
+from sinks.clickhouse import (DEAD_COLUMNS, PERIOD_COLUMNS, WINDOW_COLUMNS, ClickHouseSink, connect, dims_key,
+                              emission_columns)
+from sinks.kafka import AggregatedTopicSink, DeadLetterTopicSink
+
+H = 3_600_000
+T = 1_793_491_200_000  # 2026-11-01T00:00:00Z
+
+
+def window(cust, metric, start, value, version, dims=None, tenant="acme"):
+    return WindowAggregate(tenant_id=tenant, customer_id=cust, metric=metric, window_start=start,
+                           window_end=start + H, dimensions=dims or {}, value=value, events=version, version=version)
+
+
+def period(cust, metric, value, version, included=None, excluded=0, tenant="acme"):
+    return PeriodAggregate(tenant_id=tenant, customer_id=cust, metric=metric, period_start=T,
+                           period_end=T + 30 * 24 * H, value=value, included=included,
+                           overage_units=max(0.0, value - included) if included is not None else 0.0,
+                           events=version - excluded, excluded_events=excluded, version=version)
+
+
+def dead(i, payload=b'{"broken'):
+    return DeadLetter(dl_id=f"dl{i}", reason="invalid_json", detail=f"detail {i}", source=f"usage.events/0/{i}",
+                      tenant_id="", metric="", payload=payload, received_at=T + i)
+
+
+EMISSIONS = [
+    Emission(windows=[window("c1", "api_calls", T, 3.0, 3), window("c1", "tokens", T, 0.1 + 0.2, 2,
+                                                                     {"region": "eu", "model": "m-large"})],
+             periods=[period("c1", "api_calls", 3.0, 3, included=2.0)]),
+    Emission(dead_letters=[dead(1), dead(2, b"\x00\xff binary")]),
+    Emission(),
+    Emission(windows=[window("c2", "api_calls", T + H, 1.0, 1, tenant="beta")],
+             periods=[period("c2", "api_calls", 1.0, 2, excluded=1, tenant="beta")]),
+]
+
+
+def test_emission_columns_are_the_records_transposed():
+    wcols, pcols, dcols = emission_columns(EMISSIONS, 42)
+    windows = [w for e in EMISSIONS for w in e.windows]
+    periods = [p for e in EMISSIONS for p in e.periods]
+    deads = [d for e in EMISSIONS for d in e.dead_letters]
+    assert len(wcols) == len(WINDOW_COLUMNS) and len(pcols) == len(PERIOD_COLUMNS) and len(dcols) == len(DEAD_COLUMNS)
+    derived = {"dims_key": lambda w: dims_key(w.dimensions), "updated_at": lambda r: 42}
+    for cols, names, records in ((wcols, WINDOW_COLUMNS, windows), (pcols, PERIOD_COLUMNS, periods),
+                                 (dcols, DEAD_COLUMNS, deads)):
+        for name, col in zip(names, cols):
+            get = derived.get(name) or (lambda r, n=name: getattr(r, n))
+            assert list(col) == [get(r) for r in records], name
+    assert wcols[WINDOW_COLUMNS.index("dims_key")] == ["", "model=m-large\x1fregion=eu", ""]
+    assert emission_columns([Emission(), Emission(dead_letters=[dead(3)])], 0)[:2] == (None, None)
+    assert emission_columns([], 0) == (None, None, None)
+
+
+def test_clickhouse_views_read_the_latest_version_of_each_row(chdb_path, ch_database):
+    cfg = ClickHouseConfig(dsn=f"chdb://{chdb_path}", database=ch_database)
+    part = ClickHouseSink(cfg).build("clickhouse", 0, 1)
+    part.write_batch(EMISSIONS)
+    # a later flush of c1 (higher versions) and a replay of the dead letters (same ids)
+    part.write_batch([Emission(windows=[window("c1", "api_calls", T, 5.0, 5)],
+                               periods=[period("c1", "api_calls", 5.0, 5, included=2.0)],
+                               dead_letters=[dead(1)])])
+    part.write_batch([Emission(windows=[window("c1", "api_calls", T, 4.0, 4)])])  # an older replayed row
+    part.close()
+    client, db = connect(cfg)
+    rows = client.query(f"SELECT tenant_id, customer_id, metric, toUnixTimestamp64Milli(window_start), "
+                        f"toUnixTimestamp64Milli(window_end), dimensions, value, events FROM {db}.usage_by_window "
+                        "ORDER BY tenant_id, customer_id, metric").result_rows
+    assert [tuple(r) for r in rows] == [
+        ("acme", "c1", "api_calls", T, T + H, {}, 5.0, 5),
+        ("acme", "c1", "tokens", T, T + H, {"region": "eu", "model": "m-large"}, 0.30000000000000004, 2),
+        ("beta", "c2", "api_calls", T + H, T + 2 * H, {}, 1.0, 1)]
+    rows = client.query(f"SELECT tenant_id, customer_id, metric, toUnixTimestamp64Milli(period_start), "
+                        f"toUnixTimestamp64Milli(period_end), value, included, overage_units, events, excluded_events "
+                        f"FROM {db}.usage_by_period ORDER BY tenant_id").result_rows
+    assert [tuple(r) for r in rows] == [("acme", "c1", "api_calls", T, T + 720 * H, 5.0, 2.0, 3.0, 5, 0),
+                                        ("beta", "c2", "api_calls", T, T + 720 * H, 1.0, None, 0.0, 1, 1)]
+    rows = client.query(f"SELECT dl_id, reason, detail, source, hex(payload), toUnixTimestamp64Milli(received_at) "
+                        f"FROM {db}.dead_letters ORDER BY dl_id").result_rows
+    assert [tuple(r) for r in rows] == [(d.dl_id, d.reason, d.detail, d.source, d.payload.hex().upper(), d.received_at)
+                                        for d in (dead(1), dead(2, b"\x00\xff binary"))]
+
+
+@pytest.mark.kafka
+def test_aggregated_topic_records_and_keys(kafka):
+    from tests.e2e.support import consume_all
+
+    topic = kafka.create_topic(f"agg-{uuid.uuid4().hex[:8]}", partitions=2)
+    part = AggregatedTopicSink(kafka.bootstrap, topic).build("aggregated_topic", 0, 1)
+    part.write_batch(EMISSIONS)
+    part.write_batch([Emission(dead_letters=[dead(9)]), Emission()])  # nothing to send: no message
+    part.close()
+    msgs = consume_all(kafka.bootstrap, topic, timeout=60)
+    records = [r for e in EMISSIONS for r in (*e.windows, *e.periods)]
+    assert len(msgs) == len(records)
+    got = sorted(((k, AGGREGATE_DECODER.decode(v)) for k, v, _h in msgs), key=repr)
+    assert got == sorted(((f"{r.tenant_id}|{r.customer_id}|{r.metric}".encode(), r) for r in records), key=repr)
+    for _k, value, _h in msgs:  # the contract's shape: tagged by type, every field present
+        assert value.startswith(b'{"type":"window"') or value.startswith(b'{"type":"period"')
+
+
+@pytest.mark.kafka
+def test_dead_letter_topic_keeps_the_payload_and_headers(kafka):
+    from tests.e2e.support import consume_all
+
+    topic = kafka.create_topic(f"dead-{uuid.uuid4().hex[:8]}")
+    part = DeadLetterTopicSink(kafka.bootstrap, topic).build("dead_letter_topic", 0, 1)
+    part.write_batch(EMISSIONS)
+    part.close()
+    msgs = consume_all(kafka.bootstrap, topic, timeout=60)
+    assert [(k, v, dict(h)) for k, v, h in msgs] == [
+        (d.dl_id.encode(), d.payload, {"reason": b"invalid_json", "detail": d.detail.encode(),
+                                       "source": d.source.encode(), "tenant_id": b"", "metric": b"",
+                                       "received_at": str(d.received_at).encode()})
+        for d in (dead(1), dead(2, b"\x00\xff binary"))]
+
+
+@pytest.mark.kafka
+def test_a_delivery_the_broker_refuses_stops_the_flow(kafka):
+    """Only failed deliveries are reported (no callback per message): one must still fail write_batch."""
+    topic = kafka.create_topic(f"small-{uuid.uuid4().hex[:8]}", config={"max.message.bytes": 1000})
+    part = AggregatedTopicSink(kafka.bootstrap, topic).build("aggregated_topic", 0, 1)
+    big = window(os.urandom(2000).hex(), "api_calls", T, 1.0, 1)  # larger than the topic accepts, compressed
+    with pytest.raises(MeterError, match=f"Kafka topic '{topic}': delivery failed"):
+        part.write_batch([Emission(windows=[window("c1", "api_calls", T, 1.0, 1), big])])
+    part.write_batch([Emission(windows=[window("c1", "api_calls", T, 2.0, 2)])])  # the next batch is judged alone
+    part.close()
