@@ -44,7 +44,7 @@ def _config(bootstrap: str, redis_url: str, customers: int, included: List[int],
         '[[metrics]]', 'code = "api_calls"', 'event_type = "api_call"', 'aggregation = "count"', "",
     ]
     for i in range(customers):
-        lines += ["[[plans]]", f'code = "p{i}"', f"[plans.entitlements.api_calls]", f"included = {included[i]}",
+        lines += ["[[plans]]", f'code = "p{i}"', "[plans.entitlements.api_calls]", f"included = {included[i]}",
                   'thresholds = [75, 90, 100]', 'enforcement = "hard"', ""]
     for i in range(customers):
         lines += ["[[subscriptions]]", 'tenant_id = "acme"', f'customer_id = "c{i}"', f'plan = "p{i}"',

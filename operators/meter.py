@@ -24,7 +24,7 @@ from __future__ import annotations
 import pickle
 from typing import Any, Dict, List, Optional, Set, Tuple
 
-from operators.aggregate import ADDITIVE, Acc, new_acc
+from operators.aggregate import Acc, new_acc
 from operators.dedupe import IdTable
 from operators.entitlements import Entitlements, EntitlementUpdate
 from operators.mediate import dead_letter, matches

@@ -162,12 +162,8 @@ def _core(args: argparse.Namespace) -> int:
     import tomllib
     import tracemalloc
 
-    from benchmarks.core_throughput import run_core, run_decode_baseline
+    from benchmarks.core_throughput import Core, run_core, run_decode_baseline
     from operators.dedupe import IdTable
-    from operators.mediate import Mediator
-    from operators.meter import CustomerMeter
-    from operators.rules import Rules
-    from operators.stats import FlowStats
     from schemas.config import parse_config
 
     cfg = parse_config(tomllib.loads(Path(args.config).read_text()), args.config, environ={})
@@ -182,18 +178,10 @@ def _core(args: argparse.Namespace) -> int:
     gc.collect()
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
-    rules = Rules(cfg)
-    stats = FlowStats()
-    mediator = Mediator(cfg, stats)
-    meters: Dict[str, CustomerMeter] = {}
+    core_state = Core(cfg)
     for batch in batches:
-        for item in mediator(batch):
-            if type(item) is tuple:
-                key, events = item
-                m = meters.get(key)
-                if m is None:
-                    m = meters[key] = CustomerMeter(rules, key, stats=stats)
-                m.process([events], flush=False)
+        core_state.feed(batch)
+    meters = core_state.meters
     for m in meters.values():
         m.flush()
     gc.collect()
