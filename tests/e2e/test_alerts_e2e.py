@@ -115,6 +115,20 @@ def _check_redis(redis_url: str, client, subs, unsubscribed, want_gw) -> None:
         gate.close()
 
 
+def _random_workload_setup(kafka, redis_server, tmp_path, seed, topic_prefix, **kafka_extra):
+    """A random workload (al.make_workload) and its configuration file with every sink on: returns
+    (tag, workload, kafka settings, alerts JSONL path, config path, parsed config)."""
+    tag = _tag()
+    w = al.make_workload(seed=seed, tag=tag)
+    k = {**_topics(kafka, topic_prefix), **kafka_extra}
+    jsonl = tmp_path / "alerts.jsonl"
+    text = al.config_toml(w.tenants, w.subs, chdb_dir=tmp_path / "ch", kafka=k, redis_url=redis_server.url,
+                          alerts_jsonl=jsonl)
+    cfg_path = tmp_path / "meter.toml"
+    cfg_path.write_text(text)
+    return tag, w, k, jsonl, cfg_path, al.parse(text)
+
+
 def _flat(per_customer: Dict[Tuple[str, str], List[tuple]]) -> List[tuple]:
     return [a for v in per_customer.values() for a in v]
 
@@ -122,15 +136,8 @@ def _flat(per_customer: Dict[Tuple[str, str], List[tuple]]) -> List[tuple]:
 # -- 1 ---------------------------------------------------------------------------------------------------
 
 def test_randomised_stream_alerts_and_gateway_state_match_the_reference(kafka, redis_server, client, tmp_path):
-    tag = _tag()
-    w = al.make_workload(seed=20261121, tag=tag)
-    k = _topics(kafka, "e2e-alerts-rand")
-    jsonl = tmp_path / "alerts.jsonl"
-    text = al.config_toml(w.tenants, w.subs, chdb_dir=tmp_path / "ch", kafka=k, redis_url=redis_server.url,
-                          alerts_jsonl=jsonl)
-    cfg_path = tmp_path / "meter.toml"
-    cfg_path.write_text(text)
-    cfg = al.parse(text)
+    tag, w, k, jsonl, cfg_path, cfg = _random_workload_setup(kafka, redis_server, tmp_path, 20261121,
+                                                             "e2e-alerts-rand")
     expected = al.model_alerts(cfg, w.items)
     assert expected == al.hand_alerts(w.subs, w.items), "the reference model and the hand computation disagree"
     want_gw = am.expected_gateway(cfg, w.items)[0]
@@ -182,16 +189,9 @@ def test_randomised_stream_alerts_and_gateway_state_match_the_reference(kafka, r
 # -- 2 ---------------------------------------------------------------------------------------------------
 
 def test_sigkill_while_alerting_then_resume_gives_each_alert_exactly_once(kafka, redis_server, client, tmp_path):
-    tag = _tag()
-    w = al.make_workload(seed=7_2026, tag=tag)
     # small source batches: the flow works through the stream in many small steps while it is killed
-    k = {**_topics(kafka, "e2e-alerts-crash"), "batch_size": 16}
-    jsonl = tmp_path / "alerts.jsonl"
-    text = al.config_toml(w.tenants, w.subs, chdb_dir=tmp_path / "ch", kafka=k, redis_url=redis_server.url,
-                          alerts_jsonl=jsonl)
-    cfg_path = tmp_path / "meter.toml"
-    cfg_path.write_text(text)
-    cfg = al.parse(text)
+    tag, w, k, jsonl, cfg_path, cfg = _random_workload_setup(kafka, redis_server, tmp_path, 7_2026,
+                                                             "e2e-alerts-crash", batch_size=16)
     expected = al.model_alerts(cfg, w.items)
     assert expected == al.hand_alerts(w.subs, w.items)
     want_gw = am.expected_gateway(cfg, w.items)[0]

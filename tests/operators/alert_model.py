@@ -318,11 +318,7 @@ class CustomerModel:
                 self._wallet_emit("unblocked", "unblock", "", 0, eid)
             if w is None:
                 return
-        spent = 0.0
-        for code in sorted(self.units):
-            rate = w.credit_rates.get(code)
-            if rate is not None:
-                spent += rate * float(self.units[code])
+        spent = self._spent(w)
         remaining = w.balance - spent
         low = w.balance * w.low_balance_pct / 100.0
         if remaining <= low and not self.low:
@@ -456,15 +452,20 @@ class CustomerModel:
             out[code] = (used, inc, state)
         return out
 
-    def wallet_state(self) -> Optional[tuple]:
-        w = self.wallet()
-        if w is None:
-            return None
+    def _spent(self, w) -> float:
+        """Credits spent: rate x exact units, summed over rated metrics in code order."""
         spent = 0.0
         for code in sorted(self.units):
             rate = w.credit_rates.get(code)
             if rate is not None:
                 spent += rate * float(self.units[code])
+        return spent
+
+    def wallet_state(self) -> Optional[tuple]:
+        w = self.wallet()
+        if w is None:
+            return None
+        spent = self._spent(w)
         remaining = w.balance - spent
         state = "exhausted" if remaining <= 0 else ("low" if self.low else "ok")
         return (w.balance, spent, remaining, state)

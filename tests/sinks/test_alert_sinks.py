@@ -86,6 +86,17 @@ def test_jsonl_exactly_once_across_instances_replays_and_a_torn_line(tmp_path):
     assert read_jsonl(path) == alerts
 
 
+def run_workers(work, parts):
+    """Run ``work(w)`` for every partition in its own thread (as Bytewax workers are), then close them all."""
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(len(parts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for p in parts:
+        p.close()
+
+
 def test_jsonl_workers_of_one_process_share_the_file_without_interleaving(tmp_path):
     path = tmp_path / "alerts.jsonl"
     sink = JsonlAlertSink(str(path))
@@ -98,13 +109,7 @@ def test_jsonl_workers_of_one_process_share_the_file_without_interleaving(tmp_pa
             parts[w].write_batch(batch(chunks[w][i:i + 3] * 2, per_emission=1))  # duplicates too
             parts[(w + 1) % 4].write_batch([Emission(alerts=chunks[w][i:i + 1])])  # another worker replays one
 
-    threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    for p in parts:
-        p.close()
+    run_workers(work, parts)
     got = read_jsonl(path)  # every line decodes: no interleaved partial lines
     assert len(got) == len(alerts)
     assert {a.alert_id for a in got} == {a.alert_id for a in alerts}
@@ -123,13 +128,7 @@ def test_jsonl_workers_writing_the_same_alerts_at_once_write_each_once(tmp_path)
             barrier.wait(10)
             parts[w].write_batch(batch(alerts[w:] + alerts[:w]))
 
-    threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    for p in parts:
-        p.close()
+    run_workers(work, parts)
     got = read_jsonl(path)
     assert sorted(a.alert_id for a in got) == sorted(a.alert_id for r in rounds for a in r)
 
