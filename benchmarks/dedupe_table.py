@@ -16,7 +16,7 @@ row so rows compare directly):
   8 slots, so its doublings are included), the ``dup`` pass checks them all again (all duplicates);
 * ``--customers`` structures with a Zipf-like skew (``--zipf`` exponent) and the events of all
   customers interleaved at random, each check first picking its customer's structure;
-* ``check_add(fingerprint(eid), ...)`` (two calls) and ``check_add_id(eid, ...)`` (one); the latter
+* ``check_add(fingerprint(eid), ...)`` and ``check_add_id(eid, ...)`` (what the meter calls); the latter
   again with each table sized ahead for its ids (``IdTable(reserve=n)``, what ``evict(wm, reserve=)``
   gives a customer with a steady volume): the ``new`` figure without the doublings; and
   ``fingerprint`` alone for the breakdown.

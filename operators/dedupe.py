@@ -10,8 +10,7 @@ cost of about 230 bytes per table (the object, the array, 8 empty slots). A pick
 16 bytes per id plus ~60. ``benchmarks/dedupe_table.py`` measures all of it against the dict.
 
 The price is time: pure-Python probing costs more than a C dict lookup (see the benchmark for
-numbers). ``check_add_id(event_id, ...)`` folds the fingerprint into the same call and is the cheapest
-form for the hot path.
+numbers). ``check_add_id(event_id, ...)`` computes the fingerprint and checks it.
 
 Semantics (exactly those of the dict it replaces, with ``fp = fingerprint(event_id)``)::
 
@@ -144,29 +143,12 @@ class IdTable:
         return False
 
     def check_add_id(self, event_id: str, expiry: int, wm: int) -> bool:
-        """``check_add(fingerprint(event_id), expiry, wm)`` in one call (saves ~30-50 ns per event)."""
+        """``check_add(fingerprint(event_id), expiry, wm)``, the form the meter calls."""
         try:
             fp = _xxh3(event_id) or 1
         except (UnicodeEncodeError, TypeError):  # lone surrogate; or xxhash >= 4, which refuses str
             fp = fingerprint(event_id)
-        a = self._a
-        mask = self._mask
-        i = fp & mask
-        k = a[i]
-        while k:
-            if k == fp:
-                if a[i + 1] >= wm:
-                    return True
-                a[i + 1] = expiry
-                return False
-            i = (i + 2) & mask
-            k = a[i]
-        a[i + 1] = expiry
-        a[i] = fp
-        self._free -= 1
-        if not self._free:
-            self._grow()
-        return False
+        return self.check_add(fp, expiry, wm)
 
     # ---- the rest -------------------------------------------------------------------------------
 
