@@ -45,14 +45,38 @@ def tune_gc() -> None:
     gc.set_threshold(100_000, 20, 100)
 
 
-def prepare_recovery(directory: str, partitions: int = 1):
-    """A Bytewax RecoveryConfig for ``directory``, initialising the SQLite partitions on first use."""
+RECOVERY_MARKER = "meterflow-recovery.json"  # what a recovery directory's snapshots need to be read back
+
+
+def prepare_recovery(directory: str, partitions: int = 1, shards: Optional[int] = None):
+    """A Bytewax RecoveryConfig for ``directory``, initialising the SQLite partitions on first use.
+
+    With ``shards`` (``pipeline.shards``), the directory records it on first use and a later run with
+    another shard count is refused here, before Bytewax starts, with the fix in the message (the
+    meter step refuses such snapshots too, but only from inside a running worker)."""
+    import json
+
     from bytewax.recovery import RecoveryConfig, init_db_dir
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    if not any(d.glob("part-*.sqlite3")):
+    marker = d / RECOVERY_MARKER
+    fresh = not any(d.glob("part-*.sqlite3"))
+    if shards is not None and not fresh:
+        if not marker.exists():
+            raise MeterError(f"recovery directory {d} was written by a build without pipeline.shards (its "
+                             "snapshots are per customer): finish it with that build, or start with a new "
+                             "recovery directory")
+        recorded = json.loads(marker.read_text()).get("shards")
+        if recorded != shards:
+            raise MeterError(f"recovery directory {d} holds snapshots taken with pipeline.shards = {recorded}, "
+                             f"but the configuration has pipeline.shards = {shards}: set pipeline.shards = "
+                             f"{recorded} (or METER_PIPELINE_SHARDS) to resume, or start with a new recovery "
+                             "directory")
+    if fresh:
         init_db_dir(d, partitions)
+    if shards is not None and not marker.exists():
+        marker.write_text(json.dumps({"shards": shards}) + "\n")
     return RecoveryConfig(str(d))
 
 
@@ -93,7 +117,7 @@ def run_flow(cfg: Config, inputs: Sequence[str] = (), *, workers: int = 1, recov
         raise MeterError(f"--workers must be at least 1, got {workers}")
     flow = flow_from_config(cfg, inputs, stop_at_end=stop_at_end, recoverable=recovery_dir is not None,
                             entitlements=entitlements)
-    recovery = prepare_recovery(recovery_dir) if recovery_dir else None
+    recovery = prepare_recovery(recovery_dir, shards=cfg.pipeline.shards) if recovery_dir else None
     tune_gc()
     epoch = timedelta(milliseconds=parse_duration_ms(cfg.pipeline.epoch_interval))
     STATS.reset()

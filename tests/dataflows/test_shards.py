@@ -326,3 +326,18 @@ def test_changelog_and_events_of_customers_sharing_one_shard_match_the_alert_mod
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(ent_props.CONFIGS, False, with_shards(ent_props.CONFIGS[False], 1))
         ent_props.check_flow(stream, batch_size, workers)
+
+
+def test_the_runner_refuses_a_recovery_directory_of_another_shard_count_before_bytewax_starts(tmp_path):
+    from meterflow.runner import RECOVERY_MARKER, prepare_recovery
+    from operators.errors import MeterError
+
+    d = tmp_path / "rec"
+    prepare_recovery(str(d), shards=4)
+    assert json.loads((d / RECOVERY_MARKER).read_text()) == {"shards": 4}
+    prepare_recovery(str(d), shards=4)  # the same count resumes
+    with pytest.raises(MeterError, match=r"pipeline.shards = 4.*pipeline.shards = 8"):
+        prepare_recovery(str(d), shards=8)
+    (d / RECOVERY_MARKER).unlink()  # as a directory written before shards existed
+    with pytest.raises(MeterError, match="without pipeline.shards"):
+        prepare_recovery(str(d), shards=4)
