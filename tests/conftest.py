@@ -9,11 +9,17 @@
 
 If Kafka or Redis cannot start, the fixture FAILS (it never skips): run
 ``./dev setup`` to install what is missing.
+
+``--clock-ahead 730d`` runs the session with the wall clock (``time.time``, ``datetime.now``, ...) that
+far ahead of today, ticking (time-machine): ``./dev test`` runs the tests that need no broker this way once
+more, so a test whose outcome depends on today's date fails today rather than on a later day.
+Monotonic clocks (timeouts, benchmarks) are left alone.
 """
 
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -21,6 +27,60 @@ from meterflow.devservices import DevServiceError, KafkaBroker, RedisServer
 
 # ``client`` (redis-py on the session's redis-server) and ``tenant`` (a unique tenant id) for Redis tests.
 pytest_plugins = ["tests.redis_support"]
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--clock-ahead", default=None, metavar="DURATION",
+                     help="run with the wall clock this far ahead of now (e.g. 730d): the time-bomb guard")
+
+
+_TRAVEL = []
+
+
+def pytest_configure(config) -> None:
+    ahead = config.getoption("--clock-ahead")
+    if not ahead:
+        return
+    import time_machine
+
+    from operators.timeutil import parse_duration_ms
+
+    try:
+        shift = timedelta(milliseconds=parse_duration_ms(ahead))
+    except ValueError as exc:
+        raise pytest.UsageError(f"--clock-ahead: {exc}") from None
+    traveller = time_machine.travel(datetime.now(timezone.utc) + shift, tick=True)
+    traveller.start()
+    _TRAVEL.append(traveller)
+    _skip_in_process_dataflows()
+
+
+def _skip_in_process_dataflows() -> None:
+    """Under the guard, a test that runs a Bytewax dataflow in this process is skipped when it starts one.
+
+    time-machine moves Python's clock only: Bytewax's scheduler keeps the real one, so a flush tick the
+    flow asks for two years ahead would never come. Those tests run on the real clock in the main pass.
+    """
+    import bytewax.run
+    import bytewax.testing
+
+    def refuse(*args, **kwargs):
+        pytest.skip("runs a Bytewax dataflow in-process: its Rust scheduler is not on the moved clock")
+
+    bytewax.testing.run_main = refuse
+    bytewax.run.cli_main = refuse
+
+
+def pytest_report_header(config) -> str | None:
+    if _TRAVEL:
+        return f"clock guard: wall clock moved {config.getoption('--clock-ahead')} ahead, now " \
+               f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
+    return None
+
+
+def pytest_unconfigure(config) -> None:
+    while _TRAVEL:
+        _TRAVEL.pop().stop()
 
 
 def _start(service) -> str | None:

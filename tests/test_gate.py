@@ -23,9 +23,15 @@ PERIOD_END = 1_796_083_200_000  # 2026-12-01T00:00:00Z
 IN_PERIOD = T0 + 86_400_000
 
 
+def make_gate(target, **kw) -> QuotaGate:
+    """A gate whose clock stands inside the test period: no decision here may depend on today's date."""
+    kw.setdefault("now_getter", lambda: IN_PERIOD)
+    return QuotaGate(target, **kw)
+
+
 @pytest.fixture
 def gate(client) -> QuotaGate:
-    return QuotaGate(client, now_getter=lambda: IN_PERIOD)
+    return make_gate(client)
 
 
 def put_state(client, tenant: str, customer: str, metric: str, used: float, state: str, *,
@@ -66,7 +72,7 @@ def test_decision_follows_state(gate, client, tenant, state, used, allowed):
 def test_blocked_quota_rearms_when_its_period_has_ended(client, tenant):
     put_state(client, tenant, "c1", "calls", 1000, "blocked", blocked_by="quota")
     now = {"ms": PERIOD_END - 1}
-    gate = QuotaGate(client, now_getter=lambda: now["ms"])
+    gate = make_gate(client, now_getter=lambda: now["ms"])
     assert not gate.check(tenant, "c1", "calls").allowed
     now["ms"] = PERIOD_END
     d = gate.check(tenant, "c1", "calls")
@@ -75,7 +81,7 @@ def test_blocked_quota_rearms_when_its_period_has_ended(client, tenant):
 
 def test_wallet_block_survives_the_period_end(client, tenant):
     put_state(client, tenant, "c1", "calls", 10, "blocked", blocked_by="wallet")
-    gate = QuotaGate(client, now_getter=lambda: PERIOD_END + 1)
+    gate = make_gate(client, now_getter=lambda: PERIOD_END + 1)
     d = gate.check(tenant, "c1", "calls")
     assert not d.allowed and d.blocked_by == "wallet"
 
@@ -93,9 +99,9 @@ def test_nothing_included_has_no_pct(gate, client, tenant):
 
 def test_corrupt_hash_follows_fail_policy(client, tenant):
     client.hset(gateway_key(tenant, "c1", "calls"), mapping={"state": "ok", "used": "lots"})
-    assert QuotaGate(client, fail_open=False).check(tenant, "c1", "calls").reason == "bad_state"
-    assert not QuotaGate(client, fail_open=False).check(tenant, "c1", "calls").allowed
-    assert QuotaGate(client, fail_open=True).check(tenant, "c1", "calls").allowed
+    assert make_gate(client, fail_open=False).check(tenant, "c1", "calls").reason == "bad_state"
+    assert not make_gate(client, fail_open=False).check(tenant, "c1", "calls").allowed
+    assert make_gate(client, fail_open=True).check(tenant, "c1", "calls").allowed
 
 
 def test_check_many_is_one_round_trip_in_order(gate, client, tenant, monkeypatch):
@@ -116,7 +122,7 @@ def test_check_many_is_one_round_trip_in_order(gate, client, tenant, monkeypatch
 
 @pytest.mark.parametrize("fail_open", [True, False])
 def test_redis_down_follows_fail_policy_and_never_raises(redis_server, tenant, fail_open):
-    gate = QuotaGate(redis_server.url, fail_open=fail_open, timeout=0.3, cooldown=0.2)
+    gate = make_gate(redis_server.url, fail_open=fail_open, timeout=0.3, cooldown=0.2)
     try:
         put_state(gate.client, tenant, "c1", "calls", 1000, "blocked")
         assert not gate.check(tenant, "c1", "calls").allowed
@@ -142,7 +148,7 @@ def test_redis_down_follows_fail_policy_and_never_raises(redis_server, tenant, f
 
 def test_hanging_redis_costs_one_timeout_per_cooldown(redis_server, client, tenant):
     put_state(client, tenant, "c1", "calls", 1, "ok")
-    gate = QuotaGate(redis_server.url, fail_open=False, timeout=0.2, cooldown=30.0)
+    gate = make_gate(redis_server.url, fail_open=False, timeout=0.2, cooldown=30.0)
     assert gate.check(tenant, "c1", "calls").allowed
     os.kill(redis_server.pid, signal.SIGSTOP)
     try:
@@ -162,7 +168,7 @@ def test_hanging_redis_costs_one_timeout_per_cooldown(redis_server, client, tena
 
 def test_concurrent_holds_never_overspend(redis_server, client, tenant):
     put_wallet(client, tenant, "c1", 100.0, 0.0)
-    gate = QuotaGate(redis_server.url)
+    gate = make_gate(redis_server.url)
     barrier = threading.Barrier(20)
     results = []
     lock = threading.Lock()
@@ -210,7 +216,7 @@ def test_expired_holds_are_purged_with_server_time(gate, client, tenant):
 
 def test_settle_keeps_the_charge_until_settle_ttl(client, tenant):
     put_wallet(client, tenant, "c1", 100.0)
-    gate = QuotaGate(client, settle_ttl=0.3)
+    gate = make_gate(client, settle_ttl=0.3)
     h = gate.hold(tenant, "c1", 50.0)
     assert h.ok and gate.wallet(tenant, "c1").available == 50.0
     assert gate.settle(tenant, "c1", h.hold_id, 20.0) is True
@@ -249,7 +255,7 @@ def test_hold_on_missing_wallet_and_bad_amounts(gate, tenant):
 
 def test_scripts_survive_a_restart(redis_server, tenant):
     """The script cache is empty after a restart; registered scripts reload themselves."""
-    gate = QuotaGate(redis_server.url)
+    gate = make_gate(redis_server.url)
     put_wallet(gate.client, tenant, "c1", 5.0)
     assert gate.hold(tenant, "c1", 1.0).ok
     redis_server.restart()
