@@ -64,14 +64,18 @@ def ev(eid, ts, cust="cust_456", tenant="acme", etype="api_call", correction=Fal
     return json.dumps(d).encode()
 
 
+# The wall clock the mediator reads in these tests (the clock-skew rule): fixed, after every event time used.
+CLOCK_MS = int(datetime(2035, 1, 1, tzinfo=timezone.utc).timestamp() * 1000)
+
+
 class Run:
     """Mediator + one CustomerMeter per key, fed batch by batch like the dataflow does."""
 
-    def __init__(self, cfg=None):
+    def __init__(self, cfg=None, clock=lambda: CLOCK_MS):
         self.cfg = cfg or make_config()
         self.rules = Rules(self.cfg)
         self.stats = FlowStats()
-        self.mediator = Mediator(self.cfg, stats=self.stats)
+        self.mediator = Mediator(self.cfg, stats=self.stats, clock=clock)
         self.meters = {}
         self.emissions = []
         self.n = 0
