@@ -177,10 +177,6 @@ class CustomerMeter:
                 # One event never stops the flow: what it raises becomes its dead letter. Everything that can
                 # fail on the event's own values (period arithmetic) runs before it touches any state.
                 try:
-                    ev = me.event
-                    eid = ev.event_id
-                    if me.wm > wm:
-                        wm = me.wm
                     ts = me.ts
                     if not pstart <= ts < pend:
                         bounds = self._bounds(ts, kind, anchor)
@@ -189,6 +185,10 @@ class CustomerMeter:
                             failed += 1
                             continue
                         pstart, pend = bounds
+                    ev = me.event
+                    eid = ev.event_id
+                    if me.wm > wm:
+                        wm = me.wm
                     # Remember the id while its period accepts events (so a retry can never count twice,
                     # whatever the read order) and for at least dedupe_window. An id whose expiry passed
                     # counts as unseen, however late it is evicted.
