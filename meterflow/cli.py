@@ -188,8 +188,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
                       progress_out=sys.stderr if args.progress_every > 0 else None,
                       progress_every=args.progress_every or 5.0, entitlements=args.entitlements)
     if args.json:
+        from operators.stats import identity
+
+        balanced, text = identity(result.counters)
         print(json.dumps({"counters": result.counters, "seconds": round(result.seconds, 3),
-                          "events_per_second": round(result.events_per_second, 1)}))
+                          "events_per_second": round(result.events_per_second, 1),
+                          "identity": text, "balanced": balanced}))
     else:
         print_run_summary(result)
     if result.interrupted:

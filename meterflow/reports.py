@@ -19,23 +19,34 @@ def make_console() -> Console:
 
 
 _LABELS = {
-    "read": "events read", "accepted": "accepted (unique)", "duplicates": "duplicates dropped",
-    "excluded": "excluded (test/internal, counted not billed)", "dead_lettered": "dead-lettered",
+    "read": "events read", "accepted": "accepted (unique, in time, billable)", "duplicates": "duplicates dropped",
+    "excluded": "excluded (test/internal, counted not billed)",
+    "dead_lettered": "dead-lettered (whole events: invalid, unknown tenant, too late)",
+    "missing_property": "missing_property dead letters (one metric each; the event is accepted)",
     "unmetered": "accepted, no metric for event_type", "corrections_ignored": "corrections on non-additive metrics",
     "unevaluated": "metered, no subscription (not evaluated)", "entitlement_changes": "entitlement changes received",
-    "alerts": "alerts fired",
+    "entitlement_rejected": "entitlement changes dead-lettered", "alerts": "alerts fired",
+    "entitlement_errors": "internal errors in entitlement checks (dead-lettered; a bug)",
 }
+_OPTIONAL = ("entitlement_changes", "entitlement_rejected", "entitlement_errors")  # shown only when non-zero
 
 
 def print_run_summary(result: Any, console: Optional[Console] = None) -> None:
+    from operators.stats import identity
+
     console = console or make_console()
     t = Table(title=f"meterflow run: {result.seconds:.2f} s, {result.events_per_second:,.0f} events/s",
               title_justify="left")
     t.add_column("counter")
     t.add_column("events", justify="right")
     for key, label in _LABELS.items():
+        if key in _OPTIONAL and not result.counters.get(key):
+            continue
         t.add_row(label, f"{result.counters.get(key, 0):,}")
     console.print(t)
+    ok, text = identity(result.counters)
+    console.print(text if ok or result.interrupted else f"{text} (a meterflow bug: please report it)",
+                  highlight=False)
 
 
 def query_usage(client: Any, db: str, by: str = "period", tenant: Optional[str] = None,

@@ -97,7 +97,8 @@ class _Progress(threading.Thread):
             rate = (c["read"] - last_read) / (now - last_t) if now > last_t else 0.0
             last_read, last_t = c["read"], now
             print(f"progress: read={c['read']} accepted={c['accepted']} duplicates={c['duplicates']} "
-                  f"excluded={c['excluded']} dead_lettered={c['dead_lettered']} alerts={c['alerts']} "
+                  f"excluded={c['excluded']} dead_lettered={c['dead_lettered']} "
+                  f"missing_property={c['missing_property']} alerts={c['alerts']} "
                   f"rate={rate:,.0f} ev/s "
                   f"elapsed={now - self._t0:.1f}s", file=self._out, flush=True)
 

@@ -56,7 +56,7 @@ class ChangelogMediator:
                 dead.append(dead_letter(REASON, why, src, raw, tenant_id=msg.tenant_id))
                 continue
             out.append((msg.tenant_id + KEY_SEP + msg.customer_id, EntitlementUpdate(msg, log_position(src), src)))
-        self._stats.add({"entitlement_changes": len(out), "dead_lettered": len(dead)})
+        self._stats.add({"entitlement_changes": len(out), "entitlement_rejected": len(dead)})  # not events read
         if dead:
             out.append(Emission(dead_letters=dead))
         return out

@@ -17,18 +17,25 @@ that shard's customers.
 from __future__ import annotations
 
 import hashlib
+import re
 import zlib
-from typing import Any, Dict, FrozenSet, List, Optional, Tuple
+from array import array
+from itertools import accumulate
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import msgspec
 
 from operators.stats import STATS, FlowStats
-from operators.timeutil import Rfc3339Parser, now_ms
+from operators.timeutil import Rfc3339Parser, ms_to_iso, now_ms
 from schemas.config import Config
 from schemas.events import EVENT_DECODER, UsageEvent
 from schemas.records import DeadLetter, Emission
 
 KEY_SEP = "|"
+MAX_DEPTH = 64  # contract section 1: an event nested deeper than this anywhere (unknown fields included) is invalid
+# The latest event time metered whatever the clock and pipeline.max_clock_skew say (9000-01-01T00:00:00Z): billing
+# periods and windows of anything accepted then stay far inside the datetime range (year 9999).
+LAST_EVENT_MS = 221_845_392_000_000
 
 
 def customer_key(tenant_id: str, customer_id: str) -> str:
@@ -107,12 +114,16 @@ class _TenantRule(msgspec.Struct, frozen=True):
 class Mediator:
     """Stateless per event except for the process watermark; call it with a batch of ``(src, raw)``."""
 
-    def __init__(self, cfg: Config, stats: FlowStats = STATS, shards: Optional[int] = None) -> None:
+    def __init__(self, cfg: Config, stats: FlowStats = STATS, shards: Optional[int] = None,
+                 clock: Callable[[], int] = now_ms) -> None:
         self._shards = shards  # None: one item per customer; n: one item per shard (see the module docstring)
         self._tenants: Dict[str, _TenantRule] = {
             t.id: _TenantRule(tuple(t.exclude_when.items()), frozenset(t.excluded_customers)) for t in cfg.tenants
         }
         self._max_bytes = cfg.pipeline.max_event_bytes
+        self._max_skew = cfg.pipeline.max_clock_skew_ms
+        self._skew_text = cfg.pipeline.max_clock_skew
+        self._clock = clock  # wall clock (epoch ms) for the clock-skew rule, read once per batch
         self._stats = stats
         self._parse_ts = Rfc3339Parser()
         self.watermark = 0
@@ -127,52 +138,69 @@ class Mediator:
         dead: List[DeadLetter] = []
         tenants = self._tenants
         decode = EVENT_DECODER.decode
+        find = bytes.find
         max_bytes = self._max_bytes
         wm = self.watermark
         ingested = now_ms()
+        now = ingested if self._clock is now_ms else self._clock()
+        horizon = min(now + self._max_skew, LAST_EVENT_MS)  # the latest event time accepted
         parse_ts = self._parse_ts
         for src, raw in batch:
-            if not raw:
-                dead.append(dead_letter("invalid_json", "empty message (no bytes)", src, raw))
-                continue
-            if len(raw) > max_bytes:
-                dead.append(dead_letter("invalid_event", f"payload of {len(raw)} bytes exceeds "
-                                        f"pipeline.max_event_bytes={max_bytes}", src, raw))
-                continue
+            # One bad event must never stop the flow: anything unforeseen that one event's bytes raise here
+            # becomes that event's dead letter (a try costs nothing until it raises).
             try:
-                ev = decode(raw)
-            except msgspec.ValidationError as exc:
-                # msgspec validates while it parses: tell a schema problem from broken JSON.
-                dead.append(dead_letter(_schema_or_syntax(raw), str(exc), src, raw))
-                continue
-            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-                dead.append(dead_letter("invalid_json", str(exc), src, raw))
-                continue
-            ts = ev.timestamp
-            if type(ts) is not int:
-                try:
-                    ts = parse_ts(ts)
-                except ValueError as exc:
-                    dead.append(dead_letter("invalid_event", f"{exc} - at `$.timestamp`", src, raw))
+                if not raw:
+                    dead.append(dead_letter("invalid_json", "empty message (no bytes)", src, raw))
                     continue
-            rule = tenants.get(ev.tenant_id)
-            if rule is None:
-                dead.append(dead_letter("unknown_tenant", f"tenant {ev.tenant_id!r} is not in the tenant registry "
-                                        "([[tenants]] in the config)", src, raw, tenant_id=ev.tenant_id))
-                continue
-            if ts > wm:
-                wm = ts
-            is_excluded = ev.customer_id in rule.excluded_customers
-            if not is_excluded and rule.exclude_when:
-                props = ev.properties
-                is_excluded = matches(props, rule.exclude_when)
-            key = ev.tenant_id + KEY_SEP + ev.customer_id
-            item = MeteredEvent(ev, ts, wm, src, raw, is_excluded, ingested)
-            group = groups.get(key)
-            if group is None:
-                groups[key] = [item]
-            else:
-                group.append(item)
+                if len(raw) > max_bytes:
+                    dead.append(dead_letter("invalid_event", f"payload of {len(raw)} bytes exceeds "
+                                            f"pipeline.max_event_bytes={max_bytes}", src, raw))
+                    continue
+                # Nesting: a well-formed event has two '{' and no '['; anything more is measured exactly.
+                if (find(raw, b"[") >= 0 or find(raw, b"{", find(raw, b"{", 1) + 1) >= 0) and too_deep(raw):
+                    dead.append(dead_letter("invalid_event", f"nested deeper than {MAX_DEPTH} levels "
+                                            f"(arrays and objects, unknown fields included)", src, raw))
+                    continue
+                try:
+                    ev = decode(raw)
+                except msgspec.ValidationError as exc:
+                    # msgspec validates while it parses: tell a schema problem from broken JSON.
+                    dead.append(dead_letter(_schema_or_syntax(raw), str(exc), src, raw))
+                    continue
+                except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+                    dead.append(dead_letter("invalid_json", str(exc), src, raw))
+                    continue
+                ts = ev.timestamp
+                if type(ts) is not int:
+                    try:
+                        ts = parse_ts(ts)
+                    except ValueError as exc:
+                        dead.append(dead_letter("invalid_event", f"{exc} - at `$.timestamp`", src, raw))
+                        continue
+                if ts > horizon or ts < 0:
+                    why = _bad_time(ts, now, self._skew_text, self._max_skew)
+                    dead.append(dead_letter("invalid_event", why, src, raw))
+                    continue
+                rule = tenants.get(ev.tenant_id)
+                if rule is None:
+                    dead.append(dead_letter("unknown_tenant", f"tenant {ev.tenant_id!r} is not in the tenant "
+                                            "registry ([[tenants]] in the config)", src, raw, tenant_id=ev.tenant_id))
+                    continue
+                is_excluded = ev.customer_id in rule.excluded_customers
+                if not is_excluded and rule.exclude_when:
+                    props = ev.properties
+                    is_excluded = matches(props, rule.exclude_when)
+                key = ev.tenant_id + KEY_SEP + ev.customer_id
+                if ts > wm:
+                    wm = ts
+                item = MeteredEvent(ev, ts, wm, src, raw, is_excluded, ingested)
+                group = groups.get(key)
+                if group is None:
+                    groups[key] = [item]
+                else:
+                    group.append(item)
+            except Exception as exc:  # a bug, not bad input: say so, keep the event, keep going
+                dead.append(internal_error("mediation", exc, src, raw))
         if wm > self.watermark:
             self.watermark = wm
         self._stats.add({"read": len(batch), "dead_lettered": len(dead)})
@@ -219,9 +247,62 @@ def matches(props: Dict[str, Any], wanted: Tuple[Tuple[str, Any], ...]) -> bool:
 
 def _schema_or_syntax(raw: bytes) -> str:
     try:
-        msgspec.json.decode(raw)
+        msgspec.json.decode(raw)  # nested at most MAX_DEPTH deep (checked before), so no RecursionError
     except msgspec.ValidationError:  # well-formed JSON whose values msgspec refuses (e.g. 1e400)
         return "invalid_event"
     except (msgspec.DecodeError, UnicodeDecodeError):
         return "invalid_json"
     return "invalid_event"
+
+
+def internal_error(step: str, exc: BaseException, src: Any, raw: Optional[bytes], tenant_id: str = "") -> DeadLetter:
+    """The dead letter of an event that made ``step`` raise unexpectedly: a bug, reported with the exception
+    instead of stopping the flow (reason ``internal_error``; the event is not counted anywhere else)."""
+    try:
+        why = str(exc)
+    except Exception:  # noqa: BLE001 - even the message may fail (e.g. an int too long to print)
+        why = "(message unavailable)"
+    payload = raw if raw is None or type(raw) is bytes else repr(raw).encode()
+    return dead_letter("internal_error", f"{step} raised {type(exc).__name__}: {why[:300]} (a meterflow bug: "
+                       "please report it with this dead letter)", src, payload, tenant_id)
+
+
+def _bad_time(ts: int, now: int, skew: str, skew_ms: int) -> str:
+    if ts < 0:
+        return f"timestamp {_iso(ts)} is before 1970-01-01T00:00:00Z - at `$.timestamp`"
+    if ts <= now + skew_ms:
+        return f"timestamp {_iso(ts)} is after 9000-01-01T00:00:00Z, the last time meterflow meters - at `$.timestamp`"
+    return (f"timestamp {_iso(ts)} is more than pipeline.max_clock_skew = {skew!r} ahead of the wall clock "
+            f"{_iso(now)} when the event was read (is the producer's clock wrong?) - at `$.timestamp`")
+
+
+def _iso(ms: int) -> str:
+    try:
+        return ms_to_iso(ms)
+    except (OverflowError, ValueError):  # beyond year 9999 (or before year 1): show the number
+        return f"{ms} (epoch ms)"
+
+
+# A JSON string: possessive, and ending at the closing quote or at the end of the input, so every match
+# succeeds and the substitution stays linear whatever the bytes (no retries from inside a broken string).
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.|\\\Z)*+(?:"|\Z)', re.S)
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_BRACKET_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 / -1 as signed bytes
+
+
+def nesting_depth(raw: bytes) -> int:
+    """The deepest nesting of arrays and objects in a JSON text (brackets inside strings do not count).
+
+    Exact for well-formed JSON; for broken JSON it is what the brackets outside strings say. Linear in the
+    input, in C but for one step per bracket.
+
+    >>> nesting_depth(b'{"a": [1, {"b": "]]"}], "c": {}}'), nesting_depth(b'7'), nesting_depth(b'[[[]]]')
+    (3, 0, 3)
+    """
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKET).translate(_BRACKET_STEP)
+    return max(accumulate(array("b", brackets)), default=0)
+
+
+def too_deep(raw: bytes) -> bool:
+    """Whether ``raw`` nests deeper than :data:`MAX_DEPTH` (only measured when it has enough brackets)."""
+    return raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and nesting_depth(raw) > MAX_DEPTH

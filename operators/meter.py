@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 from operators.aggregate import Acc, new_acc
 from operators.dedupe import IdTable
 from operators.entitlements import Entitlements, EntitlementUpdate
-from operators.mediate import dead_letter, matches
+from operators.mediate import dead_letter, internal_error, matches
 from operators.periods import period_bounds
 from operators.rules import Rules
 from operators.stats import STATS, FlowStats
@@ -157,7 +157,7 @@ class CustomerMeter:
         deferred: Dict[PeriodKey, Any] = {}
         usage_of = self.usage
         rowc = self._rows
-        n = dup = excl = unmetered = ignored = unevaluated = 0
+        n = dup = excl = unmetered = ignored = unevaluated = failed = missing = unevaluated_errors = 0
         for group in batches:
             if type(group) is EntitlementUpdate:
                 self.wm = wm
@@ -174,142 +174,161 @@ class CustomerMeter:
             pstart, pend = self._period
             n += len(group)
             for me in group:
-                ev = me.event
-                eid = ev.event_id
-                if me.wm > wm:
-                    wm = me.wm
-                ts = me.ts
-                if not pstart <= ts < pend:
-                    pstart, pend = period_bounds(ts, kind, anchor)
-                # Remember the id while its period accepts events (so a retry can never count twice,
-                # whatever the read order) and for at least dedupe_window. An id whose expiry passed
-                # counts as unseen, however late it is evicted.
-                expiry = pend + grace_ms
-                if expiry < wm + dedupe_ms:
-                    expiry = wm + dedupe_ms
-                if seen_check(eid, expiry, wm):
-                    dup += 1
-                    continue
-                if expiry < self.next_dedupe_evict:
-                    self.next_dedupe_evict = expiry
-                metrics = by_type.get(ev.event_type)
-                if metrics is None:
-                    unmetered += 1
-                    continue
-                if pend + grace_ms < wm:
-                    dead.append(dead_letter(
-                        "too_late", f"billing period {pstart}..{pend} (epoch ms) closed more than late_grace "
-                        f"before the watermark {wm}", me.src, me.raw, self.tenant_id))
-                    continue
-                props = ev.properties
-                if me.excluded:  # counted per metric it would have matched, never aggregated
-                    excl += 1
-                    for m, code, where, *_ in metrics:
+                # One event never stops the flow: what it raises becomes its dead letter. Everything that can
+                # fail on the event's own values (period arithmetic) runs before it touches any state.
+                try:
+                    ts = me.ts
+                    if not pstart <= ts < pend:
+                        bounds = self._bounds(ts, kind, anchor)
+                        if type(bounds) is str:
+                            dead.append(dead_letter("invalid_event", bounds, me.src, me.raw, self.tenant_id))
+                            failed += 1
+                            continue
+                        pstart, pend = bounds
+                    ev = me.event
+                    eid = ev.event_id
+                    if me.wm > wm:
+                        wm = me.wm
+                    # Remember the id while its period accepts events (so a retry can never count twice,
+                    # whatever the read order) and for at least dedupe_window. An id whose expiry passed
+                    # counts as unseen, however late it is evicted.
+                    expiry = pend + grace_ms
+                    if expiry < wm + dedupe_ms:
+                        expiry = wm + dedupe_ms
+                    if seen_check(eid, expiry, wm):
+                        dup += 1
+                        continue
+                    if expiry < self.next_dedupe_evict:
+                        self.next_dedupe_evict = expiry
+                    metrics = by_type.get(ev.event_type)
+                    if metrics is None:
+                        unmetered += 1
+                        continue
+                    if pend + grace_ms < wm:
+                        dead.append(dead_letter(
+                            "too_late", f"billing period {pstart}..{pend} (epoch ms) closed more than late_grace "
+                            f"before the watermark {wm}", me.src, me.raw, self.tenant_id))
+                        failed += 1
+                        continue
+                    props = ev.properties
+                    if me.excluded:  # counted per metric it would have matched, never aggregated
+                        for m, code, where, *_ in metrics:
+                            if where and not matches(props, where):
+                                continue
+                            pk = (code, pstart, pend)
+                            excluded_counts[pk] = excluded_counts.get(pk, 0) + 1
+                            dirty_p.add(pk)
+                        excl += 1
+                        continue
+                    sign = -1 if ev.correction else 1
+                    wstart = ts - ts % window_ms
+                    for m, code, where, prop, needs_number, additive, gb, per_event, agg in metrics:
                         if where and not matches(props, where):
                             continue
-                        pk = (code, pstart, pend)
-                        excluded_counts[pk] = excluded_counts.get(pk, 0) + 1
-                        dirty_p.add(pk)
-                    continue
-                sign = -1 if ev.correction else 1
-                wstart = ts - ts % window_ms
-                for m, code, where, prop, needs_number, additive, gb, per_event, agg in metrics:
-                    if where and not matches(props, where):
-                        continue
-                    v = None
-                    if prop is not None:
-                        v = props.get(prop)
-                        if v is None or (needs_number and (type(v) is bool or not isinstance(v, (int, float))
-                                                           or not -_MAX_NUMBER < v < _MAX_NUMBER)):
-                            why = "is missing" if v is None else f"must be a number below 1e300 in size, got {v!r:.80}"
-                            dead.append(dead_letter("missing_property", f"metric {code!r} needs property "
-                                                    f"{prop!r}, which {why}", me.src, me.raw, self.tenant_id,
-                                                    metric=code))
+                        v = None
+                        if prop is not None:
+                            v = props.get(prop)
+                            if v is None or (needs_number and (type(v) is bool or not isinstance(v, (int, float))
+                                                               or not -_MAX_NUMBER < v < _MAX_NUMBER)):
+                                why = ("is missing" if v is None
+                                       else f"must be a number below 1e300 in size, got {v!r:.80}")
+                                dead.append(dead_letter("missing_property", f"metric {code!r} needs property "
+                                                        f"{prop!r}, which {why}", me.src, me.raw, self.tenant_id,
+                                                        metric=code))
+                                missing += 1
+                                continue
+                        if sign < 0 and not additive:
+                            ignored += 1
                             continue
-                    if sign < 0 and not additive:
-                        ignored += 1
-                        continue
-                    if not gb:
-                        dims = _NO_DIMS
-                    elif len(gb) == 1:
-                        dims = (_dim(props.get(gb[0])),)
-                    else:
-                        dims = tuple([_dim(props.get(g)) for g in gb])
-                    row = rowc.get(code)
-                    if row is not None and row[0] == wstart and row[2] == pstart and row[1] == dims:
-                        _, _, _, wacc, pk, acc, check_advance, info, rate = row
-                        wacc.add(v, ts, sign)
-                    else:
-                        wk = (code, wstart, dims)
-                        wacc = windows.get(wk)
-                        if wacc is None:
-                            wacc = windows[wk] = new_acc(agg)
-                            wacc.expires = self._window_expiry(wstart + window_ms - 1, kind, anchor, pstart, pend)
-                            if wacc.expires < self.next_evict:
-                                self.next_evict = wacc.expires
-                        wacc.add(v, ts, sign)
-                        dirty_w.add(wk)
-                        pk = (code, pstart, pend)
-                        acc = periods.get(pk)
-                        if acc is None:
-                            acc = periods[pk] = new_acc(agg)
-                            acc.expires = pend + grace_ms
-                            if acc.expires < self.next_evict:
-                                self.next_evict = acc.expires
-                        dirty_p.add(pk)
-                        check_advance = True  # the period-advance check below is still to run for this row
-                        info = infos.get(code)
-                        rate = credit.get(code)
-                        row = rowc[code] = [wstart, dims, pstart, wacc, pk, acc, True, info, rate]
-                    if not evaluated:
-                        acc.add(v, ts, sign)
-                        continue
-                    # -- entitlements: only for metrics this customer's subscription evaluates
-                    if info is None and rate is None:
-                        acc.add(v, ts, sign)
-                        continue
-                    if check_advance:
-                        row[6] = False
-                        cur = ent.cur.get(code)
-                        if cur is None or cur[1] < pstart:
-                            ent.advance(code, pk, me, usage_of, alerts)
-                    if not per_event:
-                        if pk not in deferred:
-                            deferred[pk] = [acc.value(), me]
+                        if not gb:
+                            dims = _NO_DIMS
+                        elif len(gb) == 1:
+                            dims = (_dim(props.get(gb[0])),)
                         else:
-                            deferred[pk][1] = me
+                            dims = tuple([_dim(props.get(g)) for g in gb])
+                        row = rowc.get(code)
+                        if row is not None and row[0] == wstart and row[2] == pstart and row[1] == dims:
+                            _, _, _, wacc, pk, acc, check_advance, info, rate = row
+                            wacc.add(v, ts, sign)
+                        else:
+                            wk = (code, wstart, dims)
+                            wacc = windows.get(wk)
+                            if wacc is None:
+                                wexp = self._window_expiry(wstart + window_ms - 1, kind, anchor, pstart, pend)
+                                wacc = windows[wk] = new_acc(agg)
+                                wacc.expires = wexp
+                                if wexp < self.next_evict:
+                                    self.next_evict = wexp
+                            wacc.add(v, ts, sign)
+                            dirty_w.add(wk)
+                            pk = (code, pstart, pend)
+                            acc = periods.get(pk)
+                            if acc is None:
+                                acc = periods[pk] = new_acc(agg)
+                                acc.expires = pend + grace_ms
+                                if acc.expires < self.next_evict:
+                                    self.next_evict = acc.expires
+                            dirty_p.add(pk)
+                            check_advance = True  # the period-advance check below is still to run for this row
+                            info = infos.get(code)
+                            rate = credit.get(code)
+                            row = rowc[code] = [wstart, dims, pstart, wacc, pk, acc, True, info, rate]
+                        if not evaluated:
+                            acc.add(v, ts, sign)
+                            continue
+                        # -- entitlements: only for metrics this customer's subscription evaluates
+                        if info is None and rate is None:
+                            acc.add(v, ts, sign)
+                            continue
+                        if check_advance:
+                            row[6] = False
+                            cur = ent.cur.get(code)
+                            if cur is None or cur[1] < pstart:
+                                ent.advance(code, pk, me, usage_of, alerts)
+                        if not per_event:
+                            if pk not in deferred:
+                                deferred[pk] = [acc.value(), me]
+                            else:
+                                deferred[pk][1] = me
+                            acc.add(v, ts, sign)
+                            continue
+                        before = acc.value() if rate is not None and not additive else 0.0
                         acc.add(v, ts, sign)
-                        continue
-                    before = acc.value() if rate is not None and not additive else 0.0
-                    acc.add(v, ts, sign)
-                    if info is not None:
-                        usage = acc.value()
-                        lvl = ent.next_level.get(pk)
-                        if lvl is None:
-                            lvl = ent.level(pk, info)
-                        if usage >= lvl or pk in ent.blocked:
-                            ent.evaluate(code, pk, usage, me, usage_of, alerts)
-                            if ent.infos is not infos:  # the plan moved: other entitlements from the next metric on
+                        if info is not None:
+                            usage = acc.value()
+                            lvl = ent.next_level.get(pk)
+                            if lvl is None:
+                                lvl = ent.level(pk, info)
+                            if usage >= lvl or pk in ent.blocked:
+                                ent.evaluate(code, pk, usage, me, usage_of, alerts)
+                                if ent.infos is not infos:  # the plan moved: other entitlements from the next metric on
+                                    infos, credit, evaluated = ent.infos, ent.credit, ent.evaluated
+                                    rowc = self._rows = {}
+                            else:
+                                ent.touched.add(pk)
+                        if rate is not None:
+                            if additive:  # exact units: 1 per event for count, the value for sum
+                                ent.spend(code, 1 if v is None else v, sign, me, pk, alerts)
+                            else:
+                                ent.spend(code, acc.value() - before, 1, me, pk, alerts)
+                            if ent.infos is not infos:
                                 infos, credit, evaluated = ent.infos, ent.credit, ent.evaluated
                                 rowc = self._rows = {}
-                        else:
-                            ent.touched.add(pk)
-                    if rate is not None:
-                        if additive:  # exact units: 1 per event for count, the value for sum
-                            ent.spend(code, 1 if v is None else v, sign, me, pk, alerts)
-                        else:
-                            ent.spend(code, acc.value() - before, 1, me, pk, alerts)
-                        if ent.infos is not infos:
-                            infos, credit, evaluated = ent.infos, ent.credit, ent.evaluated
-                            rowc = self._rows = {}
+                except Exception as exc:  # a bug, not bad input: the event is dead-lettered, the flow goes on
+                    failed += 1
+                    dead.append(internal_error("meter", exc, me.src, me.raw, self.tenant_id))
             self._period = (pstart, pend)
         for pk, (before, me) in deferred.items():  # p95/p99: once per batch, on its last event
-            code = pk[0]
-            usage = self.periods[pk].value()
-            if code in ent.infos:
-                ent.evaluate(code, pk, usage, me, usage_of, alerts)
-            if code in ent.credit:
-                ent.spend(code, usage - before, 1, me, pk, alerts)
+            try:
+                code = pk[0]
+                usage = self.periods[pk].value()
+                if code in ent.infos:
+                    ent.evaluate(code, pk, usage, me, usage_of, alerts)
+                if code in ent.credit:
+                    ent.spend(code, usage - before, 1, me, pk, alerts)
+            except Exception as exc:  # a bug: reported on the event that would have fired it (it is counted)
+                dead.append(internal_error("meter (p95/p99 entitlement check)", exc, me.src, me.raw, self.tenant_id))
+                unevaluated_errors += 1
         self.wm = wm
         gateway: List[Any] = []
         wallets: List[Any] = []
@@ -334,12 +353,31 @@ class CustomerMeter:
         out.wallets = wallets
         if wm > self.next_dedupe_evict + _DEDUPE_EVICT_SLACK_MS:
             self._evict_seen()
-        self.stats.add_metered(n - dup, dup, excl, unmetered, ignored, len(dead))
+        # Each event read ends as exactly one of accepted, duplicate, excluded or dead-lettered (too_late,
+        # invalid_event, internal_error); missing_property dead letters are per metric, counted apart.
+        self.stats.add_metered(n - dup - excl - failed, dup, excl, unmetered, ignored, failed, missing)
         if alerts or unevaluated:
             self.stats.add({"alerts": len(alerts), "unevaluated": unevaluated})
+        if unevaluated_errors:
+            self.stats.add({"entitlement_errors": unevaluated_errors})
         return out
 
     # -- helpers ---------------------------------------------------------------------
+    def _bounds(self, ts: int, kind: str, anchor: int) -> Any:
+        """The billing period ``(start, end)`` holding ``ts``, or why it has none (a str): period arithmetic
+        ends with year 9999. The period of the last millisecond of its last window is checked too (a window
+        row's expiry), so nothing later in the event's fold can fail on its time."""
+        try:
+            start, end = period_bounds(ts, kind, anchor)
+            w = self.rules.window_ms
+            last = end - 1 - (end - 1) % w + w - 1
+            if last >= end:
+                period_bounds(last, kind, anchor)
+            return start, end
+        except (OverflowError, ValueError) as exc:
+            return (f"timestamp {ts} (epoch ms) is outside the range of billing periods ({kind} periods anchored "
+                    f"at {anchor} epoch ms): {exc}")
+
     def _window_expiry(self, last_ms: int, kind: str, anchor: int, pstart: int, pend: int) -> int:
         # A window stays open for late events while the period holding its last millisecond does.
         if not pstart <= last_ms < pend:

@@ -39,6 +39,8 @@ class PipelineConfig(_Frozen):
     late_grace: str = "6h"
     dedupe_window: str = "24h"
     max_event_bytes: Annotated[int, msgspec.Meta(gt=0)] = 1_048_576
+    # An event dated further ahead of the wall clock (when it is read) than this is invalid_event.
+    max_clock_skew: str = "1h"
     epoch_interval: str = "2s"
     # How often a busy customer's changed rollup rows are written (alerts never wait for this).
     flush_interval: str = "1s"
@@ -57,6 +59,10 @@ class PipelineConfig(_Frozen):
     @property
     def dedupe_window_ms(self) -> int:
         return parse_duration_ms(self.dedupe_window)
+
+    @property
+    def max_clock_skew_ms(self) -> int:
+        return parse_duration_ms(self.max_clock_skew)
 
 
 class TenantConfig(_Frozen):
@@ -316,7 +322,7 @@ def _cross_check(cfg: Config, source: str) -> None:
     def fail(key: str, why: str) -> None:
         raise ConfigError(f"invalid configuration in {source}: key '{key}': {why}")
 
-    for name in ("rollup_window", "late_grace", "dedupe_window", "epoch_interval", "flush_interval"):
+    for name in ("rollup_window", "late_grace", "dedupe_window", "epoch_interval", "flush_interval", "max_clock_skew"):
         try:
             ms = parse_duration_ms(getattr(cfg.pipeline, name))
         except ValueError as exc:

@@ -59,7 +59,8 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     """An input that could not be metered, with why and where it came from.
 
     ``reason`` is one of the contract's codes: invalid_json, invalid_event,
-    unknown_tenant, missing_property, too_late. ``source`` locates the original
+    unknown_tenant, missing_property, too_late; or internal_error (a bug met while
+    processing this one event, named in ``detail``). ``source`` locates the original
     (``topic/partition/offset`` or ``file:line``); ``payload`` is the original
     bytes, untouched. ``dl_id`` is deterministic, so a replay rewrites the same
     row instead of adding one.

@@ -4,7 +4,8 @@ Each file is one partition; the resume state is the byte offset and line number
 after the last line emitted, so with ``--recovery`` a restarted flow continues
 exactly where the last snapshot left off. Standard input cannot be rewound: a
 flow reading ``-`` refuses to resume from a snapshot rather than skip or
-double-count lines.
+double-count lines. A UTF-8 byte-order mark at the start of a file (or of standard
+input) is not part of its first event and is dropped.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from operators.errors import MeterError
 from sources.stop import STOP
 
 STDIN = "-"
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, stripped from the start of a file
 
 
 class _LinePartition(StatefulSourcePartition[Tuple[Any, bytes], Tuple[int, int]]):
@@ -46,10 +48,12 @@ class _LinePartition(StatefulSourcePartition[Tuple[Any, bytes], Tuple[int, int]]
         if not lines:
             raise StopIteration()
         label, first = self._label, self._line + 1
+        self._offset += sum(map(len, lines))  # of the bytes as read: a resume seeks back to exactly here
+        if first == 1 and lines[0].startswith(BOM):  # exported by common tools; not part of the first event
+            lines[0] = lines[0][len(BOM):]
         out = [((label, first + i), raw.rstrip(b"\r\n")) for i, raw in enumerate(lines)
                if raw.strip()]  # blank lines are layout, not events
         self._line += len(lines)
-        self._offset += sum(map(len, lines))
         return out
 
     def snapshot(self) -> Tuple[int, int]:

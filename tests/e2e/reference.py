@@ -16,7 +16,12 @@ section 1, and aggregated with plain Python following contract section 4:
   anchor, calendar months in UTC without a subscription;
 * dead-letter reasons: invalid_json, invalid_event, unknown_tenant, missing_property (per metric;
   the other metrics still count the event) and too_late (the billing period ended more than
-  late_grace before the watermark = the greatest event time seen so far in arrival order).
+  late_grace before the watermark = the greatest event time seen so far in arrival order);
+* invalid_event also covers nesting deeper than 64 levels anywhere (counted by a character scan
+  here) and a timestamp before 1970 or more than max_clock_skew (1 h) after ``now_ms``, the wall
+  clock when the events were read (when the caller gives it);
+* the run summary's counters: each event is exactly one of accepted, duplicates, excluded and
+  dead_lettered; missing_property dead letters are counted apart.
 
 Inputs are processed in the order given (file order); a test that feeds the same events through
 several Kafka partitions must make its workload insensitive to cross-partition order (no
@@ -35,6 +40,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 UTC = timezone.utc
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_EVENT_BYTES = 1_048_576  # pipeline.max_event_bytes default: bigger payloads are invalid_event
+MAX_DEPTH = 64  # deeper nesting anywhere is invalid_event
+MAX_CLOCK_SKEW_MS = 3_600_000  # pipeline.max_clock_skew default
 NUMERIC_AGGS = {"sum", "max", "min", "latest", "p95", "p99"}
 
 
@@ -111,29 +118,53 @@ def _nonempty_str(v: Any) -> bool:
     return isinstance(v, str) and len(v) > 0
 
 
-def _parse_ts(v: Any) -> int:
+def _parse_ts(v: Any, now_ms: Optional[int]) -> int:
     if isinstance(v, bool):
         raise Bad("invalid_event")
     if isinstance(v, int):
-        if v < 0:
+        ts = v
+    elif isinstance(v, str):
+        try:
+            dt = datetime.fromisoformat(v)
+        except ValueError:
+            raise Bad("invalid_event") from None
+        if dt.tzinfo is None:
             raise Bad("invalid_event")
-        return v
-    if not isinstance(v, str):
+        ts = to_ms(dt)
+    else:
         raise Bad("invalid_event")
-    try:
-        dt = datetime.fromisoformat(v)
-    except ValueError:
-        raise Bad("invalid_event") from None
-    if dt.tzinfo is None:
+    if ts < 0 or (now_ms is not None and ts > now_ms + MAX_CLOCK_SKEW_MS):
         raise Bad("invalid_event")
-    return to_ms(dt)
+    return ts
 
 
-def decode(raw: bytes) -> Tuple[dict, int]:
+def nesting(raw: bytes) -> int:
+    """The deepest nesting of arrays and objects, scanning characters (brackets in strings do not count)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in raw.decode("latin-1"):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def decode(raw: bytes, now_ms: Optional[int] = None) -> Tuple[dict, int]:
     """(event dict, timestamp ms) or raise Bad(reason)."""
     if not raw:
         raise Bad("invalid_json")
-    if len(raw) > MAX_EVENT_BYTES:
+    if len(raw) > MAX_EVENT_BYTES or nesting(raw) > MAX_DEPTH:
         raise Bad("invalid_event")
     try:
         ev = json.loads(raw.decode("utf-8"))
@@ -149,7 +180,7 @@ def decode(raw: bytes) -> Tuple[dict, int]:
             raise Bad("invalid_event")
     if "timestamp" not in ev:
         raise Bad("invalid_event")
-    ts = _parse_ts(ev["timestamp"])
+    ts = _parse_ts(ev["timestamp"], now_ms)
     props = ev.get("properties", {})
     if not isinstance(props, dict) or any(
             not (v is None or isinstance(v, (str, int, float, bool))) for v in props.values()):
@@ -216,6 +247,8 @@ class Expected:
     dead_letters: List[Tuple[int, str, str]]
     duplicates: int = 0
     latest_ties: List[Tuple] = field(default_factory=list)  # ambiguous `latest` ties (should be empty)
+    # the run summary's counters (read, accepted, duplicates, excluded, dead_lettered, missing_property)
+    counters: Dict[str, int] = field(default_factory=dict)
 
 
 def _dim(v: Any) -> str:
@@ -226,8 +259,9 @@ def _dim(v: Any) -> str:
     return str(v)
 
 
-def compute(raws: Sequence[bytes], spec: Spec) -> Expected:
-    """What the pipeline must produce for ``raws`` read in this order."""
+def compute(raws: Sequence[bytes], spec: Spec, now_ms: Optional[int] = None) -> Expected:
+    """What the pipeline must produce for ``raws`` read in this order (``now_ms``: the wall clock when they
+    were read, for the clock-skew rule; None skips that rule)."""
     seen: set = set()
     wm = 0
     dead: List[Tuple[int, str, str]] = []
@@ -239,10 +273,10 @@ def compute(raws: Sequence[bytes], spec: Spec) -> Expected:
     latest_ts: Dict[Tuple, List[Tuple[int, Any]]] = {}
     for m in spec.metrics:
         by_type.setdefault(m.event_type, []).append(m)
-    dups = 0
+    dups = accepted = excluded_n = 0
     for i, raw in enumerate(raws):
         try:
-            ev, ts = decode(raw)
+            ev, ts = decode(raw, now_ms)
         except Bad as exc:
             dead.append((i, exc.reason, ""))
             continue
@@ -259,6 +293,7 @@ def compute(raws: Sequence[bytes], spec: Spec) -> Expected:
         seen.add((tenant, ev["event_id"]))
         metrics = by_type.get(ev["event_type"])
         if not metrics:
+            accepted += 1  # accepted, no metric for its type
             continue
         sub = spec.subscriptions.get((tenant, cust))
         pstart, pend = month_period(ts, sub[0] if sub else CALENDAR)
@@ -270,6 +305,10 @@ def compute(raws: Sequence[bytes], spec: Spec) -> Expected:
         is_excluded = cust in excluded_customers or (
             bool(exclude_when) and all(k in props and props[k] == v for k, v in exclude_when.items()))
         sign = -1 if ev.get("correction") is True else 1
+        if is_excluded:
+            excluded_n += 1
+        else:
+            accepted += 1
         for m in metrics:
             pk = (tenant, cust, m.code, pstart)
             period_ends[pk] = pend
@@ -310,7 +349,10 @@ def compute(raws: Sequence[bytes], spec: Spec) -> Expected:
                        "events": acc.events if acc else 0, "excluded_events": excluded.get(pk, 0)}
     windows = {wk: {"window_end": wk[3] + spec.window_ms, "value": acc.value(), "events": acc.events}
                for wk, acc in wins.items()}
-    return Expected(periods, windows, dead, dups, ties)
+    whole = sum(1 for _, reason, _ in dead if reason != "missing_property")
+    counters = {"read": len(raws), "accepted": accepted, "duplicates": dups, "excluded": excluded_n,
+                "dead_lettered": whole, "missing_property": len(dead) - whole}
+    return Expected(periods, windows, dead, dups, ties, counters)
 
 
 # -- shapes of the pipeline's outputs, for comparison -------------------------------------

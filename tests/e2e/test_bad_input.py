@@ -156,7 +156,8 @@ def test_bad_lines_dead_lettered_good_lines_counted_exactly_and_rerun_is_idempot
                                   "--progress-every", "0"))["counters"]
     t1 = time.time() * 1000
     assert first["read"] == len(numbered)
-    assert first["dead_lettered"] == len(want_dead)
+    assert {k: first[k] for k in expected.counters} == expected.counters
+    assert first["dead_lettered"] + first["missing_property"] == len(want_dead)
     views = read_views(cfg)
 
     got_p, got_w = ref.views_periods(views["periods"]), ref.views_windows(views["windows"])
@@ -267,3 +268,160 @@ def test_invalid_toml_and_missing_file_fail_with_one_line_naming_the_file(tmp_pa
         err = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode != 0 and len(err) == 1 and str(cfg) in err[0], proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+# -- poison lines (issue 9) -----------------------------------------------------------------------------
+
+BOM = b"\xef\xbb\xbf"
+
+
+def _deep_unknown(eid: str, depth: int) -> bytes:
+    """A valid event with an unknown top-level field nested ``depth`` levels (the event object is one more)."""
+    return _ev(eid, "acme", "cust_1", "2026-04-14T11:00:00Z", **P)[:-1] + b', "x": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+def _poison_table():
+    """(line bytes, expected dead letter (reason, metric) or None): every poison class of issue 9 between good
+    events of every kind (duplicates, exclusions, an unmetered type, missing properties, too_late), so the
+    summary identity is checked on a mixed stream. cust_1's subscription is anchored mid-month (the 15th)."""
+    bad = ("invalid_event", "")
+    return [
+        (BOM + _ev("g1", "acme", "cust_1", "2026-04-14T09:00:00Z", **P), None),  # a BOM before the first event
+        (_ev("g2", "acme", "cust_2", "2026-04-14T09:10:00Z", **{**P, "tokens": 20}), None),
+        (_deep_unknown("deep", 10_000), bad),  # RecursionError in the decoder, before
+        (b"[" * 10_000 + b"]" * 10_000, bad),  # RecursionError in the untyped second decode, before
+        (_deep_unknown("d65", 64), bad),  # 65 levels in all
+        (_deep_unknown("d64", 63), None),  # 64 levels: the limit, accepted
+        (_ev("t1", "acme", "cust_1", "9999-12-31T23:59:59Z", **P), bad),
+        (_ev("t2", "acme", "cust_1", "0001-01-01T00:00:00Z", **P), bad),  # mid-month anchor: no period before it
+        (_ev("t3", "acme", "cust_1", "0001-01-01T00:00:00+01:00", **P), bad),
+        (_ev("t4", "acme", "cust_1", 10 ** 15, **P), bad),
+        (_ev("t5", "acme", "cust_1", 2 ** 63 - 1, **P), bad),
+        (_ev("t6", "acme", "cust_1", 2 ** 63 + 5, **P), bad),
+        (_ev("t7", "acme", "cust_1", 0, **P).replace(b'"timestamp":0', b'"timestamp":%d' % (2 ** 64 + 5)), bad),
+        (_ev("t8", "acme", "cust_2", "2999-01-01T00:00:00Z", **P), bad),  # well-formed, but its clock is wrong
+        (_ev("t9", "acme", "cust_2", "1969-12-31T23:59:59Z", **P), bad),
+        (_ev("g3", "acme", "cust_2", "2026-04-14T12:00:00Z", **{**P, "tokens": 30}), None),
+        (_ev("g1", "acme", "cust_1", "2026-04-14T09:00:00Z", **P), None),  # the first line again: a duplicate
+        (_ev("x1", "acme", "cust_1", "2026-04-14T13:00:00Z", **{**P, "environment": "test"}), None),  # excluded
+        (_ev("x2", "globex", "cust_internal", "2026-04-14T13:00:00Z", **P), None),  # excluded customer
+        (_ev("hb", "acme", "cust_2", "2026-04-14T13:30:00Z", "heartbeat"), None),  # accepted, no metric
+        (_ev("np", "acme", "cust_2", "2026-04-14T14:00:00Z", region="us-east-1", tokens="lots", latency_ms=5),
+         ("missing_property", "tokens")),  # and active_users (no user_id) below
+        (BOM + _ev("mb", "acme", "cust_2", "2026-04-14T14:10:00Z", **P), ("invalid_json", "")),  # BOM mid-file
+        (_ev("wm", "globex", "cust_9", "2026-04-15T06:00:00.001Z", **P), None),  # 6 h + 1 ms past cust_1's period
+        (_ev("late", "acme", "cust_1", "2026-04-14T23:00:00Z", **P), ("too_late", "")),
+        (_ev("g4", "acme", "cust_1", "2026-04-15T07:00:00Z", **{**P, "tokens": 7}), None),  # the next period
+    ]
+
+
+def test_poison_lines_are_dead_letters_and_every_view_equals_the_valid_lines_alone(tmp_path):
+    table = _poison_table()
+    lines = [raw for raw, _ in table]
+    path = _write(tmp_path, lines)
+    cfg = _config(tmp_path)
+    # what a reader of the file sees: the BOM before the first line is not part of the first event
+    events = [raw[len(BOM):] if n == 1 and raw.startswith(BOM) else raw for n, raw in _events_for_reference(lines)]
+    t0 = int(time.time() * 1000)
+    recovery = tmp_path / "recovery"
+    proc = run_meter("run", "--config", str(cfg), "--input", str(path), "--recovery", str(recovery), "--json",
+                     "--progress-every", "0", check=False)
+    assert proc.returncode == 0, f"meter run exited {proc.returncode}: {proc.stderr[-3000:]}"
+    summary = run_summary(proc)
+
+    expected = ref.compute(events, _spec(), now_ms=t0)
+    want_dead = {n: dl for n, (_, dl) in enumerate(table, 1) if dl is not None}
+    want_dead[21] = ("missing_property", "tokens")
+    got_ref = {}
+    for i, reason, metric in expected.dead_letters:
+        got_ref.setdefault(i + 1, []).append((reason, metric))
+    assert got_ref.pop(21) == [("missing_property", "tokens"), ("missing_property", "active_users")]
+    assert {n: v[0] for n, v in got_ref.items()} == {n: v for n, v in want_dead.items() if n != 21}
+
+    # every view equals an independent computation over the valid lines alone: the poison left no trace
+    valid = [raw for n, raw in enumerate(events, 1) if want_dead.get(n, ("",))[0] not in
+             ("invalid_json", "invalid_event", "unknown_tenant")]
+    alone = ref.compute(valid, _spec())
+    assert alone.periods == expected.periods and alone.windows == expected.windows
+    views = read_views(cfg)
+    got_p, got_w = ref.views_periods(views["periods"]), ref.views_windows(views["windows"])
+    assert got_p == expected.periods, "usage_by_period != reference:\n" + ref.diff(expected.periods, got_p)
+    assert got_w == expected.windows, "usage_by_window != reference:\n" + ref.diff(expected.windows, got_w)
+    apr = ref.to_ms(datetime(2026, 3, 15, tzinfo=timezone.utc))
+    assert got_p[("acme", "cust_1", "api_calls", apr)]["value"] == 2.0  # g1 (after its BOM) and d64
+
+    # one dead letter per poison line, with its reason, detail and file:line; payloads untouched
+    got_dead = {}
+    for reason, detail, source, n, sha, _hex, _tenant, metric, _received in views["dead_letters"]:
+        assert detail and source.startswith(f"{path}:"), (reason, detail, source)
+        line = int(source.rsplit(":", 1)[1])
+        got_dead.setdefault(line, []).append((reason, metric))
+        assert sha == hashlib.sha256(lines[line - 1]).hexdigest(), f"payload of line {line} altered"
+        if line in (7, 14):
+            assert "max_clock_skew" in detail, detail
+        if line in (3, 4, 5):
+            assert "nested deeper than 64 levels" in detail, detail
+    assert sorted(got_dead.pop(21)) == [("missing_property", "active_users"), ("missing_property", "tokens")]
+    assert {n: v for n, v in got_dead.items()} == {n: [v] for n, v in want_dead.items() if n != 21}
+
+    # the summary adds up, and each term is the reference's
+    counters = summary["counters"]
+    assert {k: counters[k] for k in expected.counters} == expected.counters == {
+        "read": 25, "accepted": 8, "duplicates": 1, "excluded": 2, "dead_lettered": 14, "missing_property": 2}
+    assert summary["balanced"] is True
+    assert summary["identity"] == "read 25 = accepted 8 + duplicates 1 + excluded 2 + dead-lettered 14 " \
+                                  "(+ 2 missing_property for single metrics)"
+    # a resume from the recovery directory starts after the last line: nothing is read twice, nothing fails
+    again = run_meter("run", "--config", str(cfg), "--input", str(path), "--recovery", str(recovery), "--json",
+                      "--progress-every", "0")
+    assert run_summary(again)["counters"]["read"] == 0
+    assert ref.views_periods(read_views(cfg)["periods"]) == expected.periods
+
+
+def test_a_future_dated_event_leaves_billing_and_alerts_untouched(tmp_path):
+    """Issue 9.3: one well-formed event dated 2999-01-01 at line 101 used to move the watermark, and every
+    later event was too_late. It is invalid_event now; usage and alerts are those of the other lines."""
+    from tests.e2e import alert_support as al
+
+    w = al.make_workload(11, "fut")
+    lines = [value for _key, value in w.messages]
+    t, c = w.subs[0].tenant, w.subs[0].customer
+    future = json.dumps({"event_id": "from-the-future", "tenant_id": t, "customer_id": c, "event_type": "api_call",
+                         "timestamp": "2999-01-01T00:00:00Z"}).encode()
+    lines.insert(100, future)
+    path = _write(tmp_path, lines)
+    alerts_file = tmp_path / "alerts.jsonl"
+    cfg_path = tmp_path / "meterflow.toml"
+    cfg_path.write_text(al.config_toml(w.tenants, w.subs, chdb_dir=tmp_path / "ch", kafka=None,
+                                       alerts_jsonl=alerts_file))
+    cfg = al.parse(cfg_path.read_text())
+    spec = ref.Spec(tenants={tn: ({}, ()) for tn in w.tenants},
+                    subscriptions={(s.tenant, s.customer): (datetime.fromisoformat(al.ANCHOR),
+                                                            {al.METRIC: s.entitlement()[0]}) for s in w.subs},
+                    metrics=(ref.Metric(al.METRIC, "api_call", "count"),))
+    t0 = int(time.time() * 1000)
+    summary = run_summary(run_meter("run", "--config", str(cfg_path), "--input", str(path), "--json",
+                                    "--progress-every", "0"))
+    expected = ref.compute(lines, spec, now_ms=t0)
+    without = ref.compute(lines[:100] + lines[101:], spec)
+    assert expected.periods == without.periods and expected.windows == without.windows
+    # the test is about something: counted as valid, the event would have starved everything after it
+    starved = ref.compute(lines, spec)
+    late = sum(1 for _, reason, _ in starved.dead_letters if reason == "too_late")
+    assert late > 200, late
+
+    views = read_views(cfg_path)
+    assert ref.views_periods(views["periods"]) == expected.periods
+    assert ref.views_windows(views["windows"]) == expected.windows
+    future_dl = [r for r in views["dead_letters"] if r[2] == f"{path}:101"]
+    assert [(r[0], "max_clock_skew" in r[1]) for r in future_dl] == [("invalid_event", True)]
+    assert not [r for r in views["dead_letters"] if r[0] == "too_late"]
+    # alerts: exactly the reference model's for the well-formed events, in the log and in the JSONL file
+    want = al.model_alerts(cfg, w.items)
+    n_alerts = sum(map(len, want.values()))
+    assert n_alerts >= 20
+    assert al.log_tuples(al.read_alerts_log(cfg_path)) == {k: set(v) for k, v in want.items()}
+    assert al.by_customer(al.read_jsonl(alerts_file)) == want
+    counters = summary["counters"]
+    assert counters["alerts"] == n_alerts and summary["balanced"] is True
+    assert counters["accepted"] == len({(e.tenant, e.event_id) for e in w.items})

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from operators.mediate import Mediator, MeteredEvent, customer_key, dead_letter, format_source
+from operators.mediate import MAX_DEPTH, Mediator, MeteredEvent, customer_key, dead_letter, format_source
 from operators.stats import FlowStats
 from schemas.config import parse_config
 from schemas.records import Emission
@@ -46,8 +46,15 @@ def enc(ev) -> bytes:
     return json.dumps(ev).encode()
 
 
-def mediate(*raws, cfg=None):
-    m = Mediator(cfg or config(), stats=FlowStats())
+NOW = 1798761600000  # 2027-01-01T00:00:00Z: the wall clock these tests inject (never today's date)
+
+
+def clock():
+    return NOW
+
+
+def mediate(*raws, cfg=None, clock=clock):
+    m = Mediator(cfg or config(), stats=FlowStats(), clock=clock)
     out = m([(("events.jsonl", i + 1), r) for i, r in enumerate(raws)])
     return m, out
 
@@ -232,7 +239,7 @@ def test_tenant_ids_are_case_sensitive():
 def test_invalid_utf8_inside_a_string_is_a_dead_letter():
     raw = enc(event()).replace(b"us-east-1", b"us-\xff-1")
     good = enc(event(event_id="evt_2"))
-    m = Mediator(config(), stats=FlowStats())
+    m = Mediator(config(), stats=FlowStats(), clock=clock)
     out = m([(("f", 1), raw), (("f", 2), good)])
     keyed, dead = split(out)
     assert [d.reason for d in dead] == ["invalid_json"]
@@ -338,7 +345,105 @@ def test_format_source(src, text):
 
 def test_stats_count_reads_and_dead_letters():
     stats = FlowStats()
-    m = Mediator(config(), stats=stats)
+    m = Mediator(config(), stats=stats, clock=clock)
     m([(1, b""), (2, enc(event())), (3, b"{")])
     s = stats.snapshot()
     assert s["read"] == 3 and s["dead_lettered"] == 2
+
+
+# -- poison lines (issue 9): each is one dead letter, never an exception ----------------------------------
+
+FIELDS = '"event_id": "p1", "tenant_id": "acme", "customer_id": "cust_456", "event_type": "api_call"'
+
+
+def with_unknown(value: bytes, ts: str = '"2026-11-03T14:30:00Z"') -> bytes:
+    return b'{' + FIELDS.encode() + b', "timestamp": ' + ts.encode() + b', "x": ' + value + b'}'
+
+
+def nested(depth: int, kind: str = "[") -> bytes:
+    close = "]" if kind == "[" else "}"
+    if kind == "[":
+        return (kind * depth + close * depth).encode()
+    return ('{"a":' * (depth - 1) + "{}" + "}" * (depth - 1)).encode()
+
+
+@pytest.mark.parametrize("raw", [
+    with_unknown(nested(10_000)),                                   # RecursionError in msgspec's skip
+    with_unknown(nested(10_000, "{")),
+    nested(10_000),                                                 # top level: the untyped second decode
+    b"[" * 10_000,                                                  # deep and broken
+    with_unknown(nested(MAX_DEPTH)),                                # the document is one level deeper
+    b'{"properties": ' + nested(MAX_DEPTH) + b"}",
+], ids=["unknown-field-10000", "unknown-object-10000", "top-level-10000", "unclosed-10000", "unknown-field-65",
+        "properties-65"])
+def test_nesting_deeper_than_64_levels_anywhere_is_invalid_event(raw):
+    d = only_dead(raw, cfg=config(max_event_bytes=1 << 20))
+    assert d.reason == "invalid_event" and "nested deeper than 64" in d.detail and d.payload == raw
+
+
+def test_nesting_of_exactly_64_levels_in_an_unknown_field_is_accepted():
+    raw = with_unknown(nested(MAX_DEPTH - 1))  # 63 inside the event object: 64 in all
+    _, out = mediate(raw)
+    assert isinstance(out[0], tuple) and out[0][1][0].event.event_id == "p1"
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting():
+    raw = enc(event(properties={"q": "[" * 500 + "{" * 500, "r": '\\"[[[' * 100}, note="]" * 70))
+    _, out = mediate(raw, cfg=config(max_event_bytes=1 << 20))
+    assert isinstance(out[0], tuple)
+
+
+@pytest.mark.parametrize("ts", ["9999-12-31T23:59:59Z", "0001-01-01T00:00:00Z", "0001-01-01T00:00:00+01:00",
+                                "1969-12-31T23:59:59.999Z", "2999-01-01T00:00:00Z", 10 ** 15, 2 ** 63 - 1,
+                                2 ** 63 + 5, 2 ** 64 + 5])
+def test_timestamps_before_1970_or_far_ahead_are_invalid_event_with_the_reason(ts):
+    d = only_dead(enc(event(timestamp=ts)))
+    assert d.reason == "invalid_event" and "$.timestamp" in d.detail, d.detail
+    assert ("before 1970" in d.detail) if str(ts)[:4] in ("0001", "1969") else ("max_clock_skew" in d.detail)
+
+
+def test_clock_skew_boundary_is_inclusive_and_follows_the_config():
+    at, over = enc(event(event_id="a", timestamp=NOW + 3_600_000)), enc(event(event_id="b", timestamp=NOW + 3_600_001))
+    keyed, dead = split(mediate(at, over)[1])
+    assert [me.event.event_id for _, items in keyed for me in items] == ["a"]
+    assert [(d.reason, d.source) for d in dead] == [("invalid_event", "events.jsonl:2")]
+    assert "'1h' ahead of the wall clock 2027-01-01T00:00:00Z" in dead[0].detail
+    keyed, dead = split(mediate(at, cfg=config(max_clock_skew="0s"))[1])
+    assert keyed == [] and dead[0].reason == "invalid_event"
+    keyed, dead = split(mediate(enc(event(timestamp=NOW)), cfg=config(max_clock_skew="0s"))[1])
+    assert len(keyed) == 1 and dead == []
+
+
+def test_the_clock_is_read_when_a_batch_is_read():
+    now = [NOW]
+    m = Mediator(config(), stats=FlowStats(), clock=lambda: now[0])
+    late_clock_event = enc(event(timestamp=NOW + 2 * 3_600_000))
+    assert split(m([(("f", 1), late_clock_event)]))[1][0].reason == "invalid_event"
+    now[0] += 3_600_000  # an hour later the same event is within max_clock_skew
+    assert len(split(m([(("f", 2), late_clock_event)]))[0]) == 1
+
+
+def test_a_future_dated_event_does_not_move_the_watermark():
+    m, out = mediate(enc(event(event_id="a")), enc(event(event_id="f", timestamp="2999-01-01T00:00:00Z")),
+                     enc(event(event_id="b", timestamp="2026-11-03T14:00:00Z")))
+    keyed, dead = split(out)
+    assert [(me.event.event_id, me.wm) for _, items in keyed for me in items] == [
+        ("a", 1793716200000), ("b", 1793716200000)]
+    assert m.watermark == 1793716200000 and [d.reason for d in dead] == ["invalid_event"]
+
+
+def test_a_failure_inside_mediation_is_an_internal_error_dead_letter_and_the_batch_goes_on():
+    m = Mediator(config(), stats=FlowStats(), clock=clock)
+
+    def broken(text):
+        if "14:30" in text:
+            raise RuntimeError("boom")
+        return 1793716200000
+
+    m._parse_ts = broken  # a bug in one step of the per-event work
+    out = m([(("f", 1), enc(event(event_id="a"))), (("f", 2), enc(event(event_id="b", timestamp="2026-11-03T14:00:00Z")))])
+    keyed, dead = split(out)
+    assert [me.event.event_id for _, items in keyed for me in items] == ["b"]
+    assert [(d.reason, d.source) for d in dead] == [("internal_error", "f:1")]
+    assert "mediation raised RuntimeError: boom" in dead[0].detail
+    assert m._stats.snapshot()["dead_lettered"] == 1 and m._stats.snapshot()["read"] == 2

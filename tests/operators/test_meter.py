@@ -64,14 +64,18 @@ def ev(eid, ts, cust="cust_456", tenant="acme", etype="api_call", correction=Fal
     return json.dumps(d).encode()
 
 
+# The wall clock the mediator reads in these tests (the clock-skew rule): fixed, after every event time used.
+CLOCK_MS = int(datetime(2035, 1, 1, tzinfo=timezone.utc).timestamp() * 1000)
+
+
 class Run:
     """Mediator + one CustomerMeter per key, fed batch by batch like the dataflow does."""
 
-    def __init__(self, cfg=None):
+    def __init__(self, cfg=None, clock=lambda: CLOCK_MS):
         self.cfg = cfg or make_config()
         self.rules = Rules(self.cfg)
         self.stats = FlowStats()
-        self.mediator = Mediator(self.cfg, stats=self.stats)
+        self.mediator = Mediator(self.cfg, stats=self.stats, clock=clock)
         self.meters = {}
         self.emissions = []
         self.n = 0
@@ -581,3 +585,94 @@ def test_a_version_3_snapshot_with_ids_in_a_dict_is_converted_on_restore():
                                           (("x", 2), ev("e2", "2026-03-05T10:00:00Z", tokens=2))]) for m in ms_]
     em = old.process([feed])
     assert [r.value for r in em.periods if r.metric == "tokens"] == [3.0]  # e1 a duplicate, e2 counted
+
+
+# -- poison at the meter step (issue 9): a dead letter, the state untouched, the batch goes on ---------------
+
+def _metered(eid, ts, wm, key="acme|cust_456", n=1, **props):
+    """A MeteredEvent as mediation would hand it over, built by hand to reach the meter with any time."""
+    from operators.mediate import MeteredEvent
+    from schemas.events import EVENT_DECODER
+
+    raw = ev(eid, "2026-02-10T10:00:00Z", cust=key.split("|")[1], **props)  # the time that counts is ``ts``
+    return MeteredEvent(EVENT_DECODER.decode(raw), ts, wm, ("m.jsonl", n), raw, False)
+
+
+@pytest.mark.parametrize("anchor", ["2026-01-31T00:00:00Z", "2026-03-15T12:00:00Z"])
+@pytest.mark.parametrize("ts", [ms("9999-12-31T23:59:59Z"), ms("0001-01-01T00:00:00Z"),
+                                -62135600400000, 10 ** 15, 2 ** 63 - 1, 2 ** 63 + 5, 2 ** 64 + 5])
+def test_a_time_without_a_billing_period_is_invalid_event_and_leaves_the_state_as_it_was(ts, anchor):
+    raw = json.loads(json.dumps(BASE_CFG))
+    raw["subscriptions"][0]["anchor"] = anchor
+    rules = Rules(parse_config(raw, "test.toml", environ={}))
+    stats = FlowStats()
+    meter = CustomerMeter(rules, "acme|cust_456", stats=stats)
+    t0 = ms("2026-02-10T10:00:00Z")
+    meter.process([[_metered("a", t0, t0, tokens=5)]])
+    before = meter.snapshot()
+    out = meter.process([[_metered("poison", ts, t0, n=2, tokens=7), _metered("b", t0 + 1, t0 + 1, n=3, tokens=1)]],
+                        flush=False)
+    dead = [d for d in out.dead_letters if d.reason != "missing_property"]
+    assert [(d.reason, d.source) for d in dead] == [("invalid_event", "m.jsonl:2")]
+    assert "outside the range of billing periods" in dead[0].detail
+    # the poison event left no trace: the state is the one event "b" away from the snapshot before it
+    replay = CustomerMeter.from_snapshot(rules, before, stats=FlowStats())
+    replay.process([[_metered("b", t0 + 1, t0 + 1, n=3, tokens=1)]], flush=False)
+    assert meter.wm == replay.wm == t0 + 1 and len(meter.seen) == len(replay.seen) == 2
+    # its id was not remembered: a valid event with that id counts, in both
+    for m in (meter, replay):
+        m.process([[_metered("poison", t0 + 2, t0 + 2, n=4, tokens=100)]], flush=False)
+    rows = [sorted(map(repr, m.flush().periods)) for m in (meter, replay)]
+    assert rows[0] == rows[1] and "value=106.0" in " ".join(rows[0])
+    c = stats.snapshot()
+    assert (c["accepted"], c["dead_lettered"], c["duplicates"]) == (3, 1, 0)
+
+
+def test_a_bug_half_way_through_an_event_is_an_internal_error_and_later_events_count(monkeypatch):
+    import operators.meter as meter_mod
+
+    real = meter_mod._dim
+
+    def dim(v):
+        if v == "boom":
+            raise RuntimeError("a bug in dimension handling")
+        return real(v)
+
+    monkeypatch.setattr(meter_mod, "_dim", dim)
+    run = Run()
+    run.feed(ev("e1", "2026-02-10T10:00:00Z", tokens=1, region="us"),
+             ev("e2", "2026-02-10T10:05:00Z", tokens=2, region="boom"),
+             ev("e3", "2026-02-10T10:10:00Z", tokens=4, region="eu"))
+    dead = [d for em in run.emissions for d in em.dead_letters if d.reason != "missing_property"]
+    assert [(d.reason, d.source) for d in dead] == [("internal_error", "test.jsonl:2")]
+    assert "meter raised RuntimeError: a bug in dimension handling" in dead[0].detail
+    assert pvalue(run, "tokens_by_region") == 5.0  # e1 + e3: the flow went on
+    c = run.stats.snapshot()
+    assert (c["read"], c["accepted"], c["dead_lettered"]) == (3, 2, 1)
+
+
+def test_summary_identity_on_a_mixed_stream():
+    from operators.stats import identity
+
+    run = Run()
+    run.feed(ev("a1", "2026-02-10T10:00:00Z", tokens=1, user="u", latency=1),          # accepted
+             ev("a1", "2026-02-10T10:00:00Z", tokens=1, user="u", latency=1),          # duplicate
+             ev("a2", "2026-02-10T10:01:00Z", cust="cust_internal", tokens=1),         # excluded (customer)
+             ev("a3", "2026-02-10T10:02:00Z", tokens=1, environment="test"),            # excluded (property)
+             ev("a4", "2026-02-10T10:03:00Z", etype="heartbeat"),                       # accepted, unmetered
+             ev("a5", "2026-02-10T10:04:00Z", user="u2", latency=3),                    # accepted, 4 missing_property
+             b"{",                                                                      # invalid_json
+             ev("a6", "2026-02-10T10:05:00Z", tenant="ghost"),                          # unknown_tenant
+             ev("a7", "2999-01-01T00:00:00Z"),                                          # invalid_event (future)
+             ev("w1", "2026-03-10T00:00:00Z", cust="c9", tokens=1, user="u", latency=1))  # accepted; moves watermark
+    run.feed(ev("late", "2026-01-05T00:00:00Z", cust="c9", tokens=1, user="u", latency=1),  # too_late
+             ev("late", "2026-01-05T00:00:00Z", cust="c9", tokens=1, user="u", latency=1))  # its retry: duplicate
+    c = run.stats.snapshot()
+    assert {k: c[k] for k in ("read", "accepted", "duplicates", "excluded", "dead_lettered", "missing_property",
+                              "unmetered")} == {
+        "read": 12, "accepted": 4, "duplicates": 2, "excluded": 2, "dead_lettered": 4, "missing_property": 4,
+        "unmetered": 1}
+    ok, text = identity(c)
+    assert ok and text.startswith("read 12 = accepted 4 + duplicates 2 + excluded 2 + dead-lettered 4"), text
+    rows = sum(len(em.dead_letters) for em in run.emissions)
+    assert rows == c["dead_lettered"] + c["missing_property"]

@@ -360,8 +360,10 @@ BAD = [
                                         "properties": {"pad": "p" * MAX_EVENT_BYTES}})),
     ("invalid_event", lambda i: encode({"event_id": f"nc{i}", "tenant_id": "acme", "event_type": "api_call",
                                         "timestamp": ms("2031-01-01T00:00:00Z")})),
+    # after every valid event time, so counting it would move the watermark; in the past, so the clock-skew
+    # rule (checked first) does not make it invalid_event
     ("unknown_tenant", lambda i: encode({"event_id": f"g{i}", "tenant_id": "ghost", "customer_id": "c31",
-                                         "event_type": "api_call", "timestamp": ms("2031-01-01T00:00:00Z")})),
+                                         "event_type": "api_call", "timestamp": ms("2026-06-01T00:00:00Z")})),
 ]
 
 

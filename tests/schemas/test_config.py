@@ -146,6 +146,7 @@ def test_merge_entitlement():
 def test_defaults():
     cfg = parse({})
     assert cfg.pipeline.rollup_window == "1h" and cfg.pipeline.late_grace == "6h"
+    assert cfg.pipeline.max_clock_skew == "1h" and cfg.pipeline.max_clock_skew_ms == 3_600_000
     assert cfg.kafka is None and cfg.redis is None
     assert cfg.source_path == "meter.toml"
 
@@ -173,6 +174,12 @@ def test_environment_overrides_pipeline_and_enables_sections():
     assert cfg.kafka is not None and cfg.kafka.bootstrap_servers == "broker:9092"
 
 
+def test_max_clock_skew_from_the_file_or_the_environment():
+    assert parse({"pipeline": {"max_clock_skew": "0s"}}).pipeline.max_clock_skew_ms == 0
+    cfg = parse({"pipeline": {"max_clock_skew": "5m"}}, environ={"METER_PIPELINE_MAX_CLOCK_SKEW": "2d"})
+    assert cfg.pipeline.max_clock_skew_ms == 2 * 86_400_000
+
+
 def test_environment_wins_over_the_file(tmp_path):
     f = tmp_path / "meter.toml"
     f.write_text('[pipeline]\nlate_grace = "1h"\n')
@@ -184,6 +191,8 @@ def test_bad_environment_value_names_the_key():
     assert "pipeline.late_grace" in msg and "soon" in msg
     msg = error_of({}, environ={"METER_PIPELINE_MAX_EVENT_BYTES": "lots"})
     assert "pipeline.max_event_bytes" in msg
+    msg = error_of({}, environ={"METER_PIPELINE_MAX_CLOCK_SKEW": "an hour"})
+    assert "pipeline.max_clock_skew" in msg and "an hour" in msg and len(msg.splitlines()) == 1
 
 
 def test_environment_overrides_do_not_mutate_the_callers_document():
@@ -212,6 +221,8 @@ def _with(path, value, raw=None):
     ({"pipeline": {"epoch_interval": ""}}, "pipeline.epoch_interval"),
     ({"pipeline": {"late_grace": 6}}, "pipeline.late_grace"),
     ({"pipeline": {"max_event_bytes": 0}}, "pipeline.max_event_bytes"),
+    ({"pipeline": {"max_clock_skew": "-1h"}}, "pipeline.max_clock_skew"),
+    ({"pipeline": {"max_clock_skew": 3600}}, "pipeline.max_clock_skew"),
     ({"pipeline": {"rollup_windw": "1h"}}, "rollup_windw"),
     ({"kafak": {}}, "kafak"),
     (_with(["metrics", 1, "property"], None), "metrics[1].property"),
