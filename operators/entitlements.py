@@ -12,10 +12,14 @@ Semantics (the README's "Entitlements and alerts" section says the same for user
   ascending order, on the event that crosses it; thresholds already fired never fire again in that
   period (plan changes and corrections included). p95/p99 metrics are evaluated once per batch, on
   the batch's last event of that metric (their value is not monotonic and costs a sort).
-* ``hard``: when usage reaches ``included`` the period is blocked (``blocked``); when usage falls
-  below it again (a raised quota, a correction) or enforcement stops being hard, ``unblocked``. A
-  blocked period is unblocked when the customer's first event of a later period of that metric
-  arrives (gateways already allow calls once ``period_end`` passed, see ``meterflow.gate``).
+* ``hard``: blocking concerns the metric's *current period*, the latest period any of its accepted
+  events fell in (tracked for every metric, evaluated or not, so a late event never moves it back).
+  ``blocked`` fires each time the current period's usage reaches ``included`` while it is not blocked;
+  when usage falls below it again (a raised quota, a correction) or enforcement stops being hard,
+  ``unblocked``. The metric's first accepted event in a later period fires ``unblocked`` for the
+  earlier one if it was blocked (gateways already allow calls once ``period_end`` passed, see
+  ``meterflow.gate``); that period never blocks again: a late event for it still counts and still
+  fires the thresholds it crosses, nothing more.
 * ``auto_overage``: when usage reaches ``included`` the customer moves to ``next_plan``
   (``plan_changed``, action ``upgrade``, then the new plan is evaluated at once) or, without a next
   plan, overage starts accruing at ``overage_rate`` (``plan_changed``, action ``overage``, once per
@@ -178,7 +182,7 @@ class Entitlements:
             if t not in fired:
                 lvl = t * inc / 100.0
                 break
-        if info.enforcement == "hard" and pk not in self.blocked or \
+        if info.enforcement == "hard" and pk not in self.blocked and self.cur.get(info.code) == pk or \
                 info.enforcement == "auto_overage" and pk not in self.overage:
             lvl = min(lvl, inc)
         lvl = lvl - abs(lvl) * _SLACK - 1e-12 if lvl != _INF else _INF
@@ -187,13 +191,17 @@ class Entitlements:
 
     # -- evaluation -----------------------------------------------------------------------
     def advance(self, code: str, pk: PeriodKey, me: Any, usage_of, alerts: List[Alert]) -> None:
-        """``pk`` became the current period of ``code``: a blocked earlier period is over."""
+        """``pk`` became the current period of ``code`` (an accepted event fell in a period later than the
+        current one, or the metric had none): the earlier period is over, unblocked if it was blocked, and
+        never blocks again (a late event for it still counts and fires its thresholds)."""
         old = self.cur.get(code)
         self.cur[code] = pk
         self.touched.add(pk)
-        if old is not None and old in self.blocked:
+        if old is None:
+            return
+        self.next_level.pop(old, None)  # its level no longer includes the block (see level)
+        if old in self.blocked:
             self.blocked.discard(old)
-            self.next_level.pop(old, None)  # a late event may block that period again
             info = self.infos.get(code)
             used = usage_of(old)
             alerts.append(self._alert("unblocked", code, old, None, 0.0 if used is None else used, info, "unblock",
@@ -226,8 +234,8 @@ class Entitlements:
             why = "usage is below the included amount" if info.enforcement == "hard" else \
                 f"enforcement is now {info.enforcement}"
             alerts.append(self._alert("unblocked", code, pk, None, usage, info, "unblock", me, detail=why))
-        if info.enforcement == "hard" and over and pk not in self.blocked:
-            self.blocked.add(pk)
+        if info.enforcement == "hard" and over and pk not in self.blocked and self.cur.get(code) == pk:
+            self.blocked.add(pk)  # only the current period blocks: an earlier one is over
             alerts.append(self._alert("blocked", code, pk, 100.0, usage, info, "block", me))
         elif info.enforcement == "auto_overage" and over and pk not in self.overage:
             if info.next_plan and info.next_plan != self.rule.plan and _depth < 8:

@@ -273,6 +273,11 @@ class CustomerMeter:
                             info = infos.get(code)
                             rate = credit.get(code)
                             row = rowc[code] = [wstart, dims, pstart, wacc, pk, acc, True, info, rate]
+                        if check_advance:  # the current period: the latest one any accepted event of code fell in
+                            row[6] = False
+                            cur = ent.cur.get(code)
+                            if cur is None or cur[1] < pstart:
+                                ent.advance(code, pk, me, usage_of, alerts)
                         if not evaluated:
                             acc.add(v, ts, sign)
                             continue
@@ -280,11 +285,6 @@ class CustomerMeter:
                         if info is None and rate is None:
                             acc.add(v, ts, sign)
                             continue
-                        if check_advance:
-                            row[6] = False
-                            cur = ent.cur.get(code)
-                            if cur is None or cur[1] < pstart:
-                                ent.advance(code, pk, me, usage_of, alerts)
                         if not per_event:
                             if pk not in deferred:
                                 deferred[pk] = [acc.value(), me]

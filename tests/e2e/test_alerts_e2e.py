@@ -18,9 +18,11 @@ randomised workload, also from a hand computation (``alert_support.hand_alerts``
    file, the same set in ``alerts_log`` and on the alerts topic, Redis right;
 3. a mid-period upgrade and downgrade through the entitlements topic while a streaming `meter run` runs;
 4. a Redis outage while a streaming `meter run` meters and alerts; Redis catches up after its restart;
-5. the webhook sink through the flow against a receiver that answers 500, times out once, then recovers.
-
-6. Ctrl-C of a streaming `meter run` stops cleanly: outputs flushed, exit 130 with one line, no panic.
+5. the webhook sink through the flow against a receiver that answers 500, times out once, then recovers;
+6. Ctrl-C of a streaming `meter run` stops cleanly: outputs flushed, exit 130 with one line, no panic;
+7. late events for a period that is over (inside late_grace) after the first event of the next one, across a
+   SIGKILL and resume and a changelog record: the earlier period never blocks again, Redis stays on the
+   current period (sampled all along), the JSONL file and ``alerts_log`` equal the model (issue 17).
 """
 
 from __future__ import annotations
@@ -602,3 +604,166 @@ def test_ctrl_c_stops_a_streaming_run_with_exit_130(kafka, tmp_path):
     err = "".join(live.stderr)
     assert rc == 130 and err.rstrip().endswith("meter: interrupted") and "panicked" not in err, \
         f"exit {rc}, stderr:\n{err[-1500:]}"
+
+
+# -- 7 ---------------------------------------------------------------------------------------------------
+
+def test_late_events_after_the_period_changed_never_block_it_again_across_a_sigkill(kafka, redis_server, tmp_path):
+    """Issue 17 / contract section 4: hard-enforced customers send late November events (inside late_grace)
+    after their first December event, then the run is SIGKILLed and resumed, more late events come, December
+    blocks and a changelog record lowers a quota. November is blocked once and unblocked once, never again;
+    the late events still fire November's thresholds; Redis describes December from the first December event
+    on, sampled all along; the JSONL file and ``alerts_log`` equal the reference model."""
+    tag = _tag()
+    tenant = f"latecorp{tag}"
+    x = Sub(tenant, "cust_x", "hard8", {"thresholds": [75, 90, 100, 120]})  # November blocked at its 8th
+    y = Sub(tenant, "cust_y", "hard8")  # November reaches 100 % only through late events
+    lowered = Sub(tenant, "cust_y", "hard8", {"included": 1})
+    k = _topics(kafka, "e2e-alerts-late", entitlements=True)
+    jsonl = tmp_path / "alerts.jsonl"
+    text = al.config_toml([tenant], [x, y], chdb_dir=tmp_path / "ch", kafka=k, redis_url=redis_server.url,
+                          alerts_jsonl=jsonl, pipeline_extra='epoch_interval = "250ms"\n')
+    cfg_path = tmp_path / "meter.toml"
+    cfg_path.write_text(text)
+    cfg = al.parse(text)
+    dec, jan = PERIOD_END, am.ms("2027-01-01T00:00:00Z")
+    nov_lo, nov_hi = am.ms("2026-11-25T00:00:00Z"), am.ms("2026-11-30T20:00:00Z")
+    late_lo = am.ms("2026-11-30T20:00:00Z")  # watermark stays below Dec 1 02:00: late_grace (6h) accepts them
+    dec_lo, dec_hi = dec + 1_800_000, dec + 5_400_000
+    rng = random.Random(17)
+
+    def evs(c, n, prefix, lo, hi):
+        return al.customer_events(rng, tenant, c, n, f"{prefix}{tag}", lo, hi)
+
+    phases = [
+        evs("cust_x", 9, "a", nov_lo, nov_hi) + evs("cust_y", 6, "a", nov_lo, nov_hi),  # 0: November
+        evs("cust_x", 1, "b", dec_lo, dec_hi) + evs("cust_y", 1, "b", dec_lo, dec_hi),  # 1: first December events
+        evs("cust_x", 2, "c", late_lo, dec) + evs("cust_y", 2, "c", late_lo, dec),      # 2: late November
+        # 3 (produced while no flow runs, read by the resumed run): late November, then December to 100 %
+        evs("cust_x", 2, "d", late_lo, dec) + evs("cust_y", 2, "d", late_lo, dec) +
+        evs("cust_x", 7, "e", dec_lo, dec_hi),
+    ]
+    tail = evs("cust_y", 1, "f", late_lo, dec) + evs("cust_y", 1, "g", dec_lo, dec_hi)  # after the change
+    producer = al.KeyedProducer(kafka.bootstrap, k["events_topic"])
+
+    def send(items):
+        producer.send([(al.key(e.tenant, e.customer), al.event_bytes(e, i % 3)) for i, e in enumerate(items)])
+
+    client = redis_server.client()
+
+    def state(c):
+        h = {a.decode(): b.decode() for a, b in client.hgetall(f"meter:{tenant}:{c}:{METRIC}").items()}
+        return (float(h["used"]), float(h["included"]), h["state"], am.ms(h["period_start"]),
+                am.ms(h["period_end"])) if h else None
+
+    def alerts_of(c):
+        return [al.tuple_of(a) for a in al.read_jsonl(jsonl) if a["customer_id"] == c]
+
+    samples: List[Tuple[str, tuple]] = []
+    sampling = threading.Event()
+
+    def sample() -> None:  # Redis as a gateway sees it, every few ms from the first December state on
+        sampler = redis_server.client()
+        try:
+            while sampling.is_set():
+                for c in ("cust_x", "cust_y"):
+                    h = sampler.hgetall(f"meter:{tenant}:{c}:{METRIC}")
+                    samples.append((c, (h.get(b"period_start"), h.get(b"period_end"), h.get(b"state"))))
+                time.sleep(0.005)
+        finally:
+            sampler.close()
+
+    argv = ["run", "--config", str(cfg_path), "--recovery", str(tmp_path / "recovery"), "--workers", "1",
+            "--progress-every", "0.2"]
+    sampler = threading.Thread(target=sample, daemon=True)
+    live = LiveRun(argv, tmp_path / "run1.out")
+    try:
+        send(phases[0])
+        al.wait_for("November blocked for cust_x", lambda: state("cust_x") == (9.0, 8.0, "blocked", PERIOD_START,
+                                                                                 dec), 60, live)
+        al.wait_for("November ok for cust_y", lambda: (state("cust_y") or (0,))[0] == 6.0, 10, live)
+        send(phases[1])
+        al.wait_for("December in Redis", lambda: state("cust_x") == (1.0, 8.0, "ok", dec, jan) and
+                    state("cust_y") == (1.0, 8.0, "ok", dec, jan), 20, live)
+        # a replay after the SIGKILL starts from the last snapshot: let one hold December (epochs of 250 ms), so
+        # what the sampler sees is the flow's logic, not a rewind to before the first December event
+        time.sleep(1.0)
+        sampling.set()
+        sampler.start()
+        send(phases[2])  # x: November's 10th event crosses 120 %; y: its 8th crosses 90 % and 100 %
+        al.wait_for("the late events' thresholds", lambda: len(alerts_of("cust_x")) >= 6 and
+                    len(alerts_of("cust_y")) >= 3, 20, live)
+        time.sleep(0.5)
+    finally:
+        rc = live.kill()
+    assert rc == -signal.SIGKILL, f"meter run was not killed by SIGKILL (exit {rc})"
+    try:
+        send(phases[3])
+        live = LiveRun(argv, tmp_path / "run2.out")
+        try:
+            al.wait_for("December blocked for cust_x after the resume",
+                        lambda: state("cust_x") == (8.0, 8.0, "blocked", dec, jan), 60, live)
+            path = tmp_path / "lowered.toml"
+            path.write_text(al.config_toml([tenant], [lowered], chdb_dir=tmp_path / "ch-unused", kafka=k))
+            run_meter("entitlements", "publish", "--config", str(path), "--customer", f"{tenant}/cust_y", timeout=60)
+            al.wait_for("December blocked for cust_y by the lowered quota",
+                        lambda: state("cust_y") == (1.0, 1.0, "blocked", dec, jan), 20, live)
+            send(tail)
+            al.wait_for("cust_y's last December event", lambda: state("cust_y") == (2.0, 1.0, "blocked", dec, jan),
+                        20, live)
+            time.sleep(0.3)
+        finally:
+            al.stop_run(live)
+    finally:
+        sampling.clear()
+        sampler.join(10)
+        client.close()
+
+    # Redis never went back to November once December started, whatever the late events and the restart did
+    assert len(samples) > 100
+    bad = [s for s in samples if not s[1][0] or (am.ms(s[1][0].decode()), am.ms(s[1][1].decode())) != (dec, jan)]
+    assert not bad, f"{len(bad)} of {len(samples)} Redis reads not on December, first {bad[:3]}"
+
+    def aid(c, type_, start, threshold=None, seq=0):
+        return alert_id(type_, tenant, c, METRIC, start, threshold, seq)
+
+    def ids(items):
+        return [e.event_id for e in items]
+
+    xa, ya = ids([e for p in phases for e in p if e.customer == "cust_x"]), ids(
+        [e for p in phases + [tail] for e in p if e.customer == "cust_y"])
+    nov, blk, unb = PERIOD_START, "block", "unblock"
+    want_x = [(aid("cust_x", "threshold_crossed", nov, 75), "threshold_crossed", METRIC, nov, 75.0, xa[5], "notify"),
+              (aid("cust_x", "threshold_crossed", nov, 90), "threshold_crossed", METRIC, nov, 90.0, xa[7], "notify"),
+              (aid("cust_x", "threshold_crossed", nov, 100), "threshold_crossed", METRIC, nov, 100.0, xa[7], blk),
+              (aid("cust_x", "blocked", nov, 100.0, 1), "blocked", METRIC, nov, 100.0, xa[7], blk),
+              (aid("cust_x", "unblocked", nov, None, 1), "unblocked", METRIC, nov, None, xa[9], unb),
+              # November's 10th event, late: its threshold fires, November is not blocked again
+              (aid("cust_x", "threshold_crossed", nov, 120), "threshold_crossed", METRIC, nov, 120.0, xa[10], blk),
+              # December (the current period) blocks at its 8th event
+              (aid("cust_x", "threshold_crossed", dec, 75), "threshold_crossed", METRIC, dec, 75.0, xa[-3], "notify"),
+              (aid("cust_x", "threshold_crossed", dec, 90), "threshold_crossed", METRIC, dec, 90.0, xa[-1], "notify"),
+              (aid("cust_x", "threshold_crossed", dec, 100), "threshold_crossed", METRIC, dec, 100.0, xa[-1], blk),
+              (aid("cust_x", "blocked", dec, 100.0, 1), "blocked", METRIC, dec, 100.0, xa[-1], blk)]
+    want_y = [(aid("cust_y", "threshold_crossed", nov, 75), "threshold_crossed", METRIC, nov, 75.0, ya[5], "notify"),
+              (aid("cust_y", "threshold_crossed", nov, 90), "threshold_crossed", METRIC, nov, 90.0, ya[8], "notify"),
+              (aid("cust_y", "threshold_crossed", nov, 100), "threshold_crossed", METRIC, nov, 100.0, ya[8], blk),
+              # the lowered quota re-evaluates December only: 1 of 1
+              (aid("cust_y", "threshold_crossed", dec, 75), "threshold_crossed", METRIC, dec, 75.0, "", "notify"),
+              (aid("cust_y", "threshold_crossed", dec, 90), "threshold_crossed", METRIC, dec, 90.0, "", "notify"),
+              (aid("cust_y", "threshold_crossed", dec, 100), "threshold_crossed", METRIC, dec, 100.0, "", blk),
+              (aid("cust_y", "blocked", dec, 100.0, 1), "blocked", METRIC, dec, 100.0, "", blk)]
+    want = {(tenant, "cust_x"): want_x, (tenant, "cust_y"): want_y}
+    items = [*phases[0], *phases[1], *phases[2], *phases[3], am.Change(tenant, "cust_y", 0, lowered.as_dict()), *tail]
+    assert al.model_alerts(cfg, items) == want, "the reference model disagrees with the hand-written alerts"
+    assert am.expected_gateway(cfg, items)[0] == {(tenant, "cust_x", METRIC): (8.0, 8.0, "blocked"),
+                                                  (tenant, "cust_y", METRIC): (2.0, 1.0, "blocked")}
+
+    records = al.read_jsonl(jsonl)
+    got_ids = [a["alert_id"] for a in records]
+    assert len(got_ids) == len(set(got_ids)), "an alert id was written twice to the JSONL file"
+    assert al.by_customer(records) == want
+    rows = al.read_alerts_log(cfg_path)
+    assert al.log_tuples(rows) == {c: set(v) for c, v in want.items()}
+    assert sorted((r["customer_id"], r["period_start_ms"]) for r in rows if r["type"] == "blocked") == \
+        [("cust_x", nov), ("cust_x", dec), ("cust_y", dec)]

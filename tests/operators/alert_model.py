@@ -14,14 +14,16 @@ What the model covers (and what the generators in the tests keep out, so the mod
   late_grace (the tests use a grace of years), no period or anchor changes on the changelog.
 * entitlements, for each accepted contribution in processing order (events of one process() call in
   list order, metrics of one event in configuration order):
-  - roll-over: if the customer's subscription gives the metric ``included`` (or a wallet credit rate)
-    and the event's period starts later than the metric's current period (or there is none) the
-    period becomes current; a blocked previous current period fires ``unblocked`` first. (Interpretation:
-    a metric's *current period* is tracked while the subscription evaluates it, by ``included`` or by a
-    credit rate; a metric neither included nor rated has none, so a change that gives it an entitlement
-    evaluates it only from its next event.)
+  - roll-over: a metric's *current period* is the latest period (by start) any of its accepted
+    contributions fell in (contract section 4), whether the subscription evaluates the metric or not
+    (so a change that gives a metric an entitlement evaluates its current period at once). When a
+    contribution's period starts later than the current one (or there is none) it becomes current;
+    a blocked previous current period fires ``unblocked`` first. A late contribution for an earlier
+    period never changes the current period;
   - thresholds ascending: ``t`` fires once per (metric, period) when ``usage * 100 >= t * included``;
-  - enforcement: hard blocks at ``usage >= included`` and unblocks below it; a blocked period whose
+  - enforcement: hard blocks the *current* period at ``usage >= included`` (each time it gets there
+    while not blocked) and unblocks below it; an earlier period never blocks (a late contribution for
+    it fires only its thresholds, and the auto_overage rules below); a blocked period whose
     enforcement is no longer hard (or whose entitlement is gone) is unblocked; auto_overage at
     ``usage >= included`` moves to ``next_plan`` (``plan_changed``/upgrade, then every metric's
     current period is re-evaluated in code order, then the wallet is checked) or, without a
@@ -197,6 +199,8 @@ class CustomerModel:
         # Situations the model went through that the implementation once got wrong (see KNOWN_DEVIATIONS).
         self.notes: set = set()
         self.rolled_over: set = set()  # periods unblocked because a later period started
+        # How often the model went through the situations the property tests must exercise (see CASES).
+        self.cases: Counter = Counter()
         self.in_event: Optional[Ev] = None
         self.in_reeval = False
         self.moved_in_group = False
@@ -273,13 +277,23 @@ class CustomerModel:
             if pk in self.blocked and usage < inc:
                 if self.in_event and not self.in_event.correction and not self.in_reeval:
                     self.notes.add("unblock_by_negative_value")
+                if self.in_event and self.in_event.correction:
+                    self.cases["correction_unblocks_below_100"] += 1
+                elif eid == "":
+                    self.cases["change_unblocks_below_100"] += 1
                 self.blocked.discard(pk)
                 self._emit("unblocked", code, pk[1], None, eid, "unblock")
             elif pk not in self.blocked and usage >= inc:
-                if pk in self.rolled_over:
+                if self.cur.get(code) != pk:  # a period that is over never blocks again
                     self.notes.add("reblock_after_rollover")
+                    self.cases["late_event_at_100_for_earlier_hard_period"] += 1
+                    if pk in self.rolled_over:
+                        self.cases["late_event_at_100_for_period_unblocked_by_rollover"] += 1
+                    return
                 self.blocked.add(pk)
                 self._emit("blocked", code, pk[1], 100.0, eid, "block")
+                if self.seq[("blocked", code, pk[1])] > 1:
+                    self.cases["blocked_again_in_a_period"] += 1
             return
         if pk in self.blocked:  # enforcement is no longer hard
             self.blocked.discard(pk)
@@ -383,14 +397,17 @@ class CustomerModel:
             ents = self.ents()
             w = self.wallet()
             rated = w is not None and m.code in w.credit_rates
-            if m.code in ents or rated:  # see "current period" in the module docstring
-                cur = self.cur.get(m.code)
-                if cur is None or cur[1] < pstart:
-                    self.cur[m.code] = pk
-                    if cur is not None and cur in self.blocked:
-                        self.blocked.discard(cur)
-                        self.rolled_over.add(cur)
-                        self._emit("unblocked", m.code, cur[1], None, ev.event_id, "unblock")
+            # the current period: the latest period any accepted contribution of the metric fell in
+            cur = self.cur.get(m.code)
+            if cur is None or cur[1] < pstart:
+                self.cur[m.code] = pk
+                if cur is not None and cur in self.blocked:
+                    self.blocked.discard(cur)
+                    self.rolled_over.add(cur)
+                    self.cases["rollover_unblocks"] += 1
+                    self._emit("unblocked", m.code, cur[1], None, ev.event_id, "unblock")
+            elif cur != pk and m.code in ents:
+                self.cases["late_event_for_earlier_period"] += 1
             if m.aggregation in ("p95", "p99"):
                 if m.code in ents or rated:
                     if pk not in deferred:
@@ -490,6 +507,11 @@ class Model:
     def notes(self) -> set:
         return set().union(*[c.notes for c in self.customers.values()])
 
+    @property
+    def cases(self) -> Counter:
+        """How often each situation of :data:`CASES` came up, over all customers."""
+        return sum((c.cases for c in self.customers.values()), Counter())
+
     def deliver(self, delivery) -> None:
         if not isinstance(delivery, (list, tuple)):
             delivery = [delivery]
@@ -512,8 +534,9 @@ KNOWN_DEVIATIONS = {
     # of test_entitlements.py; the model still notes these situations (``Model.notes``) so that a property
     # test failing in one of them names the likely regression. To tolerate a new, known deviation while it is
     # being fixed, note it here and add its name to SKIP_KNOWN in test_entitlement_properties.py.
-    "reblock_after_rollover": "a late event of a period that the roll-over unblocked does not block it again "
-                              "(stale next_level cache), but does after a snapshot/restore",
+    "reblock_after_rollover": "a late event that brings a hard-enforced period to 100 % after the metric's "
+                              "first accepted event of a later period fires `blocked` for that earlier period "
+                              "(the contract allows blocking only the current period; issue 17)",
     "auto_overage_right_after_unblock": "a blocked period whose enforcement becomes auto_overage is unblocked "
                                         "but plan_changed waits for the next event",
     "unblock_by_negative_value": "a non-correction event with a negative value that brings a hard-blocked "
@@ -525,6 +548,21 @@ KNOWN_DEVIATIONS = {
     "stale_plan_after_move_in_batch": "after an auto_overage move, the rest of the same event list is evaluated "
                                       "with the previous plan's entitlements (flagged when a later contribution's "
                                       "entitlement differs between the two plans)",
+}
+
+
+# Situations that the property tests' generators must produce (tests/operators/test_entitlement_properties.py
+# asserts they do): counted in ``CustomerModel.cases``.
+CASES = {
+    "rollover_unblocks": "the metric's first accepted event of a later period unblocks the earlier period",
+    "late_event_for_earlier_period": "an accepted contribution of an evaluated metric for a period earlier than "
+                                     "its current one",
+    "late_event_at_100_for_earlier_hard_period": "such a late contribution leaves a hard-enforced earlier period "
+                                                 "at or above 100 % (it must not block)",
+    "late_event_at_100_for_period_unblocked_by_rollover": "the same, for a period the roll-over unblocked",
+    "correction_unblocks_below_100": "a correction takes the blocked current period below 100 %",
+    "change_unblocks_below_100": "a changelog record (a raised quota, a plan change) takes it below 100 %",
+    "blocked_again_in_a_period": "a period is blocked a second time (back above 100 % after an unblock)",
 }
 
 

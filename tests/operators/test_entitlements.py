@@ -205,6 +205,103 @@ def test_a_blocked_period_is_unblocked_by_the_first_event_of_the_next_period():
     assert final_gateway(h.emissions)[0] == {("acme", "c1", "calls"): (1.0, 10.0, "ok")}
 
 
+def gateway_periods(h, after=0):
+    """(metric, period_start) of every gateway state emitted from the ``after``-th emission on."""
+    return [(g.metric, g.period_start) for em in h.emissions[after:] for g in em.gateway]
+
+
+@pytest.mark.parametrize("restore", [False, True])
+def test_a_late_event_for_a_period_that_is_over_counts_fires_its_thresholds_and_never_blocks_again(restore):
+    # contract section 4: only the metric's current period (the latest one any accepted event fell in) blocks
+    cfg = config(sub("hard", overrides={"calls": {"thresholds": [50, 100, 120]}}))
+    jan, feb = calls(10), calls(2, ts=FEB, prefix="f")
+    late = calls(3, start=11)  # January again, after February started: 11, 12 (120 %), 13 of 10
+    fix = [ev(f"x{i}", JAN + 90 + i, correction=True) for i in range(4)]  # January 9 of 10, then e14: 10 again
+    d = singles(jan + feb + late + fix + calls(1, start=14))
+    h = run(cfg, *d, restore_between=restore)
+    assert brief(h) == [("threshold_crossed", "calls", 50.0, "e5"), ("threshold_crossed", "calls", 100.0, "e10"),
+                        ("blocked", "calls", 100.0, "e10"), ("unblocked", "calls", None, "f1"),
+                        ("threshold_crossed", "calls", 120.0, "e12")]  # January, after it is over: no blocked
+    assert [ms(a.period_start) for a in h.alerts()] == [P_JAN] * 5
+    assert h.alerts()[-1].usage == 12.0 and h.alerts()[-1].included == 10.0
+    # the late events count in January's row; February stays the current period, in the gateway state too
+    jan_rows = [r for em in h.emissions for r in em.periods if r.period_start == P_JAN]
+    assert jan_rows[-1].value == 10.0  # 10 + 3 late - 4 corrections + 1: below and back at 100 %, no alert
+    assert set(gateway_periods(h, after=10)) == {("calls", P_FEB)}
+    assert final_gateway(h.emissions)[0] == {("acme", "c1", "calls"): (2.0, 10.0, "ok")}
+
+
+def test_a_late_event_bringing_an_earlier_period_to_100_percent_fires_the_threshold_but_not_blocked():
+    cfg = config(sub("hard"))
+    d = singles(calls(9) + calls(1, ts=FEB, prefix="f") + calls(2, start=10))
+    h = run(cfg, *d)
+    assert brief(h) == [("threshold_crossed", "calls", 50.0, "e5"), ("threshold_crossed", "calls", 100.0, "e10")]
+    assert ms(h.alerts()[-1].period_start) == P_JAN and h.alerts()[-1].action == "block"  # the threshold's action
+    assert final_gateway(h.emissions)[0] == {("acme", "c1", "calls"): (1.0, 10.0, "ok")}
+
+
+def test_the_current_period_blocks_again_after_a_correction_and_a_late_event_cannot_unblock_it():
+    cfg = config(sub("hard"))
+    feb = calls(10, ts=FEB, prefix="f")
+    d = singles(calls(3) + feb + [ev("x1", FEB + 50, correction=True)] + calls(1, start=11, ts=FEB, prefix="f") +
+                [ev("xj", JAN + 50, correction=True)] + calls(8, start=20))  # January: 3 - 1 + 8 = 10 of 10
+    h = run(cfg, *d)
+    assert brief(h) == [("threshold_crossed", "calls", 50.0, "f5"), ("threshold_crossed", "calls", 100.0, "f10"),
+                        ("blocked", "calls", 100.0, "f10"), ("unblocked", "calls", None, "x1"),
+                        ("blocked", "calls", 100.0, "f11"),
+                        ("threshold_crossed", "calls", 50.0, "e22"), ("threshold_crossed", "calls", 100.0, "e27")]
+    assert [a.alert_id for a in h.alerts() if a.type == "blocked"] == [
+        alert_id("blocked", "acme", "c1", "calls", P_FEB, 100, n) for n in (1, 2)]
+    assert final_gateway(h.emissions)[0] == {("acme", "c1", "calls"): (10.0, 10.0, "blocked")}
+
+
+def test_a_quota_change_after_the_period_changed_re_evaluates_only_the_current_period():
+    cfg = config(sub("hard"))
+    base = singles(calls(10) + calls(2, ts=FEB, prefix="f"))
+    # raised for February (2 of 4 = 50 %); the late January event then fires January's 80 % under "small"
+    h = run(cfg, *base, change(1, "small"), ev("l1", JAN + 500))
+    assert brief(h)[3:] == [("unblocked", "calls", None, "f1"), ("threshold_crossed", "calls", 50.0, ""),
+                            ("threshold_crossed", "calls", 80.0, "l1")]
+    assert [ms(a.period_start) for a in h.alerts()[3:]] == [P_JAN, P_FEB, P_JAN]
+    assert final_gateway(h.emissions)[0] == {("acme", "c1", "calls"): (2.0, 4.0, "approaching")}
+    assert set(gateway_periods(h, after=10)) == {("calls", P_FEB)}
+    # lowered to 0: February (current) is blocked at once; late January events block nothing
+    h = run(cfg, *base, change(1, "zero"), *singles(calls(3, start=20)))
+    assert brief(h)[3:] == [("unblocked", "calls", None, "f1"), ("threshold_crossed", "calls", 50.0, ""),
+                            ("threshold_crossed", "calls", 100.0, ""), ("blocked", "calls", 100.0, "")]
+    assert ms(h.alerts()[-1].period_start) == P_FEB
+    assert final_gateway(h.emissions)[0] == {("acme", "c1", "calls"): (2.0, 0.0, "blocked")}
+    assert set(gateway_periods(h, after=10)) == {("calls", P_FEB)}
+
+
+def test_the_current_period_is_tracked_while_the_metric_is_not_evaluated():
+    # January then February on a plan without the metric; a change gives it a hard quota: February is the
+    # current period at once, and a late January event does not make January current (nor block it)
+    cfg = config(sub("none"))
+    d = singles(calls(10) + calls(2, ts=FEB, prefix="f")) + [change(1, "hard")] + singles(calls(1, start=11))
+    h = run(cfg, *d)
+    assert brief(h) == [("threshold_crossed", "calls", 50.0, "e11"), ("threshold_crossed", "calls", 100.0, "e11")]
+    assert ms(h.alerts()[0].period_start) == P_JAN
+    assert gateway_periods(h) == [("calls", P_FEB)]  # emitted by the change, never for January
+    assert final_gateway(h.emissions)[0] == {("acme", "c1", "calls"): (2.0, 10.0, "ok")}
+
+
+def test_a_late_event_inside_late_grace_counts_without_blocking_and_one_beyond_it_is_too_late():
+    cfg = config(sub("hard"), grace="6h", dedupe="1h")
+    h = MeterHarness(cfg)
+    for x in singles(calls(10) + [ev("f1", P_FEB + 3_600_000), ev("late", P_FEB - 1)]):
+        h.deliver(x)
+    assert brief(h)[-2:] == [("blocked", "calls", 100.0, "e10"), ("unblocked", "calls", None, "f1")]
+    jan = [r for em in h.emissions for r in em.periods if r.period_start == P_JAN]
+    assert jan[-1].value == 11.0  # inside late_grace: counted in January, no blocked
+    h.deliver([ev("f2", P_FEB + 7 * 3_600_000), ev("late2", P_FEB - 2)])
+    assert [d.reason for d in h.dead_letters() if d.reason != "missing_property"] == ["too_late"]
+    assert len(h.alerts()) == 4
+    assert final_gateway(h.emissions)[0] == {("acme", "c1", "calls"): (2.0, 10.0, "ok")}
+    g = [g for em in h.emissions for g in em.gateway][-1]
+    assert (g.period_start, g.period_end) == (P_FEB, P_MAR)
+
+
 def test_a_raised_quota_on_the_changelog_unblocks_at_once():
     cfg = config(sub("hard"))
     h = run(cfg, *singles(calls(10)), change(1, "big"), ev("e11", JAN + 11))
@@ -468,9 +565,10 @@ def test_late_event_of_a_rolled_over_period_gives_the_same_alerts_with_and_witho
     late = [ev("late", JAN + 500)]
     plain.deliver(late)
     restored.deliver(late)
-    # the spec (and the model): every accepted event is evaluated, the January period is blocked again
-    assert brief(restored)[-1] == ("blocked", "calls", 100.0, "late")
-    assert plain.alert_tuples() == restored.alert_tuples()
+    # issue 17: the January period is over (f1 unblocked it); the late event counts but never blocks it again
+    assert brief(restored)[-1] == ("unblocked", "calls", None, "f1")
+    assert plain.alert_tuples() == restored.alert_tuples() == expected_alerts(cfg, items + [late])
+    assert final_gateway(restored.emissions)[0] == {("acme", "c1", "calls"): (1.0, 10.0, "ok")}
 
 
 def test_switching_a_blocked_period_to_auto_overage_accrues_overage_at_once():
