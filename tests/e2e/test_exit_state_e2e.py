@@ -130,3 +130,92 @@ def test_a_receiver_down_at_exit_gets_one_clear_line_and_the_next_run_delivers(t
     assert got == want
     assert _left_lines(proc2.stderr) == [], proc2.stderr
     assert _outbox_records(spool) == 0
+
+
+# -- 6: gateway state when Redis is down at the end of a run -------------------------------------------
+
+def _closed_port_url() -> str:
+    """A Redis URL nobody listens on: connections are refused, like a Redis that is down."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"redis://127.0.0.1:{port}/0"
+
+
+def _redis_configs(tmp_path: Path, tenant: str, subs: Sequence[Sub], redis_url: str) -> Tuple[Path, Path]:
+    """The same configuration twice: Redis unreachable, and the session's real redis-server."""
+    paths = []
+    for name, url in (("down", _closed_port_url()), ("up", redis_url)):
+        p = tmp_path / f"meter-{name}.toml"
+        p.write_text(al.config_toml([tenant], subs, chdb_dir=tmp_path / "ch", kafka=None, redis_url=url,
+                                    redis_timeout=0.3))
+        paths.append(p)
+    return paths[0], paths[1]
+
+
+def _run_with_redis_down(tmp_path: Path, tenant: str, tag: str, redis_url: str, client):
+    subs, evs = _workload(tenant, tag)
+    events = _write_events(tmp_path / "events.jsonl", evs)
+    down, up = _redis_configs(tmp_path, tenant, subs, redis_url)
+    recovery = tmp_path / "recovery"
+    proc = run_meter("run", "--config", str(down), "--input", str(events), "--recovery", str(recovery),
+                     "--progress-every", "0", "--json", timeout=120)
+    want = al.hand_gateway(subs, evs)
+    assert want == am.expected_gateway(al.parse(down.read_text()), evs)[0]
+    assert len(want) == len(subs)
+    assert f"closing with {len(want)} gateway state keys unsent" in proc.stderr, proc.stderr
+    keys = [(tenant, s.customer, METRIC) for s in subs]
+    assert al.redis_hashes(client, keys) == {k: {} for k in keys}, "nothing reached Redis"
+    return subs, evs, events, up, recovery, keys, want
+
+
+def _check_hashes(client, keys, want: Dict) -> None:
+    hashes = al.redis_hashes(client, keys)
+    assert al.gateway_view(hashes) == want
+    for k, h in hashes.items():
+        assert {"included", "used", "remaining", "pct", "state", "period_end", "updated_at"} <= set(h), h
+        assert h["period_end"] == "2026-12-01T00:00:00Z"
+        assert float(h["remaining"]) == max(0.0, want[k][1] - want[k][0])
+
+
+@pytest.mark.redis
+def test_gateway_state_unsent_at_exit_is_republished_by_the_resumed_run(redis_server, client, tmp_path):
+    tag = _tag()
+    tenant = f"gwresume{tag}"
+    subs, evs, events, up, recovery, keys, want = _run_with_redis_down(tmp_path, tenant, tag, redis_server.url,
+                                                                     client)
+    # Redis is back. The same command resumes from the recovery directory: the input is read to its end
+    # already, so no event changes any customer, yet every customer's gateway state is written.
+    proc = run_meter("run", "--config", str(up), "--input", str(events), "--recovery", str(recovery),
+                     "--progress-every", "0", "--json", timeout=120)
+    assert "unsent" not in proc.stderr, proc.stderr
+    assert '"read": 0' in proc.stdout, proc.stdout
+    _check_hashes(client, keys, want)
+
+
+@pytest.mark.redis
+def test_meter_gateway_sync_writes_every_state_from_the_recovery_directory(redis_server, client, tmp_path):
+    tag = _tag()
+    tenant = f"gwsync{tag}"
+    subs, evs, events, up, recovery, keys, want = _run_with_redis_down(tmp_path, tenant, tag, redis_server.url,
+                                                                     client)
+    down = tmp_path / "meter-down.toml"
+    failed = run_meter("gateway", "sync", "--config", str(down), "--recovery", str(recovery), check=False)
+    err = failed.stderr.strip().splitlines()
+    assert failed.returncode == 2 and len(err) == 1, failed.stderr
+    assert err[0].startswith("meter: error: ") and "Redis" in err[0] and "unreachable" in err[0], err
+    assert "Traceback" not in failed.stderr
+
+    done = run_meter("gateway", "sync", "--config", str(up), "--recovery", str(recovery))
+    _check_hashes(client, keys, want)
+    assert f"{len(want)} gateway states" in done.stdout, done.stdout
+    first = al.redis_hashes(client, keys)
+    # Idempotent: a second sync writes the same hashes (only updated_at moves).
+    run_meter("gateway", "sync", "--config", str(up), "--recovery", str(recovery))
+    again = al.redis_hashes(client, keys)
+    strip = lambda hs: {k: {f: v for f, v in h.items() if f != "updated_at"} for k, h in hs.items()}  # noqa: E731
+    assert strip(again) == strip(first)
+
+    # A directory that holds no snapshots is an error that says so, not a silent success.
+    missing = run_meter("gateway", "sync", "--config", str(up), "--recovery", str(tmp_path / "nope"), check=False)
+    assert missing.returncode == 2 and missing.stderr.startswith("meter: error: "), missing.stderr
