@@ -371,13 +371,14 @@ class _WebhookPartition(StatelessSinkPartition[Emission]):
             self.retried += 1
             self.last_failure = f"HTTP {resp.status}" if resp.status else resp.text[:200]
             delay = sink.backoff(attempt, resp.retry_after)
-            if self._draining:  # the run is ending: keep trying while the drain lasts
+            draining = self._draining  # read once: close() sets it before _kick, so no wait can miss the drain
+            if draining:  # the run is ending: keep trying while the drain lasts
                 delay = min(delay, _DRAIN_RETRY)
             if attempt == 1 or attempt % 10 == 0:
                 log.warning("webhook %s: alert %s attempt %d failed (%s); retrying in %.1f s", mask_url(sink.url),
                             alert.alert_id, attempt, resp.status or resp.text, delay)
             # Before the drain a wait ends early when it starts (close() sets _kick); during it, at _stop.
-            sink.sleep_for(delay, self._stop if self._draining else self._kick)
+            sink.sleep_for(delay, self._stop if draining else self._kick)
 
     def _give_up(self, box: Outbox, line: bytes, resp: _Response, attempts: int) -> None:
         meta = {"failed_at": ms_to_iso(int(self._sink.clock() * 1000)), "url": mask_url(self._sink.url),
