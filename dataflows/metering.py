@@ -71,6 +71,11 @@ class _ShardLogic(StatefulBatchLogic):
     previous bytes. Resuming rebuilds every customer of the shard and feeds each one's watermark to the
     mediator; a snapshot taken with another shard count is refused (its customers would no longer meet
     their events).
+
+    With live gateway state (``[redis]``), a resumed shard republishes the gateway and wallet state of
+    every one of its customers once, ahead of its first batch or at once by notification (even with no
+    new input): states the previous run could not write (Redis down at its end) are not lost, and a
+    Redis restarted empty is refilled.
     """
 
     def __init__(self, rules: Rules, shards: int, resume: Any, recoverable: bool, mediator: Mediator,
@@ -86,22 +91,13 @@ class _ShardLogic(StatefulBatchLogic):
         self._snaps: Dict[str, bytes] = {}  # every customer's latest snapshot
         self._next_flush = 0  # epoch ms of the next tick; 0: the first batch flushes at once
         self._notify: Optional[datetime] = None  # _next_flush as a datetime, for notify_at
+        self._republish = False  # resumed with gateway state: every customer's state is still to go out
         if resume is not None:
             self._resume(resume, mediator)
+            self._republish = rules.gateway_states and bool(self._meters)
 
     def _resume(self, state: Any, mediator: Mediator) -> None:
-        if isinstance(state, bytes):
-            raise MeterError("the recovery directory holds per-customer snapshots from a build without "
-                             "pipeline.shards; resume it with that build, or start with a new recovery directory")
-        if not (isinstance(state, tuple) and len(state) == 3 and state[0] == SHARD_STATE_VERSION):
-            raise MeterError(f"unrecognised snapshot of the meter step (expected shard state version "
-                             f"{SHARD_STATE_VERSION}); start with a new recovery directory")
-        _version, shards, snaps = state
-        if shards != self._shards:
-            raise MeterError(f"the recovery snapshots were taken with pipeline.shards = {shards}, but this flow "
-                             f"has pipeline.shards = {self._shards}: customers would be routed to shards that do "
-                             f"not hold their state. Set pipeline.shards = {shards} (or METER_PIPELINE_SHARDS) to "
-                             "resume, or start with a new recovery directory")
+        snaps = shard_snapshots(state, self._shards)
         rules = self._rules
         for key, data in snaps.items():
             meter = CustomerMeter.from_snapshot(rules, data)
@@ -115,13 +111,24 @@ class _ShardLogic(StatefulBatchLogic):
                 self._dirty.add(key)
         self._snaps = dict(snaps)
 
+    def _republish_all(self, out: "_Merged", now: int) -> None:
+        """Once after a resume: the gateway and wallet state of every customer of the shard (ahead of
+        anything this batch changes, so the batch's own states come later and win)."""
+        self._republish = False
+        for meter in self._meters.values():
+            gateway, wallets = meter.ent.republish(meter.usage, now)
+            if gateway or wallets:
+                out.add(Emission(gateway=gateway, wallets=wallets))
+
     def on_batch(self, values: List[Any]) -> Tuple[List[Emission], bool]:
         out = _Merged()
+        now = self._clock()
+        if self._republish:
+            self._republish_all(out, now)
         if len(values) == 1 and type(values[0]) is dict:  # the usual case: one bundle of event lists
             work: Any = [(key, [events]) for key, events in values[0].items()]
         else:
             work = self._gather(values, out)
-        now = self._clock()
         due = now >= self._next_flush
         meters, dirty, rules = self._meters, self._dirty, self._rules
         for key, items in work:
@@ -177,6 +184,8 @@ class _ShardLogic(StatefulBatchLogic):
         self._notify = None
 
     def notify_at(self) -> Optional[datetime]:
+        if self._republish:
+            return _EPOCH_DT  # now: a resumed shard need not wait for an event to republish
         if not self._dirty:
             return None
         if self._notify is None:
@@ -190,10 +199,14 @@ class _ShardLogic(StatefulBatchLogic):
         return self._drain()
 
     def _drain(self) -> Tuple[List[Emission], bool]:
-        if not self._dirty:
+        if not self._dirty and not self._republish:
             return [], StatefulBatchLogic.RETAIN
         out = _Merged()
-        self._flush_dirty(out, self._clock())
+        now = self._clock()
+        if self._republish:
+            self._republish_all(out, now)
+        if self._dirty:
+            self._flush_dirty(out, now)
         return out.emit(), StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> Any:
@@ -206,6 +219,24 @@ class _ShardLogic(StatefulBatchLogic):
         self._changed = set()
         # A copy: Bytewax may serialise the snapshot after this logic has moved on.
         return (SHARD_STATE_VERSION, self._shards, dict(snaps))
+
+
+def shard_snapshots(state: Any, shards: Optional[int] = None) -> Dict[str, bytes]:
+    """``{tenant|customer: CustomerMeter snapshot}`` of one shard's recovery snapshot, checked: the layout
+    version, and (unless ``shards`` is None) that it was taken with ``shards`` shards."""
+    if isinstance(state, bytes):
+        raise MeterError("the recovery directory holds per-customer snapshots from a build without "
+                         "pipeline.shards; resume it with that build, or start with a new recovery directory")
+    if not (isinstance(state, tuple) and len(state) == 3 and state[0] == SHARD_STATE_VERSION):
+        raise MeterError(f"unrecognised snapshot of the meter step (expected shard state version "
+                         f"{SHARD_STATE_VERSION}); start with a new recovery directory")
+    _version, taken_with, snaps = state
+    if shards is not None and taken_with != shards:
+        raise MeterError(f"the recovery snapshots were taken with pipeline.shards = {taken_with}, but this flow "
+                         f"has pipeline.shards = {shards}: customers would be routed to shards that do "
+                         f"not hold their state. Set pipeline.shards = {taken_with} (or METER_PIPELINE_SHARDS) to "
+                         "resume, or start with a new recovery directory")
+    return snaps
 
 
 class _Merged:
@@ -290,9 +321,10 @@ def build_flow(config: Config, source: Source, sinks: Sequence[Tuple[str, Sink]]
     return flow
 
 
-def sinks_from_config(config: Config) -> List[Tuple[str, Sink]]:
+def sinks_from_config(config: Config, recoverable: bool = False) -> List[Tuple[str, Sink]]:
     """ClickHouse always (embedded chDB unless [clickhouse] names a server); Kafka topics in Kafka mode;
-    live gateway state when [redis] is configured; the alert sinks of [alerts]."""
+    live gateway state when [redis] is configured; the alert sinks of [alerts]. ``recoverable``: the
+    flow keeps a recovery directory (the Redis sink's warning at exit says how unsent states arrive)."""
     from sinks.clickhouse import ClickHouseSink
 
     sinks: List[Tuple[str, Sink]] = [("clickhouse", ClickHouseSink(config.clickhouse))]
@@ -305,7 +337,7 @@ def sinks_from_config(config: Config) -> List[Tuple[str, Sink]]:
     if config.redis is not None:
         from sinks.redis import GatewayStateSink
 
-        sinks.append(("redis_gateway", GatewayStateSink(config.redis)))
+        sinks.append(("redis_gateway", GatewayStateSink(config.redis, recoverable=recoverable)))
     from sinks.alerts import alert_sinks_from_config
 
     sinks.extend(alert_sinks_from_config(config))
@@ -348,7 +380,8 @@ def entitlements_source_from_config(config: Config, inputs: Sequence[str] = (), 
 
 def flow_from_config(config: Config, inputs: Sequence[str] = (), stop_at_end: bool = False,
                      recoverable: bool = True, entitlements: Sequence[str] = ()) -> Dataflow:
-    return build_flow(config, source_from_config(config, inputs, stop_at_end), sinks_from_config(config),
+    return build_flow(config, source_from_config(config, inputs, stop_at_end),
+                      sinks_from_config(config, recoverable),
                       recoverable=recoverable,
                       entitlements=entitlements_source_from_config(config, entitlements, inputs, stop_at_end))
 

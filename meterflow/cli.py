@@ -21,6 +21,7 @@ EPILOG = """examples:
   meter entitlements publish --config meterflow.toml --dry-run      (what would be published)
   meter entitlements publish --config meterflow.toml --customer acme/cust_456
   meter entitlements publish --config meterflow.toml --cancel acme/cust_old
+  meter gateway sync --config meterflow.toml --recovery var/recovery    (rewrite every gateway hash in Redis)
 """
 
 PUBLISH_DESCRIPTION = (
@@ -115,6 +116,18 @@ def _parser() -> argparse.ArgumentParser:
                     help="publish a cancellation for this customer (repeatable)")
     ep.add_argument("--dry-run", action="store_true", help="show what would be published; send nothing")
 
+    g = sub.add_parser("gateway", help="live gateway state in Redis",
+                       description="Manage the live gateway state in Redis (contract section 4).")
+    gsub = g.add_subparsers(dest="gateway_command", metavar="ACTION", required=True)
+    gs = gsub.add_parser("sync", help="write every customer's gateway state from a recovery directory",
+                         description="Rebuild each customer's meter state from the snapshots in a recovery "
+                         "directory and write the gateway hash of every metric's current period (and wallet "
+                         "hashes) to [redis], with the same absolute writes as the flow: idempotent. Use it "
+                         "while the flow is stopped, e.g. after a run ended with Redis down or after Redis "
+                         "restarted empty (a resumed meter run --recovery DIR does the same on start).")
+    gs.add_argument("--config", required=True, metavar="FILE", help="TOML configuration with [redis]")
+    gs.add_argument("--recovery", required=True, metavar="DIR", help="the recovery directory of meter run")
+
     sub.add_parser("bench", add_help=False, help="benchmarks against the peers (same as python -m benchmarks; "
                    "meter bench --help for its options)")
     return p
@@ -147,6 +160,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             from meterflow.reports import publish_entitlements_cmd
 
             return publish_entitlements_cmd(args)
+        if args.command == "gateway":
+            from meterflow.gateway_sync import sync_cmd
+
+            return sync_cmd(args)
     except MeterError as exc:
         if args.debug:
             traceback.print_exc()

@@ -391,6 +391,15 @@ class Entitlements:
                                            updated_at=at_ms))
         return states, wallets
 
+    def republish(self, usage_of, at_ms: int) -> Tuple[List[GatewayState], List[WalletState]]:
+        """The live state of EVERY metric's current period and of the wallet, changed or not (and any
+        pending removal). Gateway state is derived from this state, so a resumed flow or ``meter gateway
+        sync`` rewrites it whole: states that never reached Redis before the last exit are not lost."""
+        self.touched.update(self.cur.values())
+        if self.rule.wallet is not None:
+            self.wallet_dirty = True
+        return self.gateway(usage_of, at_ms)
+
     def _next_seq(self, type_: str, pk: PeriodKey) -> int:
         k = (type_, pk)
         n = self.seq.get(k, 0) + 1

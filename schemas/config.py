@@ -172,6 +172,9 @@ class WebhookConfig(_Frozen):
     max_backoff: str = "60s"
     # Durable outbox: alerts wait here until the receiver acknowledges them (never lost).
     spool_dir: str = "var/webhook-outbox"
+    # At the end of a run (input exhausted, or a clean stop), keep retrying the outbox for at most this
+    # long before exiting; what is left stays in the outbox for the next start. "0s": do not wait.
+    drain_timeout: str = "10s"
 
 
 class AlertsConfig(_Frozen):
@@ -331,9 +334,9 @@ def _cross_check(cfg: Config, source: str) -> None:
             fail(f"pipeline.{name}", "must be greater than zero")
     hook = cfg.alerts.webhook
     if hook is not None:
-        for name in ("timeout", "max_backoff"):
+        for name in ("timeout", "max_backoff", "drain_timeout"):
             try:
-                if parse_duration_ms(getattr(hook, name)) <= 0:
+                if parse_duration_ms(getattr(hook, name)) <= 0 and name != "drain_timeout":
                     fail(f"alerts.webhook.{name}", "must be greater than zero")
             except ValueError as exc:
                 fail(f"alerts.webhook.{name}", str(exc))

@@ -27,12 +27,17 @@ Once Redis answers again every key converges to its latest state.
 A background thread also retries on the same schedule, so a worker with no new output catches up
 after an outage without waiting for its next batch (``write_batch`` and the thread share a lock).
 
-Limits, stated honestly: pending states live in
-memory, so a crash *during* an outage loses them until those keys change again (a gateway then sees the
-pre-outage state, bounded by the period's ``period_end``); a Redis restart without persistence empties
-it, so keys not changed since come back only when the flow emits them again (a missing key reads as
-untracked, which gateways allow, and the next event of that customer rewrites it). Billing never
-depends on Redis: the exact figures are in ClickHouse and the aggregated topic.
+At exit (``close``) pending states get one last attempt; what Redis still did not take is named in ONE
+warning that says how it will arrive. The gateway state is derived from the meter state, so a flow
+resumed from the same recovery directory republishes every customer's state on start (see
+``dataflows.metering._ShardLogic``), and ``meter gateway sync --recovery DIR`` writes it without a run.
+
+Limits, stated honestly: pending states live in memory, so without a recovery directory a crash or an
+exit *during* an outage loses them until those keys change again (a gateway then sees the pre-outage
+state, bounded by the period's ``period_end``); a Redis restart without persistence empties it, and
+keys not changed since come back at the next resume, at ``meter gateway sync``, or when the flow emits
+them again (a missing key reads as untracked, which gateways allow). Billing never depends on Redis:
+the exact figures are in ClickHouse and the aggregated topic.
 
 Counters in :data:`operators.stats.STATS`: ``redis_writes`` (keys written), ``redis_pending`` (keys
 waiting, kept as a gauge through deltas), ``redis_errors`` (failed round trips), ``redis_outages``.
@@ -75,6 +80,17 @@ def wallet_fields(w: WalletState) -> Dict[str, str]:
             "state": w.state, "on_exhausted": w.on_exhausted, "updated_at": ms_to_iso(w.updated_at)}
 
 
+def queue_write(pipe: "redis.client.Pipeline", s: State) -> None:
+    """Queue the one absolute write of a state on ``pipe``: HSET of its fields, or DEL of a removed
+    gateway state (a cancelled subscription)."""
+    if isinstance(s, WalletState):
+        pipe.hset(s.redis_key, mapping=wallet_fields(s))
+    elif s.deleted:
+        pipe.delete(s.redis_key)
+    else:
+        pipe.hset(s.redis_key, mapping=state_fields(s))
+
+
 def make_client(url: str, timeout: float) -> "redis.Redis":
     """A client whose calls give up after ``timeout`` seconds and retry once at once (a pooled socket that
     the server closed reconnects transparently), instead of redis-py's default of many backed-off retries."""
@@ -84,8 +100,9 @@ def make_client(url: str, timeout: float) -> "redis.Redis":
 
 class _GatewayStatePartition(StatelessSinkPartition[Emission]):
     def __init__(self, client: "redis.Redis", url: str, retry_initial: float, retry_max: float,
-                 clock: Callable[[], float], stats: FlowStats) -> None:
+                 clock: Callable[[], float], stats: FlowStats, recoverable: bool = False) -> None:
         self._client = client
+        self._recoverable = recoverable
         self._url = masked_url(url)
         self._retry_initial = retry_initial
         self._retry_max = retry_max
@@ -133,8 +150,13 @@ class _GatewayStatePartition(StatelessSinkPartition[Emission]):
             self._flush()
             self._report_pending()
         if self._pending:
-            log.warning("Redis %s: closing with %d gateway state keys unsent (Redis still unavailable); they are "
-                        "written again when the flow next emits them", self._url, len(self._pending))
+            how = ("the next meter run resumed from the same --recovery directory rewrites every customer's "
+                   "gateway state on start, or run meter gateway sync --config FILE --recovery DIR once Redis is "
+                   "back" if self._recoverable else
+                   "this run has no --recovery directory, so they are written only when those customers' usage "
+                   "next changes (a missing hash reads as untracked: gateways allow)")
+            log.warning("Redis %s: closing with %d gateway state keys unsent (Redis still unavailable); %s",
+                        self._url, len(self._pending), how)
         self._client.close()
 
     def _flush(self) -> None:
@@ -142,13 +164,7 @@ class _GatewayStatePartition(StatelessSinkPartition[Emission]):
         keys = list(self._pending)
         pipe = self._client.pipeline(transaction=False)
         for key in keys:
-            s = self._pending[key]
-            if isinstance(s, WalletState):
-                pipe.hset(key, mapping=wallet_fields(s))
-            elif s.deleted:
-                pipe.delete(key)
-            else:
-                pipe.hset(key, mapping=state_fields(s))
+            queue_write(pipe, self._pending[key])
         try:
             results = pipe.execute(raise_on_error=False)
         except redis.RedisError as exc:
@@ -201,11 +217,13 @@ class GatewayStateSink(DynamicSink[Emission]):
     """Latest gateway and wallet state per key into Redis hashes, one pipelined round trip per batch.
 
     ``retry_initial``/``retry_max``: backoff in seconds between attempts while Redis is unreachable.
-    ``clock`` (monotonic seconds) and ``stats`` are injectable for tests.
+    ``recoverable``: the flow keeps a recovery directory (it then republishes every state on resume;
+    the warning at exit says so). ``clock`` (monotonic seconds) and ``stats`` are injectable for tests.
     """
 
     def __init__(self, config: RedisConfig, *, retry_initial: float = 0.5, retry_max: float = 15.0,
-                 clock: Callable[[], float] = time.monotonic, stats: FlowStats = STATS) -> None:
+                 clock: Callable[[], float] = time.monotonic, stats: FlowStats = STATS,
+                 recoverable: bool = False) -> None:
         if not 0 < retry_initial <= retry_max:
             raise ValueError(f"redis sink: need 0 < retry_initial <= retry_max, got {retry_initial}, {retry_max}")
         self._config = config
@@ -213,8 +231,9 @@ class GatewayStateSink(DynamicSink[Emission]):
         self._retry_max = retry_max
         self._clock = clock
         self._stats = stats
+        self._recoverable = recoverable
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _GatewayStatePartition:
         client = make_client(self._config.url, self._config.timeout)
         return _GatewayStatePartition(client, self._config.url, self._retry_initial, self._retry_max,
-                                      self._clock, self._stats)
+                                      self._clock, self._stats, self._recoverable)

@@ -11,6 +11,13 @@ header (the deterministic ``alert_id``); alerts still in the outbox are not appe
 Other responses (4xx, 3xx) are permanent: the alert moves to ``undeliverable.jsonl`` in
 ``spool_dir`` with the status and the start of the response, logged at WARNING.
 
+At the end of a run (``close()``: the input is exhausted, or a clean stop) the thread drains the
+outbox for at most ``drain_timeout``: a backoff wait in progress is cut short and, while draining,
+retries are at most 1 s apart (a ``Retry-After`` beyond that is not waited for), so a receiver that
+recovers during the drain gets everything before the process exits. Whatever is still undelivered
+then stays in the outbox and is reported in ONE warning per sink and process (the count, the outbox
+files, the last failure): the next start with the same ``spool_dir`` delivers it first.
+
 Each request: body = the contract's alert JSON, ``Content-Type: application/json``,
 ``Idempotency-Key``, ``X-Meter-Alert-Type``, ``X-Meter-Timestamp`` (Unix seconds) and, with a
 secret, ``X-Meter-Signature: sha256=<hex HMAC-SHA256(secret, body)>``.
@@ -47,6 +54,7 @@ log = logging.getLogger(__name__)
 
 _OUTBOX_NAME = re.compile(r"^outbox-(\d+)\.jsonl$")
 _SNIPPET = 500
+_DRAIN_RETRY = 1.0  # seconds between retries while draining at exit
 
 
 _OPEN: Set[Path] = set()  # outboxes open in this process: two live writers of one file would corrupt it
@@ -274,9 +282,12 @@ class _WebhookPartition(StatelessSinkPartition[Emission]):
         self._boxes.append(self._own)
         self._undeliverable = spool / "undeliverable.jsonl"
         self.delivered = self.retried = self.undeliverable = 0
+        self.last_failure = ""  # the latest failed attempt, for the report at exit
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._kick = threading.Event()  # set when the drain starts: cuts a backoff wait short
         self._draining = False
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"webhook-outbox-{worker_index}", daemon=True)
         self._thread.start()
 
@@ -289,17 +300,24 @@ class _WebhookPartition(StatelessSinkPartition[Emission]):
     def pending(self) -> int:
         return sum(b.pending for b in self._boxes)
 
+    def outbox_files(self) -> List[Path]:
+        """The outbox files that still hold undelivered alerts."""
+        return [b.path for b in self._boxes if b.pending]
+
     def close(self) -> None:
-        """Let the thread drain for at most ``close_timeout`` seconds; what is left stays in the outbox."""
+        """Drain for at most the sink's ``close_timeout`` seconds (``alerts.webhook.drain_timeout``), then
+        stop; what is left stays in the outbox and the sink reports it once (:meth:`WebhookSink.closed`)."""
+        if self._closed:
+            return
+        self._closed = True
         self._draining = True
+        self._kick.set()
         self._wake.set()
         self._thread.join(self._sink.close_timeout)
-        self._stop.set()  # interrupts a backoff wait; an in-flight request is never acknowledged after this
+        self._stop.set()  # interrupts a retry wait; an in-flight request is never acknowledged after this
         for box in self._boxes:
-            box.close()
-        if self._thread.is_alive():
-            log.warning("webhook %s: %d alerts left in the outbox in %s for the next start",
-                        mask_url(self._sink.url), self.pending(), self._sink.spool_dir)
+            box.close()  # from here on ``pending`` cannot change: the report below is exact
+        self._sink.closed(self)
 
     # -- the delivery thread ---------------------------------------------------------------------
     def _next(self) -> Tuple[Optional[Outbox], Optional[bytes]]:
@@ -351,11 +369,16 @@ class _WebhookPartition(StatelessSinkPartition[Emission]):
                 self._give_up(box, line, resp, attempt)
                 return
             self.retried += 1
+            self.last_failure = f"HTTP {resp.status}" if resp.status else resp.text[:200]
             delay = sink.backoff(attempt, resp.retry_after)
+            draining = self._draining  # read once: close() sets it before _kick, so no wait can miss the drain
+            if draining:  # the run is ending: keep trying while the drain lasts
+                delay = min(delay, _DRAIN_RETRY)
             if attempt == 1 or attempt % 10 == 0:
                 log.warning("webhook %s: alert %s attempt %d failed (%s); retrying in %.1f s", mask_url(sink.url),
                             alert.alert_id, attempt, resp.status or resp.text, delay)
-            sink.sleep_for(delay, self._stop)
+            # Before the drain a wait ends early when it starts (close() sets _kick); during it, at _stop.
+            sink.sleep_for(delay, self._stop if draining else self._kick)
 
     def _give_up(self, box: Outbox, line: bytes, resp: _Response, attempts: int) -> None:
         meta = {"failed_at": ms_to_iso(int(self._sink.clock() * 1000)), "url": mask_url(self._sink.url),
@@ -380,16 +403,18 @@ class WebhookSink(DynamicSink[Emission]):
     """POST each alert to ``config.url`` through a durable outbox: at-least-once and never lost; receivers
     deduplicate by ``Idempotency-Key`` (the alert id). See the module docstring.
 
-    ``clock`` (seconds since the epoch), ``sleep(seconds)``, ``rng`` and ``close_timeout`` are injectable
-    for tests; the default sleep is interrupted by ``close()``.
+    ``close_timeout`` (seconds; default ``config.drain_timeout``) bounds the drain at exit. ``clock``
+    (seconds since the epoch), ``sleep(seconds)`` and ``rng`` are injectable for tests; the default
+    sleep is interrupted by ``close()``.
     """
 
     def __init__(self, config: WebhookConfig, *, clock: Callable[[], float] = time.time,
                  sleep: Optional[Callable[[float], None]] = None, rng: Optional[random.Random] = None,
-                 close_timeout: float = 5.0, initial_backoff: float = 0.5) -> None:
+                 close_timeout: Optional[float] = None, initial_backoff: float = 0.5) -> None:
         try:
             self.timeout = parse_duration_ms(config.timeout) / 1000
             self.max_backoff = parse_duration_ms(config.max_backoff) / 1000
+            drain = parse_duration_ms(config.drain_timeout) / 1000
         except ValueError as exc:
             raise MeterError(f"alerts.webhook: {exc}") from exc
         self.url = config.url
@@ -398,14 +423,40 @@ class WebhookSink(DynamicSink[Emission]):
         self.clock = clock
         self._sleep = sleep
         self._rng = rng or random.Random()
-        self.close_timeout = close_timeout
+        self.close_timeout = drain if close_timeout is None else close_timeout
         self.initial_backoff = initial_backoff
         self._parts: List[_WebhookPartition] = []
+        self._closing: List[_WebhookPartition] = []  # closed since the last report
+        self._open = 0
+        self._lock = threading.Lock()
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _WebhookPartition:
         part = _WebhookPartition(self, worker_index, worker_count)
-        self._parts.append(part)
+        with self._lock:
+            self._parts.append(part)
+            self._open += 1
         return part
+
+    def closed(self, part: _WebhookPartition) -> None:
+        """A partition finished its drain. When the last open one has, say in ONE warning what the drain
+        left in the outboxes (nothing is said when everything was delivered)."""
+        with self._lock:
+            self._closing.append(part)
+            self._open -= 1
+            if self._open > 0:
+                return
+            parts, self._closing = self._closing, []
+        left = sum(p.pending() for p in parts)
+        if not left:
+            return
+        files = sorted({f for p in parts for f in p.outbox_files()})
+        names = ", ".join(f.name for f in files)
+        last = next((p.last_failure for p in parts if p.pending() and p.last_failure), "")
+        log.warning("webhook %s: %d alerts left in the outbox (%s in %s) after draining for up to %g s%s; they "
+                    "are kept and delivered first, in order, by the next `meter run` with this "
+                    "alerts.webhook.spool_dir (raise alerts.webhook.drain_timeout to wait longer at exit)",
+                    mask_url(self.url), left, names, self.spool_dir, self.close_timeout,
+                    f" (last attempt: {last})" if last else "")
 
     def stats(self) -> WebhookCounters:
         """Counters summed over this sink's partitions in this process."""

@@ -461,14 +461,18 @@ def stop_run(live: LiveRun, timeout: float = 20) -> int:
 # -- a webhook receiver -----------------------------------------------------------------------------------
 
 class WebhookReceiver:
-    """A local HTTP receiver that fails on purpose: HTTP 500 for the first ``fail_first`` requests, then one
-    request answered only after ``slow_seconds`` (longer than the sender's timeout: the sender gives up and
-    retries, though the receiver processed it), then 200. Every processed request is kept."""
+    """A local HTTP receiver that fails on purpose: HTTP ``fail_status`` (500; with ``Retry-After:
+    retry_after`` seconds when given) for the first ``fail_first`` requests, then one request answered only
+    after ``slow_seconds`` (longer than the sender's timeout: the sender gives up and retries, though the
+    receiver processed it), then 200. Every processed request is kept."""
 
-    def __init__(self, secret: str, fail_first: int = 3, slow_seconds: float = 2.5) -> None:
+    def __init__(self, secret: str, fail_first: int = 3, slow_seconds: float = 2.5, fail_status: int = 500,
+                 retry_after: Optional[int] = None) -> None:
         self.secret = secret.encode()
         self.fail_first = fail_first
         self.slow_seconds = slow_seconds
+        self.fail_status = fail_status
+        self.retry_after = retry_after
         self.lock = threading.Lock()
         self.requests = 0
         self.statuses: List[int] = []
@@ -487,7 +491,7 @@ class WebhookReceiver:
                     if not hmac.compare_digest(headers.get("X-Meter-Signature", ""), want):
                         receiver.bad_signatures.append(headers.get("X-Meter-Signature", ""))
                 if n <= receiver.fail_first:
-                    status = 500
+                    status = receiver.fail_status
                 else:
                     if n == receiver.fail_first + 1:
                         time.sleep(receiver.slow_seconds)
@@ -499,6 +503,8 @@ class WebhookReceiver:
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "text/plain")
+                    if status != 200 and receiver.retry_after is not None:
+                        self.send_header("Retry-After", str(receiver.retry_after))
                     self.end_headers()
                     self.wfile.write(b"ok" if status == 200 else b"try again")
                 except OSError:  # the sender gave up (timeout) and closed the connection

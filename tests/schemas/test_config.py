@@ -304,3 +304,14 @@ def test_redacted_masks_secrets():
     assert "hunter2" not in text and "s3cret" not in text and ":pw@" not in text
     assert red.kafka.client_config["security.protocol"] == "SASL_SSL"
     assert red.redis.url == "redis://user:***@cache:6379/0"
+
+
+def test_webhook_drain_timeout_is_a_validated_duration():
+    hook = {"url": "http://127.0.0.1:9/hook"}
+    assert parse({**base(), "alerts": {"webhook": hook}}).alerts.webhook.drain_timeout == "10s"
+    assert parse({**base(), "alerts": {"webhook": {**hook, "drain_timeout": "0s"}}}).alerts.webhook.drain_timeout == "0s"
+    env = {"METER_ALERTS_WEBHOOK_DRAIN_TIMEOUT": "2m"}
+    assert parse({**base(), "alerts": {"webhook": hook}}, env).alerts.webhook.drain_timeout == "2m"
+    for bad in ("soon", "-5s", 10):
+        msg = error_of({**base(), "alerts": {"webhook": {**hook, "drain_timeout": bad}}})
+        assert "alerts.webhook.drain_timeout" in msg, msg

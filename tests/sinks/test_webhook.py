@@ -67,7 +67,9 @@ class Receiver:
         if action == "timeout":
             time.sleep(self.hang)  # the client gave up long ago; never counted as accepted
             action = "500"
-        if action == "ok":
+        if action == "503-retry-after":  # down, and asks not to come back for 30 s
+            self._reply(h, 503, b"maintenance", {"Retry-After": "30"})
+        elif action == "ok":
             with self.lock:
                 self.accepted.append(key)
             self._reply(h, 200, b'{"ok": true}')
@@ -77,9 +79,11 @@ class Receiver:
             self._reply(h, int(action), b"server error")
 
     @staticmethod
-    def _reply(h: BaseHTTPRequestHandler, status: int, body: bytes) -> None:
+    def _reply(h: BaseHTTPRequestHandler, status: int, body: bytes, headers: Optional[dict] = None) -> None:
         try:
             h.send_response(status)
+            for k, v in (headers or {}).items():
+                h.send_header(k, v)
             h.send_header("Content-Length", str(len(body)))
             h.end_headers()
             h.wfile.write(body)
@@ -268,3 +272,81 @@ def test_headers_without_a_secret_are_unsigned():
     h = sink.headers("abc", "blocked", b"{}")
     assert h["Idempotency-Key"] == "abc" and h["X-Meter-Alert-Type"] == "blocked"
     assert h["X-Meter-Timestamp"] == "12" and "X-Meter-Signature" not in h
+
+
+# -- at exit: a bounded drain, and one line about what is left -------------------------------------------
+
+def left_lines(caplog) -> List[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "sinks.webhook" and "left in the outbox" in
+            r.getMessage()]
+
+
+def test_close_drains_a_receiver_that_recovers_while_the_next_retry_is_far_away(receiver, tmp_path, caplog):
+    # The receiver is down and asks for 30 s (Retry-After) before the run ends, then recovers: the
+    # scheduled retry is far beyond the end of the run, but close() retries at once and delivers all.
+    rx = receiver(script=["503-retry-after", "503-retry-after"], default="ok")
+    alerts = make_alerts(5)
+    cfg = WebhookConfig(url=rx.url, secret=SECRET, timeout="1s", max_backoff="60s", drain_timeout="10s",
+                        spool_dir=str(tmp_path / "spool"))
+    sink = WebhookSink(cfg, rng=random.Random(3))  # the real sleep: the backoff really waits
+    part = sink.build("alerts_webhook", 0, 1)
+    part.write_batch(batch(alerts))
+    wait_for(lambda: len(rx.attempts) >= 1, what="the first failed attempt")
+    time.sleep(0.2)  # the thread now waits for the retry 30 s away
+    t0 = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="sinks.webhook"):
+        part.close()
+    took = time.monotonic() - t0
+    assert rx.accepted == [a.alert_id for a in alerts], "every alert delivered before close() returned"
+    assert took < 5.0, f"the drain retries soon after the receiver recovers, not after Retry-After ({took:.1f} s)"
+    assert sink.stats() == WebhookCounters(delivered=5, retried=2, undeliverable=0, pending=0)
+    assert left_lines(caplog) == []
+    assert (tmp_path / "spool" / "outbox-0.jsonl").stat().st_size == 0
+
+
+def test_a_zero_drain_timeout_leaves_the_outbox_for_the_next_start_at_once(receiver, tmp_path, caplog):
+    rx = receiver(default="503-retry-after")
+    cfg = WebhookConfig(url=rx.url, timeout="1s", drain_timeout="0s", spool_dir=str(tmp_path / "spool"))
+    sink = WebhookSink(cfg)
+    part = sink.build("alerts_webhook", 0, 1)
+    part.write_batch(batch(make_alerts(2)))
+    wait_for(lambda: len(rx.attempts) >= 1, what="the first failed attempt")
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="sinks.webhook"):
+        part.close()
+    assert time.monotonic() - t0 < 1.0
+    assert len(left_lines(caplog)) == 1 and "2 alerts left in the outbox" in left_lines(caplog)[0]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_what_is_left_at_exit_is_said_exactly_once_with_the_outbox_and_how_it_is_delivered(receiver, tmp_path,
+                                                                                         caplog, workers):
+    # Every worker closes its partition in its own thread, as Bytewax does. Before the fix each partition
+    # warned only if its thread happened to be alive after close() stopped it: zero, one or two lines.
+    rx = receiver(default="503")
+    alerts = make_alerts(7)
+    for run in range(4):
+        spool = tmp_path / f"spool{run}"
+        sink = make_sink(rx.url, spool, close_timeout=0.3)
+        parts = [sink.build("alerts_webhook", w, workers) for w in range(workers)]
+        parts[0].write_batch(batch(alerts[:4]))
+        parts[-1].write_batch(batch(alerts[4:] if workers == 2 else []))
+        if workers == 1:
+            parts[0].write_batch(batch(alerts[4:]))
+        wait_for(lambda: sink.stats().retried >= 2, what="failing retries")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="sinks.webhook"):
+            closers = [threading.Thread(target=p.close) for p in parts]
+            for t in closers:
+                t.start()
+            for t in closers:
+                t.join(10)
+        lines = left_lines(caplog)
+        assert len(lines) == 1, f"run {run}: {lines}"
+        line = lines[0]
+        assert "7 alerts left in the outbox" in line, line
+        assert str(spool) in line and "outbox-0.jsonl" in line, line
+        assert ("outbox-1.jsonl" in line) == (workers == 2), line
+        assert "next `meter run`" in line and "HTTP 503" in line and "drain_timeout" in line, line
+        assert sink.stats().pending == 7
+        assert sum(len((spool / f"outbox-{w}.jsonl").read_bytes().splitlines()) for w in range(workers)) == 7
