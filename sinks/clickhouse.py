@@ -12,7 +12,8 @@ earlier detections), so ``alerts_log`` agrees with the JSONL file and webhooks.
 
 The same code talks to a ClickHouse server (``http://host:8123/db``) and to
 embedded chDB (``chdb:///path``); chDB allows one data path per process, so the
-embedded client is shared and its calls serialised.
+embedded client is shared and its calls serialised, and a path that another process
+holds is refused with that process named (``embedded_holder``).
 
 Per row the sink does as little Python as it can: one insert context per table is
 made when the partition is built (column types read once, not per insert), and a
