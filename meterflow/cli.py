@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import logging
+import re
 import sys
 import textwrap
 import traceback
-from typing import List, Optional
+from pathlib import Path
+from typing import List, Optional, Tuple
 
 from operators.errors import MeterError
 
@@ -130,7 +134,19 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench", add_help=False, help="benchmarks against the peers (same as python -m benchmarks; "
                    "meter bench --help for its options)")
+    _debug_everywhere(p)
     return p
+
+
+def _debug_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` is accepted after any subcommand too (``meter run --debug ...``), not only before it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                if name != "bench" and "--debug" not in sub._option_string_actions:
+                    sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                     help="show the full traceback (and Bytewax's Rust panic report) on errors")
+                _debug_everywhere(sub)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -141,57 +157,101 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         _parser().print_help()
         return 2
+    quiet = None
+    if not args.debug:  # a fatal error is one line; --debug shows the Rust panic report and the traceback
+        from meterflow import panics
+
+        quiet = panics.start()
+        _quiet_driver_warnings()
     try:
-        if args.command == "run":
-            return _cmd_run(args)
-        if args.command == "demo":
-            from meterflow.demo import run_demo
-
-            return run_demo(args.events, args.dir, args.seed)
-        if args.command == "usage":
-            from meterflow.reports import print_usage
-
-            return print_usage(args)
-        if args.command == "alerts":
-            from meterflow.reports import print_alerts
-
-            return print_alerts(args)
-        if args.command == "entitlements":
-            from meterflow.reports import publish_entitlements_cmd
-
-            return publish_entitlements_cmd(args)
-        if args.command == "gateway":
-            from meterflow.gateway_sync import sync_cmd
-
-            return sync_cmd(args)
-    except MeterError as exc:
+        rc = _dispatch(args)
+    except BaseException as exc:
+        if quiet is not None:
+            quiet.stop(failed=True)
+        if isinstance(exc, SystemExit):
+            raise
         if args.debug:
             traceback.print_exc()
-        print(f"meter: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("meter: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a worker error surfaces wrapped by Bytewax: show the most useful cause
-        if args.debug:
-            traceback.print_exc()
-        chain, cur = [], exc
-        while cur is not None and cur not in chain:
-            chain.append(cur)
-            cur = cur.__cause__ or cur.__context__
-        if any(isinstance(e, KeyboardInterrupt) for e in chain):  # raised inside a worker, wrapped by Bytewax
-            print("meter: interrupted", file=sys.stderr)
-            return 130
-        ours = next((e for e in chain if isinstance(e, MeterError)), None)
-        if ours is not None:
-            print(f"meter: error: {ours}", file=sys.stderr)
-            return 2
-        root = chain[-1]
-        text = str(root).strip().splitlines()
-        print(f"meter: error: {type(root).__name__}: {text[-1] if text else ''} (rerun with --debug for the "
-              "traceback)", file=sys.stderr)
-        return 1
+        line, rc = failure_line(exc, getattr(args, "recovery", None), debug=args.debug)
+        print(line, file=sys.stderr)
+        return rc
+    if quiet is not None:
+        quiet.stop(failed=False)
+    return rc
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        return _cmd_run(args)
+    if args.command == "demo":
+        from meterflow.demo import run_demo
+
+        return run_demo(args.events, args.dir, args.seed)
+    if args.command == "usage":
+        from meterflow.reports import print_usage
+
+        return print_usage(args)
+    if args.command == "alerts":
+        from meterflow.reports import print_alerts
+
+        return print_alerts(args)
+    if args.command == "entitlements":
+        from meterflow.reports import publish_entitlements_cmd
+
+        return publish_entitlements_cmd(args)
+    if args.command == "gateway":
+        from meterflow.gateway_sync import sync_cmd
+
+        return sync_cmd(args)
     return 0
+
+
+_RUST_LOCATION = re.compile(r"^\(src/[\w/]+\.rs:\d+:\d+\)\s*")
+_BYTEWAX_STEP = re.compile(r' in step "([^"]+)"')
+
+
+def failure_line(exc: BaseException, recovery_dir: Optional[str] = None, debug: bool = False) -> Tuple[str, int]:
+    """The one line (and exit status) that reports ``exc`` to the operator.
+
+    Bytewax wraps an exception raised in a step in its own errors (``__cause__``); the line reports the
+    first MeterError of that chain (its message says what to do), a full recovery store as the directory
+    to free, and anything else as the innermost exception's type and last message line."""
+    chain: List[BaseException] = []
+    cur: Optional[BaseException] = exc
+    while cur is not None and all(cur is not e for e in chain):
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    if any(isinstance(e, KeyboardInterrupt) for e in chain):  # Ctrl-C, possibly raised inside a worker
+        return "meter: interrupted", 130
+    ours = next((e for e in chain if isinstance(e, MeterError)), None)
+    if ours is not None:
+        return f"meter: error: {ours}", 2
+    if any("DiskFull" in str(e) or "database or disk is full" in str(e) for e in chain):
+        where = f"recovery directory {Path(recovery_dir).resolve()}" if recovery_dir else "the recovery directory"
+        return (f"meter: error: {where} is full (SQLite: database or disk is full while writing a snapshot): free "
+                "space on its file system, or move the directory with its files to a disk with room and pass that "
+                "path to --recovery; then run the same command again to resume from the last complete snapshot"), 1
+    nospace = next((e for e in chain if isinstance(e, OSError) and e.errno == errno.ENOSPC), None)
+    if nospace is not None:
+        return (f"meter: error: no space left on the device of {nospace.filename or 'an output file'}: free space "
+                "there, then run the same command again"), 1
+    root = chain[-1]
+    text = _RUST_LOCATION.sub("", str(root).strip()).splitlines()
+    step = next((m.group(1) for e in chain for m in [_BYTEWAX_STEP.search(str(e))] if m), None)
+    where = f" in step {step}" if step else ""
+    hint = "" if debug else " (rerun with --debug for the traceback)"
+    return f"meter: error: {type(root).__name__}: {text[-1] if text else ''}{where}{hint}", 1
+
+
+class _DropRaisedWarning(logging.Filter):
+    """clickhouse-connect logs this warning just before raising the error it describes (reported anyway)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "Unexpected Http Driver Exception"
+
+
+def _quiet_driver_warnings() -> None:
+    logging.getLogger("clickhouse_connect.driver._backend.http_sync").addFilter(_DropRaisedWarning())
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, TextIO
+from typing import Any, Dict, Optional, Sequence, TextIO, Tuple
 
 from operators.errors import MeterError
 from operators.stats import STATS
@@ -80,6 +80,60 @@ def prepare_recovery(directory: str, partitions: int = 1, shards: Optional[int] 
     return RecoveryConfig(str(d))
 
 
+RECOVERY_LOCK = "meterflow.lock"  # held (flock) by the process running on a recovery directory
+
+
+class RecoveryLock:
+    """An exclusive lock on a recovery directory, held by one ``meter run`` for its whole run.
+
+    Two runs on one directory would each resume from the other's in-progress snapshots. The lock is
+    ``flock`` on ``DIR/meterflow.lock``, which records the holder's pid, host and start time; the
+    kernel releases it when the holder exits, however it exits, so a stale file never blocks a
+    restart. (flock is per open file: a second lock of the same directory in one process is refused too.)
+    """
+
+    def __init__(self, directory: str) -> None:
+        import fcntl
+        import os
+        import socket
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.path = d / RECOVERY_LOCK
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip()
+            os.close(fd)
+            raise MeterError(f"recovery directory {d.resolve()} is in use by another meter run "
+                             f"({holder or 'holder not recorded'}): two runs on one directory resume from each "
+                             "other's snapshots; stop that run first, or give this one its own --recovery "
+                             "directory") from None
+        os.ftruncate(fd, 0)
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, started {started}\n".encode())
+        self._fd: Optional[int] = fd
+
+    def release(self) -> None:
+        import os
+
+        if self._fd is not None:
+            os.close(self._fd)  # closing the file releases the flock
+            self._fd = None
+
+
+def open_recovery(directory: str, shards: Optional[int] = None) -> Tuple[Any, RecoveryLock]:
+    """Lock ``directory`` for this process, then prepare it (``prepare_recovery``); the lock is released
+    again if preparing fails. Returns (RecoveryConfig, the lock to release when the run ends)."""
+    lock = RecoveryLock(directory)
+    try:
+        return prepare_recovery(directory, shards=shards), lock
+    except BaseException:
+        lock.release()
+        raise
+
+
 class _Progress(threading.Thread):
     """Prints one progress line every ``every`` seconds to ``out`` while the flow runs."""
 
@@ -118,7 +172,7 @@ def run_flow(cfg: Config, inputs: Sequence[str] = (), *, workers: int = 1, recov
         raise MeterError(f"--workers must be at least 1, got {workers}")
     flow = flow_from_config(cfg, inputs, stop_at_end=stop_at_end, recoverable=recovery_dir is not None,
                             entitlements=entitlements)
-    recovery = prepare_recovery(recovery_dir, shards=cfg.pipeline.shards) if recovery_dir else None
+    recovery, lock = open_recovery(recovery_dir, cfg.pipeline.shards) if recovery_dir else (None, None)
     tune_gc()
     epoch = timedelta(milliseconds=parse_duration_ms(cfg.pipeline.epoch_interval))
     STATS.reset()
@@ -135,6 +189,8 @@ def run_flow(cfg: Config, inputs: Sequence[str] = (), *, workers: int = 1, recov
             progress.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if lock:
+            lock.release()
     return RunResult(STATS.snapshot(), time.monotonic() - t0, interrupted=STOP.is_set())
 
 

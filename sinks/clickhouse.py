@@ -12,7 +12,8 @@ earlier detections), so ``alerts_log`` agrees with the JSONL file and webhooks.
 
 The same code talks to a ClickHouse server (``http://host:8123/db``) and to
 embedded chDB (``chdb:///path``); chDB allows one data path per process, so the
-embedded client is shared and its calls serialised.
+embedded client is shared and its calls serialised, and a path that another process
+holds is refused with that process named (``embedded_holder``).
 
 Per row the sink does as little Python as it can: one insert context per table is
 made when the partition is built (column types read once, not per insert), and a
@@ -145,8 +146,15 @@ def connect(cfg: ClickHouseConfig) -> Tuple[LockedClient, str]:
             with _EMBEDDED_LOCK:
                 client = _EMBEDDED.get(dsn)
                 if client is None:
-                    Path(dsn[len("chdb://"):]).mkdir(parents=True, exist_ok=True)
-                    client = _EMBEDDED[dsn] = LockedClient(clickhouse_connect.get_client(dsn=dsn), _EMBEDDED_LOCK)
+                    path = Path(dsn[len("chdb://"):])
+                    _refuse_if_held(path)  # before chDB prints its own "Cannot lock file" line to stderr
+                    path.mkdir(parents=True, exist_ok=True)
+                    try:
+                        client = LockedClient(clickhouse_connect.get_client(dsn=dsn), _EMBEDDED_LOCK)
+                    except Exception:
+                        _refuse_if_held(path)  # another process opened it since the check above
+                        raise
+                    _EMBEDDED[dsn] = client
         else:
             client = LockedClient(clickhouse_connect.get_client(dsn=dsn, database="default"), None)
         client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
@@ -155,9 +163,68 @@ def connect(cfg: ClickHouseConfig) -> Tuple[LockedClient, str]:
     except MeterError:
         raise
     except Exception as exc:
-        raise MeterError(f"cannot open ClickHouse at {mask_url(cfg.dsn)} (database {db}): {exc}; check clickhouse.dsn "
-                         "(embedded chDB allows one data path per process)") from exc
+        hint = "a writable directory" if embedded else "a reachable ClickHouse server"
+        raise MeterError(f"cannot open ClickHouse at {mask_url(cfg.dsn)} (database {db}): {exc}; check that "
+                         f"clickhouse.dsn names {hint}") from exc
     return client, db
+
+
+def embedded_holder(path: Path) -> Optional[str]:
+    """The process holding the chDB data path ``path``, described for an operator, or None when it is free.
+
+    chDB (like a ClickHouse server) holds an exclusive ``flock`` on ``PATH/status`` while the path is open
+    and writes its pid and start time there. The holder is found by reading ``/proc/locks`` (Linux), never
+    by trying the lock: a probe lock, however short, could make the legitimate owner's start fail. Where
+    /proc/locks does not exist, a status file whose pid is alive counts as held."""
+    import os
+
+    status = path / "status"
+    try:
+        st = os.stat(status)
+        info = dict(line.split(": ", 1) for line in status.read_text(errors="replace").splitlines() if ": " in line)
+    except (OSError, ValueError):
+        return None
+    pid = None
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 5 and parts[1] == "FLOCK" and parts[3] == "WRITE" and parts[5] == ident:
+                    pid = int(parts[4])
+                    break
+            else:
+                return None
+    except FileNotFoundError:
+        try:
+            pid = int(info.get("PID", ""))
+            os.kill(pid, 0)
+        except (ValueError, OSError):
+            return None
+    except (OSError, ValueError):
+        return None
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        argv = []
+    if len(argv) > 1 and Path(argv[0]).name.startswith("python"):
+        argv = argv[1:]  # a console script run by its interpreter: name the script
+    what = f"pid {pid}"
+    if argv:
+        cmd = " ".join([Path(argv[0]).name, *argv[1:]])
+        what += f": {cmd[:157] + '...' if len(cmd) > 160 else cmd}"
+    if info.get("Started at"):
+        what += f", started {info['Started at']}"
+    return what
+
+
+def _refuse_if_held(path: Path) -> None:
+    holder = embedded_holder(path)
+    if holder is not None:
+        raise MeterError(f"embedded ClickHouse at {path} is in use by another process ({holder}): chDB opens a "
+                         "data path in one process at a time, so this command is refused; run it after that "
+                         "process exits, or set clickhouse.dsn to a ClickHouse server (e.g. "
+                         "http://localhost:8123/meter) for readers that run while meter run writes")
 
 
 def dims_key(dims: Dict[str, str]) -> str:
