@@ -77,9 +77,9 @@ class _ProducerPartition(StatelessSinkPartition[Emission]):
             what = f"{remaining + n} messages to topic {self._topic!r} not delivered ({why})"
             if self._watch.down or "timed out" in why.lower():
                 raise self._watch.outage_error(what)
-            raise MeterError(f"Kafka topic {self._topic!r} at {self._watch.bootstrap}: delivery failed ({why}); "
-                             "the flow stops so that a rerun of the same command with --recovery re-sends from "
-                             "the last snapshot (check the broker)")
+            raise MeterError(f"Kafka topic {self._topic!r}: delivery failed ({why}, brokers "
+                             f"{self._watch.bootstrap}); the flow stops so that a rerun of the same command with "
+                             "--recovery re-sends from the last snapshot (check the broker)")
         self._watch.ok()
 
     def close(self) -> None:
