@@ -332,8 +332,10 @@ def sinks_from_config(config: Config, recoverable: bool = False) -> List[Tuple[s
         from sinks.kafka import AggregatedTopicSink, DeadLetterTopicSink
 
         k = config.kafka
-        sinks.append(("aggregated_topic", AggregatedTopicSink(k.bootstrap_servers, k.aggregated_topic, k.client_config)))
-        sinks.append(("dead_letter_topic", DeadLetterTopicSink(k.bootstrap_servers, k.dead_letter_topic, k.client_config)))
+        sinks.append(("aggregated_topic", AggregatedTopicSink(k.bootstrap_servers, k.aggregated_topic, k.client_config,
+                                                              k.outage_timeout_seconds)))
+        sinks.append(("dead_letter_topic", DeadLetterTopicSink(k.bootstrap_servers, k.dead_letter_topic, k.client_config,
+                                                               k.outage_timeout_seconds)))
     if config.redis is not None:
         from sinks.redis import GatewayStateSink
 
@@ -355,7 +357,7 @@ def source_from_config(config: Config, inputs: Sequence[str] = (), stop_at_end: 
 
         k = config.kafka
         return KafkaEventSource(k.bootstrap_servers, k.events_topic, k.client_config, batch_size=k.batch_size,
-                                stop_at_end=stop_at_end)
+                                stop_at_end=stop_at_end, outage_timeout=k.outage_timeout_seconds)
     raise MeterError("no input: without a [kafka] section, pass --input FILE (or - for standard input)")
 
 
@@ -374,7 +376,8 @@ def entitlements_source_from_config(config: Config, inputs: Sequence[str] = (), 
 
         k = config.kafka
         return KafkaEventSource(k.bootstrap_servers, k.entitlements_topic, k.client_config, batch_size=k.batch_size,
-                                stop_at_end=stop_at_end, config_key="kafka.entitlements_topic", missing_ok=True)
+                                stop_at_end=stop_at_end, config_key="kafka.entitlements_topic", missing_ok=True,
+                                outage_timeout=k.outage_timeout_seconds)
     return None
 
 

@@ -11,6 +11,9 @@ Both bind to 127.0.0.1 on free ports (unless told otherwise), keep their data
 in a temporary directory, and are killed when :meth:`stop` is called, when the
 owning ``with`` block exits, or when the Python process exits.
 
+:meth:`KafkaBroker.halt` stops the broker JVM but keeps its ports and data, and
+:meth:`KafkaBroker.start` then brings the same broker back (outage tests).
+
 ``python -m meterflow.devservices`` (used by ``./dev services``) starts a
 broker on 127.0.0.1:9092 and Redis on 6379 in the foreground.
 """
@@ -352,6 +355,7 @@ class KafkaBroker(_Service):
         self.keep_workdir = keep_workdir
         self.cluster_id: str | None = None
         self.startup_seconds: float | None = None
+        self._broker_argv: list[str] = []
 
     @property
     def bootstrap(self) -> str:
@@ -361,8 +365,11 @@ class KafkaBroker(_Service):
 
     # -- lifecycle --------------------------------------------------------
     def start(self) -> "KafkaBroker":
+        """Start the broker; after :meth:`halt`, start the same broker again (same ports, data and cluster id)."""
         if self.is_running():
             return self
+        if self.workdir is not None and (self.workdir / "server.properties").is_file():
+            return self._relaunch()
         t0 = time.monotonic()
         libs = self._libs_dir or kafka_libs_dir()
         java = java_executable()
@@ -439,28 +446,50 @@ class KafkaBroker(_Service):
         if fmt.returncode != 0:
             raise self._fail(f"storage format failed with exit code {fmt.returncode}")
 
-        # 2. launch the broker
-        self._spawn(
-            [
-                *jvm_common[:1],
-                f"-Xmx{self.heap}",
-                f"-Xms{min(256, _mb(self.heap))}m",
-                "-XX:+UseG1GC",
-                "-XX:MaxGCPauseMillis=20",
-                *jvm_common[1:],
-                "kafka.Kafka",
-                str(props_path),
-            ]
-        )
+        # 2. launch the broker, 3. wait until it serves metadata with itself as a live broker
+        self._broker_argv = [
+            *jvm_common[:1],
+            f"-Xmx{self.heap}",
+            f"-Xms{min(256, _mb(self.heap))}m",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            *jvm_common[1:],
+            "kafka.Kafka",
+            str(props_path),
+        ]
+        self._launch(t0)
+        return self
 
-        # 3. wait until it serves metadata with itself as a live broker
+    def _launch(self, t0: float) -> None:
+        self._spawn(self._broker_argv)
         try:
             self._wait_ready(t0 + self.startup_timeout)
         except BaseException:
             self.kill()
             raise
         self.startup_seconds = time.monotonic() - t0
+
+    def _relaunch(self) -> "KafkaBroker":
+        t0 = time.monotonic()
+        for p in (self.port, self.controller_port):
+            deadline = t0 + 10  # the old process's sockets may linger a moment after it exited
+            while _port_open(self.host, p, timeout=0.2):
+                if time.monotonic() > deadline:
+                    raise DevServiceError(f"kafka: port {self.host}:{p} is in use; cannot start the broker again")
+                time.sleep(0.1)
+        self._launch(t0)
         return self
+
+    def halt(self, *, graceful: bool = True, timeout: float = 20.0) -> None:
+        """Stop the broker process but keep its ports, cluster id and data directory, so that :meth:`start`
+        brings the same broker back with its topics, messages and committed offsets (a real outage: the JVM
+        exits, connections are refused). ``graceful`` sends SIGTERM (controlled shutdown, SIGKILL after
+        ``timeout``); otherwise SIGKILL at once (a crash: the broker recovers its logs on start)."""
+        if graceful:
+            self._signal_and_wait(signal.SIGTERM, timeout=timeout)
+        else:
+            self._signal_and_wait(signal.SIGKILL, timeout=10)
+        self._close_log()
 
     def _admin(self, timeout_ms: int = 5000):
         from confluent_kafka.admin import AdminClient
@@ -506,6 +535,7 @@ class KafkaBroker(_Service):
         _LIVE.discard(self)
         if self.workdir is not None and not self.keep_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
 
     # -- convenience -------------------------------------------------------
     def create_topic(

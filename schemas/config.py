@@ -150,6 +150,12 @@ class KafkaConfig(_Frozen):
     batch_size: Annotated[int, msgspec.Meta(gt=0)] = 5000
     # Extra librdkafka settings for every client (security.protocol, sasl.*, ...).
     client_config: Dict[str, str] = {}
+    # How long the flow waits for unreachable brokers (reading or delivering) before it stops with an error.
+    outage_timeout: str = "60s"
+
+    @property
+    def outage_timeout_seconds(self) -> float:
+        return parse_duration_ms(self.outage_timeout) / 1000
 
 
 class ClickHouseConfig(_Frozen):
@@ -340,6 +346,12 @@ def _cross_check(cfg: Config, source: str) -> None:
                     fail(f"alerts.webhook.{name}", "must be greater than zero")
             except ValueError as exc:
                 fail(f"alerts.webhook.{name}", str(exc))
+    if cfg.kafka is not None:
+        try:
+            if parse_duration_ms(cfg.kafka.outage_timeout) <= 0:
+                fail("kafka.outage_timeout", "must be greater than zero")
+        except ValueError as exc:
+            fail("kafka.outage_timeout", str(exc))
     scheme = cfg.clickhouse.dsn.split("://", 1)[0] if "://" in cfg.clickhouse.dsn else ""
     if scheme not in ("chdb", "http", "https", "clickhouse", "clickhouses"):
         fail("clickhouse.dsn", f"expected chdb:///path (embedded) or http(s)://host:8123/db, got {cfg.clickhouse.dsn!r}")

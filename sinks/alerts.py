@@ -236,7 +236,8 @@ def alert_sinks_from_config(config: Config) -> List[Tuple[str, Sink]]:
         from sinks.kafka import AlertTopicSink
 
         k = config.kafka
-        sinks.append(("alerts_kafka", AlertTopicSink(k.bootstrap_servers, k.alerts_topic, k.client_config)))
+        sinks.append(("alerts_kafka", AlertTopicSink(k.bootstrap_servers, k.alerts_topic, k.client_config,
+                                                     k.outage_timeout_seconds)))
     if config.alerts.jsonl:
         sinks.append(("alerts_jsonl", JsonlAlertSink(config.alerts.jsonl)))
     if config.alerts.stdout:

@@ -23,27 +23,42 @@ from confluent_kafka import Producer
 from operators.errors import MeterError
 from schemas.alerts import ALERT_ENCODER
 from schemas.records import AGGREGATE_ENCODER, Emission
+from sources.kafka_watch import BrokerWatch, watch_for
+
+#: ``kafka.outage_timeout`` default, seconds: how long a delivery may wait for an unreachable broker.
+OUTAGE_TIMEOUT = 60.0
 
 
-def producer_config(bootstrap: str, client_config: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+def producer_config(bootstrap: str, client_config: Optional[Dict[str, str]] = None,
+                    outage_timeout: float = OUTAGE_TIMEOUT) -> Dict[str, Any]:
+    """An idempotent ``acks=all`` producer whose messages fail (``message.timeout.ms``) once they have waited
+    ``outage_timeout`` seconds for the broker; ``client_config`` may override any of it."""
     return {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "linger.ms": 5,
-            "compression.type": "lz4", **(client_config or {})}
+            "compression.type": "lz4", "message.timeout.ms": max(1, int(outage_timeout * 1000)),
+            **(client_config or {})}
 
 
 class _ProducerPartition(StatelessSinkPartition[Emission]):
     """One producer per worker. Deliveries are checked without a Python call per message: librdkafka reports
     only failed deliveries (``delivery.report.only.error``) to one producer-wide callback, and ``flush``
     says how many messages are still unacknowledged, so a batch is confirmed when ``flush`` returns 0 and no
-    failure was reported."""
+    failure was reported.
 
-    def __init__(self, config: Dict[str, Any], topic: str) -> None:
+    While the broker is unreachable ``flush`` waits: librdkafka retries, and each message fails after
+    ``message.timeout.ms`` (``kafka.outage_timeout``); the batch then fails and the flow stops, so nothing
+    unacknowledged is ever covered by a snapshot."""
+
+    def __init__(self, config: Dict[str, Any], topic: str, watch: BrokerWatch) -> None:
         self._failed: List[str] = []
-        self._producer = Producer({**config, "delivery.report.only.error": True, "on_delivery": self._on_delivery})
+        self._watch = watch
+        self._producer = Producer({**config, **watch.client_config(), "delivery.report.only.error": True,
+                                   "on_delivery": self._on_delivery})
         self._topic = topic
+        self._wait = float(config["message.timeout.ms"]) / 1000 + 10  # flush backstop past the message timeout
 
     def _on_delivery(self, err: Any, msg: Any) -> None:
         if err is not None:
-            self._failed.append(str(err))
+            self._failed.append(err.str())
 
     def _produce(self, key: bytes, value: bytes, headers: Optional[list] = None) -> None:
         while True:
@@ -54,15 +69,22 @@ class _ProducerPartition(StatelessSinkPartition[Emission]):
                 self._producer.poll(0.05)
 
     def _flush(self) -> None:
-        remaining = self._producer.flush(60)
+        remaining = self._producer.flush(self._wait)
         if remaining or self._failed:
-            why = self._failed[0] if self._failed else f"{remaining} messages unacknowledged after 60 s"
+            why = self._failed[0] if self._failed else f"{remaining} messages unacknowledged after {self._wait:g} s"
+            n = len(self._failed)
             self._failed.clear()
-            raise MeterError(f"Kafka topic {self._topic!r}: delivery failed ({why}); the flow stops so that a "
-                             "resume from the last snapshot re-sends (check the broker)")
+            what = f"{remaining + n} messages to topic {self._topic!r} not delivered ({why})"
+            if self._watch.down or "timed out" in why.lower():
+                raise self._watch.outage_error(what)
+            raise MeterError(f"Kafka topic {self._topic!r}: delivery failed ({why}, brokers "
+                             f"{self._watch.bootstrap}); the flow stops so that a rerun of the same command with "
+                             "--recovery re-sends from the last snapshot (check the broker)")
+        self._watch.ok()
 
     def close(self) -> None:
-        self._producer.flush(30)
+        # After a failed batch the broker is gone: what is left was never acknowledged, and the rerun re-sends it.
+        self._producer.flush(0 if self._watch.down else 30)
 
 
 class _AggregatedPartition(_ProducerPartition):
@@ -114,24 +136,28 @@ class AggregatedTopicSink(DynamicSink[Emission]):
     """Window and period aggregates as JSON (schemas.records.WindowAggregate / PeriodAggregate, tagged by
     ``type``) on the aggregated topic, keyed ``tenant|customer|metric``."""
 
-    def __init__(self, bootstrap: str, topic: str, client_config: Optional[Dict[str, str]] = None) -> None:
-        self._config = producer_config(bootstrap, client_config)
+    def __init__(self, bootstrap: str, topic: str, client_config: Optional[Dict[str, str]] = None,
+                 outage_timeout: float = OUTAGE_TIMEOUT) -> None:
+        self._config = producer_config(bootstrap, client_config, outage_timeout)
+        self._watch = (bootstrap, outage_timeout)
         self._topic = topic
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _AggregatedPartition:
-        return _AggregatedPartition(self._config, self._topic)
+        return _AggregatedPartition(self._config, self._topic, watch_for(*self._watch))
 
 
 class DeadLetterTopicSink(DynamicSink[Emission]):
     """Dead letters on the dead-letter topic: the original payload bytes untouched as the value, the reason,
     detail, source, tenant and metric as headers, keyed by ``dl_id``."""
 
-    def __init__(self, bootstrap: str, topic: str, client_config: Optional[Dict[str, str]] = None) -> None:
-        self._config = producer_config(bootstrap, client_config)
+    def __init__(self, bootstrap: str, topic: str, client_config: Optional[Dict[str, str]] = None,
+                 outage_timeout: float = OUTAGE_TIMEOUT) -> None:
+        self._config = producer_config(bootstrap, client_config, outage_timeout)
+        self._watch = (bootstrap, outage_timeout)
         self._topic = topic
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _DeadLetterPartition:
-        return _DeadLetterPartition(self._config, self._topic)
+        return _DeadLetterPartition(self._config, self._topic, watch_for(*self._watch))
 
 
 class AlertTopicSink(DynamicSink[Emission]):
@@ -140,12 +166,14 @@ class AlertTopicSink(DynamicSink[Emission]):
 
     At-least-once: a resumed flow may re-send an alert with the same key; consumers deduplicate by key."""
 
-    def __init__(self, bootstrap: str, topic: str, client_config: Optional[Dict[str, str]] = None) -> None:
-        self._config = producer_config(bootstrap, client_config)
+    def __init__(self, bootstrap: str, topic: str, client_config: Optional[Dict[str, str]] = None,
+                 outage_timeout: float = OUTAGE_TIMEOUT) -> None:
+        self._config = producer_config(bootstrap, client_config, outage_timeout)
+        self._watch = (bootstrap, outage_timeout)
         self._topic = topic
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _AlertPartition:
-        return _AlertPartition(self._config, self._topic)
+        return _AlertPartition(self._config, self._topic, watch_for(*self._watch))
 
 
 def publish_entitlements(bootstrap: str, topic: str, messages: Sequence[Tuple[bytes, bytes]],

@@ -8,11 +8,16 @@ finds at start-up and then finishes (backfills, tests); otherwise it tails.
 Messages are emitted as ``((topic, partition, offset), value)`` tuples: no
 per-message wrapper objects on the hot path, and one list comprehension per
 consumed batch (errors, which are rare, are handled only when a batch has one).
+
+A broker outage (sources/kafka_watch.py): the partitions wait for the cluster, probing it once a second,
+and stop the flow with one error once it has been unreachable for ``kafka.outage_timeout``; a rerun with
+the same ``--recovery`` resumes from the last snapshot's offsets.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
@@ -20,23 +25,33 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka.admin import AdminClient
 
 from operators.errors import MeterError
+from sources.kafka_watch import BrokerWatch, watch_for
 from sources.stop import STOP
 
 log = logging.getLogger("meterflow.kafka")
 
 
 class _TopicPartition(StatefulSourcePartition[Tuple[Any, bytes], int]):
+    #: Seconds between metadata probes while the cluster is unreachable (they end the outage when answered).
+    PROBE_EVERY = 1.0
+
     def __init__(self, config: Dict[str, Any], topic: str, part: int, resume: Optional[int], batch_size: int,
-                 stop_at_end: bool, poll_timeout: float) -> None:
+                 stop_at_end: bool, poll_timeout: float, watch: BrokerWatch) -> None:
         self._topic, self._part = topic, part
         self._next = resume if resume is not None else OFFSET_BEGINNING
-        self._consumer = Consumer(config)
+        self._watch = watch
+        self._probed = 0.0
+        self._consumer = Consumer({**config, **watch.client_config()})
         self._consumer.assign([TopicPartition(topic, part, self._next)])
         self._batch = batch_size
         self._timeout = poll_timeout
         self._end: Optional[int] = None
         if stop_at_end:
-            _low, high = self._consumer.get_watermark_offsets(TopicPartition(topic, part), timeout=10)
+            try:
+                _low, high = self._consumer.get_watermark_offsets(TopicPartition(topic, part), timeout=10)
+            except KafkaException as exc:
+                raise watch.outage_error(f"reading the end offset of {topic}[{part}]",
+                                         str(exc.args[0] if exc.args else exc)) from exc
             self._end = high
 
     def next_batch(self) -> List[Tuple[Any, bytes]]:
@@ -47,6 +62,8 @@ class _TopicPartition(StatefulSourcePartition[Tuple[Any, bytes], int]):
         if self._end == 0:
             raise StopIteration()
         msgs = self._consumer.consume(self._batch, self._timeout)
+        if self._watch.down:
+            self._while_down(bool(msgs))
         if not msgs:
             return []
         topic, part = self._topic, self._part
@@ -63,6 +80,22 @@ class _TopicPartition(StatefulSourcePartition[Tuple[Any, bytes], int]):
             self._next = out[-1][0][2] + 1
         return out
 
+    def _while_down(self, consumed: bool) -> None:
+        """The cluster was unreachable: a message or an answered metadata probe (once a second) ends the
+        outage; past kafka.outage_timeout the flow stops (offsets resume from the last snapshot)."""
+        now = time.monotonic()
+        if not consumed and now - self._probed >= self.PROBE_EVERY:
+            self._probed = now
+            try:
+                self._consumer.list_topics(self._topic, timeout=0.5)
+                consumed = True
+            except KafkaException:
+                pass
+        if consumed:
+            self._watch.ok()
+        else:
+            self._watch.check(f"reading {self._topic}[{self._part}] from offset {self._next}")
+
     def snapshot(self) -> int:
         return self._next
 
@@ -75,8 +108,10 @@ class KafkaEventSource(FixedPartitionedSource[Tuple[Any, bytes], int]):
 
     def __init__(self, bootstrap_servers: str, topic: str, client_config: Optional[Dict[str, str]] = None,
                  batch_size: int = 5000, stop_at_end: bool = False, poll_timeout: float = 0.005,
-                 config_key: str = "kafka.events_topic", missing_ok: bool = False) -> None:
+                 config_key: str = "kafka.events_topic", missing_ok: bool = False,
+                 outage_timeout: float = 60.0) -> None:
         self._config: Dict[str, Any] = {"bootstrap.servers": bootstrap_servers, **(client_config or {})}
+        self._outage_timeout = outage_timeout
         self._config_key = config_key
         self._missing_ok = missing_ok
         self._topic = topic
@@ -106,4 +141,6 @@ class KafkaEventSource(FixedPartitionedSource[Tuple[Any, bytes], int]):
         idx, topic = for_part.split("-", 1)
         cfg = {"group.id": "meterflow-unused", "enable.auto.commit": False, "enable.partition.eof": False,
                "auto.offset.reset": "earliest", **self._config}
-        return _TopicPartition(cfg, topic, int(idx), resume_state, self._batch, self._stop_at_end, self._timeout)
+        watch = watch_for(self._config["bootstrap.servers"], self._outage_timeout)
+        return _TopicPartition(cfg, topic, int(idx), resume_state, self._batch, self._stop_at_end, self._timeout,
+                               watch)

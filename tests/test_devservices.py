@@ -99,3 +99,40 @@ def test_ch_database_names_are_unique(ch_database, chdb_path):
     assert ch_database.startswith("meter_t_")
     assert ch_database.isidentifier()
     assert chdb_path
+
+
+@pytest.mark.kafka
+def test_kafka_halt_then_start_is_the_same_broker_with_its_data():
+    """halt() is a real outage (the JVM exits, connections are refused); start() brings back the same broker on
+    the same port with its topics, messages and committed offsets."""
+    import socket
+
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    from meterflow.devservices import KafkaBroker
+
+    with KafkaBroker() as broker:
+        topic = broker.create_topic("halted", partitions=2)
+        producer = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all"})
+        for i in range(10):
+            producer.produce(topic, value=b"m%d" % i, partition=i % 2)
+        assert producer.flush(30) == 0
+        consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "halt-test"})
+        consumer.commit(offsets=[TopicPartition(topic, 0, 3)], asynchronous=False)
+        consumer.close()
+        bootstrap, pid = broker.bootstrap, broker.pid
+
+        broker.halt()
+        assert not broker.is_running()
+        with pytest.raises(OSError):
+            socket.create_connection((broker.host, broker.port), timeout=1).close()
+
+        broker.start()
+        assert broker.bootstrap == bootstrap and broker.pid != pid and broker.is_running()
+        consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "halt-test"})
+        try:
+            assert [consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30) for p in (0, 1)] == \
+                [(0, 5), (0, 5)]
+            assert consumer.committed([TopicPartition(topic, 0)], timeout=30)[0].offset == 3
+        finally:
+            consumer.close()
