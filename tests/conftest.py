@@ -68,6 +68,7 @@ def _skip_in_process_dataflows() -> None:
         pytest.skip("runs a Bytewax dataflow in-process: its Rust scheduler is not on the moved clock")
 
     bytewax.testing.run_main = refuse
+    bytewax.testing.cluster_main = refuse
     bytewax.run.cli_main = refuse
 
 
