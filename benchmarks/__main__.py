@@ -57,8 +57,21 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from benchmarks.peers.report import (HEADERS, Row, agreement, chart, compare, compare_alerts, fmt, lat_text, machine,
-                                     markdown, pcts, table_rows, targets)
+from benchmarks.peers.report import (
+    HEADERS,
+    Row,
+    agreement,
+    chart,
+    compare,
+    compare_alerts,
+    fmt,
+    lat_text,
+    machine,
+    markdown,
+    pcts,
+    table_rows,
+    targets,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"

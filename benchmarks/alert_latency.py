@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Dict, List
 
 import orjson
+from meterflow.base.timeutil import parse_rfc3339_ms
 
 from meterflow.devservices import KafkaBroker, RedisServer
-from operators.timeutil import parse_rfc3339_ms
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -69,11 +69,10 @@ def main() -> int:
     ap.add_argument("--partitions", type=int, default=2, help="partitions of the events topic (default 2)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args()
+    import redis
     from confluent_kafka import Consumer, Producer
     from rich.console import Console
     from rich.table import Table
-
-    import redis
 
     console = Console(stderr=True)
     per_customer = args.rate * args.seconds / args.customers

@@ -17,14 +17,15 @@ import resource
 import time
 from typing import Dict, List
 
-from meterflow.runner import tune_gc
+from meterflow.base.gc_tuning import tune_gc
+from meterflow.base.stats import FlowStats
+from meterflow.operators.mediate import Mediator
+from meterflow.operators.meter import CustomerMeter
+from meterflow.operators.rules import Rules
+from meterflow.schemas.config import parse_config
+from meterflow.schemas.events import EVENT_DECODER
+
 from meterflow.sample import customer_ids, generate_events, sample_config_toml, tenant_ids
-from operators.meter import CustomerMeter
-from operators.mediate import Mediator
-from operators.rules import Rules
-from operators.stats import FlowStats
-from schemas.config import parse_config
-from schemas.events import EVENT_DECODER
 
 
 def build(n: int, batch: int, customers: int, span_ms: int = 2 * 3_600_000):

@@ -1,5 +1,5 @@
 """What per-customer dedupe state costs: ``dict[str, int]`` (the meter's ``seen`` today) against
-``operators.dedupe.IdTable`` (a 64-bit fingerprint + int64 expiry per id in flat arrays), in one process.
+``meterflow.operators.dedupe.IdTable`` (a 64-bit fingerprint + int64 expiry per id in flat arrays), in one process.
 
     python -m benchmarks.dedupe_table --ids 1000000
     python -m benchmarks.dedupe_table --ids 200000 --customers 2000 --repeat 5 --json
@@ -45,7 +45,7 @@ import tracemalloc
 from collections import Counter
 from typing import Callable, Dict, List, Sequence
 
-from operators.dedupe import IdTable, fingerprint
+from meterflow.operators.dedupe import IdTable, fingerprint
 
 T0 = 1_793_491_200_000  # 2026-11-01T00:00:00Z, the watermark
 PERIOD_END = 1_796_083_200_000

@@ -2,7 +2,7 @@
 
 ``build_flow(config, source, sinks)`` wires any source and sinks (tests pass
 ``TestingSource``/``TestingSink``); :func:`flow_from_config` picks them from the
-configuration. ``python -m bytewax.run "dataflows.metering:flow"`` builds the
+configuration. ``python -m bytewax.run "meterflow.dataflows.metering:flow"`` builds the
 module-level ``flow`` from ``METER_CONFIG`` (and ``METER_INPUT`` in embedded mode).
 
 The meter step is keyed by shard, not by customer: mediation bundles each batch's
@@ -31,16 +31,15 @@ from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
-
-from operators.changelog import ChangelogMediator
-from operators.entitlements import EntitlementUpdate
-from operators.errors import MeterError
-from operators.mediate import Mediator, customer_key, shard_of
-from operators.meter import CustomerMeter
-from operators.rules import Rules
-from schemas.config import Config, load_config
-from schemas.records import Emission
-
+from meterflow.base.errors import MeterError
+from meterflow.base.keys import customer_key
+from meterflow.operators.changelog import ChangelogMediator
+from meterflow.operators.entitlements import EntitlementUpdate
+from meterflow.operators.mediate import Mediator, shard_of
+from meterflow.operators.meter import CustomerMeter
+from meterflow.operators.rules import Rules
+from meterflow.schemas.config import Config, load_config
+from meterflow.schemas.records import Emission
 
 SHARD_STATE_VERSION = 1  # layout of a shard's snapshot: (version, shard count, {tenant|customer: meter bytes})
 
@@ -51,7 +50,7 @@ def _wall_ms() -> int:
 
 class _ShardLogic(StatefulBatchLogic):
     """Bytewax glue: one logic per shard (``pipeline.shards``), one :class:`CustomerMeter` per ``tenant|customer``
-    key routed to the shard (:func:`operators.mediate.shard_of`). Bytewax routes, schedules and snapshots a
+    key routed to the shard (:func:`meterflow.operators.mediate.shard_of`). Bytewax routes, schedules and snapshots a
     few dozen shards instead of every customer, and each shard answers a batch with at most one Emission.
 
     Values arrive in order: ``{tenant|customer: [MeteredEvent, ...]}`` bundles from mediation and
@@ -325,11 +324,11 @@ def sinks_from_config(config: Config, recoverable: bool = False) -> List[Tuple[s
     """ClickHouse always (embedded chDB unless [clickhouse] names a server); Kafka topics in Kafka mode;
     live gateway state when [redis] is configured; the alert sinks of [alerts]. ``recoverable``: the
     flow keeps a recovery directory (the Redis sink's warning at exit says how unsent states arrive)."""
-    from sinks.clickhouse import ClickHouseSink
+    from meterflow.sinks.clickhouse import ClickHouseSink
 
     sinks: List[Tuple[str, Sink]] = [("clickhouse", ClickHouseSink(config.clickhouse))]
     if config.kafka is not None:
-        from sinks.kafka import AggregatedTopicSink, DeadLetterTopicSink
+        from meterflow.sinks.kafka import AggregatedTopicSink, DeadLetterTopicSink
 
         k = config.kafka
         sinks.append(("aggregated_topic", AggregatedTopicSink(k.bootstrap_servers, k.aggregated_topic, k.client_config,
@@ -337,10 +336,10 @@ def sinks_from_config(config: Config, recoverable: bool = False) -> List[Tuple[s
         sinks.append(("dead_letter_topic", DeadLetterTopicSink(k.bootstrap_servers, k.dead_letter_topic, k.client_config,
                                                                k.outage_timeout_seconds)))
     if config.redis is not None:
-        from sinks.redis import GatewayStateSink
+        from meterflow.sinks.redis import GatewayStateSink
 
         sinks.append(("redis_gateway", GatewayStateSink(config.redis, recoverable=recoverable)))
-    from sinks.alerts import alert_sinks_from_config
+    from meterflow.sinks.alerts import alert_sinks_from_config
 
     sinks.extend(alert_sinks_from_config(config))
     return sinks
@@ -349,11 +348,11 @@ def sinks_from_config(config: Config, recoverable: bool = False) -> List[Tuple[s
 def source_from_config(config: Config, inputs: Sequence[str] = (), stop_at_end: bool = False) -> Source:
     """Kafka events topic when [kafka] is configured and no input is given; otherwise JSONL inputs."""
     if inputs:
-        from sources.jsonl import JsonlSource
+        from meterflow.sources.jsonl import JsonlSource
 
         return JsonlSource(list(inputs))
     if config.kafka is not None:
-        from sources.kafka import KafkaEventSource
+        from meterflow.sources.kafka import KafkaEventSource
 
         k = config.kafka
         return KafkaEventSource(k.bootstrap_servers, k.events_topic, k.client_config, batch_size=k.batch_size,
@@ -368,11 +367,11 @@ def entitlements_source_from_config(config: Config, inputs: Sequence[str] = (), 
     A missing changelog topic is not an error (the config file's subscriptions apply); it is logged.
     """
     if inputs:
-        from sources.jsonl import JsonlSource
+        from meterflow.sources.jsonl import JsonlSource
 
         return JsonlSource(list(inputs))
     if config.kafka is not None and not event_inputs:
-        from sources.kafka import KafkaEventSource
+        from meterflow.sources.kafka import KafkaEventSource
 
         k = config.kafka
         return KafkaEventSource(k.bootstrap_servers, k.entitlements_topic, k.client_config, batch_size=k.batch_size,
@@ -390,7 +389,7 @@ def flow_from_config(config: Config, inputs: Sequence[str] = (), stop_at_end: bo
 
 
 def __getattr__(name: str) -> Any:
-    # `python -m bytewax.run "dataflows.metering:flow"` reads the module attribute `flow`.
+    # `python -m bytewax.run "meterflow.dataflows.metering:flow"` reads the module attribute `flow`.
     if name != "flow":
         raise AttributeError(name)
     path = os.environ.get("METER_CONFIG")
@@ -398,7 +397,7 @@ def __getattr__(name: str) -> Any:
         raise MeterError("set METER_CONFIG to the configuration file to run dataflows.metering:flow")
     inputs = [p for p in os.environ.get("METER_INPUT", "").split(",") if p]
     changes = [p for p in os.environ.get("METER_ENTITLEMENTS_INPUT", "").split(",") if p]
-    from meterflow.runner import tune_gc
+    from meterflow.base.gc_tuning import tune_gc
 
     built = flow_from_config(load_config(path), inputs, stop_at_end=os.environ.get("METER_STOP_AT_END") == "1",
                              entitlements=changes)

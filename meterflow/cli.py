@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from operators.errors import MeterError
+from meterflow.base.errors import MeterError
 
 EPILOG = """examples:
   meter demo                                        sample events -> pipeline -> embedded ClickHouse -> summary
@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--limit", type=int, default=200, help="rows to print (default 200; --json prints all)")
     u.add_argument("--json", action="store_true", help="JSON lines instead of a table")
 
-    from schemas.alerts import ALERT_TYPES
+    from meterflow.schemas.alerts import ALERT_TYPES
 
     a = sub.add_parser("alerts", help="alerts fired, from ClickHouse",
                        description="Print the alerts the dataflow fired (the alerts_log view of ClickHouse, embedded "
@@ -257,7 +257,7 @@ def _quiet_driver_warnings() -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from meterflow.reports import print_run_summary
     from meterflow.runner import run_flow
-    from schemas.config import load_config
+    from meterflow.schemas.config import load_config
 
     cfg = load_config(args.config)
     result = run_flow(cfg, args.input, workers=args.workers, recovery_dir=args.recovery,
@@ -265,7 +265,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                       progress_out=sys.stderr if args.progress_every > 0 else None,
                       progress_every=args.progress_every or 5.0, entitlements=args.entitlements)
     if args.json:
-        from operators.stats import identity
+        from meterflow.base.stats import identity
 
         balanced, text = identity(result.counters)
         print(json.dumps({"counters": result.counters, "seconds": round(result.seconds, 3),

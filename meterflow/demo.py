@@ -9,16 +9,16 @@ from pathlib import Path
 
 from rich.progress import Progress
 
+from meterflow.base.periods import period_bounds
+from meterflow.base.timeutil import ms_to_iso, now_ms
 from meterflow.sample import customer_ids, generate_events, sample_config_toml, tenant_ids
-from operators.periods import period_bounds
-from operators.timeutil import ms_to_iso, now_ms
 
 
 def run_demo(n_events: int, workdir: str, seed: int) -> int:
     from meterflow.reports import make_console, print_run_summary, query_usage, usage_table
     from meterflow.runner import run_flow
-    from schemas.config import load_config
-    from sinks.clickhouse import connect
+    from meterflow.schemas.config import load_config
+    from meterflow.sinks.clickhouse import connect
 
     console = make_console()
     wd = Path(workdir)
@@ -82,8 +82,8 @@ def _demo_plans(tenants: list, anchor: str) -> str:
 
 
 def _print_alerts(console, client, db: str) -> None:
+    from meterflow.base.timeutil import parse_rfc3339_ms
     from meterflow.reports import alerts_table, query_alerts
-    from operators.timeutil import parse_rfc3339_ms
 
     rows = query_alerts(client, db)
     if not rows:

@@ -1,6 +1,6 @@
 """QuotaGate: what an API gateway asks before serving a call, and wallet holds for prepaid sessions.
 
-The metering flow writes each customer's live standing to Redis (:mod:`sinks.redis`); a gateway reads
+The metering flow writes each customer's live standing to Redis (:mod:`meterflow.sinks.redis`); a gateway reads
 it with one round trip per call and answers HTTP 429 when the customer is blocked::
 
     gate = QuotaGate("redis://cache:6379/0", fail_open=True)
@@ -55,8 +55,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from operators.errors import MeterError
-from operators.timeutil import now_ms, parse_rfc3339_ms
+from meterflow.base.errors import MeterError
+from meterflow.base.timeutil import now_ms, parse_rfc3339_ms
 
 __all__ = ["Decision", "GateUnavailable", "HoldResult", "QuotaGate", "WalletView", "gateway_key",
            "holds_key", "wallet_key"]

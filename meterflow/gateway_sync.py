@@ -4,8 +4,8 @@ The gateway state (contract section 4: ``meter:{tenant}:{customer}:{metric}``, a
 derived from the meter state, which the recovery directory holds. This reads the snapshots a resume
 would read — per ``(step, key)`` the latest snapshot taken before the last execution's frontier, from
 every ``part-*.sqlite3`` partition, opened read-only — rebuilds each customer's
-:class:`~operators.meter.CustomerMeter` and writes the state of every metric's current period, with the
-same absolute HSET/DEL the flow's Redis sink uses (:func:`sinks.redis.queue_write`), in pipelined chunks.
+:class:`~meterflow.operators.meter.CustomerMeter` and writes the state of every metric's current period, with the
+same absolute HSET/DEL the flow's Redis sink uses (:func:`meterflow.sinks.redis.queue_write`), in pipelined chunks.
 Running it twice leaves the same hashes (only ``updated_at`` moves). Nothing is written to the recovery
 directory.
 
@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from operators.errors import MeterError
-from operators.stats import FlowStats
-from operators.timeutil import now_ms
-from schemas.config import Config, mask_url
+from meterflow.base.errors import MeterError
+from meterflow.base.stats import FlowStats
+from meterflow.base.timeutil import now_ms
+from meterflow.schemas.config import Config, mask_url
 
-METER_STEP = "meterflow.meter"  # flow id "meterflow" (dataflows.metering.build_flow) + step "meter"
+METER_STEP = "meterflow.meter"  # flow id "meterflow" (meterflow.dataflows.metering.build_flow) + step "meter"
 _CHUNK = 2000  # states per pipelined round trip
 
 
@@ -91,9 +91,9 @@ def _resume_epoch(conns: List[sqlite3.Connection]) -> Optional[int]:
 
 def current_states(config: Config, directory: Path, at_ms: int) -> Iterator[list]:
     """Per customer of the snapshots: the gateway and wallet states of its current periods."""
-    from dataflows.metering import shard_snapshots
-    from operators.meter import CustomerMeter
-    from operators.rules import Rules
+    from meterflow.dataflows.metering import shard_snapshots
+    from meterflow.operators.meter import CustomerMeter
+    from meterflow.operators.rules import Rules
 
     rules = Rules(config)
     rules.gateway_states = True
@@ -114,8 +114,8 @@ def sync_gateway(config: Config, directory: Path, at_ms: Optional[int] = None) -
     """Write every customer's current gateway (and wallet) state of ``directory`` to ``[redis]``."""
     import redis
 
-    from schemas.alerts import WalletState
-    from sinks.redis import make_client, queue_write
+    from meterflow.schemas.alerts import WalletState
+    from meterflow.sinks.redis import make_client, queue_write
 
     if config.redis is None:
         raise MeterError(f"{config.source_path} has no [redis] section: there is no gateway state to write")
@@ -163,7 +163,7 @@ def sync_gateway(config: Config, directory: Path, at_ms: Optional[int] = None) -
 
 
 def sync_cmd(args: argparse.Namespace) -> int:
-    from schemas.config import load_config
+    from meterflow.schemas.config import load_config
 
     cfg = load_config(args.config)
     directory = Path(args.recovery)

@@ -11,7 +11,8 @@ from typing import Any, Dict, List, Optional, Tuple
 from rich.console import Console
 from rich.table import Table
 
-from operators.timeutil import ms_to_iso
+from meterflow.base.timeutil import ms_to_iso
+
 
 def make_console() -> Console:
     """A console for tables: the terminal's width, or a wide fixed width when piped to a file or CI log."""
@@ -32,7 +33,7 @@ _OPTIONAL = ("entitlement_changes", "entitlement_rejected", "entitlement_errors"
 
 
 def print_run_summary(result: Any, console: Optional[Console] = None) -> None:
-    from operators.stats import identity
+    from meterflow.base.stats import identity
 
     console = console or make_console()
     t = Table(title=f"meterflow run: {result.seconds:.2f} s, {result.events_per_second:,.0f} events/s",
@@ -110,8 +111,8 @@ def _num(v: float) -> str:
 
 
 def print_usage(args: argparse.Namespace) -> int:
-    from schemas.config import load_config
-    from sinks.clickhouse import connect
+    from meterflow.schemas.config import load_config
+    from meterflow.sinks.clickhouse import connect
 
     cfg = load_config(args.config)
     client, db = connect(cfg.clickhouse)
@@ -189,10 +190,10 @@ def alerts_table(rows: List[Dict[str, Any]], title: str = "alerts") -> Table:
 
 
 def print_alerts(args: argparse.Namespace) -> int:
-    from operators.errors import MeterError
-    from operators.timeutil import parse_rfc3339_ms
-    from schemas.config import load_config
-    from sinks.clickhouse import connect
+    from meterflow.base.errors import MeterError
+    from meterflow.base.timeutil import parse_rfc3339_ms
+    from meterflow.schemas.config import load_config
+    from meterflow.sinks.clickhouse import connect
 
     since = None
     if args.since is not None:
@@ -227,7 +228,7 @@ def print_alerts(args: argparse.Namespace) -> int:
 # -- entitlements (``meter entitlements publish``) ----------------------------------------------------
 
 def _tenant_customer(text: str, option: str) -> Tuple[str, str]:
-    from operators.errors import MeterError
+    from meterflow.base.errors import MeterError
 
     tenant, sep, customer = text.partition("/")
     if not sep or not tenant or not customer:
@@ -237,11 +238,11 @@ def _tenant_customer(text: str, option: str) -> Tuple[str, str]:
 
 def publish_entitlements_cmd(args: argparse.Namespace) -> int:
     """Publish the config's subscriptions (or the chosen ones) and cancellations to the entitlements topic."""
-    from operators.errors import MeterError
-    from operators.timeutil import now_ms
-    from schemas.alerts import ENTITLEMENT_ENCODER, EntitlementMessage
-    from schemas.config import load_config
-    from sinks.kafka import publish_entitlements
+    from meterflow.base.errors import MeterError
+    from meterflow.base.timeutil import now_ms
+    from meterflow.schemas.alerts import ENTITLEMENT_ENCODER, EntitlementMessage
+    from meterflow.schemas.config import load_config
+    from meterflow.sinks.kafka import publish_entitlements
 
     cfg = load_config(args.config)
     if cfg.kafka is None:

@@ -11,11 +11,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, TextIO, Tuple
 
-from operators.errors import MeterError
-from operators.stats import STATS
-from operators.timeutil import parse_duration_ms
-from schemas.config import Config
-from sources.stop import STOP
+from meterflow.base.errors import MeterError
+from meterflow.base.gc_tuning import tune_gc
+from meterflow.base.stats import STATS
+from meterflow.base.timeutil import parse_duration_ms
+from meterflow.schemas.config import Config
+from meterflow.sources.stop import STOP
 
 
 @dataclass(frozen=True)
@@ -27,22 +28,6 @@ class RunResult:
     @property
     def events_per_second(self) -> float:
         return self.counters["read"] / self.seconds if self.seconds > 0 else 0.0
-
-
-def tune_gc() -> None:
-    """Garbage-collector settings for a long-running flow.
-
-    The keyed state is millions of long-lived objects and the hot path allocates short-lived ones per
-    event; CPython's default (a young collection every 700 allocations) then spends a fifth of the
-    time re-scanning survivors. Objects alive at start-up (modules, configuration, rules) are frozen
-    out of every collection, and young collections run every 100,000 allocations. Reference counting
-    still frees almost everything at once; only cycles wait for a collection.
-    """
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(100_000, 20, 100)
 
 
 RECOVERY_MARKER = "meterflow-recovery.json"  # what a recovery directory's snapshots need to be read back
@@ -166,7 +151,7 @@ def run_flow(cfg: Config, inputs: Sequence[str] = (), *, workers: int = 1, recov
     """Build the flow from the configuration and run it to completion (or until interrupted)."""
     from bytewax.run import cli_main
 
-    from dataflows.metering import flow_from_config
+    from meterflow.dataflows.metering import flow_from_config
 
     if workers < 1:
         raise MeterError(f"--workers must be at least 1, got {workers}")

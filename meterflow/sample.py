@@ -12,7 +12,7 @@ from typing import Dict, Iterator, List, Optional
 
 import orjson
 
-from operators.timeutil import ms_to_iso
+from meterflow.base.timeutil import ms_to_iso
 
 REGIONS = ["us-east-1", "eu-west-1", "ap-south-1"]
 MODELS = ["m-small", "m-large"]

@@ -1,8 +1,8 @@
 """Mediation of the entitlements changelog (``usage.entitlements``): decode, validate, key.
 
 Each record is a customer's whole subscription (or its cancellation), keyed ``tenant|customer``
-(:class:`schemas.alerts.EntitlementMessage`). Valid records go to the customer's keyed state as
-:class:`operators.entitlements.EntitlementUpdate`, versioned by their position in the log (the Kafka
+(:class:`meterflow.schemas.alerts.EntitlementMessage`). Valid records go to the customer's keyed state as
+:class:`meterflow.operators.entitlements.EntitlementUpdate`, versioned by their position in the log (the Kafka
 offset, or the line of a JSONL file) so that a replay of an older record never overrides a newer
 one; records for unknown tenants, unknown plans or metrics, or that are not JSON become dead letters
 with reason ``invalid_entitlement``.
@@ -13,13 +13,13 @@ from __future__ import annotations
 from typing import Any, List, Optional, Tuple
 
 import msgspec
-
-from operators.entitlements import EntitlementUpdate
-from operators.mediate import KEY_SEP, dead_letter
-from operators.stats import STATS, FlowStats
-from schemas.alerts import ENTITLEMENT_DECODER
-from schemas.config import Config, subscription_problem
-from schemas.records import DeadLetter, Emission
+from meterflow.base.keys import customer_key
+from meterflow.base.stats import STATS, FlowStats
+from meterflow.operators.entitlements import EntitlementUpdate
+from meterflow.operators.mediate import dead_letter
+from meterflow.schemas.alerts import ENTITLEMENT_DECODER
+from meterflow.schemas.config import Config, subscription_problem
+from meterflow.schemas.records import DeadLetter, Emission
 
 REASON = "invalid_entitlement"
 
@@ -55,7 +55,7 @@ class ChangelogMediator:
             if why is not None:
                 dead.append(dead_letter(REASON, why, src, raw, tenant_id=msg.tenant_id))
                 continue
-            out.append((msg.tenant_id + KEY_SEP + msg.customer_id, EntitlementUpdate(msg, log_position(src), src)))
+            out.append((customer_key(msg.tenant_id, msg.customer_id), EntitlementUpdate(msg, log_position(src), src)))
         self._stats.add({"entitlement_changes": len(out), "entitlement_rejected": len(dead)})  # not events read
         if dead:
             out.append(Emission(dead_letters=dead))

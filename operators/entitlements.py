@@ -1,6 +1,6 @@
 """Entitlement evaluation for one customer: thresholds, enforcement, wallets and gateway state.
 
-Pure logic with no I/O, owned by the customer's :class:`operators.meter.CustomerMeter` and saved in
+Pure logic with no I/O, owned by the customer's :class:`meterflow.operators.meter.CustomerMeter` and saved in
 the same snapshot, so alert state can never disagree with the totals after a resume.
 
 Semantics (the README's "Entitlements and alerts" section says the same for users):
@@ -43,11 +43,11 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 import msgspec
-
-from operators.aggregate import SumAcc
-from operators.rules import CALENDAR_MONTH, Rules, SubscriptionRule
-from operators.timeutil import ms_to_iso, now_ms
-from schemas.alerts import Alert, EntitlementMessage, GatewayState, WalletState, alert_id
+from meterflow.base.keys import split_key
+from meterflow.base.timeutil import ms_to_iso, now_ms
+from meterflow.operators.aggregate import SumAcc
+from meterflow.operators.rules import CALENDAR_MONTH, Rules, SubscriptionRule
+from meterflow.schemas.alerts import Alert, EntitlementMessage, GatewayState, WalletState, alert_id
 
 PeriodKey = Tuple[str, int, int]  # metric, period_start, period_end
 _WALLET_PK: PeriodKey = ("", 0, 0)
@@ -98,7 +98,7 @@ class Entitlements:
     def __init__(self, rules: Rules, key: str) -> None:
         self.rules = rules
         self.key = key
-        self.tenant_id, _, self.customer_id = key.partition("|")
+        self.tenant_id, self.customer_id = split_key(key)
         self.fired: Dict[PeriodKey, Set[float]] = {}
         self.blocked: Set[PeriodKey] = set()
         self.overage: Set[PeriodKey] = set()

@@ -24,27 +24,17 @@ from itertools import accumulate
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import msgspec
+from meterflow.base.keys import KEY_SEP
+from meterflow.base.stats import STATS, FlowStats
+from meterflow.base.timeutil import Rfc3339Parser, ms_to_iso, now_ms
+from meterflow.schemas.config import Config
+from meterflow.schemas.events import EVENT_DECODER, UsageEvent
+from meterflow.schemas.records import DeadLetter, Emission
 
-from operators.stats import STATS, FlowStats
-from operators.timeutil import Rfc3339Parser, ms_to_iso, now_ms
-from schemas.config import Config
-from schemas.events import EVENT_DECODER, UsageEvent
-from schemas.records import DeadLetter, Emission
-
-KEY_SEP = "|"
-MAX_DEPTH = 64  # contract section 1: an event nested deeper than this anywhere (unknown fields included) is invalid
+MAX_DEPTH = 64  # an event nested deeper than this anywhere (unknown fields included) is invalid
 # The latest event time metered whatever the clock and pipeline.max_clock_skew say (9000-01-01T00:00:00Z): billing
 # periods and windows of anything accepted then stay far inside the datetime range (year 9999).
 LAST_EVENT_MS = 221_845_392_000_000
-
-
-def customer_key(tenant_id: str, customer_id: str) -> str:
-    """The state key of one customer; tenant ids never contain the separator (checked in config).
-
-    >>> customer_key("acme", "cust_456")
-    'acme|cust_456'
-    """
-    return tenant_id + KEY_SEP + customer_id
 
 
 def shard_of(key: str, shards: int) -> str:

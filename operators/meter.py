@@ -5,7 +5,7 @@ needs, so one recoverable snapshot covers dedupe and aggregates together (a
 replay can never see an id as "seen" without its effect, or the reverse).
 
 Memory bound, stated: per customer,
-- ``seen``: one 64-bit fingerprint and its expiry per event id (``operators.dedupe.IdTable``, about
+- ``seen``: one 64-bit fingerprint and its expiry per event id (``meterflow.operators.dedupe.IdTable``, about
   36 bytes per id instead of ~124 for a dict of strings) until its billing period stops accepting late
   events (period end + ``late_grace`` < watermark) and at least ``dedupe_window``
   of watermark progress after it was seen. Keeping ids for the whole open period
@@ -24,15 +24,16 @@ from __future__ import annotations
 import pickle
 from typing import Any, Dict, List, Optional, Set, Tuple
 
-from operators.aggregate import Acc, new_acc
-from operators.dedupe import IdTable
-from operators.entitlements import Entitlements, EntitlementUpdate
-from operators.mediate import dead_letter, internal_error, matches
-from operators.periods import period_bounds
-from operators.rules import Rules
-from operators.stats import STATS, FlowStats
-from operators.timeutil import now_ms
-from schemas.records import Emission, PeriodAggregate, WindowAggregate
+from meterflow.base.keys import KEY_SEP, split_key
+from meterflow.base.periods import period_bounds
+from meterflow.base.stats import STATS, FlowStats
+from meterflow.base.timeutil import now_ms
+from meterflow.operators.aggregate import Acc, new_acc
+from meterflow.operators.dedupe import IdTable
+from meterflow.operators.entitlements import Entitlements, EntitlementUpdate
+from meterflow.operators.mediate import dead_letter, internal_error, matches
+from meterflow.operators.rules import Rules
+from meterflow.schemas.records import Emission, PeriodAggregate, WindowAggregate
 
 STATE_VERSION = 4  # 2: ids map to their expiry; pending dirty rows joined the snapshot; 3: entitlement state;
 #                   4: ids kept as fingerprints in an IdTable (a version 3 snapshot is converted on restore)
@@ -57,7 +58,7 @@ class CustomerMeter:
     def __init__(self, rules: Rules, key: str, snapshot: Optional[bytes] = None, stats: FlowStats = STATS) -> None:
         self.rules = rules
         self.key = key
-        self.tenant_id, _, self.customer_id = key.partition("|")
+        self.tenant_id, self.customer_id = split_key(key)
         self.stats = stats
         self.seen = IdTable()
         self.wm = 0
@@ -83,7 +84,7 @@ class CustomerMeter:
     @classmethod
     def from_snapshot(cls, rules: Rules, data: bytes, stats: FlowStats = STATS) -> "CustomerMeter":
         """Rebuild the state a :meth:`snapshot` captured (the key travels inside it)."""
-        meter = cls(rules, "|", stats=stats)
+        meter = cls(rules, KEY_SEP, stats=stats)
         meter._restore(data)
         return meter
 
@@ -104,7 +105,7 @@ class CustomerMeter:
         (_, key, self.seen, self.wm, self.windows, self.periods, self.excluded, self.dirty_w, self.dirty_p,
          ent_state) = state
         self.key = key
-        self.tenant_id, _, self.customer_id = key.partition("|")
+        self.tenant_id, self.customer_id = split_key(key)
         self.ent = Entitlements(self.rules, key)
         self.ent.restore(ent_state)
         self._recompute_next_evict()

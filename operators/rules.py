@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Tuple
 
 import msgspec
-
-from operators.aggregate import ADDITIVE, NEEDS_NUMBER
-from operators.periods import CALENDAR_ANCHOR_MS
-from operators.timeutil import dt_to_ms, parse_duration_ms
-from schemas.config import Config, EntitlementConfig, EntitlementOverride, SubscriptionConfig, WalletConfig
+from meterflow.base.keys import customer_key
+from meterflow.base.periods import CALENDAR_ANCHOR_MS
+from meterflow.base.timeutil import dt_to_ms, parse_duration_ms
+from meterflow.operators.aggregate import ADDITIVE, NEEDS_NUMBER
+from meterflow.schemas.config import Config, EntitlementConfig, EntitlementOverride, SubscriptionConfig, WalletConfig
 
 
 class MetricRule(msgspec.Struct, frozen=True):
@@ -95,7 +95,7 @@ class Rules:
             for t, rs in self.by_event_type.items()}
         self.plan_codes = frozenset(p.code for p in cfg.plans)
         self.subscription_configs: Dict[str, SubscriptionConfig] = {
-            s.tenant_id + "|" + s.customer_id: s for s in cfg.subscriptions
+            customer_key(s.tenant_id, s.customer_id): s for s in cfg.subscriptions
         }
         self.subscriptions: Dict[str, SubscriptionRule] = {
             k: subscription_rule(cfg, s) for k, s in self.subscription_configs.items()

@@ -18,9 +18,8 @@ import hashlib
 from typing import Dict, Optional
 
 import msgspec
-
-from operators.timeutil import ms_to_iso
-from schemas.config import SubscriptionConfig
+from meterflow.base.timeutil import ms_to_iso
+from meterflow.schemas.config import SubscriptionConfig
 
 ALERT_TYPES = ("threshold_crossed", "blocked", "unblocked", "plan_changed", "wallet_low", "wallet_exhausted",
                "anomaly")

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Annotated, Dict, List, Literal, Optional, Union
 
 import msgspec
-
-from operators.errors import ConfigError
-from operators.periods import PERIOD_KINDS
-from operators.timeutil import parse_duration_ms
+from meterflow.base.errors import ConfigError
+from meterflow.base.periods import PERIOD_KINDS
+from meterflow.base.timeutil import parse_duration_ms
 
 Aggregation = Literal["count", "sum", "max", "min", "unique_count", "latest", "p95", "p99"]
 Enforcement = Literal["soft", "hard", "auto_overage"]

@@ -13,7 +13,7 @@ import msgspec
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-# RFC 3339 text is parsed (and its zone required) by operators.timeutil.parse_rfc3339_ms at mediation,
+# RFC 3339 text is parsed (and its zone required) by base.timeutil.parse_rfc3339_ms at mediation,
 # which truncates sub-millisecond digits instead of rounding them into the next second.
 RFC3339Text = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 EpochMillis = Annotated[int, msgspec.Meta(ge=0)]

@@ -11,8 +11,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Union
 
 import msgspec
-
-from schemas.alerts import Alert, GatewayState, WalletState
+from meterflow.schemas.alerts import Alert, GatewayState, WalletState
 
 
 class WindowAggregate(msgspec.Struct, frozen=True, kw_only=True, tag="window"):

@@ -22,11 +22,10 @@ from typing import Dict, List, Optional, Set, TextIO, Tuple
 
 import msgspec
 from bytewax.outputs import DynamicSink, Sink, StatelessSinkPartition
-
-from operators.errors import MeterError
-from schemas.alerts import ALERT_ENCODER, Alert, fmt_pct
-from schemas.config import Config
-from schemas.records import Emission
+from meterflow.base.errors import MeterError
+from meterflow.schemas.alerts import ALERT_ENCODER, Alert, fmt_pct
+from meterflow.schemas.config import Config
+from meterflow.schemas.records import Emission
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +232,7 @@ def alert_sinks_from_config(config: Config) -> List[Tuple[str, Sink]]:
     when ``[kafka]`` is set, then ``alerts.jsonl``, ``alerts.stdout`` and ``alerts.webhook``."""
     sinks: List[Tuple[str, Sink]] = []
     if config.kafka is not None:
-        from sinks.kafka import AlertTopicSink
+        from meterflow.sinks.kafka import AlertTopicSink
 
         k = config.kafka
         sinks.append(("alerts_kafka", AlertTopicSink(k.bootstrap_servers, k.alerts_topic, k.client_config,
@@ -243,7 +242,7 @@ def alert_sinks_from_config(config: Config) -> List[Tuple[str, Sink]]:
     if config.alerts.stdout:
         sinks.append(("alerts_stdout", StdoutAlertSink()))
     if config.alerts.webhook is not None:
-        from sinks.webhook import WebhookSink
+        from meterflow.sinks.webhook import WebhookSink
 
         sinks.append(("alerts_webhook", WebhookSink(config.alerts.webhook)))
     return sinks

@@ -30,12 +30,11 @@ from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import urlparse
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
-
-from operators.errors import MeterError
-from operators.timeutil import now_ms, parse_rfc3339_ms
-from schemas.alerts import Alert
-from schemas.config import ClickHouseConfig, mask_url
-from schemas.records import Emission
+from meterflow.base.errors import MeterError
+from meterflow.base.timeutil import now_ms, parse_rfc3339_ms
+from meterflow.schemas.alerts import Alert
+from meterflow.schemas.config import ClickHouseConfig, mask_url
+from meterflow.schemas.records import Emission
 
 DEFAULT_DATABASE = "meter"
 
@@ -87,7 +86,7 @@ _DDL = [
        FROM {db}.alert_rows FINAL""",
 ]
 
-# Insert column orders: the record's fields in declaration order (schemas.records), then the derived ones,
+# Insert column orders: the record's fields in declaration order (meterflow.schemas.records), then the derived ones,
 # so that a batch's columns are its records transposed.
 WINDOW_COLUMNS = ["tenant_id", "customer_id", "metric", "window_start", "window_end", "dimensions", "value", "events",
                   "version", "dims_key", "updated_at"]

@@ -19,11 +19,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Producer
-
-from operators.errors import MeterError
-from schemas.alerts import ALERT_ENCODER
-from schemas.records import AGGREGATE_ENCODER, Emission
-from sources.kafka_watch import BrokerWatch, watch_for
+from meterflow.base.errors import MeterError
+from meterflow.schemas.alerts import ALERT_ENCODER
+from meterflow.schemas.records import AGGREGATE_ENCODER, Emission
+from meterflow.sources.kafka_watch import BrokerWatch, watch_for
 
 #: ``kafka.outage_timeout`` default, seconds: how long a delivery may wait for an unreachable broker.
 OUTAGE_TIMEOUT = 60.0
@@ -133,7 +132,7 @@ class _AlertPartition(_ProducerPartition):
 
 
 class AggregatedTopicSink(DynamicSink[Emission]):
-    """Window and period aggregates as JSON (schemas.records.WindowAggregate / PeriodAggregate, tagged by
+    """Window and period aggregates as JSON (meterflow.schemas.records.WindowAggregate / PeriodAggregate, tagged by
     ``type``) on the aggregated topic, keyed ``tenant|customer|metric``."""
 
     def __init__(self, bootstrap: str, topic: str, client_config: Optional[Dict[str, str]] = None,
@@ -161,7 +160,7 @@ class DeadLetterTopicSink(DynamicSink[Emission]):
 
 
 class AlertTopicSink(DynamicSink[Emission]):
-    """Alerts on the alerts topic: the contract's alert JSON (``schemas.alerts.Alert``) as the value, keyed by
+    """Alerts on the alerts topic: the contract's alert JSON (``meterflow.schemas.alerts.Alert``) as the value, keyed by
     the deterministic ``alert_id``, with ``type`` and ``tenant_id`` headers for routing without decoding.
 
     At-least-once: a resumed flow may re-send an alert with the same key; consumers deduplicate by key."""

@@ -2,8 +2,8 @@
 (``meter-wallet:{tenant}:{customer}``) for API gateways (contract section 4; read by
 :class:`meterflow.gate.QuotaGate`).
 
-What is written. Per batch the partition coalesces every :class:`~schemas.alerts.GatewayState` and
-:class:`~schemas.alerts.WalletState` to the LAST one per Redis key (later items win), then sends them all
+What is written. Per batch the partition coalesces every :class:`~meterflow.schemas.alerts.GatewayState` and
+:class:`~meterflow.schemas.alerts.WalletState` to the LAST one per Redis key (later items win), then sends them all
 in ONE pipelined round trip (no MULTI): ``HSET key <state_fields>`` per gateway state, ``DEL key`` for a
 ``deleted`` one (a cancelled subscription), and ``HSET`` of ``balance, spent, remaining, state,
 on_exhausted, updated_at`` per wallet. Wallet holds live in their own hash
@@ -30,7 +30,7 @@ after an outage without waiting for its next batch (``write_batch`` and the thre
 At exit (``close``) pending states get one last attempt; what Redis still did not take is named in ONE
 warning that says how it will arrive. The gateway state is derived from the meter state, so a flow
 resumed from the same recovery directory republishes every customer's state on start (see
-``dataflows.metering._ShardLogic``), and ``meter gateway sync --recovery DIR`` writes it without a run.
+``meterflow.dataflows.metering._ShardLogic``), and ``meter gateway sync --recovery DIR`` writes it without a run.
 
 Limits, stated honestly: pending states live in memory, so without a recovery directory a crash or an
 exit *during* an outage loses them until those keys change again (a gateway then sees the pre-outage
@@ -39,7 +39,7 @@ keys not changed since come back at the next resume, at ``meter gateway sync``, 
 them again (a missing key reads as untracked, which gateways allow). Billing never depends on Redis:
 the exact figures are in ClickHouse and the aggregated topic.
 
-Counters in :data:`operators.stats.STATS`: ``redis_writes`` (keys written), ``redis_pending`` (keys
+Counters in :data:`meterflow.base.stats.STATS`: ``redis_writes`` (keys written), ``redis_pending`` (keys
 waiting, kept as a gauge through deltas), ``redis_errors`` (failed round trips), ``redis_outages``.
 """
 
@@ -52,14 +52,13 @@ from typing import Callable, Dict, List, Optional, Union
 
 import redis
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from meterflow.base.stats import STATS, FlowStats
+from meterflow.base.timeutil import ms_to_iso
+from meterflow.schemas.alerts import GatewayState, WalletState, fmt_num, state_fields
+from meterflow.schemas.config import RedisConfig, mask_url
+from meterflow.schemas.records import Emission
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-
-from operators.stats import STATS, FlowStats
-from operators.timeutil import ms_to_iso
-from schemas.alerts import GatewayState, WalletState, fmt_num, state_fields
-from schemas.config import RedisConfig, mask_url
-from schemas.records import Emission
 
 log = logging.getLogger("meterflow.sinks.redis")
 

@@ -43,12 +43,11 @@ from urllib.parse import urlsplit
 
 import msgspec
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
-
-from operators.errors import MeterError
-from operators.timeutil import ms_to_iso, parse_duration_ms
-from schemas.alerts import ALERT_DECODER, ALERT_ENCODER, Alert
-from schemas.config import WebhookConfig, mask_url
-from schemas.records import Emission
+from meterflow.base.errors import MeterError
+from meterflow.base.timeutil import ms_to_iso, parse_duration_ms
+from meterflow.schemas.alerts import ALERT_DECODER, ALERT_ENCODER, Alert
+from meterflow.schemas.config import WebhookConfig, mask_url
+from meterflow.schemas.records import Emission
 
 log = logging.getLogger(__name__)
 

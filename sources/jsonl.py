@@ -16,10 +16,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, List, Optional, Sequence, Tuple
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
-
-from operators.errors import MeterError
-
-from sources.stop import STOP
+from meterflow.base.errors import MeterError
+from meterflow.sources.stop import STOP
 
 STDIN = "-"
 BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, stripped from the start of a file

@@ -23,10 +23,9 @@ from typing import Any, Dict, List, Optional, Tuple
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
-
-from operators.errors import MeterError
-from sources.kafka_watch import BrokerWatch, watch_for
-from sources.stop import STOP
+from meterflow.base.errors import MeterError
+from meterflow.sources.kafka_watch import BrokerWatch, watch_for
+from meterflow.sources.stop import STOP
 
 log = logging.getLogger("meterflow.kafka")
 

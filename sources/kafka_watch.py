@@ -21,8 +21,7 @@ import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from confluent_kafka import KafkaError
-
-from operators.errors import MeterError
+from meterflow.base.errors import MeterError
 
 log = logging.getLogger("meterflow.kafka")
 _rdkafka_log = logging.getLogger("meterflow.kafka.librdkafka")

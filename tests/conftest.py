@@ -42,8 +42,7 @@ def pytest_configure(config) -> None:
     if not ahead:
         return
     import time_machine
-
-    from operators.timeutil import parse_duration_ms
+    from meterflow.base.timeutil import parse_duration_ms
 
     try:
         shift = timedelta(milliseconds=parse_duration_ms(ahead))

@@ -14,11 +14,11 @@ import sys
 import time
 
 import pytest
+from meterflow.base.errors import MeterError
 
 from meterflow.cli import _parser, failure_line
 from meterflow.panics import PanicFilter
 from meterflow.runner import RECOVERY_LOCK, RecoveryLock, open_recovery
-from operators.errors import MeterError
 
 PANIC = (b"thread '<unnamed>' panicked at src/operators.rs:764:33:\n"
          b"Box<dyn Any>\n"

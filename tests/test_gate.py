@@ -9,12 +9,11 @@ import threading
 import time
 
 import pytest
-
+from meterflow.schemas.alerts import GatewayState, WalletState, state_fields
+from meterflow.sinks.redis import wallet_fields
 
 import meterflow.gate as gate_module
 from meterflow.gate import GateUnavailable, QuotaGate, gateway_key, holds_key, wallet_key
-from schemas.alerts import GatewayState, WalletState, state_fields
-from sinks.redis import wallet_fields
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
 

@@ -21,8 +21,19 @@ import threading
 import time
 from typing import Dict, List, Optional, Set
 
-from benchmarks.peers.common import (AlertProducer, Rules, TopicReader, alert_key, base_args, crossed,
-                                     parse_usage, stop_on_signals, total_key, touch, write_result)
+from benchmarks.peers.common import (
+    AlertProducer,
+    Rules,
+    TopicReader,
+    alert_key,
+    base_args,
+    crossed,
+    parse_usage,
+    stop_on_signals,
+    total_key,
+    touch,
+    write_result,
+)
 
 COLUMNS = ["k", "event_id", "period_ms", "api", "tokens"]
 AGGREGATE = ("SELECT k, period_ms, sum(api), sum(tokens) FROM (SELECT k, event_id, any(period_ms) AS period_ms, "

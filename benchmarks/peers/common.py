@@ -10,7 +10,7 @@ customer's calendar-month total (the benchmark's subscriptions are monthly, anch
 customer, metric and period when ``usage * 100 >= t * included``.
 
 This module imports only the standard library, msgspec, confluent-kafka and two stdlib-only modules of
-the project (``schemas.events``, ``operators.timeutil``), so the Quix Streams contender can use it from
+the project (``meterflow.schemas.events``, ``meterflow.base.timeutil``), so the Quix Streams contender can use it from
 its own virtual environment.
 
 Result file (JSON), written by every contender with :func:`write_result`::
@@ -32,9 +32,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import msgspec
-
-from operators.timeutil import parse_rfc3339_ms
-from schemas.events import EVENT_DECODER
+from meterflow.base.timeutil import parse_rfc3339_ms
+from meterflow.schemas.events import EVENT_DECODER
 
 METRICS = ("api_calls", "tokens")
 # Every contender's consumer reads with these (meterflow through kafka.client_config): librdkafka's default

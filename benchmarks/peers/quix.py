@@ -62,8 +62,18 @@ def _dir_bytes(path: Path) -> int:
 def main() -> int:
     import tempfile
 
-    from benchmarks.peers.common import (FETCH_CONFIG, Rules, TopicReader, alert_key, base_args, crossed, parse_usage,
-                                         total_key, touch, write_result)
+    from benchmarks.peers.common import (
+        FETCH_CONFIG,
+        Rules,
+        TopicReader,
+        alert_key,
+        base_args,
+        crossed,
+        parse_usage,
+        total_key,
+        touch,
+        write_result,
+    )
 
     ap = base_args(__doc__)
     ap.add_argument("--changelog", choices=["on", "off"], default="on", help="Quix changelog topics (default on)")

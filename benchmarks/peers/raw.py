@@ -7,9 +7,9 @@ import sys
 import time
 
 import msgspec
+from meterflow.schemas.events import EVENT_DECODER
 
 from benchmarks.peers.common import TopicReader, base_args, write_result
-from schemas.events import EVENT_DECODER
 
 
 def main() -> int:

@@ -13,8 +13,17 @@ import sys
 import time
 from typing import Dict, List
 
-from benchmarks.peers.common import (AlertProducer, Rules, TopicReader, alert_key, base_args, parse_usage,
-                                     stop_on_signals, touch, write_result)
+from benchmarks.peers.common import (
+    AlertProducer,
+    Rules,
+    TopicReader,
+    alert_key,
+    base_args,
+    parse_usage,
+    stop_on_signals,
+    touch,
+    write_result,
+)
 
 LUA = """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return {} end

@@ -15,20 +15,20 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource, run_main
-from dataflows.metering import _ShardLogic, build_flow
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from meterflow.base.errors import MeterError
+from meterflow.base.stats import FlowStats
+from meterflow.dataflows.metering import _ShardLogic, build_flow
+from meterflow.operators.mediate import Mediator
+from meterflow.operators.rules import Rules
+from meterflow.schemas.alerts import GatewayState, WalletState, state_fields
+from meterflow.schemas.config import RedisConfig
+from meterflow.sinks.redis import wallet_fields
+
 from meterflow.gateway_sync import current_states, latest_snapshots, sync_gateway
-from operators.errors import MeterError
-from operators.mediate import Mediator
-from operators.rules import Rules
-from operators.stats import FlowStats
-from schemas.alerts import GatewayState, WalletState, state_fields
-from schemas.config import RedisConfig
-from sinks.redis import wallet_fields
 from tests.dataflows.test_shards import Clock, event, make_config, merged, new_logic, shard_values, with_shards
 from tests.operators import test_entitlement_properties as ent_props
 from tests.operators.alert_model import Ev, final_gateway
@@ -116,7 +116,7 @@ def test_a_resume_with_no_new_input_republishes_the_final_state_of_every_custome
 
 
 def _as_emission(states):
-    from schemas.records import Emission
+    from meterflow.schemas.records import Emission
 
     return Emission(gateway=[s for s in states if isinstance(s, GatewayState)],
                     wallets=[s for s in states if isinstance(s, WalletState)])

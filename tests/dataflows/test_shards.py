@@ -18,23 +18,32 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
-from dataflows.metering import SHARD_STATE_VERSION, _ShardLogic, build_flow
-from operators.changelog import ChangelogMediator
-from operators.errors import ConfigError, MeterError
-from operators.mediate import Mediator, customer_key, shard_of
-from operators.meter import CustomerMeter
-from operators.rules import Rules
-from operators.stats import FlowStats
-from schemas.config import parse_config
-from schemas.records import Emission
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from meterflow.base.errors import ConfigError, MeterError
+from meterflow.base.keys import customer_key
+from meterflow.base.stats import FlowStats
+from meterflow.dataflows.metering import SHARD_STATE_VERSION, _ShardLogic, build_flow
+from meterflow.operators.changelog import ChangelogMediator
+from meterflow.operators.mediate import Mediator, shard_of
+from meterflow.operators.meter import CustomerMeter
+from meterflow.operators.rules import Rules
+from meterflow.schemas.config import parse_config
+from meterflow.schemas.records import Emission
+
 from tests.operators import test_entitlement_properties as ent_props
-from tests.operators.test_meter_properties import (CONFIGS, SETTINGS, assert_matches, config_for, expected,
-                                                   final_rows, make_config, streams)
+from tests.operators.test_meter_properties import (
+    CONFIGS,
+    SETTINGS,
+    assert_matches,
+    config_for,
+    expected,
+    final_rows,
+    make_config,
+    streams,
+)
 
 T0 = 1_800_000_000_000  # a wall-clock instant on the flush grid of 1 s
 
@@ -329,8 +338,9 @@ def test_changelog_and_events_of_customers_sharing_one_shard_match_the_alert_mod
 
 
 def test_the_runner_refuses_a_recovery_directory_of_another_shard_count_before_bytewax_starts(tmp_path):
+    from meterflow.base.errors import MeterError
+
     from meterflow.runner import RECOVERY_MARKER, prepare_recovery
-    from operators.errors import MeterError
 
     d = tmp_path / "rec"
     prepare_recovery(str(d), shards=4)

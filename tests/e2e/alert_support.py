@@ -31,8 +31,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from schemas.alerts import alert_id
-from schemas.config import Config, parse_config
+from meterflow.schemas.alerts import alert_id
+from meterflow.schemas.config import Config, parse_config
+
 from tests.e2e.support import REPO, LiveRun, consume_all, env
 from tests.operators import alert_model as am
 
@@ -336,8 +337,8 @@ def read_jsonl(path: Path) -> List[Dict[str, Any]]:
 
 def _dump_alerts_log(config_path: str) -> None:
     """(subprocess side) print the alerts_log view and its raw row count as JSON."""
-    from schemas.config import load_config
-    from sinks.clickhouse import connect
+    from meterflow.schemas.config import load_config
+    from meterflow.sinks.clickhouse import connect
 
     client, db = connect(load_config(config_path).clickhouse)
     q = client.query(f"SELECT alert_id, type, tenant_id, customer_id, metric, "

@@ -13,8 +13,8 @@ import sys
 
 
 def main(config_path: str) -> None:
-    from schemas.config import load_config
-    from sinks.clickhouse import connect
+    from meterflow.schemas.config import load_config
+    from meterflow.sinks.clickhouse import connect
 
     cfg = load_config(config_path)
     client, db = connect(cfg.clickhouse)

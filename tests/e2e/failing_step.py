@@ -18,9 +18,10 @@ MESSAGE = "meter step: customer acme|cust_1: state version 99 is newer than this
 
 
 def main() -> int:
-    import dataflows.metering as metering
+    import meterflow.dataflows.metering as metering
+    from meterflow.base.errors import MeterError
+
     from meterflow.cli import main as meter_main
-    from operators.errors import MeterError
 
     kind, argv = sys.argv[1], sys.argv[2:]
 

@@ -33,8 +33,8 @@ from __future__ import annotations
 import calendar
 import json
 from dataclasses import dataclass, field
-from fractions import Fraction
 from datetime import datetime, timedelta, timezone
+from fractions import Fraction
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 UTC = timezone.utc

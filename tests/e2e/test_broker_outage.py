@@ -30,8 +30,7 @@ import pytest
 from meterflow.devservices import KafkaBroker
 from tests.e2e import alert_support as al
 from tests.e2e import reference as ref
-from tests.e2e.support import (LiveRun, aggregated_records, kafka_section, read_views, run_meter, run_summary,
-                               unique)
+from tests.e2e.support import LiveRun, aggregated_records, kafka_section, read_views, run_meter, run_summary, unique
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(180)]
 

@@ -26,8 +26,19 @@ import pytest
 
 from meterflow.sample import customer_ids, generate_events, sample_config_toml, tenant_ids
 from tests.e2e import reference as ref
-from tests.e2e.support import (LiveRun, aggregated_records, consume_all, kafka_section, produce, read_views,
-                               run_meter, run_summary, unique, write_config, write_jsonl)
+from tests.e2e.support import (
+    LiveRun,
+    aggregated_records,
+    consume_all,
+    kafka_section,
+    produce,
+    read_views,
+    run_meter,
+    run_summary,
+    unique,
+    write_config,
+    write_jsonl,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 

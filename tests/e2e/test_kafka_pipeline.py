@@ -31,8 +31,18 @@ import pytest
 
 from meterflow.sample import customer_ids, generate_events, sample_config_toml, tenant_ids
 from tests.e2e import reference as ref
-from tests.e2e.support import (aggregated_records, consume_all, kafka_section, produce, read_views, run_meter,
-                               run_summary, unique, usage_json, write_config)
+from tests.e2e.support import (
+    aggregated_records,
+    consume_all,
+    kafka_section,
+    produce,
+    read_views,
+    run_meter,
+    run_summary,
+    unique,
+    usage_json,
+    write_config,
+)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -21,8 +21,8 @@ import pytest
 
 from meterflow.sample import generate_events, sample_config_toml, tenant_ids
 from tests.e2e.failing_step import MESSAGE
-from tests.e2e.test_crash_resume import _assert_same_views
 from tests.e2e.support import REPO, env, meter_argv, read_views, run_meter, write_config, write_jsonl
+from tests.e2e.test_crash_resume import _assert_same_views
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -130,7 +130,7 @@ def test_a_second_run_on_a_recovery_directory_is_refused_naming_the_holder(tmp_p
 
 
 def test_a_second_process_on_embedded_clickhouse_is_refused_naming_the_path_and_the_holder(tmp_path):
-    from sinks.clickhouse import embedded_holder
+    from meterflow.sinks.clickhouse import embedded_holder
 
     cfg = _config(tmp_path)
     path = (tmp_path / "ch-c").resolve()

@@ -57,9 +57,8 @@ from fractions import Fraction
 from typing import Any, Dict, List, Optional, Tuple
 
 import msgspec
-
-from schemas.alerts import alert_id
-from schemas.config import Config, EntitlementConfig, SubscriptionConfig
+from meterflow.schemas.alerts import alert_id
+from meterflow.schemas.config import Config, EntitlementConfig, SubscriptionConfig
 
 UTC = timezone.utc
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -120,7 +119,7 @@ def key_of(item) -> Tuple[str, str]:
     return item.tenant, item.customer
 
 
-# -- billing periods (independent of operators.periods) -----------------------------------------------------
+# -- billing periods (independent of base.periods) -----------------------------------------------------
 
 def _add_months(anchor: datetime, months: int) -> datetime:
     y, m0 = divmod(anchor.year * 12 + anchor.month - 1 + months, 12)
@@ -633,10 +632,10 @@ class MeterHarness:
     :class:`ChangelogMediator`."""
 
     def __init__(self, cfg: Config) -> None:
-        from operators.changelog import ChangelogMediator
-        from operators.mediate import Mediator
-        from operators.rules import Rules
-        from operators.stats import FlowStats
+        from meterflow.base.stats import FlowStats
+        from meterflow.operators.changelog import ChangelogMediator
+        from meterflow.operators.mediate import Mediator
+        from meterflow.operators.rules import Rules
 
         self.cfg = cfg
         self.rules = Rules(cfg)
@@ -648,9 +647,9 @@ class MeterHarness:
         self.line = 0
 
     def deliver(self, delivery, flush: bool = True):
-        from operators.entitlements import EntitlementUpdate
-        from operators.meter import CustomerMeter
-        from schemas.records import Emission
+        from meterflow.operators.entitlements import EntitlementUpdate
+        from meterflow.operators.meter import CustomerMeter
+        from meterflow.schemas.records import Emission
 
         if not isinstance(delivery, (list, tuple)):
             delivery = [delivery]
@@ -684,7 +683,7 @@ class MeterHarness:
 
     def restore_all(self) -> None:
         """Snapshot every customer, drop the objects and rebuild them from the bytes only."""
-        from operators.meter import CustomerMeter
+        from meterflow.operators.meter import CustomerMeter
 
         snaps = {k: m.snapshot() for k, m in self.meters.items()}
         self.meters = {k: CustomerMeter(self.rules, k, s, stats=self.stats) for k, s in snaps.items()}

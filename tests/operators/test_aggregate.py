@@ -10,9 +10,19 @@ from fractions import Fraction
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from operators.aggregate import (ADDITIVE, NEEDS_NUMBER, CountAcc, LatestAcc, MaxAcc, MinAcc, PercentileAcc,
-                                 SumAcc, UniqueAcc, nearest_rank, new_acc)
+from meterflow.operators.aggregate import (
+    ADDITIVE,
+    NEEDS_NUMBER,
+    CountAcc,
+    LatestAcc,
+    MaxAcc,
+    MinAcc,
+    PercentileAcc,
+    SumAcc,
+    UniqueAcc,
+    nearest_rank,
+    new_acc,
+)
 
 FINITE = st.floats(allow_nan=False, allow_infinity=False, min_value=-1e300, max_value=1e300)
 TRICKY = st.sampled_from([0.1, 0.2, 0.3, 1e16, -1e16, 1.0, -1.0, 5e-324, -5e-324, 1e-300, 2.0 ** 53, 0.0, -0.0])

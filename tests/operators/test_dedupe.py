@@ -1,4 +1,4 @@
-"""operators.dedupe: fingerprint stability and IdTable against the dict[str, int] it replaces.
+"""meterflow.operators.dedupe: fingerprint stability and IdTable against the dict[str, int] it replaces.
 
 No timing here (see benchmarks/dedupe_table.py); only behaviour, the pinned fingerprint format and
 the memory bound.
@@ -9,16 +9,14 @@ from __future__ import annotations
 import pickle
 import subprocess
 import sys
-
 from pathlib import Path
 
+import meterflow.operators.dedupe as dedupe
 import pytest
 import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import operators.dedupe as dedupe
-from operators.dedupe import NO_EXPIRY, IdTable, fingerprint
+from meterflow.operators.dedupe import NO_EXPIRY, IdTable, fingerprint
 
 ROOT = Path(__file__).resolve().parents[2]
 

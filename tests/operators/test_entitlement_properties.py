@@ -18,15 +18,25 @@ import os
 from collections import Counter, defaultdict
 from datetime import timedelta
 
+from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 from hypothesis import HealthCheck, Phase, assume, event, given, settings
 from hypothesis import strategies as st
+from meterflow.dataflows.metering import build_flow
+from meterflow.schemas.config import parse_config
+from meterflow.schemas.records import Emission
 
-from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
-from dataflows.metering import build_flow
-from schemas.config import parse_config
-from schemas.records import Emission
-from tests.operators.alert_model import (CASES, KNOWN_DEVIATIONS, Change, Ev, MeterHarness, alerts_by_customer,
-                                         expected_gateway, final_gateway, ms, run_model)
+from tests.operators.alert_model import (
+    CASES,
+    KNOWN_DEVIATIONS,
+    Change,
+    Ev,
+    MeterHarness,
+    alerts_by_customer,
+    expected_gateway,
+    final_gateway,
+    ms,
+    run_model,
+)
 from tests.operators.test_meter_properties import chunk
 
 # -- the configuration under test ------------------------------------------------------------------------

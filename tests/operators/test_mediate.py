@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from operators.mediate import MAX_DEPTH, Mediator, MeteredEvent, customer_key, dead_letter, format_source
-from operators.stats import FlowStats
-from schemas.config import parse_config
-from schemas.records import Emission
+from meterflow.base.keys import customer_key
+from meterflow.base.stats import FlowStats
+from meterflow.operators.mediate import MAX_DEPTH, Mediator, MeteredEvent, dead_letter, format_source
+from meterflow.schemas.config import parse_config
+from meterflow.schemas.records import Emission
 
 CFG = {
     "pipeline": {"max_event_bytes": 600},

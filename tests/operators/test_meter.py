@@ -9,14 +9,13 @@ from collections import Counter
 from datetime import datetime, timedelta, timezone
 
 import pytest
-
-from operators.dedupe import fingerprint
-from operators.mediate import Mediator
-from operators.meter import CustomerMeter
-from operators.rules import Rules
-from operators.stats import FlowStats
-from schemas.config import parse_config
-from schemas.records import Emission
+from meterflow.base.stats import FlowStats
+from meterflow.operators.dedupe import fingerprint
+from meterflow.operators.mediate import Mediator
+from meterflow.operators.meter import CustomerMeter
+from meterflow.operators.rules import Rules
+from meterflow.schemas.config import parse_config
+from meterflow.schemas.records import Emission
 
 UTC = timezone.utc
 H = 3_600_000
@@ -591,8 +590,8 @@ def test_a_version_3_snapshot_with_ids_in_a_dict_is_converted_on_restore():
 
 def _metered(eid, ts, wm, key="acme|cust_456", n=1, **props):
     """A MeteredEvent as mediation would hand it over, built by hand to reach the meter with any time."""
-    from operators.mediate import MeteredEvent
-    from schemas.events import EVENT_DECODER
+    from meterflow.operators.mediate import MeteredEvent
+    from meterflow.schemas.events import EVENT_DECODER
 
     raw = ev(eid, "2026-02-10T10:00:00Z", cust=key.split("|")[1], **props)  # the time that counts is ``ts``
     return MeteredEvent(EVENT_DECODER.decode(raw), ts, wm, ("m.jsonl", n), raw, False)
@@ -629,7 +628,7 @@ def test_a_time_without_a_billing_period_is_invalid_event_and_leaves_the_state_a
 
 
 def test_a_bug_half_way_through_an_event_is_an_internal_error_and_later_events_count(monkeypatch):
-    import operators.meter as meter_mod
+    import meterflow.operators.meter as meter_mod
 
     real = meter_mod._dim
 
@@ -652,7 +651,7 @@ def test_a_bug_half_way_through_an_event_is_an_internal_error_and_later_events_c
 
 
 def test_summary_identity_on_a_mixed_stream():
-    from operators.stats import identity
+    from meterflow.base.stats import identity
 
     run = Run()
     run.feed(ev("a1", "2026-02-10T10:00:00Z", tokens=1, user="u", latency=1),          # accepted

@@ -34,18 +34,17 @@ from datetime import datetime, timedelta, timezone
 from fractions import Fraction
 from pathlib import Path
 
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import strategies as st
-
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
-from dataflows.metering import build_flow
-from operators.mediate import Mediator
-from operators.meter import CustomerMeter
-from operators.rules import Rules
-from operators.stats import FlowStats
-from schemas.config import parse_config
-from schemas.records import Emission
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from meterflow.base.stats import FlowStats
+from meterflow.dataflows.metering import build_flow
+from meterflow.operators.mediate import Mediator
+from meterflow.operators.meter import CustomerMeter
+from meterflow.operators.rules import Rules
+from meterflow.schemas.config import parse_config
+from meterflow.schemas.records import Emission
 
 UTC = timezone.utc
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -6,17 +6,15 @@ with the code under test.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
-
 import doctest
 import importlib
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from operators.periods import add_months, period_bounds, window_bounds
-from operators.timeutil import Rfc3339Parser, dt_to_ms, ms_to_dt, ms_to_iso, parse_duration_ms, parse_rfc3339_ms
+from meterflow.base.periods import add_months, period_bounds, window_bounds
+from meterflow.base.timeutil import Rfc3339Parser, dt_to_ms, ms_to_dt, ms_to_iso, parse_duration_ms, parse_rfc3339_ms
 
 UTC = timezone.utc
 EST = timezone(timedelta(hours=-5))
@@ -200,8 +198,8 @@ def test_periods_tile_time(ts, anchor, kind):
 # -- docstring examples run (STYLE: "Docstring examples that run (doctest) or none at all") --------------
 
 @pytest.mark.parametrize("module", [
-    "operators.periods", "operators.aggregate", "operators.mediate",
-    "operators.timeutil",
+    "meterflow.base.periods", "meterflow.operators.aggregate", "meterflow.operators.mediate",
+    "meterflow.base.timeutil",
 ])
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), verbose=False)

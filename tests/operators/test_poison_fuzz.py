@@ -21,14 +21,13 @@ from collections import Counter
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from operators.mediate import Mediator
-from operators.meter import CustomerMeter
-from operators.rules import Rules
-from operators.stats import FlowStats, identity
-from operators.timeutil import ms_to_iso
-from schemas.config import parse_config
-from schemas.records import Emission
+from meterflow.base.stats import FlowStats, identity
+from meterflow.base.timeutil import ms_to_iso
+from meterflow.operators.mediate import Mediator
+from meterflow.operators.meter import CustomerMeter
+from meterflow.operators.rules import Rules
+from meterflow.schemas.config import parse_config
+from meterflow.schemas.records import Emission
 
 NOW = 1798761600000  # 2027-01-01T00:00:00Z, the injected wall clock
 CFG = parse_config({

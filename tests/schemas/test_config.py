@@ -7,10 +7,9 @@ import textwrap
 from datetime import datetime, timezone
 
 import pytest
-
-from operators.errors import ConfigError, MeterError
-from operators.rules import CALENDAR_MONTH, Rules, merge_entitlement
-from schemas.config import EntitlementConfig, EntitlementOverride, load_config, parse_config
+from meterflow.base.errors import ConfigError, MeterError
+from meterflow.operators.rules import CALENDAR_MONTH, Rules, merge_entitlement
+from meterflow.schemas.config import EntitlementConfig, EntitlementOverride, load_config, parse_config
 
 CONTRACT_EXAMPLE = textwrap.dedent('''
     [pipeline]

@@ -13,15 +13,14 @@ from typing import List
 
 import msgspec
 import pytest
-
-from operators.timeutil import ms_to_iso, parse_rfc3339_ms
-from schemas.alerts import ALERT_DECODER, Alert, alert_id
-from schemas.config import ClickHouseConfig, parse_config
-from schemas.records import Emission
-from sinks.alerts import JsonlAlertSink, StdoutAlertSink, alert_sinks_from_config, format_alert
-from sinks.clickhouse import ClickHouseSink, connect
-from sinks.kafka import AlertTopicSink
-from sinks.webhook import WebhookSink
+from meterflow.base.timeutil import ms_to_iso, parse_rfc3339_ms
+from meterflow.schemas.alerts import ALERT_DECODER, Alert, alert_id
+from meterflow.schemas.config import ClickHouseConfig, parse_config
+from meterflow.schemas.records import Emission
+from meterflow.sinks.alerts import JsonlAlertSink, StdoutAlertSink, alert_sinks_from_config, format_alert
+from meterflow.sinks.clickhouse import ClickHouseSink, connect
+from meterflow.sinks.kafka import AlertTopicSink
+from meterflow.sinks.webhook import WebhookSink
 
 PERIOD_START = "2026-11-01T00:00:00Z"
 PERIOD_END = "2026-12-01T00:00:00Z"

@@ -10,16 +10,15 @@ import signal
 import time
 from typing import Dict, List
 
+import meterflow.sinks.redis as redis_sink
 import pytest
+from meterflow.base.stats import FlowStats
+from meterflow.schemas.alerts import GatewayState, WalletState, state_fields
+from meterflow.schemas.config import RedisConfig
+from meterflow.schemas.records import Emission
+from meterflow.sinks.redis import GatewayStateSink, wallet_fields
 
-
-import sinks.redis as redis_sink
 from meterflow.gate import QuotaGate, holds_key
-from operators.stats import FlowStats
-from schemas.alerts import GatewayState, WalletState, state_fields
-from schemas.config import RedisConfig
-from schemas.records import Emission
-from sinks.redis import GatewayStateSink, wallet_fields
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
 

@@ -8,13 +8,19 @@ import os
 import uuid
 
 import pytest
-
-from operators.errors import MeterError
-from schemas.config import ClickHouseConfig
-from schemas.records import AGGREGATE_DECODER, DeadLetter, Emission, PeriodAggregate, WindowAggregate
-from sinks.clickhouse import (DEAD_COLUMNS, PERIOD_COLUMNS, WINDOW_COLUMNS, ClickHouseSink, connect, dims_key,
-                              emission_columns)
-from sinks.kafka import AggregatedTopicSink, DeadLetterTopicSink
+from meterflow.base.errors import MeterError
+from meterflow.schemas.config import ClickHouseConfig
+from meterflow.schemas.records import AGGREGATE_DECODER, DeadLetter, Emission, PeriodAggregate, WindowAggregate
+from meterflow.sinks.clickhouse import (
+    DEAD_COLUMNS,
+    PERIOD_COLUMNS,
+    WINDOW_COLUMNS,
+    ClickHouseSink,
+    connect,
+    dims_key,
+    emission_columns,
+)
+from meterflow.sinks.kafka import AggregatedTopicSink, DeadLetterTopicSink
 
 H = 3_600_000
 T = 1_793_491_200_000  # 2026-11-01T00:00:00Z

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 import pytest
+from meterflow.schemas.alerts import ALERT_DECODER
+from meterflow.schemas.config import WebhookConfig
+from meterflow.sinks.webhook import WebhookCounters, WebhookSink
 
-from schemas.alerts import ALERT_DECODER
-from schemas.config import WebhookConfig
-from sinks.webhook import WebhookCounters, WebhookSink
 from tests.sinks.test_alert_sinks import batch, make_alerts
 
 pytestmark = pytest.mark.timeout(120)
@@ -212,7 +212,7 @@ def test_a_rejected_alert_goes_to_undeliverable_and_the_rest_flow_on(receiver, t
     spool = tmp_path / "spool"
     sink = make_sink(rx.url, spool)
     part = sink.build("alerts_webhook", 0, 1)
-    with caplog.at_level(logging.WARNING, logger="sinks.webhook"):
+    with caplog.at_level(logging.WARNING, logger="meterflow.sinks.webhook"):
         part.write_batch(batch(alerts))
         wait_for(lambda: sink.stats().pending == 0, what="the outbox to drain")
     part.close()
@@ -277,7 +277,7 @@ def test_headers_without_a_secret_are_unsigned():
 # -- at exit: a bounded drain, and one line about what is left -------------------------------------------
 
 def left_lines(caplog) -> List[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "sinks.webhook" and "left in the outbox" in
+    return [r.getMessage() for r in caplog.records if r.name == "meterflow.sinks.webhook" and "left in the outbox" in
             r.getMessage()]
 
 
@@ -294,7 +294,7 @@ def test_close_drains_a_receiver_that_recovers_while_the_next_retry_is_far_away(
     wait_for(lambda: len(rx.attempts) >= 1, what="the first failed attempt")
     time.sleep(0.2)  # the thread now waits for the retry 30 s away
     t0 = time.monotonic()
-    with caplog.at_level(logging.INFO, logger="sinks.webhook"):
+    with caplog.at_level(logging.INFO, logger="meterflow.sinks.webhook"):
         part.close()
     took = time.monotonic() - t0
     assert rx.accepted == [a.alert_id for a in alerts], "every alert delivered before close() returned"
@@ -312,7 +312,7 @@ def test_a_zero_drain_timeout_leaves_the_outbox_for_the_next_start_at_once(recei
     part.write_batch(batch(make_alerts(2)))
     wait_for(lambda: len(rx.attempts) >= 1, what="the first failed attempt")
     t0 = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="sinks.webhook"):
+    with caplog.at_level(logging.WARNING, logger="meterflow.sinks.webhook"):
         part.close()
     assert time.monotonic() - t0 < 1.0
     assert len(left_lines(caplog)) == 1 and "2 alerts left in the outbox" in left_lines(caplog)[0]
@@ -335,7 +335,7 @@ def test_what_is_left_at_exit_is_said_exactly_once_with_the_outbox_and_how_it_is
             parts[0].write_batch(batch(alerts[4:]))
         wait_for(lambda: sink.stats().retried >= 2, what="failing retries")
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="sinks.webhook"):
+        with caplog.at_level(logging.WARNING, logger="meterflow.sinks.webhook"):
             closers = [threading.Thread(target=p.close) for p in parts]
             for t in closers:
                 t.start()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sources.jsonl import BOM, JsonlSource
+from meterflow.sources.jsonl import BOM, JsonlSource
 
 EV = b'{"event_id": "e%d", "tenant_id": "acme", "customer_id": "c", "event_type": "api_call", "timestamp": 1}'
 

@@ -8,11 +8,10 @@ import time
 
 import pytest
 from confluent_kafka import KafkaError
-
-from operators.errors import ConfigError, MeterError
-from schemas.config import parse_config
-from sinks.kafka import producer_config
-from sources.kafka_watch import BrokerWatch, watch_for
+from meterflow.base.errors import ConfigError, MeterError
+from meterflow.schemas.config import parse_config
+from meterflow.sinks.kafka import producer_config
+from meterflow.sources.kafka_watch import BrokerWatch, watch_for
 
 ALL_DOWN = KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down")
 

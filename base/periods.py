@@ -12,7 +12,7 @@ import calendar
 from datetime import datetime
 from typing import Tuple
 
-from operators.timeutil import UTC, dt_to_ms, ms_to_dt  # noqa: F401 - UTC is used by the doctests
+from meterflow.base.timeutil import UTC, dt_to_ms, ms_to_dt  # noqa: F401 - UTC is used by the doctests
 
 PERIOD_MONTHS = {"month": 1, "quarter": 3, "year": 12}
 PERIOD_DAYS = {"day": 1, "week": 7}
@@ -39,7 +39,7 @@ def period_bounds(ts_ms: int, kind: str, anchor_ms: int) -> Tuple[int, int]:
 
     Works before the anchor too (periods extend backwards).
 
-    >>> from operators.timeutil import ms_to_iso
+    >>> from base.timeutil import ms_to_iso
     >>> s, e = period_bounds(1764547140000, "month", 0)  # 2025-11-30T23:59Z
     >>> ms_to_iso(s), ms_to_iso(e)
     ('2025-11-01T00:00:00Z', '2025-12-01T00:00:00Z')
