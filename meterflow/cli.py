@@ -280,19 +280,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(argv: List[str]) -> int:
-    """``meter bench ARGS`` runs ``python -m benchmarks ARGS`` (the harness lives in the source checkout)."""
+    """``meter bench ARGS`` runs ``python -m benchmarks ARGS`` in the source checkout this meterflow runs from.
+
+    The harness is not part of the installed package: it runs as its own process from the checkout, so
+    the CLI neither imports it nor edits ``sys.path``.
+    """
+    import subprocess
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     if not (root / "benchmarks" / "__main__.py").is_file():
-        print("meter: error: meter bench needs a source checkout (benchmarks/ next to meterflow/); "
-              "run python -m benchmarks there", file=sys.stderr)
+        print("meter: error: meter bench needs a source checkout (benchmarks/ next to meterflow/): clone the "
+              "repository, run ./dev setup, then ./.venv/bin/meter bench or python -m benchmarks there",
+              file=sys.stderr)
         return 2
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from benchmarks.__main__ import main as bench_main
-
-    return bench_main(argv)
+    return subprocess.call([sys.executable, "-m", "benchmarks", *argv], cwd=root)
 
 
 if __name__ == "__main__":  # pragma: no cover

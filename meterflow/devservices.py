@@ -303,9 +303,11 @@ logger.request.level = WARN
 class KafkaBroker(_Service):
     """A single-node Apache Kafka (KRaft, broker+controller) on 127.0.0.1.
 
-    >>> with KafkaBroker() as kafka:
-    ...     kafka.create_topic("events", partitions=3)
-    ...     producer = confluent_kafka.Producer({"bootstrap.servers": kafka.bootstrap})
+    Usage (the test fixtures in tests/conftest.py start one per session)::
+
+        with KafkaBroker() as kafka:
+            kafka.create_topic("events", partitions=3)
+            producer = confluent_kafka.Producer({"bootstrap.servers": kafka.bootstrap})
     """
 
     name = "kafka"
