@@ -53,15 +53,15 @@ def period_bounds(ts_ms: int, kind: str, anchor_ms: int) -> Tuple[int, int]:
     anchor = ms_to_dt(anchor_ms)
     t = ms_to_dt(ts_ms)
     k = ((t.year - anchor.year) * 12 + (t.month - anchor.month)) // step
-    start = add_months(anchor, k * step)
-    while start > t:
+    first = add_months(anchor, k * step)
+    while first > t:
         k -= 1
-        start = add_months(anchor, k * step)
-    end = add_months(anchor, (k + 1) * step)
-    while end <= t:
+        first = add_months(anchor, k * step)
+    after = add_months(anchor, (k + 1) * step)
+    while after <= t:
         k += 1
-        start, end = end, add_months(anchor, (k + 1) * step)
-    return dt_to_ms(start), dt_to_ms(end)
+        first, after = after, add_months(anchor, (k + 1) * step)
+    return dt_to_ms(first), dt_to_ms(after)
 
 
 def window_bounds(ts_ms: int, width_ms: int) -> Tuple[int, int]:

@@ -8,7 +8,7 @@ events. The same seed gives the same bytes.
 from __future__ import annotations
 
 import random
-from typing import Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import orjson
 
@@ -121,11 +121,11 @@ def generate_events(n: int, *, tenants: int = 3, customers: int = 50, start_ms: 
         tenant = tids[rng.randrange(tenants)]
         cust = cids[_pick(cum, rng.random() * acc)]
         if rng.random() < 0.05:
-            ev = {"event_id": f"evt_{seed}_{i}", "tenant_id": tenant, "customer_id": cust,
+            ev: Dict[str, Any] = {"event_id": f"evt_{seed}_{i}", "tenant_id": tenant, "customer_id": cust,
                   "event_type": "seat_count", "timestamp": ms_to_iso(ts),
                   "properties": {"seats": rng.randrange(1, 200)}}
         else:
-            props = {"endpoint": rng.choice(ENDPOINTS), "model": rng.choice(MODELS), "region": rng.choice(REGIONS),
+            props: Dict[str, Any] = {"endpoint": rng.choice(ENDPOINTS), "model": rng.choice(MODELS), "region": rng.choice(REGIONS),
                      "tokens": rng.randrange(10, 4000), "user_id": f"u{rng.randrange(40)}",
                      "latency_ms": rng.randrange(20, 900)}
             if rng.random() < test_rate:

@@ -33,7 +33,7 @@ class _Frozen(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     pass
 
 
-class PipelineConfig(_Frozen):
+class PipelineConfig(_Frozen, frozen=True):
     rollup_window: str = "1h"
     late_grace: str = "6h"
     dedupe_window: str = "24h"
@@ -64,13 +64,13 @@ class PipelineConfig(_Frozen):
         return parse_duration_ms(self.max_clock_skew)
 
 
-class TenantConfig(_Frozen):
+class TenantConfig(_Frozen, frozen=True):
     id: Code
     exclude_when: Dict[str, Scalar] = {}
     excluded_customers: List[str] = []
 
 
-class MetricConfig(_Frozen):
+class MetricConfig(_Frozen, frozen=True):
     code: Code
     event_type: Code
     aggregation: Aggregation = "count"
@@ -79,13 +79,13 @@ class MetricConfig(_Frozen):
     where: Dict[str, Scalar] = {}
 
 
-class Tier(_Frozen):
+class Tier(_Frozen, frozen=True):
     up_to: Optional[NonNegative] = None
     unit_amount: NonNegative = 0.0
     flat_amount: NonNegative = 0.0
 
 
-class PriceConfig(_Frozen):
+class PriceConfig(_Frozen, frozen=True):
     model: Literal["per_unit", "tiered", "volume", "staircase", "package"] = "per_unit"
     unit_amount: NonNegative = 0.0
     tiers: List[Tier] = []
@@ -95,7 +95,7 @@ class PriceConfig(_Frozen):
     minimum: NonNegative = 0.0
 
 
-class EntitlementConfig(_Frozen):
+class EntitlementConfig(_Frozen, frozen=True):
     included: Optional[NonNegative] = None
     thresholds: List[Positive] = msgspec.field(default_factory=lambda: [75.0, 90.0, 100.0])
     enforcement: Enforcement = "soft"
@@ -104,7 +104,7 @@ class EntitlementConfig(_Frozen):
     price: Optional[PriceConfig] = None
 
 
-class EntitlementOverride(_Frozen):
+class EntitlementOverride(_Frozen, frozen=True):
     """A custom contract: every field given replaces the plan's."""
 
     included: Optional[NonNegative] = None
@@ -115,19 +115,19 @@ class EntitlementOverride(_Frozen):
     price: Optional[PriceConfig] = None
 
 
-class PlanConfig(_Frozen):
+class PlanConfig(_Frozen, frozen=True):
     code: Code
     entitlements: Dict[str, EntitlementConfig] = {}
 
 
-class WalletConfig(_Frozen):
+class WalletConfig(_Frozen, frozen=True):
     balance: NonNegative
     credit_rates: Dict[str, NonNegative] = {}
     on_exhausted: Literal["block", "alert", "postpaid"] = "alert"
     low_balance_pct: Positive = 20.0
 
 
-class SubscriptionConfig(_Frozen):
+class SubscriptionConfig(_Frozen, frozen=True):
     tenant_id: Code
     customer_id: Code
     plan: Code
@@ -139,7 +139,7 @@ class SubscriptionConfig(_Frozen):
     wallet: Optional[WalletConfig] = None
 
 
-class KafkaConfig(_Frozen):
+class KafkaConfig(_Frozen, frozen=True):
     bootstrap_servers: str = "localhost:9092"
     events_topic: str = "usage.events"
     entitlements_topic: str = "usage.entitlements"
@@ -157,18 +157,18 @@ class KafkaConfig(_Frozen):
         return parse_duration_ms(self.outage_timeout) / 1000
 
 
-class ClickHouseConfig(_Frozen):
+class ClickHouseConfig(_Frozen, frozen=True):
     dsn: str = "chdb://./var/clickhouse"
     database: Optional[str] = None
 
 
-class RedisConfig(_Frozen):
+class RedisConfig(_Frozen, frozen=True):
     url: str = "redis://localhost:6379/0"
     # Seconds before an unanswered Redis call counts as an outage (the flow then buffers and retries).
     timeout: Annotated[float, msgspec.Meta(gt=0)] = 2.0
 
 
-class WebhookConfig(_Frozen):
+class WebhookConfig(_Frozen, frozen=True):
     """Alerts POSTed as JSON, signed ``X-Meter-Signature: sha256=<hex HMAC of the body>`` when a secret is set."""
 
     url: Annotated[str, msgspec.Meta(pattern=r"^https?://")]
@@ -182,7 +182,7 @@ class WebhookConfig(_Frozen):
     drain_timeout: str = "10s"
 
 
-class AlertsConfig(_Frozen):
+class AlertsConfig(_Frozen, frozen=True):
     """Where alerts go besides ClickHouse's ``alerts_log`` (and ``kafka.alerts_topic`` in Kafka mode)."""
 
     jsonl: Optional[str] = None
@@ -190,7 +190,7 @@ class AlertsConfig(_Frozen):
     webhook: Optional[WebhookConfig] = None
 
 
-class Config(_Frozen):
+class Config(_Frozen, frozen=True):
     pipeline: PipelineConfig = PipelineConfig()
     tenants: List[TenantConfig] = []
     metrics: List[MetricConfig] = []

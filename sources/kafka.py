@@ -130,7 +130,7 @@ class KafkaEventSource(FixedPartitionedSource[Tuple[Any, bytes], int]):
         if missing and self._missing_ok:
             log.warning("Kafka topic %r (%s) does not exist; continuing without it", self._topic, self._config_key)
             return []
-        if missing:
+        if missing or tmeta is None:
             why = tmeta.error if tmeta is not None and tmeta.error is not None else "no partitions"
             raise MeterError(f"Kafka topic {self._topic!r} on {self._config['bootstrap.servers']} is not usable "
                              f"({why}); create it or set {self._config_key}")
