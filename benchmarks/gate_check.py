@@ -27,8 +27,8 @@ import time
 from typing import Callable, Dict, List
 
 from meterflow.base.stats import FlowStats
-from meterflow.schemas.alerts import GatewayState, WalletState
 from meterflow.schemas.config import RedisConfig
+from meterflow.schemas.gateway import GatewayState, WalletState
 from meterflow.schemas.records import Emission
 from meterflow.sinks.redis import GatewayStateSink
 

@@ -1,7 +1,8 @@
 """QuotaGate: what an API gateway asks before serving a call, and wallet holds for prepaid sessions.
 
-The metering flow writes each customer's live standing to Redis (:mod:`meterflow.sinks.redis`); a gateway reads
-it with one round trip per call and answers HTTP 429 when the customer is blocked::
+The metering flow writes each customer's live standing to Redis (:mod:`meterflow.sinks.redis`; keys and fields
+are :mod:`meterflow.schemas.gateway`, which this module reads them with); a gateway reads it with one round trip
+per call and answers HTTP 429 when the customer is blocked::
 
     gate = QuotaGate("redis://cache:6379/0", fail_open=True)
     if not gate.check(tenant, customer, "api_calls").allowed:
@@ -49,32 +50,18 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from meterflow.base.errors import MeterError
-from meterflow.base.timeutil import now_ms, parse_rfc3339_ms
+from meterflow.base.timeutil import now_ms
+from meterflow.schemas.gateway import decode_state_fields, gateway_key, holds_key, wallet_key
 
 __all__ = ["Decision", "GateUnavailable", "HoldResult", "QuotaGate", "WalletView", "gateway_key",
            "holds_key", "wallet_key"]
-
-
-def gateway_key(tenant: str, customer: str, metric: str) -> str:
-    """Same key as ``GatewayState.redis_key``."""
-    return f"meter:{tenant}:{customer}:{metric}"
-
-
-def wallet_key(tenant: str, customer: str) -> str:
-    """Same key as ``WalletState.redis_key``."""
-    return f"meter-wallet:{tenant}:{customer}"
-
-
-def holds_key(tenant: str, customer: str) -> str:
-    """The gate's own hash of a wallet's holds (the flow never writes it)."""
-    return f"meter-wallet-holds:{tenant}:{customer}"
 
 
 class GateUnavailable(MeterError):
@@ -126,8 +113,9 @@ class WalletView:
     state: str
 
 
-# KEYS[1] wallet hash, KEYS[2] holds hash. Helpers shared by the scripts: server time in ms and a purge
-# that returns the sum of active holds other than ``skip``, and the latest expiry among them.
+# KEYS[1] wallet hash (its fields: meterflow.schemas.gateway.wallet_fields), KEYS[2] holds hash. Helpers shared by
+# the scripts: server time in ms and a purge that returns the sum of active holds other than ``skip``, and the
+# latest expiry among them.
 _LUA_COMMON = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -198,10 +186,6 @@ _TIMEOUT = 0.25
 
 def _s(x: Union[bytes, str]) -> str:
     return x.decode() if isinstance(x, bytes) else x
-
-
-def _f(x: Optional[str]) -> Optional[float]:
-    return None if x is None or x == "" else float(x)
 
 
 class QuotaGate:
@@ -277,19 +261,14 @@ class QuotaGate:
             return Decision(allowed=True, state="", remaining=None, included=None, used=None, pct=None,
                             period_end=None, known=False, reason="no_entitlement")
         try:
-            h: Dict[str, str] = {_s(k): _s(v) for k, v in raw.items()}
-            state = h["state"]
-            period_end = parse_rfc3339_ms(h["period_end"]) if h.get("period_end") else None
-            remaining, included, used, pct = (_f(h.get("remaining")), _f(h.get("included")), _f(h.get("used")),
-                                              _f(h.get("pct")))
-        except (KeyError, ValueError):
+            h = decode_state_fields(raw)
+        except ValueError:
             return self._unavailable("bad_state")
-        blocked_by = h.get("blocked_by", "")
-        allowed, reason = state != "blocked", "state"
-        if not allowed and blocked_by != "wallet" and period_end is not None and self._now() >= period_end:
+        allowed, reason = h.state != "blocked", "state"
+        if not allowed and h.blocked_by != "wallet" and h.period_end is not None and self._now() >= h.period_end:
             allowed, reason = True, "period_ended"
-        return Decision(allowed=allowed, state=state, remaining=remaining, included=included, used=used, pct=pct,
-                        period_end=period_end, known=True, blocked_by=blocked_by, reason=reason)
+        return Decision(allowed=allowed, state=h.state, remaining=h.remaining, included=h.included, used=h.used,
+                        pct=h.pct, period_end=h.period_end, known=True, blocked_by=h.blocked_by, reason=reason)
 
     # -- wallet holds ---------------------------------------------------------------------------------------
 

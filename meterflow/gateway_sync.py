@@ -114,7 +114,7 @@ def sync_gateway(config: Config, directory: Path, at_ms: Optional[int] = None) -
     """Write every customer's current gateway (and wallet) state of ``directory`` to ``[redis]``."""
     import redis
 
-    from meterflow.schemas.alerts import WalletState
+    from meterflow.schemas.gateway import WalletState
     from meterflow.sinks.redis import make_client, queue_write
 
     if config.redis is None:

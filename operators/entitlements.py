@@ -47,7 +47,8 @@ from meterflow.base.keys import split_key
 from meterflow.base.timeutil import ms_to_iso, now_ms
 from meterflow.operators.aggregate import SumAcc
 from meterflow.operators.rules import CALENDAR_MONTH, Rules, SubscriptionRule
-from meterflow.schemas.alerts import Alert, EntitlementMessage, GatewayState, WalletState, alert_id
+from meterflow.schemas.alerts import Alert, EntitlementMessage, alert_id
+from meterflow.schemas.gateway import GatewayState, WalletState
 
 PeriodKey = Tuple[str, int, int]  # metric, period_start, period_end
 _WALLET_PK: PeriodKey = ("", 0, 0)

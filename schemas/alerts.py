@@ -1,12 +1,11 @@
-"""Alerts, live gateway state and entitlement changes (contract sections 3 and 4).
+"""Alerts and entitlement changes (contract sections 3 and 4).
 
 An :class:`Alert` is the same JSON on the alerts topic, the alert JSONL file, webhooks and the
 ``alerts_log`` ClickHouse view. Its ``alert_id`` is deterministic (:func:`alert_id`), so a replay
-after a crash produces the same ids and every consumer can deduplicate by it.
+after a crash produces the same ids and every consumer can deduplicate by it. The record's field list
+is the Struct's (:data:`ALERT_FIELDS`): the ClickHouse columns and ``meter alerts`` derive from it.
 
-:class:`GatewayState` is what the flow writes to Redis for API gateways (hash
-``meter:{tenant}:{customer}:{metric}``); :class:`WalletState` is a prepaid wallet's live balance
-(hash ``meter-wallet:{tenant}:{customer}``).
+The live gateway state in Redis is :mod:`meterflow.schemas.gateway`.
 
 :class:`EntitlementMessage` is one record of the ``usage.entitlements`` changelog topic (compacted,
 keyed ``tenant|customer``): the customer's whole current subscription, or ``cancelled``.
@@ -15,15 +14,13 @@ keyed ``tenant|customer``): the customer's whole current subscription, or ``canc
 from __future__ import annotations
 
 import hashlib
-from typing import Dict, Optional
+from typing import Optional, Tuple
 
 import msgspec
-from meterflow.base.timeutil import ms_to_iso
 from meterflow.schemas.config import SubscriptionConfig
 
 ALERT_TYPES = ("threshold_crossed", "blocked", "unblocked", "plan_changed", "wallet_low", "wallet_exhausted",
                "anomaly")
-GATEWAY_STATES = ("ok", "approaching", "over", "blocked")
 
 
 def fmt_pct(pct: Optional[float]) -> str:
@@ -90,54 +87,11 @@ class Alert(msgspec.Struct, frozen=True, kw_only=True):
     detail: str = ""
 
 
+ALERT_FIELDS: Tuple[str, ...] = Alert.__struct_fields__  # the record's fields, in its JSON order
+ALERT_TIME_FIELDS = ("period_start", "period_end", "event_time", "ingested_at", "detected_at")  # RFC 3339 text
+
 ALERT_ENCODER = msgspec.json.Encoder()
 ALERT_DECODER = msgspec.json.Decoder(Alert)
-
-
-class GatewayState(msgspec.Struct, frozen=True, kw_only=True):
-    """A customer's live standing on one metric in its current billing period (Redis, for gateways).
-
-    ``state``: ``ok`` below the first threshold, ``approaching`` from it up to 100 %, ``over`` above
-    100 %, ``blocked`` when hard enforcement (or an exhausted wallet with ``on_exhausted = "block"``)
-    stops the customer. ``deleted`` means the customer's subscription was cancelled: remove the hash.
-    Times are epoch milliseconds.
-    """
-
-    tenant_id: str
-    customer_id: str
-    metric: str
-    included: float
-    used: float
-    remaining: float
-    pct: Optional[float]
-    state: str
-    period_start: int
-    period_end: int
-    updated_at: int
-    plan: str = ""
-    blocked_by: str = ""  # "quota" or "wallet" when state is blocked
-    deleted: bool = False
-
-    @property
-    def redis_key(self) -> str:
-        return f"meter:{self.tenant_id}:{self.customer_id}:{self.metric}"
-
-
-class WalletState(msgspec.Struct, frozen=True, kw_only=True):
-    """A prepaid wallet's live balance: ``remaining = balance - spent`` (holds are kept by gateways)."""
-
-    tenant_id: str
-    customer_id: str
-    balance: float
-    spent: float
-    remaining: float
-    state: str  # ok | low | exhausted
-    on_exhausted: str
-    updated_at: int
-
-    @property
-    def redis_key(self) -> str:
-        return f"meter-wallet:{self.tenant_id}:{self.customer_id}"
 
 
 class EntitlementMessage(msgspec.Struct, frozen=True, kw_only=True):
@@ -157,21 +111,3 @@ class EntitlementMessage(msgspec.Struct, frozen=True, kw_only=True):
 
 ENTITLEMENT_DECODER = msgspec.json.Decoder(EntitlementMessage)
 ENTITLEMENT_ENCODER = msgspec.json.Encoder()
-
-
-def state_fields(g: GatewayState) -> Dict[str, str]:
-    """The Redis hash fields of a gateway state (contract section 4, plus ``plan``/``blocked_by``)."""
-    return {"included": fmt_num(g.included), "used": fmt_num(g.used), "remaining": fmt_num(g.remaining),
-            "pct": "" if g.pct is None else fmt_num(g.pct), "state": g.state,
-            "period_start": ms_to_iso(g.period_start), "period_end": ms_to_iso(g.period_end),
-            "updated_at": ms_to_iso(g.updated_at), "plan": g.plan, "blocked_by": g.blocked_by}
-
-
-def fmt_num(x: float) -> str:
-    """A number as Redis hash text: integers without a fraction, others exactly (``repr``).
-
-    >>> fmt_num(400.0), fmt_num(12.5)
-    ('400', '12.5')
-    """
-    f = float(x)
-    return str(int(f)) if f.is_integer() else repr(f)

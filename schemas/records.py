@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Union
 
 import msgspec
-from meterflow.schemas.alerts import Alert, GatewayState, WalletState
+from meterflow.schemas.alerts import Alert
+from meterflow.schemas.gateway import GatewayState, WalletState
 
 
 class WindowAggregate(msgspec.Struct, frozen=True, kw_only=True, tag="window"):

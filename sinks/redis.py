@@ -2,11 +2,11 @@
 (``meter-wallet:{tenant}:{customer}``) for API gateways (contract section 4; read by
 :class:`meterflow.gate.QuotaGate`).
 
-What is written. Per batch the partition coalesces every :class:`~meterflow.schemas.alerts.GatewayState` and
-:class:`~meterflow.schemas.alerts.WalletState` to the LAST one per Redis key (later items win), then sends them all
+What is written. Per batch the partition coalesces every :class:`~meterflow.schemas.gateway.GatewayState` and
+:class:`~meterflow.schemas.gateway.WalletState` to the LAST one per Redis key (later items win), then sends them all
 in ONE pipelined round trip (no MULTI): ``HSET key <state_fields>`` per gateway state, ``DEL key`` for a
-``deleted`` one (a cancelled subscription), and ``HSET`` of ``balance, spent, remaining, state,
-on_exhausted, updated_at`` per wallet. Wallet holds live in their own hash
+``deleted`` one (a cancelled subscription), and ``HSET key <wallet_fields>`` per wallet (the keys and
+fields are :mod:`meterflow.schemas.gateway`). Wallet holds live in their own hash
 (``meter-wallet-holds:{tenant}:{customer}``), owned by the gate; this sink never touches it, so the flow
 and the gateways never race on the same key.
 
@@ -53,9 +53,8 @@ from typing import Callable, Dict, List, Optional, Union
 import redis
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from meterflow.base.stats import STATS, FlowStats
-from meterflow.base.timeutil import ms_to_iso
-from meterflow.schemas.alerts import GatewayState, WalletState, fmt_num, state_fields
 from meterflow.schemas.config import RedisConfig, mask_url
+from meterflow.schemas.gateway import GatewayState, WalletState, state_fields, wallet_fields
 from meterflow.schemas.records import Emission
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -63,20 +62,6 @@ from redis.retry import Retry
 log = logging.getLogger("meterflow.sinks.redis")
 
 State = Union[GatewayState, WalletState]
-
-
-masked_url = mask_url  # the URL with its password replaced by ``***`` (for logs)
-
-
-def wallet_fields(w: WalletState) -> Dict[str, str]:
-    """The wallet hash fields the flow owns (never the gate's holds); numbers as in ``state_fields``.
-
-    >>> wallet_fields(WalletState(tenant_id="t", customer_id="c", balance=100.0, spent=12.5, remaining=87.5,
-    ...                           state="ok", on_exhausted="block", updated_at=1793491200000))["spent"]
-    '12.5'
-    """
-    return {"balance": fmt_num(w.balance), "spent": fmt_num(w.spent), "remaining": fmt_num(w.remaining),
-            "state": w.state, "on_exhausted": w.on_exhausted, "updated_at": ms_to_iso(w.updated_at)}
 
 
 def queue_write(pipe: "redis.client.Pipeline", s: State) -> None:
@@ -102,7 +87,7 @@ class _GatewayStatePartition(StatelessSinkPartition[Emission]):
                  clock: Callable[[], float], stats: FlowStats, recoverable: bool = False) -> None:
         self._client = client
         self._recoverable = recoverable
-        self._url = masked_url(url)
+        self._url = mask_url(url)  # for logs: the password replaced by ``***``
         self._retry_initial = retry_initial
         self._retry_max = retry_max
         self._clock = clock

@@ -9,8 +9,7 @@ import threading
 import time
 
 import pytest
-from meterflow.schemas.alerts import GatewayState, WalletState, state_fields
-from meterflow.sinks.redis import wallet_fields
+from meterflow.schemas.gateway import GatewayState, WalletState, state_fields, wallet_fields
 
 import meterflow.gate as gate_module
 from meterflow.gate import GateUnavailable, QuotaGate, gateway_key, holds_key, wallet_key

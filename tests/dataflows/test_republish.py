@@ -24,9 +24,8 @@ from meterflow.base.stats import FlowStats
 from meterflow.dataflows.metering import _ShardLogic, build_flow
 from meterflow.operators.mediate import Mediator
 from meterflow.operators.rules import Rules
-from meterflow.schemas.alerts import GatewayState, WalletState, state_fields
 from meterflow.schemas.config import RedisConfig
-from meterflow.sinks.redis import wallet_fields
+from meterflow.schemas.gateway import GatewayState, WalletState, state_fields, wallet_fields
 
 from meterflow.gateway_sync import current_states, latest_snapshots, sync_gateway
 from tests.dataflows.test_shards import Clock, event, make_config, merged, new_logic, shard_values, with_shards

@@ -3,20 +3,18 @@ the gate's holds, and outages (kill, hang) that never stop the flow and converge
 
 from __future__ import annotations
 
-import doctest
 import logging
 import os
 import signal
 import time
 from typing import Dict, List
 
-import meterflow.sinks.redis as redis_sink
 import pytest
 from meterflow.base.stats import FlowStats
-from meterflow.schemas.alerts import GatewayState, WalletState, state_fields
 from meterflow.schemas.config import RedisConfig
+from meterflow.schemas.gateway import GatewayState, WalletState, state_fields, wallet_fields
 from meterflow.schemas.records import Emission
-from meterflow.sinks.redis import GatewayStateSink, wallet_fields
+from meterflow.sinks.redis import GatewayStateSink
 
 from meterflow.gate import QuotaGate, holds_key
 
@@ -220,9 +218,22 @@ def test_hanging_redis_is_bounded_by_the_timeout(redis_server, client, tenant):
     assert decoded(client, f"meter:{tenant}:c1:calls")["used"] == "49"
 
 
-def test_masked_url_and_docstring_examples():
-    assert "s3cret" not in redis_sink.masked_url("redis://user:s3cret@host:6380/1")
-    assert doctest.testmod(redis_sink, verbose=False).failed == 0
+def test_outage_warning_masks_the_password(caplog):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    caplog.set_level(logging.WARNING, logger="meterflow.sinks.redis")
+    stats = FlowStats()
+    part = GatewayStateSink(RedisConfig(url=f"redis://user:s3cret@127.0.0.1:{port}/0", timeout=0.2),
+                            stats=stats).build("redis", 0, 1)
+    part.write_batch([Emission(gateway=[gstate("t", "c1", "calls", 1)])])
+    assert list(part.pending) == ["meter:t:c1:calls"] and stats.snapshot()["redis_outages"] == 1
+    part.close()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and all(f"redis://user:***@127.0.0.1:{port}/0" in m for m in messages), messages
+    assert not any("s3cret" in m for m in messages)
 
 
 def test_outage_caught_up_in_the_background_without_new_batches(redis_server, client, tenant):
