@@ -210,11 +210,11 @@ class Config(_Frozen, frozen=True):
             kafka = msgspec.structs.replace(kafka, client_config=masked)
         redis = self.redis
         if redis is not None:
-            redis = msgspec.structs.replace(redis, url=_mask_url(redis.url))
-        ch = msgspec.structs.replace(self.clickhouse, dsn=_mask_url(self.clickhouse.dsn))
+            redis = msgspec.structs.replace(redis, url=mask_url(redis.url))
+        ch = msgspec.structs.replace(self.clickhouse, dsn=mask_url(self.clickhouse.dsn))
         alerts = self.alerts
         if alerts.webhook is not None:
-            hook = msgspec.structs.replace(alerts.webhook, url=_mask_url(alerts.webhook.url),
+            hook = msgspec.structs.replace(alerts.webhook, url=mask_url(alerts.webhook.url),
                                            secret="***" if alerts.webhook.secret else "")
             alerts = msgspec.structs.replace(alerts, webhook=hook)
         return msgspec.structs.replace(self, kafka=kafka, redis=redis, clickhouse=ch, alerts=alerts)
@@ -234,8 +234,6 @@ def mask_url(url: str) -> str:
     """
     return _URL_PASSWORD.sub(r"\1***\3", url)
 
-
-_mask_url = mask_url
 
 
 _ENV_SECTIONS = {"pipeline": PipelineConfig, "kafka": KafkaConfig, "clickhouse": ClickHouseConfig, "redis": RedisConfig,

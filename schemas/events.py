@@ -37,4 +37,3 @@ class UsageEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
 
 EVENT_DECODER = msgspec.json.Decoder(UsageEvent)
-EVENT_ENCODER = msgspec.json.Encoder()
