@@ -3,7 +3,8 @@
 :class:`JsonlAlertSink` — exactly-once per ``alert_id`` in the file, across restarts and replays: at
 ``build()`` the ids already in the file are loaded, a batch appends only ids not yet written, and
 ``write_batch`` returns after ``fsync``. A crash can leave a torn last line (its batch was never
-acknowledged, so Bytewax replays it): the torn tail is truncated when the file is next opened.
+acknowledged, so Bytewax replays it): the torn tail is truncated when the file is next opened. The file
+is :class:`meterflow.sinks.jsonl_log.AlertLog`, the same as the webhook's outbox.
 
 :class:`StdoutAlertSink` — at-least-once: a resumed flow may print an alert again.
 
@@ -13,106 +14,36 @@ acknowledged, so Bytewax replays it): the torn tail is truncated when the file i
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 import threading
 from pathlib import Path
-from typing import Dict, List, Optional, Set, TextIO, Tuple
+from typing import Dict, List, Optional, TextIO, Tuple
 
-import msgspec
 from bytewax.outputs import DynamicSink, Sink, StatelessSinkPartition
-from meterflow.base.errors import MeterError
-from meterflow.schemas.alerts import ALERT_ENCODER, Alert, fmt_pct
+from meterflow.schemas.alerts import Alert, fmt_pct
 from meterflow.schemas.config import Config
 from meterflow.schemas.records import Emission
-
-log = logging.getLogger(__name__)
-
-
-class _AlertId(msgspec.Struct):
-    alert_id: str
-
-
-_ID_DECODER = msgspec.json.Decoder(_AlertId)
+from meterflow.sinks.jsonl_log import AlertLog
 
 
 class _JsonlFile:
-    """One alert file, shared by every partition of this process that writes it (one lock per path), so
-    workers never interleave partial lines and share one set of written ids.
-
-    Memory: one id (32 hex digits) per alert in the file; alerts are a few per customer and period.
-    """
+    """One alert file (:class:`~meterflow.sinks.jsonl_log.AlertLog`), shared by every partition of this process
+    that writes it (one lock per path), so workers never interleave partial lines and share one set of
+    written ids."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.lock = threading.Lock()
-        self.ids: Set[str] = set()
         self.refs = 0
-        self._fh = self._open()
-
-    def _open(self):  # noqa: ANN202 - a binary append handle
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        created = not self.path.exists()
-        with open(self.path, "a+b") as fh:
-            fh.seek(0)
-            data = fh.read()
-            end = data.rfind(b"\n") + 1
-            if end < len(data):  # a torn last line from a crash: its batch was never acknowledged
-                log.warning("alert file %s: dropping a torn last line of %d bytes (its batch is replayed)",
-                            self.path, len(data) - end)
-                fh.truncate(end)
-                fh.flush()
-                os.fsync(fh.fileno())
-        for n, line in enumerate(data[:end].splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                self.ids.add(_ID_DECODER.decode(line).alert_id)
-            except msgspec.DecodeError:
-                log.warning("alert file %s: line %d is not an alert record; ignored", self.path, n)
-        if created:
-            _fsync_dir(self.path.parent)
-        return open(self.path, "ab")
+        self._log = AlertLog(path, "alert file")
 
     def append(self, alerts: List[Alert]) -> int:
         """Append the alerts whose ids are not in the file yet; durable on return. Returns how many."""
         with self.lock:
-            new: Dict[str, bytes] = {}
-            for a in alerts:
-                if a.alert_id not in self.ids and a.alert_id not in new:
-                    new[a.alert_id] = ALERT_ENCODER.encode(a) + b"\n"
-            if not new:
-                return 0
-            start = self._fh.tell()
-            try:
-                self._fh.write(b"".join(new.values()))
-                self._fh.flush()
-                os.fsync(self._fh.fileno())
-            except OSError as exc:
-                try:  # leave no partial line behind for the retry after the restart
-                    self._fh.truncate(start)
-                except OSError:
-                    pass
-                raise MeterError(f"alert file {self.path}: cannot append {len(new)} alerts: {exc}") from exc
-            self.ids.update(new)
-            return len(new)
+            return self._log.append(alerts)
 
     def close(self) -> None:
-        self._fh.close()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        self._log.close()
 
 
 _FILES: Dict[Path, _JsonlFile] = {}

@@ -45,9 +45,10 @@ import msgspec
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from meterflow.base.errors import MeterError
 from meterflow.base.timeutil import ms_to_iso, parse_duration_ms
-from meterflow.schemas.alerts import ALERT_DECODER, ALERT_ENCODER, Alert
+from meterflow.schemas.alerts import ALERT_DECODER, Alert
 from meterflow.schemas.config import WebhookConfig, mask_url
 from meterflow.schemas.records import Emission
+from meterflow.sinks.jsonl_log import AlertLog
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,8 @@ _APPEND_LOCK = threading.Lock()
 
 
 class Outbox:
-    """An append-only file of alert JSON lines and how far they are delivered.
+    """An append-only file of alert JSON lines (:class:`~meterflow.sinks.jsonl_log.AlertLog`) and how far they
+    are delivered.
 
     ``outbox-N.jsonl`` holds the records; ``outbox-N.offset`` holds ``{"offset": bytes, "records": n}``
     acknowledged so far, replaced atomically after each acknowledgement. When everything is delivered the
@@ -80,26 +82,15 @@ class Outbox:
             _OPEN.add(path)
         self.lock = threading.Lock()
         self.closed = False
-        data = path.read_bytes() if path.exists() else b""
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            log.warning("webhook outbox %s: dropping a torn last line of %d bytes (its batch is replayed)", path,
-                        len(data) - end)
-            data = data[:end]
-            with open(path, "r+b") as fh:
-                fh.truncate(end)
-                os.fsync(fh.fileno())
-        self.size = len(data)
+        self._log = AlertLog(path, "webhook outbox")  # drops a torn last line, loads the ids
+        data = path.read_bytes()
         self.offset, self.records = self._load_offset(data)
         self.pending = data.count(b"\n", self.offset)
-        self.ids: Set[str] = set()
-        for line in data.splitlines():
-            try:
-                self.ids.add(ALERT_DECODER.decode(line).alert_id)
-            except msgspec.DecodeError:
-                pass  # delivered as a corrupt record to undeliverable.jsonl when its turn comes
-        self._out = open(path, "ab")
         self._fd = os.open(path, os.O_RDONLY)
+
+    @property
+    def size(self) -> int:
+        return self._log.size
 
     def _load_offset(self, data: bytes) -> Tuple[int, int]:
         try:
@@ -120,27 +111,9 @@ class Outbox:
     def append(self, alerts: Sequence[Alert]) -> int:
         """Append the alerts not already in the outbox; durable on return. Returns how many were added."""
         with self.lock:
-            new = {}
-            for a in alerts:
-                if a.alert_id not in self.ids and a.alert_id not in new:
-                    new[a.alert_id] = ALERT_ENCODER.encode(a) + b"\n"
-            if not new:
-                return 0
-            data = b"".join(new.values())
-            try:
-                self._out.write(data)
-                self._out.flush()
-                os.fsync(self._out.fileno())
-            except OSError as exc:
-                try:
-                    self._out.truncate(self.size)
-                except OSError:
-                    pass
-                raise MeterError(f"webhook outbox {self.path}: cannot append {len(new)} alerts: {exc}") from exc
-            self.size += len(data)
-            self.pending += len(new)
-            self.ids.update(new)
-            return len(new)
+            added = self._log.append(alerts)
+            self.pending += added
+            return added
 
     def peek(self) -> Optional[bytes]:
         """The first undelivered record (with its newline), or None."""
@@ -170,10 +143,8 @@ class Outbox:
             self.pending -= 1
             if self.offset >= self.size:
                 self._write_offset(0, 0)  # first: a crash before the truncation redelivers, never loses
-                self._out.truncate(0)
-                os.fsync(self._out.fileno())
-                self.offset = self.size = self.records = 0
-                self.ids.clear()
+                self._log.clear()
+                self.offset = self.records = 0
             else:
                 self._write_offset(self.offset, self.records)
             return True
@@ -201,7 +172,7 @@ class Outbox:
             if self.closed:
                 return
             self.closed = True
-            self._out.close()
+            self._log.close()
             os.close(self._fd)
         with _OPEN_LOCK:
             _OPEN.discard(self.path)
