@@ -15,10 +15,11 @@ from meterflow.sample import customer_ids, generate_events, sample_config_toml, 
 
 
 def run_demo(n_events: int, workdir: str, seed: int) -> int:
-    from meterflow.reports import make_console, print_run_summary, query_usage, usage_table
+    from meterflow.reports import make_console, print_run_summary, usage_table
     from meterflow.runner import run_flow
     from meterflow.schemas.config import load_config
     from meterflow.sinks.clickhouse import connect
+    from meterflow.sinks.clickhouse_schema import query_usage
 
     console = make_console()
     wd = Path(workdir)
@@ -83,7 +84,8 @@ def _demo_plans(tenants: list, anchor: str) -> str:
 
 def _print_alerts(console, client, db: str) -> None:
     from meterflow.base.timeutil import parse_rfc3339_ms
-    from meterflow.reports import alerts_table, query_alerts
+    from meterflow.reports import alerts_table
+    from meterflow.sinks.clickhouse_schema import query_alerts
 
     rows = query_alerts(client, db)
     if not rows:

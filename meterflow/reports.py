@@ -1,5 +1,5 @@
-"""Readable output: the run summary, exact usage and alerts from the ClickHouse views, and the
-``meter entitlements publish`` command."""
+"""Readable output: the run summary, exact usage and alerts from the ClickHouse views (queried by
+:mod:`meterflow.sinks.clickhouse_schema`), and the ``meter entitlements publish`` command."""
 
 from __future__ import annotations
 
@@ -50,33 +50,6 @@ def print_run_summary(result: Any, console: Optional[Console] = None) -> None:
                   highlight=False)
 
 
-def query_usage(client: Any, db: str, by: str = "period", tenant: Optional[str] = None,
-                customer: Optional[str] = None, metric: Optional[str] = None) -> List[Dict[str, Any]]:
-    """Rows of ``usage_by_period`` or ``usage_by_window`` (exact: the views deduplicate)."""
-    view = "usage_by_period" if by == "period" else "usage_by_window"
-    start = "period_start" if by == "period" else "window_start"
-    conds, params = [], {}
-    for col, val in (("tenant_id", tenant), ("customer_id", customer), ("metric", metric)):
-        if val is not None:
-            conds.append(f"{col} = {{{col}:String}}")
-            params[col] = val
-    where = f"WHERE {' AND '.join(conds)}" if conds else ""
-    extra = ", toUnixTimestamp64Milli(period_start) AS ps, toUnixTimestamp64Milli(period_end) AS pe" if by == "period" \
-        else ", toUnixTimestamp64Milli(window_start) AS ps, toUnixTimestamp64Milli(window_end) AS pe"
-    q = client.query(f"SELECT *{extra} FROM {db}.{view} {where} ORDER BY tenant_id, customer_id, metric, {start}",
-                     parameters=params)
-    rows = []
-    for r in q.named_results():
-        r = dict(r)
-        s, e = r.pop("ps"), r.pop("pe")
-        if by == "period":
-            r["period_start"], r["period_end"] = ms_to_iso(s), ms_to_iso(e)
-        else:
-            r["window_start"], r["window_end"] = ms_to_iso(s), ms_to_iso(e)
-        rows.append(r)
-    return rows
-
-
 def usage_table(rows: List[Dict[str, Any]], by: str, limit: int, title: str = "usage") -> Table:
     t = Table(title=title, title_justify="left")
     for c in ("tenant", "customer", "metric", "start (UTC)"):
@@ -113,6 +86,7 @@ def _num(v: float) -> str:
 def print_usage(args: argparse.Namespace) -> int:
     from meterflow.schemas.config import load_config
     from meterflow.sinks.clickhouse import connect
+    from meterflow.sinks.clickhouse_schema import query_usage
 
     cfg = load_config(args.config)
     client, db = connect(cfg.clickhouse)
@@ -130,49 +104,6 @@ def print_usage(args: argparse.Namespace) -> int:
 
 
 # -- alerts (``meter alerts``) ------------------------------------------------------------------------
-
-_ALERT_FIELDS = ("alert_id", "type", "tenant_id", "customer_id", "metric", "period_start", "period_end",
-                 "threshold_pct", "included", "usage", "usage_pct", "enforcement", "action", "event_id", "event_time",
-                 "ingested_at", "detected_at", "plan", "previous_plan", "account_name", "wallet_balance",
-                 "wallet_remaining", "detail")
-_ALERT_TIMES = ("period_start", "period_end", "event_time", "ingested_at", "detected_at")
-_ALERT_VALUES = ("alert_id", "type", "tenant_id", "customer_id", "metric", "threshold_pct", "included", "usage",
-                 "usage_pct", "enforcement", "action", "event_id", "plan", "previous_plan", "account_name",
-                 "wallet_balance", "wallet_remaining", "detail")
-
-
-def query_alerts(client: Any, db: str, tenant: Optional[str] = None, customer: Optional[str] = None,
-                 metric: Optional[str] = None, type_: Optional[str] = None, since_ms: Optional[int] = None,
-                 limit: Optional[int] = None) -> List[Dict[str, Any]]:
-    """Rows of ``alerts_log`` ordered by detected_at, event_time (the latest ``limit`` when given), shaped like
-    the contract's alert JSON (RFC 3339 times, ``""`` when absent) plus ``latency_ms`` = detected_at -
-    event_time (None without a causing event)."""
-    conds, params = [], {}
-    for col, val in (("tenant_id", tenant), ("customer_id", customer), ("metric", metric), ("type", type_)):
-        if val is not None:
-            conds.append(f"{col} = {{{col}:String}}")
-            params[col] = val
-    if since_ms is not None:
-        conds.append("detected_at >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')")
-        params["since"] = since_ms
-    where = f"WHERE {' AND '.join(conds)}" if conds else ""
-    cols = ", ".join([*_ALERT_VALUES, *(f"toUnixTimestamp64Milli({c}) AS {c}_ms" for c in _ALERT_TIMES)])
-    if limit is None:
-        order = "ORDER BY detected_at, event_time, alert_id"
-    else:  # the latest `limit`, printed oldest first
-        order = f"ORDER BY detected_at DESC, event_time DESC NULLS FIRST, alert_id DESC LIMIT {int(limit)}"
-    q = client.query(f"SELECT {cols} FROM {db}.alerts_log {where} {order}", parameters=params)
-    rows = []
-    for r in q.named_results():
-        times = {c: r[f"{c}_ms"] for c in _ALERT_TIMES}
-        row = {c: r[c] if c in _ALERT_VALUES else  # the alert record's field order
-               ("" if times[c] is None or (times[c] == 0 and c.startswith("period")) else ms_to_iso(times[c]))
-               for c in _ALERT_FIELDS}
-        ev, det = r["event_time_ms"], r["detected_at_ms"]
-        row["latency_ms"] = None if ev is None else det - ev
-        rows.append(row)
-    return rows if limit is None else rows[::-1]
-
 
 def alerts_table(rows: List[Dict[str, Any]], title: str = "alerts") -> Table:
     t = Table(title=title, title_justify="left")
@@ -194,6 +125,7 @@ def print_alerts(args: argparse.Namespace) -> int:
     from meterflow.base.timeutil import parse_rfc3339_ms
     from meterflow.schemas.config import load_config
     from meterflow.sinks.clickhouse import connect
+    from meterflow.sinks.clickhouse_schema import query_alerts
 
     since = None
     if args.since is not None:

@@ -234,13 +234,3 @@ def test_publish_without_kafka_is_a_one_line_error(capsys, tmp_path):
     assert rc == 2
     assert err.strip().splitlines() == [f"meter: error: entitlements publish needs a [kafka] section in {path} "
                                         "(bootstrap_servers, entitlements_topic)"]
-
-
-def test_alert_field_lists_match_the_alert_record():
-    import msgspec.structs
-
-    from meterflow import reports
-
-    names = tuple(f.name for f in msgspec.structs.fields(Alert))
-    assert reports._ALERT_FIELDS == names
-    assert set(reports._ALERT_VALUES) | set(reports._ALERT_TIMES) == set(names)

@@ -11,15 +11,8 @@ import pytest
 from meterflow.base.errors import MeterError
 from meterflow.schemas.config import ClickHouseConfig
 from meterflow.schemas.records import AGGREGATE_DECODER, DeadLetter, Emission, PeriodAggregate, WindowAggregate
-from meterflow.sinks.clickhouse import (
-    DEAD_COLUMNS,
-    PERIOD_COLUMNS,
-    WINDOW_COLUMNS,
-    ClickHouseSink,
-    connect,
-    dims_key,
-    emission_columns,
-)
+from meterflow.sinks.clickhouse import ClickHouseSink, connect
+from meterflow.sinks.clickhouse_schema import DEAD_COLUMNS, PERIOD_COLUMNS, WINDOW_COLUMNS, dims_key, emission_columns
 from meterflow.sinks.kafka import AggregatedTopicSink, DeadLetterTopicSink
 
 H = 3_600_000

@@ -1,0 +1,242 @@
+"""The ClickHouse contract (section 4), written once: tables, views, how records become columns, and the
+read-side queries of ``meter usage`` and ``meter alerts``.
+
+Every column list is derived from the record Struct it stores (:mod:`meterflow.schemas.records`,
+:class:`~meterflow.schemas.alerts.Alert`): an insert's columns are the record's fields in declaration order
+followed by the derived ones, so a batch's columns are its records transposed; a view's columns are its
+record's fields without the internal ``version``. Two views keep the contract's order where it differs from
+the record's: ``alerts_log`` lists ``usage`` before ``included``, and ``dead_letters`` starts with the
+contract's five columns and ends with its id. The table DDL (types, engines, sort keys) is written out
+below; ``tests/sinks`` check it against these lists.
+
+Upserts: the tables are ``ReplacingMergeTree(version)`` keyed by the row's identity and the views read
+``FINAL``; an alert's ``rank`` = 2^62 - detected_at ms grows for earlier detections, so the first detection
+of an ``alert_id`` is the one ``alerts_log`` keeps. :mod:`meterflow.sinks.clickhouse` connects and writes.
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+from operator import attrgetter
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from meterflow.base.errors import MeterError
+from meterflow.base.timeutil import ms_to_iso, parse_rfc3339_ms
+from meterflow.schemas.alerts import ALERT_FIELDS, ALERT_TIME_FIELDS, Alert
+from meterflow.schemas.records import DeadLetter, Emission, PeriodAggregate, WindowAggregate
+from msgspec.structs import astuple
+
+_WINDOW_FIELDS: Tuple[str, ...] = WindowAggregate.__struct_fields__
+_PERIOD_FIELDS: Tuple[str, ...] = PeriodAggregate.__struct_fields__
+_DEAD_FIELDS: Tuple[str, ...] = DeadLetter.__struct_fields__
+
+
+def _moved(fields: Sequence[str], name: str, before: str) -> List[str]:
+    """``fields`` with ``name`` moved just before ``before``."""
+    rest = [f for f in fields if f != name]
+    i = rest.index(before)
+    return [*rest[:i], name, *rest[i:]]
+
+
+# Insert column orders: the record's fields, then the derived ones.
+WINDOW_COLUMNS = [*_WINDOW_FIELDS, "dims_key", "updated_at"]
+PERIOD_COLUMNS = [*_PERIOD_FIELDS, "updated_at"]
+DEAD_COLUMNS = list(_DEAD_FIELDS)
+ALERT_COLUMNS = [*ALERT_FIELDS, "rank"]
+
+# View column orders (``SELECT *`` returns them in this order).
+USAGE_BY_WINDOW_COLUMNS = [f for f in _WINDOW_FIELDS if f != "version"]
+USAGE_BY_PERIOD_COLUMNS = [f for f in _PERIOD_FIELDS if f != "version"]
+_DEAD_LEAD = ("received_at", "reason", "detail", "source", "payload")
+DEAD_LETTERS_COLUMNS = [*_DEAD_LEAD, *(f for f in _DEAD_FIELDS if f not in _DEAD_LEAD and f != "dl_id"), "dl_id"]
+ALERTS_LOG_COLUMNS = _moved(ALERT_FIELDS, "usage", before="included")
+
+_TABLES = [
+    """CREATE TABLE IF NOT EXISTS {db}.usage_window_rows (
+        tenant_id String, customer_id String, metric LowCardinality(String),
+        window_start DateTime64(3, 'UTC'), window_end DateTime64(3, 'UTC'),
+        dims_key String, dimensions Map(String, String),
+        value Float64, events UInt64, version UInt64, updated_at DateTime64(3, 'UTC')
+    ) ENGINE = ReplacingMergeTree(version)
+    PARTITION BY toYYYYMM(window_start)
+    ORDER BY (tenant_id, customer_id, metric, window_start, dims_key)""",
+    """CREATE TABLE IF NOT EXISTS {db}.usage_period_rows (
+        tenant_id String, customer_id String, metric LowCardinality(String),
+        period_start DateTime64(3, 'UTC'), period_end DateTime64(3, 'UTC'),
+        value Float64, included Nullable(Float64), overage_units Float64,
+        events UInt64, excluded_events UInt64, version UInt64, updated_at DateTime64(3, 'UTC')
+    ) ENGINE = ReplacingMergeTree(version)
+    ORDER BY (tenant_id, customer_id, metric, period_start)""",
+    """CREATE TABLE IF NOT EXISTS {db}.dead_letter_rows (
+        dl_id String, received_at DateTime64(3, 'UTC'), reason LowCardinality(String), detail String,
+        source String, tenant_id String, metric String, payload String
+    ) ENGINE = ReplacingMergeTree
+    ORDER BY dl_id""",
+    """CREATE TABLE IF NOT EXISTS {db}.alert_rows (
+        alert_id String, type LowCardinality(String), tenant_id String, customer_id String,
+        metric LowCardinality(String), period_start DateTime64(3, 'UTC'), period_end DateTime64(3, 'UTC'),
+        threshold_pct Nullable(Float64), included Nullable(Float64), usage Float64, usage_pct Nullable(Float64),
+        enforcement LowCardinality(String), action LowCardinality(String), event_id String,
+        event_time Nullable(DateTime64(3, 'UTC')), ingested_at Nullable(DateTime64(3, 'UTC')),
+        detected_at DateTime64(3, 'UTC'), plan String, previous_plan String, account_name String,
+        wallet_balance Nullable(Float64), wallet_remaining Nullable(Float64), detail String, rank UInt64
+    ) ENGINE = ReplacingMergeTree(rank)
+    ORDER BY alert_id""",
+]
+
+# (table, insert columns), in the order of _TABLES.
+TABLES = [("usage_window_rows", WINDOW_COLUMNS), ("usage_period_rows", PERIOD_COLUMNS),
+          ("dead_letter_rows", DEAD_COLUMNS), ("alert_rows", ALERT_COLUMNS)]
+# (view, its columns, the table it reads FINAL).
+VIEWS = [("usage_by_window", USAGE_BY_WINDOW_COLUMNS, "usage_window_rows"),
+         ("usage_by_period", USAGE_BY_PERIOD_COLUMNS, "usage_period_rows"),
+         ("dead_letters", DEAD_LETTERS_COLUMNS, "dead_letter_rows"),
+         ("alerts_log", ALERTS_LOG_COLUMNS, "alert_rows")]
+
+
+def ddl(db: str) -> List[str]:
+    """The statements that create the tables and (re)create the views in database ``db``, in order."""
+    views = [f"CREATE OR REPLACE VIEW {db}.{view} AS SELECT {', '.join(cols)} FROM {db}.{table} FINAL"
+             for view, cols, table in VIEWS]
+    return [stmt.format(db=db) for stmt in _TABLES] + views
+
+
+# -- write side: records as insert columns ---------------------------------------------------------------
+
+_RANK_BASE = 1 << 62  # rank = _RANK_BASE - detected_at ms: the earliest detection of an alert_id wins
+_NULLABLE_TIMES = ("event_time", "ingested_at")  # empty -> NULL; the other alert times empty -> the epoch
+
+
+def dims_key(dims: Dict[str, str]) -> str:
+    r"""The dimensions as one sortable string (part of a window row's identity).
+
+    >>> dims_key({}), dims_key({"region": "eu", "model": "m"})
+    ('', 'model=m\x1fregion=eu')
+    """
+    return "\x1f".join(f"{k}={dims[k]}" for k in sorted(dims)) if dims else ""
+
+
+_DIMS = _WINDOW_FIELDS.index("dimensions")
+
+
+def _transposed(records: list) -> list:
+    """The records' fields as columns (one tuple per field, in declaration order): ``astuple`` and ``zip`` run
+    in C, so no Python code runs per row and field."""
+    return list(zip(*map(astuple, records)))
+
+
+def emission_columns(items: List[Emission], at_ms: int) -> Tuple[Optional[list], Optional[list], Optional[list]]:
+    """A batch of emissions as the columns of (window rows, period rows, dead-letter rows) — each None when the
+    batch has no such row — in the orders ``WINDOW_COLUMNS``, ``PERIOD_COLUMNS``, ``DEAD_COLUMNS``."""
+    wcols = pcols = dcols = None
+    ws = list(chain.from_iterable([e.windows for e in items if e.windows]))
+    if ws:
+        wcols = _transposed(ws)
+        wcols += [[dims_key(d) if d else "" for d in wcols[_DIMS]], [at_ms] * len(ws)]
+    ps = list(chain.from_iterable([e.periods for e in items if e.periods]))
+    if ps:
+        pcols = _transposed(ps) + [[at_ms] * len(ps)]
+    ds = list(chain.from_iterable([e.dead_letters for e in items if e.dead_letters]))
+    if ds:
+        dcols = _transposed(ds)
+    return wcols, pcols, dcols
+
+
+def alert_time_ms(alert: Alert, field: str, optional: bool = False) -> Optional[int]:
+    """Epoch ms of one of an alert's RFC 3339 time fields; an empty string is None when ``optional``
+    (``event_time`` of an alert no event caused), else the epoch (wallet alerts have no period)."""
+    text = getattr(alert, field)
+    if not text:
+        return None if optional else 0
+    try:
+        return parse_rfc3339_ms(text)
+    except ValueError as exc:
+        raise MeterError(f"ClickHouse sink: alert {alert.alert_id} has an invalid {field}: {exc}") from exc
+
+
+def _alert_getter(field: str) -> Callable[[Alert], Any]:
+    if field in ALERT_TIME_FIELDS:
+        optional = field in _NULLABLE_TIMES
+        return lambda a: alert_time_ms(a, field, optional)
+    return attrgetter(field)
+
+
+_ALERT_GET = [_alert_getter(f) for f in ALERT_FIELDS]
+_DETECTED = ALERT_FIELDS.index("detected_at")
+
+
+def alert_columns(items: List[Emission]) -> Optional[list]:
+    """The alerts of a batch of emissions as ``alert_rows`` columns (``ALERT_COLUMNS``), None without alerts."""
+    alerts = list(chain.from_iterable([e.alerts for e in items if e.alerts]))
+    if not alerts:
+        return None
+    cols = [list(map(get, alerts)) for get in _ALERT_GET]
+    cols.append([max(0, _RANK_BASE - d) for d in cols[_DETECTED]])
+    return cols
+
+
+# -- read side: ``meter usage`` and ``meter alerts`` ------------------------------------------------------
+
+def _where(filters: Sequence[Tuple[str, Optional[str]]]) -> Tuple[List[str], Dict[str, Any]]:
+    conds, params = [], {}
+    for col, val in filters:
+        if val is not None:
+            conds.append(f"{col} = {{{col}:String}}")
+            params[col] = val
+    return conds, params
+
+
+def query_usage(client: Any, db: str, by: str = "period", tenant: Optional[str] = None,
+                customer: Optional[str] = None, metric: Optional[str] = None) -> List[Dict[str, Any]]:
+    """Rows of ``usage_by_period`` or ``usage_by_window`` (exact: the views deduplicate), their columns in the
+    view's order, times as RFC 3339 text."""
+    view, cols = ("usage_by_period", USAGE_BY_PERIOD_COLUMNS) if by == "period" else \
+        ("usage_by_window", USAGE_BY_WINDOW_COLUMNS)
+    start, end = ("period_start", "period_end") if by == "period" else ("window_start", "window_end")
+    conds, params = _where((("tenant_id", tenant), ("customer_id", customer), ("metric", metric)))
+    where = f"WHERE {' AND '.join(conds)}" if conds else ""
+    select = ", ".join([*cols, f"toUnixTimestamp64Milli({start}) AS ps", f"toUnixTimestamp64Milli({end}) AS pe"])
+    q = client.query(f"SELECT {select} FROM {db}.{view} {where} ORDER BY tenant_id, customer_id, metric, {start}",
+                     parameters=params)
+    rows = []
+    for r in q.named_results():
+        r = dict(r)
+        s, e = r.pop("ps"), r.pop("pe")
+        r[start], r[end] = ms_to_iso(s), ms_to_iso(e)
+        rows.append(r)
+    return rows
+
+
+_ALERT_VALUES = [f for f in ALERT_FIELDS if f not in ALERT_TIME_FIELDS]
+
+
+def query_alerts(client: Any, db: str, tenant: Optional[str] = None, customer: Optional[str] = None,
+                 metric: Optional[str] = None, type_: Optional[str] = None, since_ms: Optional[int] = None,
+                 limit: Optional[int] = None) -> List[Dict[str, Any]]:
+    """Rows of ``alerts_log`` ordered by detected_at, event_time (the latest ``limit`` when given), shaped like
+    the contract's alert JSON (the record's fields in its order, RFC 3339 times, ``""`` when absent) plus
+    ``latency_ms`` = detected_at - event_time (None without a causing event)."""
+    conds, params = _where((("tenant_id", tenant), ("customer_id", customer), ("metric", metric), ("type", type_)))
+    if since_ms is not None:
+        conds.append("detected_at >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')")
+        params["since"] = since_ms
+    where = f"WHERE {' AND '.join(conds)}" if conds else ""
+    cols = ", ".join([*_ALERT_VALUES, *(f"toUnixTimestamp64Milli({c}) AS {c}_ms" for c in ALERT_TIME_FIELDS)])
+    if limit is None:
+        order = "ORDER BY detected_at, event_time, alert_id"
+    else:  # the latest `limit`, printed oldest first
+        order = f"ORDER BY detected_at DESC, event_time DESC NULLS FIRST, alert_id DESC LIMIT {int(limit)}"
+    q = client.query(f"SELECT {cols} FROM {db}.alerts_log {where} {order}", parameters=params)
+    rows = []
+    for r in q.named_results():
+        row = {}
+        for c in ALERT_FIELDS:
+            if c in ALERT_TIME_FIELDS:
+                ms = r[f"{c}_ms"]
+                row[c] = "" if ms is None or (ms == 0 and c.startswith("period")) else ms_to_iso(ms)
+            else:
+                row[c] = r[c]
+        ev, det = r["event_time_ms"], r["detected_at_ms"]
+        row["latency_ms"] = None if ev is None else det - ev
+        rows.append(row)
+    return rows if limit is None else rows[::-1]

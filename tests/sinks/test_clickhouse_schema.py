@@ -1,0 +1,107 @@
+"""The ClickHouse contract module: every table holds exactly the columns its records' Structs give the
+sink, every view shows the contract's columns (section 4) in a fixed order derived from the records, and
+the alert columns follow the Alert Struct, so a new field cannot be left out of one of them."""
+
+from __future__ import annotations
+
+import doctest
+
+import pytest
+from meterflow.base.errors import MeterError
+from meterflow.schemas.alerts import ALERT_FIELDS, ALERT_TIME_FIELDS, Alert, alert_id
+from meterflow.schemas.config import ClickHouseConfig
+from meterflow.schemas.records import DeadLetter, Emission, PeriodAggregate, WindowAggregate
+from meterflow.sinks import clickhouse_schema as schema
+from meterflow.sinks.clickhouse import ClickHouseSink, connect
+
+# /work/shared/CONTRACT.md section 4: the columns each view has at least, with the types stated there.
+CONTRACT_VIEWS = {
+    "usage_by_window": {"tenant_id": None, "customer_id": None, "metric": None, "window_start": None,
+                        "window_end": None, "dimensions": "Map(String, String)", "value": "Float64",
+                        "events": "UInt64"},
+    "usage_by_period": {"tenant_id": None, "customer_id": None, "metric": None, "period_start": None,
+                        "period_end": None, "value": "Float64", "included": "Nullable(Float64)",
+                        "overage_units": "Float64"},
+    "alerts_log": dict.fromkeys(["alert_id", "type", "tenant_id", "customer_id", "metric", "period_start",
+                                 "threshold_pct", "usage", "included", "usage_pct", "enforcement", "action",
+                                 "event_id", "event_time", "detected_at"]),
+    "dead_letters": {"received_at": None, "reason": None, "detail": None, "source": None, "payload": "String"},
+}
+
+
+def describe(client, db: str, name: str):
+    return [(r[0], r[1]) for r in client.query(f"DESCRIBE TABLE {db}.{name}").result_rows]
+
+
+def test_tables_and_views_have_the_derived_columns(chdb_path, ch_database):
+    client, db = connect(ClickHouseConfig(dsn=f"chdb://{chdb_path}", database=ch_database))
+    for table, columns in schema.TABLES:
+        assert sorted(c for c, _ in describe(client, db, table)) == sorted(columns), table
+    records = {"usage_by_window": WindowAggregate, "usage_by_period": PeriodAggregate, "dead_letters": DeadLetter,
+               "alerts_log": Alert}
+    assert [v for v, _, _ in schema.VIEWS] == list(records)
+    for view, columns, _table in schema.VIEWS:
+        got = describe(client, db, view)
+        assert [c for c, _ in got] == columns, view
+        assert set(columns) == set(records[view].__struct_fields__) - {"version"}, view
+        types = dict(got)
+        for col, typ in CONTRACT_VIEWS[view].items():
+            assert col in types and (typ is None or types[col] == typ), (view, col, types.get(col))
+    # the contract's order where it differs from the record's
+    assert schema.ALERTS_LOG_COLUMNS[8:10] == ["usage", "included"] and ALERT_FIELDS[8:10] == ("included", "usage")
+    assert schema.DEAD_LETTERS_COLUMNS == ["received_at", "reason", "detail", "source", "payload", "tenant_id",
+                                           "metric", "dl_id"]
+
+
+def test_alert_columns_follow_the_alert_struct():
+    a = Alert(alert_id=alert_id("threshold_crossed", "acme", "c1", "m", 0, 90.0), type="threshold_crossed",
+              tenant_id="acme", customer_id="c1", metric="m", period_start="1970-01-01T00:00:00Z",
+              period_end="1970-01-02T00:00:00Z", threshold_pct=90.0, included=10.0, usage=9.0, usage_pct=90.0,
+              enforcement="soft", action="notify", event_id="e1", event_time="1970-01-01T00:00:01Z",
+              ingested_at="", detected_at="1970-01-01T00:00:02.5Z", plan="pro", wallet_balance=3.0)
+    wallet = Alert(alert_id="w", type="wallet_low", tenant_id="acme", customer_id="c1", metric="",
+                   period_start="", period_end="", threshold_pct=None, included=None, usage=1.0, usage_pct=None,
+                   enforcement="", action="notify", event_id="", event_time="", ingested_at="",
+                   detected_at="1970-01-01T00:00:03Z")
+    cols = schema.alert_columns([Emission(), Emission(alerts=[a]), Emission(alerts=[wallet])])
+    assert schema.ALERT_COLUMNS == [*Alert.__struct_fields__, "rank"] and len(cols) == len(schema.ALERT_COLUMNS)
+    row = {name: col[0] for name, col in zip(schema.ALERT_COLUMNS, cols)}
+    times = {"period_start": 0, "period_end": 86_400_000, "event_time": 1000, "ingested_at": None,
+             "detected_at": 2500}
+    assert set(times) == set(ALERT_TIME_FIELDS)
+    assert row == {**{f: getattr(a, f) for f in ALERT_FIELDS}, **times, "rank": (1 << 62) - 2500}
+    wrow = {name: col[1] for name, col in zip(schema.ALERT_COLUMNS, cols)}
+    assert (wrow["period_start"], wrow["period_end"], wrow["event_time"]) == (0, 0, None)
+    assert schema.alert_columns([Emission()]) is None
+
+
+def test_an_invalid_alert_time_names_the_alert_and_field():
+    bad = Alert(alert_id="x1", type="blocked", tenant_id="t", customer_id="c", metric="m", period_start="soon",
+                period_end="", threshold_pct=None, included=None, usage=0.0, usage_pct=None, enforcement="hard",
+                action="block", event_id="", event_time="", ingested_at="", detected_at="1970-01-01T00:00:00Z")
+    with pytest.raises(MeterError, match="alert x1 has an invalid period_start"):
+        schema.alert_columns([Emission(alerts=[bad])])
+
+
+def test_rows_written_are_read_back_by_the_cli_queries(chdb_path, ch_database):
+    cfg = ClickHouseConfig(dsn=f"chdb://{chdb_path}", database=ch_database + "_q")
+    T = 1_793_491_200_000
+    part = ClickHouseSink(cfg).build("clickhouse", 0, 1)
+    part.write_batch([Emission(periods=[PeriodAggregate(tenant_id="acme", customer_id="c1", metric="m",
+                                                        period_start=T, period_end=T + 1000, value=5.0,
+                                                        included=None, overage_units=0.0, events=5,
+                                                        excluded_events=1, version=6)])])
+    part.close()
+    client, db = connect(cfg)
+    rows = schema.query_usage(client, db)
+    assert list(rows[0]) == schema.USAGE_BY_PERIOD_COLUMNS
+    assert rows == [
+        {"tenant_id": "acme", "customer_id": "c1", "metric": "m", "period_start": "2026-11-01T00:00:00Z",
+         "period_end": "2026-11-01T00:00:01Z", "value": 5.0, "included": None, "overage_units": 0.0, "events": 5,
+         "excluded_events": 1}]
+    assert schema.query_alerts(client, db) == []
+
+
+def test_docstring_examples():
+    result = doctest.testmod(schema)
+    assert result.attempted >= 1 and result.failed == 0
