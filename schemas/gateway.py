@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Dict, Mapping, NamedTuple, Optional, Union
 
 import msgspec
+
 from meterflow.base.timeutil import ms_to_iso, parse_rfc3339_ms
 
 

@@ -20,11 +20,12 @@ from itertools import chain
 from operator import attrgetter
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from msgspec.structs import astuple
+
 from meterflow.base.errors import MeterError
 from meterflow.base.timeutil import ms_to_iso, parse_rfc3339_ms
 from meterflow.schemas.alerts import ALERT_FIELDS, ALERT_TIME_FIELDS, Alert
 from meterflow.schemas.records import DeadLetter, Emission, PeriodAggregate, WindowAggregate
-from msgspec.structs import astuple
 
 _WINDOW_FIELDS: Tuple[str, ...] = WindowAggregate.__struct_fields__
 _PERIOD_FIELDS: Tuple[str, ...] = PeriodAggregate.__struct_fields__
@@ -229,7 +230,7 @@ def query_alerts(client: Any, db: str, tenant: Optional[str] = None, customer: O
     q = client.query(f"SELECT {cols} FROM {db}.alerts_log {where} {order}", parameters=params)
     rows = []
     for r in q.named_results():
-        row = {}
+        row: Dict[str, Any] = {}
         for c in ALERT_FIELDS:
             if c in ALERT_TIME_FIELDS:
                 ms = r[f"{c}_ms"]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Dict, Sequence, Set
 
 import msgspec
+
 from meterflow.base.errors import MeterError
 from meterflow.schemas.alerts import ALERT_ENCODER, Alert
 

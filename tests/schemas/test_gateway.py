@@ -8,6 +8,7 @@ import doctest
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from meterflow.base.timeutil import ms_to_iso
 from meterflow.schemas import gateway
 from meterflow.schemas.gateway import (

@@ -7,6 +7,7 @@ from __future__ import annotations
 import doctest
 
 import pytest
+
 from meterflow.base.errors import MeterError
 from meterflow.schemas.alerts import ALERT_FIELDS, ALERT_TIME_FIELDS, Alert, alert_id
 from meterflow.schemas.config import ClickHouseConfig

@@ -8,6 +8,7 @@ import logging
 import os
 
 import pytest
+
 from meterflow.base.errors import MeterError
 from meterflow.schemas.alerts import ALERT_DECODER, ALERT_ENCODER
 from meterflow.sinks import jsonl_log
