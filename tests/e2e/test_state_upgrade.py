@@ -192,3 +192,55 @@ def test_a_recovery_directory_of_the_build_before_issue_10_resumes_exactly(tmp_p
     assert {a["type"] for a in want} >= {"threshold_crossed", "blocked", "unblocked", "plan_changed", "wallet_low",
                                          "wallet_exhausted"}
     assert len(periods) > len(_latest(old["usage_by_period"], _period_id, lambda r: 0))
+
+
+def test_gateway_sync_reads_the_old_recovery_directory(tmp_path):
+    # `meter gateway sync` rebuilds each customer's meter from the snapshots without running the flow
+    from meterflow.gateway_sync import current_states
+    from meterflow.schemas.alerts import GatewayState, WalletState
+    from meterflow.schemas.config import load_config
+
+    cfg = load_config(FIXTURE / "config.toml")
+    states = [s for items in current_states(cfg, FIXTURE / "recovery", at_ms=1) for s in items]
+    gateway = {(s.customer_id, s.metric): s for s in states if isinstance(s, GatewayState)}
+    wallets = {s.customer_id: s for s in states if isinstance(s, WalletState)}
+    old = json.loads(gzip.decompress((FIXTURE / "outputs-part1.json.gz").read_bytes()))
+    used = {r["period_start"]: r["value"] for r in old["usage_by_period"]
+            if (r["customer_id"], r["metric"]) == ("cust_hard", "api_calls")}
+    hard = gateway[("cust_hard", "api_calls")]
+    # blocked since 20 calls; the old run's own usage_by_period says how many it had counted
+    assert (hard.state, hard.blocked_by, hard.included) == ("blocked", "quota", 20.0)
+    assert hard.used == used["2026-10-15T00:00:00"] > 20
+    assert gateway[("cust_auto", "api_calls")].plan == "pro"  # moved there by auto_overage before the upgrade
+    assert wallets["cust_wallet"].state == "low" and wallets["cust_wallet"].balance == 9.0
+    assert wallets["cust_plan"].balance == 3.0  # the changelog's subscription, converted from its pickle
+
+
+def test_the_old_snapshots_convert_to_named_records_and_back(tmp_path):
+    import sqlite3
+
+    from meterflow.base.stats import FlowStats
+    from meterflow.dataflows.metering import load_shard_state, shard_snapshots
+    from meterflow.operators.legacy_state import decode_legacy_snapshot
+    from meterflow.operators.meter import CustomerMeter
+    from meterflow.operators.rules import Rules
+    from meterflow.schemas.config import load_config
+    from meterflow.schemas.state import decode_meter_state
+    from tests.operators.state_support import canonical
+
+    rules = Rules(load_config(FIXTURE / "config.toml"))
+    conn = sqlite3.connect(f"file:{FIXTURE / 'recovery' / 'part-0.sqlite3'}?mode=ro", uri=True)
+    rows = conn.execute("SELECT ser_change FROM snaps WHERE step_id = 'meterflow.meter'").fetchall()
+    conn.close()
+    kinds = set()
+    for (data,) in rows:
+        for key, old in shard_snapshots(load_shard_state(data), 4).items():
+            assert b"operators.dedupe" in old  # what made the old directories depend on the module layout
+            record = decode_legacy_snapshot(old)
+            kinds |= {w.acc.__struct_config__.tag for w in record.windows}
+            meter = CustomerMeter.from_snapshot(rules, old, stats=FlowStats())
+            new = meter.snapshot()
+            assert canonical(decode_meter_state(new)) == canonical(record) and meter.key == key
+            again = CustomerMeter.from_snapshot(rules, new, stats=FlowStats()).snapshot()
+            assert canonical(decode_meter_state(again)) == canonical(record)
+    assert kinds == {"count", "sum", "max", "min", "unique_count", "latest", "p95", "p99"}
