@@ -72,9 +72,9 @@ class _ShardLogic(StatefulBatchLogic):
 
     Snapshots (only with recovery): ``(SHARD_STATE_VERSION, shards, {tenant|customer: bytes})``, builtins only;
     only the customers processed or flushed since the shard's last snapshot are encoded again
-    (:meth:`CustomerMeter.snapshot`), the others keep their previous bytes. Resuming rebuilds every customer of the shard and feeds each one's watermark to the
-    mediator; a snapshot taken with another shard count is refused (its customers would no longer meet
-    their events).
+    (:meth:`CustomerMeter.snapshot`), the others keep their previous bytes. Resuming rebuilds every customer
+    of the shard and feeds each one's watermark to the mediator; a snapshot taken with another shard count
+    is refused (its customers would no longer meet their events).
 
     With live gateway state (``[redis]``), a resumed shard republishes the gateway and wallet state of
     every one of its customers once, ahead of its first batch or at once by notification (even with no

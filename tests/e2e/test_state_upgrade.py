@@ -7,8 +7,8 @@ state version 4 snapshots naming ``operators.aggregate.*``, ``operators.dedupe.I
 ClickHouse view, and the alert JSONL file).
 
 Today's ``meter run`` resumes a copy of it with the same command plus ``--input part2.jsonl`` (Bytewax
-resumes each input file where the snapshot left it, so part1 and the changelog are not read again); the old run's outputs together with the
-resumed run's must equal, exactly, a clean run of today's build over part1 + part2 (one file, in that
+resumes each input file where the snapshot left it, so part1 and the changelog are not read again); the
+old run's outputs together with the resumed run's must equal, exactly, a clean run of today's build over part1 + part2 (one file, in that
 order, so every event meets the same watermark as in the two runs). Wall-clock columns (received_at,
 detected_at, ingested_at) and what derives from the input file's name (a dead letter's source, its
 dl_id) are compared after mapping lines of the whole file back to the part they came from.
