@@ -24,6 +24,7 @@ import pickle
 from typing import Any, Dict, Tuple
 
 import msgspec
+
 from meterflow.operators.dedupe import IdTable
 from meterflow.schemas import state as S
 from meterflow.schemas.alerts import EntitlementMessage

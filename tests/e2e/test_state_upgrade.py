@@ -8,8 +8,8 @@ ClickHouse view, and the alert JSONL file).
 
 Today's ``meter run`` resumes a copy of it with the same command plus ``--input part2.jsonl`` (Bytewax
 resumes each input file where the snapshot left it, so part1 and the changelog are not read again); the
-old run's outputs together with the resumed run's must equal, exactly, a clean run of today's build over part1 + part2 (one file, in that
-order, so every event meets the same watermark as in the two runs). Wall-clock columns (received_at,
+old run's outputs together with the resumed run's must equal, exactly, a clean run of today's build over
+part1 + part2 (one file, in that order, so every event meets the same watermark as in the two runs). Wall-clock columns (received_at,
 detected_at, ingested_at) and what derives from the input file's name (a dead letter's source, its
 dl_id) are compared after mapping lines of the whole file back to the part they came from.
 
@@ -201,7 +201,8 @@ def test_gateway_sync_reads_the_old_recovery_directory(tmp_path):
     from meterflow.schemas.config import load_config
 
     cfg = load_config(FIXTURE / "config.toml")
-    states = [s for items in current_states(cfg, FIXTURE / "recovery", at_ms=1) for s in items]
+    recovery = shutil.copytree(FIXTURE / "recovery", tmp_path / "recovery")  # SQLite may add -shm/-wal files
+    states = [s for items in current_states(cfg, recovery, at_ms=1) for s in items]
     gateway = {(s.customer_id, s.metric): s for s in states if isinstance(s, GatewayState)}
     wallets = {s.customer_id: s for s in states if isinstance(s, WalletState)}
     old = json.loads(gzip.decompress((FIXTURE / "outputs-part1.json.gz").read_bytes()))
@@ -229,7 +230,8 @@ def test_the_old_snapshots_convert_to_named_records_and_back(tmp_path):
     from tests.operators.state_support import canonical
 
     rules = Rules(load_config(FIXTURE / "config.toml"))
-    conn = sqlite3.connect(f"file:{FIXTURE / 'recovery' / 'part-0.sqlite3'}?mode=ro", uri=True)
+    recovery = shutil.copytree(FIXTURE / "recovery", tmp_path / "recovery")  # SQLite may add -shm/-wal files
+    conn = sqlite3.connect(f"file:{recovery / 'part-0.sqlite3'}?mode=ro", uri=True)
     rows = conn.execute("SELECT ser_change FROM snaps WHERE step_id = 'meterflow.meter'").fetchall()
     conn.close()
     kinds = set()

@@ -15,6 +15,7 @@ import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from meterflow.base.stats import FlowStats
 from meterflow.operators.aggregate import ACC_TYPES, acc_from_state, new_acc
 from meterflow.operators.legacy_state import decode_legacy_snapshot
