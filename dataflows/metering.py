@@ -21,7 +21,9 @@ that produced them; changed rollup rows at the next flush tick (every
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
@@ -42,6 +44,9 @@ from meterflow.schemas.config import Config, load_config
 from meterflow.schemas.records import Emission
 
 SHARD_STATE_VERSION = 1  # layout of a shard's snapshot: (version, shard count, {tenant|customer: meter bytes})
+# Bytewax pickles what snapshot() returns: that is only builtins (a tuple of ints and a dict of str -> bytes), so
+# no class path is ever stored; the meter bytes are named records (meterflow.schemas.state, version 5), or the
+# pickled tuples of versions 3/4 that builds before issue 10 wrote, which CustomerMeter converts on restore.
 
 
 def _wall_ms() -> int:
@@ -65,11 +70,11 @@ class _ShardLogic(StatefulBatchLogic):
     the notification), so each changed row is written once per interval and sinks get few, large batches.
     Pending rows are part of each meter's state, so a resume re-emits them.
 
-    Snapshots (only with recovery): ``(SHARD_STATE_VERSION, shards, {tenant|customer: bytes})``; only the
-    customers processed or flushed since the shard's last snapshot are pickled again, the others keep their
-    previous bytes. Resuming rebuilds every customer of the shard and feeds each one's watermark to the
-    mediator; a snapshot taken with another shard count is refused (its customers would no longer meet
-    their events).
+    Snapshots (only with recovery): ``(SHARD_STATE_VERSION, shards, {tenant|customer: bytes})``, builtins only;
+    only the customers processed or flushed since the shard's last snapshot are encoded again
+    (:meth:`CustomerMeter.snapshot`), the others keep their previous bytes. Resuming rebuilds every customer
+    of the shard and feeds each one's watermark to the mediator; a snapshot taken with another shard count
+    is refused (its customers would no longer meet their events).
 
     With live gateway state (``[redis]``), a resumed shard republishes the gateway and wallet state of
     every one of its customers once, ahead of its first batch or at once by notification (even with no
@@ -218,6 +223,17 @@ class _ShardLogic(StatefulBatchLogic):
         self._changed = set()
         # A copy: Bytewax may serialise the snapshot after this logic has moved on.
         return (SHARD_STATE_VERSION, self._shards, dict(snaps))
+
+
+class _BuiltinsOnly(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"a shard snapshot holds only builtins, not {module}.{name}")
+
+
+def load_shard_state(data: bytes) -> Any:
+    """A shard's snapshot as Bytewax stored it (pickled), read without importing or calling anything:
+    ``pickle.UnpicklingError`` if it names any class or function."""
+    return _BuiltinsOnly(io.BytesIO(data)).load()
 
 
 def shard_snapshots(state: Any, shards: Optional[int] = None) -> Dict[str, bytes]:

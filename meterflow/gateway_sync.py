@@ -41,7 +41,8 @@ class SyncResult:
 
 
 def latest_snapshots(directory: Path, step_id: str = METER_STEP) -> Dict[str, bytes]:
-    """``{state key: pickled snapshot}`` of ``step_id`` that a resume from ``directory`` would load."""
+    """``{state key: pickled snapshot}`` of ``step_id`` that a resume from ``directory`` would load (read them
+    with :func:`meterflow.dataflows.metering.load_shard_state`, which refuses anything but builtins)."""
     parts = sorted(directory.glob("part-*.sqlite3"))
     if not parts:
         raise MeterError(f"recovery directory {directory} holds no snapshots (no part-*.sqlite3): pass the "
@@ -91,7 +92,7 @@ def _resume_epoch(conns: List[sqlite3.Connection]) -> Optional[int]:
 
 def current_states(config: Config, directory: Path, at_ms: int) -> Iterator[list]:
     """Per customer of the snapshots: the gateway and wallet states of its current periods."""
-    from meterflow.dataflows.metering import shard_snapshots
+    from meterflow.dataflows.metering import load_shard_state, shard_snapshots
     from meterflow.operators.meter import CustomerMeter
     from meterflow.operators.rules import Rules
 
@@ -100,12 +101,16 @@ def current_states(config: Config, directory: Path, at_ms: int) -> Iterator[list
     stats = FlowStats()
     for key, data in sorted(latest_snapshots(directory).items()):
         try:
-            snaps = shard_snapshots(pickle.loads(data))
+            snaps = shard_snapshots(load_shard_state(data))
         except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
             raise MeterError(f"recovery directory {directory}: the snapshot of shard {key} cannot be read "
                              f"({type(exc).__name__}: {exc})") from exc
         for ckey in sorted(snaps):
-            meter = CustomerMeter.from_snapshot(rules, snaps[ckey], stats=stats)
+            try:
+                meter = CustomerMeter.from_snapshot(rules, snaps[ckey], stats=stats)
+            except ValueError as exc:
+                raise MeterError(f"recovery directory {directory}: the snapshot of customer {ckey} cannot be read "
+                                 f"({exc})") from exc
             gateway, wallets = meter.ent.republish(meter.usage, at_ms)
             yield [*gateway, *wallets]
 

@@ -1,7 +1,8 @@
 """Accumulators for the contract's aggregations, shared by windows and billing periods.
 
 Each accumulator folds one event's numeric (or, for unique_count, any) value and
-reports its current value. All are picklable and small:
+reports its current value. Each converts to and from its named snapshot record
+(``to_state()``, :func:`acc_from_state`; ``meterflow.schemas.state``). All are small:
 
 - count / sum / max / min / latest: O(1) memory;
 - unique_count: one entry per distinct value;
@@ -16,7 +17,9 @@ counts it as ``corrections_ignored``).
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Optional, Set
+
+from meterflow.schemas import state as S
 
 ADDITIVE = frozenset({"count", "sum"})
 NEEDS_NUMBER = frozenset({"sum", "max", "min", "latest", "p95", "p99"})
@@ -34,23 +37,9 @@ class Acc:
     def value(self) -> float:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    # Snapshots pickle many accumulators: a flat tuple of slot values is the cheapest state.
-    def __getstate__(self):
-        return tuple([getattr(self, s) for s in _slots(type(self))])
-
-    def __setstate__(self, state):
-        for k, v in zip(_slots(type(self)), state):
-            setattr(self, k, v)
-
-
-_SLOTS: Dict[type, Tuple[str, ...]] = {}
-
-
-def _slots(cls: type) -> Tuple[str, ...]:
-    names = _SLOTS.get(cls)
-    if names is None:
-        names = _SLOTS[cls] = tuple(s for c in reversed(cls.__mro__) for s in getattr(c, "__slots__", ()))
-    return names
+    def to_state(self) -> Any:  # pragma: no cover - overridden
+        """This accumulator as its snapshot record (``meterflow.schemas.state``)."""
+        raise NotImplementedError
 
 
 class CountAcc(Acc):
@@ -66,6 +55,9 @@ class CountAcc(Acc):
 
     def value(self) -> float:
         return float(self.total)
+
+    def to_state(self) -> S.CountState:
+        return S.CountState(events=self.events, expires=self.expires, total=self.total)
 
 
 _SCALE_BITS = 1074  # every finite double is an integer multiple of 2**-1074
@@ -104,6 +96,10 @@ class SumAcc(Acc):
         except OverflowError:  # beyond the double range: report it as such, never crash the flow
             return math.inf if (self.total << _SCALE_BITS) + self.fscaled > 0 else -math.inf
 
+    def to_state(self) -> S.SumState:
+        return S.SumState(events=self.events, expires=self.expires, total=S.int_bytes(self.total),
+                          fscaled=S.int_bytes(self.fscaled))
+
 
 class MaxAcc(Acc):
     __slots__ = ("best",)
@@ -120,6 +116,9 @@ class MaxAcc(Acc):
     def value(self) -> float:
         return float(self.best) if self.best is not None else 0.0
 
+    def to_state(self) -> Any:
+        return S.MaxState(events=self.events, expires=self.expires, best=self.best)
+
 
 class MinAcc(MaxAcc):
     __slots__ = ()
@@ -128,6 +127,9 @@ class MinAcc(MaxAcc):
         self.events += 1
         if self.best is None or v < self.best:
             self.best = v
+
+    def to_state(self) -> S.MinState:
+        return S.MinState(events=self.events, expires=self.expires, best=self.best)
 
 
 class LatestAcc(Acc):
@@ -149,6 +151,9 @@ class LatestAcc(Acc):
     def value(self) -> float:
         return float(self.last) if self.last is not None else 0.0
 
+    def to_state(self) -> S.LatestState:
+        return S.LatestState(events=self.events, expires=self.expires, ts=self.ts, last=self.last)
+
 
 class UniqueAcc(Acc):
     """Distinct JSON values: the string "1" and the number 1 are different values."""
@@ -165,6 +170,9 @@ class UniqueAcc(Acc):
 
     def value(self) -> float:
         return float(len(self.seen))
+
+    def to_state(self) -> S.UniqueState:
+        return S.UniqueState(events=self.events, expires=self.expires, values=list(self.seen))
 
 
 class PercentileAcc(Acc):
@@ -185,6 +193,11 @@ class PercentileAcc(Acc):
 
     def value(self) -> float:
         return nearest_rank(self.counts, self.n, self.p)
+
+    def to_state(self) -> Any:
+        counts = self.counts
+        return (S.P99State if self.p == 0.99 else S.P95State)(
+            events=self.events, expires=self.expires, n=self.n, values=list(counts), counts=list(counts.values()))
 
 
 def nearest_rank(counts: Dict[float, int], n: int, p: float) -> float:
@@ -230,3 +243,60 @@ def new_acc(aggregation: str) -> Acc:
         return ACC_TYPES[aggregation]()
     except KeyError:
         raise ValueError(f"unknown aggregation {aggregation!r}") from None
+
+
+def _count(r: S.CountState) -> Acc:
+    a = CountAcc()
+    a.total = r.total
+    return a
+
+
+def _sum(r: S.SumState) -> Acc:
+    a = SumAcc()
+    a.total = S.bytes_int(r.total)
+    a.fscaled = S.bytes_int(r.fscaled)
+    return a
+
+
+def _extreme(cls: type) -> Callable[[Any], Acc]:
+    def make(r: Any) -> Acc:
+        a = cls()
+        a.best = r.best
+        return a
+    return make
+
+
+def _latest(r: S.LatestState) -> Acc:
+    a = LatestAcc()
+    a.ts, a.last = r.ts, r.last
+    return a
+
+
+def _unique(r: S.UniqueState) -> Acc:
+    a = UniqueAcc()
+    a.seen = set(r.values)
+    return a
+
+
+def _percentile(cls: type) -> Callable[[Any], Acc]:
+    def make(r: Any) -> Acc:
+        if len(r.values) != len(r.counts):
+            raise ValueError(f"{r.__struct_config__.tag} state: {len(r.values)} values but {len(r.counts)} counts")
+        a = cls()
+        a.n = r.n
+        a.counts = dict(zip(r.values, r.counts))
+        return a
+    return make
+
+
+_FROM_STATE: Dict[type, Callable[[Any], Acc]] = {
+    S.CountState: _count, S.SumState: _sum, S.MaxState: _extreme(MaxAcc), S.MinState: _extreme(MinAcc),
+    S.LatestState: _latest, S.UniqueState: _unique, S.P95State: _percentile(P95Acc), S.P99State: _percentile(P99Acc)}
+
+
+def acc_from_state(record: Any) -> Acc:
+    """The accumulator a snapshot record (``to_state()``) describes."""
+    acc = _FROM_STATE[type(record)](record)
+    acc.events = record.events
+    acc.expires = record.expires
+    return acc

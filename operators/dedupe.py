@@ -48,6 +48,7 @@ from itertools import compress
 from typing import Iterator, Tuple
 
 import xxhash
+from meterflow.schemas.state import DedupeState
 
 __all__ = ["fingerprint", "IdTable", "NO_EXPIRY"]
 
@@ -233,7 +234,18 @@ class IdTable:
     def __repr__(self) -> str:
         return f"IdTable(ids={len(self)}, slots={self.slots}, min_expiry={self.min_expiry()})"
 
-    # ---- pickling: only the live entries, 16 bytes per id, little-endian -------------------------
+    # ---- snapshots: only the live entries, 16 bytes per id, little-endian -------------------------
+
+    def to_state(self) -> DedupeState:
+        """The snapshot record: the live fingerprints and their expiries as little-endian uint64 arrays."""
+        _v, kb, eb = self.__getstate__()
+        return DedupeState(fingerprints=kb, expiries=eb)
+
+    @classmethod
+    def from_state(cls, record: DedupeState) -> "IdTable":
+        table = cls.__new__(cls)
+        table.__setstate__((_STATE_VERSION, record.fingerprints, record.expiries))
+        return table
 
     def __getstate__(self):
         a = self._a

@@ -45,8 +45,9 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import msgspec
 from meterflow.base.keys import split_key
 from meterflow.base.timeutil import ms_to_iso, now_ms
-from meterflow.operators.aggregate import SumAcc
+from meterflow.operators.aggregate import SumAcc, acc_from_state
 from meterflow.operators.rules import CALENDAR_MONTH, Rules, SubscriptionRule
+from meterflow.schemas import state as S
 from meterflow.schemas.alerts import Alert, EntitlementMessage, alert_id
 from meterflow.schemas.gateway import GatewayState, WalletState
 
@@ -120,15 +121,41 @@ class Entitlements:
         self._resolve()
 
     # -- state --------------------------------------------------------------------------
-    def state(self) -> tuple:
-        return (self.fired, self.blocked, self.overage, self.seq, self.cur, self.src, self.version, self.cancelled,
-                self.moved_plan, self.units, self.wallet_low, self.wallet_exhausted, self.wallet_blocked,
-                self.touched, self.deleted, self.wallet_dirty)
+    def to_state(self) -> S.EntitlementState:
+        """The snapshotted part of this state as its named record (``meterflow.schemas.state``)."""
+        ref = S.PeriodRef
+        c = self.cancelled
+        return S.EntitlementState(
+            fired=[S.FiredRow(metric=pk[0], start=pk[1], end=pk[2], thresholds=sorted(ts))
+                   for pk, ts in self.fired.items()],
+            blocked=[ref(metric=m, start=a, end=b) for m, a, b in self.blocked],
+            overage=[ref(metric=m, start=a, end=b) for m, a, b in self.overage],
+            seq=[S.SeqRow(type=t, metric=pk[0], start=pk[1], end=pk[2], n=n) for (t, pk), n in self.seq.items()],
+            current=[ref(metric=m, start=a, end=b) for m, a, b in self.cur.values()],
+            subscription=self.src, version=self.version,
+            cancelled=S.Cancelled(period=c[0], anchor=c[1]) if c is not None else None,
+            moved_plan=self.moved_plan, units={code: acc.to_state() for code, acc in self.units.items()},
+            wallet_low=self.wallet_low, wallet_exhausted=self.wallet_exhausted, wallet_blocked=self.wallet_blocked,
+            touched=[ref(metric=m, start=a, end=b) for m, a, b in self.touched], deleted=sorted(self.deleted),
+            wallet_dirty=self.wallet_dirty)
 
-    def restore(self, state: tuple) -> None:
-        (self.fired, self.blocked, self.overage, self.seq, self.cur, self.src, self.version, self.cancelled,
-         self.moved_plan, self.units, self.wallet_low, self.wallet_exhausted, self.wallet_blocked,
-         self.touched, self.deleted, self.wallet_dirty) = state
+    def restore_state(self, st: S.EntitlementState) -> None:
+        """Take the state of a record :meth:`to_state` made (or a converted older snapshot)."""
+        self.fired = {(r.metric, r.start, r.end): set(r.thresholds) for r in st.fired}
+        self.blocked = {(r.metric, r.start, r.end) for r in st.blocked}
+        self.overage = {(r.metric, r.start, r.end) for r in st.overage}
+        self.seq = {(r.type, (r.metric, r.start, r.end)): r.n for r in st.seq}
+        self.cur = {r.metric: (r.metric, r.start, r.end) for r in st.current}
+        self.src = st.subscription
+        self.version = st.version
+        self.cancelled = (st.cancelled.period, st.cancelled.anchor) if st.cancelled is not None else None
+        self.moved_plan = st.moved_plan
+        self.units = {code: acc_from_state(r) for code, r in st.units.items()}
+        self.wallet_low, self.wallet_exhausted = st.wallet_low, st.wallet_exhausted
+        self.wallet_blocked = st.wallet_blocked
+        self.touched = {(r.metric, r.start, r.end) for r in st.touched}
+        self.deleted = set(st.deleted)
+        self.wallet_dirty = st.wallet_dirty
         self._resolve()
 
     def evict(self, wm: int, grace_ms: int) -> None:

@@ -21,22 +21,25 @@ and the process watermark stamped on it at mediation, and it only grows.
 
 from __future__ import annotations
 
-import pickle
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from meterflow.base.keys import KEY_SEP, split_key
 from meterflow.base.periods import period_bounds
 from meterflow.base.stats import STATS, FlowStats
 from meterflow.base.timeutil import now_ms
-from meterflow.operators.aggregate import Acc, new_acc
+from meterflow.operators.aggregate import Acc, acc_from_state, new_acc
 from meterflow.operators.dedupe import IdTable
 from meterflow.operators.entitlements import Entitlements, EntitlementUpdate
+from meterflow.operators.legacy_state import decode_legacy_snapshot
 from meterflow.operators.mediate import dead_letter, internal_error, matches
 from meterflow.operators.rules import Rules
+from meterflow.schemas import state as S
 from meterflow.schemas.records import Emission, PeriodAggregate, WindowAggregate
 
-STATE_VERSION = 4  # 2: ids map to their expiry; pending dirty rows joined the snapshot; 3: entitlement state;
-#                   4: ids kept as fingerprints in an IdTable (a version 3 snapshot is converted on restore)
+# The snapshot's state version, meterflow.schemas.state.STATE_VERSION: 2: ids map to their expiry; pending dirty rows
+# joined the snapshot; 3: entitlement state; 4: ids kept as fingerprints in an IdTable; 5: named msgpack records
+# instead of a pickled tuple (3 and 4 are converted on restore: meterflow.operators.legacy_state).
+STATE_VERSION = S.STATE_VERSION
 _MAX_NUMBER = 1e300  # larger magnitudes (or a JSON 1e400 read as inf) are rejected, so sums stay finite
 _NO_DIMS: Tuple[str, ...] = ()
 # Expired ids already count as unseen, so evicting them only frees memory: doing it once the watermark is an
@@ -89,25 +92,46 @@ class CustomerMeter:
         return meter
 
     def snapshot(self) -> bytes:
-        """An immutable, versioned copy of the state (bytes, so later mutation cannot leak in)."""
-        return pickle.dumps((STATE_VERSION, self.key, self.seen, self.wm, self.windows, self.periods,
-                             self.excluded, self.dirty_w, self.dirty_p, self.ent.state()), protocol=5)
+        """An immutable, versioned copy of the state: a :class:`meterflow.schemas.state.MeterState` record as
+        MessagePack bytes (named fields, no module paths; so later mutation cannot leak in either)."""
+        dirty_w, dirty_p = self.dirty_w, self.dirty_p
+        window, period = S.WindowRow, S.PeriodRow
+        return S.encode_meter_state(S.MeterState(
+            key=self.key, version=S.STATE_VERSION, watermark=self.wm, seen=self.seen.to_state(),
+            windows=[window(metric=wk[0], start=wk[1], acc=acc.to_state(), dims=wk[2], dirty=wk in dirty_w)
+                     for wk, acc in self.windows.items()],
+            periods=[period(metric=pk[0], start=pk[1], end=pk[2], acc=acc.to_state(), dirty=pk in dirty_p)
+                     for pk, acc in self.periods.items()],
+            excluded=[S.ExcludedRow(metric=pk[0], start=pk[1], end=pk[2], count=n, dirty=pk in dirty_p)
+                      for pk, n in self.excluded.items()],
+            entitlements=self.ent.to_state()))
 
     def _restore(self, data: bytes) -> None:
-        state = pickle.loads(data)
-        if state[0] == 3:  # the previous layout: the same, with ids in a dict of strings
-            ids = IdTable(reserve=len(state[2]))
-            for eid, expiry in state[2].items():
-                ids.check_add_id(eid, expiry, 0)
-            state = (STATE_VERSION, state[1], ids) + tuple(state[3:])
-        if state[0] != STATE_VERSION:
-            raise ValueError(f"snapshot of {state[1]!r} has state version {state[0]}, this build reads {STATE_VERSION}")
-        (_, key, self.seen, self.wm, self.windows, self.periods, self.excluded, self.dirty_w, self.dirty_p,
-         ent_state) = state
-        self.key = key
+        # A pickle (first byte 0x80) is a version 3 or 4 snapshot of a build before issue 10: converted.
+        st = decode_legacy_snapshot(data) if data[:1] == b"\x80" else S.decode_meter_state(data)
+        self.key = key = st.key
         self.tenant_id, self.customer_id = split_key(key)
+        self.wm = st.watermark
+        self.seen = IdTable.from_state(st.seen)
+        self.windows, self.periods, self.excluded = {}, {}, {}
+        self.dirty_w, self.dirty_p = set(), set()
+        for w in st.windows:
+            wk = (w.metric, w.start, w.dims)
+            self.windows[wk] = acc_from_state(w.acc)
+            if w.dirty:
+                self.dirty_w.add(wk)
+        for r in st.periods:
+            pk = (r.metric, r.start, r.end)
+            self.periods[pk] = acc_from_state(r.acc)
+            if r.dirty:
+                self.dirty_p.add(pk)
+        for x in st.excluded:
+            pk = (x.metric, x.start, x.end)
+            self.excluded[pk] = x.count
+            if x.dirty:
+                self.dirty_p.add(pk)
         self.ent = Entitlements(self.rules, key)
-        self.ent.restore(ent_state)
+        self.ent.restore_state(st.entitlements)
         self._recompute_next_evict()
         self.next_dedupe_evict = self.seen.min_expiry()
 

@@ -8,6 +8,7 @@ import pickle
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 
+import msgspec
 import pytest
 from meterflow.base.stats import FlowStats
 from meterflow.operators.dedupe import fingerprint
@@ -528,10 +529,11 @@ def test_snapshot_is_an_immutable_copy():
 def test_restore_rejects_another_state_version():
     rules = Rules(make_config())
     m = CustomerMeter(rules, "acme|c", stats=FlowStats())
-    state = list(pickle.loads(m.snapshot()))
-    state[0] = 99
+    future = msgspec.msgpack.encode({**msgspec.msgpack.decode(m.snapshot()), "version": 99})
     with pytest.raises(ValueError, match="state version 99"):
-        CustomerMeter(rules, "acme|c", pickle.dumps(tuple(state)))
+        CustomerMeter(rules, "acme|c", future)
+    with pytest.raises(ValueError, match="state version 99"):  # a pickled tuple of an unknown version too
+        CustomerMeter(rules, "acme|c", pickle.dumps((99, "acme|c") + (None,) * 8, protocol=5))
 
 
 def test_restore_of_the_previous_snapshot_layout_is_read_or_refused_clearly():
@@ -569,12 +571,22 @@ def test_numbers_beyond_the_double_range_are_dead_letters_not_crashes(literal):
     assert all(d.reason == "missing_property" for d in dls)
 
 
+def _pickled_v4(meter: CustomerMeter) -> tuple:
+    """The version 4 tuple a build before issue 10 pickled for ``meter`` (today's classes stand in for the
+    old ones: the converter maps meterflow.operators.* like operators.*)."""
+    e = meter.ent
+    return (4, meter.key, meter.seen, meter.wm, meter.windows, meter.periods, meter.excluded, meter.dirty_w,
+            meter.dirty_p, (e.fired, e.blocked, e.overage, e.seq, e.cur, e.src, e.version, e.cancelled,
+                            e.moved_plan, e.units, e.wallet_low, e.wallet_exhausted, e.wallet_blocked, e.touched,
+                            e.deleted, e.wallet_dirty))
+
+
 def test_a_version_3_snapshot_with_ids_in_a_dict_is_converted_on_restore():
     # Version 3 kept event ids as a dict of strings; version 4 keeps fingerprints in an IdTable.
     run = Run()
     run.feed(ev("e1", "2026-03-05T10:00:00Z", tokens=1))
     meter = run.meters["acme|cust_456"]
-    state = list(pickle.loads(meter.snapshot()))
+    state = list(_pickled_v4(meter))
     expiry = meter.seen.get(fingerprint("e1"))
     state[0], state[2] = 3, {"e1": expiry}
     old = CustomerMeter(run.rules, "acme|cust_456", pickle.dumps(tuple(state), protocol=5), stats=FlowStats())
@@ -584,6 +596,36 @@ def test_a_version_3_snapshot_with_ids_in_a_dict_is_converted_on_restore():
                                           (("x", 2), ev("e2", "2026-03-05T10:00:00Z", tokens=2))]) for m in ms_]
     em = old.process([feed])
     assert [r.value for r in em.periods if r.metric == "tokens"] == [3.0]  # e1 a duplicate, e2 counted
+
+
+def test_a_version_4_snapshot_is_converted_and_continues_like_the_live_state():
+    stream = _stream()
+    clean, resumed = Run(), Run()
+    for b in (stream[:20], stream[20:30]):
+        clean.feed(*b)
+        resumed.feed(*b)
+    resumed.meters = {k: CustomerMeter(resumed.rules, k, pickle.dumps(_pickled_v4(m), protocol=5),
+                                       stats=resumed.stats) for k, m in resumed.meters.items()}
+    for run in (clean, resumed):
+        run.feed(*stream[30:])
+    assert resumed.windows() == clean.windows() and resumed.periods() == clean.periods()
+    assert resumed.dead() == clean.dead()
+
+
+def test_a_pickle_naming_any_other_class_is_refused_not_loaded():
+    rules = Rules(make_config())
+    evil = pickle.dumps((4, "acme|c", __import__("collections").OrderedDict()), protocol=5)
+    with pytest.raises(ValueError, match="collections.OrderedDict is not part of a meter snapshot"):
+        CustomerMeter(rules, "acme|c", evil)
+
+
+def test_a_snapshot_names_no_module_path():
+    run = Run()
+    run.feed(*_stream())
+    for m in run.meters.values():
+        snap = m.snapshot()
+        assert snap[:1] != b"\x80" and b"operators" not in snap and b"meterflow" not in snap
+        assert msgspec.msgpack.decode(snap)["version"] == 5
 
 
 # -- poison at the meter step (issue 9): a dead letter, the state untouched, the batch goes on ---------------
