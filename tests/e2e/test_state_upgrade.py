@@ -197,7 +197,7 @@ def test_a_recovery_directory_of_the_build_before_issue_10_resumes_exactly(tmp_p
 def test_gateway_sync_reads_the_old_recovery_directory(tmp_path):
     # `meter gateway sync` rebuilds each customer's meter from the snapshots without running the flow
     from meterflow.gateway_sync import current_states
-    from meterflow.schemas.alerts import GatewayState, WalletState
+    from meterflow.schemas.gateway import GatewayState, WalletState
     from meterflow.schemas.config import load_config
 
     cfg = load_config(FIXTURE / "config.toml")
