@@ -158,6 +158,10 @@ class CustomerMeter:
         return out
 
     # -- the hot path -----------------------------------------------------------------
+    # process() runs once per key and batch. The per-event loop is all in _fold: a Python call per event or
+    # per metric would cost more than most of what the loop does. What the loop does rarely (a new window or
+    # period row, an exclusion, a dead letter) and what runs once per batch (changelog records, p95/p99
+    # checks, gateway state, the emission) are the helpers after it.
     def process(self, batches: List[Any], flush: bool = True) -> Emission:
         """Fold a batch of this customer's items: lists of events, and entitlement changes in between.
 
@@ -166,184 +170,228 @@ class CustomerMeter:
         keeps changed rows pending so that a busy key emits each row once per flush interval rather
         than once per batch (see :meth:`flush`). Alerts never wait for a flush.
         """
+        dead: List[Any] = []
+        alerts: List[Any] = []
+        deferred: Dict[PeriodKey, list] = {}
+        unevaluated = 0
+        for group in batches:
+            if type(group) is EntitlementUpdate:
+                self._apply_change(group, alerts)
+            else:
+                unevaluated += self._fold(group, dead, alerts, deferred)
+        if deferred:
+            self._evaluate_deferred(deferred, dead, alerts)
+        if alerts or unevaluated:
+            self.stats.add({"alerts": len(alerts), "unevaluated": unevaluated})
+        return self._end_batch(dead, alerts, flush)
+
+    def _apply_change(self, update: EntitlementUpdate, alerts: List[Any]) -> None:
+        """A changelog record: the entitlement change takes effect at its place in the batch, on the usage
+        folded so far. The cached period and rows may belong to the previous subscription: dropped."""
+        self.ent.apply_change(update, self.usage, alerts)
+        self._period = (0, 0)
+        self._rows = {}
+
+    def _fold(self, group: List[Any], dead: List[Any], alerts: List[Any], deferred: Dict[PeriodKey, list]) -> int:
+        """Fold one list of events in order; returns how many of them went unevaluated (the subscription
+        evaluates no entitlement).
+
+        Per event: admission (its billing period, dedupe, a metered type, a period still open, exclusion),
+        then, per metric it matches, the fold into its window and period accumulators (through the row
+        cache), then the entitlement check of the metrics the subscription evaluates (p95/p99 deferred to
+        the end of the batch). One event never stops the flow: what it raises becomes its dead letter.
+        Everything that can fail on the event's own values (period arithmetic) runs before it touches any
+        state.
+        """
         rules = self.rules
         by_type = rules.fold_by_event_type
         window_ms = rules.window_ms
         grace_ms = rules.grace_ms
-        ent = self.ent
-        seen_check = self.seen.check_add_id
-        windows, periods, excluded_counts = self.windows, self.periods, self.excluded
-        wm = self.wm
         dedupe_ms = rules.dedupe_ms
-        dirty_w = self.dirty_w
-        dirty_p = self.dirty_p
-        dead: List[Any] = []
-        alerts: List[Any] = []
-        deferred: Dict[PeriodKey, Any] = {}
+        seen_check = self.seen.check_add_id
+        windows, periods = self.windows, self.periods
+        dirty_w, dirty_p = self.dirty_w, self.dirty_p
+        ent = self.ent
         usage_of = self.usage
+        sub = ent.rule
+        kind, anchor = sub.period, sub.anchor_ms
+        infos, credit, evaluated = ent.infos, ent.credit, ent.evaluated
+        unevaluated = 0 if evaluated else len(group)
         rowc = self._rows
-        n = dup = excl = unmetered = ignored = unevaluated = failed = missing = unevaluated_errors = 0
-        for group in batches:
-            if type(group) is EntitlementUpdate:
-                self.wm = wm
-                ent.apply_change(group, usage_of, alerts)
-                self._period = (0, 0)
-                rowc = self._rows = {}
-                continue
-            sub = ent.rule
-            kind, anchor = sub.period, sub.anchor_ms
-            evaluated = ent.evaluated
-            infos, credit = ent.infos, ent.credit
-            if not evaluated:
-                unevaluated += len(group)
-            pstart, pend = self._period
-            n += len(group)
-            for me in group:
-                # One event never stops the flow: what it raises becomes its dead letter. Everything that can
-                # fail on the event's own values (period arithmetic) runs before it touches any state.
-                try:
-                    ts = me.ts
-                    if not pstart <= ts < pend:
-                        bounds = self._bounds(ts, kind, anchor)
-                        if type(bounds) is str:
-                            dead.append(dead_letter("invalid_event", bounds, me.src, me.raw, self.tenant_id))
-                            failed += 1
-                            continue
-                        pstart, pend = bounds
-                    ev = me.event
-                    eid = ev.event_id
-                    if me.wm > wm:
-                        wm = me.wm
-                    # Remember the id while its period accepts events (so a retry can never count twice,
-                    # whatever the read order) and for at least dedupe_window. An id whose expiry passed
-                    # counts as unseen, however late it is evicted.
-                    expiry = pend + grace_ms
-                    if expiry < wm + dedupe_ms:
-                        expiry = wm + dedupe_ms
-                    if seen_check(eid, expiry, wm):
-                        dup += 1
-                        continue
-                    if expiry < self.next_dedupe_evict:
-                        self.next_dedupe_evict = expiry
-                    metrics = by_type.get(ev.event_type)
-                    if metrics is None:
-                        unmetered += 1
-                        continue
-                    if pend + grace_ms < wm:
-                        dead.append(dead_letter(
-                            "too_late", f"billing period {pstart}..{pend} (epoch ms) closed more than late_grace "
-                            f"before the watermark {wm}", me.src, me.raw, self.tenant_id))
+        wm = self.wm
+        pstart, pend = self._period
+        dup = excl = unmetered = ignored = failed = missing = 0
+        for me in group:
+            try:
+                # -- admission
+                ts = me.ts
+                if not pstart <= ts < pend:
+                    bounds = self._bounds(ts, kind, anchor)
+                    if type(bounds) is str:
+                        dead.append(dead_letter("invalid_event", bounds, me.src, me.raw, self.tenant_id))
                         failed += 1
                         continue
-                    props = ev.properties
-                    if me.excluded:  # counted per metric it would have matched, never aggregated
-                        for m, code, where, *_ in metrics:
-                            if where and not matches(props, where):
-                                continue
-                            pk = (code, pstart, pend)
-                            excluded_counts[pk] = excluded_counts.get(pk, 0) + 1
-                            dirty_p.add(pk)
-                        excl += 1
-                        continue
-                    sign = -1 if ev.correction else 1
-                    wstart = ts - ts % window_ms
-                    for m, code, where, prop, needs_number, additive, gb, per_event, agg in metrics:
-                        if where and not matches(props, where):
-                            continue
-                        v = None
-                        if prop is not None:
-                            v = props.get(prop)
-                            if v is None or (needs_number and (type(v) is bool or not isinstance(v, (int, float))
-                                                               or not -_MAX_NUMBER < v < _MAX_NUMBER)):
-                                why = ("is missing" if v is None
-                                       else f"must be a number below 1e300 in size, got {v!r:.80}")
-                                dead.append(dead_letter("missing_property", f"metric {code!r} needs property "
-                                                        f"{prop!r}, which {why}", me.src, me.raw, self.tenant_id,
-                                                        metric=code))
-                                missing += 1
-                                continue
-                        if sign < 0 and not additive:
-                            ignored += 1
-                            continue
-                        if not gb:
-                            dims = _NO_DIMS
-                        elif len(gb) == 1:
-                            dims = (_dim(props.get(gb[0])),)
-                        else:
-                            dims = tuple([_dim(props.get(g)) for g in gb])
-                        row = rowc.get(code)
-                        if row is not None and row[0] == wstart and row[2] == pstart and row[1] == dims:
-                            _, _, _, wacc, pk, acc, check_advance, info, rate = row
-                            wacc.add(v, ts, sign)
-                        else:
-                            wk = (code, wstart, dims)
-                            wacc = windows.get(wk)
-                            if wacc is None:
-                                wexp = self._window_expiry(wstart + window_ms - 1, kind, anchor, pstart, pend)
-                                wacc = windows[wk] = new_acc(agg)
-                                wacc.expires = wexp
-                                if wexp < self.next_evict:
-                                    self.next_evict = wexp
-                            wacc.add(v, ts, sign)
-                            dirty_w.add(wk)
-                            pk = (code, pstart, pend)
-                            acc = periods.get(pk)
-                            if acc is None:
-                                acc = periods[pk] = new_acc(agg)
-                                acc.expires = pend + grace_ms
-                                if acc.expires < self.next_evict:
-                                    self.next_evict = acc.expires
-                            dirty_p.add(pk)
-                            check_advance = True  # the period-advance check below is still to run for this row
-                            info = infos.get(code)
-                            rate = credit.get(code)
-                            row = rowc[code] = [wstart, dims, pstart, wacc, pk, acc, True, info, rate]
-                        if check_advance:  # the current period: the latest one any accepted event of code fell in
-                            row[6] = False
-                            cur = ent.cur.get(code)
-                            if cur is None or cur[1] < pstart:
-                                ent.advance(code, pk, me, usage_of, alerts)
-                        if not evaluated:
-                            acc.add(v, ts, sign)
-                            continue
-                        # -- entitlements: only for metrics this customer's subscription evaluates
-                        if info is None and rate is None:
-                            acc.add(v, ts, sign)
-                            continue
-                        if not per_event:
-                            if pk not in deferred:
-                                deferred[pk] = [acc.value(), me]
-                            else:
-                                deferred[pk][1] = me
-                            acc.add(v, ts, sign)
-                            continue
-                        before = acc.value() if rate is not None and not additive else 0.0
-                        acc.add(v, ts, sign)
-                        if info is not None:
-                            usage = acc.value()
-                            lvl = ent.next_level.get(pk)
-                            if lvl is None:
-                                lvl = ent.level(pk, info)
-                            if usage >= lvl or pk in ent.blocked:
-                                ent.evaluate(code, pk, usage, me, usage_of, alerts)
-                                if ent.infos is not infos:  # the plan moved: other entitlements from the next metric on
-                                    infos, credit, evaluated = ent.infos, ent.credit, ent.evaluated
-                                    rowc = self._rows = {}
-                            else:
-                                ent.touched.add(pk)
-                        if rate is not None:
-                            if additive:  # exact units: 1 per event for count, the value for sum
-                                ent.spend(code, 1 if v is None else v, sign, me, pk, alerts)
-                            else:
-                                ent.spend(code, acc.value() - before, 1, me, pk, alerts)
-                            if ent.infos is not infos:
-                                infos, credit, evaluated = ent.infos, ent.credit, ent.evaluated
-                                rowc = self._rows = {}
-                except Exception as exc:  # a bug, not bad input: the event is dead-lettered, the flow goes on
+                    pstart, pend = bounds
+                ev = me.event
+                if me.wm > wm:
+                    wm = me.wm
+                # Remember the id while its period accepts events (so a retry can never count twice,
+                # whatever the read order) and for at least dedupe_window. An id whose expiry passed
+                # counts as unseen, however late it is evicted.
+                expiry = pend + grace_ms
+                if expiry < wm + dedupe_ms:
+                    expiry = wm + dedupe_ms
+                if seen_check(ev.event_id, expiry, wm):
+                    dup += 1
+                    continue
+                if expiry < self.next_dedupe_evict:
+                    self.next_dedupe_evict = expiry
+                metrics = by_type.get(ev.event_type)
+                if metrics is None:
+                    unmetered += 1
+                    continue
+                if pend + grace_ms < wm:
+                    dead.append(self._too_late(me, pstart, pend, wm))
                     failed += 1
-                    dead.append(internal_error("meter", exc, me.src, me.raw, self.tenant_id))
-            self._period = (pstart, pend)
-        for pk, (before, me) in deferred.items():  # p95/p99: once per batch, on its last event
+                    continue
+                props = ev.properties
+                if me.excluded:  # counted per metric it would have matched, never aggregated
+                    self._exclude(metrics, props, pstart, pend)
+                    excl += 1
+                    continue
+                # -- the fold: each metric the event matches, into its window and period accumulators
+                sign = -1 if ev.correction else 1
+                wstart = ts - ts % window_ms
+                for m, code, where, prop, needs_number, additive, gb, per_event, agg in metrics:
+                    if where and not matches(props, where):
+                        continue
+                    v = None
+                    if prop is not None:
+                        v = props.get(prop)
+                        if v is None or (needs_number and (type(v) is bool or not isinstance(v, (int, float))
+                                                           or not -_MAX_NUMBER < v < _MAX_NUMBER)):
+                            dead.append(self._missing_property(me, code, prop, v))
+                            missing += 1
+                            continue
+                    if sign < 0 and not additive:
+                        ignored += 1
+                        continue
+                    if not gb:
+                        dims = _NO_DIMS
+                    elif len(gb) == 1:
+                        dims = (_dim(props.get(gb[0])),)
+                    else:
+                        dims = tuple([_dim(props.get(g)) for g in gb])
+                    row = rowc.get(code)
+                    if row is not None and row[0] == wstart and row[2] == pstart and row[1] == dims:
+                        _, _, _, wacc, pk, acc, info, rate = row
+                        wacc.add(v, ts, sign)
+                    else:  # another window or period than this metric's last event: look its rows up
+                        wk = (code, wstart, dims)
+                        wacc = windows.get(wk)
+                        if wacc is None:
+                            wacc = self._new_window(wk, agg, kind, anchor, pstart, pend)
+                        wacc.add(v, ts, sign)
+                        dirty_w.add(wk)
+                        pk = (code, pstart, pend)
+                        acc = periods.get(pk)
+                        if acc is None:
+                            acc = self._new_period(pk, agg)
+                        dirty_p.add(pk)
+                        info = infos.get(code)
+                        rate = credit.get(code)
+                        rowc[code] = [wstart, dims, pstart, wacc, pk, acc, info, rate]
+                        cur = ent.cur.get(code)  # the current period: the latest one any accepted event of code fell in
+                        if cur is None or cur[1] < pstart:
+                            ent.advance(code, pk, me, usage_of, alerts)
+                    # -- entitlements: only for the metrics this customer's subscription evaluates
+                    if not evaluated or (info is None and rate is None):
+                        acc.add(v, ts, sign)
+                        continue
+                    if not per_event:  # p95/p99: checked once per batch, on its last event (_evaluate_deferred)
+                        d = deferred.get(pk)
+                        if d is None:
+                            deferred[pk] = [acc.value(), me]
+                        else:
+                            d[1] = me
+                        acc.add(v, ts, sign)
+                        continue
+                    before = acc.value() if rate is not None and not additive else 0.0
+                    acc.add(v, ts, sign)
+                    if info is not None:
+                        usage = acc.value()
+                        lvl = ent.next_level.get(pk)
+                        if lvl is None:
+                            lvl = ent.level(pk, info)
+                        if usage >= lvl or pk in ent.blocked:  # a threshold or the block to set, keep or lift
+                            ent.evaluate(code, pk, usage, me, usage_of, alerts)
+                        else:
+                            ent.touched.add(pk)
+                    if rate is not None:
+                        if additive:  # exact units: 1 per event for count, the value for sum
+                            ent.spend(code, 1 if v is None else v, sign, me, pk, alerts)
+                        else:
+                            ent.spend(code, acc.value() - before, 1, me, pk, alerts)
+                    if ent.infos is not infos:  # the plan moved: other entitlements from the next metric on
+                        infos, credit, evaluated = ent.infos, ent.credit, ent.evaluated
+                        rowc = self._rows = {}
+            except Exception as exc:  # a bug, not bad input: the event is dead-lettered, the flow goes on
+                failed += 1
+                dead.append(internal_error("meter", exc, me.src, me.raw, self.tenant_id))
+        self.wm = wm
+        self._period = (pstart, pend)
+        # Each event read ends as exactly one of accepted, duplicate, excluded or dead-lettered (too_late,
+        # invalid_event, internal_error); missing_property dead letters are per metric, counted apart.
+        self.stats.add_metered(len(group) - dup - excl - failed, dup, excl, unmetered, ignored, failed, missing)
+        return unevaluated
+
+    def _too_late(self, me: Any, pstart: int, pend: int, wm: int) -> Any:
+        return dead_letter("too_late", f"billing period {pstart}..{pend} (epoch ms) closed more than late_grace "
+                           f"before the watermark {wm}", me.src, me.raw, self.tenant_id)
+
+    def _exclude(self, metrics: Tuple[Tuple[Any, ...], ...], props: Dict[str, Any], pstart: int, pend: int) -> None:
+        """Count an excluded event in each metric it would have matched (the period rows' excluded_events)."""
+        excluded, dirty_p = self.excluded, self.dirty_p
+        for m, code, where, *_ in metrics:
+            if where and not matches(props, where):
+                continue
+            pk = (code, pstart, pend)
+            excluded[pk] = excluded.get(pk, 0) + 1
+            dirty_p.add(pk)
+
+    def _missing_property(self, me: Any, code: str, prop: str, v: Any) -> Any:
+        why = "is missing" if v is None else f"must be a number below 1e300 in size, got {v!r:.80}"
+        return dead_letter("missing_property", f"metric {code!r} needs property {prop!r}, which {why}",
+                           me.src, me.raw, self.tenant_id, metric=code)
+
+    def _new_window(self, wk: WindowKey, agg: str, kind: str, anchor: int, pstart: int, pend: int) -> Acc:
+        """Open a window row. It stays open for late events while the period holding its last millisecond
+        does (checked by :meth:`_bounds` before the event touched any state)."""
+        last_ms = wk[1] + self.rules.window_ms - 1
+        if not pstart <= last_ms < pend:
+            pstart, pend = period_bounds(last_ms, kind, anchor)
+        expires = pend + self.rules.grace_ms
+        acc = self.windows[wk] = new_acc(agg)
+        acc.expires = expires
+        if expires < self.next_evict:
+            self.next_evict = expires
+        return acc
+
+    def _new_period(self, pk: PeriodKey, agg: str) -> Acc:
+        """Open a billing-period row: it stays open for late events until late_grace after its end."""
+        acc = self.periods[pk] = new_acc(agg)
+        acc.expires = pk[2] + self.rules.grace_ms
+        if acc.expires < self.next_evict:
+            self.next_evict = acc.expires
+        return acc
+
+    def _evaluate_deferred(self, deferred: Dict[PeriodKey, list], dead: List[Any], alerts: List[Any]) -> None:
+        """The p95/p99 entitlement checks, once per batch on the period's last event (a percentile has no
+        cheap per-event increment). ``deferred`` maps each period to its value before the batch and that event."""
+        ent = self.ent
+        usage_of = self.usage
+        errors = 0
+        for pk, (before, me) in deferred.items():
             try:
                 code = pk[0]
                 usage = self.periods[pk].value()
@@ -353,38 +401,34 @@ class CustomerMeter:
                     ent.spend(code, usage - before, 1, me, pk, alerts)
             except Exception as exc:  # a bug: reported on the event that would have fired it (it is counted)
                 dead.append(internal_error("meter (p95/p99 entitlement check)", exc, me.src, me.raw, self.tenant_id))
-                unevaluated_errors += 1
-        self.wm = wm
+                errors += 1
+        if errors:
+            self.stats.add({"entitlement_errors": errors})
+
+    def _end_batch(self, dead: List[Any], alerts: List[Any], flush: bool) -> Emission:
+        """The batch's emission: its dead letters and alerts, the changed gateway state and, with ``flush``, the
+        changed rows (then the evictions), and expired dedupe ids dropped once the watermark is an hour past the
+        earliest expiry."""
+        ent = self.ent
         gateway: List[Any] = []
         wallets: List[Any] = []
         if ent.touched or ent.deleted or ent.wallet_dirty:
-            if rules.gateway_states:
-                gateway, wallets = ent.gateway(usage_of, now_ms())
+            if self.rules.gateway_states:
+                gateway, wallets = ent.gateway(self.usage, now_ms())
             else:  # nothing consumes live gateway state (no [redis]): do not build it
                 ent.touched.clear()
                 ent.deleted.clear()
                 ent.wallet_dirty = False
         if flush:
-            out = self._emit(dirty_w, dirty_p, ent.rule, dead)
-            self.dirty_w = set()
-            self.dirty_p = set()
-            self._rows = {}
-            if wm > self.next_evict:
-                self._evict()
+            out = self.flush()
+            out.dead_letters = dead
         else:
             out = Emission(dead_letters=dead)
         out.alerts = alerts
         out.gateway = gateway
         out.wallets = wallets
-        if wm > self.next_dedupe_evict + _DEDUPE_EVICT_SLACK_MS:
+        if self.wm > self.next_dedupe_evict + _DEDUPE_EVICT_SLACK_MS:
             self._evict_seen()
-        # Each event read ends as exactly one of accepted, duplicate, excluded or dead-lettered (too_late,
-        # invalid_event, internal_error); missing_property dead letters are per metric, counted apart.
-        self.stats.add_metered(n - dup - excl - failed, dup, excl, unmetered, ignored, failed, missing)
-        if alerts or unevaluated:
-            self.stats.add({"alerts": len(alerts), "unevaluated": unevaluated})
-        if unevaluated_errors:
-            self.stats.add({"entitlement_errors": unevaluated_errors})
         return out
 
     # -- helpers ---------------------------------------------------------------------
@@ -402,12 +446,6 @@ class CustomerMeter:
         except (OverflowError, ValueError) as exc:
             return (f"timestamp {ts} (epoch ms) is outside the range of billing periods ({kind} periods anchored "
                     f"at {anchor} epoch ms): {exc}")
-
-    def _window_expiry(self, last_ms: int, kind: str, anchor: int, pstart: int, pend: int) -> int:
-        # A window stays open for late events while the period holding its last millisecond does.
-        if not pstart <= last_ms < pend:
-            pstart, pend = period_bounds(last_ms, kind, anchor)
-        return pend + self.rules.grace_ms
 
     def _emit(self, dirty_w: Set[WindowKey], dirty_p: Set[PeriodKey], sub, dead) -> Emission:
         rules = self.rules
