@@ -53,13 +53,11 @@ class Core:
 
     def feed(self, batch) -> None:
         meters = self.meters
-        for item in self.mediator(batch):
-            if type(item) is tuple:
-                key, events = item
-                m = meters.get(key)
-                if m is None:
-                    m = meters[key] = CustomerMeter(self.rules, key, stats=self.stats)
-                m.process([events], flush=False)
+        for key, events in self.mediator(batch).groups.items():
+            m = meters.get(key)
+            if m is None:
+                m = meters[key] = CustomerMeter(self.rules, key, stats=self.stats)
+            m.process([events], flush=False)
 
 
 def run_core(cfg, batches, flush_every: int = 50) -> Dict[str, float]:

@@ -10,6 +10,8 @@ customers into ``pipeline.shards`` shards (a stable hash of ``tenant|customer``)
 one :class:`_ShardLogic` per shard holds a :class:`CustomerMeter` per customer, so
 Bytewax routes, schedules and snapshots a few dozen keys per batch whatever the
 number of customers. Changelog records are re-keyed to their customer's shard.
+Mediation (:mod:`meterflow.dataflows.mediation`) has two typed outputs: the shard bundles go
+to the meter step, its dead letters straight to the sinks, merged with the meter step's outputs.
 
 Delivery: every output is an idempotent upsert (rows carry a growing ``version``,
 dead letters and alerts deterministic ids) and sinks write synchronously, so
@@ -37,7 +39,8 @@ from meterflow.base.errors import MeterError
 from meterflow.base.keys import customer_key
 from meterflow.operators.changelog import ChangelogMediator
 from meterflow.operators.entitlements import EntitlementUpdate
-from meterflow.operators.mediate import Mediator, shard_of
+from meterflow.dataflows.mediation import mediate, mediate_changelog
+from meterflow.operators.mediate import Mediator
 from meterflow.operators.meter import CustomerMeter
 from meterflow.operators.rules import Rules
 from meterflow.schemas.config import Config, load_config
@@ -60,8 +63,8 @@ class _ShardLogic(StatefulBatchLogic):
 
     Values arrive in order: ``{tenant|customer: [MeteredEvent, ...]}`` bundles from mediation and
     :class:`EntitlementUpdate` changelog records; each customer's share goes to its meter in that order, in
-    one :meth:`CustomerMeter.process` call per customer and batch. A mediation batch's dead letters arrive
-    as an Emission in one of the batch's shards and leave with that shard's outputs.
+    one :meth:`CustomerMeter.process` call per customer and batch. Mediation's dead letters never come here:
+    they join the shards' outputs after this step (:func:`meterflow.dataflows.mediation.mediate`).
 
     Dead letters, alerts, gateway state and wallets leave with the batch that produced them. Changed rollup
     rows leave at flush ticks: ticks fall on multiples of ``pipeline.flush_interval`` of the wall clock, the
@@ -132,7 +135,7 @@ class _ShardLogic(StatefulBatchLogic):
         if len(values) == 1 and type(values[0]) is dict:  # the usual case: one bundle of event lists
             work: Any = [(key, [events]) for key, events in values[0].items()]
         else:
-            work = self._gather(values, out)
+            work = self._gather(values)
         due = now >= self._next_flush
         meters, dirty, rules = self._meters, self._dirty, self._rules
         for key, items in work:
@@ -149,14 +152,10 @@ class _ShardLogic(StatefulBatchLogic):
         return out.emit(), StatefulBatchLogic.RETAIN
 
     @staticmethod
-    def _gather(values: List[Any], out: "_Merged") -> List[Tuple[str, List[Any]]]:
-        """Each customer's event lists and changelog records, in arrival order; mediation's dead letters
-        (an Emission) pass straight to ``out``."""
+    def _gather(values: List[Any]) -> List[Tuple[str, List[Any]]]:
+        """Each customer's event lists and changelog records, in arrival order."""
         per: Dict[str, List[Any]] = {}
         for v in values:
-            if type(v) is Emission:
-                out.add(v)
-                continue
             if type(v) is EntitlementUpdate:
                 key = customer_key(v.message.tenant_id, v.message.customer_id)
                 items = per.get(key)
@@ -291,10 +290,6 @@ class _Merged:
 _EPOCH_DT = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
-def _is_keyed(item: Any) -> bool:
-    return type(item) is tuple
-
-
 def _drop_key(kv: Tuple[str, Emission]) -> Emission:
     return kv[1]
 
@@ -313,23 +308,18 @@ def build_flow(config: Config, source: Source, sinks: Sequence[Tuple[str, Sink]]
     rules = Rules(config)
     rules.gateway_states = config.redis is not None if gateway_states is None else gateway_states
     shards = config.pipeline.shards
-    mediator = Mediator(config, shards=shards)
+    mediator = Mediator(config)
     flow = Dataflow(flow_id)
-    raw = op.input("ingest", flow, source)
-    mediated = op.flat_map_batch("mediate", raw, mediator)
-    split = op.branch("split_dead_letters", mediated, _is_keyed)
-    keyed, dead = split.trues, split.falses
+    events = mediate("mediate", op.input("ingest", flow, source), mediator, shards)
+    keyed, dead = events.events, events.dead_letters
     if entitlements is not None:
-        changes = op.flat_map_batch("mediate_entitlements", op.input("entitlements_in", flow, entitlements),
-                                    ChangelogMediator(config))
-        csplit = op.branch("split_bad_entitlements", changes, _is_keyed)
-        # Changelog records are keyed tenant|customer: route each to its customer's shard.
-        to_shard = op.map("shard_entitlements", csplit.trues,
-                          lambda kv: (shard_of(kv[0], shards), kv[1]))
-        keyed = op.merge("events_and_changes", keyed, to_shard)
-        dead = op.merge("all_dead_letters", dead, csplit.falses)
+        changes = mediate_changelog("mediate_entitlements", op.input("entitlements_in", flow, entitlements),
+                                    ChangelogMediator(config), shards)
+        keyed = op.merge("events_and_changes", keyed, changes.events)
+        dead = op.merge("all_dead_letters", dead, changes.dead_letters)
     metered = op.stateful_batch("meter", keyed,
                                 lambda resume: _ShardLogic(rules, shards, resume, recoverable, mediator))
+    # Dead letters join after the meter step: they never wait for a shard, and leave in their batch's epoch.
     emissions = op.merge("emissions", op.map("drop_key", metered, _drop_key), dead)
     for name, sink in sinks:
         op.output(name, emissions, sink)

@@ -10,7 +10,7 @@ with reason ``invalid_entitlement``.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, NamedTuple, Optional, Tuple
 
 import msgspec
 from meterflow.base.keys import customer_key
@@ -19,7 +19,7 @@ from meterflow.operators.entitlements import EntitlementUpdate
 from meterflow.operators.mediate import dead_letter
 from meterflow.schemas.alerts import ENTITLEMENT_DECODER
 from meterflow.schemas.config import Config, subscription_problem
-from meterflow.schemas.records import DeadLetter, Emission
+from meterflow.schemas.records import DeadLetter
 
 REASON = "invalid_entitlement"
 
@@ -35,15 +35,22 @@ def log_position(src: Any) -> int:
     raise ValueError(f"cannot order changelog record from {src!r}")
 
 
+class Changes(NamedTuple):
+    """One batch of the changelog: ``(tenant|customer, EntitlementUpdate)`` in log order, and the dead letters."""
+
+    updates: List[Tuple[str, EntitlementUpdate]]
+    dead_letters: List[DeadLetter]
+
+
 class ChangelogMediator:
-    """Call it with a batch of ``(src, raw)``; returns ``(key, EntitlementUpdate)`` items and dead letters."""
+    """Call it with a batch of ``(src, raw)``; returns the batch's :class:`Changes`."""
 
     def __init__(self, cfg: Config, stats: FlowStats = STATS) -> None:
         self._cfg = cfg
         self._stats = stats
 
-    def __call__(self, batch: List[Tuple[Any, Optional[bytes]]]) -> List[Any]:
-        out: List[Any] = []
+    def __call__(self, batch: List[Tuple[Any, Optional[bytes]]]) -> Changes:
+        out: List[Tuple[str, EntitlementUpdate]] = []
         dead: List[DeadLetter] = []
         for src, raw in batch:
             try:
@@ -57,9 +64,7 @@ class ChangelogMediator:
                 continue
             out.append((customer_key(msg.tenant_id, msg.customer_id), EntitlementUpdate(msg, log_position(src), src)))
         self._stats.add({"entitlement_changes": len(out), "entitlement_rejected": len(dead)})  # not events read
-        if dead:
-            out.append(Emission(dead_letters=dead))
-        return out
+        return Changes(out, dead)
 
     def _problem(self, msg: Any) -> Optional[str]:
         if msg.cancelled:

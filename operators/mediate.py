@@ -1,17 +1,15 @@
 """Mediation: decode, validate, normalise to UTC, check the tenant, mark exclusions, key.
 
-Runs on whole batches (``flat_map_batch``). For one input batch it returns one
-``(key, [MeteredEvent, ...])`` item per ``tenant|customer`` key, plus one
-:class:`Emission` holding the batch's dead letters, so the rest of the flow
+Runs on whole batches (``flat_map_batch``). For one input batch it returns one :class:`Mediated`: the
+accepted events grouped per ``tenant|customer`` key, and the batch's dead letters, so the rest of the flow
 handles items per key and batch rather than per event.
 
-With ``shards`` (what the dataflow uses, ``pipeline.shards``) the customers' groups
-are bundled per shard instead: one ``(shard key, {tenant|customer: [MeteredEvent, ...]})``
-item per shard that has events in the batch, the shard being :func:`shard_of` the
-customer key, and the dead letters as ``(shard key, Emission)`` to one of those
-shards, which passes them on with its outputs. Bytewax then routes a few dozen
-items per batch rather than one per customer, and one keyed logic per shard holds
-that shard's customers.
+:func:`bundle_shards` bundles the customers' groups per shard (what the dataflow routes,
+``pipeline.shards``): one ``(shard key, {tenant|customer: [MeteredEvent, ...]})`` item per shard that has
+events in the batch, the shard being :func:`shard_of` the customer key. Bytewax then routes a few dozen
+items per batch rather than one per customer, and one keyed logic per shard holds that shard's customers.
+The Bytewax operator with typed outputs (events to the shards, dead letters to the sinks) is
+:func:`meterflow.dataflows.mediation.mediate`.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ import re
 import zlib
 from array import array
 from itertools import accumulate
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, NamedTuple, Optional, Tuple
 
 import msgspec
 from meterflow.base.keys import KEY_SEP
@@ -29,7 +27,7 @@ from meterflow.base.stats import STATS, FlowStats
 from meterflow.base.timeutil import Rfc3339Parser, ms_to_iso, now_ms
 from meterflow.schemas.config import Config
 from meterflow.schemas.events import EVENT_DECODER, UsageEvent
-from meterflow.schemas.records import DeadLetter, Emission
+from meterflow.schemas.records import DeadLetter
 
 MAX_DEPTH = 64  # an event nested deeper than this anywhere (unknown fields included) is invalid
 # The latest event time metered whatever the clock and pipeline.max_clock_skew say (9000-01-01T00:00:00Z): billing
@@ -96,6 +94,36 @@ class MeteredEvent(msgspec.Struct, frozen=True, gc=False):
     ingested: int = 0  # when mediation read it (epoch ms), for breach-to-alert latency
 
 
+class Mediated(NamedTuple):
+    """One batch through mediation: the accepted events per ``tenant|customer`` key, in arrival order
+    (keys in order of their first event), and the batch's dead letters, in arrival order."""
+
+    groups: Dict[str, List[MeteredEvent]]
+    dead_letters: List[DeadLetter]
+
+
+Bundle = Dict[str, List[MeteredEvent]]  # one shard's share of a batch: {tenant|customer: [MeteredEvent, ...]}
+
+
+def bundle_shards(groups: Dict[str, List[MeteredEvent]], shards: int) -> List[Tuple[str, Bundle]]:
+    """``(shard, {tenant|customer: events})`` for every shard with events in ``groups``, each shard's
+    customers in the order of ``groups`` (the shard of a key is :func:`shard_of`).
+
+    >>> [(shard, list(bundle)) for shard, bundle in bundle_shards({"acme|a": [], "acme|b": [], "beta|a": []}, 2)]
+    [('0', ['acme|a', 'acme|b']), ('1', ['beta|a'])]
+    """
+    by_shard: Dict[str, Bundle] = {}
+    crc32 = zlib.crc32
+    for key, group in groups.items():
+        shard = str(crc32(key.encode()) % shards)  # shard_of, inlined: once per customer and batch
+        bundle = by_shard.get(shard)
+        if bundle is None:
+            by_shard[shard] = {key: group}
+        else:
+            bundle[key] = group
+    return list(by_shard.items())
+
+
 class _TenantRule(msgspec.Struct, frozen=True):
     exclude_when: Tuple[Tuple[str, Any], ...]
     excluded_customers: FrozenSet[str]
@@ -104,9 +132,7 @@ class _TenantRule(msgspec.Struct, frozen=True):
 class Mediator:
     """Stateless per event except for the process watermark; call it with a batch of ``(src, raw)``."""
 
-    def __init__(self, cfg: Config, stats: FlowStats = STATS, shards: Optional[int] = None,
-                 clock: Callable[[], int] = now_ms) -> None:
-        self._shards = shards  # None: one item per customer; n: one item per shard (see the module docstring)
+    def __init__(self, cfg: Config, stats: FlowStats = STATS, clock: Callable[[], int] = now_ms) -> None:
         self._tenants: Dict[str, _TenantRule] = {
             t.id: _TenantRule(tuple(t.exclude_when.items()), frozenset(t.excluded_customers)) for t in cfg.tenants
         }
@@ -123,7 +149,7 @@ class Mediator:
         if ms > self.watermark:
             self.watermark = ms
 
-    def __call__(self, batch: List[Tuple[Any, Optional[bytes]]]) -> List[Any]:
+    def __call__(self, batch: List[Tuple[Any, Optional[bytes]]]) -> Mediated:
         groups: Dict[str, List[MeteredEvent]] = {}
         dead: List[DeadLetter] = []
         tenants = self._tenants
@@ -194,27 +220,7 @@ class Mediator:
         if wm > self.watermark:
             self.watermark = wm
         self._stats.add({"read": len(batch), "dead_lettered": len(dead)})
-        shards = self._shards
-        if shards is None:
-            out: List[Any] = list(groups.items())
-        else:
-            by_shard: Dict[str, Dict[str, List[MeteredEvent]]] = {}
-            for key, group in groups.items():
-                shard = str(zlib.crc32(key.encode()) % shards)  # shard_of, inlined: once per customer and batch
-                bundle = by_shard.get(shard)
-                if bundle is None:
-                    by_shard[shard] = {key: group}
-                else:
-                    bundle[key] = group
-            out = list(by_shard.items())
-            if dead:
-                # Keyed too, to the shard of the first customer (or shard 0): the batch's dead letters then
-                # leave in the same sink batch as its metered outputs instead of a separate write per batch.
-                out.append((out[0][0] if out else "0", Emission(dead_letters=dead)))
-            return out
-        if dead:
-            out.append(Emission(dead_letters=dead))
-        return out
+        return Mediated(groups, dead)
 
 
 _MISSING = object()

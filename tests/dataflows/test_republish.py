@@ -77,7 +77,7 @@ def test_without_gateway_state_a_resume_republishes_nothing():
     logic.on_batch(shard_values(med, [event(1, "c31")]))
     rules = Rules(cfg)
     rules.gateway_states = False  # what build_flow sets without [redis]
-    off = _ShardLogic(rules, 1, logic.snapshot(), True, Mediator(cfg, stats=FlowStats(), shards=1), clock=Clock())
+    off = _ShardLogic(rules, 1, logic.snapshot(), True, Mediator(cfg, stats=FlowStats()), clock=Clock())
     assert off.notify_at() is None
     assert merged(off.on_eof()).gateway == []
 

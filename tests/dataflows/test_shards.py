@@ -16,8 +16,10 @@ from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import bytewax.operators as op
 import msgspec
 import pytest
+from bytewax.dataflow import Dataflow
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 from hypothesis import given, settings
@@ -27,7 +29,8 @@ from meterflow.base.keys import customer_key
 from meterflow.base.stats import FlowStats
 from meterflow.dataflows.metering import SHARD_STATE_VERSION, _ShardLogic, build_flow
 from meterflow.operators.changelog import ChangelogMediator
-from meterflow.operators.mediate import Mediator, shard_of
+from meterflow.dataflows.mediation import mediate, mediate_changelog
+from meterflow.operators.mediate import Mediator, bundle_shards, shard_of
 from meterflow.operators.meter import CustomerMeter
 from meterflow.operators.rules import Rules
 from meterflow.schemas.config import parse_config
@@ -67,13 +70,13 @@ class Clock:
 
 
 def new_logic(cfg, shards=1, resume=None, recoverable=True, clock=None, mediator=None):
-    mediator = mediator or Mediator(cfg, stats=FlowStats(), shards=shards)
+    mediator = mediator or Mediator(cfg, stats=FlowStats())
     return _ShardLogic(Rules(cfg), shards, resume, recoverable, mediator, clock=clock or Clock()), mediator
 
 
-def shard_values(mediator, batch, shard="0"):
-    """What Bytewax hands one shard's on_batch for this mediated batch."""
-    return [v for k, v in mediator(batch) if k == shard]
+def shard_values(mediator, batch, shard="0", shards=1):
+    """What Bytewax hands one shard's on_batch for this mediated batch (its dead letters go to the sinks)."""
+    return [bundle for k, bundle in bundle_shards(mediator(batch).groups, shards) if k == shard]
 
 
 def merged(out):
@@ -118,25 +121,76 @@ def test_shard_of_is_a_stable_hash_of_the_customer_key():
     assert [shard_of(customer_key(t, "c1"), 1024) for t in ("acme", "beta")] == ["124", "856"]
 
 
-def test_mediation_bundles_each_customer_in_its_shard_and_keys_its_dead_letters():
+def test_mediation_bundles_each_customer_in_its_shard():
     cfg = make_config()
     batch = [event(i, f"c{i % 7}", tenant=("acme", "beta")[i % 2]) for i in range(40)] + [(("events.jsonl", 99), b"{")]
-    per_customer = Mediator(cfg, stats=FlowStats())(batch)
-    sharded = Mediator(cfg, stats=FlowStats(), shards=4)(batch)
-    assert all(type(item) is tuple for item in sharded), "in shard mode every item is keyed"
-    bundles = {k: v for k, v in sharded if type(v) is dict}
-    assert len(bundles) == len([k for k, v in sharded if type(v) is dict]), "one bundle per shard and batch"
+    groups, dead = Mediator(cfg, stats=FlowStats())(batch)
+    assert [d.reason for d in dead] == ["invalid_json"]
+    bundles = bundle_shards(groups, 4)
+    assert len({shard for shard, _ in bundles}) == len(bundles), "one bundle per shard and batch"
     seen = {}
-    for shard, bundle in bundles.items():
+    for shard, bundle in bundles:
         for key, events in bundle.items():
             assert shard_of(key, 4) == shard
             assert all(customer_key(m.event.tenant_id, m.event.customer_id) == key for m in events)
             seen[key] = [m.event.event_id for m in events]
-    assert seen == {k: [m.event.event_id for m in v] for k, v in (i for i in per_customer if type(i) is tuple)}
-    dead = [(k, v) for k, v in sharded if type(v) is Emission]
-    assert len(dead) == 1 and dead[0][0] in bundles and [d.reason for d in dead[0][1].dead_letters] == ["invalid_json"]
-    # only dead letters: still keyed, to shard 0
-    assert Mediator(cfg, stats=FlowStats(), shards=4)([(("x", 1), b"")])[0][0] == "0"
+    assert seen == {k: [m.event.event_id for m in v] for k, v in groups.items()}
+    assert bundle_shards({}, 4) == []
+
+
+def test_the_mediate_operators_have_typed_outputs_per_batch():
+    """events: (shard, bundle) items, one per shard and batch; dead_letters: one Emission per batch that had
+    any, nothing else in it; changelog records keyed by their customer's shard, in log order."""
+    cfg = make_config()
+    bad = [(("events.jsonl", 90 + i), raw) for i, raw in enumerate([b"{", b"", b"[1]", b"x"])]
+    # batches of 3: two good and a bad one / three bad ones / three good ones
+    items = [event(1, "c1"), event(2, "c2"), bad[0], *bad[1:], event(3, "c1"), event(4, "c3"), event(5, "c4")]
+    change = json.dumps({"tenant_id": "acme", "customer_id": "free", "cancelled": True}).encode()
+    changes = [(("changes.jsonl", 1), change), (("changes.jsonl", 2), b"nope"), (("changes.jsonl", 3), change)]
+    flow = Dataflow("typed")
+    events = mediate("mediate", op.input("in", flow, TestingSource(items, batch_size=3)), Mediator(cfg, FlowStats()), 4)
+    log = mediate_changelog("log", op.input("log_in", flow, TestingSource(changes, batch_size=3)),
+                            ChangelogMediator(cfg, FlowStats()), 4)
+    got = {name: [] for name in ("events", "dead", "changes", "bad_changes")}
+    for name, stream in (("events", events.events), ("dead", events.dead_letters), ("changes", log.events),
+                         ("bad_changes", log.dead_letters)):
+        op.output(name, stream, TestingSink(got[name]))
+    run_main(flow)
+    assert all(type(k) is str and type(v) is dict for k, v in got["events"])
+    expected = [(shard, list(bundle)) for keys in (("acme|c1", "acme|c2"), ("acme|c1", "acme|c3", "acme|c4"))
+                for shard, bundle in bundle_shards(dict.fromkeys(keys), 4)]  # the first batch, then the third
+    assert [(shard, list(bundle)) for shard, bundle in got["events"]] == expected
+    assert sorted(m.event.event_id for _, b in got["events"] for ms in b.values() for m in ms) == [
+        "e1", "e2", "e3", "e4", "e5"]
+    assert [type(e) for e in got["dead"]] == [Emission, Emission]
+    assert [[d.source for d in e.dead_letters] for e in got["dead"]] == [
+        ["events.jsonl:90"], ["events.jsonl:91", "events.jsonl:92", "events.jsonl:93"]]
+    assert all(e == Emission(dead_letters=e.dead_letters) for e in got["dead"]), "dead letters only"
+    assert [(k, u.version) for k, u in got["changes"]] == [(shard_of("acme|free", 4), 1), (shard_of("acme|free", 4), 3)]
+    assert [[d.reason for d in e.dead_letters] for e in got["bad_changes"]] == [["invalid_entitlement"]]
+
+
+def _meter_snapshots(tmp):
+    import sqlite3
+
+    with sqlite3.connect(next(Path(tmp).glob("*.sqlite3"))) as db:
+        return db.execute("SELECT count(*) FROM snaps WHERE step_id = 'meterflow.meter'").fetchone()[0]
+
+
+def test_dead_letters_reach_the_sinks_without_the_meter_step():
+    """A batch of bad lines only: its dead letters leave in one Emission and no shard is created for them."""
+    cfg = with_shards(make_config(), 4)
+    for lines, shards_with_state in (([(("events.jsonl", 1), b"{"), (("events.jsonl", 2), b"")], 0),
+                                     ([(("events.jsonl", 1), b"{"), event(2, "c31")], 1)):
+        out = []
+        with tempfile.TemporaryDirectory() as tmp:
+            init_db_dir(Path(tmp), 1)
+            run_main(build_flow(cfg, TestingSource(lines, batch_size=2), [("out", TestingSink(out))]),
+                     recovery_config=RecoveryConfig(Path(tmp)))
+            assert _meter_snapshots(tmp) == shards_with_state
+        dead = [[(d.reason, d.source) for d in em.dead_letters] for em in out if em.dead_letters]
+        second = [("invalid_json", "events.jsonl:2")] if shards_with_state == 0 else []
+        assert dead == [[("invalid_json", "events.jsonl:1")] + second]
 
 
 # -- the flush tick -----------------------------------------------------------------------------------------
@@ -157,10 +211,11 @@ def test_rows_leave_once_per_tick_while_alerts_and_dead_letters_leave_with_their
     assert logic.notify_at() == datetime.fromtimestamp((T0 + 1000) / 1000, timezone.utc)
 
     clock.now = T0 + 700  # another customer, a missing property (a meter dead letter) and a bad payload
-    em = merged(logic.on_batch(shard_values(med, [event(30, "free", tokens=None), event(31, "cq"),
-                                                  (("events.jsonl", 32), b"not json")])))
+    groups, dead = med([event(30, "free", tokens=None), event(31, "cq"), (("events.jsonl", 32), b"not json")])
+    assert [d.reason for d in dead] == ["invalid_json"]  # mediation's: to the sinks with the batch, not to a shard
+    em = merged(logic.on_batch([bundle for _, bundle in bundle_shards(groups, 1)]))
     assert not em.windows and not em.periods
-    assert Counter(d.reason for d in em.dead_letters) == {"missing_property": 2, "invalid_json": 1}
+    assert Counter(d.reason for d in em.dead_letters) == {"missing_property": 2}
 
     clock.now = T0 + 1000  # the tick: every changed row of the shard once, with its latest value
     tick = merged(logic.on_notify())
@@ -209,7 +264,8 @@ def test_a_changelog_record_reaches_its_customer_in_order_with_its_events():
     change = json.dumps({"tenant_id": "acme", "customer_id": "free", "subscription": {
         "tenant_id": "acme", "customer_id": "free", "plan": "pro", "period": "month",
         "anchor": "2026-01-01T00:00:00Z", "overrides": {"calls": {"included": 4}}}}).encode()
-    (key, update), = ChangelogMediator(cfg, stats=FlowStats())([(("changes.jsonl", 1), change)])
+    ((key, update),), dead = ChangelogMediator(cfg, stats=FlowStats())([(("changes.jsonl", 1), change)])
+    assert dead == []
     assert key == "acme|free"
     before = shard_values(med, [event(1, "free"), event(2, "c31")])
     after = shard_values(med, [event(3, "free"), event(4, "free"), event(5, "free")])
@@ -240,7 +296,7 @@ def test_snapshot_repickles_only_changed_customers_and_resume_rebuilds_every_one
     assert snaps2["acme|c31"] != snaps1["acme|c31"]
     assert logic.snapshot()[2] == snaps2 and logic.snapshot()[2] is not snaps2  # a copy each time
 
-    mediator = Mediator(cfg, stats=FlowStats(), shards=1)
+    mediator = Mediator(cfg, stats=FlowStats())
     resumed, _ = new_logic(cfg, resume=(version, shards, snaps2), mediator=mediator, clock=Clock(clock.now))
     assert {k: state_of(m) for k, m in resumed._meters.items()} == {k: state_of(m) for k, m in logic._meters.items()}
     assert mediator.watermark == max(m.wm for m in logic._meters.values()) == med.watermark

@@ -657,15 +657,14 @@ class MeterHarness:
         out = []
         for it in delivery:
             if isinstance(it, Change):
-                res = self.changelog([(("changes.jsonl", it.version), it.raw())])
+                res, dead = self.changelog([(("changes.jsonl", it.version), it.raw())])
             else:
                 self.line += 1
-                res = self.mediator([(("events.jsonl", self.line), it.raw())])
-            for r in res:
-                if isinstance(r, Emission):
-                    out.append(r)
-                    continue
-                key, value = r
+                groups, dead = self.mediator([(("events.jsonl", self.line), it.raw())])
+                res = groups.items()
+            if dead:
+                out.append(Emission(dead_letters=dead))
+            for key, value in res:
                 items = per_key.setdefault(key, [])
                 if isinstance(value, EntitlementUpdate):
                     items.append(value)

@@ -7,9 +7,8 @@ import json
 import pytest
 from meterflow.base.keys import customer_key
 from meterflow.base.stats import FlowStats
-from meterflow.operators.mediate import MAX_DEPTH, Mediator, MeteredEvent, dead_letter, format_source
+from meterflow.operators.mediate import MAX_DEPTH, Mediated, Mediator, MeteredEvent, dead_letter, format_source
 from meterflow.schemas.config import parse_config
-from meterflow.schemas.records import Emission
 
 CFG = {
     "pipeline": {"max_event_bytes": 600},
@@ -60,9 +59,12 @@ def mediate(*raws, cfg=None, clock=clock):
 
 
 def split(out):
-    keyed = [x for x in out if isinstance(x, tuple)]
-    dead = [d for x in out if isinstance(x, Emission) for d in x.dead_letters]
-    return keyed, dead
+    return list(out.groups.items()), out.dead_letters
+
+
+def first(out):
+    """The first accepted event of a mediated batch."""
+    return next(iter(out.groups.values()))[0]
 
 
 def only_dead(raw, cfg=None):
@@ -77,8 +79,8 @@ def only_dead(raw, cfg=None):
 def test_valid_event_is_keyed_and_normalised():
     raw = enc(event())
     _, out = mediate(raw)
-    assert len(out) == 1
-    key, items = out[0]
+    assert out.dead_letters == [] and len(out.groups) == 1
+    ((key, items),) = out.groups.items()
     assert key == "acme|cust_456" == customer_key("acme", "cust_456")
     (me,) = items
     assert isinstance(me, MeteredEvent)
@@ -93,24 +95,24 @@ def test_valid_event_is_keyed_and_normalised():
                                 "2026-11-03T14:30:00.000999Z"])
 def test_timestamp_formats_normalise_to_the_same_utc_ms(ts):
     _, out = mediate(enc(event(timestamp=ts)))
-    assert out[0][1][0].ts == 1793716200000
+    assert first(out).ts == 1793716200000
 
 
 def test_sub_millisecond_digits_are_truncated_not_rounded_into_the_next_period():
     # (regression) msgspec's datetime rounded .9999999 up to the next second, here into May
     _, out = mediate(enc(event(timestamp="2026-04-30T23:59:59.9999999Z")))
-    assert out[0][1][0].ts == 1777593599999  # 2026-04-30T23:59:59.999Z
+    assert first(out).ts == 1777593599999  # 2026-04-30T23:59:59.999Z
 
 
 @pytest.mark.parametrize("ts", ["2026-11-03T14:30:00z", "2026-11-03t14:30:00z"])
 def test_lower_case_z_is_rfc3339(ts):
     _, out = mediate(enc(event(timestamp=ts)))
-    assert isinstance(out[0], tuple) and out[0][1][0].ts == 1793716200000
+    assert first(out).ts == 1793716200000
 
 
 def test_utc_boundary_est_evening_is_next_day_utc():
     _, out = mediate(enc(event(timestamp="2026-01-31T23:59:00-05:00")))
-    assert out[0][1][0].ts == 1769921940000  # 2026-02-01T04:59:00Z
+    assert first(out).ts == 1769921940000  # 2026-02-01T04:59:00Z
 
 
 def test_optional_fields_and_unknown_top_level_fields():
@@ -120,19 +122,19 @@ def test_optional_fields_and_unknown_top_level_fields():
     ev["correction"] = True
     ev["corrects"] = "evt_0"
     _, out = mediate(enc(ev))
-    me = out[0][1][0]
+    me = first(out)
     assert me.event.properties == {} and me.event.correction is True and me.event.corrects == "evt_0"
 
 
 def test_property_values_may_be_scalars_or_null():
     props = {"s": "x", "i": 1, "f": 1.5, "b": False, "n": None}
     _, out = mediate(enc(event(properties=props)))
-    assert out[0][1][0].event.properties == props
+    assert first(out).event.properties == props
 
 
 def test_event_id_of_256_chars_is_accepted():
     _, out = mediate(enc(event(event_id="e" * 256)))
-    assert out[0][0] == "acme|cust_456"
+    assert list(out.groups) == ["acme|cust_456"]
 
 
 def test_payload_exactly_at_the_size_limit_is_accepted():
@@ -140,7 +142,7 @@ def test_payload_exactly_at_the_size_limit_is_accepted():
     raw = enc(event(properties={"pad": "x" * (600 - len(base))}))
     assert len(raw) == 600
     _, out = mediate(raw)
-    assert isinstance(out[0], tuple)
+    assert out.groups and not out.dead_letters
 
 
 # -- dead-letter reasons -------------------------------------------------------------------------------
@@ -252,7 +254,7 @@ def test_bad_events_do_not_stop_good_ones_in_the_same_batch():
             enc(event(event_id="e"))]
     _, out = mediate(*raws)
     keyed, dead = split(out)
-    assert isinstance(out[-1], Emission)  # the dead letters come last, once per batch
+    assert type(out) is Mediated and type(out.groups) is dict and type(out.dead_letters) is list  # once per batch
     assert [(k, [me.event.event_id for me in items]) for k, items in keyed] == [
         ("acme|cust_456", ["a", "e"]), ("acme|other", ["c"])]
     assert [(d.reason, d.source) for d in dead] == [
@@ -262,7 +264,7 @@ def test_bad_events_do_not_stop_good_ones_in_the_same_batch():
 
 def test_no_dead_letter_emission_when_all_good():
     _, out = mediate(enc(event(event_id="a")), enc(event(event_id="b")))
-    assert all(isinstance(x, tuple) for x in out)
+    assert out.dead_letters == [] and [me.event.event_id for me in out.groups["acme|cust_456"]] == ["a", "b"]
 
 
 # -- exclusions ----------------------------------------------------------------------------------------
@@ -281,13 +283,13 @@ def test_no_dead_letter_emission_when_all_good():
 ])
 def test_exclusions(ev, excluded):
     _, out = mediate(enc(ev))
-    (key, (me,)), = out
+    (key, (me,)), = out.groups.items()
     assert me.excluded is excluded
 
 
 def test_exclusion_match_is_exact_on_json_type():
     _, out = mediate(enc(event(properties={"environment": "test", "synthetic": 1})))
-    assert out[0][1][0].excluded is False
+    assert first(out).excluded is False
 
 
 # -- the watermark -------------------------------------------------------------------------------------
@@ -308,7 +310,7 @@ def test_watermark_is_greatest_event_time_and_stamped_per_event():
     assert m.watermark == t0 + 7000
     # it carries over to the next batch and never decreases
     out2 = m([(("f", 9), enc(event(event_id="e", timestamp=t0)))])
-    assert out2[0][1][0].wm == t0 + 7000
+    assert out2.groups["acme|cust_456"][0].wm == t0 + 7000
     assert m.watermark == t0 + 7000
 
 
@@ -384,13 +386,13 @@ def test_nesting_deeper_than_64_levels_anywhere_is_invalid_event(raw):
 def test_nesting_of_exactly_64_levels_in_an_unknown_field_is_accepted():
     raw = with_unknown(nested(MAX_DEPTH - 1))  # 63 inside the event object: 64 in all
     _, out = mediate(raw)
-    assert isinstance(out[0], tuple) and out[0][1][0].event.event_id == "p1"
+    assert first(out).event.event_id == "p1"
 
 
 def test_brackets_inside_strings_do_not_count_as_nesting():
     raw = enc(event(properties={"q": "[" * 500 + "{" * 500, "r": '\\"[[[' * 100}, note="]" * 70))
     _, out = mediate(raw, cfg=config(max_event_bytes=1 << 20))
-    assert isinstance(out[0], tuple)
+    assert out.groups and not out.dead_letters
 
 
 @pytest.mark.parametrize("ts", ["9999-12-31T23:59:59Z", "0001-01-01T00:00:00Z", "0001-01-01T00:00:00+01:00",

@@ -86,15 +86,14 @@ class Run:
             self.n += 1
             batch.append((("test.jsonl", self.n), r))
         out = []
-        for item in self.mediator(batch):
-            if isinstance(item, Emission):
-                out.append(item)
-                continue
-            key, events = item
+        groups, dead = self.mediator(batch)
+        for key, events in groups.items():
             meter = self.meters.get(key)
             if meter is None:
                 meter = self.meters[key] = CustomerMeter(self.rules, key, stats=self.stats)
             out.append(meter.process([events]))
+        if dead:
+            out.append(Emission(dead_letters=dead))
         self.emissions += out
         return out
 
@@ -521,8 +520,8 @@ def test_snapshot_is_an_immutable_copy():
     run.feed(ev("e2", "2026-03-05T10:00:00Z", tokens=2))
     old = CustomerMeter(run.rules, "acme|cust_456", snap, stats=FlowStats())
     assert len(old.seen) == 1 and fingerprint("e1") in old.seen
-    em = old.process([[m for _, ms_ in run.mediator([(("x", 1), ev("e2", "2026-03-05T10:00:00Z", tokens=2))])
-                       for m in ms_]])
+    groups = run.mediator([(("x", 1), ev("e2", "2026-03-05T10:00:00Z", tokens=2))]).groups
+    em = old.process([[m for ms_ in groups.values() for m in ms_]])
     assert [r.value for r in em.periods if r.metric == "tokens"] == [3.0]
 
 
@@ -592,8 +591,9 @@ def test_a_version_3_snapshot_with_ids_in_a_dict_is_converted_on_restore():
     old = CustomerMeter(run.rules, "acme|cust_456", pickle.dumps(tuple(state), protocol=5), stats=FlowStats())
     assert len(old.seen) == 1 and old.seen.get(fingerprint("e1")) == expiry
     assert old.next_dedupe_evict == expiry
-    feed = [m for _, ms_ in run.mediator([(("x", 1), ev("e1", "2026-03-05T10:00:00Z", tokens=1)),
-                                          (("x", 2), ev("e2", "2026-03-05T10:00:00Z", tokens=2))]) for m in ms_]
+    groups = run.mediator([(("x", 1), ev("e1", "2026-03-05T10:00:00Z", tokens=1)),
+                           (("x", 2), ev("e2", "2026-03-05T10:00:00Z", tokens=2))]).groups
+    feed = [m for ms_ in groups.values() for m in ms_]
     em = old.process([feed])
     assert [r.value for r in em.periods if r.metric == "tokens"] == [3.0]  # e1 a duplicate, e2 counted
 

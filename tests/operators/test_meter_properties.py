@@ -462,12 +462,11 @@ def run_operators(cfg, stream, data, restore_at=None):
             snaps = {k: m.snapshot() for k, m in meters.items()}
             del meters
             meters = {k: CustomerMeter(rules, k, pickle.loads(pickle.dumps(s)), stats=stats) for k, s in snaps.items()}
-        for item in mediator(batch):
-            if isinstance(item, Emission):
-                emissions.append(item)
-            else:
-                key, evs = item
-                pending[key].append(evs)
+        groups, dead = mediator(batch)
+        if dead:
+            emissions.append(Emission(dead_letters=dead))
+        for key, evs in groups.items():
+            pending[key].append(evs)
         # deliver now or keep accumulating (bytewax hands a key several mediated lists at once)
         if data.draw(st.integers(0, 2)) or bi == len(batches) - 1:
             for key, lists in pending.items():

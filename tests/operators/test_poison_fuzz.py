@@ -27,7 +27,6 @@ from meterflow.operators.mediate import Mediator
 from meterflow.operators.meter import CustomerMeter
 from meterflow.operators.rules import Rules
 from meterflow.schemas.config import parse_config
-from meterflow.schemas.records import Emission
 
 NOW = 1798761600000  # 2027-01-01T00:00:00Z, the injected wall clock
 CFG = parse_config({
@@ -184,11 +183,9 @@ def run(lines, batches):
     mediated_dead, metered, meter_dead, missing = [], [], [], []
     for lo, hi in batches:
         batch = [(("fuzz.jsonl", i + 1), lines[i]) for i in range(lo, hi)]
-        for item in mediator(batch):
-            if isinstance(item, Emission):
-                mediated_dead += item.dead_letters
-                continue
-            key, group = item
+        groups, dead = mediator(batch)
+        mediated_dead += dead
+        for key, group in groups.items():
             metered += [me.src for me in group]
             meter = meters.get(key)
             if meter is None:
