@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import pickle
-from collections import defaultdict
 
 import msgspec
 import pytest
@@ -90,17 +89,14 @@ def test_int_bytes_round_trip(n):
 def _feed(meters, rules, stats, mediator, batches, data):
     out = []
     for batch in batches:
-        per = defaultdict(list)
-        for item in mediator(batch):
-            if isinstance(item, Emission):
-                out.append(item)
-            else:
-                per[item[0]].append(item[1])
-        for key, lists in per.items():
+        mediated = mediator(batch)
+        if mediated.dead_letters:
+            out.append(Emission(dead_letters=mediated.dead_letters))
+        for key, group in mediated.groups.items():
             meter = meters.get(key)
             if meter is None:
                 meter = meters[key] = CustomerMeter(rules, key, stats=stats)
-            out.append(meter.process(lists, flush=data.draw(st.booleans())))
+            out.append(meter.process([group], flush=data.draw(st.booleans())))
     for meter in meters.values():
         if meter.has_dirty():
             out.append(meter.flush())
