@@ -134,7 +134,8 @@ class Bench:
         self.kafka, self.redis = kafka, redis_server
         t = time.perf_counter()
         self.wl = build_workload(a.events, a.customers, a.tenants, a.seed, a.included)
-        self.log(f"workload: {len(self.wl.items):,} events ({self.wl.size_bytes / 2**20:.1f} MiB), {a.tenants} tenants x "
+        self.log(f"workload: {len(self.wl.items):,} events ({self.wl.size_bytes / 2**20:.1f} MiB), "
+                 f"{a.tenants} tenants x "
                  f"{a.customers} customers (Zipf), seed {a.seed}; reference model: "
                  f"{self.wl.counts['billable_unique_api_calls']:,} billable unique api_calls, "
                  f"{len(self.wl.expected_totals):,} total rows, {len(self.wl.expected_alerts)} threshold alerts "
@@ -423,7 +424,8 @@ class Bench:
             split = {"produced_to_detected_ms": pcts([detected[k] - sent_at[i] * 1000 for k, i in got]),
                      "detected_to_consumed_ms": pcts([received[k] * 1000 - detected[k] for k, _i in got])}
             extra = [k for k in received if k not in expected and not k.startswith(WARM_KEY + "|")]
-            result.update({"events": sent, "achieved_rate": sent / max(1e-9, sent_at[-1] - sent_at[0]) if sent > 1 else 0,
+            rate = sent / max(1e-9, sent_at[-1] - sent_at[0]) if sent > 1 else 0
+            result.update({"events": sent, "achieved_rate": rate,
                            "expected_alerts": len(expected), "received_alerts": len(lat),
                            "unexpected_alerts": len(extra), **{f"{k}_ms": v for k, v in pcts(lat).items() if k != "n"},
                            **split})
@@ -524,8 +526,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     bench.log(f"[red]core: {c['error']}[/]")
                 else:
                     bench.log(f"core: {c['core_eps']:,.0f} ev/s in process (decode alone {c['decode_eps']:,.0f}/s); "
-                              f"dedupe {c['dedupe_bytes_per_id']:,.0f} B/id; state {c['state_bytes_per_customer']:,.0f} "
-                              f"B/customer")
+                              f"dedupe {c['dedupe_bytes_per_id']:,.0f} B/id; "
+                              f"state {c['state_bytes_per_customer']:,.0f} B/customer")
                     mf = bench.rows.get("meterflow-1w")
                     if mf is not None and mf.ran:
                         mf.state_bytes_per_id = c["dedupe_bytes_per_id"]

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Dict, List
 
 import orjson
-from meterflow.base.timeutil import parse_rfc3339_ms
 
+from meterflow.base.timeutil import parse_rfc3339_ms
 from meterflow.devservices import KafkaBroker, RedisServer
 
 RESULTS = Path(__file__).resolve().parent / "results"

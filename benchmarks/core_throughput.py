@@ -22,10 +22,9 @@ from meterflow.base.stats import FlowStats
 from meterflow.operators.mediate import Mediator
 from meterflow.operators.meter import CustomerMeter
 from meterflow.operators.rules import Rules
+from meterflow.sample import customer_ids, generate_events, sample_config_toml, tenant_ids
 from meterflow.schemas.config import parse_config
 from meterflow.schemas.events import EVENT_DECODER
-
-from meterflow.sample import customer_ids, generate_events, sample_config_toml, tenant_ids
 
 
 def build(n: int, batch: int, customers: int, span_ms: int = 2 * 3_600_000):

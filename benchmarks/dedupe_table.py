@@ -275,13 +275,14 @@ def memory(ids: List[str], cust: List[int]) -> Dict[str, object]:
             continue
         k = sum(len(v) for v in part.values())
         rows.append({"ids_per_customer": f"{lo}-{hi}" if hi < 1 << 62 else f">{lo - 1}", "customers": len(part),
-                     "ids": k, "dict": freed_bytes(lambda: build_dicts(part)) / k,
-                     "table": freed_bytes(lambda: build_tables(part)) / k})
+                     "ids": k, "dict": freed_bytes(lambda part=part: build_dicts(part)) / k,
+                     "table": freed_bytes(lambda part=part: build_tables(part)) / k})
     res["by_size"] = rows
     fixed = {}
     for k in (0, 1, 4):
         g = {0: [f"evt_7_{i}" for i in range(k)]}
-        fixed[k] = {"dict": freed_bytes(lambda: build_dicts(g)[0]), "table": freed_bytes(lambda: build_tables(g)[0])}
+        fixed[k] = {"dict": freed_bytes(lambda g=g: build_dicts(g)[0]),
+                    "table": freed_bytes(lambda g=g: build_tables(g)[0])}
     res["fixed"] = fixed
     t = build_tables(one)[0]
     d = build_dicts(one)[0]

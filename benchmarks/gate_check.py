@@ -27,13 +27,12 @@ import time
 from typing import Callable, Dict, List
 
 from meterflow.base.stats import FlowStats
+from meterflow.devservices import RedisServer
+from meterflow.gate import QuotaGate
 from meterflow.schemas.config import RedisConfig
 from meterflow.schemas.gateway import GatewayState, WalletState
 from meterflow.schemas.records import Emission
 from meterflow.sinks.redis import GatewayStateSink
-
-from meterflow.devservices import RedisServer
-from meterflow.gate import QuotaGate
 
 T0 = 1_793_491_200_000  # 2026-11-01T00:00:00Z
 PERIOD_END = 1_796_083_200_000

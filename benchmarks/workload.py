@@ -173,7 +173,8 @@ class LatencyPlan:
         n = self.customers
         for c, inc in enumerate(self.included):
             have = len(range(c, sent, n))  # events customer c received
-            for metric, included, per_event in (("api_calls", inc, 1), ("tokens", self.tokens_included(inc), LAT_TOKENS)):
+            metrics = (("api_calls", inc, 1), ("tokens", self.tokens_included(inc), LAT_TOKENS))
+            for metric, included, per_event in metrics:
                 for t in THRESHOLDS:
                     k = -(-t * included // (100 * per_event))  # smallest k with k * per_event * 100 >= t * included
                     if k <= have:

@@ -35,11 +35,12 @@ from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
+
 from meterflow.base.errors import MeterError
 from meterflow.base.keys import customer_key
+from meterflow.dataflows.mediation import mediate, mediate_changelog
 from meterflow.operators.changelog import ChangelogMediator
 from meterflow.operators.entitlements import EntitlementUpdate
-from meterflow.dataflows.mediation import mediate, mediate_changelog
 from meterflow.operators.mediate import Mediator
 from meterflow.operators.meter import CustomerMeter
 from meterflow.operators.rules import Rules
@@ -339,8 +340,8 @@ def sinks_from_config(config: Config, recoverable: bool = False) -> List[Tuple[s
         k = config.kafka
         sinks.append(("aggregated_topic", AggregatedTopicSink(k.bootstrap_servers, k.aggregated_topic, k.client_config,
                                                               k.outage_timeout_seconds)))
-        sinks.append(("dead_letter_topic", DeadLetterTopicSink(k.bootstrap_servers, k.dead_letter_topic, k.client_config,
-                                                               k.outage_timeout_seconds)))
+        sinks.append(("dead_letter_topic", DeadLetterTopicSink(k.bootstrap_servers, k.dead_letter_topic,
+                                                               k.client_config, k.outage_timeout_seconds)))
     if config.redis is not None:
         from meterflow.sinks.redis import GatewayStateSink
 

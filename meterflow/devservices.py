@@ -34,7 +34,7 @@ import time
 import uuid
 import weakref
 from pathlib import Path
-from typing import IO, Mapping
+from typing import IO, Any, Dict, Mapping
 
 __all__ = [
     "KAFKA_VERSION",
@@ -222,6 +222,10 @@ class _Service:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
+
+    @property
+    def _exit_code(self) -> int | None:
+        return self._proc.returncode if self._proc else None
 
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -474,6 +478,8 @@ class KafkaBroker(_Service):
     def _relaunch(self) -> "KafkaBroker":
         t0 = time.monotonic()
         for p in (self.port, self.controller_port):
+            if p is None:
+                continue
             deadline = t0 + 10  # the old process's sockets may linger a moment after it exited
             while _port_open(self.host, p, timeout=0.2):
                 if time.monotonic() > deadline:
@@ -496,27 +502,26 @@ class KafkaBroker(_Service):
     def _admin(self, timeout_ms: int = 5000):
         from confluent_kafka.admin import AdminClient
 
-        return AdminClient(
-            {
-                "bootstrap.servers": self.bootstrap,
-                "socket.timeout.ms": timeout_ms,
-                "log_level": 0,  # keep librdkafka quiet while the broker boots
-                "logger": _NullLogger(),
-            }
-        )
+        conf: Dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap,
+            "socket.timeout.ms": timeout_ms,
+            "log_level": 0,  # keep librdkafka quiet while the broker boots
+            "logger": _NullLogger(),
+        }
+        return AdminClient(conf)
 
     def _wait_ready(self, deadline: float) -> None:
         admin = None
         last_error: object = None
         while True:
             if not self.is_running():
-                raise self._fail(f"broker process exited with code {self._proc.returncode} during startup")
+                raise self._fail(f"broker process exited with code {self._exit_code} during startup")
             if time.monotonic() > deadline:
                 raise self._fail(
                     f"broker did not become ready within {self.startup_timeout:.0f}s "
                     f"(last error: {last_error})"
                 )
-            if not _port_open(self.host, self.port, timeout=0.2):
+            if self.port is None or not _port_open(self.host, self.port, timeout=0.2):
                 time.sleep(0.1)
                 continue
             try:
@@ -664,7 +669,7 @@ class RedisServer(_Service):
         deadline = time.monotonic() + self.startup_timeout
         while not self.ping():
             if not self.is_running():
-                err = self._fail(f"redis-server exited with code {self._proc.returncode} during startup")
+                err = self._fail(f"redis-server exited with code {self._exit_code} during startup")
                 self._close_log()
                 raise err
             if time.monotonic() > deadline:
@@ -753,7 +758,8 @@ def main(argv: list[str] | None = None) -> int:
             name, _, parts = spec.partition(":")
             kafka.create_topic(name, int(parts or 1), exist_ok=True)
         print()
-        print(f"  kafka  bootstrap_servers = \"{kafka.bootstrap}\"   (started in {kafka.startup_seconds:.1f}s, log: {kafka.log_path})")
+        print(f"  kafka  bootstrap_servers = \"{kafka.bootstrap}\"   "
+              f"(started in {kafka.startup_seconds:.1f}s, log: {kafka.log_path})")
         print(f"  redis  url               = \"{redis_srv.url}\"   (log: {redis_srv.log_path})")
         print()
         print("Ctrl-C stops both.", flush=True)

@@ -206,13 +206,13 @@ def publish_entitlements_cmd(args: argparse.Namespace) -> int:
     where = [None] * len(records) if args.dry_run else \
         publish_entitlements(k.bootstrap_servers, k.entitlements_topic, records, k.client_config)
     verb = "would publish" if args.dry_run else "published"
-    t = Table(title=f"{verb} {len(msgs)} entitlement records to {k.entitlements_topic}", title_justify="left")
+    table = Table(title=f"{verb} {len(msgs)} entitlement records to {k.entitlements_topic}", title_justify="left")
     for c in ("tenant", "customer", "change", "plan", "period", "anchor", "partition/offset"):
-        t.add_column(c)
+        table.add_column(c)
     for m, w in zip(msgs, where):
         s = m.subscription
-        t.add_row(m.tenant_id, m.customer_id, "cancelled" if m.cancelled else "subscription",
-                  s.plan if s else "-", s.period if s else "-", s.anchor.isoformat() if s else "-",
-                  "-" if w is None else f"{w[0]}/{w[1]}")
-    make_console().print(t)
+        table.add_row(m.tenant_id, m.customer_id, "cancelled" if m.cancelled else "subscription",
+                      s.plan if s else "-", s.period if s else "-", s.anchor.isoformat() if s else "-",
+                      "-" if w is None else f"{w[0]}/{w[1]}")
+    make_console().print(table)
     return 0

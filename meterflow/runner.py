@@ -191,7 +191,7 @@ def _install_stop_handlers(out: Optional[TextIO]) -> Dict[int, Any]:
         print("meter: stopping: finishing the batches in flight and flushing every output "
               "(signal again to abort)", file=out or sys.stderr, flush=True)
 
-    previous = {}
+    previous: Dict[int, Any] = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous[sig] = signal.signal(sig, on_signal)
     return previous

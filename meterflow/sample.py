@@ -125,7 +125,8 @@ def generate_events(n: int, *, tenants: int = 3, customers: int = 50, start_ms: 
                   "event_type": "seat_count", "timestamp": ms_to_iso(ts),
                   "properties": {"seats": rng.randrange(1, 200)}}
         else:
-            props: Dict[str, Any] = {"endpoint": rng.choice(ENDPOINTS), "model": rng.choice(MODELS), "region": rng.choice(REGIONS),
+            props: Dict[str, Any] = {"endpoint": rng.choice(ENDPOINTS), "model": rng.choice(MODELS),
+                                     "region": rng.choice(REGIONS),
                      "tokens": rng.randrange(10, 4000), "user_id": f"u{rng.randrange(40)}",
                      "latency_ms": rng.randrange(20, 900)}
             if rng.random() < test_rate:

@@ -34,6 +34,10 @@ class Acc:
         self.events = 0
         self.expires = 0  # epoch ms of watermark after which nothing can change this row
 
+    def add(self, v: Any, ts: int, sign: int) -> None:  # pragma: no cover - overridden
+        """Fold one event's value (``sign`` -1 for a correction) at event time ``ts``."""
+        raise NotImplementedError
+
     def value(self) -> float:  # pragma: no cover - overridden
         raise NotImplementedError
 

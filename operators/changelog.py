@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, List, NamedTuple, Optional, Tuple
 
 import msgspec
+
 from meterflow.base.keys import customer_key
 from meterflow.base.stats import STATS, FlowStats
 from meterflow.operators.entitlements import EntitlementUpdate

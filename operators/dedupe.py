@@ -48,6 +48,7 @@ from itertools import compress
 from typing import Iterator, Tuple
 
 import xxhash
+
 from meterflow.schemas.state import DedupeState
 
 __all__ = ["fingerprint", "IdTable", "NO_EXPIRY"]

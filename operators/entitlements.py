@@ -40,9 +40,10 @@ Memory: per customer, a few entries per open billing period and metric; evicted 
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple, cast
 
 import msgspec
+
 from meterflow.base.keys import split_key
 from meterflow.base.timeutil import ms_to_iso, now_ms
 from meterflow.operators.aggregate import SumAcc, acc_from_state
@@ -150,7 +151,7 @@ class Entitlements:
         self.version = st.version
         self.cancelled = (st.cancelled.period, st.cancelled.anchor) if st.cancelled is not None else None
         self.moved_plan = st.moved_plan
-        self.units = {code: acc_from_state(r) for code, r in st.units.items()}
+        self.units = {code: cast(SumAcc, acc_from_state(r)) for code, r in st.units.items()}
         self.wallet_low, self.wallet_exhausted = st.wallet_low, st.wallet_exhausted
         self.wallet_blocked = st.wallet_blocked
         self.touched = {(r.metric, r.start, r.end) for r in st.touched}

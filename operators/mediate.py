@@ -22,6 +22,7 @@ from itertools import accumulate
 from typing import Any, Callable, Dict, FrozenSet, List, NamedTuple, Optional, Tuple
 
 import msgspec
+
 from meterflow.base.keys import KEY_SEP
 from meterflow.base.stats import STATS, FlowStats
 from meterflow.base.timeutil import Rfc3339Parser, ms_to_iso, now_ms
@@ -186,13 +187,15 @@ class Mediator:
                 except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                     dead.append(dead_letter("invalid_json", str(exc), src, raw))
                     continue
-                ts = ev.timestamp
-                if type(ts) is not int:
+                stamp = ev.timestamp
+                if isinstance(stamp, str):
                     try:
-                        ts = parse_ts(ts)
+                        ts = parse_ts(stamp)
                     except ValueError as exc:
                         dead.append(dead_letter("invalid_event", f"{exc} - at `$.timestamp`", src, raw))
                         continue
+                else:  # epoch milliseconds (the schema allows str or int only)
+                    ts = stamp
                 if ts > horizon or ts < 0:
                     why = _bad_time(ts, now, self._skew_text, self._max_skew)
                     dead.append(dead_letter("invalid_event", why, src, raw))

@@ -262,7 +262,7 @@ class CustomerMeter:
                 # -- the fold: each metric the event matches, into its window and period accumulators
                 sign = -1 if ev.correction else 1
                 wstart = ts - ts % window_ms
-                for m, code, where, prop, needs_number, additive, gb, per_event, agg in metrics:
+                for _m, code, where, prop, needs_number, additive, gb, per_event, agg in metrics:
                     if where and not matches(props, where):
                         continue
                     v = None
@@ -352,7 +352,7 @@ class CustomerMeter:
     def _exclude(self, metrics: Tuple[Tuple[Any, ...], ...], props: Dict[str, Any], pstart: int, pend: int) -> None:
         """Count an excluded event in each metric it would have matched (the period rows' excluded_events)."""
         excluded, dirty_p = self.excluded, self.dirty_p
-        for m, code, where, *_ in metrics:
+        for _m, code, where, *_ in metrics:
             if where and not matches(props, where):
                 continue
             pk = (code, pstart, pend)
@@ -461,9 +461,9 @@ class CustomerMeter:
         prows = []
         for pk in dirty_p:
             code, pstart, pend = pk
-            acc = self.periods.get(pk)
-            value = acc.value() if acc is not None else 0.0
-            events = acc.events if acc is not None else 0
+            pacc = self.periods.get(pk)
+            value = pacc.value() if pacc is not None else 0.0
+            events = pacc.events if pacc is not None else 0
             excl = self.excluded.get(pk, 0)
             included = sub.included(code)
             prows.append(PeriodAggregate(
@@ -480,9 +480,10 @@ class CustomerMeter:
     def _evict(self) -> None:
         # Only called right after a flush, so no evicted row has an unsent change.
         wm = self.wm
-        for d in (self.windows, self.periods):
-            for k in [k for k, a in d.items() if a.expires < wm]:
-                del d[k]
+        for wk in [k for k, a in self.windows.items() if a.expires < wm]:
+            del self.windows[wk]
+        for pk in [k for k, a in self.periods.items() if a.expires < wm]:
+            del self.periods[pk]
         grace = self.rules.grace_ms
         for k in [k for k in self.excluded if k[2] + grace < wm]:
             del self.excluded[k]

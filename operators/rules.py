@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Tuple
 
 import msgspec
+
 from meterflow.base.keys import customer_key
 from meterflow.base.periods import CALENDAR_ANCHOR_MS
 from meterflow.base.timeutil import dt_to_ms, parse_duration_ms

@@ -17,6 +17,7 @@ import hashlib
 from typing import Optional, Tuple
 
 import msgspec
+
 from meterflow.schemas.config import SubscriptionConfig
 
 ALERT_TYPES = ("threshold_crossed", "blocked", "unblocked", "plan_changed", "wallet_low", "wallet_exhausted",

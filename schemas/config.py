@@ -14,9 +14,10 @@ import re
 import tomllib
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Dict, List, Literal, Optional, Union
+from typing import Annotated, Dict, List, Literal, Optional, Type, Union
 
 import msgspec
+
 from meterflow.base.errors import ConfigError
 from meterflow.base.periods import PERIOD_KINDS
 from meterflow.base.timeutil import parse_duration_ms
@@ -236,8 +237,9 @@ def mask_url(url: str) -> str:
 
 
 
-_ENV_SECTIONS = {"pipeline": PipelineConfig, "kafka": KafkaConfig, "clickhouse": ClickHouseConfig, "redis": RedisConfig,
-                 "alerts": AlertsConfig}
+_ENV_SECTIONS: Dict[str, Type[msgspec.Struct]] = {
+    "pipeline": PipelineConfig, "kafka": KafkaConfig, "clickhouse": ClickHouseConfig, "redis": RedisConfig,
+    "alerts": AlertsConfig}
 
 
 def _apply_env(raw: dict, environ: Dict[str, str]) -> List[str]:
@@ -351,11 +353,13 @@ def _cross_check(cfg: Config, source: str) -> None:
             fail("kafka.outage_timeout", str(exc))
     scheme = cfg.clickhouse.dsn.split("://", 1)[0] if "://" in cfg.clickhouse.dsn else ""
     if scheme not in ("chdb", "http", "https", "clickhouse", "clickhouses"):
-        fail("clickhouse.dsn", f"expected chdb:///path (embedded) or http(s)://host:8123/db, got {cfg.clickhouse.dsn!r}")
+        fail("clickhouse.dsn",
+             f"expected chdb:///path (embedded) or http(s)://host:8123/db, got {cfg.clickhouse.dsn!r}")
     tenant_ids = set()
     for i, t in enumerate(cfg.tenants):
         if "|" in t.id:
-            fail(f"tenants[{i}].id", f"tenant id {t.id!r} must not contain '|' (it separates tenant and customer in keys)")
+            fail(f"tenants[{i}].id",
+                 f"tenant id {t.id!r} must not contain '|' (it separates tenant and customer in keys)")
         if t.id in tenant_ids:
             fail(f"tenants[{i}].id", f"tenant {t.id!r} is listed twice")
         tenant_ids.add(t.id)

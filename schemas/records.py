@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Union
 
 import msgspec
+
 from meterflow.schemas.alerts import Alert
 from meterflow.schemas.gateway import GatewayState, WalletState
 

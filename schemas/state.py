@@ -51,44 +51,44 @@ class _Rec(msgspec.Struct, frozen=True, omit_defaults=True):
     pass
 
 
-class _AccState(_Rec, tag_field="kind"):
+class _AccState(_Rec, tag_field="kind", frozen=True):
     events: int = 0
     expires: int = 0
 
 
-class CountState(_AccState, tag="count"):
+class CountState(_AccState, tag="count", frozen=True):
     total: int = 0
 
 
-class SumState(_AccState, tag="sum"):
+class SumState(_AccState, tag="sum", frozen=True):
     total: bytes = b""
     fscaled: bytes = b""
 
 
-class MaxState(_AccState, tag="max"):
+class MaxState(_AccState, tag="max", frozen=True):
     best: Any = None
 
 
-class MinState(_AccState, tag="min"):
+class MinState(_AccState, tag="min", frozen=True):
     best: Any = None
 
 
-class LatestState(_AccState, tag="latest"):
+class LatestState(_AccState, tag="latest", frozen=True):
     ts: Optional[int] = None
     last: Any = None
 
 
-class UniqueState(_AccState, tag="unique_count"):
+class UniqueState(_AccState, tag="unique_count", frozen=True):
     values: List[Union[str, Tuple[str, Any]]] = []
 
 
-class P95State(_AccState, tag="p95"):
+class P95State(_AccState, tag="p95", frozen=True):
     n: int = 0
     values: List[Any] = []
     counts: List[int] = []
 
 
-class P99State(_AccState, tag="p99"):
+class P99State(_AccState, tag="p99", frozen=True):
     n: int = 0
     values: List[Any] = []
     counts: List[int] = []
@@ -97,7 +97,7 @@ class P99State(_AccState, tag="p99"):
 AccState = Union[CountState, SumState, MaxState, MinState, LatestState, UniqueState, P95State, P99State]
 
 
-class WindowRow(_Rec):
+class WindowRow(_Rec, frozen=True):
     metric: str
     start: int
     acc: AccState
@@ -105,7 +105,7 @@ class WindowRow(_Rec):
     dirty: bool = False
 
 
-class PeriodRow(_Rec):
+class PeriodRow(_Rec, frozen=True):
     metric: str
     start: int
     end: int
@@ -113,7 +113,7 @@ class PeriodRow(_Rec):
     dirty: bool = False
 
 
-class ExcludedRow(_Rec):
+class ExcludedRow(_Rec, frozen=True):
     metric: str
     start: int
     end: int
@@ -121,25 +121,25 @@ class ExcludedRow(_Rec):
     dirty: bool = False
 
 
-class DedupeState(_Rec):
+class DedupeState(_Rec, frozen=True):
     fingerprints: bytes = b""
     expiries: bytes = b""
 
 
-class PeriodRef(_Rec):
+class PeriodRef(_Rec, frozen=True):
     metric: str
     start: int
     end: int
 
 
-class FiredRow(_Rec):
+class FiredRow(_Rec, frozen=True):
     metric: str
     start: int
     end: int
     thresholds: List[float]
 
 
-class SeqRow(_Rec):
+class SeqRow(_Rec, frozen=True):
     type: str
     metric: str
     start: int
@@ -147,12 +147,12 @@ class SeqRow(_Rec):
     n: int
 
 
-class Cancelled(_Rec):
+class Cancelled(_Rec, frozen=True):
     period: str
     anchor: int
 
 
-class EntitlementState(_Rec):
+class EntitlementState(_Rec, frozen=True):
     fired: List[FiredRow] = []
     blocked: List[PeriodRef] = []
     overage: List[PeriodRef] = []
@@ -171,7 +171,7 @@ class EntitlementState(_Rec):
     wallet_dirty: bool = False
 
 
-class MeterState(_Rec):
+class MeterState(_Rec, frozen=True):
     key: str
     version: int  # always written (STATE_VERSION), whatever omit_defaults leaves out
     watermark: int = 0

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, TextIO, Tuple
 
 from bytewax.outputs import DynamicSink, Sink, StatelessSinkPartition
+
 from meterflow.schemas.alerts import Alert, fmt_pct
 from meterflow.schemas.config import Config
 from meterflow.schemas.records import Emission

@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import urlparse
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
+
 from meterflow.base.errors import MeterError
 from meterflow.base.timeutil import now_ms
 from meterflow.schemas.config import ClickHouseConfig, mask_url
@@ -54,8 +55,10 @@ class LockedClient:
         if self._lock is None or not callable(attr):
             return attr
 
+        lock = self._lock
+
         def call(*args: Any, **kwargs: Any) -> Any:
-            with self._lock:
+            with lock:
                 return attr(*args, **kwargs)
 
         return call

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Producer
+
 from meterflow.base.errors import MeterError
 from meterflow.schemas.alerts import ALERT_ENCODER
 from meterflow.schemas.records import AGGREGATE_ENCODER, Emission

@@ -48,16 +48,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union, cast
 
 import redis
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
 from meterflow.base.stats import STATS, FlowStats
 from meterflow.schemas.config import RedisConfig, mask_url
 from meterflow.schemas.gateway import GatewayState, WalletState, state_fields, wallet_fields
 from meterflow.schemas.records import Emission
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 log = logging.getLogger("meterflow.sinks.redis")
 
@@ -68,11 +69,11 @@ def queue_write(pipe: "redis.client.Pipeline", s: State) -> None:
     """Queue the one absolute write of a state on ``pipe``: HSET of its fields, or DEL of a removed
     gateway state (a cancelled subscription)."""
     if isinstance(s, WalletState):
-        pipe.hset(s.redis_key, mapping=wallet_fields(s))
+        pipe.hset(s.redis_key, mapping=cast(Mapping[Any, Any], wallet_fields(s)))
     elif s.deleted:
         pipe.delete(s.redis_key)
     else:
-        pipe.hset(s.redis_key, mapping=state_fields(s))
+        pipe.hset(s.redis_key, mapping=cast(Mapping[Any, Any], state_fields(s)))
 
 
 def make_client(url: str, timeout: float) -> "redis.Redis":

@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
+
 from meterflow.base.errors import MeterError
 from meterflow.base.timeutil import ms_to_iso, parse_duration_ms
 from meterflow.schemas.alerts import ALERT_DECODER, Alert
@@ -215,9 +216,12 @@ class _Response:
 def http_post(url: str, body: bytes, headers: dict, timeout: float) -> _Response:
     """POST ``body``; a connection error or timeout is status 0. Redirects are not followed."""
     u = urlsplit(url)
-    conn_cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
-    kwargs = {"context": ssl.create_default_context()} if u.scheme == "https" else {}
-    conn = conn_cls(u.hostname or "localhost", u.port, timeout=timeout, **kwargs)
+    conn: http.client.HTTPConnection
+    if u.scheme == "https":
+        conn = http.client.HTTPSConnection(u.hostname or "localhost", u.port, timeout=timeout,
+                                           context=ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(u.hostname or "localhost", u.port, timeout=timeout)
     path = (u.path or "/") + (f"?{u.query}" if u.query else "")
     try:
         conn.request("POST", path, body=body, headers=headers)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, List, Optional, Sequence, Tuple
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+
 from meterflow.base.errors import MeterError
 from meterflow.sources.stop import STOP
 

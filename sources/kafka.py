@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
+
 from meterflow.base.errors import MeterError
 from meterflow.sources.kafka_watch import BrokerWatch, watch_for
 from meterflow.sources.stop import STOP
@@ -68,7 +69,7 @@ class _TopicPartition(StatefulSourcePartition[Tuple[Any, bytes], int]):
         topic, part = self._topic, self._part
         # The hot path: one comprehension, no per-message Python statements; errors are rare and are
         # looked at only when the comprehension dropped something.
-        out = [((topic, part, msg.offset()), msg.value()) for msg in msgs if msg.error() is None]
+        out: List[Any] = [((topic, part, msg.offset()), msg.value()) for msg in msgs if msg.error() is None]
         if len(out) != len(msgs):
             for msg in msgs:
                 err = msg.error()

@@ -21,6 +21,7 @@ import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from confluent_kafka import KafkaError
+
 from meterflow.base.errors import MeterError
 
 log = logging.getLogger("meterflow.kafka")

@@ -42,6 +42,7 @@ def pytest_configure(config) -> None:
     if not ahead:
         return
     import time_machine
+
     from meterflow.base.timeutil import parse_duration_ms
 
     try:

@@ -13,12 +13,12 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
-from meterflow.schemas.config import parse_config
 
 from benchmarks.__main__ import Bench, compare, markdown, parse_args, table_rows, targets
 from benchmarks.peers.common import ReferenceMeter, Rules, month_start_ms, parse_usage
 from benchmarks.peers.meterflow import config_toml
 from benchmarks.workload import LatencyPlan, build_workload
+from meterflow.schemas.config import parse_config
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.timeout(120)]
 

@@ -9,13 +9,13 @@ from typing import List
 
 import msgspec
 import pytest
+
 from meterflow.base.timeutil import parse_rfc3339_ms
+from meterflow.cli import main
 from meterflow.schemas.alerts import ENTITLEMENT_DECODER, Alert, alert_id
 from meterflow.schemas.config import ClickHouseConfig, load_config
 from meterflow.schemas.records import Emission
 from meterflow.sinks.clickhouse import ClickHouseSink
-
-from meterflow.cli import main
 from tests.sinks.test_alert_sinks import make_alert, make_alerts
 
 BASE_TOML = """

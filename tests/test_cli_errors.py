@@ -14,8 +14,8 @@ import sys
 import time
 
 import pytest
-from meterflow.base.errors import MeterError
 
+from meterflow.base.errors import MeterError
 from meterflow.cli import _parser, failure_line
 from meterflow.panics import PanicFilter
 from meterflow.runner import RECOVERY_LOCK, RecoveryLock, open_recovery

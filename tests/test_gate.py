@@ -9,10 +9,10 @@ import threading
 import time
 
 import pytest
-from meterflow.schemas.gateway import GatewayState, WalletState, state_fields, wallet_fields
 
 import meterflow.gate as gate_module
 from meterflow.gate import GateUnavailable, QuotaGate, gateway_key, holds_key, wallet_key
+from meterflow.schemas.gateway import GatewayState, WalletState, state_fields, wallet_fields
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
 

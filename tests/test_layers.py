@@ -48,7 +48,7 @@ def layer_of(module: str) -> str | None:
 
 def test_every_import_points_down_the_layers():
     upward = []
-    for layer, name, path in modules():
+    for layer, _name, path in modules():
         for line, target in imports_of(path):
             top = target.split(".")[0]
             assert top not in GENERIC, f"{path.relative_to(ROOT)}:{line} imports {target!r}: import it as " \

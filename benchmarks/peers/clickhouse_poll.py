@@ -132,7 +132,8 @@ def main() -> int:
     write_result(args.out, f"poll-clickhouse-{args.interval:g}s", events=reader.count, t_first=reader.t_first,
                  t_end=t_end, totals=poller.totals, alerts=sorted(poller.fired),
                  counters={"rows_inserted": inserted, "polls": len(q),
-                           "poll_query_ms_p50": q[len(q) // 2] if q else None, "poll_query_ms_max": q[-1] if q else None},
+                           "poll_query_ms_p50": q[len(q) // 2] if q else None,
+                           "poll_query_ms_max": q[-1] if q else None},
                  state_bytes=disk, tracked_ids=inserted,
                  state_how="ClickHouse bytes on disk of the events table / rows (the raw events are its dedupe state)")
     return 0

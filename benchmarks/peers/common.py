@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import msgspec
+
 from meterflow.base.timeutil import parse_rfc3339_ms
 from meterflow.schemas.events import EVENT_DECODER
 

@@ -85,6 +85,7 @@ def _read_topic(bootstrap: str, topic: str) -> List[bytes]:
 def collect_outputs(bootstrap: str, run: str) -> Tuple[Dict[str, float], List[str]]:
     """meterflow's billing-period totals (highest version per row) and threshold alerts, read back from Kafka."""
     import orjson
+
     from meterflow.base.timeutil import parse_rfc3339_ms
 
     t = topics_for(run)
@@ -109,6 +110,7 @@ def parse_alert(raw: bytes) -> Tuple[Optional[str], Optional[float]]:
     """A meterflow alert on the alerts topic as (the benchmark's alert key, detected_at in epoch ms);
     (None, None) for anything but a threshold crossing."""
     import orjson
+
     from meterflow.base.timeutil import parse_rfc3339_ms
 
     a = orjson.loads(raw)
@@ -125,6 +127,7 @@ def _process(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
     from bytewax.run import cli_main
+
     from meterflow.base.gc_tuning import tune_gc
     from meterflow.base.stats import STATS
     from meterflow.base.timeutil import parse_duration_ms
@@ -159,10 +162,9 @@ def _core(args: argparse.Namespace) -> int:
     import tomllib
     import tracemalloc
 
+    from benchmarks.core_throughput import Core, run_core, run_decode_baseline
     from meterflow.operators.dedupe import IdTable
     from meterflow.schemas.config import parse_config
-
-    from benchmarks.core_throughput import Core, run_core, run_decode_baseline
 
     cfg = parse_config(tomllib.loads(Path(args.config).read_text()), args.config, environ={})
     lines = Path(args.events).read_bytes().split(b"\n")

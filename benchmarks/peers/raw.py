@@ -7,9 +7,9 @@ import sys
 import time
 
 import msgspec
-from meterflow.schemas.events import EVENT_DECODER
 
 from benchmarks.peers.common import TopicReader, base_args, write_result
+from meterflow.schemas.events import EVENT_DECODER
 
 
 def main() -> int:
@@ -27,7 +27,8 @@ def main() -> int:
     t_end = time.time()
     reader.close()
     write_result(args.out, "raw", events=reader.count, t_first=reader.t_first, t_end=t_end,
-                 counters={"decoded": ok, "undecodable": bad}, notes="decode only (no totals); clock from the first poll")
+                 counters={"decoded": ok, "undecodable": bad},
+                 notes="decode only (no totals); clock from the first poll")
     return 0
 
 

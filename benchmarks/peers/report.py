@@ -148,7 +148,8 @@ def targets(rows: Dict[str, Row], core: Optional[Dict[str, Any]]) -> List[Dict[s
             out.append({"target": name, "value": None, "goal": goal, "met": None, "gap": "not measured", "how": how})
             return
         met = value >= goal if higher else value <= goal
-        gap = (f"{goal / value:.1f}x short" if higher and value > 0 else f"{value / goal:.1f}x over") if not met else "met"
+        short = f"{goal / value:.1f}x short" if higher and value > 0 else f"{value / goal:.1f}x over"
+        gap = short if not met else "met"
         out.append({"target": name, "value": value, "goal": goal, "met": met, "unit": unit, "gap": gap, "how": how})
 
     add("meterflow core events/s per worker", core.get("core_eps") if core else None, TARGETS["core_eps"], "ev/s",
@@ -191,7 +192,8 @@ def markdown(rows: List[Row], doc: Dict[str, Any]) -> str:
     for t in doc.get("targets", []):
         v = t["value"]
         lines.append(f"| {t['target']} | {t['goal']:,g} {t.get('unit', '')} | "
-                     f"{'—' if v is None else format(v, ',.2f')} {t.get('unit', '') if v is not None else ''} | {t['gap']} |")
+                     f"{'—' if v is None else format(v, ',.2f')} {t.get('unit', '') if v is not None else ''} | "
+                     f"{t['gap']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -19,15 +19,15 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource, run_main
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from meterflow.base.errors import MeterError
 from meterflow.base.stats import FlowStats
 from meterflow.dataflows.metering import _ShardLogic, build_flow
+from meterflow.gateway_sync import current_states, latest_snapshots, sync_gateway
 from meterflow.operators.mediate import Mediator
 from meterflow.operators.rules import Rules
 from meterflow.schemas.config import RedisConfig
 from meterflow.schemas.gateway import GatewayState, WalletState, state_fields, wallet_fields
-
-from meterflow.gateway_sync import current_states, latest_snapshots, sync_gateway
 from tests.dataflows.test_shards import Clock, event, make_config, merged, new_logic, shard_values, with_shards
 from tests.operators import test_entitlement_properties as ent_props
 from tests.operators.alert_model import Ev, final_gateway

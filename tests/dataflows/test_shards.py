@@ -24,18 +24,18 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from meterflow.base.errors import ConfigError, MeterError
 from meterflow.base.keys import customer_key
 from meterflow.base.stats import FlowStats
+from meterflow.dataflows.mediation import mediate, mediate_changelog
 from meterflow.dataflows.metering import SHARD_STATE_VERSION, _ShardLogic, build_flow
 from meterflow.operators.changelog import ChangelogMediator
-from meterflow.dataflows.mediation import mediate, mediate_changelog
 from meterflow.operators.mediate import Mediator, bundle_shards, shard_of
 from meterflow.operators.meter import CustomerMeter
 from meterflow.operators.rules import Rules
 from meterflow.schemas.config import parse_config
 from meterflow.schemas.records import Emission
-
 from tests.operators import test_entitlement_properties as ent_props
 from tests.operators.test_meter_properties import (
     CONFIGS,
@@ -395,7 +395,6 @@ def test_changelog_and_events_of_customers_sharing_one_shard_match_the_alert_mod
 
 def test_the_runner_refuses_a_recovery_directory_of_another_shard_count_before_bytewax_starts(tmp_path):
     from meterflow.base.errors import MeterError
-
     from meterflow.runner import RECOVERY_MARKER, prepare_recovery
 
     d = tmp_path / "rec"

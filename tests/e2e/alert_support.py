@@ -33,7 +33,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from meterflow.schemas.alerts import alert_id
 from meterflow.schemas.config import Config, parse_config
-
 from tests.e2e.support import REPO, LiveRun, consume_all, env
 from tests.operators import alert_model as am
 

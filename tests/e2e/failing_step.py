@@ -20,7 +20,6 @@ MESSAGE = "meter step: customer acme|cust_1: state version 99 is newer than this
 def main() -> int:
     import meterflow.dataflows.metering as metering
     from meterflow.base.errors import MeterError
-
     from meterflow.cli import main as meter_main
 
     kind, argv = sys.argv[1], sys.argv[2:]

@@ -39,9 +39,9 @@ from typing import Dict, List, Tuple
 
 import pytest
 import redis
-from meterflow.schemas.alerts import alert_id
 
 from meterflow.gate import QuotaGate
+from meterflow.schemas.alerts import alert_id
 from tests.e2e import alert_support as al
 from tests.e2e.alert_support import METRIC, PERIOD_END, PERIOD_START, Sub
 from tests.e2e.support import LiveRun, kafka_section, read_views, run_meter, run_summary, unique

@@ -277,7 +277,8 @@ BOM = b"\xef\xbb\xbf"
 
 def _deep_unknown(eid: str, depth: int) -> bytes:
     """A valid event with an unknown top-level field nested ``depth`` levels (the event object is one more)."""
-    return _ev(eid, "acme", "cust_1", "2026-04-14T11:00:00Z", **P)[:-1] + b', "x": ' + b"[" * depth + b"]" * depth + b"}"
+    head = _ev(eid, "acme", "cust_1", "2026-04-14T11:00:00Z", **P)[:-1]
+    return head + b', "x": ' + b"[" * depth + b"]" * depth + b"}"
 
 
 def _poison_table():
@@ -352,7 +353,7 @@ def test_poison_lines_are_dead_letters_and_every_view_equals_the_valid_lines_alo
 
     # one dead letter per poison line, with its reason, detail and file:line; payloads untouched
     got_dead = {}
-    for reason, detail, source, n, sha, _hex, _tenant, metric, _received in views["dead_letters"]:
+    for reason, detail, source, _n, sha, _hex, _tenant, metric, _received in views["dead_letters"]:
         assert detail and source.startswith(f"{path}:"), (reason, detail, source)
         line = int(source.rsplit(":", 1)[1])
         got_dead.setdefault(line, []).append((reason, metric))

@@ -3,10 +3,10 @@
 These tests run against the REAL Apache Kafka broker (4.1.1, KRaft) started by the ``kafka``
 session fixture and REAL embedded ClickHouse (chDB). `meter run` is a real subprocess killed with a
 real SIGKILL (no clean shutdown, no atexit, no flush); it is restarted with the same command and
-killed again while it recovers, then restarted until it exits 0. The results - the ClickHouse views, a downstream consumer's view of the
-aggregated topic (highest version per identity) and the dead letters - must equal those of a clean
-single run of the same input into a separate ClickHouse path and separate output topics: no loss,
-no double count.
+killed again while it recovers, then restarted until it exits 0. The results - the ClickHouse views,
+a downstream consumer's view of the aggregated topic (highest version per identity) and the dead
+letters - must equal those of a clean single run of the same input into a separate ClickHouse path and
+separate output topics: no loss, no double count.
 
 The stream is 300k generated events over ~20 h of event time (shorter than dedupe_window, so which
 partition is read first cannot matter; see the lagging-partition test in test_kafka_pipeline.py), with

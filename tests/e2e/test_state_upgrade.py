@@ -9,9 +9,9 @@ ClickHouse view, and the alert JSONL file).
 Today's ``meter run`` resumes a copy of it with the same command plus ``--input part2.jsonl`` (Bytewax
 resumes each input file where the snapshot left it, so part1 and the changelog are not read again); the
 old run's outputs together with the resumed run's must equal, exactly, a clean run of today's build over
-part1 + part2 (one file, in that order, so every event meets the same watermark as in the two runs). Wall-clock columns (received_at,
-detected_at, ingested_at) and what derives from the input file's name (a dead letter's source, its
-dl_id) are compared after mapping lines of the whole file back to the part they came from.
+part1 + part2 (one file, in that order, so every event meets the same watermark as in the two runs).
+Wall-clock columns (received_at, detected_at, ingested_at) and what derives from the input file's name
+(a dead letter's source, its dl_id) are compared after mapping lines of the whole file back to the part they came from.
 
 The changelog record moved ``cust_plan`` (who has no event before the upgrade) to another plan with an
 override and a wallet; the clean run gets that subscription from its config instead (the changelog's
@@ -197,8 +197,8 @@ def test_a_recovery_directory_of_the_build_before_issue_10_resumes_exactly(tmp_p
 def test_gateway_sync_reads_the_old_recovery_directory(tmp_path):
     # `meter gateway sync` rebuilds each customer's meter from the snapshots without running the flow
     from meterflow.gateway_sync import current_states
-    from meterflow.schemas.gateway import GatewayState, WalletState
     from meterflow.schemas.config import load_config
+    from meterflow.schemas.gateway import GatewayState, WalletState
 
     cfg = load_config(FIXTURE / "config.toml")
     recovery = shutil.copytree(FIXTURE / "recovery", tmp_path / "recovery")  # SQLite may add -shm/-wal files

@@ -57,6 +57,7 @@ from fractions import Fraction
 from typing import Any, Dict, List, Optional, Tuple
 
 import msgspec
+
 from meterflow.schemas.alerts import alert_id
 from meterflow.schemas.config import Config, EntitlementConfig, SubscriptionConfig
 

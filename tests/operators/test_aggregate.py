@@ -10,6 +10,7 @@ from fractions import Fraction
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from meterflow.operators.aggregate import (
     ADDITIVE,
     NEEDS_NUMBER,

@@ -11,11 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import meterflow.operators.dedupe as dedupe
 import pytest
 import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import meterflow.operators.dedupe as dedupe
 from meterflow.operators.dedupe import NO_EXPIRY, IdTable, fingerprint
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -21,10 +21,10 @@ from datetime import timedelta
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 from hypothesis import HealthCheck, Phase, assume, event, given, settings
 from hypothesis import strategies as st
+
 from meterflow.dataflows.metering import build_flow
 from meterflow.schemas.config import parse_config
 from meterflow.schemas.records import Emission
-
 from tests.operators.alert_model import (
     CASES,
     KNOWN_DEVIATIONS,

@@ -13,9 +13,9 @@ import json
 from collections import Counter
 
 import pytest
+
 from meterflow.schemas.alerts import alert_id
 from meterflow.schemas.config import parse_config
-
 from tests.operators.alert_model import Change, Ev, MeterHarness, expected_alerts, expected_gateway, final_gateway, ms
 
 METRICS = [

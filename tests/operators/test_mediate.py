@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from meterflow.base.keys import customer_key
 from meterflow.base.stats import FlowStats
 from meterflow.operators.mediate import MAX_DEPTH, Mediated, Mediator, MeteredEvent, dead_letter, format_source
@@ -443,7 +444,8 @@ def test_a_failure_inside_mediation_is_an_internal_error_dead_letter_and_the_bat
         return 1793716200000
 
     m._parse_ts = broken  # a bug in one step of the per-event work
-    out = m([(("f", 1), enc(event(event_id="a"))), (("f", 2), enc(event(event_id="b", timestamp="2026-11-03T14:00:00Z")))])
+    out = m([(("f", 1), enc(event(event_id="a"))),
+             (("f", 2), enc(event(event_id="b", timestamp="2026-11-03T14:00:00Z")))])
     keyed, dead = split(out)
     assert [me.event.event_id for _, items in keyed for me in items] == ["b"]
     assert [(d.reason, d.source) for d in dead] == [("internal_error", "f:1")]

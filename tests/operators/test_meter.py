@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import msgspec
 import pytest
+
 from meterflow.base.stats import FlowStats
 from meterflow.operators.dedupe import fingerprint
 from meterflow.operators.mediate import Mediator
@@ -506,8 +507,9 @@ def test_snapshot_restore_continue_equals_uninterrupted(cut):
     assert resumed.periods() == clean.periods()
     assert resumed.dead() == clean.dead()
     # the rows emitted after the restore are identical too, batch by batch
-    tail = lambda run: [(sorted(map(repr, em.windows)), sorted(map(repr, em.periods)),
-                         sorted((d.dl_id, d.reason) for d in em.dead_letters)) for em in run.emissions[-4:]]
+    def tail(run):
+        return [(sorted(map(repr, em.windows)), sorted(map(repr, em.periods)),
+                             sorted((d.dl_id, d.reason) for d in em.dead_letters)) for em in run.emissions[-4:]]
     assert tail(resumed) == tail(clean)
 
 
@@ -560,7 +562,8 @@ def test_numbers_beyond_the_double_range_are_dead_letters_not_crashes(literal):
     # (regression) 1e308 + 1e308 used to raise OverflowError in SumAcc.value(), and a 400-digit JSON integer
     # OverflowError in max/min: one event stopped the flow. Magnitudes >= 1e300 are now missing_property.
     run = Run()
-    raw = ev("e1", "2026-03-05T10:00:00Z", tokens=1, user="u", latency=1).replace(b'"tokens": 1', b'"tokens": ' + literal)
+    raw = ev("e1", "2026-03-05T10:00:00Z", tokens=1, user="u", latency=1)
+    raw = raw.replace(b'"tokens": 1', b'"tokens": ' + literal)
     run.feed(raw, ev("e2", "2026-03-05T10:00:00Z", tokens=1e308, user="u", latency=1))
     run.feed(ev("e3", "2026-03-05T10:00:00Z", tokens=9e299, user="u", latency=1))
     assert pvalue(run, "api_calls") == 3.0

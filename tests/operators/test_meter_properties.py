@@ -38,6 +38,7 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+
 from meterflow.base.stats import FlowStats
 from meterflow.dataflows.metering import build_flow
 from meterflow.operators.mediate import Mediator

@@ -9,12 +9,12 @@ from __future__ import annotations
 import doctest
 import importlib
 from datetime import datetime, timedelta, timezone
-
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from meterflow.base.periods import add_months, period_bounds, window_bounds
 from meterflow.base.timeutil import Rfc3339Parser, dt_to_ms, ms_to_dt, ms_to_iso, parse_duration_ms, parse_rfc3339_ms
 

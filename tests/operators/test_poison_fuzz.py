@@ -21,6 +21,7 @@ from collections import Counter
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from meterflow.base.stats import FlowStats, identity
 from meterflow.base.timeutil import ms_to_iso
 from meterflow.operators.mediate import Mediator

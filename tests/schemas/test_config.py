@@ -7,6 +7,7 @@ import textwrap
 from datetime import datetime, timezone
 
 import pytest
+
 from meterflow.base.errors import ConfigError, MeterError
 from meterflow.operators.rules import CALENDAR_MONTH, Rules, merge_entitlement
 from meterflow.schemas.config import EntitlementConfig, EntitlementOverride, load_config, parse_config
@@ -73,7 +74,7 @@ CONTRACT_EXAMPLE = textwrap.dedent('''
     dsn = "http://localhost:8123/meter"
     [redis]
     url = "redis://localhost:6379/0"
-''')
+''')  # noqa: E501 - the contract's configuration example, verbatim
 
 
 def base() -> dict:
@@ -241,7 +242,8 @@ def _with(path, value, raw=None):
     (_with(["subscriptions", 0, "overrides"], {"nope": {"included": 1}}), "subscriptions[0].overrides.nope"),
     (_with(["subscriptions"], [{"tenant_id": "acme", "customer_id": "c1", "plan": "pro"}] * 2), "subscriptions[1]"),
     (_with(["plans", 0, "entitlements"], {"storage": {"included": 1}}), "plans[0].entitlements.storage"),
-    (_with(["plans", 0, "entitlements", "api_calls", "next_plan"], "scale"), "plans[0].entitlements.api_calls.next_plan"),
+    (_with(["plans", 0, "entitlements", "api_calls", "next_plan"], "scale"),
+     "plans[0].entitlements.api_calls.next_plan"),
     (_with(["plans", 0, "code"], ""), "plans[0].code"),
 ])
 def test_errors_name_the_key_and_the_file(raw, key):
@@ -308,7 +310,8 @@ def test_redacted_masks_secrets():
 def test_webhook_drain_timeout_is_a_validated_duration():
     hook = {"url": "http://127.0.0.1:9/hook"}
     assert parse({**base(), "alerts": {"webhook": hook}}).alerts.webhook.drain_timeout == "10s"
-    assert parse({**base(), "alerts": {"webhook": {**hook, "drain_timeout": "0s"}}}).alerts.webhook.drain_timeout == "0s"
+    zero = {"alerts": {"webhook": {**hook, "drain_timeout": "0s"}}}
+    assert parse({**base(), **zero}).alerts.webhook.drain_timeout == "0s"
     env = {"METER_ALERTS_WEBHOOK_DRAIN_TIMEOUT": "2m"}
     assert parse({**base(), "alerts": {"webhook": hook}}, env).alerts.webhook.drain_timeout == "2m"
     for bad in ("soon", "-5s", 10):

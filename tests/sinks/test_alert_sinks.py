@@ -13,6 +13,7 @@ from typing import List
 
 import msgspec
 import pytest
+
 from meterflow.base.timeutil import ms_to_iso, parse_rfc3339_ms
 from meterflow.schemas.alerts import ALERT_DECODER, Alert, alert_id
 from meterflow.schemas.config import ClickHouseConfig, parse_config

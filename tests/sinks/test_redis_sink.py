@@ -10,13 +10,13 @@ import time
 from typing import Dict, List
 
 import pytest
+
 from meterflow.base.stats import FlowStats
+from meterflow.gate import QuotaGate, holds_key
 from meterflow.schemas.config import RedisConfig
 from meterflow.schemas.gateway import GatewayState, WalletState, state_fields, wallet_fields
 from meterflow.schemas.records import Emission
 from meterflow.sinks.redis import GatewayStateSink
-
-from meterflow.gate import QuotaGate, holds_key
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
 

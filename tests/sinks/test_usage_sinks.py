@@ -8,6 +8,7 @@ import os
 import uuid
 
 import pytest
+
 from meterflow.base.errors import MeterError
 from meterflow.schemas.config import ClickHouseConfig
 from meterflow.schemas.records import AGGREGATE_DECODER, DeadLetter, Emission, PeriodAggregate, WindowAggregate

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 import pytest
+
 from meterflow.schemas.alerts import ALERT_DECODER
 from meterflow.schemas.config import WebhookConfig
 from meterflow.sinks.webhook import WebhookCounters, WebhookSink
-
 from tests.sinks.test_alert_sinks import batch, make_alerts
 
 pytestmark = pytest.mark.timeout(120)
@@ -333,7 +333,7 @@ def test_what_is_left_at_exit_is_said_exactly_once_with_the_outbox_and_how_it_is
         parts[-1].write_batch(batch(alerts[4:] if workers == 2 else []))
         if workers == 1:
             parts[0].write_batch(batch(alerts[4:]))
-        wait_for(lambda: sink.stats().retried >= 2, what="failing retries")
+        wait_for(lambda sink=sink: sink.stats().retried >= 2, what="failing retries")
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="meterflow.sinks.webhook"):
             closers = [threading.Thread(target=p.close) for p in parts]

@@ -8,6 +8,7 @@ import time
 
 import pytest
 from confluent_kafka import KafkaError
+
 from meterflow.base.errors import ConfigError, MeterError
 from meterflow.schemas.config import parse_config
 from meterflow.sinks.kafka import producer_config
