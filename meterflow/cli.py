@@ -1,4 +1,4 @@
-"""The ``meter`` command line (contract section 3)."""
+"""The ``meter`` command line (README: Running it)."""
 
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     ep.add_argument("--dry-run", action="store_true", help="show what would be published; send nothing")
 
     g = sub.add_parser("gateway", help="live gateway state in Redis",
-                       description="Manage the live gateway state in Redis (contract section 4).")
+                       description="Manage the live gateway state in Redis (README: Outputs).")
     gsub = g.add_subparsers(dest="gateway_command", metavar="ACTION", required=True)
     gs = gsub.add_parser("sync", help="write every customer's gateway state from a recovery directory",
                          description="Rebuild each customer's meter state from the snapshots in a recovery "

@@ -1,6 +1,6 @@
 """``meter gateway sync``: rewrite every customer's live gateway state in Redis from a recovery directory.
 
-The gateway state (contract section 4: ``meter:{tenant}:{customer}:{metric}``, and the wallet hashes) is
+The gateway state (README: Outputs: ``meter:{tenant}:{customer}:{metric}``, and the wallet hashes) is
 derived from the meter state, which the recovery directory holds. This reads the snapshots a resume
 would read — per ``(step, key)`` the latest snapshot taken before the last execution's frontier, from
 every ``part-*.sqlite3`` partition, opened read-only — rebuilds each customer's

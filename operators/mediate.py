@@ -259,7 +259,7 @@ def internal_error(step: str, exc: BaseException, src: Any, raw: Optional[bytes]
     instead of stopping the flow (reason ``internal_error``; the event is not counted anywhere else)."""
     try:
         why = str(exc)
-    except Exception:  # noqa: BLE001 - even the message may fail (e.g. an int too long to print)
+    except Exception:  # even the message may fail (e.g. an int too long to print)
         why = "(message unavailable)"
     payload = raw if raw is None or type(raw) is bytes else repr(raw).encode()
     return dead_letter("internal_error", f"{step} raised {type(exc).__name__}: {why[:300]} (a meterflow bug: "

@@ -1,4 +1,4 @@
-"""Alerts and entitlement changes (contract sections 3 and 4).
+"""Alerts and entitlement changes (README: Running it, Outputs).
 
 An :class:`Alert` is the same JSON on the alerts topic, the alert JSONL file, webhooks and the
 ``alerts_log`` ClickHouse view. Its ``alert_id`` is deterministic (:func:`alert_id`), so a replay

@@ -1,4 +1,4 @@
-"""The configuration file (contract section 2): one frozen object, validated at start.
+"""The configuration file (README: Configuration): one frozen object, validated at start.
 
 ``load_config(path)`` reads TOML, applies ``METER_<SECTION>_<KEY>`` environment
 overrides (for example ``METER_KAFKA_BOOTSTRAP_SERVERS`` or

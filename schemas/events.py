@@ -1,4 +1,4 @@
-"""The usage event (contract section 1) and its one shared decoder.
+"""The usage event (README: What it does) and its one shared decoder.
 
 Decoding is the hot path of the whole system, so there is exactly one
 module-level :data:`EVENT_DECODER`, reused everywhere; msgspec validates types,

@@ -1,4 +1,4 @@
-"""Live gateway state in Redis (contract section 4): the key names and each hash's fields, written once.
+"""Live gateway state in Redis (README: Outputs): the key names and each hash's fields, written once.
 
 The flow writes these hashes (:mod:`meterflow.sinks.redis`, ``meter gateway sync``) and API gateways read
 them (:class:`meterflow.gate.QuotaGate`); both go through this module, so the writer and the reader cannot
@@ -100,7 +100,7 @@ def fmt_num(x: float) -> str:
 
 
 def state_fields(g: GatewayState) -> Dict[str, str]:
-    """The Redis hash fields of a gateway state (contract section 4, plus ``period_start``, ``plan`` and
+    """The Redis hash fields of a gateway state (README: Outputs, plus ``period_start``, ``plan`` and
     ``blocked_by``)."""
     return {"included": fmt_num(g.included), "used": fmt_num(g.used), "remaining": fmt_num(g.remaining),
             "pct": "" if g.pct is None else fmt_num(g.pct), "state": g.state,

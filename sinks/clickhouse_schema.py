@@ -1,4 +1,4 @@
-"""The ClickHouse contract (section 4), written once: tables, views, how records become columns, and the
+"""The ClickHouse contract (README: Outputs), written once: tables, views, how records become columns, and the
 read-side queries of ``meter usage`` and ``meter alerts``.
 
 Every column list is derived from the record Struct it stores (:mod:`meterflow.schemas.records`,

@@ -1,5 +1,5 @@
 """Redis: live gateway state (``meter:{tenant}:{customer}:{metric}``) and prepaid wallet balances
-(``meter-wallet:{tenant}:{customer}``) for API gateways (contract section 4; read by
+(``meter-wallet:{tenant}:{customer}``) for API gateways (README: Outputs; read by
 :class:`meterflow.gate.QuotaGate`).
 
 What is written. Per batch the partition coalesces every :class:`~meterflow.schemas.gateway.GatewayState` and

@@ -1,8 +1,8 @@
 """An independent reference implementation of the metering contract, for end-to-end checks.
 
 It deliberately shares no code with the pipeline (no msgspec, no operators.*, no schemas.*):
-events are decoded with the standard ``json`` module, validated by hand against contract
-section 1, and aggregated with plain Python following contract section 4:
+events are decoded with the standard ``json`` module, validated by hand against the usage event
+rules (README: What it does), and aggregated with plain Python following README: Outputs:
 
 * dedupe by (tenant_id, event_id), the first arrival wins (a duplicate of a too-late event is a
   duplicate, not a second dead letter);

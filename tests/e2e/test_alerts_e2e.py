@@ -217,7 +217,7 @@ def test_sigkill_while_alerting_then_resume_gives_each_alert_exactly_once(kafka,
                 if i == 0:
                     consuming.wait(60)  # the rest once the flow reads the topic
                 time.sleep(0.05)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # reported below
             errors.append(exc)
 
     live = LiveRun([*argv, "--progress-every", "0.1"], tmp_path / "crash.out")
@@ -609,7 +609,7 @@ def test_ctrl_c_stops_a_streaming_run_with_exit_130(kafka, tmp_path):
 # -- 7 ---------------------------------------------------------------------------------------------------
 
 def test_late_events_after_the_period_changed_never_block_it_again_across_a_sigkill(kafka, redis_server, tmp_path):
-    """Issue 17 / contract section 4: hard-enforced customers send late November events (inside late_grace)
+    """Issue 17 / README: Outputs: hard-enforced customers send late November events (inside late_grace)
     after their first December event, then the run is SIGKILLed and resumed, more late events come, December
     blocks and a changelog record lowers a quota. November is blocked once and unblocked once, never again;
     the late events still fire November's thresholds; Redis describes December from the first December event

@@ -15,7 +15,7 @@ What the model covers (and what the generators in the tests keep out, so the mod
 * entitlements, for each accepted contribution in processing order (events of one process() call in
   list order, metrics of one event in configuration order):
   - roll-over: a metric's *current period* is the latest period (by start) any of its accepted
-    contributions fell in (contract section 4), whether the subscription evaluates the metric or not
+    contributions fell in (README: Outputs), whether the subscription evaluates the metric or not
     (so a change that gives a metric an entitlement evaluates its current period at once). When a
     contribution's period starts later than the current one (or there is none) it becomes current;
     a blocked previous current period fires ``unblocked`` first. A late contribution for an earlier

@@ -211,7 +211,7 @@ def gateway_periods(h, after=0):
 
 @pytest.mark.parametrize("restore", [False, True])
 def test_a_late_event_for_a_period_that_is_over_counts_fires_its_thresholds_and_never_blocks_again(restore):
-    # contract section 4: only the metric's current period (the latest one any accepted event fell in) blocks
+    # README: Outputs: only the metric's current period (the latest one any accepted event fell in) blocks
     cfg = config(sub("hard", overrides={"calls": {"thresholds": [50, 100, 120]}}))
     jan, feb = calls(10), calls(2, ts=FEB, prefix="f")
     late = calls(3, start=11)  # January again, after February started: 11, 12 (120 %), 13 of 10

@@ -1,5 +1,5 @@
 """The ClickHouse contract module: every table holds exactly the columns its records' Structs give the
-sink, every view shows the contract's columns (section 4) in a fixed order derived from the records, and
+sink, every view shows the contract's columns (README: Outputs) in a fixed order derived from the records, and
 the alert columns follow the Alert Struct, so a new field cannot be left out of one of them."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from meterflow.schemas.records import DeadLetter, Emission, PeriodAggregate, Win
 from meterflow.sinks import clickhouse_schema as schema
 from meterflow.sinks.clickhouse import ClickHouseSink, connect
 
-# /work/shared/CONTRACT.md section 4: the columns each view has at least, with the types stated there.
+# The columns each view has at least (README: Outputs and delivery guarantees), with the types stated there.
 CONTRACT_VIEWS = {
     "usage_by_window": {"tenant_id": None, "customer_id": None, "metric": None, "window_start": None,
                         "window_end": None, "dimensions": "Map(String, String)", "value": "Float64",
