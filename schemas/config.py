@@ -14,7 +14,7 @@ import re
 import tomllib
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Dict, List, Literal, Optional, Type, Union
+from typing import Annotated, Dict, List, Literal, Optional, Tuple, Type, Union
 
 import msgspec
 
@@ -80,20 +80,27 @@ class MetricConfig(_Frozen, frozen=True):
     where: Dict[str, Scalar] = {}
 
 
+PRICE_MODELS = ("per_unit", "tiered", "volume", "staircase", "package")
+
+
 class Tier(_Frozen, frozen=True):
+    """One tier of a price card: ``up_to`` inclusive, the last tier without it (unbounded)."""
+
     up_to: Optional[NonNegative] = None
-    unit_amount: NonNegative = 0.0
-    flat_amount: NonNegative = 0.0
+    unit_amount: Optional[NonNegative] = None  # tiered, volume
+    flat_amount: Optional[NonNegative] = None  # staircase
 
 
 class PriceConfig(_Frozen, frozen=True):
-    model: Literal["per_unit", "tiered", "volume", "staircase", "package"] = "per_unit"
-    unit_amount: NonNegative = 0.0
-    tiers: List[Tier] = []
-    package_size: Optional[Positive] = None
-    package_amount: NonNegative = 0.0
-    round_up: bool = True
-    minimum: NonNegative = 0.0
+    """A metric's price (README: Rating (prices)); which keys a model takes is checked by :func:`price_problem`."""
+
+    model: str  # one of PRICE_MODELS
+    unit_amount: Optional[NonNegative] = None  # per_unit
+    tiers: List[Tier] = []  # tiered, volume, staircase
+    package_size: Optional[Positive] = None  # package
+    package_amount: Optional[NonNegative] = None  # package
+    round_up: bool = True  # package: bill started packages (false: completed ones)
+    minimum: NonNegative = 0.0  # committed spend for the metric and period
 
 
 class EntitlementConfig(_Frozen, frozen=True):
@@ -103,6 +110,7 @@ class EntitlementConfig(_Frozen, frozen=True):
     overage_rate: NonNegative = 0.0
     next_plan: Optional[str] = None
     price: Optional[PriceConfig] = None
+    spend_thresholds: List[Positive] = []  # currency amounts of the metric's period charge
 
 
 class EntitlementOverride(_Frozen, frozen=True):
@@ -113,11 +121,13 @@ class EntitlementOverride(_Frozen, frozen=True):
     enforcement: Optional[Enforcement] = None
     overage_rate: Optional[NonNegative] = None
     next_plan: Optional[str] = None
-    price: Optional[PriceConfig] = None
+    price: Optional[PriceConfig] = None  # replaces the plan's price as a whole
+    spend_thresholds: Optional[List[Positive]] = None
 
 
 class PlanConfig(_Frozen, frozen=True):
     code: Code
+    currency: str = "USD"  # ISO 4217 code of every amount of the plan
     entitlements: Dict[str, EntitlementConfig] = {}
 
 
@@ -372,11 +382,17 @@ def _cross_check(cfg: Config, source: str) -> None:
             fail(f"metrics[{i}].property", f"aggregation {m.aggregation!r} needs the property to aggregate")
     plan_codes = {p.code for p in cfg.plans}
     for i, p in enumerate(cfg.plans):
+        if not _CURRENCY.match(p.currency):
+            fail(f"plans[{i}].currency", f"expected a three-letter ISO 4217 code such as 'USD', got {p.currency!r}")
         for code, ent in p.entitlements.items():
             if code not in metric_codes:
                 fail(f"plans[{i}].entitlements.{code}", f"no metric with code {code!r} is defined in [[metrics]]")
             if ent.next_plan is not None and ent.next_plan not in plan_codes:
                 fail(f"plans[{i}].entitlements.{code}.next_plan", f"no plan with code {ent.next_plan!r}")
+            if ent.price is not None:
+                problem = price_problem(ent.price)
+                if problem is not None:
+                    fail(f"plans[{i}].entitlements.{code}.price{problem[0]}", problem[1])
     seen_subs = set()
     for i, s in enumerate(cfg.subscriptions):
         problem = subscription_problem(cfg, s)
@@ -406,8 +422,62 @@ def subscription_problem(cfg: Config, s: SubscriptionConfig) -> Optional[tuple]:
             return f".overrides.{code}", f"no metric with code {code!r}"
         if o.next_plan is not None and o.next_plan not in plan_codes:
             return f".overrides.{code}.next_plan", f"no plan with code {o.next_plan!r}"
+        if o.price is not None:
+            problem = price_problem(o.price)
+            if problem is not None:
+                return f".overrides.{code}.price{problem[0]}", problem[1]
     if s.wallet is not None:
         for code in s.wallet.credit_rates:
             if code not in metric_codes:
                 return f".wallet.credit_rates.{code}", f"no metric with code {code!r}"
     return None
+
+
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+_TIER_MODELS = ("tiered", "volume", "staircase")
+
+
+def price_problem(price: PriceConfig) -> Optional[Tuple[str, str]]:
+    """Why a price card cannot be rated, as ``(key suffix below price, reason)``, or None.
+
+    >>> price_problem(PriceConfig(model="package", package_amount=5.0))
+    ('.package_size', "model 'package' needs package_size (a number > 0)")
+    >>> price_problem(PriceConfig(model="tiered", tiers=[Tier(up_to=10, unit_amount=1.0), Tier(unit_amount=0.5)]))
+    """
+    model = price.model
+    if model not in PRICE_MODELS:
+        return ".model", f"unknown price model {model!r}: expected one of {', '.join(PRICE_MODELS)}"
+    used = {"per_unit": ("unit_amount",), "package": ("package_size", "package_amount")}.get(model, ("tiers",))
+    for key in ("unit_amount", "package_size", "package_amount"):
+        if getattr(price, key) is None and key in used:
+            what = " (a number > 0)" if key == "package_size" else ""
+            return f".{key}", f"model {model!r} needs {key}{what}"
+        if getattr(price, key) is not None and key not in used:
+            return f".{key}", f"model {model!r} does not use {key}"
+    if price.tiers and model not in _TIER_MODELS:
+        return ".tiers", f"model {model!r} does not use tiers"
+    if model not in _TIER_MODELS:
+        return None
+    if not price.tiers:
+        return ".tiers", f"model {model!r} needs tiers (ascending by up_to, the last without up_to)"
+    amount, other = ("flat_amount", "unit_amount") if model == "staircase" else ("unit_amount", "flat_amount")
+    last = len(price.tiers) - 1
+    prev: Optional[float] = None
+    for i, tier in enumerate(price.tiers):
+        if getattr(tier, amount) is None:
+            return f".tiers[{i}].{amount}", f"a {model} tier needs {amount}"
+        if getattr(tier, other) is not None:
+            return f".tiers[{i}].{other}", f"a {model} tier takes {amount}, not {other}"
+        if i < last and tier.up_to is None:
+            return f".tiers[{i}].up_to", "only the last tier may omit up_to"
+        if i == last and tier.up_to is not None:
+            return f".tiers[{i}].up_to", "the last tier must omit up_to (it covers all usage above the tier before)"
+        if tier.up_to is not None and prev is not None and tier.up_to <= prev:
+            return f".tiers[{i}].up_to", f"tiers must be ascending by up_to: {_num(tier.up_to)} follows {_num(prev)}"
+        prev = tier.up_to
+    return None
+
+
+def _num(x: float) -> str:
+    """A configured number as written (TOML integers arrive as floats here): 5000, 0.5."""
+    return str(int(x)) if float(x).is_integer() else repr(x)

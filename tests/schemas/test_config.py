@@ -317,3 +317,103 @@ def test_webhook_drain_timeout_is_a_validated_duration():
     for bad in ("soon", "-5s", 10):
         msg = error_of({**base(), "alerts": {"webhook": {**hook, "drain_timeout": bad}}})
         assert "alerts.webhook.drain_timeout" in msg, msg
+
+
+# -- prices (README: Rating (prices)) ---------------------------------------------------------------
+
+CARD = {"model": "tiered", "tiers": [{"up_to": 5000, "unit_amount": 0.02}, {"up_to": 20000, "unit_amount": 0.015},
+                                     {"unit_amount": 0.01}], "minimum": 100.0}
+
+
+def with_price(price, **entitlement) -> dict:
+    raw = base()
+    raw["plans"][0]["entitlements"]["api_calls"].update(price=price, **entitlement)
+    return raw
+
+
+def test_contract_rating_example_parses():
+    raw = with_price(CARD, spend_thresholds=[100.0, 1000.0])
+    raw["plans"][0]["currency"] = "EUR"
+    raw["subscriptions"][0]["overrides"] = {"api_calls": {"price": {"model": "per_unit", "unit_amount": 0.0003}}}
+    cfg = parse(raw)
+    ent = cfg.plans[0].entitlements["api_calls"]
+    assert cfg.plans[0].currency == "EUR" and ent.spend_thresholds == [100.0, 1000.0]
+    assert ent.price.minimum == 100.0 and [t.unit_amount for t in ent.price.tiers] == [0.02, 0.015, 0.01]
+    assert cfg.subscriptions[0].overrides["api_calls"].price.unit_amount == 0.0003
+
+
+def test_currency_defaults_to_usd_and_spend_thresholds_to_empty():
+    cfg = parse(base())
+    assert cfg.plans[0].currency == "USD" and cfg.plans[0].entitlements["api_calls"].spend_thresholds == []
+
+
+@pytest.mark.parametrize("price", [
+    {"model": "per_unit", "unit_amount": 0.01},
+    {"model": "volume", "tiers": CARD["tiers"]},
+    {"model": "staircase", "tiers": [{"up_to": 1000, "flat_amount": 100}, {"up_to": 5000, "flat_amount": 200},
+                                     {"flat_amount": 300}]},
+    {"model": "package", "package_size": 1000, "package_amount": 5, "round_up": False},
+    {"model": "tiered", "tiers": [{"unit_amount": 0.01}]},
+    {"model": "staircase", "tiers": [{"up_to": 0, "flat_amount": 0}, {"flat_amount": 50}]},
+])
+def test_every_model_parses(price):
+    assert parse(with_price(price)).plans[0].entitlements["api_calls"].price.model == price["model"]
+
+
+T = CARD["tiers"]
+
+
+@pytest.mark.parametrize("price, key, why", [
+    ({"model": "flat", "unit_amount": 1}, "price.model", "unknown price model 'flat': expected one of per_unit, "
+                                                         "tiered, volume, staircase, package"),
+    ({"unit_amount": 1}, "price", "missing required field `model`"),
+    ({"model": "per_unit"}, "price.unit_amount", "model 'per_unit' needs unit_amount"),
+    ({"model": "per_unit", "unit_amount": 1, "tiers": T}, "price.tiers", "model 'per_unit' does not use tiers"),
+    ({"model": "tiered", "tiers": T, "unit_amount": 1}, "price.unit_amount", "model 'tiered' does not use"),
+    ({"model": "tiered"}, "price.tiers", "model 'tiered' needs tiers"),
+    ({"model": "tiered", "tiers": [T[1], T[0], T[2]]}, "price.tiers[1].up_to",
+     "tiers must be ascending by up_to: 5000 follows 20000"),
+    ({"model": "volume", "tiers": [T[0], T[0], T[2]]}, "price.tiers[1].up_to",
+     "tiers must be ascending by up_to: 5000 follows 5000"),
+    ({"model": "tiered", "tiers": [T[0], T[2], T[1]]}, "price.tiers[1].up_to", "only the last tier may omit up_to"),
+    ({"model": "tiered", "tiers": [T[0], T[1]]}, "price.tiers[1].up_to", "the last tier must omit up_to"),
+    ({"model": "volume", "tiers": [T[0], {"up_to": 9000}, T[2]]}, "price.tiers[1].unit_amount",
+     "a volume tier needs unit_amount"),
+    ({"model": "tiered", "tiers": [{"up_to": 5, "unit_amount": 1, "flat_amount": 2}, T[2]]},
+     "price.tiers[0].flat_amount", "a tiered tier takes unit_amount, not flat_amount"),
+    ({"model": "staircase", "tiers": [{"up_to": 1000, "flat_amount": 100}, {"unit_amount": 0.01}]},
+     "price.tiers[1].flat_amount", "a staircase tier needs flat_amount"),
+    ({"model": "package", "package_size": 0, "package_amount": 5}, "price.package_size", "> 0"),
+    ({"model": "package", "package_amount": 5}, "price.package_size", "needs package_size (a number > 0)"),
+    ({"model": "package", "package_size": 10}, "price.package_amount", "model 'package' needs package_amount"),
+    ({"model": "per_unit", "unit_amount": -0.01}, "price.unit_amount", ">= 0"),
+    ({"model": "per_unit", "unit_amount": 1, "minimum": -1}, "price.minimum", ">= 0"),
+    ({"model": "tiered", "tiers": [{"up_to": 5, "unit_amount": 1, "unit": 2}, T[2]]}, "price.tiers[0]", "unit"),
+])
+def test_price_errors_name_the_key(price, key, why):
+    msg = error_of(with_price(price))
+    assert f"key 'plans[0].entitlements.api_calls.{key}'" in msg and why in msg, msg
+
+
+def test_override_price_errors_name_the_override():
+    raw = base()
+    raw["subscriptions"][0]["overrides"] = {"api_calls": {"price": {"model": "volume", "tiers": [T[0]]}}}
+    msg = error_of(raw)
+    assert "key 'subscriptions[0].overrides.api_calls.price.tiers[0].up_to'" in msg, msg
+
+
+@pytest.mark.parametrize("where, value, key", [
+    (["plans", 0, "currency"], "usd", "plans[0].currency"),
+    (["plans", 0, "currency"], "DOLLAR", "plans[0].currency"),
+    (["plans", 0, "entitlements", "api_calls", "spend_thresholds"], [100.0, 0], "spend_thresholds[1]"),
+    (["plans", 0, "entitlements", "api_calls", "spend_thresholds"], [-5.0], "spend_thresholds[0]"),
+])
+def test_currency_and_spend_threshold_errors(where, value, key):
+    msg = error_of(_with(where, value))
+    assert key in msg, msg
+
+
+def test_override_spend_thresholds_are_validated():
+    raw = base()
+    raw["subscriptions"][0]["overrides"] = {"api_calls": {"spend_thresholds": [0]}}
+    assert "subscriptions[0].overrides.api_calls.spend_thresholds[0]" in error_of(raw)
