@@ -6,7 +6,7 @@ recoverable state, so a restart picks up a changed configuration.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Optional, Tuple
 
 import msgspec
 
@@ -14,6 +14,7 @@ from meterflow.base.keys import customer_key
 from meterflow.base.periods import CALENDAR_ANCHOR_MS
 from meterflow.base.timeutil import dt_to_ms, parse_duration_ms
 from meterflow.operators.aggregate import ADDITIVE, NEEDS_NUMBER
+from meterflow.operators.rating import Price, price_of, sets_custom_rate
 from meterflow.schemas.config import Config, EntitlementConfig, EntitlementOverride, SubscriptionConfig, WalletConfig
 
 
@@ -39,10 +40,22 @@ class SubscriptionRule(msgspec.Struct, frozen=True):
     arr: float = 0.0
     custom_contract: bool = False
     wallet: Optional[WalletConfig] = None
+    # Metrics whose custom contract sets price, overage_rate or included (custom_rate of rated rows).
+    custom_rates: FrozenSet[str] = frozenset()
+    currency: str = "USD"  # the plan's
 
     def included(self, metric: str) -> Optional[float]:
         ent = self.entitlements.get(metric)
         return None if ent is None else ent.included
+
+    def price(self, metric: str) -> Optional[Price]:
+        """The metric's price in effect (an override's price replaces the plan's whole), None without an
+        entitlement. Compiled on each call: cache it per customer where it is used per event."""
+        ent = self.entitlements.get(metric)
+        return None if ent is None else price_of(ent)
+
+    def custom_rate(self, metric: str) -> bool:
+        return metric in self.custom_rates
 
 
 CALENDAR_MONTH = SubscriptionRule(plan="", period="month", anchor_ms=CALENDAR_ANCHOR_MS, entitlements={})
@@ -64,7 +77,8 @@ def subscription_rule(cfg: Config, sub: SubscriptionConfig, plan_code: Optional[
     ents = {c: merge_entitlement(plan.entitlements.get(c), sub.overrides.get(c)) for c in codes}
     return SubscriptionRule(plan=plan.code, period=sub.period, anchor_ms=dt_to_ms(sub.anchor), entitlements=ents,
                             account_name=sub.account_name, arr=sub.arr, custom_contract=bool(sub.overrides),
-                            wallet=sub.wallet)
+                            wallet=sub.wallet, currency=plan.currency,
+                            custom_rates=frozenset(c for c, o in sub.overrides.items() if sets_custom_rate(o)))
 
 
 class Rules:
