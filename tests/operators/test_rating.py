@@ -14,6 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meterflow.base.errors import MeterError
+from meterflow.base.stats import FlowStats
+from meterflow.operators.changelog import ChangelogMediator
 from meterflow.operators.rating import Price, RatingError, compile_price, price_of, sets_custom_rate, to_decimal
 from meterflow.operators.rules import CALENDAR_MONTH, Rules
 from meterflow.schemas.config import (
@@ -22,7 +24,6 @@ from meterflow.schemas.config import (
     PriceConfig,
     Tier,
     parse_config,
-    subscription_problem,
 )
 
 CARD = [(5000, 0.02), (20000, 0.015), (None, 0.01)]  # DOMAIN: 0-5,000 @ 0.02, 5,001-20,000 @ 0.015, 20,001+ @ 0.01
@@ -174,13 +175,19 @@ def test_sets_custom_rate():
         EntitlementOverride(price=PriceConfig(model="per_unit", unit_amount=1.0)))
 
 
-def test_a_changelog_record_with_a_bad_override_price_is_refused():
+def test_a_changelog_record_with_a_bad_override_price_is_a_dead_letter():
     cfg = rules().config
-    sub = cfg.subscriptions[1]
-    bad = EntitlementOverride(price=PriceConfig(model="package", package_amount=5.0))
-    record = msgspec.structs.replace(sub, overrides={"api_calls": bad})
-    assert subscription_problem(cfg, record) == (".overrides.api_calls.price.package_size",
-                                                 "model 'package' needs package_size (a number > 0)")
+    good = {"tenant_id": "acme", "customer_id": "c9", "plan": "pro",
+            "overrides": {"api_calls": {"price": {"model": "package", "package_size": 100, "package_amount": 5}}}}
+    bad = {**good, "overrides": {"api_calls": {"price": {"model": "package", "package_amount": 5}}}}
+    batch = [(("changes.jsonl", i), msgspec.json.encode({"tenant_id": "acme", "customer_id": "c9", "subscription": s}))
+             for i, s in enumerate((good, bad))]
+    updates, dead = ChangelogMediator(cfg, stats=FlowStats())(batch)
+    assert len(updates) == 1 and updates[0][1].message.subscription.overrides["api_calls"].price.package_size == 100
+    assert [d.reason for d in dead] == ["invalid_entitlement"]
+    assert "key 'subscription.overrides.api_calls.price.package_size': model 'package' needs package_size" in \
+        dead[0].detail, dead[0]
+    assert Rules(cfg).resolve(updates[0][1].message.subscription).price("api_calls").charge(101) == Decimal("10")
 
 
 def test_compile_ignores_keys_the_model_does_not_use():
