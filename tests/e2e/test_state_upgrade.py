@@ -1,7 +1,7 @@
 """End to end: a recovery directory written by the build before issue 10 resumes with today's build.
 
 ``tests/fixtures/recovery_v4`` (its README says how it was made) holds what ``meter run --recovery`` of
-git tag ``safe-issue9`` left after metering ``part1.jsonl`` and the changelog ``changes.jsonl``: pickled
+commit 5c61185 left after metering ``part1.jsonl`` and the changelog ``changes.jsonl``: pickled
 state version 4 snapshots naming ``operators.aggregate.*``, ``operators.dedupe.IdTable`` and
 ``schemas.*`` classes, a module layout that no longer exists. It also holds that run's outputs (every
 ClickHouse view, and the alert JSONL file).
