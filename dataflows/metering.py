@@ -93,6 +93,11 @@ class _ShardLogic(StatefulBatchLogic):
         self._recoverable = recoverable
         self._interval = rules.flush_ms
         self._clock = clock
+        self._mediator = mediator
+        # Finality of silent customers: at each tick, rows closed by the flow's watermark as it was at the
+        # previous tick (events mediated before then have reached their shard) leave final (on_eof: as it is).
+        self._wm_lag = 0
+        self._open_min = 1 << 62  # the earliest expiry of any customer's rows (a tick is needed before it)
         self._meters: Dict[str, CustomerMeter] = {}
         self._dirty: Set[str] = set()  # customers with changed rows waiting for the next tick
         self._changed: Set[str] = set()  # customers whose state changed since the last snapshot
@@ -115,6 +120,7 @@ class _ShardLogic(StatefulBatchLogic):
             # The process watermark is not stored by itself: the greatest watermark any resumed
             # customer had seen is exactly the watermark at the snapshot.
             mediator.observe_watermark(meter.wm)
+            self._open_min = min(self._open_min, meter.next_evict)
             if meter.has_dirty():
                 self._dirty.add(key)
         self._snaps = dict(snaps)
@@ -144,6 +150,8 @@ class _ShardLogic(StatefulBatchLogic):
             if meter is None:
                 meter = meters[key] = CustomerMeter(rules, key)
             out.add(meter.process(items, flush=due))
+            if meter.next_evict < self._open_min:
+                self._open_min = meter.next_evict
             if not due and meter.has_dirty():
                 dirty.add(key)
         if self._recoverable:
@@ -173,8 +181,9 @@ class _ShardLogic(StatefulBatchLogic):
                     items.append(events)
         return list(per.items())
 
-    def _flush_dirty(self, out: "_Merged", now: int) -> None:
-        """The tick: every pending row of the shard leaves; the next tick is scheduled."""
+    def _flush_dirty(self, out: "_Merged", now: int, wm: Optional[int] = None) -> None:
+        """The tick: every pending row of the shard leaves, rows the watermark closed leave final (``wm``, by
+        default the flow's watermark at the previous tick); the next tick is scheduled."""
         meters = self._meters
         for key in self._dirty:
             meter = meters[key]
@@ -183,14 +192,30 @@ class _ShardLogic(StatefulBatchLogic):
         if self._recoverable:
             self._changed.update(self._dirty)
         self._dirty = set()
+        if wm is None:
+            wm, self._wm_lag = self._wm_lag, self._mediator.watermark
+        if wm > self._open_min:
+            self._finalize(out, wm)
         interval = self._interval
         self._next_flush = now - now % interval + interval if interval > 0 else 0
         self._notify = None
 
+    def _finalize(self, out: "_Merged", wm: int) -> None:
+        """Customers whose rows the watermark ``wm`` closed emit them final, whether or not they sent anything."""
+        lowest = 1 << 62
+        for key, meter in self._meters.items():
+            if meter.finalize_due(wm):
+                out.add(meter.finalize(wm))
+                if self._recoverable:
+                    self._changed.add(key)
+            if meter.next_evict < lowest:
+                lowest = meter.next_evict
+        self._open_min = lowest
+
     def notify_at(self) -> Optional[datetime]:
         if self._republish:
             return _EPOCH_DT  # now: a resumed shard need not wait for an event to republish
-        if not self._dirty:
+        if not self._dirty and self._open_min >= 1 << 62:
             return None
         if self._notify is None:
             self._notify = _EPOCH_DT + timedelta(milliseconds=self._next_flush)
@@ -200,17 +225,17 @@ class _ShardLogic(StatefulBatchLogic):
         return self._drain()
 
     def on_eof(self) -> Tuple[List[Emission], bool]:
-        return self._drain()
+        # Every event has been mediated and delivered: the watermark as it is now closes what it closes.
+        return self._drain(self._mediator.watermark)
 
-    def _drain(self) -> Tuple[List[Emission], bool]:
-        if not self._dirty and not self._republish:
+    def _drain(self, wm: Optional[int] = None) -> Tuple[List[Emission], bool]:
+        if not self._dirty and not self._republish and self._open_min >= 1 << 62:
             return [], StatefulBatchLogic.RETAIN
         out = _Merged()
         now = self._clock()
         if self._republish:
             self._republish_all(out, now)
-        if self._dirty:
-            self._flush_dirty(out, now)
+        self._flush_dirty(out, now, wm)
         return out.emit(), StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> Any:
@@ -257,7 +282,7 @@ def shard_snapshots(state: Any, shards: Optional[int] = None) -> Dict[str, bytes
 class _Merged:
     """The outputs of many customers' Emissions gathered into one (each customer's order kept)."""
 
-    __slots__ = ("windows", "periods", "dead_letters", "alerts", "gateway", "wallets")
+    __slots__ = ("windows", "periods", "dead_letters", "alerts", "gateway", "wallets", "rated")
 
     def __init__(self) -> None:
         self.windows: List[Any] = []
@@ -266,6 +291,7 @@ class _Merged:
         self.alerts: List[Any] = []
         self.gateway: List[Any] = []
         self.wallets: List[Any] = []
+        self.rated: List[Any] = []
 
     def add(self, em: Emission) -> None:
         if em.windows:
@@ -280,11 +306,14 @@ class _Merged:
             self.gateway += em.gateway
         if em.wallets:
             self.wallets += em.wallets
+        if em.rated:
+            self.rated += em.rated
 
     def emit(self) -> List[Emission]:
-        if self.windows or self.periods or self.dead_letters or self.alerts or self.gateway or self.wallets:
+        if self.windows or self.periods or self.dead_letters or self.alerts or self.gateway or self.wallets or \
+                self.rated:
             return [Emission(windows=self.windows, periods=self.periods, dead_letters=self.dead_letters,
-                             alerts=self.alerts, gateway=self.gateway, wallets=self.wallets)]
+                             alerts=self.alerts, gateway=self.gateway, wallets=self.wallets, rated=self.rated)]
         return []
 
 
@@ -335,11 +364,13 @@ def sinks_from_config(config: Config, recoverable: bool = False) -> List[Tuple[s
 
     sinks: List[Tuple[str, Sink]] = [("clickhouse", ClickHouseSink(config.clickhouse))]
     if config.kafka is not None:
-        from meterflow.sinks.kafka import AggregatedTopicSink, DeadLetterTopicSink
+        from meterflow.sinks.kafka import AggregatedTopicSink, DeadLetterTopicSink, RatedTopicSink
 
         k = config.kafka
         sinks.append(("aggregated_topic", AggregatedTopicSink(k.bootstrap_servers, k.aggregated_topic, k.client_config,
                                                               k.outage_timeout_seconds)))
+        sinks.append(("rated_topic", RatedTopicSink(k.bootstrap_servers, k.rated_topic, k.client_config,
+                                                    k.outage_timeout_seconds)))
         sinks.append(("dead_letter_topic", DeadLetterTopicSink(k.bootstrap_servers, k.dead_letter_topic,
                                                                k.client_config, k.outage_timeout_seconds)))
     if config.redis is not None:

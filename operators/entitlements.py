@@ -30,6 +30,12 @@ Semantics (the README's "Entitlements and alerts" section says the same for user
   ``low_balance_pct`` % of the balance or below, ``wallet_exhausted`` at zero or below (``block``
   blocks every rated metric). Both re-arm when a top-up (a larger ``balance`` on the changelog) lifts
   remaining above their level; lifting a wallet block fires ``unblocked`` (metric ``""``).
+* Spend thresholds (``spend_thresholds``, currency amounts of the metric's period ``charge``): the event after
+  which ``charge(usage)`` first reaches an amount fires ``spend_crossed``, once per customer, metric, period and
+  amount, in ascending order. The hot path compares usage with a unit level (:meth:`Price.units_for` of the
+  next unfired amount, a hair low); only at or above it is the exact decimal charge computed. A non-monotone
+  price (volume, a falling staircase) can dip below an amount above that level, so there every event at or
+  above it is checked exactly until the amount fires.
 * Entitlement changes apply at once: every metric's current period is re-evaluated under the new
   entitlement (an upgrade can unblock, a downgrade fires only thresholds not fired yet). A change is
   applied only if its version (changelog offset) is newer than the one in effect, so a replayed or
@@ -47,6 +53,7 @@ import msgspec
 from meterflow.base.keys import split_key
 from meterflow.base.timeutil import ms_to_iso, now_ms
 from meterflow.operators.aggregate import SumAcc, acc_from_state
+from meterflow.operators.rating import Price, price_of, to_decimal
 from meterflow.operators.rules import CALENDAR_MONTH, Rules, SubscriptionRule
 from meterflow.schemas import state as S
 from meterflow.schemas.alerts import Alert, EntitlementMessage, alert_id
@@ -82,6 +89,33 @@ class EntInfo:
         self.overage_rate = overage_rate
 
 
+class SpendInfo:
+    """One metric's spend thresholds and the price they are measured with."""
+
+    __slots__ = ("code", "price", "amounts", "monotone")
+
+    def __init__(self, code: str, price: Price, amounts: Tuple[float, ...]) -> None:
+        self.code = code
+        self.price = price
+        self.amounts = amounts  # ascending, distinct
+        self.monotone = price.monotone
+
+
+def prices_of(sub: SubscriptionRule) -> Dict[str, Price]:
+    """The price in effect of every metric the subscription rates: those with an entitlement (``included``) or
+    a price card (the contract's rated rows)."""
+    return {code: price_of(e) for code, e in sub.entitlements.items()
+            if e.included is not None or e.price is not None}
+
+
+def spends_of(sub: SubscriptionRule, prices: Dict[str, Price]) -> Dict[str, SpendInfo]:
+    out = {}
+    for code, e in sub.entitlements.items():
+        if e.spend_thresholds:
+            out[code] = SpendInfo(code, prices.get(code) or price_of(e), tuple(sorted(set(e.spend_thresholds))))
+    return out
+
+
 def infos_of(sub: SubscriptionRule) -> Dict[str, EntInfo]:
     return {code: EntInfo(code, float(e.included), tuple(sorted(set(e.thresholds))), e.enforcement, e.next_plan,
                           e.overage_rate)
@@ -94,9 +128,10 @@ class Entitlements:
     __slots__ = ("rules", "key", "tenant_id", "customer_id",
                  # state (snapshotted)
                  "fired", "blocked", "overage", "seq", "cur", "src", "version", "cancelled", "moved_plan",
-                 "units", "wallet_low", "wallet_exhausted", "wallet_blocked",
+                 "units", "wallet_low", "wallet_exhausted", "wallet_blocked", "sfired", "changes",
                  # derived (rebuilt after restore)
-                 "rule", "infos", "credit", "rated", "next_level", "touched", "deleted", "wallet_dirty")
+                 "rule", "infos", "credit", "rated", "next_level", "touched", "deleted", "wallet_dirty",
+                 "prices", "spends", "spend_next")
 
     def __init__(self, rules: Rules, key: str) -> None:
         self.rules = rules
@@ -115,6 +150,8 @@ class Entitlements:
         self.wallet_low = False
         self.wallet_exhausted = False
         self.wallet_blocked = False
+        self.sfired: Dict[PeriodKey, Set[float]] = {}
+        self.changes = 0
         self.touched: Set[PeriodKey] = set()
         self.deleted: Set[str] = set()
         self.wallet_dirty = False
@@ -138,7 +175,10 @@ class Entitlements:
             moved_plan=self.moved_plan, units={code: acc.to_state() for code, acc in self.units.items()},
             wallet_low=self.wallet_low, wallet_exhausted=self.wallet_exhausted, wallet_blocked=self.wallet_blocked,
             touched=[ref(metric=m, start=a, end=b) for m, a, b in self.touched], deleted=sorted(self.deleted),
-            wallet_dirty=self.wallet_dirty)
+            wallet_dirty=self.wallet_dirty,
+            spend_fired=[S.FiredRow(metric=pk[0], start=pk[1], end=pk[2], thresholds=sorted(ts))
+                         for pk, ts in self.sfired.items()],
+            changes=self.changes)
 
     def restore_state(self, st: S.EntitlementState) -> None:
         """Take the state of a record :meth:`to_state` made (or a converted older snapshot)."""
@@ -157,11 +197,13 @@ class Entitlements:
         self.touched = {(r.metric, r.start, r.end) for r in st.touched}
         self.deleted = set(st.deleted)
         self.wallet_dirty = st.wallet_dirty
+        self.sfired = {(r.metric, r.start, r.end): set(r.thresholds) for r in st.spend_fired}
+        self.changes = st.changes
         self._resolve()
 
     def evict(self, wm: int, grace_ms: int) -> None:
         """Forget periods that no longer accept late events (their alerts are final)."""
-        for d in (self.fired, self.next_level):
+        for d in (self.fired, self.next_level, self.sfired, self.spend_next):
             for pk in [pk for pk in d if pk[2] + grace_ms < wm]:
                 del d[pk]
         self.blocked = {pk for pk in self.blocked if pk[2] + grace_ms >= wm or self.cur.get(pk[0]) == pk}
@@ -191,6 +233,9 @@ class Entitlements:
         self.credit: Dict[str, float] = dict(rule.wallet.credit_rates) if rule.wallet is not None else {}
         self.rated: List[Tuple[str, float]] = sorted(self.credit.items())  # code order: spent sums the same way
         self.next_level: Dict[PeriodKey, float] = {}
+        self.prices = prices_of(rule)
+        self.spends = spends_of(rule, self.prices)
+        self.spend_next: Dict[PeriodKey, float] = {}
         if track:
             after = set(self.infos)
             self.deleted |= {code for code in before - after if code in self.cur}
@@ -200,7 +245,7 @@ class Entitlements:
 
     @property
     def evaluated(self) -> bool:
-        return bool(self.infos) or bool(self.credit)
+        return bool(self.infos) or bool(self.credit) or bool(self.spends)
 
     def level(self, pk: PeriodKey, info: EntInfo) -> float:
         """The smallest usage at which :meth:`evaluate` has something to do for ``pk`` (cached)."""
@@ -281,6 +326,40 @@ class Entitlements:
                                       detail=f"overage accrues at {info.overage_rate} per unit"))
         self.level(pk, info)
 
+    def spend_level(self, pk: PeriodKey, sp: SpendInfo) -> float:
+        """The smallest usage at which :meth:`evaluate_spend` may fire something for ``pk`` (cached; a hair low:
+        the exact decimal test decides)."""
+        fired = self.sfired.get(pk, ())
+        lvl = _INF
+        for a in sp.amounts:
+            if a not in fired:
+                u = sp.price.units_for(a)
+                if u is not None:
+                    lvl = float(u)
+                    lvl = lvl - abs(lvl) * _SLACK - 1e-9
+                break
+        self.spend_next[pk] = lvl
+        return lvl
+
+    def evaluate_spend(self, code: str, pk: PeriodKey, usage: float, me: Any, alerts: List[Alert]) -> None:
+        """Fire ``spend_crossed`` for every unfired amount ``charge(usage)`` reaches, in ascending order."""
+        sp = self.spends.get(code)
+        if sp is None:
+            return
+        fired = self.sfired.get(pk)
+        if fired is None:
+            fired = self.sfired[pk] = set()
+        charge = sp.price.charge(usage)
+        info = self.infos.get(code)
+        for a in sp.amounts:
+            if a not in fired and charge >= to_decimal(a):
+                fired.add(a)
+                alert = self._alert("spend_crossed", code, pk, a, usage, info, "notify", me,
+                                    detail=f"the period charge reached {a} {self.rule.currency}")
+                alerts.append(msgspec.structs.replace(alert, threshold_pct=None, threshold_amount=a,
+                                                      amount=float(charge)))
+        self.spend_level(pk, sp)
+
     def reevaluate(self, me: Any, usage_of, alerts: List[Alert], _depth: int = 0) -> None:
         """Evaluate every metric's current period under the entitlement now in effect."""
         for code in sorted(self.cur):
@@ -290,6 +369,10 @@ class Entitlements:
                 if used is None:  # the period closed and its rows were evicted: its alerts are final
                     continue
                 self.evaluate(code, pk, used, me, usage_of, alerts, _depth)
+            if code in self.spends:
+                used = usage_of(pk)
+                if used is not None:
+                    self.evaluate_spend(code, pk, used, me, alerts)
         self._check_wallet(me, None, alerts)
 
     def spend(self, code: str, units: Any, sign: int, me: Any, pk: PeriodKey, alerts: List[Alert]) -> None:
@@ -361,6 +444,7 @@ class Entitlements:
             return False
         msg = upd.message
         self.version = upd.version
+        self.changes += 1
         self.moved_plan = None
         if msg.cancelled or msg.subscription is None:
             self.cancelled = (self.rule.period, self.rule.anchor_ms)
@@ -437,7 +521,7 @@ class Entitlements:
 
     def _alert(self, type_: str, code: str, pk: PeriodKey, threshold: Optional[float], usage: float,
                info: Optional[EntInfo], action: str, me: Any, previous_plan: str = "", detail: str = "") -> Alert:
-        seq = 0 if type_ == "threshold_crossed" else self._next_seq(type_, pk)
+        seq = 0 if type_ in ("threshold_crossed", "spend_crossed") else self._next_seq(type_, pk)
         inc = info.included if info is not None else None
         pct = round(usage * 100.0 / inc, 6) if inc else None
         return self._build(type_, alert_id(type_, self.tenant_id, self.customer_id, code, pk[1], threshold, seq),

@@ -32,9 +32,10 @@ from meterflow.operators.dedupe import IdTable
 from meterflow.operators.entitlements import Entitlements, EntitlementUpdate
 from meterflow.operators.legacy_state import decode_legacy_snapshot
 from meterflow.operators.mediate import dead_letter, internal_error, matches
+from meterflow.operators.rating import Price
 from meterflow.operators.rules import Rules
 from meterflow.schemas import state as S
-from meterflow.schemas.records import Emission, PeriodAggregate, WindowAggregate
+from meterflow.schemas.records import Emission, PeriodAggregate, RatedRow, WindowAggregate
 
 # The snapshot's state version, meterflow.schemas.state.STATE_VERSION: 2: ids map to their expiry; pending dirty rows
 # joined the snapshot; 3: entitlement state; 4: ids kept as fingerprints in an IdTable; 5: named msgpack records
@@ -148,14 +149,34 @@ class CustomerMeter:
         return acc.value() if acc is not None else None
 
     def flush(self) -> Emission:
-        """The current value of every row changed since the last flush (then nothing is dirty)."""
-        out = self._emit(self.dirty_w, self.dirty_p, self.ent.rule, [])
+        """The current value of every row changed since the last flush (then nothing is dirty), and every period
+        row that no event can change any more (period_end + late_grace before the watermark) with ``final``,
+        changed or not; those rows are then evicted."""
+        closing: Set[PeriodKey] = set()
+        if self.wm > self.next_evict:
+            limit = self.wm - self.rules.grace_ms
+            closing = {pk for pk in self.periods if pk[2] < limit}
+            closing.update([pk for pk in self.excluded if pk[2] < limit])
+        out = self._emit(self.dirty_w, self.dirty_p | closing if closing else self.dirty_p, self.ent.rule, [],
+                         closing)
         self.dirty_w = set()
         self.dirty_p = set()
         self._rows = {}
         if self.wm > self.next_evict:
             self._evict()
         return out
+
+    def finalize_due(self, wm: int) -> bool:
+        """Whether the flow's watermark ``wm`` closes a row of this customer (then :meth:`finalize`)."""
+        return wm > self.next_evict
+
+    def finalize(self, wm: int) -> Emission:
+        """The flow's watermark reached ``wm`` while this customer sent nothing: its rows that no event can change
+        any more leave ``final`` now, not at its next event. The watermark is the customer's from here on, so an
+        event of a finalized period is ``too_late`` as the contract's single watermark says."""
+        if wm > self.wm:
+            self.wm = wm
+        return self.flush()
 
     # -- the hot path -----------------------------------------------------------------
     # process() runs once per key and batch. The per-event loop is all in _fold: a Python call per event or
@@ -188,7 +209,10 @@ class CustomerMeter:
     def _apply_change(self, update: EntitlementUpdate, alerts: List[Any]) -> None:
         """A changelog record: the entitlement change takes effect at its place in the batch, on the usage
         folded so far. The cached period and rows may belong to the previous subscription: dropped."""
-        self.ent.apply_change(update, self.usage, alerts)
+        if self.ent.apply_change(update, self.usage, alerts):
+            # Rated rows follow the subscription in effect: every open period is re-rated at the next flush.
+            self.dirty_p.update(self.periods)
+            self.dirty_p.update(self.excluded)
         self._period = (0, 0)
         self._rows = {}
 
@@ -215,7 +239,7 @@ class CustomerMeter:
         usage_of = self.usage
         sub = ent.rule
         kind, anchor = sub.period, sub.anchor_ms
-        infos, credit, evaluated = ent.infos, ent.credit, ent.evaluated
+        infos, credit, spends, evaluated = ent.infos, ent.credit, ent.spends, ent.evaluated
         unevaluated = 0 if evaluated else len(group)
         rowc = self._rows
         wm = self.wm
@@ -284,7 +308,7 @@ class CustomerMeter:
                         dims = tuple([_dim(props.get(g)) for g in gb])
                     row = rowc.get(code)
                     if row is not None and row[0] == wstart and row[2] == pstart and row[1] == dims:
-                        _, _, _, wacc, pk, acc, info, rate = row
+                        _, _, _, wacc, pk, acc, info, rate, sp = row
                         wacc.add(v, ts, sign)
                     else:  # another window or period than this metric's last event: look its rows up
                         wk = (code, wstart, dims)
@@ -300,12 +324,13 @@ class CustomerMeter:
                         dirty_p.add(pk)
                         info = infos.get(code)
                         rate = credit.get(code)
-                        rowc[code] = [wstart, dims, pstart, wacc, pk, acc, info, rate]
+                        sp = spends.get(code)
+                        rowc[code] = [wstart, dims, pstart, wacc, pk, acc, info, rate, sp]
                         cur = ent.cur.get(code)  # the current period: the latest one any accepted event of code fell in
                         if cur is None or cur[1] < pstart:
                             ent.advance(code, pk, me, usage_of, alerts)
                     # -- entitlements: only for the metrics this customer's subscription evaluates
-                    if not evaluated or (info is None and rate is None):
+                    if not evaluated or (info is None and rate is None and sp is None):
                         acc.add(v, ts, sign)
                         continue
                     if not per_event:  # p95/p99: checked once per batch, on its last event (_evaluate_deferred)
@@ -327,13 +352,20 @@ class CustomerMeter:
                             ent.evaluate(code, pk, usage, me, usage_of, alerts)
                         else:
                             ent.touched.add(pk)
+                    if sp is not None:  # spend thresholds: a unit level first, the exact decimal charge above it
+                        usage = acc.value()
+                        slvl = ent.spend_next.get(pk)
+                        if slvl is None:
+                            slvl = ent.spend_level(pk, sp)
+                        if usage >= slvl:
+                            ent.evaluate_spend(code, pk, usage, me, alerts)
                     if rate is not None:
                         if additive:  # exact units: 1 per event for count, the value for sum
                             ent.spend(code, 1 if v is None else v, sign, me, pk, alerts)
                         else:
                             ent.spend(code, acc.value() - before, 1, me, pk, alerts)
                     if ent.infos is not infos:  # the plan moved: other entitlements from the next metric on
-                        infos, credit, evaluated = ent.infos, ent.credit, ent.evaluated
+                        infos, credit, spends, evaluated = ent.infos, ent.credit, ent.spends, ent.evaluated
                         rowc = self._rows = {}
             except Exception as exc:  # a bug, not bad input: the event is dead-lettered, the flow goes on
                 failed += 1
@@ -356,7 +388,13 @@ class CustomerMeter:
             if where and not matches(props, where):
                 continue
             pk = (code, pstart, pend)
-            excluded[pk] = excluded.get(pk, 0) + 1
+            n = excluded.get(pk)
+            if n is None:
+                n = 0
+                expires = pend + self.rules.grace_ms  # the row closes (and leaves final) with its period
+                if expires < self.next_evict:
+                    self.next_evict = expires
+            excluded[pk] = n + 1
             dirty_p.add(pk)
 
     def _missing_property(self, me: Any, code: str, prop: str, v: Any) -> Any:
@@ -397,6 +435,8 @@ class CustomerMeter:
                 usage = self.periods[pk].value()
                 if code in ent.infos:
                     ent.evaluate(code, pk, usage, me, usage_of, alerts)
+                if code in ent.spends:
+                    ent.evaluate_spend(code, pk, usage, me, alerts)
                 if code in ent.credit:
                     ent.spend(code, usage - before, 1, me, pk, alerts)
             except Exception as exc:  # a bug: reported on the event that would have fired it (it is counted)
@@ -447,7 +487,8 @@ class CustomerMeter:
             return (f"timestamp {ts} (epoch ms) is outside the range of billing periods ({kind} periods anchored "
                     f"at {anchor} epoch ms): {exc}")
 
-    def _emit(self, dirty_w: Set[WindowKey], dirty_p: Set[PeriodKey], sub, dead) -> Emission:
+    def _emit(self, dirty_w: Set[WindowKey], dirty_p: Set[PeriodKey], sub, dead,
+              closing: Optional[Set[PeriodKey]] = None) -> Emission:
         rules = self.rules
         t, c = self.tenant_id, self.customer_id
         wrows = []
@@ -459,6 +500,10 @@ class CustomerMeter:
                 dimensions=dict(zip(rules.metrics[code].group_by, dims)) if dims else {},
                 value=acc.value(), events=acc.events, version=acc.events))
         prows = []
+        rated = []
+        prices = self.ent.prices
+        changes = self.ent.changes
+        closing = closing or set()
         for pk in dirty_p:
             code, pstart, pend = pk
             pacc = self.periods.get(pk)
@@ -466,11 +511,18 @@ class CustomerMeter:
             events = pacc.events if pacc is not None else 0
             excl = self.excluded.get(pk, 0)
             included = sub.included(code)
+            over = max(0.0, value - included) if included is not None else 0.0
+            final = pk in closing
+            # Grows with every event folded, every subscription change (it re-rates the row) and finality.
+            version = events + excl + changes + final
             prows.append(PeriodAggregate(
                 tenant_id=t, customer_id=c, metric=code, period_start=pstart, period_end=pend, value=value,
-                included=included, overage_units=max(0.0, value - included) if included is not None else 0.0,
-                events=events, excluded_events=excl, version=events + excl))
-        return Emission(windows=wrows, periods=prows, dead_letters=dead)
+                included=included, overage_units=over, events=events, excluded_events=excl, version=version,
+                final=final))
+            price = prices.get(code)
+            if price is not None:
+                rated.append(rated_row(t, c, code, pstart, pend, sub, price, value, included, over, final, version))
+        return Emission(windows=wrows, periods=prows, dead_letters=dead, rated=rated)
 
     def _recompute_next_evict(self) -> None:
         exp = [a.expires for a in self.windows.values()] + [a.expires for a in self.periods.values()]
@@ -496,6 +548,18 @@ class CustomerMeter:
         # order partitions are read in. The table keeps its size (reserve), so a customer with steady
         # volume never regrows it.
         self.next_dedupe_evict = self.seen.evict(self.wm, reserve=len(self.seen))
+
+
+def rated_row(t: str, c: str, code: str, pstart: int, pend: int, sub: Any, price: Price, value: float,
+              included: Optional[float], over: float, final: bool, version: int) -> RatedRow:
+    """A period row in money under the subscription ``sub`` and the metric's ``price`` (contract: Rating)."""
+    charge = price.charge(value)
+    return RatedRow(
+        tenant_id=t, customer_id=c, metric=code, period_start=pstart, period_end=pend, plan=sub.plan,
+        currency=sub.currency, price_model=price.model, usage=value, included=included, overage_units=over,
+        charge=charge, overage_amount=price.overage_amount(value, included), minimum=price.minimum,
+        amount=max(price.minimum, charge), custom_rate=sub.custom_rate(code), final=final, version=version,
+        account_name=sub.account_name, arr=sub.arr)
 
 
 def _dim(v: Any) -> str:

@@ -160,6 +160,54 @@ class Price:
         """What the period costs: ``max(minimum, charge(u))`` (the committed spend is the floor)."""
         return max(self.minimum, self.charge(u))
 
+    # -- spend thresholds ----------------------------------------------------------------------------------
+
+    @property
+    def monotone(self) -> bool:
+        """Whether ``charge`` never falls as usage grows: every model but a volume card whose unit amount falls
+        at a bracket, or a staircase whose flat amount does."""
+        if self.model in ("volume", "staircase"):
+            amounts = [amt for _up, amt in self.tiers]
+            return all(a <= b for a, b in zip(amounts, amounts[1:]))
+        return True
+
+    def units_for(self, amount: Number) -> Optional[Decimal]:
+        """The least usage whose charge reaches ``amount`` (None if none does): the unit level at which a spend
+        threshold can first fire. Where the least usage is an open bound (just above a bracket or package
+        boundary) the boundary itself is returned, so the level is never above the true one; callers confirm
+        with :meth:`charge`. For a non-monotone card this is the least usage of all, not the next one above a
+        given usage."""
+        a = to_decimal(amount)
+        if a <= 0:
+            return ZERO
+        with localcontext(_CTX):
+            m = self.model
+            if m == "per_unit":
+                return a / self.unit_amount if self.unit_amount > 0 else None
+            if m == "overage":
+                return self.included + a / self.unit_amount if self.unit_amount > 0 else None
+            if m == "package":
+                if self.package_amount <= 0:
+                    return None
+                n = -(-a // self.package_amount)  # packages needed, rounded up
+                return (n - 1) * self.package_size if self.round_up else n * self.package_size
+            lower, total = ZERO, ZERO
+            for bound, (_up, amt) in zip(self._bounds, self.tiers):
+                if m == "tiered":
+                    if amt > 0 and (bound.is_infinite() or total + (bound - lower) * amt >= a):
+                        return lower + (a - total) / amt
+                    if not bound.is_infinite():
+                        total += (bound - lower) * amt
+                elif m == "volume":
+                    if amt > 0:
+                        u = max(lower, a / amt)
+                        if u <= bound:
+                            return u
+                elif amt >= a:  # staircase: any usage of this bracket
+                    return lower
+                lower = bound
+            return None
+
 
 def compile_price(card: PriceConfig) -> Price:
     """A validated price card (``schemas.config.price_problem`` is None) as a :class:`Price`.

@@ -21,7 +21,7 @@ import msgspec
 from meterflow.schemas.config import SubscriptionConfig
 
 ALERT_TYPES = ("threshold_crossed", "blocked", "unblocked", "plan_changed", "wallet_low", "wallet_exhausted",
-               "anomaly")
+               "anomaly", "spend_crossed")
 
 
 def fmt_pct(pct: Optional[float]) -> str:
@@ -86,6 +86,10 @@ class Alert(msgspec.Struct, frozen=True, kw_only=True):
     wallet_balance: Optional[float] = None
     wallet_remaining: Optional[float] = None
     detail: str = ""
+    threshold_amount: Optional[float] = None  # spend_crossed: the configured amount (README: Rating)
+    amount: Optional[float] = None  # spend_crossed: the period charge just after the crossing event
+    baseline: Optional[float] = None  # anomaly: the trailing daily average (README: Anomaly alerts)
+    factor: Optional[float] = None  # anomaly: the configured multiple of the baseline
 
 
 ALERT_FIELDS: Tuple[str, ...] = Alert.__struct_fields__  # the record's fields, in its JSON order

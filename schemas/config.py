@@ -155,6 +155,7 @@ class KafkaConfig(_Frozen, frozen=True):
     events_topic: str = "usage.events"
     entitlements_topic: str = "usage.entitlements"
     aggregated_topic: str = "usage.aggregated"
+    rated_topic: str = "usage.rated"
     alerts_topic: str = "usage.alerts"
     dead_letter_topic: str = "usage.dead-letter"
     batch_size: Annotated[int, msgspec.Meta(gt=0)] = 5000

@@ -8,6 +8,7 @@ highest version" and see exact values even when a resumed dataflow re-emits.
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Dict, List, Optional, Union
 
 import msgspec
@@ -54,6 +55,39 @@ class PeriodAggregate(msgspec.Struct, frozen=True, kw_only=True, tag="period"):
     events: int
     excluded_events: int
     version: int
+    final: bool = False  # period_end + late_grace is before the watermark: no event can change the row any more
+
+
+class RatedRow(msgspec.Struct, frozen=True, kw_only=True, tag="rated"):
+    """One billing-period row in money (README: Rating): the period value rated under the customer's current
+    entitlement and price, for a metric the subscription gives an entitlement (``included``) or a price.
+
+    Amounts are exact decimals (``meterflow.operators.rating``), written to ClickHouse as Decimal(38, 9) and to
+    the ``usage.rated`` topic as JSON numbers with their exact digits. ``version`` grows with every change of
+    the row (events folded, a subscription change that re-rates it, finality), so the row with the highest
+    version is the current one.
+    """
+
+    tenant_id: str
+    customer_id: str
+    metric: str
+    period_start: int
+    period_end: int
+    plan: str
+    currency: str
+    price_model: str  # per_unit | tiered | volume | staircase | package | overage
+    usage: float
+    included: Optional[float]
+    overage_units: float
+    charge: Decimal
+    overage_amount: Decimal
+    minimum: Decimal
+    amount: Decimal
+    custom_rate: bool
+    final: bool
+    version: int
+    account_name: str = ""  # the subscription's, for the review queue and reports
+    arr: float = 0.0
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -92,7 +126,11 @@ class Emission(msgspec.Struct, kw_only=True):
     alerts: List[Alert] = []
     gateway: List[GatewayState] = []
     wallets: List[WalletState] = []
+    rated: List[RatedRow] = []
 
 
 AGGREGATE_ENCODER = msgspec.json.Encoder()
 AGGREGATE_DECODER = msgspec.json.Decoder(Aggregate)
+# Money as JSON numbers with the decimal's exact digits (102.000, not "102.000" nor 101.99999999999999).
+RATED_ENCODER = msgspec.json.Encoder(decimal_format="number")
+RATED_DECODER = msgspec.json.Decoder(RatedRow)

@@ -169,6 +169,8 @@ class EntitlementState(_Rec, frozen=True):
     touched: List[PeriodRef] = []
     deleted: List[str] = []
     wallet_dirty: bool = False
+    spend_fired: List[FiredRow] = []  # spend_thresholds fired per period (amounts in the thresholds field)
+    changes: int = 0  # subscription changes applied so far (part of every rated row's version)
 
 
 class MeterState(_Rec, frozen=True):

@@ -35,7 +35,7 @@ from meterflow.base.errors import MeterError
 from meterflow.base.timeutil import now_ms
 from meterflow.schemas.config import ClickHouseConfig, mask_url
 from meterflow.schemas.records import Emission
-from meterflow.sinks.clickhouse_schema import TABLES, alert_columns, ddl, emission_columns
+from meterflow.sinks.clickhouse_schema import TABLES, alert_columns, ddl, emission_columns, rated_columns
 
 DEFAULT_DATABASE = "meter"
 
@@ -173,7 +173,7 @@ class _ClickHousePartition(StatelessSinkPartition[Emission]):
         self._client, db = connect(cfg)
         try:
             # One reusable insert context per table: the column types are read once here, not per insert.
-            self._windows, self._periods, self._dead, self._alerts = (
+            self._windows, self._periods, self._rated, self._dead, self._alerts = (
                 self._client.create_insert_context(f"{db}.{table}", columns, column_oriented=True)
                 for table, columns in TABLES)
         except Exception as exc:
@@ -193,6 +193,9 @@ class _ClickHousePartition(StatelessSinkPartition[Emission]):
             self._insert(self._windows, wcols)
         if pcols:
             self._insert(self._periods, pcols)
+        rcols = rated_columns(items, now_ms())
+        if rcols:
+            self._insert(self._rated, rcols)
         if dcols:
             self._insert(self._dead, dcols)
         acols = alert_columns(items)

@@ -25,11 +25,12 @@ from msgspec.structs import astuple
 from meterflow.base.errors import MeterError
 from meterflow.base.timeutil import ms_to_iso, parse_rfc3339_ms
 from meterflow.schemas.alerts import ALERT_FIELDS, ALERT_TIME_FIELDS, Alert
-from meterflow.schemas.records import DeadLetter, Emission, PeriodAggregate, WindowAggregate
+from meterflow.schemas.records import DeadLetter, Emission, PeriodAggregate, RatedRow, WindowAggregate
 
 _WINDOW_FIELDS: Tuple[str, ...] = WindowAggregate.__struct_fields__
 _PERIOD_FIELDS: Tuple[str, ...] = PeriodAggregate.__struct_fields__
 _DEAD_FIELDS: Tuple[str, ...] = DeadLetter.__struct_fields__
+_RATED_FIELDS: Tuple[str, ...] = RatedRow.__struct_fields__
 
 
 def _moved(fields: Sequence[str], name: str, before: str) -> List[str]:
@@ -42,12 +43,14 @@ def _moved(fields: Sequence[str], name: str, before: str) -> List[str]:
 # Insert column orders: the record's fields, then the derived ones.
 WINDOW_COLUMNS = [*_WINDOW_FIELDS, "dims_key", "updated_at"]
 PERIOD_COLUMNS = [*_PERIOD_FIELDS, "updated_at"]
+RATED_COLUMNS = [*_RATED_FIELDS, "updated_at"]
 DEAD_COLUMNS = list(_DEAD_FIELDS)
 ALERT_COLUMNS = [*ALERT_FIELDS, "rank"]
 
 # View column orders (``SELECT *`` returns them in this order).
 USAGE_BY_WINDOW_COLUMNS = [f for f in _WINDOW_FIELDS if f != "version"]
 USAGE_BY_PERIOD_COLUMNS = [f for f in _PERIOD_FIELDS if f != "version"]
+USAGE_RATED_COLUMNS = [f for f in _RATED_FIELDS if f != "version"]
 _DEAD_LEAD = ("received_at", "reason", "detail", "source", "payload")
 DEAD_LETTERS_COLUMNS = [*_DEAD_LEAD, *(f for f in _DEAD_FIELDS if f not in _DEAD_LEAD and f != "dl_id"), "dl_id"]
 ALERTS_LOG_COLUMNS = _moved(ALERT_FIELDS, "usage", before="included")
@@ -65,7 +68,18 @@ _TABLES = [
         tenant_id String, customer_id String, metric LowCardinality(String),
         period_start DateTime64(3, 'UTC'), period_end DateTime64(3, 'UTC'),
         value Float64, included Nullable(Float64), overage_units Float64,
-        events UInt64, excluded_events UInt64, version UInt64, updated_at DateTime64(3, 'UTC')
+        events UInt64, excluded_events UInt64, version UInt64, final UInt8 DEFAULT 0,
+        updated_at DateTime64(3, 'UTC')
+    ) ENGINE = ReplacingMergeTree(version)
+    ORDER BY (tenant_id, customer_id, metric, period_start)""",
+    """CREATE TABLE IF NOT EXISTS {db}.usage_rated_rows (
+        tenant_id String, customer_id String, metric LowCardinality(String),
+        period_start DateTime64(3, 'UTC'), period_end DateTime64(3, 'UTC'),
+        plan String, currency LowCardinality(String), price_model LowCardinality(String),
+        usage Float64, included Nullable(Float64), overage_units Float64,
+        charge Decimal(38, 9), overage_amount Decimal(38, 9), minimum Decimal(38, 9), amount Decimal(38, 9),
+        custom_rate UInt8, final UInt8, version UInt64, account_name String, arr Float64,
+        updated_at DateTime64(3, 'UTC')
     ) ENGINE = ReplacingMergeTree(version)
     ORDER BY (tenant_id, customer_id, metric, period_start)""",
     """CREATE TABLE IF NOT EXISTS {db}.dead_letter_rows (
@@ -80,17 +94,28 @@ _TABLES = [
         enforcement LowCardinality(String), action LowCardinality(String), event_id String,
         event_time Nullable(DateTime64(3, 'UTC')), ingested_at Nullable(DateTime64(3, 'UTC')),
         detected_at DateTime64(3, 'UTC'), plan String, previous_plan String, account_name String,
-        wallet_balance Nullable(Float64), wallet_remaining Nullable(Float64), detail String, rank UInt64
+        wallet_balance Nullable(Float64), wallet_remaining Nullable(Float64), detail String,
+        threshold_amount Nullable(Float64), amount Nullable(Float64), baseline Nullable(Float64),
+        factor Nullable(Float64), rank UInt64
     ) ENGINE = ReplacingMergeTree(rank)
     ORDER BY alert_id""",
 ]
 
+# Columns added since the first release: tables created by an earlier build gain them on start.
+_UPGRADES = [
+    "ALTER TABLE {db}.usage_period_rows ADD COLUMN IF NOT EXISTS final UInt8 DEFAULT 0 AFTER version",
+    *(f"ALTER TABLE {{db}}.alert_rows ADD COLUMN IF NOT EXISTS {c} Nullable(Float64) AFTER {after}"
+      for c, after in (("threshold_amount", "detail"), ("amount", "threshold_amount"), ("baseline", "amount"),
+                       ("factor", "baseline"))),
+]
+
 # (table, insert columns), in the order of _TABLES.
 TABLES = [("usage_window_rows", WINDOW_COLUMNS), ("usage_period_rows", PERIOD_COLUMNS),
-          ("dead_letter_rows", DEAD_COLUMNS), ("alert_rows", ALERT_COLUMNS)]
+          ("usage_rated_rows", RATED_COLUMNS), ("dead_letter_rows", DEAD_COLUMNS), ("alert_rows", ALERT_COLUMNS)]
 # (view, its columns, the table it reads FINAL).
 VIEWS = [("usage_by_window", USAGE_BY_WINDOW_COLUMNS, "usage_window_rows"),
          ("usage_by_period", USAGE_BY_PERIOD_COLUMNS, "usage_period_rows"),
+         ("usage_rated", USAGE_RATED_COLUMNS, "usage_rated_rows"),
          ("dead_letters", DEAD_LETTERS_COLUMNS, "dead_letter_rows"),
          ("alerts_log", ALERTS_LOG_COLUMNS, "alert_rows")]
 
@@ -99,7 +124,7 @@ def ddl(db: str) -> List[str]:
     """The statements that create the tables and (re)create the views in database ``db``, in order."""
     views = [f"CREATE OR REPLACE VIEW {db}.{view} AS SELECT {', '.join(cols)} FROM {db}.{table} FINAL"
              for view, cols, table in VIEWS]
-    return [stmt.format(db=db) for stmt in _TABLES] + views
+    return [stmt.format(db=db) for stmt in (*_TABLES, *_UPGRADES)] + views
 
 
 # -- write side: records as insert columns ---------------------------------------------------------------
@@ -141,6 +166,14 @@ def emission_columns(items: List[Emission], at_ms: int) -> Tuple[Optional[list],
     if ds:
         dcols = _transposed(ds)
     return wcols, pcols, dcols
+
+
+def rated_columns(items: List[Emission], at_ms: int) -> Optional[list]:
+    """The rated rows of a batch of emissions as ``usage_rated_rows`` columns (``RATED_COLUMNS``), None without."""
+    rs = list(chain.from_iterable([e.rated for e in items if e.rated]))
+    if not rs:
+        return None
+    return _transposed(rs) + [[at_ms] * len(rs)]
 
 
 def alert_time_ms(alert: Alert, field: str, optional: bool = False) -> Optional[int]:

@@ -22,7 +22,7 @@ from confluent_kafka import Producer
 
 from meterflow.base.errors import MeterError
 from meterflow.schemas.alerts import ALERT_ENCODER
-from meterflow.schemas.records import AGGREGATE_ENCODER, Emission
+from meterflow.schemas.records import AGGREGATE_ENCODER, RATED_ENCODER, Emission
 from meterflow.sources.kafka_watch import BrokerWatch, watch_for
 
 #: ``kafka.outage_timeout`` default, seconds: how long a delivery may wait for an unreachable broker.
@@ -106,6 +106,18 @@ class _AggregatedPartition(_ProducerPartition):
             self._flush()
 
 
+class _RatedPartition(_ProducerPartition):
+    def write_batch(self, items: List[Emission]) -> None:
+        encode = RATED_ENCODER.encode
+        wrote = False
+        for e in items:
+            for rec in e.rated:
+                self._produce(f"{rec.tenant_id}|{rec.customer_id}|{rec.metric}".encode(), encode(rec))
+                wrote = True
+        if wrote:
+            self._flush()
+
+
 class _DeadLetterPartition(_ProducerPartition):
     def write_batch(self, items: List[Emission]) -> None:
         wrote = False
@@ -144,6 +156,21 @@ class AggregatedTopicSink(DynamicSink[Emission]):
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _AggregatedPartition:
         return _AggregatedPartition(self._config, self._topic, watch_for(*self._watch))
+
+
+class RatedTopicSink(DynamicSink[Emission]):
+    """Rated rows (``meterflow.schemas.records.RatedRow``) as JSON on the rated topic, keyed ``tenant|customer|metric``;
+    money as JSON numbers with exact decimal digits. Consumers keep the highest ``version`` per
+    (key, period_start): a replay re-sends rows with versions already seen."""
+
+    def __init__(self, bootstrap: str, topic: str, client_config: Optional[Dict[str, str]] = None,
+                 outage_timeout: float = OUTAGE_TIMEOUT) -> None:
+        self._config = producer_config(bootstrap, client_config, outage_timeout)
+        self._watch = (bootstrap, outage_timeout)
+        self._topic = topic
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _RatedPartition:
+        return _RatedPartition(self._config, self._topic, watch_for(*self._watch))
 
 
 class DeadLetterTopicSink(DynamicSink[Emission]):

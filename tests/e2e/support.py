@@ -165,6 +165,7 @@ def aggregated_records(bootstrap: str, topic: str) -> List[dict]:
 def kafka_section(bootstrap: str, events: str, prefix: str) -> Dict[str, str]:
     return {"bootstrap_servers": bootstrap, "events_topic": events,
             "aggregated_topic": f"{prefix}-aggregated", "dead_letter_topic": f"{prefix}-dead-letter",
+            "rated_topic": f"{prefix}-rated",
             "alerts_topic": f"{prefix}-alerts", "entitlements_topic": f"{prefix}-entitlements"}
 
 

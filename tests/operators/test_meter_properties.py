@@ -244,9 +244,11 @@ def reference(stream, window_ms, grace_ms):
         contribs = per.get(pk, [])
         value = _value(aggs[code], contribs) if contribs else 0.0
         inc = ref_included(t, c, code)
+        final = pe + grace_ms < wm  # no event can change it any more: final, one version more
         periods[pk] = {"value": value, "included": inc,
                        "overage_units": max(0.0, value - inc) if inc is not None else 0.0,
-                       "events": len(contribs), "excluded_events": excl[pk], "version": len(contribs) + excl[pk]}
+                       "events": len(contribs), "excluded_events": excl[pk],
+                       "version": len(contribs) + excl[pk] + final, "final": final}
     return windows, periods, dead
 
 
@@ -270,7 +272,8 @@ def final_rows(emissions, strict_versions=True):
                 assert r.version > prev["version"], (k, prev, r)
             if prev is None or r.version >= prev["version"]:
                 periods[k] = {"value": r.value, "included": r.included, "overage_units": r.overage_units,
-                              "events": r.events, "excluded_events": r.excluded_events, "version": r.version}
+                              "events": r.events, "excluded_events": r.excluded_events, "version": r.version,
+                              "final": r.final}
         for d in em.dead_letters:
             dead[d.dl_id] = d.reason   # a replay re-emits the same id
     return windows, periods, Counter(dead.values())
@@ -476,9 +479,8 @@ def run_operators(cfg, stream, data, restore_at=None):
                     meter = meters[key] = CustomerMeter(rules, key, stats=stats)
                 emissions.append(meter.process(lists, flush=data.draw(st.booleans())))
             pending = defaultdict(list)
-    for meter in meters.values():
-        if meter.has_dirty():
-            emissions.append(meter.flush())
+    for meter in meters.values():  # the flow's end of input: the watermark closes what it closes (on_eof)
+        emissions.append(meter.finalize(mediator.watermark))
     return emissions
 
 

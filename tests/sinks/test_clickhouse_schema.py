@@ -11,7 +11,7 @@ import pytest
 from meterflow.base.errors import MeterError
 from meterflow.schemas.alerts import ALERT_FIELDS, ALERT_TIME_FIELDS, Alert, alert_id
 from meterflow.schemas.config import ClickHouseConfig
-from meterflow.schemas.records import DeadLetter, Emission, PeriodAggregate, WindowAggregate
+from meterflow.schemas.records import DeadLetter, Emission, PeriodAggregate, RatedRow, WindowAggregate
 from meterflow.sinks import clickhouse_schema as schema
 from meterflow.sinks.clickhouse import ClickHouseSink, connect
 
@@ -22,7 +22,12 @@ CONTRACT_VIEWS = {
                         "events": "UInt64"},
     "usage_by_period": {"tenant_id": None, "customer_id": None, "metric": None, "period_start": None,
                         "period_end": None, "value": "Float64", "included": "Nullable(Float64)",
-                        "overage_units": "Float64"},
+                        "overage_units": "Float64", "final": "UInt8"},
+    "usage_rated": {"tenant_id": None, "customer_id": None, "metric": None, "period_start": None, "period_end": None,
+                    "plan": None, "currency": None, "price_model": None, "usage": "Float64",
+                    "included": "Nullable(Float64)", "overage_units": "Float64", "charge": "Decimal(38, 9)",
+                    "overage_amount": "Decimal(38, 9)", "minimum": "Decimal(38, 9)", "amount": "Decimal(38, 9)",
+                    "custom_rate": "UInt8", "final": "UInt8"},
     "alerts_log": dict.fromkeys(["alert_id", "type", "tenant_id", "customer_id", "metric", "period_start",
                                  "threshold_pct", "usage", "included", "usage_pct", "enforcement", "action",
                                  "event_id", "event_time", "detected_at"]),
@@ -38,8 +43,8 @@ def test_tables_and_views_have_the_derived_columns(chdb_path, ch_database):
     client, db = connect(ClickHouseConfig(dsn=f"chdb://{chdb_path}", database=ch_database))
     for table, columns in schema.TABLES:
         assert sorted(c for c, _ in describe(client, db, table)) == sorted(columns), table
-    records = {"usage_by_window": WindowAggregate, "usage_by_period": PeriodAggregate, "dead_letters": DeadLetter,
-               "alerts_log": Alert}
+    records = {"usage_by_window": WindowAggregate, "usage_by_period": PeriodAggregate, "usage_rated": RatedRow,
+               "dead_letters": DeadLetter, "alerts_log": Alert}
     assert [v for v, _, _ in schema.VIEWS] == list(records)
     for view, columns, _table in schema.VIEWS:
         got = describe(client, db, view)
@@ -99,10 +104,37 @@ def test_rows_written_are_read_back_by_the_cli_queries(chdb_path, ch_database):
     assert rows == [
         {"tenant_id": "acme", "customer_id": "c1", "metric": "m", "period_start": "2026-11-01T00:00:00Z",
          "period_end": "2026-11-01T00:00:01Z", "value": 5.0, "included": None, "overage_units": 0.0, "events": 5,
-         "excluded_events": 1}]
+         "excluded_events": 1, "final": 0}]
     assert schema.query_alerts(client, db) == []
 
 
 def test_docstring_examples():
     result = doctest.testmod(schema)
     assert result.attempted >= 1 and result.failed == 0
+
+
+def test_tables_of_an_earlier_build_gain_the_new_columns(chdb_path, ch_database):
+    """A database created before the Rate stage (no ``final`` on period rows, no spend or anomaly columns on
+    alerts) is upgraded in place when the sink connects, keeping its rows."""
+    import clickhouse_connect
+
+    from meterflow.sinks.clickhouse import _EMBEDDED, _EMBEDDED_LOCK
+
+    with _EMBEDDED_LOCK:
+        raw = _EMBEDDED.get(f"chdb://{chdb_path}") or clickhouse_connect.get_client(dsn=f"chdb://{chdb_path}")
+        _EMBEDDED[f"chdb://{chdb_path}"] = raw
+    raw.command(f"CREATE DATABASE IF NOT EXISTS {ch_database}")
+    raw.command(f"""CREATE TABLE {ch_database}.usage_period_rows (
+        tenant_id String, customer_id String, metric LowCardinality(String),
+        period_start DateTime64(3, 'UTC'), period_end DateTime64(3, 'UTC'),
+        value Float64, included Nullable(Float64), overage_units Float64,
+        events UInt64, excluded_events UInt64, version UInt64, updated_at DateTime64(3, 'UTC')
+    ) ENGINE = ReplacingMergeTree(version) ORDER BY (tenant_id, customer_id, metric, period_start)""")
+    raw.command(f"INSERT INTO {ch_database}.usage_period_rows "
+                "VALUES ('acme', 'c1', 'm', 0, 1000, 3, NULL, 0, 3, 0, 3, 0)")
+    client, db = connect(ClickHouseConfig(dsn=f"chdb://{chdb_path}", database=ch_database))
+    cols = [c for c, _ in describe(client, db, "usage_period_rows")]
+    assert "final" in cols and cols.index("final") == cols.index("version") + 1
+    assert client.query(f"SELECT value, final FROM {db}.usage_by_period").result_rows == [(3.0, 0)]
+    alert_cols = [c for c, _ in describe(client, db, "alert_rows")]
+    assert {"threshold_amount", "amount", "baseline", "factor"} <= set(alert_cols)
