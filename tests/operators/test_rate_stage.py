@@ -265,7 +265,7 @@ def latest_rated(emissions):
             assert prev is None or r.version >= prev.version, (k, prev, r)
             if prev is None or r.version >= prev.version:
                 best[k] = r
-    return best
+    return {k: r for k, r in best.items() if not r.deleted}  # what usage_rated shows
 
 
 # -- streams -----------------------------------------------------------------------------------------------------
@@ -276,9 +276,9 @@ def streams(draw):
     items, ids = [], []
     for i in range(n):
         if draw(st.integers(0, 11)) == 0:
-            # (plans a and b rate every metric: a metric that loses its price keeps its last rated row)
+            # (plan c rates only calls: moving to it takes the price of tokens and peak away)
             items.append({"kind": "change", "cust": draw(st.sampled_from(["c1", "c3"])),
-                          "plan": draw(st.sampled_from(["a", "b"]))})
+                          "plan": draw(st.sampled_from(["a", "b", "c"]))})
             continue
         if ids and draw(st.integers(0, 7)) == 0:  # a resent duplicate
             items.append(dict(draw(st.sampled_from(ids))))
@@ -431,3 +431,21 @@ def test_a_silent_customer_is_final_once_the_watermark_passes_period_end_plus_gr
     em2 = c3.process(list(toolate.values()))
     assert [d.reason for d in em2.dead_letters] == ["too_late"] and not em2.rated
     assert isinstance(em2, Emission)
+
+
+def test_a_change_that_takes_a_metric_price_away_deletes_its_rated_row():
+    rules = Rules(CFG)
+    med, changes = Mediator(CFG, stats=FlowStats(), clock=_CLOCK), ChangelogMediator(CFG, stats=FlowStats())
+    groups, _ = med([(("e", i), raw_event(x)) for i, x in enumerate(_events("c1", 4, tokens=3))])
+    meter = CustomerMeter(rules, "acme|c1")
+    first = {r.metric: r for r in meter.process(list(groups.values())).rated}
+    assert set(first) == {"calls", "tokens", "peak"}
+    res = changes([(("changes.jsonl", 1), raw_change({"cust": "c1", "plan": "c"}))])  # plan c prices calls only
+    em = meter.process([upd for _, upd in res.updates])
+    got = {r.metric: r for r in em.rated}
+    assert not got["calls"].deleted and got["calls"].price_model == "per_unit"
+    assert got["tokens"].deleted and got["peak"].deleted
+    assert all(got[m].version > first[m].version for m in got)
+    # the tombstones leave once; later flushes rate calls only
+    groups, _ = med([(("e", 9), raw_event(_events("c1", 1, eid="later")[0]))])
+    assert {r.metric for r in meter.process(list(groups.values())).rated} == {"calls"}
