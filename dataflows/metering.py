@@ -368,13 +368,15 @@ def sinks_from_config(config: Config, recoverable: bool = False) -> List[Tuple[s
 
     sinks: List[Tuple[str, Sink]] = [("clickhouse", ClickHouseSink(config.clickhouse))]
     if config.kafka is not None:
-        from meterflow.sinks.kafka import AggregatedTopicSink, DeadLetterTopicSink, RatedTopicSink
+        from meterflow.sinks.kafka import AggregatedTopicSink, DeadLetterTopicSink, RatedTopicSink, ReviewTopicSink
 
         k = config.kafka
         sinks.append(("aggregated_topic", AggregatedTopicSink(k.bootstrap_servers, k.aggregated_topic, k.client_config,
                                                               k.outage_timeout_seconds)))
         sinks.append(("rated_topic", RatedTopicSink(k.bootstrap_servers, k.rated_topic, k.client_config,
                                                     k.outage_timeout_seconds)))
+        sinks.append(("reviews_topic", ReviewTopicSink(k.bootstrap_servers, k.reviews_topic, k.client_config,
+                                                       k.outage_timeout_seconds)))
         sinks.append(("dead_letter_topic", DeadLetterTopicSink(k.bootstrap_servers, k.dead_letter_topic,
                                                                k.client_config, k.outage_timeout_seconds)))
     if config.redis is not None:

@@ -16,7 +16,9 @@ from typing import Optional
 
 import msgspec
 
-from meterflow.schemas.config import REVIEW_ROUTES as ROUTES  # the route names [review] routes may use
+from meterflow.schemas.config import REVIEW_ROUTES
+
+ROUTES = REVIEW_ROUTES  # the route names [review] routes may use
 DECISIONS = ("approved", "rejected")
 STATUSES = ("auto_applied", "pending", "approved", "rejected")
 
