@@ -26,6 +26,7 @@ from meterflow.base.errors import MeterError
 from meterflow.base.timeutil import ms_to_iso, parse_rfc3339_ms
 from meterflow.schemas.alerts import ALERT_FIELDS, ALERT_TIME_FIELDS, Alert
 from meterflow.schemas.records import DeadLetter, Emission, PeriodAggregate, RatedRow, WindowAggregate
+from meterflow.sinks.clickhouse_reviews import review_ddl
 
 _WINDOW_FIELDS: Tuple[str, ...] = WindowAggregate.__struct_fields__
 _PERIOD_FIELDS: Tuple[str, ...] = PeriodAggregate.__struct_fields__
@@ -125,7 +126,7 @@ def ddl(db: str) -> List[str]:
     views = [f"CREATE OR REPLACE VIEW {db}.{view} AS SELECT {', '.join(cols)} FROM {db}.{table} FINAL"
              + (" WHERE deleted = 0" if table == "usage_rated_rows" else "")
              for view, cols, table in VIEWS]
-    return [stmt.format(db=db) for stmt in (*_TABLES, *_UPGRADES)] + views
+    return [stmt.format(db=db) for stmt in (*_TABLES, *_UPGRADES)] + views + review_ddl(db)
 
 
 # -- write side: records as insert columns ---------------------------------------------------------------
