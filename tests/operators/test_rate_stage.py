@@ -486,8 +486,8 @@ def test_the_flow_rates_exactly_like_the_model_with_one_and_two_workers(stream, 
     assert set(got) == set(want)
     for k, (model, charge, over, minimum, amount, custom) in want.items():
         r = got[k]
-        assert (r.price_model, Fraction(r.charge), Fraction(r.overage_amount), Fraction(r.amount)) == \
-            (model, charge, over, amount), (k, r)
+        assert (r.price_model, Fraction(r.charge), Fraction(r.overage_amount), Fraction(r.minimum),
+                Fraction(r.amount), r.custom_rate) == (model, charge, over, minimum, amount, custom), (k, r)
     # spend alerts: per customer the model's order (customers' shards run independently)
     got_alerts = sorted((a.customer_id, a.metric, a.threshold_amount, a.event_id) for em in out for a in em.alerts
                         if a.type == "spend_crossed")
