@@ -43,6 +43,7 @@ from meterflow.operators.changelog import ChangelogMediator
 from meterflow.operators.entitlements import EntitlementUpdate
 from meterflow.operators.mediate import Mediator
 from meterflow.operators.meter import CustomerMeter
+from meterflow.operators.review_decisions import decision_emissions
 from meterflow.operators.rules import Rules
 from meterflow.schemas.config import Config, load_config
 from meterflow.schemas.records import Emission
@@ -330,7 +331,7 @@ def _drop_key(kv: Tuple[str, Emission]) -> Emission:
 
 def build_flow(config: Config, source: Source, sinks: Sequence[Tuple[str, Sink]], flow_id: str = "meterflow",
                recoverable: bool = True, entitlements: Optional[Source] = None,
-               gateway_states: Optional[bool] = None) -> Dataflow:
+               gateway_states: Optional[bool] = None, decisions: Optional[Source] = None) -> Dataflow:
     """Wire the metering dataflow. ``source`` emits ``(src, raw_bytes)``; every sink receives :class:`Emission`s.
 
     ``entitlements`` (optional) emits changelog records ``(src, raw_bytes)`` that are joined into the
@@ -338,6 +339,8 @@ def build_flow(config: Config, source: Source, sinks: Sequence[Tuple[str, Sink]]
     ``recoverable=False`` (a run without a recovery directory) skips building state snapshots.
     ``gateway_states`` (default: whether ``[redis]`` is configured) builds the live gateway and wallet
     states (``Emission.gateway``/``wallets``), which only the Redis sink reads.
+    ``decisions`` (optional) emits review decision records ``(src, raw_bytes)``: each valid one goes to the
+    sinks as ``Emission.decisions`` (no keyed state), a bad one as an ``invalid_decision`` dead letter.
     """
     rules = Rules(config)
     rules.gateway_states = config.redis is not None if gateway_states is None else gateway_states
@@ -351,6 +354,10 @@ def build_flow(config: Config, source: Source, sinks: Sequence[Tuple[str, Sink]]
                                     ChangelogMediator(config), shards)
         keyed = op.merge("events_and_changes", keyed, changes.events)
         dead = op.merge("all_dead_letters", dead, changes.dead_letters)
+    if decisions is not None:
+        decided = op.flat_map_batch("mediate_decisions", op.input("decisions_in", flow, decisions),
+                                    decision_emissions)
+        dead = op.merge("dead_letters_and_decisions", dead, decided)
     metered = op.stateful_batch("meter", keyed,
                                 lambda resume: _ShardLogic(rules, shards, resume, recoverable, mediator))
     # Dead letters join after the meter step: they never wait for a shard, and leave in their batch's epoch.
@@ -424,12 +431,31 @@ def entitlements_source_from_config(config: Config, inputs: Sequence[str] = (), 
     return None
 
 
+def decisions_source_from_config(config: Config, event_inputs: Sequence[str] = (),
+                                 stop_at_end: bool = False) -> Optional[Source]:
+    """The review decisions topic (``kafka.review_decisions_topic``) when Kafka feeds the events, else None.
+    A tailing flow creates the topic when it is missing (its partitions are fixed at start, so a decision
+    published later would otherwise wait for the next run); with ``stop_at_end`` a missing topic is logged."""
+    if config.kafka is not None and not event_inputs:
+        from meterflow.sources.kafka import KafkaEventSource, ensure_topic
+
+        k = config.kafka
+        if not stop_at_end:
+            ensure_topic(k.bootstrap_servers, k.review_decisions_topic, k.client_config)
+        return KafkaEventSource(k.bootstrap_servers, k.review_decisions_topic, k.client_config,
+                                batch_size=k.batch_size, stop_at_end=stop_at_end,
+                                config_key="kafka.review_decisions_topic", missing_ok=True,
+                                outage_timeout=k.outage_timeout_seconds)
+    return None
+
+
 def flow_from_config(config: Config, inputs: Sequence[str] = (), stop_at_end: bool = False,
                      recoverable: bool = True, entitlements: Sequence[str] = ()) -> Dataflow:
     return build_flow(config, source_from_config(config, inputs, stop_at_end),
                       sinks_from_config(config, recoverable),
                       recoverable=recoverable,
-                      entitlements=entitlements_source_from_config(config, entitlements, inputs, stop_at_end))
+                      entitlements=entitlements_source_from_config(config, entitlements, inputs, stop_at_end),
+                      decisions=decisions_source_from_config(config, inputs, stop_at_end))
 
 
 def __getattr__(name: str) -> Any:

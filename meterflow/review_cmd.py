@@ -2,10 +2,12 @@
 
 The queue is read from ClickHouse's ``overage_reviews`` view; a decision is written to ``review_decision_rows``
 (durable, outside the flow: replays, restarts and later updates of the item never touch it) and, with
-``[kafka]``, also published to ``kafka.review_decisions_topic`` (keyed by review_id) for tools and audit. With
-embedded chDB the data path is open in one process at a time: while ``meter run`` writes it, these commands
-are refused with the running process named; use a ClickHouse server (``clickhouse.dsn = "http://..."``) to
-decide while the flow runs.
+``[kafka]``, also published to ``kafka.review_decisions_topic`` (keyed by review_id), which the flow reads and
+writes to ClickHouse too (idempotently). With embedded chDB the data path is open in one process at a time:
+while ``meter run`` holds it, ``approve|reject`` with ``[kafka]`` checks the item on ``kafka.reviews_topic`` and
+the earlier decisions on the decisions topic, then publishes only (the running flow writes the decision);
+without ``[kafka]`` it is refused with the running process named (use a ClickHouse server, ``clickhouse.dsn =
+"http://..."``, to decide while the flow runs). ``list`` always reads ClickHouse.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Callable, Dict, List
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
 
 from meterflow.base.errors import MeterError
 from meterflow.base.timeutil import ms_to_iso, now_ms
 from meterflow.schemas.config import Config, load_config
-from meterflow.schemas.reviews import ReviewDecision, decision_id
+from meterflow.schemas.reviews import ReviewDecision, decision_id, review_id_problem
 
 _VERB = {"approve": "approved", "reject": "rejected"}
 
@@ -30,8 +33,7 @@ def decide(cfg: Config, rid: str, action: str, by: str, note: str = "",
     from meterflow.sinks.clickhouse import connect
     from meterflow.sinks.clickhouse_reviews import decision_exists, insert_decision, query_reviews
 
-    if not by.strip():
-        raise MeterError("--by: name the person deciding (e.g. --by alice@example.com)")
+    _check_args(rid, by)
     client, db = connect(cfg.clickhouse)
     rows = query_reviews(client, db, review_id=rid)
     if not rows:
@@ -57,7 +59,71 @@ def decide(cfg: Config, rid: str, action: str, by: str, note: str = "",
 
         k = cfg.kafka
         publish(k.bootstrap_servers, k.review_decisions_topic, [(rid.encode(), REVIEW_ENCODER.encode(d))],
-                k.client_config)
+                k.client_config, what="a review decision")
+    return d
+
+
+def _check_args(rid: str, by: str) -> None:
+    """What the command line can check without ClickHouse or Kafka: the id's form and who decides."""
+    why = review_id_problem(rid)
+    if why is not None:
+        raise MeterError(f"REVIEW_ID: {why}")
+    if not by.strip():
+        raise MeterError("--by: name the person deciding (e.g. --by alice@example.com)")
+
+
+def chdb_holder(cfg: Config) -> Optional[str]:
+    """The process holding the configuration's embedded chDB data path (described), None when it is free or
+    the configuration names a ClickHouse server."""
+    from meterflow.sinks.clickhouse import embedded_holder, resolve
+
+    dsn, _db, embedded = resolve(cfg.clickhouse)
+    return embedded_holder(Path(dsn[len("chdb://"):])) if embedded else None
+
+
+def decide_via_topic(cfg: Config, rid: str, action: str, by: str, note: str = "",
+                     clock: Callable[[], int] = now_ms, timeout: float = 30.0) -> ReviewDecision:
+    """Record a decision by publishing it only (``[kafka]`` required): the item, at its highest version, from
+    ``kafka.reviews_topic``, the earlier decisions from ``kafka.review_decisions_topic``; the same one-line
+    errors as :func:`decide` (unknown item, auto_apply, a decision on the same amount). The flow reading the
+    decisions topic writes it to ClickHouse."""
+    from meterflow.schemas.reviews import DECISION_DECODER, REVIEW_DECODER, REVIEW_ENCODER
+    from meterflow.sinks.kafka import publish_entitlements as publish
+    from meterflow.sources.kafka import read_key
+
+    _check_args(rid, by)
+    k = cfg.kafka
+    if k is None:
+        raise MeterError("deciding without ClickHouse needs a [kafka] section (kafka.review_decisions_topic)")
+    item = None
+    for raw in read_key(k.bootstrap_servers, k.reviews_topic, rid.encode(), k.client_config, timeout):
+        try:
+            rec = REVIEW_DECODER.decode(raw)
+        except Exception:  # noqa: BLE001 - not written by the flow: not an item
+            continue
+        if rec.review_id == rid and (item is None or rec.version >= item.version):
+            item = rec
+    if item is None or not item.overage_amount > 0:
+        raise MeterError(f"no review item {rid!r} on Kafka topic {k.reviews_topic!r} (kafka.reviews_topic): the "
+                         "ids are in the review notifications and `meter review list` once ClickHouse is free")
+    amount = item.overage_amount
+    if item.route == "auto_apply":
+        raise MeterError(f"review item {rid} ({_money(amount)} {item.currency}) is on the auto_apply route: it "
+                         "is applied without a decision")
+    did = decision_id(rid, amount)
+    for raw in read_key(k.bootstrap_servers, k.review_decisions_topic, rid.encode(), k.client_config, timeout):
+        try:
+            earlier = DECISION_DECODER.decode(raw)
+        except Exception:  # noqa: BLE001 - the flow dead-letters it
+            continue
+        if earlier.decision_id == did:
+            raise MeterError(f"review item {rid} was already {earlier.status} by {earlier.decided_by} at "
+                             f"{ms_to_iso(earlier.decided_at)} on its current overage amount {_money(amount)} "
+                             f"{item.currency}: a new decision is possible once the amount changes")
+    d = ReviewDecision(decision_id=did, review_id=rid, status=_VERB[action], decided_by=by, decided_at=clock(),
+                       note=note, overage_amount=amount)
+    publish(k.bootstrap_servers, k.review_decisions_topic, [(rid.encode(), REVIEW_ENCODER.encode(d))],
+            k.client_config, what="a review decision")
     return d
 
 
@@ -69,9 +135,19 @@ def review_cmd(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.review_command == "list":
         return _list(cfg, args)
-    d = decide(cfg, args.review_id, args.review_command, args.by, args.note or "")
-    print(f"{d.status} review {d.review_id} on overage {_money(d.overage_amount)} by {d.decided_by} at "
-          f"{ms_to_iso(d.decided_at)}")
+    _check_args(args.review_id, args.by)
+    holder = chdb_holder(cfg) if cfg.kafka is not None else None
+    if holder is not None:
+        d = decide_via_topic(cfg, args.review_id, args.review_command, args.by, args.note or "")
+    else:
+        d = decide(cfg, args.review_id, args.review_command, args.by, args.note or "")
+    line = (f"{d.status} review {d.review_id} on overage {_money(d.overage_amount)} by {d.decided_by} at "
+            f"{ms_to_iso(d.decided_at)}")
+    if holder is not None:
+        assert cfg.kafka is not None
+        line += (f"; published to {cfg.kafka.review_decisions_topic} only: embedded ClickHouse is in use by "
+                 f"{holder}, and `meter run` reading Kafka writes the decision to ClickHouse")
+    print(line)
     return 0
 
 

@@ -15,7 +15,7 @@ import msgspec
 
 from meterflow.schemas.alerts import Alert
 from meterflow.schemas.gateway import GatewayState, WalletState
-from meterflow.schemas.reviews import ReviewItem
+from meterflow.schemas.reviews import ReviewDecision, ReviewItem
 
 
 class WindowAggregate(msgspec.Struct, frozen=True, kw_only=True, tag="window"):
@@ -132,6 +132,7 @@ class Emission(msgspec.Struct, kw_only=True):
     wallets: List[WalletState] = []
     rated: List[RatedRow] = []
     reviews: List[ReviewItem] = []  # review items of the rated rows (README: Overage review queue)
+    decisions: List[ReviewDecision] = []  # review decisions read from kafka.review_decisions_topic
 
 
 AGGREGATE_ENCODER = msgspec.json.Encoder()

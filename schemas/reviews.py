@@ -11,6 +11,7 @@ the ``usage.review-decisions`` topic), never flow state.
 from __future__ import annotations
 
 import hashlib
+import re
 from decimal import Decimal
 from typing import Optional
 
@@ -32,6 +33,20 @@ def review_id(tenant_id: str, customer_id: str, metric: str, period_start_ms: in
     """
     text = "\x1f".join(("review", tenant_id, customer_id, metric, str(period_start_ms)))
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+_REVIEW_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def review_id_problem(rid: str) -> Optional[str]:
+    """Why ``rid`` cannot be a review id (32 lowercase hex digits, as :func:`review_id` makes), or None.
+
+    >>> review_id_problem("0" * 32) is None, review_id_problem("nope")
+    (True, "'nope' is not a review id (32 lowercase hex digits, as `meter review list` shows)")
+    """
+    if _REVIEW_ID.fullmatch(rid):
+        return None
+    return f"{rid[:80]!r} is not a review id (32 lowercase hex digits, as `meter review list` shows)"
 
 
 def decision_id(rid: str, overage_amount: Decimal) -> str:
@@ -80,6 +95,28 @@ class ReviewDecision(msgspec.Struct, frozen=True, kw_only=True):
     decided_at: int
     note: str
     overage_amount: Decimal
+
+
+def decision_problem(d: ReviewDecision) -> Optional[str]:
+    """Why a decision record (e.g. one read from ``usage.review-decisions``) cannot be stored, or None: the
+    review id's form, the status, who decided, when, the amount (> 0: only items with an overage exist), and
+    ``decision_id`` = :func:`decision_id` of the review id and amount (one decision per item and amount)."""
+    why = review_id_problem(d.review_id)
+    if why is not None:
+        return f"review_id {why}"
+    if d.status not in DECISIONS:
+        return f"status {d.status!r} is not one of {', '.join(DECISIONS)}"
+    if not d.decided_by.strip():
+        return "decided_by is empty: a decision names the person who made it"
+    if d.decided_at <= 0:
+        return f"decided_at {d.decided_at} is not a time (epoch milliseconds)"
+    if not d.overage_amount.is_finite() or d.overage_amount <= 0:
+        return f"overage_amount {d.overage_amount} is not above 0: only an overage is decided on"
+    if d.overage_amount.as_tuple().exponent < -9:  # type: ignore[operator]
+        return f"overage_amount {d.overage_amount} has more than 9 decimal places (items carry Decimal(38, 9))"
+    if d.decision_id != decision_id(d.review_id, d.overage_amount):
+        return "decision_id does not match review_id and overage_amount (one decision per item and amount)"
+    return None
 
 
 REVIEW_ENCODER = msgspec.json.Encoder(decimal_format="number")

@@ -81,9 +81,22 @@ def review_columns(items: List[Emission], at_ms: int) -> Optional[list]:
     return list(zip(*map(astuple, rs))) + [[at_ms] * len(rs)]
 
 
+def decision_row(d: ReviewDecision) -> list:
+    """A decision as a ``review_decision_rows`` row (``rank`` keeps the first decision per item and amount)."""
+    return [*astuple(d), max(0, _RANK_BASE - d.decided_at)]
+
+
+def decision_columns(items: List[Emission]) -> Optional[list]:
+    """The review decisions of a batch of emissions (read from the decisions topic) as ``review_decision_rows``
+    columns, None without."""
+    ds = list(chain.from_iterable([e.decisions for e in items if e.decisions]))
+    if not ds:
+        return None
+    return list(zip(*map(decision_row, ds)))
+
+
 def insert_decision(client: Any, db: str, d: ReviewDecision) -> None:
-    client.insert(f"{db}.review_decision_rows", [[*astuple(d), max(0, _RANK_BASE - d.decided_at)]],
-                  column_names=DECISION_COLUMNS)
+    client.insert(f"{db}.review_decision_rows", [decision_row(d)], column_names=DECISION_COLUMNS)
 
 
 def query_reviews(client: Any, db: str, route: Optional[str] = None, status: Optional[str] = None,

@@ -233,7 +233,7 @@ class AlertTopicSink(DynamicSink[Emission]):
 
 def publish_entitlements(bootstrap: str, topic: str, messages: Sequence[Tuple[bytes, bytes]],
                          client_config: Optional[Dict[str, str]] = None,
-                         timeout: float = 30.0) -> List[Tuple[int, int]]:
+                         timeout: float = 30.0, what: str = "entitlements") -> List[Tuple[int, int]]:
     """Produce ``(key, value)`` records to the entitlements topic with an idempotent producer, wait for every
     acknowledgement and return ``(partition, offset)`` per record, in order. Raises MeterError on any failure."""
     producer = Producer({**producer_config(bootstrap, client_config), "linger.ms": 0,
@@ -254,5 +254,5 @@ def publish_entitlements(bootstrap: str, topic: str, messages: Sequence[Tuple[by
     remaining = producer.flush(timeout)
     if errors or remaining or any(w is None for w in where):
         why = errors[0] if errors else f"{remaining} messages unacknowledged after {timeout:g} s"
-        raise MeterError(f"Kafka topic {topic!r} at {bootstrap}: publishing entitlements failed ({why})")
+        raise MeterError(f"Kafka topic {topic!r} at {bootstrap}: publishing {what} failed ({why})")
     return where  # type: ignore[return-value]

@@ -144,3 +144,74 @@ class KafkaEventSource(FixedPartitionedSource[Tuple[Any, bytes], int]):
         watch = watch_for(self._config["bootstrap.servers"], self._outage_timeout)
         return _TopicPartition(cfg, topic, int(idx), resume_state, self._batch, self._stop_at_end, self._timeout,
                                watch)
+
+
+def ensure_topic(bootstrap_servers: str, topic: str, client_config: Optional[Dict[str, str]] = None,
+                 timeout: float = 15.0) -> bool:
+    """Create ``topic`` (one partition, the broker's default replication) when it does not exist, so that a
+    tailing flow, whose partitions are fixed at start, reads records published to it later. Returns whether it
+    was created; any failure (no permission, an unreachable broker) is logged and left to the source to report."""
+    from confluent_kafka.admin import NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers, **(client_config or {})})
+    try:
+        tmeta = admin.list_topics(topic=topic, timeout=timeout).topics.get(topic)
+        if tmeta is not None and tmeta.error is None and tmeta.partitions:
+            return False
+        admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=-1)],
+                            request_timeout=timeout)[topic].result(timeout=timeout)
+    except KafkaException as exc:
+        err = exc.args[0] if exc.args else exc
+        if getattr(err, "code", lambda: None)() == KafkaError.TOPIC_ALREADY_EXISTS:
+            return False
+        log.warning("could not create Kafka topic %r: %s", topic, err)
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # until its partition has a leader
+        tmeta = admin.list_topics(topic=topic, timeout=timeout).topics.get(topic)
+        if tmeta is not None and tmeta.error is None and tmeta.partitions and \
+                all(p.leader >= 0 for p in tmeta.partitions.values()):
+            break
+        time.sleep(0.1)
+    return True
+
+
+def read_key(bootstrap_servers: str, topic: str, key: bytes, client_config: Optional[Dict[str, str]] = None,
+             timeout: float = 30.0) -> List[bytes]:
+    """The values of ``topic``'s records keyed ``key``, in log order, read from the beginning of every partition
+    to the end offsets at call time (a missing topic has none). For command-line look-ups on small topics
+    (``meter review`` reads an item and its decisions); raises MeterError when the broker does not answer."""
+    where = f"Kafka topic {topic!r} at {bootstrap_servers}"
+    c = Consumer({"bootstrap.servers": bootstrap_servers, **(client_config or {}), "group.id": "meterflow-unused",
+                  "enable.auto.commit": False, "enable.partition.eof": False, "auto.offset.reset": "earliest"})
+    try:
+        try:
+            tmeta = c.list_topics(topic, timeout=timeout).topics.get(topic)
+            if tmeta is None or tmeta.error is not None or not tmeta.partitions:
+                return []
+            ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1] for p in tmeta.partitions}
+        except KafkaException as exc:
+            raise MeterError(f"{where}: cannot read it ({exc.args[0] if exc.args else exc}); check "
+                             "kafka.bootstrap_servers") from exc
+        todo = {p for p, end in ends.items() if end > 0}
+        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in todo])
+        out: List[Tuple[int, int, bytes]] = []
+        deadline = time.monotonic() + timeout
+        while todo:
+            if time.monotonic() > deadline:
+                raise MeterError(f"{where}: not read to its end within {timeout:g} s; check the broker")
+            for msg in c.consume(1000, 0.2):
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF or err.retriable():
+                        continue
+                    raise MeterError(f"{where}: {err}")
+                p, off = msg.partition() or 0, msg.offset() or 0
+                if off < ends[p] and msg.key() == key:
+                    out.append((p, off, msg.value() or b""))
+            for tp in c.position([TopicPartition(topic, p) for p in todo]):  # past the end (gaps and all)
+                if tp.offset >= ends[tp.partition]:
+                    todo.discard(tp.partition)
+        return [v for _p, _o, v in sorted(out)]
+    finally:
+        c.close()

@@ -103,8 +103,11 @@ def test_run_decide_grow_and_the_decision_is_still_shown(tmp_path):
     assert (approved["status"], approved["decided_by"], approved["note"]) == ("approved", "alice", "agreed on the call")
     again = run_meter("review", "reject", rid, "--config", str(cfg), "--by", "bob", check=False)
     assert again.returncode != 0 and again.stderr.count("\n") == 1 and "already approved by alice" in again.stderr
-    missing = run_meter("review", "approve", "nope", "--config", str(cfg), "--by", "bob", check=False)
-    assert missing.returncode != 0 and missing.stderr.startswith("meter: error: no review item 'nope'")
+    missing = run_meter("review", "approve", "0" * 32, "--config", str(cfg), "--by", "bob", check=False)
+    assert missing.returncode != 0 and missing.stderr.startswith(f"meter: error: no review item '{'0' * 32}'")
+    malformed = run_meter("review", "approve", "nope", "--config", str(cfg), "--by", "bob", check=False)
+    assert malformed.returncode != 0 and malformed.stderr == \
+        "meter: error: REVIEW_ID: 'nope' is not a review id (32 lowercase hex digits, as `meter review list` shows)\n"
     auto = run_meter("review", "approve", small["review_id"], "--config", str(cfg), "--by", "bob", check=False)
     assert auto.returncode != 0 and "auto_apply route" in auto.stderr
 

@@ -18,6 +18,7 @@ from meterflow.sinks.clickhouse import ClickHouseSink, connect
 from meterflow.sinks.clickhouse_reviews import OVERAGE_REVIEWS_COLUMNS, REVIEW_TABLES, query_reviews
 
 T0 = 1_796_000_000_000
+R1, R2, R9 = "1" * 32, "2" * 32, "9" * 32  # review ids: 32 hex digits
 
 
 def item(rid: str, amount: str, route: str, version: int) -> ReviewItem:
@@ -38,31 +39,72 @@ def test_tables_view_and_decisions(chdb_path, ch_database):
     assert set(ReviewItem.__struct_fields__) - {"version", "period_start", "period_end"} < set(view)
     assert set(ReviewDecision.__struct_fields__) - {"decision_id", "review_id", "status", "overage_amount"} < set(view)
 
-    sink.write_batch([Emission(reviews=[item("r1", "62.5", "approve", 3), item("r2", "10", "auto_apply", 1)])])
-    sink.write_batch([Emission(reviews=[item("r1", "62.5", "approve", 3)])])  # a replay: same row
-    with pytest.raises(MeterError, match="no review item 'r9'"):
-        decide(cfg, "r9", "approve", "ann")
+    sink.write_batch([Emission(reviews=[item(R1, "62.5", "approve", 3), item(R2, "10", "auto_apply", 1)])])
+    sink.write_batch([Emission(reviews=[item(R1, "62.5", "approve", 3)])])  # a replay: same row
+    with pytest.raises(MeterError, match=f"no review item '{R9}'"):
+        decide(cfg, R9, "approve", "ann")
     with pytest.raises(MeterError, match="auto_apply route"):
-        decide(cfg, "r2", "approve", "ann")
-    d = decide(cfg, "r1", "approve", "ann", "fine", clock=lambda: T0)
+        decide(cfg, R2, "approve", "ann")
+    d = decide(cfg, R1, "approve", "ann", "fine", clock=lambda: T0)
     assert (d.status, d.decided_by, d.decided_at, d.note, d.overage_amount) == \
         ("approved", "ann", T0, "fine", Decimal("62.500000000"))
     with pytest.raises(MeterError, match="already approved by ann at 2026-11-30T00:53:20Z on its current overage"):
-        decide(cfg, "r1", "reject", "bob", clock=lambda: T0 + 1)
+        decide(cfg, R1, "reject", "bob", clock=lambda: T0 + 1)
     rows = {r["review_id"]: r for r in query_reviews(client, db)}
-    assert (rows["r1"]["status"], rows["r1"]["decided_by"], rows["r1"]["decided_at"], rows["r1"]["note"]) == \
+    assert (rows[R1]["status"], rows[R1]["decided_by"], rows[R1]["decided_at"], rows[R1]["note"]) == \
         ("approved", "ann", "2026-11-30T00:53:20Z", "fine")
-    assert (rows["r2"]["status"], rows["r2"]["decided_at"]) == ("auto_applied", None)
+    assert (rows[R2]["status"], rows[R2]["decided_at"]) == ("auto_applied", None)
 
-    sink.write_batch([Emission(reviews=[item("r1", "70", "approve", 5)])])  # usage grew after the decision
-    r1 = query_reviews(client, db, review_id="r1")[0]
+    sink.write_batch([Emission(reviews=[item(R1, "70", "approve", 5)])])  # usage grew after the decision
+    r1 = query_reviews(client, db, review_id=R1)[0]
     assert (r1["status"], r1["overage_amount"], r1["decided_by"], r1["note"]) == \
         ("pending", Decimal("70.000000000"), "ann", "fine")
-    decide(cfg, "r1", "reject", "bob", "no", clock=lambda: T0 + 60_000)
-    r1 = query_reviews(client, db, review_id="r1")[0]
+    decide(cfg, R1, "reject", "bob", "no", clock=lambda: T0 + 60_000)
+    r1 = query_reviews(client, db, review_id=R1)[0]
     assert (r1["status"], r1["decided_by"], r1["decided_at"], r1["note"]) == \
         ("rejected", "bob", "2026-11-30T00:54:20Z", "no")
-    assert [r["review_id"] for r in query_reviews(client, db, status="rejected")] == ["r1"]
-    assert [r["review_id"] for r in query_reviews(client, db, route="auto_apply")] == ["r2"]
-    sink.write_batch([Emission(reviews=[item("r1", "0", "auto_apply", 6)])])  # a correction took the overage away
-    assert [r["review_id"] for r in query_reviews(client, db)] == ["r2"]
+    assert [r["review_id"] for r in query_reviews(client, db, status="rejected")] == [R1]
+    assert [r["review_id"] for r in query_reviews(client, db, route="auto_apply")] == [R2]
+    sink.write_batch([Emission(reviews=[item(R1, "0", "auto_apply", 6)])])  # a correction took the overage away
+    assert [r["review_id"] for r in query_reviews(client, db)] == [R2]
+
+
+def test_decisions_from_the_topic_land_through_the_sink_once_and_the_first_is_kept(chdb_path, ch_database):
+    """Emission.decisions (the flow's reading of kafka.review_decisions_topic) are written to review_decision_rows:
+    a replayed decision is the same row, a later one on the same amount (another tool) does not replace the
+    first, and the view counts a decision only for an item on its amount."""
+    from meterflow.schemas.reviews import decision_id
+
+    cfg = Config(clickhouse=ClickHouseConfig(dsn=f"chdb://{chdb_path}", database=ch_database + "_topic"))
+    sink = ClickHouseSink(cfg.clickhouse).build("clickhouse", 0, 1)
+    client, db = connect(cfg.clickhouse)
+
+    def dec(rid, status, by, at, amount):
+        return ReviewDecision(decision_id=decision_id(rid, Decimal(amount)), review_id=rid, status=status,
+                              decided_by=by, decided_at=at, note=f"by {by}", overage_amount=Decimal(amount))
+
+    first = dec(R1, "approved", "ann", T0, "62.5")
+    sink.write_batch([Emission(decisions=[first, dec(R9, "rejected", "zed", T0, "5")])])  # R9: no item (yet)
+    sink.write_batch([Emission(decisions=[first])])  # a replay
+    sink.write_batch([Emission(decisions=[dec(R1, "rejected", "bob", T0 + 5, "62.5")])])  # later, same amount
+    rows = client.query(f"SELECT review_id, status, decided_by FROM {db}.review_decision_rows FINAL "
+                        "ORDER BY review_id").result_rows
+    assert rows == [(R1, "approved", "ann"), (R9, "rejected", "zed")]
+    assert query_reviews(client, db) == []  # decisions alone are not items
+    sink.write_batch([Emission(reviews=[item(R1, "62.5", "approve", 3)])])
+    r1 = query_reviews(client, db, review_id=R1)[0]
+    assert (r1["status"], r1["decided_by"], r1["note"], r1["decided_at"]) == \
+        ("approved", "ann", "by ann", "2026-11-30T00:53:20Z")
+    with pytest.raises(MeterError, match="already approved by ann"):
+        decide(cfg, R1, "reject", "bob")
+    sink.write_batch([Emission(reviews=[item(R9, "5", "approve", 1)])])  # the item the decision was made on
+    assert query_reviews(client, db, review_id=R9)[0]["status"] == "rejected"
+
+
+def test_the_command_line_checks_the_id_and_the_person_first(tmp_path):
+    cfg = Config(clickhouse=ClickHouseConfig(dsn=f"chdb://{tmp_path / 'never-opened'}"))
+    with pytest.raises(MeterError, match=r"^REVIEW_ID: 'r1' is not a review id \(32 lowercase hex digits"):
+        decide(cfg, "r1", "approve", "ann")
+    with pytest.raises(MeterError, match=r"^--by: name the person deciding"):
+        decide(cfg, R1, "approve", "  ")
+    assert not (tmp_path / "never-opened").exists()  # neither check opened ClickHouse
