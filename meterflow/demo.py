@@ -57,6 +57,7 @@ def run_demo(n_events: int, workdir: str, seed: int) -> int:
     if dl.result_rows:
         console.print("dead letters by reason: " + ", ".join(f"{r}={n}" for r, n in dl.result_rows))
     _print_alerts(console, client, db)
+    _print_review_queue(console, client, db, cfg_path)
     console.print(f"done in {time.monotonic() - t0:.1f}s. Explore: meter usage --config {cfg_path} --by window "
                   f"--customer cust_00000   |   meter alerts --config {cfg_path} --type blocked")
     console.print(f"alerts as JSON lines (what webhooks and the usage.alerts topic carry): {wd / 'alerts.jsonl'}")
@@ -104,3 +105,33 @@ def _print_alerts(console, client, db: str) -> None:
     shown = [r for r in rows if r["type"] != "threshold_crossed"][-6:] + \
         [r for r in rows if r["type"] == "threshold_crossed"][-6:]
     console.print(alerts_table(shown, "a few of the alerts (meter alerts lists them all)"))
+
+
+def _print_review_queue(console, client, db: str, cfg_path: Path) -> None:
+    """A short look at the overage review queue (README: Overage review queue): items per route and status, and
+    the largest overages with what a reviewer needs."""
+    from rich.table import Table
+
+    from meterflow.sinks.clickhouse_reviews import query_reviews
+
+    rows = query_reviews(client, db)
+    if not rows:
+        console.print("review queue: no overage this period")
+        return
+    routes: dict = {}
+    for r in rows:
+        routes.setdefault(r["route"], []).append(r)
+    console.print("review queue by route: " + ", ".join(
+        f"{route}={len(rs)} ({sum(x['status'] == 'pending' for x in rs)} pending)" for route, rs in routes.items()))
+    rows.sort(key=lambda r: r["status"] != "pending")  # stable: the largest pending ones first, then the rest
+    t = Table(title="the largest overages in the review queue (pending first)", title_justify="left")
+    for c in ("review_id", "account", "metric", "usage / included", "overage", "contract", "route", "status"):
+        t.add_column(c, justify="right" if c in ("usage / included", "overage") else "left")
+    for r in rows[:6]:
+        inc = "-" if r["included"] is None else f"{r['included']:,.0f}"
+        t.add_row(r["review_id"], r["account_name"] or f"{r['tenant_id']}/{r['customer_id']}", r["metric"],
+                  f"{r['usage']:,.0f} / {inc}", f"{format(r['overage_amount'].normalize(), 'f')} {r['currency']}",
+                  r["contract"], r["route"], r["status"])
+    console.print(t)
+    console.print(f"decide: meter review approve|reject REVIEW_ID --config {cfg_path} --by NAME [--note TEXT]   |   "
+                  f"meter review list --config {cfg_path} --status pending")

@@ -135,3 +135,22 @@ def test_a_config_without_review_sends_no_review_notifications(tmp_path):
     types = [json.loads(line)["type"] for line in alerts.read_text().splitlines()]
     assert types and not [t for t in types if t.startswith("review_")]
     assert set(listing(cfg)) == {"big", "small"}  # the queue itself follows the default bands
+
+
+def test_meter_demo_ends_with_the_review_queue(tmp_path):
+    """`meter demo` ends with the queue: the item count per route (and pending) equals `meter review list` on the
+    demo's own configuration, and the table shows the largest item."""
+    wd = tmp_path / "demo"
+    out = run_meter("demo", "--events", "5000", "--dir", str(wd), "--seed", "3", extra_env={"COLUMNS": "250"}).stdout
+    proc = run_meter("review", "list", "--config", str(wd / "meterflow.toml"), "--json")
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert rows, "the demo's sample has overages"
+    routes: dict = {}
+    for r in rows:
+        routes.setdefault(r["route"], []).append(r)
+    want = "review queue by route: " + ", ".join(
+        f"{route}={len(rs)} ({sum(x['status'] == 'pending' for x in rs)} pending)" for route, rs in routes.items())
+    assert want in out, out[-3000:]
+    top = max(rows, key=lambda r: (r["status"] == "pending", float(r["overage_amount"])))
+    assert top["review_id"] in out.split("the largest overages in the review queue")[1]
+    assert out.index("review queue by route") > out.index("alerts by type")
