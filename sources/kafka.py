@@ -153,7 +153,8 @@ def ensure_topic(bootstrap_servers: str, topic: str, client_config: Optional[Dic
     was created; any failure (no permission, an unreachable broker) is logged and left to the source to report."""
     from confluent_kafka.admin import NewTopic
 
-    admin = AdminClient({"bootstrap.servers": bootstrap_servers, **(client_config or {})})
+    # log_level 3: librdkafka's info line about its purged background queue at exit is no news on stderr
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers, **(client_config or {}), "log_level": 3})
     try:
         tmeta = admin.list_topics(topic=topic, timeout=timeout).topics.get(topic)
         if tmeta is not None and tmeta.error is None and tmeta.partitions:
