@@ -428,9 +428,22 @@ def subscription_problem(cfg: Config, s: SubscriptionConfig) -> Optional[tuple]:
             if problem is not None:
                 return f".overrides.{code}.price{problem[0]}", problem[1]
     if s.wallet is not None:
+        plan = next(p for p in cfg.plans if p.code == s.plan)
         for code in s.wallet.credit_rates:
             if code not in metric_codes:
                 return f".wallet.credit_rates.{code}", f"no metric with code {code!r}"
+            override = s.overrides.get(code)
+            plan_ent = plan.entitlements.get(code)
+            if override is not None and override.price is not None:
+                where = f"the subscription's overrides.{code}.price"
+            elif plan_ent is not None and plan_ent.price is not None:
+                where = f"plan {plan.code!r} (entitlements.{code}.price)"
+            else:
+                continue
+            return (f".wallet.credit_rates.{code}",
+                    f"metric {code!r} has a price card in {where}: price it by the wallet's credit_rates (prepaid "
+                    "credits drawn per unit) or by a price card (the period's usage rated into the invoice), "
+                    "not both, or the customer pays twice for the same usage")
     return None
 
 

@@ -43,7 +43,7 @@ CONTRACT_EXAMPLE = textwrap.dedent('''
     thresholds = [75, 90, 100]
     enforcement = "soft"
     overage_rate = 0.0004
-    price = { model = "tiered", tiers = [{ up_to = 5000, unit_amount = 0.02 }, { up_to = 20000, unit_amount = 0.015 }, { unit_amount = 0.01 }] }
+    # price = { model = "tiered", tiers = [{ up_to = 5000, unit_amount = 0.02 }, { up_to = 20000, unit_amount = 0.015 }, { unit_amount = 0.01 }] }
 
     [[plans]]
     code = "scale"
@@ -91,6 +91,12 @@ def parse(raw, environ=None):
     return parse_config(raw, "meter.toml", environ={} if environ is None else environ)
 
 
+def parse_toml(text: str) -> dict:
+    import tomllib
+
+    return tomllib.loads(text)
+
+
 def error_of(raw, environ=None) -> str:
     with pytest.raises(ConfigError) as info:
         parse(raw, environ)
@@ -118,7 +124,15 @@ def test_contract_example_loads_from_a_file(tmp_path):
     assert cfg.kafka.bootstrap_servers == "localhost:9092"
     assert cfg.clickhouse.dsn == "http://localhost:8123/meter"
     assert cfg.redis.url == "redis://localhost:6379/0"
-    assert [t.up_to for t in cfg.plans[0].entitlements["api_calls"].price.tiers] == [5000, 20000, None]
+    assert cfg.plans[0].entitlements["api_calls"].price is None  # commented out, as in the contract
+
+
+def test_the_contract_example_with_its_price_line_uncommented_prices_api_calls_twice_and_is_rejected():
+    """The subscription's wallet draws api_calls at credit_rates while the plan's price card rates them into the
+    invoice: two prices for the same usage (README: Rating (prices), wallets and prices)."""
+    msg = error_of(parse_toml(CONTRACT_EXAMPLE.replace("# price =", "price =")))
+    assert "key 'subscriptions[0].wallet.credit_rates.api_calls': metric 'api_calls' has a price card in plan " \
+           "'pro' (entitlements.api_calls.price)" in msg, msg
 
 
 def test_custom_contract_overrides_the_plan():
@@ -411,6 +425,39 @@ def test_override_price_errors_name_the_override():
 def test_currency_and_spend_threshold_errors(where, value, key):
     msg = error_of(_with(where, value))
     assert key in msg, msg
+
+
+def test_wallet_credit_rates_and_a_price_card_on_one_metric_are_rejected_naming_the_key():
+    raw = with_price({"model": "per_unit", "unit_amount": 0.0003})
+    raw["subscriptions"][0]["wallet"] = {"balance": 10.0, "credit_rates": {"tokens": 0.00001, "api_calls": 0.001}}
+    msg = error_of(raw)
+    assert msg.startswith("invalid configuration in meter.toml: key 'subscriptions[0].wallet.credit_rates.api_calls'"
+                          ": metric 'api_calls' has a price card in plan 'pro'"), msg
+    assert "not both" in msg, msg
+    # a custom contract's price card counts too, and names the override
+    raw = base()
+    raw["subscriptions"][0]["overrides"] = {"tokens": {"price": {"model": "per_unit", "unit_amount": 0.00001}}}
+    raw["subscriptions"][0]["wallet"] = {"balance": 10.0, "credit_rates": {"tokens": 0.00001}}
+    msg = error_of(raw)
+    assert "key 'subscriptions[0].wallet.credit_rates.tokens': metric 'tokens' has a price card in the " \
+           "subscription's overrides.tokens.price" in msg, msg
+
+
+def test_wallet_credit_rates_beside_overage_rate_or_a_price_on_another_metric_load():
+    raw = with_price({"model": "per_unit", "unit_amount": 0.0003})
+    raw["plans"][0]["entitlements"]["tokens"] = {"included": 1000, "overage_rate": 0.001}
+    raw["subscriptions"][0]["wallet"] = {"balance": 10.0, "credit_rates": {"tokens": 0.00001}}
+    assert parse(raw).subscriptions[0].wallet.credit_rates == {"tokens": 0.00001}
+
+
+def test_a_changelog_subscription_with_credit_rates_on_a_priced_metric_is_a_problem():
+    from meterflow.schemas.config import SubscriptionConfig, WalletConfig, subscription_problem
+
+    cfg = parse(with_price({"model": "per_unit", "unit_amount": 0.0003}))
+    sub = SubscriptionConfig(tenant_id="acme", customer_id="c2", plan="pro",
+                             wallet=WalletConfig(balance=1.0, credit_rates={"api_calls": 0.01}))
+    key, why = subscription_problem(cfg, sub)
+    assert key == ".wallet.credit_rates.api_calls" and "price card" in why
 
 
 def test_override_spend_thresholds_are_validated():
