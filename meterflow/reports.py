@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from decimal import Decimal
+from decimal import Context, Decimal
 from typing import Any, Dict, List, Optional, Tuple
 
 import msgspec
@@ -108,6 +108,7 @@ def print_usage(args: argparse.Namespace) -> int:
 # -- charges (``meter charges``) ----------------------------------------------------------------------
 
 _CENTS = Decimal("0.01")
+_WIDE = Context(prec=60)  # wider than Decimal(38, 9): quantize never rounds or raises
 
 
 def exact_money(d: Decimal) -> Decimal:
@@ -117,8 +118,8 @@ def exact_money(d: Decimal) -> Decimal:
     >>> exact_money(Decimal("102.000000000")), exact_money(Decimal("0.000300000")), exact_money(Decimal("1E+2"))
     (Decimal('102.00'), Decimal('0.0003'), Decimal('100.00'))
     """
-    q = d.quantize(_CENTS)
-    return q if q == d else d.normalize()
+    q = d.quantize(_CENTS, context=_WIDE)
+    return q if q == d else d.normalize(_WIDE)
 
 
 def _money(d: Decimal) -> str:
