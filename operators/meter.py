@@ -342,7 +342,8 @@ class CustomerMeter:
                     if not per_event:  # p95/p99: checked once per batch, on its last event (_evaluate_deferred)
                         d = deferred.get(pk)
                         if d is None:
-                            deferred[pk] = [acc.value(), me]
+                            # (the value before the batch only feeds the wallet: a percentile costs a sort)
+                            deferred[pk] = [acc.value() if rate is not None else 0.0, me]
                         else:
                             d[1] = me
                         acc.add(v, ts, sign)

@@ -83,6 +83,7 @@ class Price:
     included: Decimal = ZERO  # overage only: usage up to this is free
     minimum: Decimal = ZERO
     _bounds: Tuple[Decimal, ...] = field(default=(), repr=False, compare=False)
+    _monotone: bool = field(default=True, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.model not in PRICE_MODELS:
@@ -95,6 +96,9 @@ class Price:
         bounds = tuple(Decimal("Infinity") if up is None or i == len(self.tiers) - 1 else up
                        for i, (up, _amt) in enumerate(self.tiers))
         object.__setattr__(self, "_bounds", bounds)
+        amounts = [amt for _up, amt in self.tiers]
+        object.__setattr__(self, "_monotone", self.model not in ("volume", "staircase") or
+                           all(a <= b for a, b in zip(amounts, amounts[1:])))
 
     # -- constructors from plain numbers (tests, doctests) ---------------------------------------------
 
@@ -166,10 +170,7 @@ class Price:
     def monotone(self) -> bool:
         """Whether ``charge`` never falls as usage grows: every model but a volume card whose unit amount falls
         at a bracket, or a staircase whose flat amount does."""
-        if self.model in ("volume", "staircase"):
-            amounts = [amt for _up, amt in self.tiers]
-            return all(a <= b for a, b in zip(amounts, amounts[1:]))
-        return True
+        return self._monotone
 
     def units_for(self, amount: Number, above: Optional[Number] = None) -> Optional[Decimal]:
         """The least usage (at or above ``above``, for a card that is not monotone) whose charge reaches
