@@ -47,6 +47,8 @@ class PipelineConfig(_Frozen, frozen=True):
     # Keyed state is routed in this many shards (stable hash of tenant|customer), one Bytewax key each.
     # Part of the recovery state: a flow resumes only with the shard count its snapshots were taken with.
     shards: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 256
+    # Every accepted event (duplicates included) archived in ClickHouse raw_events, for `meter reconcile`.
+    archive_raw: bool = True
 
     @property
     def rollup_window_ms(self) -> int:

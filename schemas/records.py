@@ -111,6 +111,27 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     received_at: int
 
 
+class RawEvents(msgspec.Struct, frozen=True, kw_only=True):
+    """One batch of accepted events for the raw archive (``raw_events``, README: Reconciliation), as columns:
+    the i-th entry of every list is the i-th event. Built once per batch, never as one object per event.
+
+    ``timestamp`` and ``ingested_at`` are epoch ms; ``properties`` the event's properties as JSON text;
+    ``source`` its location (``file:line`` or ``topic/partition/offset``), ``position`` the line or offset
+    alone (arrival order within the source, for "first arrival wins" and "latest: ties to the later arrival").
+    """
+
+    tenant_id: List[str]
+    customer_id: List[str]
+    event_id: List[str]
+    event_type: List[str]
+    timestamp: List[int]
+    properties: List[str]
+    correction: List[bool]
+    ingested_at: List[int]
+    source: List[str]
+    position: List[int]
+
+
 Aggregate = Union[WindowAggregate, PeriodAggregate]
 
 
@@ -127,6 +148,7 @@ class Emission(msgspec.Struct, kw_only=True):
     gateway: List[GatewayState] = []
     wallets: List[WalletState] = []
     rated: List[RatedRow] = []
+    raw_events: Optional[RawEvents] = None  # the batch's accepted events for the raw archive (mediation only)
 
 
 AGGREGATE_ENCODER = msgspec.json.Encoder()

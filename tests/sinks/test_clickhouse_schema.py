@@ -11,7 +11,7 @@ import pytest
 from meterflow.base.errors import MeterError
 from meterflow.schemas.alerts import ALERT_FIELDS, ALERT_TIME_FIELDS, Alert, alert_id
 from meterflow.schemas.config import ClickHouseConfig
-from meterflow.schemas.records import DeadLetter, Emission, PeriodAggregate, RatedRow, WindowAggregate
+from meterflow.schemas.records import DeadLetter, Emission, PeriodAggregate, RatedRow, RawEvents, WindowAggregate
 from meterflow.sinks import clickhouse_schema as schema
 from meterflow.sinks.clickhouse import ClickHouseSink, connect
 
@@ -32,6 +32,9 @@ CONTRACT_VIEWS = {
                                  "threshold_pct", "usage", "included", "usage_pct", "enforcement", "action",
                                  "event_id", "event_time", "detected_at"]),
     "dead_letters": {"received_at": None, "reason": None, "detail": None, "source": None, "payload": "String"},
+    "raw_events": {"tenant_id": "String", "customer_id": "String", "event_id": "String", "event_type": None,
+                   "timestamp": "DateTime64(3, 'UTC')", "properties": "String", "correction": "UInt8",
+                   "ingested_at": "DateTime64(3, 'UTC')", "source": "String"},
 }
 
 
@@ -44,7 +47,7 @@ def test_tables_and_views_have_the_derived_columns(chdb_path, ch_database):
     for table, columns in schema.TABLES:
         assert sorted(c for c, _ in describe(client, db, table)) == sorted(columns), table
     records = {"usage_by_window": WindowAggregate, "usage_by_period": PeriodAggregate, "usage_rated": RatedRow,
-               "dead_letters": DeadLetter, "alerts_log": Alert}
+               "dead_letters": DeadLetter, "alerts_log": Alert, "raw_events": RawEvents}
     assert [v for v, _, _ in schema.VIEWS] == list(records)
     for view, columns, _table in schema.VIEWS:
         got = describe(client, db, view)
