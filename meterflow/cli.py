@@ -100,6 +100,16 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true",
                    help="JSON lines with every field (the contract's alert record plus latency_ms)")
 
+    rc = sub.add_parser("reconcile", help="raw events vs metered usage vs invoice lines, per key",
+                        description="Three-way reconciliation (README: Reconciliation). Exit 0 when the run "
+                                    "completed; with --fail-on, 1 when a key falls in one of those classes.")
+    rc.add_argument("--config", required=True, help="the TOML configuration file")
+    rc.add_argument("--invoices", required=True, help="invoice lines: CSV with a header, or JSONL")
+    rc.add_argument("--tenant", help="only this tenant")
+    rc.add_argument("--period-start", help="only keys of this period start (RFC 3339)")
+    rc.add_argument("--json", action="store_true", help="one JSON document: the run and its rows")
+    rc.add_argument("--out", help="also write the rows to this CSV file")
+    rc.add_argument("--fail-on", help="comma-separated classes that make the exit status 1")
     e = sub.add_parser("entitlements", help="manage subscriptions on the entitlements topic",
                        description="Manage the usage.entitlements changelog topic (compacted, keyed "
                        "tenant|customer) that a running Kafka-mode dataflow follows for subscription changes.")
@@ -195,6 +205,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from meterflow.reports import print_alerts
 
         return print_alerts(args)
+    if args.command == "reconcile":
+        from meterflow.reconcile import reconcile_cmd
+
+        return reconcile_cmd(args)
     if args.command == "entitlements":
         from meterflow.reports import publish_entitlements_cmd
 

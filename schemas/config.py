@@ -204,6 +204,23 @@ class AlertsConfig(_Frozen, frozen=True):
     webhook: Optional[WebhookConfig] = None
 
 
+RECONCILE_CLASSES = ("metering_gap", "match", "timing", "credit", "plan_change", "under_bill", "over_bill")
+DEFAULT_OWNERS = {"under_bill": "revops", "over_bill": "csm", "timing": "watchlist", "credit": "finance",
+                  "plan_change": "billing", "metering_gap": "engineering", "match": ""}
+
+
+class ReconcileConfig(_Frozen, frozen=True):
+    """``meter reconcile`` (README: Reconciliation): metered units per invoiced unit, the currency tolerance
+    of equal amounts, and who each class of finding goes to."""
+
+    units: Dict[str, Positive] = {}  # metric -> metered units in one invoiced unit (default 1)
+    tolerance: NonNegative = 0.01  # currency: amounts this close are equal
+    owners: Dict[str, str] = {}  # class -> owner, over DEFAULT_OWNERS
+
+    def owner(self, cls: str) -> str:
+        return self.owners.get(cls, DEFAULT_OWNERS.get(cls, ""))
+
+
 class Config(_Frozen, frozen=True):
     pipeline: PipelineConfig = PipelineConfig()
     tenants: List[TenantConfig] = []
@@ -214,6 +231,7 @@ class Config(_Frozen, frozen=True):
     clickhouse: ClickHouseConfig = ClickHouseConfig()
     redis: Optional[RedisConfig] = None
     alerts: AlertsConfig = AlertsConfig()
+    reconcile: ReconcileConfig = ReconcileConfig()
     source_path: str = "<memory>"
 
     def redacted(self) -> "Config":
@@ -283,6 +301,7 @@ def parse_config(raw: dict, source: str = "<memory>", environ: Optional[Dict[str
     _apply_env(raw, dict(os.environ) if environ is None else environ)
     raw["source_path"] = source
     _check_keyed_tables(raw, source)
+    _check_reconcile_units(raw, source)
     try:
         cfg = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:
@@ -313,6 +332,18 @@ def _check_keyed_tables(raw: dict, source: str) -> None:
                     else:
                         msg = f"key '{where}': {msg}"
                     raise ConfigError(f"invalid configuration in {source}: {msg}") from exc
+
+
+def _check_reconcile_units(raw: dict, source: str) -> None:
+    """``[reconcile] units`` one metric at a time, so an error names the metric (msgspec says ``[...]``)."""
+    rec = raw.get("reconcile")
+    units = rec.get("units") if isinstance(rec, dict) else None
+    if not isinstance(units, dict):
+        return
+    for code, value in units.items():
+        if type(value) is bool or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"invalid configuration in {source}: key 'reconcile.units.{code}': expected the "
+                              f"number of metered units in one invoiced unit (a number > 0), got {value!r}")
 
 
 def load_config(path: Union[str, Path], environ: Optional[Dict[str, str]] = None) -> Config:
@@ -383,6 +414,12 @@ def _cross_check(cfg: Config, source: str) -> None:
         metric_codes.add(m.code)
         if m.aggregation != "count" and not m.property:
             fail(f"metrics[{i}].property", f"aggregation {m.aggregation!r} needs the property to aggregate")
+    for code in cfg.reconcile.units:
+        if code not in metric_codes:
+            fail(f"reconcile.units.{code}", f"no metric with code {code!r} is defined in [[metrics]]")
+    for cls in cfg.reconcile.owners:
+        if cls not in RECONCILE_CLASSES:
+            fail(f"reconcile.owners.{cls}", f"unknown class {cls!r}: expected one of {', '.join(RECONCILE_CLASSES)}")
     plan_codes = {p.code for p in cfg.plans}
     for i, p in enumerate(cfg.plans):
         if not _CURRENCY.match(p.currency):

@@ -132,6 +132,34 @@ class RawEvents(msgspec.Struct, frozen=True, kw_only=True):
     position: List[int]
 
 
+class ReconciliationRow(msgspec.Struct, frozen=True, kw_only=True):
+    """One key of one ``meter reconcile`` run (README: Reconciliation), kept as audit evidence.
+
+    ``inputs`` is the run's fingerprints of its inputs (JSON: invoice file and config sha256, counts and
+    hashes of raw_events, usage_by_period and usage_rated); ``evidence`` the key's evidence (JSON). Units
+    are metered units; ``diff_units`` / ``diff_amount`` are invoiced minus metered (negative: under-billed).
+    """
+
+    run_id: str
+    ran_at: int
+    inputs: str
+    tenant_id: str
+    customer_id: str
+    metric: str
+    period_start: int
+    currency: str
+    raw_units: float
+    metered_units: float
+    metered_amount: Decimal
+    invoiced_units: float
+    invoiced_amount: Decimal
+    diff_units: float
+    diff_amount: Decimal
+    cls: str
+    owner: str
+    evidence: str
+
+
 Aggregate = Union[WindowAggregate, PeriodAggregate]
 
 

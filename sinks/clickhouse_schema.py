@@ -25,7 +25,15 @@ from msgspec.structs import astuple
 from meterflow.base.errors import MeterError
 from meterflow.base.timeutil import ms_to_iso, parse_rfc3339_ms
 from meterflow.schemas.alerts import ALERT_FIELDS, ALERT_TIME_FIELDS, Alert
-from meterflow.schemas.records import DeadLetter, Emission, PeriodAggregate, RatedRow, RawEvents, WindowAggregate
+from meterflow.schemas.records import (
+    DeadLetter,
+    Emission,
+    PeriodAggregate,
+    RatedRow,
+    RawEvents,
+    ReconciliationRow,
+    WindowAggregate,
+)
 
 _WINDOW_FIELDS: Tuple[str, ...] = WindowAggregate.__struct_fields__
 _PERIOD_FIELDS: Tuple[str, ...] = PeriodAggregate.__struct_fields__
@@ -48,6 +56,8 @@ RATED_COLUMNS = [*_RATED_FIELDS, "updated_at"]
 DEAD_COLUMNS = list(_DEAD_FIELDS)
 ALERT_COLUMNS = [*ALERT_FIELDS, "rank"]
 RAW_COLUMNS = list(_RAW_FIELDS)
+# The record's ``cls`` is the column ``class`` (a Python keyword).
+RECONCILIATION_COLUMNS = ["class" if f == "cls" else f for f in ReconciliationRow.__struct_fields__]
 
 # View column orders (``SELECT *`` returns them in this order).
 USAGE_BY_WINDOW_COLUMNS = [f for f in _WINDOW_FIELDS if f != "version"]
@@ -111,6 +121,15 @@ _TABLES = [
     ) ENGINE = ReplacingMergeTree
     PARTITION BY toYYYYMM(timestamp)
     ORDER BY (tenant_id, customer_id, event_id, source)""",
+    # Every `meter reconcile` run, one row per key: written once per run, never updated.
+    """CREATE TABLE IF NOT EXISTS {db}.reconciliation_rows (
+        run_id String, ran_at DateTime64(3, 'UTC'), inputs String, tenant_id String, customer_id String,
+        metric LowCardinality(String), period_start DateTime64(3, 'UTC'), currency LowCardinality(String),
+        raw_units Float64, metered_units Float64, metered_amount Decimal(38, 9), invoiced_units Float64,
+        invoiced_amount Decimal(38, 9), diff_units Float64, diff_amount Decimal(38, 9),
+        class LowCardinality(String), owner String, evidence String
+    ) ENGINE = ReplacingMergeTree
+    ORDER BY (run_id, tenant_id, customer_id, metric, period_start)""",
 ]
 
 # Columns added since the first release: tables created by an earlier build gain them on start.
@@ -124,14 +143,15 @@ _UPGRADES = [
 # (table, insert columns), in the order of _TABLES.
 TABLES = [("usage_window_rows", WINDOW_COLUMNS), ("usage_period_rows", PERIOD_COLUMNS),
           ("usage_rated_rows", RATED_COLUMNS), ("dead_letter_rows", DEAD_COLUMNS), ("alert_rows", ALERT_COLUMNS),
-          ("raw_event_rows", RAW_COLUMNS)]
+          ("raw_event_rows", RAW_COLUMNS), ("reconciliation_rows", RECONCILIATION_COLUMNS)]
 # (view, its columns, the table it reads FINAL).
 VIEWS = [("usage_by_window", USAGE_BY_WINDOW_COLUMNS, "usage_window_rows"),
          ("usage_by_period", USAGE_BY_PERIOD_COLUMNS, "usage_period_rows"),
          ("usage_rated", USAGE_RATED_COLUMNS, "usage_rated_rows"),
          ("dead_letters", DEAD_LETTERS_COLUMNS, "dead_letter_rows"),
          ("alerts_log", ALERTS_LOG_COLUMNS, "alert_rows"),
-         ("raw_events", RAW_EVENTS_COLUMNS, "raw_event_rows")]
+         ("raw_events", RAW_EVENTS_COLUMNS, "raw_event_rows"),
+         ("reconciliation", RECONCILIATION_COLUMNS, "reconciliation_rows")]
 
 
 def ddl(db: str) -> List[str]:
