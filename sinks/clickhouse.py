@@ -7,8 +7,8 @@ tables are ``ReplacingMergeTree(version)`` keyed by the row's identity, a row's
 contract's views read ``FINAL``, so readers see each row's latest value with no
 FINAL or GROUP BY of their own. Dead letters are keyed by a deterministic id.
 Raw archive rows are keyed by (tenant, customer, event id, source location), so a
-replay rewrites the rows it had written. Alerts are keyed by their deterministic ``alert_id``; when a replay re-detects an
-alert the FIRST detection is kept (``rank`` = 2^62 - detected_at ms grows for
+replay rewrites the rows it had written. Alerts are keyed by their deterministic
+``alert_id``; when a replay re-detects an alert the FIRST detection is kept (``rank`` = 2^62 - detected_at ms grows for
 earlier detections), so ``alerts_log`` agrees with the JSONL file and webhooks.
 
 The same code talks to a ClickHouse server (``http://host:8123/db``) and to

@@ -12,7 +12,7 @@ from collections import defaultdict
 from meterflow.base.periods import period_bounds
 from meterflow.base.timeutil import dt_to_ms
 from meterflow.raw_leg import raw_units
-from meterflow.schemas.config import ClickHouseConfig, parse_config
+from meterflow.schemas.config import parse_config
 from meterflow.schemas.records import Emission, RawEvents
 from meterflow.sinks.clickhouse import connect
 from meterflow.sinks.clickhouse_schema import RAW_COLUMNS, raw_event_columns
@@ -77,7 +77,8 @@ def model(cfg, rows):
         for m in cfg.metrics:
             if m.event_type != r["type"]:
                 continue
-            if any(not (k in p and p[k] == v and (type(p[k]) is bool) == (type(v) is bool)) for k, v in m.where.items()):
+            if any(not (k in p and p[k] == v and (type(p[k]) is bool) == (type(v) is bool))
+                   for k, v in m.where.items()):
                 continue
             v = p.get(m.property) if m.property else None
             if m.property and m.aggregation != "count":

@@ -11,8 +11,15 @@ import pytest
 from meterflow.base.errors import MeterError
 from meterflow.schemas.alerts import ALERT_FIELDS, ALERT_TIME_FIELDS, Alert, alert_id
 from meterflow.schemas.config import ClickHouseConfig
-from meterflow.schemas.records import DeadLetter, Emission, PeriodAggregate, RatedRow, RawEvents, ReconciliationRow, \
-    WindowAggregate
+from meterflow.schemas.records import (
+    DeadLetter,
+    Emission,
+    PeriodAggregate,
+    RatedRow,
+    RawEvents,
+    ReconciliationRow,
+    WindowAggregate,
+)
 from meterflow.sinks import clickhouse_schema as schema
 from meterflow.sinks.clickhouse import ClickHouseSink, connect
 
