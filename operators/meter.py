@@ -21,6 +21,7 @@ and the process watermark stamped on it at mediation, and it only grows.
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from meterflow.base.keys import KEY_SEP, split_key
@@ -43,6 +44,7 @@ from meterflow.schemas.records import Emission, PeriodAggregate, RatedRow, Windo
 STATE_VERSION = S.STATE_VERSION
 _MAX_NUMBER = 1e300  # larger magnitudes (or a JSON 1e400 read as inf) are rejected, so sums stay finite
 _NO_DIMS: Tuple[str, ...] = ()
+_ZERO = Decimal(0)
 # Expired ids already count as unseen, so evicting them only frees memory: doing it once the watermark is an
 # hour past the earliest expiry (not at every batch that passes one) keeps the rebuilds rare at period ends,
 # where each id seen in the last dedupe_window has its own expiry.
@@ -503,6 +505,7 @@ class CustomerMeter:
         rated = []
         prices = self.ent.prices
         changes = self.ent.changes
+        unrated = self.ent.unrated
         closing = closing or set()
         for pk in dirty_p:
             code, pstart, pend = pk
@@ -522,6 +525,14 @@ class CustomerMeter:
             price = prices.get(code)
             if price is not None:
                 rated.append(rated_row(t, c, code, pstart, pend, sub, price, value, included, over, final, version))
+            elif code in unrated:  # a change took the metric's price away: its rated row goes
+                rated.append(RatedRow(tenant_id=t, customer_id=c, metric=code, period_start=pstart, period_end=pend,
+                                      plan=sub.plan, currency=sub.currency, price_model="", usage=value,
+                                      included=included, overage_units=over, charge=_ZERO, overage_amount=_ZERO,
+                                      minimum=_ZERO, amount=_ZERO, custom_rate=False, final=final, version=version,
+                                      deleted=True))
+        if unrated:  # every open row of those metrics was in this flush: the change dirtied them all
+            self.ent.unrated = set()
         return Emission(windows=wrows, periods=prows, dead_letters=dead, rated=rated)
 
     def _recompute_next_evict(self) -> None:

@@ -88,6 +88,9 @@ class RatedRow(msgspec.Struct, frozen=True, kw_only=True, tag="rated"):
     version: int
     account_name: str = ""  # the subscription's, for the review queue and reports
     arr: float = 0.0
+    # A subscription change took the metric's price and entitlement away: the row leaves usage_rated (a
+    # tombstone on the topic, money 0).
+    deleted: bool = False
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):

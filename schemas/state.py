@@ -171,6 +171,7 @@ class EntitlementState(_Rec, frozen=True):
     wallet_dirty: bool = False
     spend_fired: List[FiredRow] = []  # spend_thresholds fired per period (amounts in the thresholds field)
     changes: int = 0  # subscription changes applied so far (part of every rated row's version)
+    unrated: List[str] = []  # metrics whose price a change took away: their open rated rows leave deleted
 
 
 class MeterState(_Rec, frozen=True):
