@@ -108,6 +108,61 @@ def read_invoices(path: str, cfg: Config) -> InvoiceFile:
         1 for e in errors if "not valid JSON" in e or "values for" in e))
 
 
+class Changelog(msgspec.Struct, frozen=True, kw_only=True):
+    """Subscription changes from an entitlements changelog file (``meter run --entitlements``'s JSONL)."""
+
+    changes: Dict[Tuple[str, str], List[Dict[str, Any]]]  # (tenant, customer) -> records with their time
+    errors: List[str]
+    sha256: str
+
+
+def read_changelog(path: str) -> Changelog:
+    """The changelog records that carry ``published_at`` (when the change took effect), per customer. A line
+    that is not a changelog record, or has no valid ``published_at``, is reported with its number and skipped."""
+    from meterflow.schemas.alerts import ENTITLEMENT_DECODER
+
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise MeterError(f"cannot read entitlements changelog {p}: {exc.strerror} (pass --entitlements FILE, "
+                         f"the JSONL file meter run read)") from None
+    changes: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
+    errors: List[str] = []
+    for n, raw in enumerate(data.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            msg = ENTITLEMENT_DECODER.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            errors.append(f"line {n}: not a changelog record: {exc}")
+            continue
+        try:
+            at = parse_rfc3339_ms(msg.published_at or "")
+        except ValueError:
+            errors.append(f"line {n}: published_at {msg.published_at!r} is not an RFC 3339 time: the change "
+                          f"cannot be placed in a period")
+            continue
+        plan = "" if msg.cancelled or msg.subscription is None else msg.subscription.plan
+        changes.setdefault((msg.tenant_id, msg.customer_id), []).append(
+            {"changelog_line": n, "published_at": ms_to_iso(at), "at_ms": at, "plan": plan,
+             "cancelled": msg.cancelled})
+    return Changelog(changes=changes, errors=errors, sha256=hashlib.sha256(data).hexdigest())
+
+
+def _changes_in_period(changelog: Optional[Changelog], cfg: Config, key: Key) -> List[Dict[str, Any]]:
+    """The changelog records of the key's customer that took effect inside the key's period."""
+    if changelog is None:
+        return []
+    recs = changelog.changes.get((key[0], key[1]), [])
+    if not recs:
+        return []
+    sub = next((s for s in cfg.subscriptions if (s.tenant_id, s.customer_id) == key[:2]), None)
+    kind, anchor = (sub.period, dt_to_ms(sub.anchor)) if sub is not None else ("month", 0)
+    start, end = period_bounds(key[3], kind, anchor)
+    return [{k: v for k, v in r.items() if k != "at_ms"} for r in recs if start <= r["at_ms"] < end]
+
+
 def _metered(client: Any, db: str, tenant: Optional[str]) -> Tuple[Dict[Key, float], Dict[Key, Tuple[Decimal, str]]]:
     where = "WHERE tenant_id = {tenant:String}" if tenant is not None else ""
     params = {"tenant": tenant or ""}
@@ -171,8 +226,10 @@ class Run(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def reconcile(client: Any, db: str, cfg: Config, invoices: InvoiceFile, tenant: Optional[str] = None,
-              period_start: Optional[int] = None, clock: Any = now_ms) -> Run:
-    """Classify every key of any source and store the run in ``reconciliation``."""
+              period_start: Optional[int] = None, clock: Any = now_ms,
+              changelog: Optional[Changelog] = None) -> Run:
+    """Classify every key of any source and store the run in ``reconciliation``. A subscription change inside
+    a key's period is a ``plan_changed`` alert of the flow, or a ``changelog`` record (``--entitlements``)."""
     lines = [ln for ln in invoices.lines if tenant is None or ln.tenant_id == tenant]
     invoiced = net_invoices(lines)
     from meterflow.raw_leg import raw_units
@@ -186,6 +243,8 @@ def reconcile(client: Any, db: str, cfg: Config, invoices: InvoiceFile, tenant: 
         keys = [k for k in keys if k[3] == period_start]
     run_id, ran_at = uuid.uuid4().hex, clock()
     inputs = _fingerprints(client, db, tenant, invoices, cfg)
+    if changelog is not None:
+        inputs["entitlements_sha256"] = changelog.sha256
     inputs_json = json.dumps(inputs, sort_keys=True)
     tol = cfg.reconcile.tolerance
     rows = []
@@ -193,7 +252,7 @@ def reconcile(client: Any, db: str, cfg: Config, invoices: InvoiceFile, tenant: 
         r = raw.get(k)
         inv = invoiced.get(k)
         amount, currency = rated.get(k, (Decimal(0), ""))
-        pc = changes.get((k[0], k[1], k[3]), [])
+        pc = changes.get((k[0], k[1], k[3]), []) + _changes_in_period(changelog, cfg, k)
         f = Figures(raw_units=r.value if r else 0.0, metered_units=metered.get(k, 0.0), metered_amount=amount,
                     invoiced=inv, raw_units_at_cut=(r.value_at_cut if r and r.value_at_cut is not None else
                                                     (0.0 if inv is not None else None)),
@@ -275,12 +334,15 @@ def reconcile_cmd(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise MeterError(f"--period-start {args.period_start!r}: {exc}") from None
     invoices = read_invoices(args.invoices, cfg)
+    changelog = read_changelog(args.entitlements) if getattr(args, "entitlements", None) else None
     client, db = connect(cfg.clickhouse)
-    run = reconcile(client, db, cfg, invoices, args.tenant, period_start)
+    run = reconcile(client, db, cfg, invoices, args.tenant, period_start, changelog=changelog)
     import sys
 
     for e in run.invoice_errors:
         print(f"meter: invoices {args.invoices}: {e} (skipped)", file=sys.stderr)
+    for e in (changelog.errors if changelog is not None else []):
+        print(f"meter: entitlements {args.entitlements}: {e} (skipped)", file=sys.stderr)
     tots = totals(run.rows)
     acc = accuracy(run.rows)
     if args.json:
