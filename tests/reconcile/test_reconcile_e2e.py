@@ -229,3 +229,121 @@ def test_every_planted_class_is_found_with_its_owner_and_exact_diffs(world):
     assert doc["invoice_errors"] == [] and doc["inputs"]["invoice_lines"] == len(world["lines"])
     assert len(doc["inputs"]["invoices_sha256"]) == 64 and len(doc["inputs"]["entitlements_sha256"]) == 64
     assert len(doc["run_id"]) == 32 and doc["ran_at"].endswith("Z")
+
+
+def test_out_csv_table_and_fail_on(world):
+    out = world["tmp"] / "findings.csv"
+    doc = reconcile_json(world, "--out", str(out))
+    with out.open(newline="") as f:
+        got = list(csv.DictReader(f))
+    from meterflow.sinks.clickhouse_schema import RECONCILIATION_COLUMNS
+
+    assert list(got[0]) == [c for c in RECONCILIATION_COLUMNS if c != "inputs"]
+    assert len(got) == len(doc["rows"]) and {r["run_id"] for r in got} == {doc["run_id"]}
+    under = next(r for r in got if r["customer_id"] == "c_under" and r["metric"] == "api_calls")
+    assert (under["class"], under["owner"], float(under["diff_units"]), Decimal(under["diff_amount"])) == \
+        ("under_bill", "revops", -5.0, Decimal("-0.05"))
+    assert (under["period_start"], float(under["raw_units"]), float(under["invoiced_units"])) == (NOV, 20.0, 15.0)
+    assert json.loads(under["evidence"]) == {"invoice_ids": ["inv-c_under"], "invoiced_at":
+                                             world["lines"][0]["invoiced_at"]}
+
+    # the table: non-matching keys and the totals per class; exit 0 whatever it found
+    proc = run_meter("reconcile", "--config", str(world["cfg"]), "--invoices", str(world["invoices"]),
+                     "--entitlements", str(world["changes"]), "--tenant", "acme", "--period-start", NOV)
+    assert "totals per class" in proc.stdout and "plan_change" in proc.stdout and "watchlist" in proc.stdout
+    assert "c_under" in proc.stdout and "0 invoice line(s) skipped" in proc.stdout
+    assert "c_match" not in proc.stdout.split("totals per class")[0].replace("c_match-", "")  # match: not listed
+    # with --fail-on: 1 when a key is in one of the classes, 0 when none is
+    failed = run_meter("reconcile", "--config", str(world["cfg"]), "--invoices", str(world["invoices"]),
+                       "--fail-on", "under_bill", "--json", check=False)
+    assert failed.returncode == 1 and json.loads(failed.stdout)["totals"]["under_bill"]["keys"] == 9
+    fine = run_meter("reconcile", "--config", str(world["cfg"]), "--invoices", str(world["invoices"]),
+                     "--period-start", OCT, "--fail-on", "under_bill,over_bill", "--json", check=False)
+    assert fine.returncode == 0 and {r["class"] for r in json.loads(fine.stdout)["rows"]} == {"metering_gap"}
+    bad = run_meter("reconcile", "--config", str(world["cfg"]), "--invoices", str(world["invoices"]),
+                    "--fail-on", "underbill", check=False)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
+        "meter: error: --fail-on: unknown class 'underbill': expected some of metering_gap, match, timing, credit, "
+        "plan_change, under_bill, over_bill"]
+
+
+def test_every_run_is_kept_in_the_reconciliation_view(world):
+    a, b = reconcile_json(world), reconcile_json(world)
+    code = ("import sys, json\nfrom meterflow.schemas.config import load_config\nfrom meterflow.sinks.clickhouse "
+            "import connect\nc, db = connect(load_config(sys.argv[1]).clickhouse)\nprint(json.dumps([list(r) for r "
+            "in c.query(f\"SELECT run_id, customer_id, metric, toUnixTimestamp64Milli(period_start), class, owner, "
+            "toString(diff_amount), inputs FROM "
+            "{db}.reconciliation WHERE run_id IN ({sys.argv[2]!r}, {sys.argv[3]!r})\").result_rows]))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(world["cfg"]), a["run_id"], b["run_id"]], cwd=REPO,
+                          env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stored = json.loads(proc.stdout)
+    for doc in (a, b):
+        mine = {(r[1], r[2], ms_to_iso(r[3])): (r[4], r[5], Decimal(r[6]))
+                for r in stored if r[0] == doc["run_id"]}
+        assert mine == {(r["customer_id"], r["metric"], r["period_start"]): (r["class"], r["owner"],
+                                                                            Decimal(r["diff_amount"]))
+                        for r in doc["rows"]}
+        assert len(mine) == len(doc["rows"]) == 2 * len(CUSTOMERS) + 2
+        inputs = {json.loads(r[7])["invoices_sha256"] for r in stored if r[0] == doc["run_id"]}
+        assert inputs == {doc["inputs"]["invoices_sha256"]}
+
+
+def test_bad_invoice_files(world):
+    tmp = world["tmp"]
+    # a CSV header that lacks a column: one line, non-zero, nothing else
+    no_amount = tmp / "no-amount.csv"
+    no_amount.write_text("invoice_id,tenant_id,customer_id,metric,period_start,quantity,invoiced_at,kind\n"
+                         f"i1,acme,c_match,api_calls,{NOV},10,{NOV},usage\n")
+    proc = run_meter("reconcile", "--config", str(world["cfg"]), "--invoices", str(no_amount), check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        f"meter: error: invoice file {no_amount}: the CSV header (line 1) lacks the column(s) amount; expected "
+        "invoice_id,tenant_id,customer_id,metric,period_start,quantity,amount,invoiced_at,kind"]
+    # JSONL: each bad line reported with its number and skipped; the good lines reconcile
+    good = [json.dumps(ln) for ln in world["lines"] if ln["customer_id"] in ("c_match", "c_under")]
+    bad_lines = [
+        "{not json",
+        json.dumps({**world["lines"][0], "metric": "gpu_hours"}),
+        json.dumps({**world["lines"][0], "quantity": "ten"}),
+        json.dumps({**world["lines"][0], "invoiced_at": "yesterday"}),
+        json.dumps({**world["lines"][0], "period_start": "2026-11-15T00:00:00Z"}),
+        json.dumps({k: v for k, v in world["lines"][0].items() if k != "kind"}),
+    ]
+    jsonl = tmp / "invoices.jsonl"
+    jsonl.write_text("\n".join(good[:1] + bad_lines + good[1:]) + "\n")
+    proc = run_meter("reconcile", "--config", str(world["cfg"]), "--invoices", str(jsonl), "--json")
+    errs = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(errs) == 6 and all(e.startswith(f"meter: invoices {jsonl}: line ") and e.endswith("(skipped)")
+                                  for e in errs), errs
+    assert [e.split(": line ")[1].split(":")[0] for e in errs] == ["2", "3", "4", "5", "6", "7"]
+    assert "not valid JSON" in errs[0] and "unknown metric 'gpu_hours'" in errs[1]
+    assert "quantity must be a number, got 'ten'" in errs[2] and "invoiced_at 'yesterday'" in errs[3]
+    assert "not the start of a billing period" in errs[4] and "kind is missing" in errs[5]
+    doc = json.loads(proc.stdout)
+    assert len(doc["invoice_errors"]) == 6 and doc["inputs"]["invoice_lines"] == len(good)
+    classes = {(r["customer_id"], r["metric"]): r["class"] for r in doc["rows"]}
+    assert classes[("c_under", "api_calls")] == "under_bill" and classes[("c_over", "api_calls")] == "under_bill"
+    assert classes[("c_match", "api_calls")] == "match"
+    # a missing file: one line
+    proc = run_meter("reconcile", "--config", str(world["cfg"]), "--invoices", str(tmp / "nope.csv"), check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"meter: error: invoice file {tmp / 'nope.csv'} does not exist (pass --invoices FILE)"]
+
+
+@pytest.mark.parametrize("section, message", [
+    ("units = { gpu_hours = 10 }", "key 'reconcile.units.gpu_hours': no metric with code 'gpu_hours'"),
+    ("units = { api_calls = 0 }", "key 'reconcile.units.api_calls'"),
+    ("tolerance = -1", "reconcile.tolerance"),
+    ("owners = { underbill = \"x\" }", "key 'reconcile.owners.underbill': unknown class 'underbill'"),
+    ("colour = 1", "reconcile"),
+])
+def test_reconcile_config_errors_are_one_line(world, section, message):
+    cfg = world["tmp"] / "bad.toml"
+    text = world["cfg"].read_text()
+    head, _, tail = text.partition("[reconcile]\n")
+    cfg.write_text(head + "[reconcile]\n" + section + "\n" + tail.split("\n\n", 1)[1])
+    proc = run_meter("reconcile", "--config", str(cfg), "--invoices", str(world["invoices"]), check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("meter: error: "), proc.stderr
+    assert message in lines[0], lines[0]
