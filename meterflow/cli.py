@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--events", type=int, default=50_000, help="number of sample events (default 50000)")
     d.add_argument("--dir", default="var/demo", help="working directory for config, input and ClickHouse")
     d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--reconcile", action="store_true", help="then reconcile the sample against a generated invoice "
+                   "file with planted under-bills, over-bills, a credit and a timing difference (meter reconcile)")
 
     u = sub.add_parser("usage", help="exact usage from ClickHouse",
                        description="Print exact usage from the ClickHouse views (embedded chDB or a server).")
@@ -198,7 +200,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from meterflow.demo import run_demo
 
-        return run_demo(args.events, args.dir, args.seed)
+        code = run_demo(args.events, args.dir, args.seed)
+        if code == 0 and args.reconcile:
+            from meterflow.demo_reconcile import reconcile_demo
+
+            code = reconcile_demo(args.dir)
+        return code
     if args.command == "usage":
         from meterflow.reports import print_usage
 
