@@ -34,6 +34,7 @@ from meterflow.operators.entitlements import Entitlements, EntitlementUpdate
 from meterflow.operators.legacy_state import decode_legacy_snapshot
 from meterflow.operators.mediate import dead_letter, internal_error, matches
 from meterflow.operators.rating import Price
+from meterflow.operators.review import ReviewTracker
 from meterflow.operators.rules import Rules
 from meterflow.schemas import state as S
 from meterflow.schemas.records import Emission, PeriodAggregate, RatedRow, WindowAggregate
@@ -59,7 +60,7 @@ class CustomerMeter:
 
     __slots__ = ("rules", "key", "tenant_id", "customer_id", "seen", "wm", "windows", "periods",
                  "excluded", "next_evict", "next_dedupe_evict", "stats", "dirty_w", "dirty_p", "_period", "ent",
-                 "_rows")
+                 "_rows", "reviews")
 
     def __init__(self, rules: Rules, key: str, snapshot: Optional[bytes] = None, stats: FlowStats = STATS) -> None:
         self.rules = rules
@@ -83,6 +84,7 @@ class CustomerMeter:
         # rows and the subscription stay the same objects: dropped on every flush, eviction and plan change.
         self._rows: Dict[str, list] = {}
         self.ent = Entitlements(rules, key)
+        self.reviews = ReviewTracker(rules.review)  # open review items (README: Overage review queue)
         if snapshot is not None:
             self._restore(snapshot)
 
@@ -107,7 +109,7 @@ class CustomerMeter:
                      for pk, acc in self.periods.items()],
             excluded=[S.ExcludedRow(metric=pk[0], start=pk[1], end=pk[2], count=n, dirty=pk in dirty_p)
                       for pk, n in self.excluded.items()],
-            entitlements=self.ent.to_state()))
+            entitlements=self.ent.to_state(), reviews=self.reviews.to_state()))
 
     def _restore(self, data: bytes) -> None:
         # A pickle (first byte 0x80) is a version 3 or 4 snapshot of a build before issue 10: converted.
@@ -135,6 +137,8 @@ class CustomerMeter:
                 self.dirty_p.add(pk)
         self.ent = Entitlements(self.rules, key)
         self.ent.restore_state(st.entitlements)
+        self.reviews = ReviewTracker(self.rules.review)
+        self.reviews.restore(st.reviews)
         self._recompute_next_evict()
         self.next_dedupe_evict = self.seen.min_expiry()
 
@@ -466,7 +470,7 @@ class CustomerMeter:
             out.dead_letters = dead
         else:
             out = Emission(dead_letters=dead)
-        out.alerts = alerts
+        out.alerts = alerts + out.alerts if out.alerts else alerts  # (review notifications of the flush last)
         out.gateway = gateway
         out.wallets = wallets
         if self.wm > self.next_dedupe_evict + _DEDUPE_EVICT_SLACK_MS:
@@ -533,7 +537,8 @@ class CustomerMeter:
                                       deleted=True))
         if unrated:  # every open row of those metrics was in this flush: the change dirtied them all
             self.ent.unrated = set()
-        return Emission(windows=wrows, periods=prows, dead_letters=dead, rated=rated)
+        reviews, notes = self.reviews.observe(rated, now_ms()) if rated else ([], [])
+        return Emission(windows=wrows, periods=prows, dead_letters=dead, rated=rated, reviews=reviews, alerts=notes)
 
     def _recompute_next_evict(self) -> None:
         exp = [a.expires for a in self.windows.values()] + [a.expires for a in self.periods.values()]
@@ -551,6 +556,7 @@ class CustomerMeter:
         for k in [k for k in self.excluded if k[2] + grace < wm]:
             del self.excluded[k]
         self.ent.evict(wm, grace)
+        self.reviews.evict(wm - grace)
         self._recompute_next_evict()
 
     def _evict_seen(self) -> None:

@@ -15,6 +15,7 @@ import msgspec
 
 from meterflow.schemas.alerts import Alert
 from meterflow.schemas.gateway import GatewayState, WalletState
+from meterflow.schemas.reviews import ReviewItem
 
 
 class WindowAggregate(msgspec.Struct, frozen=True, kw_only=True, tag="window"):
@@ -180,6 +181,7 @@ class Emission(msgspec.Struct, kw_only=True):
     wallets: List[WalletState] = []
     rated: List[RatedRow] = []
     raw_events: Optional[RawEvents] = None  # the batch's accepted events for the raw archive (mediation only)
+    reviews: List[ReviewItem] = []  # review items of the rated rows (README: Overage review queue)
 
 
 AGGREGATE_ENCODER = msgspec.json.Encoder()

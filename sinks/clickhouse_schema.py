@@ -34,6 +34,7 @@ from meterflow.schemas.records import (
     ReconciliationRow,
     WindowAggregate,
 )
+from meterflow.sinks.clickhouse_reviews import review_ddl
 
 _WINDOW_FIELDS: Tuple[str, ...] = WindowAggregate.__struct_fields__
 _PERIOD_FIELDS: Tuple[str, ...] = PeriodAggregate.__struct_fields__
@@ -159,7 +160,7 @@ def ddl(db: str) -> List[str]:
     views = [f"CREATE OR REPLACE VIEW {db}.{view} AS SELECT {', '.join(cols)} FROM {db}.{table} FINAL"
              + (" WHERE deleted = 0" if table == "usage_rated_rows" else "")
              for view, cols, table in VIEWS]
-    return [stmt.format(db=db) for stmt in (*_TABLES, *_UPGRADES)] + views
+    return [stmt.format(db=db) for stmt in (*_TABLES, *_UPGRADES)] + views + review_ddl(db)
 
 
 # -- write side: records as insert columns ---------------------------------------------------------------

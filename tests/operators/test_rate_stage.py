@@ -449,3 +449,46 @@ def test_a_change_that_takes_a_metric_price_away_deletes_its_rated_row():
     # the tombstones leave once; later flushes rate calls only
     groups, _ = med([(("e", 9), raw_event(_events("c1", 1, eid="later")[0]))])
     assert {r.metric for r in meter.process(list(groups.values())).rated} == {"calls"}
+
+
+# -- the real Bytewax flow, 1 and 2 workers -------------------------------------------------------------------------
+
+def _flow_out(stream, workers, batch_size):
+    from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
+
+    from meterflow.dataflows import metering
+
+    items = [(("events.jsonl", i + 1), raw_event(x)) for i, x in enumerate(stream)]
+    out = []
+    # The mediator's wall clock (max_clock_skew) is injected the way build_flow makes it: a Mediator per flow.
+    orig = metering.Mediator
+    metering.Mediator = lambda cfg, **kw: orig(cfg, clock=_CLOCK, **kw)  # type: ignore[misc]
+    try:
+        flow = metering.build_flow(CFG, TestingSource(items, batch_size=batch_size), [("out", TestingSink(out))])
+    finally:
+        metering.Mediator = orig  # type: ignore[misc]
+    if workers == 1:
+        run_main(flow)
+    else:
+        cluster_main(flow, [], 0, worker_count_per_proc=workers)
+    return out
+
+
+@settings(max_examples=12, **SETTINGS)
+@given(stream=streams(), workers=st.sampled_from([1, 2]), batch_size=st.integers(1, 9))
+def test_the_flow_rates_exactly_like_the_model_with_one_and_two_workers(stream, workers, batch_size):
+    events = [x for x in stream if x["kind"] == "event"]  # (changelog order against events is the flow's own)
+    out = _flow_out(events, workers, batch_size)
+    final, subs, want_alerts = model_run(events)
+    got = latest_rated(out)
+    want = {k: model_rate(subs[k[0]], k[1], u) for k, u in final.items()}
+    want = {k: v for k, v in want.items() if v is not None}
+    assert set(got) == set(want)
+    for k, (model, charge, over, minimum, amount, custom) in want.items():
+        r = got[k]
+        assert (r.price_model, Fraction(r.charge), Fraction(r.overage_amount), Fraction(r.minimum),
+                Fraction(r.amount), r.custom_rate) == (model, charge, over, minimum, amount, custom), (k, r)
+    # spend alerts: per customer the model's order (customers' shards run independently)
+    got_alerts = sorted((a.customer_id, a.metric, a.threshold_amount, a.event_id) for em in out for a in em.alerts
+                        if a.type == "spend_crossed")
+    assert got_alerts == sorted((c, m, a, e) for c, m, _ps, a, e, _amt in want_alerts)
