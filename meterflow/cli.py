@@ -20,6 +20,7 @@ EPILOG = """examples:
   meter run --config meterflow.toml --input events.jsonl
   meter run --config meterflow.toml --recovery var/recovery      (Kafka mode when [kafka] is configured)
   meter usage --config meterflow.toml --customer cust_456 --by window
+  meter charges --config meterflow.toml --period-start 2026-11-01T00:00:00Z     (usage in money, per currency)
   meter alerts --config meterflow.toml --customer cust_456 --since 2026-11-01T00:00:00Z
   meter alerts --config meterflow.toml --type blocked --json       (JSON lines, every field)
   meter entitlements publish --config meterflow.toml --dry-run      (what would be published)
@@ -28,6 +29,21 @@ EPILOG = """examples:
   meter gateway sync --config meterflow.toml --recovery var/recovery    (rewrite every gateway hash in Redis)
   meter review list --config meterflow.toml --status pending
   meter review approve REVIEW_ID --config meterflow.toml --by alice --note "agreed with the customer"
+"""
+
+CHARGES_DESCRIPTION = (
+    "Print the usage_rated view of ClickHouse (embedded chDB or a server): one row per customer, metric and "
+    "billing period whose subscription gives the metric an entitlement or a price, rated under the customer's "
+    "current plan and custom contract. charge = the price card applied to the period's usage (or overage_rate "
+    "above included without a card); overage amount = charge(usage) - charge(min(usage, included)); amount = "
+    "max(minimum, charge), the figure to invoice; custom = a custom contract sets the metric's price, rate or "
+    "included; final = period_end + late_grace is before the flow's watermark, so no event can change the row "
+    "any more (open rows still grow). Amounts are exact decimals (Decimal(38, 9)), never rounded; totals are "
+    "per currency.")
+CHARGES_EPILOG = """examples:
+  meter charges --config meterflow.toml
+  meter charges --config meterflow.toml --customer cust_456 --period-start 2026-11-01T00:00:00Z
+  meter charges --config meterflow.toml --tenant acme --json     (JSON lines: 102.00, not 101.99999999999999)
 """
 
 PUBLISH_DESCRIPTION = (
@@ -85,6 +101,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="billing-period totals (default) or rollup windows")
     u.add_argument("--limit", type=int, default=200, help="rows to print (default 200; --json prints all)")
     u.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+
+    c = sub.add_parser("charges", help="usage in money: the rated rows, from ClickHouse",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=textwrap.fill(CHARGES_DESCRIPTION, 100), epilog=CHARGES_EPILOG)
+    c.add_argument("--config", required=True, metavar="FILE", help="TOML configuration (its [clickhouse] is read)")
+    c.add_argument("--tenant", help="only this tenant")
+    c.add_argument("--customer", help="only this customer id")
+    c.add_argument("--period-start", metavar="ISO", help="only the billing periods that start at this RFC 3339 "
+                   "time, e.g. 2026-11-01T00:00:00Z")
+    c.add_argument("--metric", help="only this metric code")
+    c.add_argument("--limit", type=int, default=200,
+                   help="rows to print (default 200; the totals count every row; --json prints all)")
+    c.add_argument("--json", action="store_true", help="JSON lines, one per rated row with every column of "
+                   "usage_rated; amounts are JSON numbers with their exact decimal digits")
 
     from meterflow.schemas.alerts import ALERT_TYPES
 
@@ -216,6 +246,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from meterflow.reports import print_usage
 
         return print_usage(args)
+    if args.command == "charges":
+        from meterflow.reports import print_charges
+
+        return print_charges(args)
     if args.command == "alerts":
         from meterflow.reports import print_alerts
 

@@ -171,15 +171,16 @@ class Price:
             return all(a <= b for a, b in zip(amounts, amounts[1:]))
         return True
 
-    def units_for(self, amount: Number) -> Optional[Decimal]:
-        """The least usage whose charge reaches ``amount`` (None if none does): the unit level at which a spend
-        threshold can first fire. Where the least usage is an open bound (just above a bracket or package
-        boundary) the boundary itself is returned, so the level is never above the true one; callers confirm
-        with :meth:`charge`. For a non-monotone card this is the least usage of all, not the next one above a
-        given usage."""
+    def units_for(self, amount: Number, above: Optional[Number] = None) -> Optional[Decimal]:
+        """The least usage (at or above ``above``, for a card that is not monotone) whose charge reaches
+        ``amount``, None if none does: the unit level at which a spend threshold can first fire. Where the least
+        usage is an open bound (just above a bracket or package boundary) the boundary itself is returned, so
+        the level is never above the true one; callers confirm with :meth:`charge`. ``above`` is ignored for a
+        monotone card (its least usage is the answer above any usage below it)."""
         a = to_decimal(amount)
+        floor = ZERO if above is None or self.monotone else max(ZERO, to_decimal(above))
         if a <= 0:
-            return ZERO
+            return floor
         with localcontext(_CTX):
             m = self.model
             if m == "per_unit":
@@ -200,11 +201,11 @@ class Price:
                         total += (bound - lower) * amt
                 elif m == "volume":
                     if amt > 0:
-                        u = max(lower, a / amt)
+                        u = max(lower, a / amt, floor)
                         if u <= bound:
                             return u
-                elif amt >= a:  # staircase: any usage of this bracket
-                    return lower
+                elif amt >= a and floor <= bound:  # staircase: any usage of this bracket
+                    return max(lower, floor)
                 lower = bound
             return None
 

@@ -1,5 +1,5 @@
 """The ClickHouse contract (README: Outputs), written once: tables, views, how records become columns, and the
-read-side queries of ``meter usage`` and ``meter alerts``.
+read-side queries of ``meter usage``, ``meter alerts`` and ``meter charges``.
 
 Every column list is derived from the record Struct it stores (:mod:`meterflow.schemas.records`,
 :class:`~meterflow.schemas.alerts.Alert`): an insert's columns are the record's fields in declaration order
@@ -16,6 +16,7 @@ of an ``alert_id`` is the one ``alerts_log`` keeps. :mod:`meterflow.sinks.clickh
 
 from __future__ import annotations
 
+from decimal import Decimal
 from itertools import chain
 from operator import attrgetter
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -256,7 +257,7 @@ def alert_columns(items: List[Emission]) -> Optional[list]:
     return cols
 
 
-# -- read side: ``meter usage`` and ``meter alerts`` ------------------------------------------------------
+# -- read side: ``meter usage``, ``meter alerts`` and ``meter charges`` --------------------------------------
 
 def _where(filters: Sequence[Tuple[str, Optional[str]]]) -> Tuple[List[str], Dict[str, Any]]:
     conds, params = [], {}
@@ -285,6 +286,42 @@ def query_usage(client: Any, db: str, by: str = "period", tenant: Optional[str] 
         s, e = r.pop("ps"), r.pop("pe")
         r[start], r[end] = ms_to_iso(s), ms_to_iso(e)
         rows.append(r)
+    return rows
+
+
+_MONEY = ("charge", "overage_amount", "minimum", "amount")
+
+
+def query_rated(client: Any, db: str, tenant: Optional[str] = None, customer: Optional[str] = None,
+                period_start_ms: Optional[int] = None, metric: Optional[str] = None) -> List[Dict[str, Any]]:
+    """Rows of ``usage_rated`` (``meter charges``) ordered by tenant, customer, period, metric: the view's columns
+    in its order, times as RFC 3339 text, money as exact ``Decimal`` (read as the Decimal(38, 9) strings
+    ClickHouse holds, never through a float), ``custom_rate`` and ``final`` as booleans."""
+    conds, params = _where((("tenant_id", tenant), ("customer_id", customer), ("metric", metric)))
+    if period_start_ms is not None:
+        conds.append("period_start = fromUnixTimestamp64Milli({ps:Int64}, 'UTC')")
+        params["ps"] = period_start_ms
+    where = f"WHERE {' AND '.join(conds)}" if conds else ""
+    cols = [*(f"toString({c}) AS {c}" if c in _MONEY else c for c in USAGE_RATED_COLUMNS
+              if c not in ("period_start", "period_end")),
+            "toUnixTimestamp64Milli(period_start) AS ps", "toUnixTimestamp64Milli(period_end) AS pe"]
+    q = client.query(f"SELECT {', '.join(cols)} FROM {db}.usage_rated {where} "
+                     "ORDER BY tenant_id, customer_id, period_start, metric", parameters=params)
+    rows = []
+    for r in q.named_results():
+        row: Dict[str, Any] = {}
+        for c in USAGE_RATED_COLUMNS:
+            if c == "period_start":
+                row[c] = ms_to_iso(r["ps"])
+            elif c == "period_end":
+                row[c] = ms_to_iso(r["pe"])
+            elif c in _MONEY:
+                row[c] = Decimal(r[c])
+            elif c in ("custom_rate", "final"):
+                row[c] = bool(r[c])
+            else:
+                row[c] = r[c]
+        rows.append(row)
     return rows
 
 
