@@ -344,7 +344,7 @@ def build_flow(config: Config, source: Source, sinks: Sequence[Tuple[str, Sink]]
     shards = config.pipeline.shards
     mediator = Mediator(config)
     flow = Dataflow(flow_id)
-    events = mediate("mediate", op.input("ingest", flow, source), mediator, shards)
+    events = mediate("mediate", op.input("ingest", flow, source), mediator, shards, config.pipeline.archive_raw)
     keyed, dead = events.events, events.dead_letters
     if entitlements is not None:
         changes = mediate_changelog("mediate_entitlements", op.input("entitlements_in", flow, entitlements),

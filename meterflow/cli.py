@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--events", type=int, default=50_000, help="number of sample events (default 50000)")
     d.add_argument("--dir", default="var/demo", help="working directory for config, input and ClickHouse")
     d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--reconcile", action="store_true", help="then reconcile the sample against a generated invoice "
+                   "file with planted under-bills, over-bills, a credit and a timing difference (meter reconcile)")
 
     u = sub.add_parser("usage", help="exact usage from ClickHouse",
                        description="Print exact usage from the ClickHouse views (embedded chDB or a server).")
@@ -132,6 +134,18 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true",
                    help="JSON lines with every field (the contract's alert record plus latency_ms)")
 
+    rc = sub.add_parser("reconcile", help="raw events vs metered usage vs invoice lines, per key",
+                        description="Three-way reconciliation (README: Reconciliation). Exit 0 when the run "
+                                    "completed; with --fail-on, 1 when a key falls in one of those classes.")
+    rc.add_argument("--config", required=True, help="the TOML configuration file")
+    rc.add_argument("--invoices", required=True, help="invoice lines: CSV with a header, or JSONL")
+    rc.add_argument("--tenant", help="only this tenant")
+    rc.add_argument("--period-start", help="only keys of this period start (RFC 3339)")
+    rc.add_argument("--entitlements", metavar="FILE", help="the entitlements changelog JSONL that meter run read "
+                    "(--entitlements): its records' published_at place subscription changes in periods")
+    rc.add_argument("--json", action="store_true", help="one JSON document: the run and its rows")
+    rc.add_argument("--out", help="also write the rows to this CSV file")
+    rc.add_argument("--fail-on", help="comma-separated classes that make the exit status 1")
     e = sub.add_parser("entitlements", help="manage subscriptions on the entitlements topic",
                        description="Manage the usage.entitlements changelog topic (compacted, keyed "
                        "tenant|customer) that a running Kafka-mode dataflow follows for subscription changes.")
@@ -222,7 +236,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from meterflow.demo import run_demo
 
-        return run_demo(args.events, args.dir, args.seed)
+        code = run_demo(args.events, args.dir, args.seed)
+        if code == 0 and args.reconcile:
+            from meterflow.demo_reconcile import reconcile_demo
+
+            code = reconcile_demo(args.dir)
+        return code
     if args.command == "usage":
         from meterflow.reports import print_usage
 
@@ -235,6 +254,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from meterflow.reports import print_alerts
 
         return print_alerts(args)
+    if args.command == "reconcile":
+        from meterflow.reconcile import reconcile_cmd
+
+        return reconcile_cmd(args)
     if args.command == "entitlements":
         from meterflow.reports import publish_entitlements_cmd
 

@@ -47,6 +47,8 @@ class PipelineConfig(_Frozen, frozen=True):
     # Keyed state is routed in this many shards (stable hash of tenant|customer), one Bytewax key each.
     # Part of the recovery state: a flow resumes only with the shard count its snapshots were taken with.
     shards: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 256
+    # Every accepted event (duplicates included) archived in ClickHouse raw_events, for `meter reconcile`.
+    archive_raw: bool = True
 
     @property
     def rollup_window_ms(self) -> int:
@@ -204,6 +206,23 @@ class AlertsConfig(_Frozen, frozen=True):
     webhook: Optional[WebhookConfig] = None
 
 
+RECONCILE_CLASSES = ("metering_gap", "match", "timing", "credit", "plan_change", "under_bill", "over_bill")
+DEFAULT_OWNERS = {"under_bill": "revops", "over_bill": "csm", "timing": "watchlist", "credit": "finance",
+                  "plan_change": "billing", "metering_gap": "engineering", "match": ""}
+
+
+class ReconcileConfig(_Frozen, frozen=True):
+    """``meter reconcile`` (README: Reconciliation): metered units per invoiced unit, the currency tolerance
+    of equal amounts, and who each class of finding goes to."""
+
+    units: Dict[str, Positive] = {}  # metric -> metered units in one invoiced unit (default 1)
+    tolerance: NonNegative = 0.01  # currency: amounts this close are equal
+    owners: Dict[str, str] = {}  # class -> owner, over DEFAULT_OWNERS
+
+    def owner(self, cls: str) -> str:
+        return self.owners.get(cls, DEFAULT_OWNERS.get(cls, ""))
+
+
 class ReviewConfig(_Frozen, frozen=True):
     """The overage review queue (README: Overage review queue): ``bands`` are exclusive upper bounds of the
     overage amount in the plan's currency, ascending; ``routes`` has one more entry than ``bands``. Checked by
@@ -253,6 +272,7 @@ class Config(_Frozen, frozen=True):
     clickhouse: ClickHouseConfig = ClickHouseConfig()
     redis: Optional[RedisConfig] = None
     alerts: AlertsConfig = AlertsConfig()
+    reconcile: ReconcileConfig = ReconcileConfig()
     review: Optional[ReviewConfig] = None  # absent: the default bands and routes, and no review notifications
     source_path: str = "<memory>"
 
@@ -323,6 +343,7 @@ def parse_config(raw: dict, source: str = "<memory>", environ: Optional[Dict[str
     _apply_env(raw, dict(os.environ) if environ is None else environ)
     raw["source_path"] = source
     _check_keyed_tables(raw, source)
+    _check_reconcile_units(raw, source)
     try:
         cfg = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:
@@ -353,6 +374,18 @@ def _check_keyed_tables(raw: dict, source: str) -> None:
                     else:
                         msg = f"key '{where}': {msg}"
                     raise ConfigError(f"invalid configuration in {source}: {msg}") from exc
+
+
+def _check_reconcile_units(raw: dict, source: str) -> None:
+    """``[reconcile] units`` one metric at a time, so an error names the metric (msgspec says ``[...]``)."""
+    rec = raw.get("reconcile")
+    units = rec.get("units") if isinstance(rec, dict) else None
+    if not isinstance(units, dict):
+        return
+    for code, value in units.items():
+        if type(value) is bool or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"invalid configuration in {source}: key 'reconcile.units.{code}': expected the "
+                              f"number of metered units in one invoiced unit (a number > 0), got {value!r}")
 
 
 def load_config(path: Union[str, Path], environ: Optional[Dict[str, str]] = None) -> Config:
@@ -427,6 +460,12 @@ def _cross_check(cfg: Config, source: str) -> None:
         metric_codes.add(m.code)
         if m.aggregation != "count" and not m.property:
             fail(f"metrics[{i}].property", f"aggregation {m.aggregation!r} needs the property to aggregate")
+    for code in cfg.reconcile.units:
+        if code not in metric_codes:
+            fail(f"reconcile.units.{code}", f"no metric with code {code!r} is defined in [[metrics]]")
+    for cls in cfg.reconcile.owners:
+        if cls not in RECONCILE_CLASSES:
+            fail(f"reconcile.owners.{cls}", f"unknown class {cls!r}: expected one of {', '.join(RECONCILE_CLASSES)}")
     plan_codes = {p.code for p in cfg.plans}
     for i, p in enumerate(cfg.plans):
         if not _CURRENCY.match(p.currency):

@@ -26,13 +26,22 @@ from msgspec.structs import astuple
 from meterflow.base.errors import MeterError
 from meterflow.base.timeutil import ms_to_iso, parse_rfc3339_ms
 from meterflow.schemas.alerts import ALERT_FIELDS, ALERT_TIME_FIELDS, Alert
-from meterflow.schemas.records import DeadLetter, Emission, PeriodAggregate, RatedRow, WindowAggregate
+from meterflow.schemas.records import (
+    DeadLetter,
+    Emission,
+    PeriodAggregate,
+    RatedRow,
+    RawEvents,
+    ReconciliationRow,
+    WindowAggregate,
+)
 from meterflow.sinks.clickhouse_reviews import review_ddl
 
 _WINDOW_FIELDS: Tuple[str, ...] = WindowAggregate.__struct_fields__
 _PERIOD_FIELDS: Tuple[str, ...] = PeriodAggregate.__struct_fields__
 _DEAD_FIELDS: Tuple[str, ...] = DeadLetter.__struct_fields__
 _RATED_FIELDS: Tuple[str, ...] = RatedRow.__struct_fields__
+_RAW_FIELDS: Tuple[str, ...] = RawEvents.__struct_fields__
 
 
 def _moved(fields: Sequence[str], name: str, before: str) -> List[str]:
@@ -48,6 +57,9 @@ PERIOD_COLUMNS = [*_PERIOD_FIELDS, "updated_at"]
 RATED_COLUMNS = [*_RATED_FIELDS, "updated_at"]
 DEAD_COLUMNS = list(_DEAD_FIELDS)
 ALERT_COLUMNS = [*ALERT_FIELDS, "rank"]
+RAW_COLUMNS = list(_RAW_FIELDS)
+# The record's ``cls`` is the column ``class`` (a Python keyword).
+RECONCILIATION_COLUMNS = ["class" if f == "cls" else f for f in ReconciliationRow.__struct_fields__]
 
 # View column orders (``SELECT *`` returns them in this order).
 USAGE_BY_WINDOW_COLUMNS = [f for f in _WINDOW_FIELDS if f != "version"]
@@ -56,6 +68,7 @@ USAGE_RATED_COLUMNS = [f for f in _RATED_FIELDS if f not in ("version", "deleted
 _DEAD_LEAD = ("received_at", "reason", "detail", "source", "payload")
 DEAD_LETTERS_COLUMNS = [*_DEAD_LEAD, *(f for f in _DEAD_FIELDS if f not in _DEAD_LEAD and f != "dl_id"), "dl_id"]
 ALERTS_LOG_COLUMNS = _moved(ALERT_FIELDS, "usage", before="included")
+RAW_EVENTS_COLUMNS = list(_RAW_FIELDS)
 
 _TABLES = [
     """CREATE TABLE IF NOT EXISTS {db}.usage_window_rows (
@@ -101,6 +114,24 @@ _TABLES = [
         factor Nullable(Float64), rank UInt64
     ) ENGINE = ReplacingMergeTree(rank)
     ORDER BY alert_id""",
+    # The raw archive: one row per accepted event read (duplicates included: each has its own source), keyed
+    # by the event and where it was read, so a replay of the same input rewrites its rows instead of adding.
+    """CREATE TABLE IF NOT EXISTS {db}.raw_event_rows (
+        tenant_id String, customer_id String, event_id String, event_type LowCardinality(String),
+        timestamp DateTime64(3, 'UTC'), properties String, correction UInt8,
+        ingested_at DateTime64(3, 'UTC'), source String, position Int64
+    ) ENGINE = ReplacingMergeTree
+    PARTITION BY toYYYYMM(timestamp)
+    ORDER BY (tenant_id, customer_id, event_id, source)""",
+    # Every `meter reconcile` run, one row per key: written once per run, never updated.
+    """CREATE TABLE IF NOT EXISTS {db}.reconciliation_rows (
+        run_id String, ran_at DateTime64(3, 'UTC'), inputs String, tenant_id String, customer_id String,
+        metric LowCardinality(String), period_start DateTime64(3, 'UTC'), currency LowCardinality(String),
+        raw_units Float64, metered_units Float64, metered_amount Decimal(38, 9), invoiced_units Float64,
+        invoiced_amount Decimal(38, 9), diff_units Float64, diff_amount Decimal(38, 9),
+        class LowCardinality(String), owner String, evidence String
+    ) ENGINE = ReplacingMergeTree
+    ORDER BY (run_id, tenant_id, customer_id, metric, period_start)""",
 ]
 
 # Columns added since the first release: tables created by an earlier build gain them on start.
@@ -113,13 +144,16 @@ _UPGRADES = [
 
 # (table, insert columns), in the order of _TABLES.
 TABLES = [("usage_window_rows", WINDOW_COLUMNS), ("usage_period_rows", PERIOD_COLUMNS),
-          ("usage_rated_rows", RATED_COLUMNS), ("dead_letter_rows", DEAD_COLUMNS), ("alert_rows", ALERT_COLUMNS)]
+          ("usage_rated_rows", RATED_COLUMNS), ("dead_letter_rows", DEAD_COLUMNS), ("alert_rows", ALERT_COLUMNS),
+          ("raw_event_rows", RAW_COLUMNS), ("reconciliation_rows", RECONCILIATION_COLUMNS)]
 # (view, its columns, the table it reads FINAL).
 VIEWS = [("usage_by_window", USAGE_BY_WINDOW_COLUMNS, "usage_window_rows"),
          ("usage_by_period", USAGE_BY_PERIOD_COLUMNS, "usage_period_rows"),
          ("usage_rated", USAGE_RATED_COLUMNS, "usage_rated_rows"),
          ("dead_letters", DEAD_LETTERS_COLUMNS, "dead_letter_rows"),
-         ("alerts_log", ALERTS_LOG_COLUMNS, "alert_rows")]
+         ("alerts_log", ALERTS_LOG_COLUMNS, "alert_rows"),
+         ("raw_events", RAW_EVENTS_COLUMNS, "raw_event_rows"),
+         ("reconciliation", RECONCILIATION_COLUMNS, "reconciliation_rows")]
 
 
 def ddl(db: str) -> List[str]:
@@ -177,6 +211,17 @@ def rated_columns(items: List[Emission], at_ms: int) -> Optional[list]:
     if not rs:
         return None
     return _transposed(rs) + [[at_ms] * len(rs)]
+
+
+def raw_event_columns(items: List[Emission]) -> Optional[list]:
+    """The raw archive columns of a batch of emissions (``RAW_COLUMNS``), None without: each emission already
+    carries its batch as columns (:class:`~meterflow.schemas.records.RawEvents`), so this only concatenates."""
+    raws = [e.raw_events for e in items if e.raw_events is not None]
+    if not raws:
+        return None
+    if len(raws) == 1:
+        return list(astuple(raws[0]))
+    return [list(chain.from_iterable(col)) for col in zip(*map(astuple, raws))]
 
 
 def alert_time_ms(alert: Alert, field: str, optional: bool = False) -> Optional[int]:
