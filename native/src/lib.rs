@@ -207,13 +207,13 @@ struct BatchCore {
     window_ms: i64,
     grace_ms: i64,
     dedupe_ms: i64,
-    tenants: HashMap<String, Tenant>,
-    by_type: HashMap<String, Vec<u32>>,
+    tenants: FxMap<String, Tenant>,
+    by_type: FxMap<String, Vec<u32>>,
     metrics: Vec<Metric>,
     subs: HashMap<String, PeriodRule>,
     default_rule: PeriodRule,
     customers: Vec<Customer>,
-    index: HashMap<String, usize>,
+    index: FxMap<String, usize>,
     #[pyo3(get, set)]
     watermark: i64,
     round: u64,
@@ -455,7 +455,7 @@ impl BatchCore {
         let get = |k: &str| -> PyResult<Bound<'_, PyAny>> {
             spec.get_item(k)?.ok_or_else(|| PyValueError::new_err(format!("spec: missing {k}")))
         };
-        let mut tenants = HashMap::new();
+        let mut tenants = FxMap::default();
         for t in get("tenants")?.try_iter()? {
             let t = t?;
             let id: String = t.get_item(0)?.extract()?;
@@ -463,7 +463,7 @@ impl BatchCore {
             tenants.insert(id, Tenant { excluded: excluded.into_iter().collect(), when: pairs(&t.get_item(2)?)? });
         }
         let mut metrics = Vec::new();
-        let mut by_type: HashMap<String, Vec<u32>> = HashMap::new();
+        let mut by_type: FxMap<String, Vec<u32>> = FxMap::default();
         for m in get("metrics")?.try_iter()? {
             let m = m?;
             let code: String = m.get_item(0)?.extract()?;
@@ -503,7 +503,7 @@ impl BatchCore {
             subs,
             default_rule: PeriodRule::new("month", 0).unwrap(),
             customers: Vec::new(),
-            index: HashMap::new(),
+            index: FxMap::default(),
             watermark: 0,
             round: 1,
             changed_w: Vec::new(),
