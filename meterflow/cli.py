@@ -333,11 +333,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
                       progress_every=args.progress_every or 5.0, entitlements=args.entitlements)
     if args.json:
         from meterflow.base.stats import identity
+        from meterflow.operators.native import core_in_use
 
         balanced, text = identity(result.counters)
         print(json.dumps({"counters": result.counters, "seconds": round(result.seconds, 3),
                           "events_per_second": round(result.events_per_second, 1),
-                          "identity": text, "balanced": balanced}))
+                          "identity": text, "balanced": balanced, "core": core_in_use(cfg)}))
     else:
         print_run_summary(result)
     if result.interrupted:
