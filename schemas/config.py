@@ -76,7 +76,7 @@ class TenantConfig(_Frozen, frozen=True):
         return (f"TenantConfig(id={self.id!r}, exclude_when={self.exclude_when!r}, "
                 f"excluded_customers={self.excluded_customers!r}, api_keys=<{len(self.api_keys)} redacted>)")
 
-    def __rich_repr__(self):  # type: ignore[no-untyped-def]
+    def __rich_repr__(self):
         yield "id", self.id
         yield "api_keys", f"<{len(self.api_keys)} redacted>"
 
@@ -223,7 +223,7 @@ class ServerConfig(_Frozen, frozen=True):
                 f"{'<redacted>' if self.admin_token else repr('')}, max_body_bytes={self.max_body_bytes}, "
                 f"max_batch={self.max_batch}, fail_open={self.fail_open}, produce_timeout={self.produce_timeout!r})")
 
-    def __rich_repr__(self):  # type: ignore[no-untyped-def]
+    def __rich_repr__(self):
         yield "host", self.host
         yield "port", self.port
         yield "admin_token", "<redacted>" if self.admin_token else ""
@@ -422,10 +422,10 @@ def _cross_check(cfg: Config, source: str) -> None:
         if t.id in tenant_ids:
             fail(f"tenants[{i}].id", f"tenant {t.id!r} is listed twice")
         tenant_ids.add(t.id)
-        for j, key in enumerate(t.api_keys):
-            if key.startswith("sha256:") and not _SHA256_HEX.match(key[7:]):
-                fail(f"tenants[{i}].api_keys[{j}]", "a hashed key is 'sha256:' and 64 hex digits (sha256sum of the key)")
-            if len(key) < 16 and not key.startswith("sha256:"):
+        for j, api_key in enumerate(t.api_keys):
+            if api_key.startswith("sha256:") and not _SHA256_HEX.match(api_key[7:]):
+                fail(f"tenants[{i}].api_keys[{j}]", "a hashed key is 'sha256:' and 64 hex digits")
+            if len(api_key) < 16 and not api_key.startswith("sha256:"):
                 fail(f"tenants[{i}].api_keys[{j}]", "an API key needs at least 16 characters")
     metric_codes = set()
     for i, m in enumerate(cfg.metrics):
