@@ -169,8 +169,11 @@ class ServiceMetrics:
                                 registry=self.registry)
 
 
+_ENCODER = msgspec.json.Encoder(decimal_format="number")  # money as JSON numbers with the decimal's exact digits
+
+
 def _json(body: Any, status: int = 200, headers: Optional[Dict[str, str]] = None) -> Response:
-    return Response(msgspec.json.encode(body), status_code=status, headers=headers, media_type="application/json")
+    return Response(_ENCODER.encode(body), status_code=status, headers=headers, media_type="application/json")
 
 
 def _error(status: int, reason: str, detail: str, headers: Optional[Dict[str, str]] = None, **extra: Any) -> Response:
@@ -443,14 +446,14 @@ class Service:
                            period_end=None if d.period_end is None else ms_to_iso(d.period_end))
             r = rated.get(code)
             if r is not None and (row["period_end"] is None or r["period_end"] == row["period_end"]):
-                row.update(charge=str(r["charge"]), amount=str(r["amount"]), currency=r["currency"],
+                row.update(charge=r["charge"], amount=r["amount"], currency=r["currency"],
                            money_source="clickhouse")
                 if row["usage"] is None:
                     row.update(usage=r["usage"], period_end=r["period_end"])
             elif row["usage"] is not None:
                 price = sub.price(code)
                 if price is not None:
-                    row.update(charge=str(price.charge(row["usage"])), amount=str(price.amount(row["usage"])),
+                    row.update(charge=price.charge(row["usage"]), amount=price.amount(row["usage"]),
                                money_source="computed")
             metrics.append(row)
         return {"tenant_id": tenant, "customer_id": customer, "plan": sub.plan, "metrics": metrics,
