@@ -18,7 +18,7 @@ import importlib
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
-from urllib.parse import quote, urlencode
+from urllib.parse import parse_qs, quote, urlencode
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -177,8 +177,8 @@ def console_routes(svc: "Service") -> List[Route]:
         nxt = request.query_params.get("next", "/")
         nxt = nxt if nxt.startswith("/") and not nxt.startswith("//") else "/"
         if request.method == "POST":
-            form = await request.form()
-            token = str(form.get("token", ""))
+            form = await _form(request)
+            token = form.get("token", "")
             if svc.cfg.server.admin_token and svc.auth.is_admin(token):
                 resp = RedirectResponse(nxt, 303)
                 resp.set_cookie(COOKIE, token, httponly=True, samesite="strict",
@@ -291,10 +291,9 @@ def console_routes(svc: "Service") -> List[Route]:
         action = request.path_params["action"]
         if action not in ("approve", "reject"):
             return JSONResponse({"reason": "not_found", "detail": "approve or reject"}, 404)
-        form = await request.form() if request.headers.get("content-type", "").startswith(
-            ("application/x-www-form-urlencoded", "multipart/")) else {}
-        by = str(form.get("by") or request.query_params.get("by") or "console")
-        note_text = str(form.get("note") or request.query_params.get("note") or "")
+        form = await _form(request)
+        by = form.get("by") or request.query_params.get("by") or "console"
+        note_text = form.get("note") or request.query_params.get("note") or ""
         try:
             result = await asyncio.to_thread(record_decision, svc.cfg, request.path_params["review_id"], action, by,
                                              note_text)
@@ -332,6 +331,16 @@ def record_decision(cfg: Config, review_id: str, action: str, by: str, note_text
     status = "approved" if action == "approve" else "rejected"
     fn(cfg, review_id, status, by=by, note=note_text)
     return status
+
+
+async def _form(request: Request) -> Dict[str, str]:
+    """A urlencoded form body (the console's forms), read without python-multipart; {} for other bodies."""
+    if not request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+        return {}
+    body = await request.body()
+    if len(body) > 65536:
+        return {}
+    return {k: v[0] for k, v in parse_qs(body.decode(errors="replace")).items()}
 
 
 def _login_form(nxt: str) -> str:
