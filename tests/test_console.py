@@ -114,8 +114,8 @@ def flow_run(tmp_path_factory):
     proc.stdin = None
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()[-3000:]
-    return {"dir": d, "tenant": tenant, "chdb": chdb, "live": live, "summary": json.loads(out.decode().splitlines()[-1]),
-            "events": len(lines)}
+    summary = json.loads(out.decode().splitlines()[-1])
+    return {"dir": d, "tenant": tenant, "chdb": chdb, "live": live, "summary": summary, "events": len(lines)}
 
 
 def test_flow_metrics_match_the_runs_counters(flow_run):
