@@ -17,7 +17,7 @@ import html
 import importlib
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, quote, urlencode
 
 from starlette.requests import Request
@@ -26,11 +26,9 @@ from starlette.routing import Route
 
 from meterflow.base.errors import MeterError
 from meterflow.base.timeutil import ms_to_iso
+from meterflow.http_auth import presented_key
 from meterflow.schemas.alerts import ALERT_TYPES
 from meterflow.schemas.config import Config
-
-if TYPE_CHECKING:
-    from meterflow.service import Service
 
 COOKIE = "meterflow_admin"
 
@@ -158,15 +156,14 @@ def _n(x: Any) -> str:
 
 # -- routes ----------------------------------------------------------------------------------------------
 
-def console_routes(svc: "Service") -> List[Route]:
+def console_routes(svc: Any) -> List[Route]:
+    """The console's routes on a :class:`meterflow.service.Service` (its auth, gate, ClickHouse reader)."""
     ch = svc.clickhouse
 
     def admin(request: Request) -> Optional[Response]:
         if not svc.cfg.server.admin_token:
             return page("Console disabled", note("set [server] admin_token (or METER_SERVER_ADMIN_TOKEN) to enable "
                                                  "the console"), 403)
-        from meterflow.service import presented_key
-
         if svc.auth.is_admin(presented_key(request) or request.cookies.get(COOKIE)):
             return None
         if request.method == "GET":

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import math
 import threading
@@ -38,60 +36,17 @@ from meterflow.base.keys import customer_key
 from meterflow.base.stats import FlowStats
 from meterflow.base.timeutil import ms_to_iso, now_ms
 from meterflow.gate import Decision, QuotaGate
+from meterflow.http_auth import ADMIN, Auth, presented_key
 from meterflow.operators.mediate import MAX_DEPTH, Mediator, matches
 from meterflow.operators.rules import Rules
 from meterflow.schemas.config import Config
 
 log = logging.getLogger("meterflow.service")
 
-ADMIN = "*"  # the principal of the admin token: every tenant
 CE_STRUCTURED = "application/cloudevents+json"
 CE_BATCH = "application/cloudevents-batch+json"
 # Reasons of rejected events besides mediation's dead-letter codes (invalid_json, invalid_event, unknown_tenant).
 BLOCKED, UNAVAILABLE = "blocked", "redis_unavailable"
-
-
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
-
-
-class Auth:
-    """API keys and the admin token, kept as SHA-256 digests only (a configured ``sha256:<hex>`` as given)."""
-
-    def __init__(self, cfg: Config) -> None:
-        self._keys: List[Tuple[bytes, str]] = []
-        for t in cfg.tenants:
-            for k in t.api_keys:
-                self._keys.append((bytes.fromhex(k[7:]) if k.startswith("sha256:") else _digest(k), t.id))
-        self._admin = _digest(cfg.server.admin_token) if cfg.server.admin_token else None
-
-    def __repr__(self) -> str:
-        return f"Auth(<{len(self._keys)} keys>, admin={'set' if self._admin else 'unset'})"
-
-    def principal(self, presented: Optional[str]) -> Optional[str]:
-        """The tenant a presented key admits, :data:`ADMIN` for the admin token, None for no or an unknown key.
-        Every configured key is compared (no early exit), each in constant time."""
-        if not presented:
-            return None
-        d = _digest(presented)
-        found: Optional[str] = None
-        for digest, tenant in self._keys:
-            if hmac.compare_digest(d, digest) and found is None:
-                found = tenant
-        if self._admin is not None and hmac.compare_digest(d, self._admin):
-            found = ADMIN
-        return found
-
-    def is_admin(self, presented: Optional[str]) -> bool:
-        return bool(presented) and self._admin is not None and hmac.compare_digest(_digest(presented or ""),
-                                                                                  self._admin)
-
-
-def presented_key(request: Request) -> Optional[str]:
-    h = request.headers.get("authorization", "")
-    if h[:7].lower() == "bearer ":
-        return h[7:].strip()
-    return request.headers.get("x-api-key") or None
 
 
 class Producer:
