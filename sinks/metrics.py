@@ -80,8 +80,14 @@ def enabled() -> bool:
 
 def start_metrics_server(port: int, addr: str = "0.0.0.0") -> None:
     """Serve :data:`REGISTRY` on ``http://addr:port/metrics`` from a daemon thread, and instrument the flow."""
+    from meterflow.base.errors import MeterError
+
+    try:
+        start_http_server(port, addr=addr, registry=REGISTRY)
+    except OSError as exc:
+        raise MeterError(f"--metrics-port {port}: cannot listen on {addr}:{port} ({exc.strerror or exc}): choose a "
+                         "free port") from exc
     enable()
-    start_http_server(port, addr=addr, registry=REGISTRY)
 
 
 class _CountingPartition(StatelessSinkPartition[Emission]):

@@ -92,3 +92,17 @@ def test_cloudevent_attributes_fill_only_what_data_lacks():
 def test_a_json_array_splits_into_its_elements(items):
     body = json.dumps(items).encode()
     assert [json.loads(r) for r in split_body(body, "application/json").raws] == items
+
+
+def test_a_busy_metrics_port_is_a_meter_error_saying_what_to_do():
+    import socket
+
+    from meterflow.base.errors import MeterError
+    from meterflow.sinks.metrics import enabled, start_metrics_server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(MeterError, match="choose a free port"):
+            start_metrics_server(s.getsockname()[1], addr="127.0.0.1")
+    assert not enabled()  # a failed start instruments nothing
