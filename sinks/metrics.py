@@ -62,6 +62,13 @@ class _FlowCollector(Collector):
                                 value=1 if c.get("redis_down", 0) > 0 else 0)
         yield GaugeMetricFamily("meterflow_redis_pending_states", "Gateway states waiting for Redis",
                                 value=c.get("redis_pending", 0))
+        from meterflow.sources.kafka import consumer_lags
+
+        lag = GaugeMetricFamily("meterflow_consumer_lag", "Messages of an input partition not read yet",
+                                labels=["topic", "partition"])
+        for topic, part, n in consumer_lags():
+            lag.add_metric([topic, str(part)], n)
+        yield lag
         depth = GaugeMetricFamily("meterflow_webhook_outbox_depth", "Alerts waiting in the webhook outbox")
         depth.add_metric([], sum(w.stats().pending for w in _WEBHOOKS))
         yield depth

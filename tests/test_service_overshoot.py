@@ -11,12 +11,14 @@ from __future__ import annotations
 import time
 import uuid
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from meterflow.base.timeutil import ms_to_iso
 from meterflow.schemas.gateway import gateway_key
 from tests.e2e.support import LiveRun, kafka_section, unique
-from tests.service_support import running_service
+from tests.service_support import free_port, running_service
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -64,7 +66,9 @@ url = "{redis_server.url}"
 [clickhouse]
 dsn = "chdb://{tmp_path / 'ch'}"
 """)
-    flow = LiveRun(["run", "--config", str(cfg), "--progress-every", "0.2"], tmp_path / "run.out")
+    metrics_port = free_port()
+    flow = LiveRun(["run", "--config", str(cfg), "--progress-every", "0.2", "--metrics-port", str(metrics_port)],
+                   tmp_path / "run.out")
     redis = redis_server.client()
     try:
         with running_service(cfg) as c:
@@ -102,6 +106,13 @@ dsn = "chdb://{tmp_path / 'ch'}"
             time.sleep(0.2)
         assert used is not None and float(used) == accepted, (used, accepted)
         assert redis.hget(gateway_key(tenant, "c_hard", "api_calls"), "state") == b"blocked"
+        # The flow's metrics while it runs: every accepted event read, the block alerted, no lag left.
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        got = {(x.name, tuple(sorted(x.labels.items()))): x.value
+               for fam in text_string_to_metric_families(text) for x in fam.samples}
+        assert got[("meterflow_events_read_total", ())] == accepted + 1  # + the warm-up event
+        assert got[("meterflow_alerts_total", (("type", "blocked"),))] == 1
+        assert got[("meterflow_consumer_lag", (("partition", "0"), ("topic", k["events_topic"])))] == 0
         # Bound: what arrives within 1.5 s at the measured rate (epoch 0.2 s, flush 0.1 s, consumer poll and
         # a Redis round trip on a shared 2-core machine). Printed for the README's figure.
         print(f"overshoot: {overshoot} events accepted after the blocking one at {rate:.0f} requests/s")
