@@ -282,7 +282,7 @@ def shard_snapshots(state: Any, shards: Optional[int] = None) -> Dict[str, bytes
 class _Merged:
     """The outputs of many customers' Emissions gathered into one (each customer's order kept)."""
 
-    __slots__ = ("windows", "periods", "dead_letters", "alerts", "gateway", "wallets", "rated")
+    __slots__ = ("windows", "periods", "dead_letters", "alerts", "gateway", "wallets", "rated", "reviews")
 
     def __init__(self) -> None:
         self.windows: List[Any] = []
@@ -292,6 +292,7 @@ class _Merged:
         self.gateway: List[Any] = []
         self.wallets: List[Any] = []
         self.rated: List[Any] = []
+        self.reviews: List[Any] = []
 
     def add(self, em: Emission) -> None:
         if em.windows:
@@ -308,12 +309,15 @@ class _Merged:
             self.wallets += em.wallets
         if em.rated:
             self.rated += em.rated
+        if em.reviews:
+            self.reviews += em.reviews
 
     def emit(self) -> List[Emission]:
         if self.windows or self.periods or self.dead_letters or self.alerts or self.gateway or self.wallets or \
                 self.rated:
             return [Emission(windows=self.windows, periods=self.periods, dead_letters=self.dead_letters,
-                             alerts=self.alerts, gateway=self.gateway, wallets=self.wallets, rated=self.rated)]
+                             alerts=self.alerts, gateway=self.gateway, wallets=self.wallets, rated=self.rated,
+                             reviews=self.reviews)]
         return []
 
 
@@ -364,13 +368,15 @@ def sinks_from_config(config: Config, recoverable: bool = False) -> List[Tuple[s
 
     sinks: List[Tuple[str, Sink]] = [("clickhouse", ClickHouseSink(config.clickhouse))]
     if config.kafka is not None:
-        from meterflow.sinks.kafka import AggregatedTopicSink, DeadLetterTopicSink, RatedTopicSink
+        from meterflow.sinks.kafka import AggregatedTopicSink, DeadLetterTopicSink, RatedTopicSink, ReviewTopicSink
 
         k = config.kafka
         sinks.append(("aggregated_topic", AggregatedTopicSink(k.bootstrap_servers, k.aggregated_topic, k.client_config,
                                                               k.outage_timeout_seconds)))
         sinks.append(("rated_topic", RatedTopicSink(k.bootstrap_servers, k.rated_topic, k.client_config,
                                                     k.outage_timeout_seconds)))
+        sinks.append(("reviews_topic", ReviewTopicSink(k.bootstrap_servers, k.reviews_topic, k.client_config,
+                                                       k.outage_timeout_seconds)))
         sinks.append(("dead_letter_topic", DeadLetterTopicSink(k.bootstrap_servers, k.dead_letter_topic,
                                                                k.client_config, k.outage_timeout_seconds)))
     if config.redis is not None:

@@ -26,6 +26,8 @@ EPILOG = """examples:
   meter entitlements publish --config meterflow.toml --customer acme/cust_456
   meter entitlements publish --config meterflow.toml --cancel acme/cust_old
   meter gateway sync --config meterflow.toml --recovery var/recovery    (rewrite every gateway hash in Redis)
+  meter review list --config meterflow.toml --status pending
+  meter review approve REVIEW_ID --config meterflow.toml --by alice --note "agreed with the customer"
 """
 
 PUBLISH_DESCRIPTION = (
@@ -142,6 +144,10 @@ def _parser() -> argparse.ArgumentParser:
     gs.add_argument("--config", required=True, metavar="FILE", help="TOML configuration with [redis]")
     gs.add_argument("--recovery", required=True, metavar="DIR", help="the recovery directory of meter run")
 
+    from meterflow.review_cmd import add_parser as add_review_parser
+
+    add_review_parser(sub)
+
     sub.add_parser("bench", add_help=False, help="benchmarks against the peers (same as python -m benchmarks; "
                    "meter bench --help for its options)")
     _debug_everywhere(p)
@@ -214,6 +220,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from meterflow.service import serve
 
         return serve(load_config(args.config), args.host, args.port)
+    if args.command == "review":
+        from meterflow.review_cmd import review_cmd
+
+        return review_cmd(args)
     if args.command == "gateway":
         from meterflow.gateway_sync import sync_cmd
 

@@ -62,6 +62,7 @@ def usage_table(rows: List[Dict[str, Any]], by: str, limit: int, title: str = "u
         t.add_column("included", justify="right")
         t.add_column("used %", justify="right")
         t.add_column("overage", justify="right")
+        t.add_column("final")  # period_end + late_grace passed: no event can change the row any more
     for r in rows[:limit]:
         cells = [r["tenant_id"], r["customer_id"], r["metric"],
                  (r["period_start"] if by == "period" else r["window_start"])[:16].replace("T", " ")]
@@ -72,7 +73,8 @@ def usage_table(rows: List[Dict[str, Any]], by: str, limit: int, title: str = "u
             inc = r["included"]
             cells += ["-" if inc is None else _num(inc),
                       "-" if not inc else f"{100.0 * r['value'] / inc:.1f}",
-                      _num(r["overage_units"]) if inc is not None else "-"]
+                      _num(r["overage_units"]) if inc is not None else "-",
+                      "yes" if r.get("final") else "open"]
         t.add_row(*cells)
     if len(rows) > limit:
         t.caption = f"{len(rows) - limit} more rows: narrow with --tenant/--customer/--metric or raise --limit"

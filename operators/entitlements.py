@@ -128,7 +128,7 @@ class Entitlements:
     __slots__ = ("rules", "key", "tenant_id", "customer_id",
                  # state (snapshotted)
                  "fired", "blocked", "overage", "seq", "cur", "src", "version", "cancelled", "moved_plan",
-                 "units", "wallet_low", "wallet_exhausted", "wallet_blocked", "sfired", "changes",
+                 "units", "wallet_low", "wallet_exhausted", "wallet_blocked", "sfired", "changes", "unrated",
                  # derived (rebuilt after restore)
                  "rule", "infos", "credit", "rated", "next_level", "touched", "deleted", "wallet_dirty",
                  "prices", "spends", "spend_next")
@@ -152,6 +152,8 @@ class Entitlements:
         self.wallet_blocked = False
         self.sfired: Dict[PeriodKey, Set[float]] = {}
         self.changes = 0
+        self.unrated: Set[str] = set()
+        self.prices: Dict[str, Price] = {}
         self.touched: Set[PeriodKey] = set()
         self.deleted: Set[str] = set()
         self.wallet_dirty = False
@@ -178,7 +180,7 @@ class Entitlements:
             wallet_dirty=self.wallet_dirty,
             spend_fired=[S.FiredRow(metric=pk[0], start=pk[1], end=pk[2], thresholds=sorted(ts))
                          for pk, ts in self.sfired.items()],
-            changes=self.changes)
+            changes=self.changes, unrated=sorted(self.unrated))
 
     def restore_state(self, st: S.EntitlementState) -> None:
         """Take the state of a record :meth:`to_state` made (or a converted older snapshot)."""
@@ -199,6 +201,7 @@ class Entitlements:
         self.wallet_dirty = st.wallet_dirty
         self.sfired = {(r.metric, r.start, r.end): set(r.thresholds) for r in st.spend_fired}
         self.changes = st.changes
+        self.unrated = set(st.unrated)
         self._resolve()
 
     def evict(self, wm: int, grace_ms: int) -> None:
@@ -233,10 +236,12 @@ class Entitlements:
         self.credit: Dict[str, float] = dict(rule.wallet.credit_rates) if rule.wallet is not None else {}
         self.rated: List[Tuple[str, float]] = sorted(self.credit.items())  # code order: spent sums the same way
         self.next_level: Dict[PeriodKey, float] = {}
+        rated_before = set(self.prices)
         self.prices = prices_of(rule)
         self.spends = spends_of(rule, self.prices)
         self.spend_next: Dict[PeriodKey, float] = {}
         if track:
+            self.unrated = (self.unrated | rated_before) - set(self.prices)
             after = set(self.infos)
             self.deleted |= {code for code in before - after if code in self.cur}
             self.deleted -= after

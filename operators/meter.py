@@ -21,6 +21,7 @@ and the process watermark stamped on it at mediation, and it only grows.
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from meterflow.base.keys import KEY_SEP, split_key
@@ -33,6 +34,7 @@ from meterflow.operators.entitlements import Entitlements, EntitlementUpdate
 from meterflow.operators.legacy_state import decode_legacy_snapshot
 from meterflow.operators.mediate import dead_letter, internal_error, matches
 from meterflow.operators.rating import Price
+from meterflow.operators.review import ReviewTracker
 from meterflow.operators.rules import Rules
 from meterflow.schemas import state as S
 from meterflow.schemas.records import Emission, PeriodAggregate, RatedRow, WindowAggregate
@@ -43,6 +45,7 @@ from meterflow.schemas.records import Emission, PeriodAggregate, RatedRow, Windo
 STATE_VERSION = S.STATE_VERSION
 _MAX_NUMBER = 1e300  # larger magnitudes (or a JSON 1e400 read as inf) are rejected, so sums stay finite
 _NO_DIMS: Tuple[str, ...] = ()
+_ZERO = Decimal(0)
 # Expired ids already count as unseen, so evicting them only frees memory: doing it once the watermark is an
 # hour past the earliest expiry (not at every batch that passes one) keeps the rebuilds rare at period ends,
 # where each id seen in the last dedupe_window has its own expiry.
@@ -57,7 +60,7 @@ class CustomerMeter:
 
     __slots__ = ("rules", "key", "tenant_id", "customer_id", "seen", "wm", "windows", "periods",
                  "excluded", "next_evict", "next_dedupe_evict", "stats", "dirty_w", "dirty_p", "_period", "ent",
-                 "_rows")
+                 "_rows", "reviews")
 
     def __init__(self, rules: Rules, key: str, snapshot: Optional[bytes] = None, stats: FlowStats = STATS) -> None:
         self.rules = rules
@@ -81,6 +84,7 @@ class CustomerMeter:
         # rows and the subscription stay the same objects: dropped on every flush, eviction and plan change.
         self._rows: Dict[str, list] = {}
         self.ent = Entitlements(rules, key)
+        self.reviews = ReviewTracker(rules.review)  # open review items (README: Overage review queue)
         if snapshot is not None:
             self._restore(snapshot)
 
@@ -105,7 +109,7 @@ class CustomerMeter:
                      for pk, acc in self.periods.items()],
             excluded=[S.ExcludedRow(metric=pk[0], start=pk[1], end=pk[2], count=n, dirty=pk in dirty_p)
                       for pk, n in self.excluded.items()],
-            entitlements=self.ent.to_state()))
+            entitlements=self.ent.to_state(), reviews=self.reviews.to_state()))
 
     def _restore(self, data: bytes) -> None:
         # A pickle (first byte 0x80) is a version 3 or 4 snapshot of a build before issue 10: converted.
@@ -133,6 +137,8 @@ class CustomerMeter:
                 self.dirty_p.add(pk)
         self.ent = Entitlements(self.rules, key)
         self.ent.restore_state(st.entitlements)
+        self.reviews = ReviewTracker(self.rules.review)
+        self.reviews.restore(st.reviews)
         self._recompute_next_evict()
         self.next_dedupe_evict = self.seen.min_expiry()
 
@@ -464,7 +470,7 @@ class CustomerMeter:
             out.dead_letters = dead
         else:
             out = Emission(dead_letters=dead)
-        out.alerts = alerts
+        out.alerts = alerts + out.alerts if out.alerts else alerts  # (review notifications of the flush last)
         out.gateway = gateway
         out.wallets = wallets
         if self.wm > self.next_dedupe_evict + _DEDUPE_EVICT_SLACK_MS:
@@ -503,6 +509,7 @@ class CustomerMeter:
         rated = []
         prices = self.ent.prices
         changes = self.ent.changes
+        unrated = self.ent.unrated
         closing = closing or set()
         for pk in dirty_p:
             code, pstart, pend = pk
@@ -522,7 +529,16 @@ class CustomerMeter:
             price = prices.get(code)
             if price is not None:
                 rated.append(rated_row(t, c, code, pstart, pend, sub, price, value, included, over, final, version))
-        return Emission(windows=wrows, periods=prows, dead_letters=dead, rated=rated)
+            elif code in unrated:  # a change took the metric's price away: its rated row goes
+                rated.append(RatedRow(tenant_id=t, customer_id=c, metric=code, period_start=pstart, period_end=pend,
+                                      plan=sub.plan, currency=sub.currency, price_model="", usage=value,
+                                      included=included, overage_units=over, charge=_ZERO, overage_amount=_ZERO,
+                                      minimum=_ZERO, amount=_ZERO, custom_rate=False, final=final, version=version,
+                                      deleted=True))
+        if unrated:  # every open row of those metrics was in this flush: the change dirtied them all
+            self.ent.unrated = set()
+        reviews, notes = self.reviews.observe(rated, now_ms()) if rated else ([], [])
+        return Emission(windows=wrows, periods=prows, dead_letters=dead, rated=rated, reviews=reviews, alerts=notes)
 
     def _recompute_next_evict(self) -> None:
         exp = [a.expires for a in self.windows.values()] + [a.expires for a in self.periods.values()]
@@ -540,6 +556,7 @@ class CustomerMeter:
         for k in [k for k in self.excluded if k[2] + grace < wm]:
             del self.excluded[k]
         self.ent.evict(wm, grace)
+        self.reviews.evict(wm - grace)
         self._recompute_next_evict()
 
     def _evict_seen(self) -> None:

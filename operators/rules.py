@@ -15,6 +15,7 @@ from meterflow.base.periods import CALENDAR_ANCHOR_MS
 from meterflow.base.timeutil import dt_to_ms, parse_duration_ms
 from meterflow.operators.aggregate import ADDITIVE, NEEDS_NUMBER
 from meterflow.operators.rating import Price, price_of, sets_custom_rate
+from meterflow.operators.review import ReviewPolicy
 from meterflow.schemas.config import Config, EntitlementConfig, EntitlementOverride, SubscriptionConfig, WalletConfig
 
 
@@ -93,6 +94,7 @@ class Rules:
         # Build live gateway state (Emission.gateway / wallets) for a consumer; the dataflow turns it off
         # when no sink reads it (no [redis] section).
         self.gateway_states = True
+        self.review = ReviewPolicy.of(cfg)  # the overage review queue's bands and routes
         self.metrics: Dict[str, MetricRule] = {}
         self.by_event_type: Dict[str, Tuple[MetricRule, ...]] = {}
         for m in cfg.metrics:

@@ -167,6 +167,8 @@ class KafkaConfig(_Frozen, frozen=True):
     aggregated_topic: str = "usage.aggregated"
     rated_topic: str = "usage.rated"
     alerts_topic: str = "usage.alerts"
+    reviews_topic: str = "usage.reviews"  # review items (README: Overage review queue)
+    review_decisions_topic: str = "usage.review-decisions"  # decisions of meter review approve|reject
     dead_letter_topic: str = "usage.dead-letter"
     batch_size: Annotated[int, msgspec.Meta(gt=0)] = 5000
     # Extra librdkafka settings for every client (security.protocol, sasl.*, ...).
@@ -241,6 +243,45 @@ class AlertsConfig(_Frozen, frozen=True):
     webhook: Optional[WebhookConfig] = None
 
 
+class ReviewConfig(_Frozen, frozen=True):
+    """The overage review queue (README: Overage review queue): ``bands`` are exclusive upper bounds of the
+    overage amount in the plan's currency, ascending; ``routes`` has one more entry than ``bands``. Checked by
+    :func:`review_problem`."""
+
+    bands: List[float] = msgspec.field(default_factory=lambda: [50.0, 500.0, 2000.0])
+    routes: List[str] = msgspec.field(default_factory=lambda: ["auto_apply", "approve", "review", "sales"])
+
+
+REVIEW_ROUTES = ("auto_apply", "approve", "review", "sales")
+
+
+def review_problem(review: ReviewConfig) -> Optional[Tuple[str, str]]:
+    """Why a ``[review]`` section cannot route, as ``(key, reason)``, or None.
+
+    >>> review_problem(ReviewConfig(bands=[50.0, 20.0], routes=["auto_apply", "approve", "sales"]))
+    ('review.bands[1]', 'bands must be ascending: 20 follows 50')
+    >>> review_problem(ReviewConfig())
+    """
+    prev: Optional[float] = None
+    for i, b in enumerate(review.bands):
+        if not b > 0 or b != b or b == float("inf"):
+            return f"review.bands[{i}]", f"a band is a finite amount > 0, got {_num(b)}"
+        if prev is not None and b <= prev:
+            return f"review.bands[{i}]", f"bands must be ascending: {_num(b)} follows {_num(prev)}"
+        prev = b
+    if len(review.routes) != len(review.bands) + 1:
+        return "review.routes", (f"expected one more route than bands ({len(review.bands) + 1} for "
+                                 f"{len(review.bands)} bands), got {len(review.routes)}")
+    for i, r in enumerate(review.routes):
+        if r not in REVIEW_ROUTES:
+            return f"review.routes[{i}]", f"unknown route {r!r}: expected one of {', '.join(REVIEW_ROUTES)}"
+        if r in review.routes[:i]:
+            return f"review.routes[{i}]", f"route {r!r} is listed twice"
+        if r == "auto_apply" and i:
+            return f"review.routes[{i}]", "auto_apply can only be the first route (the smallest amounts)"
+    return None
+
+
 class Config(_Frozen, frozen=True):
     pipeline: PipelineConfig = PipelineConfig()
     tenants: List[TenantConfig] = []
@@ -252,6 +293,7 @@ class Config(_Frozen, frozen=True):
     redis: Optional[RedisConfig] = None
     alerts: AlertsConfig = AlertsConfig()
     server: ServerConfig = ServerConfig()
+    review: Optional[ReviewConfig] = None  # absent: the default bands and routes, and no review notifications
     source_path: str = "<memory>"
 
     def redacted(self) -> "Config":
@@ -410,6 +452,10 @@ def _cross_check(cfg: Config, source: str) -> None:
                 fail("kafka.outage_timeout", "must be greater than zero")
         except ValueError as exc:
             fail("kafka.outage_timeout", str(exc))
+    if cfg.review is not None:
+        problem = review_problem(cfg.review)
+        if problem is not None:
+            fail(*problem)
     scheme = cfg.clickhouse.dsn.split("://", 1)[0] if "://" in cfg.clickhouse.dsn else ""
     if scheme not in ("chdb", "http", "https", "clickhouse", "clickhouses"):
         fail("clickhouse.dsn",

@@ -15,6 +15,7 @@ import msgspec
 
 from meterflow.schemas.alerts import Alert
 from meterflow.schemas.gateway import GatewayState, WalletState
+from meterflow.schemas.reviews import ReviewItem
 
 
 class WindowAggregate(msgspec.Struct, frozen=True, kw_only=True, tag="window"):
@@ -88,6 +89,9 @@ class RatedRow(msgspec.Struct, frozen=True, kw_only=True, tag="rated"):
     version: int
     account_name: str = ""  # the subscription's, for the review queue and reports
     arr: float = 0.0
+    # A subscription change took the metric's price and entitlement away: the row leaves usage_rated (a
+    # tombstone on the topic, money 0).
+    deleted: bool = False
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -127,6 +131,7 @@ class Emission(msgspec.Struct, kw_only=True):
     gateway: List[GatewayState] = []
     wallets: List[WalletState] = []
     rated: List[RatedRow] = []
+    reviews: List[ReviewItem] = []  # review items of the rated rows (README: Overage review queue)
 
 
 AGGREGATE_ENCODER = msgspec.json.Encoder()

@@ -32,6 +32,7 @@ The format, field by field (all times are epoch milliseconds, UTC):
   contract's entitlement record, and ``version``, its log position), a cancellation, the plan moved to
   by auto_overage, wallet units per metric (``sum`` accumulators) and flags, and the gateway state
   still to be written (``touched``, ``deleted``, ``wallet_dirty``).
+* :class:`ReviewRow`: per open period with a review item, its route index and the routes notified (a bit mask).
 """
 
 from __future__ import annotations
@@ -171,6 +172,18 @@ class EntitlementState(_Rec, frozen=True):
     wallet_dirty: bool = False
     spend_fired: List[FiredRow] = []  # spend_thresholds fired per period (amounts in the thresholds field)
     changes: int = 0  # subscription changes applied so far (part of every rated row's version)
+    unrated: List[str] = []  # metrics whose price a change took away: their open rated rows leave deleted
+
+
+class ReviewRow(_Rec, frozen=True):
+    """The review item of one open period (README: Overage review queue): its route (an index into
+    ``[review] routes``) and the routes already notified of it (bit i: route i)."""
+
+    metric: str
+    start: int
+    end: int
+    route: int = 0
+    notified: int = 0
 
 
 class MeterState(_Rec, frozen=True):
@@ -182,6 +195,7 @@ class MeterState(_Rec, frozen=True):
     periods: List[PeriodRow] = []
     excluded: List[ExcludedRow] = []
     entitlements: EntitlementState = EntitlementState()
+    reviews: List[ReviewRow] = []  # review items of open periods (absent in snapshots of earlier builds)
 
 
 class _Header(msgspec.Struct):

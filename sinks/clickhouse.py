@@ -35,6 +35,7 @@ from meterflow.base.errors import MeterError
 from meterflow.base.timeutil import now_ms
 from meterflow.schemas.config import ClickHouseConfig, mask_url
 from meterflow.schemas.records import Emission
+from meterflow.sinks.clickhouse_reviews import REVIEW_TABLES, review_columns
 from meterflow.sinks.clickhouse_schema import TABLES, alert_columns, ddl, emission_columns, rated_columns
 
 DEFAULT_DATABASE = "meter"
@@ -176,6 +177,8 @@ class _ClickHousePartition(StatelessSinkPartition[Emission]):
             self._windows, self._periods, self._rated, self._dead, self._alerts = (
                 self._client.create_insert_context(f"{db}.{table}", columns, column_oriented=True)
                 for table, columns in TABLES)
+            self._reviews = self._client.create_insert_context(f"{db}.{REVIEW_TABLES[0][0]}", REVIEW_TABLES[0][1],
+                                                               column_oriented=True)
         except Exception as exc:
             raise MeterError(f"cannot prepare inserts into ClickHouse at {mask_url(cfg.dsn)} (database {db}): {exc}; "
                              "check that its tables have this version's columns") from exc
@@ -196,6 +199,9 @@ class _ClickHousePartition(StatelessSinkPartition[Emission]):
         rcols = rated_columns(items, now_ms())
         if rcols:
             self._insert(self._rated, rcols)
+        vcols = review_columns(items, now_ms())
+        if vcols:
+            self._insert(self._reviews, vcols)
         if dcols:
             self._insert(self._dead, dcols)
         acols = alert_columns(items)

@@ -26,6 +26,7 @@ from meterflow.base.errors import MeterError
 from meterflow.base.timeutil import ms_to_iso, parse_rfc3339_ms
 from meterflow.schemas.alerts import ALERT_FIELDS, ALERT_TIME_FIELDS, Alert
 from meterflow.schemas.records import DeadLetter, Emission, PeriodAggregate, RatedRow, WindowAggregate
+from meterflow.sinks.clickhouse_reviews import review_ddl
 
 _WINDOW_FIELDS: Tuple[str, ...] = WindowAggregate.__struct_fields__
 _PERIOD_FIELDS: Tuple[str, ...] = PeriodAggregate.__struct_fields__
@@ -50,7 +51,7 @@ ALERT_COLUMNS = [*ALERT_FIELDS, "rank"]
 # View column orders (``SELECT *`` returns them in this order).
 USAGE_BY_WINDOW_COLUMNS = [f for f in _WINDOW_FIELDS if f != "version"]
 USAGE_BY_PERIOD_COLUMNS = [f for f in _PERIOD_FIELDS if f != "version"]
-USAGE_RATED_COLUMNS = [f for f in _RATED_FIELDS if f != "version"]
+USAGE_RATED_COLUMNS = [f for f in _RATED_FIELDS if f not in ("version", "deleted")]
 _DEAD_LEAD = ("received_at", "reason", "detail", "source", "payload")
 DEAD_LETTERS_COLUMNS = [*_DEAD_LEAD, *(f for f in _DEAD_FIELDS if f not in _DEAD_LEAD and f != "dl_id"), "dl_id"]
 ALERTS_LOG_COLUMNS = _moved(ALERT_FIELDS, "usage", before="included")
@@ -78,7 +79,7 @@ _TABLES = [
         plan String, currency LowCardinality(String), price_model LowCardinality(String),
         usage Float64, included Nullable(Float64), overage_units Float64,
         charge Decimal(38, 9), overage_amount Decimal(38, 9), minimum Decimal(38, 9), amount Decimal(38, 9),
-        custom_rate UInt8, final UInt8, version UInt64, account_name String, arr Float64,
+        custom_rate UInt8, final UInt8, version UInt64, account_name String, arr Float64, deleted UInt8,
         updated_at DateTime64(3, 'UTC')
     ) ENGINE = ReplacingMergeTree(version)
     ORDER BY (tenant_id, customer_id, metric, period_start)""",
@@ -123,8 +124,9 @@ VIEWS = [("usage_by_window", USAGE_BY_WINDOW_COLUMNS, "usage_window_rows"),
 def ddl(db: str) -> List[str]:
     """The statements that create the tables and (re)create the views in database ``db``, in order."""
     views = [f"CREATE OR REPLACE VIEW {db}.{view} AS SELECT {', '.join(cols)} FROM {db}.{table} FINAL"
+             + (" WHERE deleted = 0" if table == "usage_rated_rows" else "")
              for view, cols, table in VIEWS]
-    return [stmt.format(db=db) for stmt in (*_TABLES, *_UPGRADES)] + views
+    return [stmt.format(db=db) for stmt in (*_TABLES, *_UPGRADES)] + views + review_ddl(db)
 
 
 # -- write side: records as insert columns ---------------------------------------------------------------

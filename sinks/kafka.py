@@ -23,6 +23,7 @@ from confluent_kafka import Producer
 from meterflow.base.errors import MeterError
 from meterflow.schemas.alerts import ALERT_ENCODER
 from meterflow.schemas.records import AGGREGATE_ENCODER, RATED_ENCODER, Emission
+from meterflow.schemas.reviews import REVIEW_ENCODER
 from meterflow.sources.kafka_watch import BrokerWatch, watch_for
 
 #: ``kafka.outage_timeout`` default, seconds: how long a delivery may wait for an unreachable broker.
@@ -118,6 +119,18 @@ class _RatedPartition(_ProducerPartition):
             self._flush()
 
 
+class _ReviewPartition(_ProducerPartition):
+    def write_batch(self, items: List[Emission]) -> None:
+        encode = REVIEW_ENCODER.encode
+        wrote = False
+        for e in items:
+            for rec in e.reviews:
+                self._produce(rec.review_id.encode(), encode(rec), [("route", rec.route.encode())])
+                wrote = True
+        if wrote:
+            self._flush()
+
+
 class _DeadLetterPartition(_ProducerPartition):
     def write_batch(self, items: List[Emission]) -> None:
         wrote = False
@@ -171,6 +184,21 @@ class RatedTopicSink(DynamicSink[Emission]):
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _RatedPartition:
         return _RatedPartition(self._config, self._topic, watch_for(*self._watch))
+
+
+class ReviewTopicSink(DynamicSink[Emission]):
+    """Review items (``meterflow.schemas.reviews.ReviewItem``) as JSON on the reviews topic for tools, keyed by
+    ``review_id``, with a ``route`` header; money as JSON numbers with exact digits. Consumers keep the highest
+    ``version`` per key: a replay re-sends items with versions already seen."""
+
+    def __init__(self, bootstrap: str, topic: str, client_config: Optional[Dict[str, str]] = None,
+                 outage_timeout: float = OUTAGE_TIMEOUT) -> None:
+        self._config = producer_config(bootstrap, client_config, outage_timeout)
+        self._watch = (bootstrap, outage_timeout)
+        self._topic = topic
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _ReviewPartition:
+        return _ReviewPartition(self._config, self._topic, watch_for(*self._watch))
 
 
 class DeadLetterTopicSink(DynamicSink[Emission]):

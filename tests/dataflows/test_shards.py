@@ -202,7 +202,8 @@ def test_rows_leave_once_per_tick_while_alerts_and_dead_letters_leave_with_their
     # The first batch flushes at once (no tick yet) and schedules the next tick on the grid.
     first = merged(logic.on_batch(shard_values(med, [event(1, "c31"), event(2, "free")])))
     assert {k[2] for k in row_keys(first)} == {"c31", "free"}
-    assert logic.notify_at() is None  # nothing pending
+    # Nothing pending: the next tick only checks whether the flow's watermark closed a row (finality).
+    assert logic.notify_at() == datetime.fromtimestamp((T0 + 1000) / 1000, timezone.utc)
 
     clock.now = T0 + 400  # 16 calls for c31: crosses 75 % (15 of 20) now, its rows wait for the tick
     em = merged(logic.on_batch(shard_values(med, [event(i, "c31") for i in range(10, 26)])))
@@ -224,14 +225,15 @@ def test_rows_leave_once_per_tick_while_alerts_and_dead_letters_leave_with_their
     assert {k[2] for k in keys} == {"c31", "free", "cq"}
     calls = {r.customer_id: r for r in tick.periods if r.metric == "calls"}
     assert calls["c31"].value == 17.0 and calls["c31"].version == 17 and calls["free"].value == 2.0
-    assert logic.notify_at() is None and merged(logic.on_notify()) == Emission()
+    assert merged(logic.on_notify()) == Emission()
 
     # A batch after a missed tick flushes the whole shard at once: its own rows and the others' pending ones.
     clock.now = T0 + 1500
     merged(logic.on_batch(shard_values(med, [event(40, "cw", tenant="beta")])))  # before the 2 s tick
     clock.now = T0 + 2300
     late = merged(logic.on_batch(shard_values(med, [event(41, "c31")])))
-    assert {k[2] for k in row_keys(late)} == {"cw", "c31"} and logic.notify_at() is None
+    assert {k[2] for k in row_keys(late)} == {"cw", "c31"}
+    assert logic.notify_at() == datetime.fromtimestamp((T0 + 3000) / 1000, timezone.utc)
 
 
 def test_every_tick_falls_on_the_flush_grid():

@@ -33,6 +33,15 @@ def main(config_path: str) -> None:
         f"if(length(payload) <= 65536, lower(hex(payload)), '') AS hex, tenant_id, metric, "
         f"toUnixTimestamp64Milli(received_at) AS ra FROM {db}.dead_letters")
     out["dead_letters"] = [list(r) for r in q.result_rows]
+    q = client.query(
+        f"SELECT tenant_id, customer_id, metric, toUnixTimestamp64Milli(period_start) AS ps, "
+        f"toUnixTimestamp64Milli(period_end) AS pe, plan, currency, price_model, usage, included, overage_units, "
+        f"toString(charge), toString(overage_amount), toString(minimum), toString(amount), custom_rate, final "
+        f"FROM {db}.usage_rated")
+    out["rated"] = [list(r) for r in q.result_rows]
+    q = client.query(f"SELECT tenant_id, customer_id, metric, toUnixTimestamp64Milli(period_start) AS ps, final "
+                     f"FROM {db}.usage_by_period")
+    out["period_final"] = [list(r) for r in q.result_rows]
     json.dump(out, sys.stdout)
 
 

@@ -137,6 +137,10 @@ def _assert_same_views(clean: dict, crashed: dict) -> None:
     assert kp == cp, "usage_by_period after crash+resume != clean run:\n" + ref.diff(cp, kp)
     cw, kw = ref.views_windows(clean["windows"]), ref.views_windows(crashed["windows"])
     assert kw == cw, "usage_by_window after crash+resume != clean run:\n" + ref.diff(cw, kw)
+    cr, kr = sorted(map(tuple, clean["rated"])), sorted(map(tuple, crashed["rated"]))
+    assert kr == cr, f"usage_rated differs: missing {sorted(set(cr) - set(kr))[:3]}, " \
+                     f"extra {sorted(set(kr) - set(cr))[:3]}"
+    assert sorted(map(tuple, crashed["period_final"])) == sorted(map(tuple, clean["period_final"]))
     cd, kd = _dl_rows(clean), _dl_rows(crashed)
     assert kd == cd, f"dead_letters differ: missing {list((cd - kd).items())[:3]}, extra {list((kd - cd).items())[:3]}"
 
@@ -158,6 +162,7 @@ def test_kafka_sigkill_mid_stream_then_resume_equals_clean_run(kafka, tmp_path, 
     for k in (clean_k, crash_k):
         kafka.create_topic(k["aggregated_topic"], partitions=PARTITIONS)
         kafka.create_topic(k["dead_letter_topic"], partitions=PARTITIONS)
+        kafka.create_topic(k["rated_topic"], partitions=PARTITIONS)
     clean_cfg = _config(tmp_path, "clean", clean_k)
     crash_cfg = _config(tmp_path, "crash", crash_k)
 
@@ -179,6 +184,20 @@ def test_kafka_sigkill_mid_stream_then_resume_equals_clean_run(kafka, tmp_path, 
     # and both equal what ClickHouse says
     assert cp == ref.views_periods(clean_views["periods"])
     assert cw == ref.views_windows(clean_views["windows"])
+    # the rated topic: a consumer keeping the highest version per (key, period) sees the clean run's rows
+    def rated_view(topic):
+        best = {}
+        for key, value, _headers in consume_all(kafka.bootstrap, topic):
+            r = json.loads(value)
+            assert key == f"{r['tenant_id']}|{r['customer_id']}|{r['metric']}".encode()
+            ident = (key, r["period_start"])
+            if ident not in best or r["version"] >= best[ident]["version"]:
+                best[ident] = r
+        return {k: {c: v for c, v in r.items() if c not in ("version", "deleted")} for k, r in best.items()
+                if not r["deleted"]}
+
+    assert rated_view(crash_k["rated_topic"]) == rated_view(clean_k["rated_topic"])
+    assert len(rated_view(clean_k["rated_topic"])) == len(clean_views["rated"])
 
     # dead-letter topic: at-least-once, keyed by dl_id; a consumer keeping one message per key sees the clean set
     def dl_view(topic):

@@ -49,7 +49,7 @@ def test_tables_and_views_have_the_derived_columns(chdb_path, ch_database):
     for view, columns, _table in schema.VIEWS:
         got = describe(client, db, view)
         assert [c for c, _ in got] == columns, view
-        assert set(columns) == set(records[view].__struct_fields__) - {"version"}, view
+        assert set(columns) == set(records[view].__struct_fields__) - {"version", "deleted"}, view
         types = dict(got)
         for col, typ in CONTRACT_VIEWS[view].items():
             assert col in types and (typ is None or types[col] == typ), (view, col, types.get(col))
@@ -138,3 +138,27 @@ def test_tables_of_an_earlier_build_gain_the_new_columns(chdb_path, ch_database)
     assert client.query(f"SELECT value, final FROM {db}.usage_by_period").result_rows == [(3.0, 0)]
     alert_cols = [c for c, _ in describe(client, db, "alert_rows")]
     assert {"threshold_amount", "amount", "baseline", "factor"} <= set(alert_cols)
+
+
+def test_rated_rows_keep_exact_money_and_a_tombstone_hides_a_row(chdb_path, ch_database):
+    from decimal import Decimal
+
+    from meterflow.schemas.records import RatedRow
+
+    cfg = ClickHouseConfig(dsn=f"chdb://{chdb_path}", database=ch_database + "_r")
+    T = 1_793_491_200_000
+
+    def row(metric, version, charge, deleted=False):
+        return RatedRow(tenant_id="acme", customer_id="c1", metric=metric, period_start=T, period_end=T + 1000,
+                        plan="pro", currency="EUR", price_model="per_unit", usage=340000.0, included=None,
+                        overage_units=0.0, charge=Decimal(charge), overage_amount=Decimal(0), minimum=Decimal(0),
+                        amount=Decimal(charge), custom_rate=False, final=False, version=version, deleted=deleted)
+
+    part = ClickHouseSink(cfg).build("clickhouse", 0, 1)
+    part.write_batch([Emission(rated=[row("calls", 3, "101.999999999"), row("tokens", 3, "0.000000001")])])
+    part.write_batch([Emission(rated=[row("calls", 4, "102.000000000"), row("tokens", 5, "0", deleted=True)])])
+    part.close()
+    client, db = connect(cfg)
+    rows = client.query(f"SELECT metric, charge, amount, currency FROM {db}.usage_rated").result_rows
+    assert rows == [("calls", Decimal("102"), Decimal("102"), "EUR")]
+    assert [c for c, _ in describe(client, db, "usage_rated")] == schema.USAGE_RATED_COLUMNS
