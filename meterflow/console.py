@@ -271,7 +271,7 @@ def console_routes(svc: Any) -> List[Route]:
         out = []
         for r in rows:
             rid = e(r.get("review_id"))
-            buttons = "" if r.get("status") == "auto_applied" else "".join(
+            buttons = "" if r.get("status") != "pending" else "".join(
                 f'<form class="inline" method="post" action="/reviews/{quote(str(r.get("review_id")))}/{a}">'
                 f'<input type="hidden" name="by" value="console"><button type="submit" name="action" '
                 f'value="{a}">{a}</button></form>' for a in ("approve", "reject"))
@@ -316,18 +316,17 @@ def console_routes(svc: Any) -> List[Route]:
 
 
 def record_decision(cfg: Config, review_id: str, action: str, by: str, note_text: str) -> Optional[str]:
-    """Record an approve/reject through the review queue's own module (``meterflow.review``, its ``decide``),
-    returning the new status; None when this build has no such module."""
+    """Record an approve/reject through the review queue's own code (``meter review approve|reject``:
+    ``meterflow.review_cmd.decide``), returning the new status; None when this build has no review queue.
+    Raises MeterError (the item does not exist, is auto-applied, or already has a decision on its amount)."""
     try:
-        mod = importlib.import_module("meterflow.review")
+        mod = importlib.import_module("meterflow.review_cmd")
     except ImportError:
         return None
     fn = getattr(mod, "decide", None)
     if fn is None:
         return None
-    status = "approved" if action == "approve" else "rejected"
-    fn(cfg, review_id, status, by=by, note=note_text)
-    return status
+    return str(fn(cfg, review_id, action, by, note_text).status)
 
 
 async def _form(request: Request) -> Dict[str, str]:

@@ -44,7 +44,7 @@ code = "pro"
 included = 10
 thresholds = [50, 100]
 enforcement = "hard"
-overage_rate = 0.5
+overage_rate = 50.0
 
 [[subscriptions]]
 tenant_id = "{tenant}"
@@ -60,7 +60,8 @@ dsn = "chdb://{chdb}"
 admin_token = "{ADMIN_TOKEN}"
 """
     if kafka_bootstrap:
-        text += f'\n[kafka]\nbootstrap_servers = "{kafka_bootstrap}"\nevents_topic = "console-{tenant}"\n'
+        text += (f'\n[kafka]\nbootstrap_servers = "{kafka_bootstrap}"\nevents_topic = "console-{tenant}"\n'
+                 f'review_decisions_topic = "console-decisions-{tenant}"\n')
     return text
 
 
@@ -186,9 +187,23 @@ def test_console_in_a_headless_browser(flow_run, kafka):
         text = page.locator("table.by-reason").inner_text()
         for reason in ("invalid_json", "invalid_event", "unknown_tenant"):
             assert reason in text
+        # The review queue: 2 units over at 50.0 = 100.0, the "approve" route; approve it end to end.
         page.click("text=Review queue")
-        assert "review queue is empty" in page.content()
+        page.wait_for_selector("table.reviews")
+        row = page.locator("table.reviews tbody tr")
+        assert row.count() == 1 and row.locator("span.status").inner_text() == "pending"
+        assert "approve" in row.inner_text() and "100" in row.inner_text()
+        review_id = row.locator("td").first.inner_text()
+        row.locator("button[value=approve]").click()
+        page.wait_for_selector("table.reviews")
+        row = page.locator("table.reviews tbody tr")
+        assert row.locator("span.status").inner_text() == "approved"
+        assert "console" in row.inner_text() and row.locator("button").count() == 0  # decided_by; no buttons
+        page.screenshot(path=str(ARTIFACTS / "console-reviews.png"), full_page=True)
         browser.close()
+        # A second decision on the same amount is refused with the review queue's own reason.
+        again = client.post(f"/v1/reviews/{review_id}/reject", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert again.status_code == 409 and "already approved" in again.json()["detail"]
         # The console's HTTP side: without the token a page redirects to the login, a decision is refused.
         assert client.get("/", follow_redirects=False).status_code == 303
         assert client.post("/reviews/r1/approve").status_code == 401
