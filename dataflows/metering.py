@@ -386,7 +386,9 @@ def sinks_from_config(config: Config, recoverable: bool = False) -> List[Tuple[s
     from meterflow.sinks.alerts import alert_sinks_from_config
 
     sinks.extend(alert_sinks_from_config(config))
-    return sinks
+    from meterflow.sinks.metrics import instrument
+
+    return instrument(sinks)  # unchanged unless meter run --metrics-port
 
 
 def source_from_config(config: Config, inputs: Sequence[str] = (), stop_at_end: bool = False) -> Source:

@@ -80,6 +80,16 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS",
                    help="seconds between progress lines on stderr (0 to disable; default 5)")
     r.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    r.add_argument("--metrics-port", type=int, metavar="N",
+                   help="serve the flow's Prometheus metrics on http://0.0.0.0:N/metrics while it runs")
+
+    sv = sub.add_parser("serve", help="the HTTP service: ingest, entitlement and usage APIs, metrics, console",
+                        description="Run the HTTP service (README: HTTP service): POST /v1/events to the events "
+                        "topic, GET /v1/entitlements/..., GET /v1/usage/..., /healthz, /metrics and the console "
+                        "at /. Needs [kafka]; [redis] for the gateway state; [server] for its settings.")
+    sv.add_argument("--config", required=True, metavar="FILE", help="TOML configuration (see README)")
+    sv.add_argument("--host", help="address to listen on (default [server] host, 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="port to listen on (default [server] port, 8080)")
 
     d = sub.add_parser("demo", help="run a realistic sample through the embedded pipeline and show the result",
                        description="Generate sample usage (several tenants, skewed customers, duplicates, late and "
@@ -262,6 +272,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from meterflow.reports import publish_entitlements_cmd
 
         return publish_entitlements_cmd(args)
+    if args.command == "serve":
+        from meterflow.schemas.config import load_config
+        from meterflow.service import serve
+
+        return serve(load_config(args.config), args.host, args.port)
     if args.command == "review":
         from meterflow.review_cmd import review_cmd
 
@@ -327,6 +342,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from meterflow.schemas.config import load_config
 
     cfg = load_config(args.config)
+    if args.metrics_port is not None:
+        from meterflow.sinks.metrics import start_metrics_server
+
+        start_metrics_server(args.metrics_port)
     result = run_flow(cfg, args.input, workers=args.workers, recovery_dir=args.recovery,
                       stop_at_end=args.stop_at_end,
                       progress_out=sys.stderr if args.progress_every > 0 else None,

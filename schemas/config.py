@@ -71,6 +71,16 @@ class TenantConfig(_Frozen, frozen=True):
     id: Code
     exclude_when: Dict[str, Scalar] = {}
     excluded_customers: List[str] = []
+    # HTTP service (README: HTTP service): keys that admit this tenant, as given or as "sha256:<64 hex>".
+    api_keys: List[str] = []
+
+    def __repr__(self) -> str:  # never print the keys
+        return (f"TenantConfig(id={self.id!r}, exclude_when={self.exclude_when!r}, "
+                f"excluded_customers={self.excluded_customers!r}, api_keys=<{len(self.api_keys)} redacted>)")
+
+    def __rich_repr__(self):
+        yield "id", self.id
+        yield "api_keys", f"<{len(self.api_keys)} redacted>"
 
 
 class MetricConfig(_Frozen, frozen=True):
@@ -198,6 +208,35 @@ class WebhookConfig(_Frozen, frozen=True):
     drain_timeout: str = "10s"
 
 
+class ServerConfig(_Frozen, frozen=True):
+    """``meter serve`` (README: HTTP service); ``--host`` / ``--port`` override ``host`` / ``port``."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    # Guards the console and review decisions (also admits every tenant's API); "" = console disabled.
+    admin_token: str = ""
+    max_body_bytes: Annotated[int, msgspec.Meta(gt=0)] = 4_194_304  # a larger request body is 413
+    max_batch: Annotated[int, msgspec.Meta(gt=0)] = 1000  # more events in one request is 413
+    # When Redis cannot answer: accept events and allow calls (true) or reject them (false).
+    fail_open: bool = True
+    # How long an ingest request waits for the broker's acknowledgement before it answers 503.
+    produce_timeout: str = "30s"
+
+    def __repr__(self) -> str:  # never print the admin token
+        return (f"ServerConfig(host={self.host!r}, port={self.port}, admin_token="
+                f"{'<redacted>' if self.admin_token else repr('')}, max_body_bytes={self.max_body_bytes}, "
+                f"max_batch={self.max_batch}, fail_open={self.fail_open}, produce_timeout={self.produce_timeout!r})")
+
+    def __rich_repr__(self):
+        yield "host", self.host
+        yield "port", self.port
+        yield "admin_token", "<redacted>" if self.admin_token else ""
+
+    @property
+    def produce_timeout_seconds(self) -> float:
+        return parse_duration_ms(self.produce_timeout) / 1000
+
+
 class AlertsConfig(_Frozen, frozen=True):
     """Where alerts go besides ClickHouse's ``alerts_log`` (and ``kafka.alerts_topic`` in Kafka mode)."""
 
@@ -273,6 +312,7 @@ class Config(_Frozen, frozen=True):
     redis: Optional[RedisConfig] = None
     alerts: AlertsConfig = AlertsConfig()
     reconcile: ReconcileConfig = ReconcileConfig()
+    server: ServerConfig = ServerConfig()
     review: Optional[ReviewConfig] = None  # absent: the default bands and routes, and no review notifications
     source_path: str = "<memory>"
 
@@ -291,7 +331,10 @@ class Config(_Frozen, frozen=True):
             hook = msgspec.structs.replace(alerts.webhook, url=mask_url(alerts.webhook.url),
                                            secret="***" if alerts.webhook.secret else "")
             alerts = msgspec.structs.replace(alerts, webhook=hook)
-        return msgspec.structs.replace(self, kafka=kafka, redis=redis, clickhouse=ch, alerts=alerts)
+        server = msgspec.structs.replace(self.server, admin_token="***" if self.server.admin_token else "")
+        tenants = [msgspec.structs.replace(t, api_keys=["***"] * len(t.api_keys)) for t in self.tenants]
+        return msgspec.structs.replace(self, kafka=kafka, redis=redis, clickhouse=ch, alerts=alerts, server=server,
+                                       tenants=tenants)
 
 
 _SECRET_KEY = re.compile(r"password|secret|token|key", re.I)
@@ -312,7 +355,7 @@ def mask_url(url: str) -> str:
 
 _ENV_SECTIONS: Dict[str, Type[msgspec.Struct]] = {
     "pipeline": PipelineConfig, "kafka": KafkaConfig, "clickhouse": ClickHouseConfig, "redis": RedisConfig,
-    "alerts": AlertsConfig}
+    "alerts": AlertsConfig, "server": ServerConfig}
 
 
 def _apply_env(raw: dict, environ: Dict[str, str]) -> List[str]:
@@ -431,6 +474,11 @@ def _cross_check(cfg: Config, source: str) -> None:
                     fail(f"alerts.webhook.{name}", "must be greater than zero")
             except ValueError as exc:
                 fail(f"alerts.webhook.{name}", str(exc))
+    try:
+        if parse_duration_ms(cfg.server.produce_timeout) <= 0:
+            fail("server.produce_timeout", "must be greater than zero")
+    except ValueError as exc:
+        fail("server.produce_timeout", str(exc))
     if cfg.kafka is not None:
         try:
             if parse_duration_ms(cfg.kafka.outage_timeout) <= 0:
@@ -453,6 +501,11 @@ def _cross_check(cfg: Config, source: str) -> None:
         if t.id in tenant_ids:
             fail(f"tenants[{i}].id", f"tenant {t.id!r} is listed twice")
         tenant_ids.add(t.id)
+        for j, api_key in enumerate(t.api_keys):
+            if api_key.startswith("sha256:") and not _SHA256_HEX.match(api_key[7:]):
+                fail(f"tenants[{i}].api_keys[{j}]", "a hashed key is 'sha256:' and 64 hex digits")
+            if len(api_key) < 16 and not api_key.startswith("sha256:"):
+                fail(f"tenants[{i}].api_keys[{j}]", "an API key needs at least 16 characters")
     metric_codes = set()
     for i, m in enumerate(cfg.metrics):
         if m.code in metric_codes:
@@ -520,6 +573,7 @@ def subscription_problem(cfg: Config, s: SubscriptionConfig) -> Optional[tuple]:
 
 
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
+_SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 _TIER_MODELS = ("tiered", "volume", "staircase")
 
 
