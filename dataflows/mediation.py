@@ -19,8 +19,8 @@ from bytewax.operators import KeyedStream
 
 from meterflow.operators.changelog import ChangelogMediator, Changes
 from meterflow.operators.entitlements import EntitlementUpdate
-from meterflow.operators.mediate import Bundle, Mediator, bundle_shards, shard_of
-from meterflow.schemas.records import DeadLetter, Emission
+from meterflow.operators.mediate import Bundle, Mediator, bundle_shards, raw_columns, shard_of
+from meterflow.schemas.records import DeadLetter, Emission, RawEvents
 
 V = TypeVar("V")
 
@@ -35,39 +35,43 @@ class MediateOut(Generic[V]):
     """What the meter step takes, keyed by shard (:func:`~meterflow.operators.mediate.shard_of`)."""
 
     dead_letters: Stream[Emission]
-    """One ``Emission(dead_letters=[...])`` per input batch that had any (only ``dead_letters`` set), in the
-    epoch of the batch: the sinks take it as they take the meter step's Emissions."""
+    """One ``Emission(dead_letters=[...], raw_events=...)`` per input batch that had dead letters or archived
+    events (only those two set), in the epoch of the batch: the sinks take it as they take the meter step's
+    Emissions."""
 
 
-# One batch's mediation on its way to the split: (per-shard items, dead letters).
-_Split = Tuple[List[Tuple[str, Any]], List[DeadLetter]]
+# One batch's mediation on its way to the split: (per-shard items, dead letters, raw archive columns).
+_Split = Tuple[List[Tuple[str, Any]], List[DeadLetter], Optional[RawEvents]]
 
 
 def _keyed(batch: List[_Split]) -> List[Tuple[str, Any]]:
     if len(batch) == 1:
         return batch[0][0]
-    return [item for keyed, _dead in batch for item in keyed]
+    return [item for keyed, _dead, _raw in batch for item in keyed]
 
 
 def _dead_letters(batch: List[_Split]) -> List[Emission]:
-    return [Emission(dead_letters=dead) for _keyed, dead in batch if dead]
+    return [Emission(dead_letters=dead, raw_events=raw) for _keyed, dead, raw in batch if dead or raw]
 
 
 @operator
-def mediate(step_id: str, up: Stream[Raw], mediator: Mediator, shards: int) -> MediateOut[Bundle]:
+def mediate(step_id: str, up: Stream[Raw], mediator: Mediator, shards: int,
+            archive_raw: bool = False) -> MediateOut[Bundle]:
     """Mediate usage events: ``events`` carries one ``(shard, {tenant|customer: [MeteredEvent, ...]})`` bundle
     per shard with events in an input batch (:func:`~meterflow.operators.mediate.bundle_shards`),
-    ``dead_letters`` the batch's dead letters.
+    ``dead_letters`` the batch's dead letters and, with ``archive_raw``, its accepted events as raw archive
+    columns (:func:`~meterflow.operators.mediate.raw_columns`).
 
     :arg step_id: Unique ID.
     :arg up: ``(src, raw)`` items, as every source emits them.
     :arg mediator: Called once per batch.
     :arg shards: ``pipeline.shards``.
+    :arg archive_raw: ``pipeline.archive_raw``.
     """
 
     def run(batch: List[Raw]) -> List[_Split]:
         groups, dead = mediator(batch)
-        return [(bundle_shards(groups, shards), dead)]
+        return [(bundle_shards(groups, shards), dead, raw_columns(groups) if archive_raw else None)]
 
     mediated = op.flat_map_batch("mediate", up, run)
     return MediateOut(op.flat_map_batch("events", mediated, _keyed),
@@ -89,7 +93,7 @@ def mediate_changelog(step_id: str, up: Stream[Raw], mediator: ChangelogMediator
 
     def run(batch: List[Raw]) -> List[_Split]:
         changes: Changes = mediator(batch)
-        return [([(shard_of(key, shards), update) for key, update in changes.updates], changes.dead_letters)]
+        return [([(shard_of(key, shards), update) for key, update in changes.updates], changes.dead_letters, None)]
 
     mediated = op.flat_map_batch("mediate", up, run)
     return MediateOut(op.flat_map_batch("events", mediated, _keyed),

@@ -347,7 +347,7 @@ def build_flow(config: Config, source: Source, sinks: Sequence[Tuple[str, Sink]]
     shards = config.pipeline.shards
     mediator = Mediator(config)
     flow = Dataflow(flow_id)
-    events = mediate("mediate", op.input("ingest", flow, source), mediator, shards)
+    events = mediate("mediate", op.input("ingest", flow, source), mediator, shards, config.pipeline.archive_raw)
     keyed, dead = events.events, events.dead_letters
     if entitlements is not None:
         changes = mediate_changelog("mediate_entitlements", op.input("entitlements_in", flow, entitlements),
@@ -393,7 +393,9 @@ def sinks_from_config(config: Config, recoverable: bool = False) -> List[Tuple[s
     from meterflow.sinks.alerts import alert_sinks_from_config
 
     sinks.extend(alert_sinks_from_config(config))
-    return sinks
+    from meterflow.sinks.metrics import instrument
+
+    return instrument(sinks)  # unchanged unless meter run --metrics-port
 
 
 def source_from_config(config: Config, inputs: Sequence[str] = (), stop_at_end: bool = False) -> Source:

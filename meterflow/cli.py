@@ -20,6 +20,7 @@ EPILOG = """examples:
   meter run --config meterflow.toml --input events.jsonl
   meter run --config meterflow.toml --recovery var/recovery      (Kafka mode when [kafka] is configured)
   meter usage --config meterflow.toml --customer cust_456 --by window
+  meter charges --config meterflow.toml --period-start 2026-11-01T00:00:00Z     (usage in money, per currency)
   meter alerts --config meterflow.toml --customer cust_456 --since 2026-11-01T00:00:00Z
   meter alerts --config meterflow.toml --type blocked --json       (JSON lines, every field)
   meter entitlements publish --config meterflow.toml --dry-run      (what would be published)
@@ -28,6 +29,21 @@ EPILOG = """examples:
   meter gateway sync --config meterflow.toml --recovery var/recovery    (rewrite every gateway hash in Redis)
   meter review list --config meterflow.toml --status pending
   meter review approve REVIEW_ID --config meterflow.toml --by alice --note "agreed with the customer"
+"""
+
+CHARGES_DESCRIPTION = (
+    "Print the usage_rated view of ClickHouse (embedded chDB or a server): one row per customer, metric and "
+    "billing period whose subscription gives the metric an entitlement or a price, rated under the customer's "
+    "current plan and custom contract. charge = the price card applied to the period's usage (or overage_rate "
+    "above included without a card); overage amount = charge(usage) - charge(min(usage, included)); amount = "
+    "max(minimum, charge), the figure to invoice; custom = a custom contract sets the metric's price, rate or "
+    "included; final = period_end + late_grace is before the flow's watermark, so no event can change the row "
+    "any more (open rows still grow). Amounts are exact decimals (Decimal(38, 9)), never rounded; totals are "
+    "per currency.")
+CHARGES_EPILOG = """examples:
+  meter charges --config meterflow.toml
+  meter charges --config meterflow.toml --customer cust_456 --period-start 2026-11-01T00:00:00Z
+  meter charges --config meterflow.toml --tenant acme --json     (JSON lines: 102.00, not 101.99999999999999)
 """
 
 PUBLISH_DESCRIPTION = (
@@ -64,6 +80,16 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS",
                    help="seconds between progress lines on stderr (0 to disable; default 5)")
     r.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    r.add_argument("--metrics-port", type=int, metavar="N",
+                   help="serve the flow's Prometheus metrics on http://0.0.0.0:N/metrics while it runs")
+
+    sv = sub.add_parser("serve", help="the HTTP service: ingest, entitlement and usage APIs, metrics, console",
+                        description="Run the HTTP service (README: HTTP service): POST /v1/events to the events "
+                        "topic, GET /v1/entitlements/..., GET /v1/usage/..., /healthz, /metrics and the console "
+                        "at /. Needs [kafka]; [redis] for the gateway state; [server] for its settings.")
+    sv.add_argument("--config", required=True, metavar="FILE", help="TOML configuration (see README)")
+    sv.add_argument("--host", help="address to listen on (default [server] host, 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="port to listen on (default [server] port, 8080)")
 
     d = sub.add_parser("demo", help="run a realistic sample through the embedded pipeline and show the result",
                        description="Generate sample usage (several tenants, skewed customers, duplicates, late and "
@@ -72,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--events", type=int, default=50_000, help="number of sample events (default 50000)")
     d.add_argument("--dir", default="var/demo", help="working directory for config, input and ClickHouse")
     d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--reconcile", action="store_true", help="then reconcile the sample against a generated invoice "
+                   "file with planted under-bills, over-bills, a credit and a timing difference (meter reconcile)")
 
     u = sub.add_parser("usage", help="exact usage from ClickHouse",
                        description="Print exact usage from the ClickHouse views (embedded chDB or a server).")
@@ -83,6 +111,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="billing-period totals (default) or rollup windows")
     u.add_argument("--limit", type=int, default=200, help="rows to print (default 200; --json prints all)")
     u.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+
+    c = sub.add_parser("charges", help="usage in money: the rated rows, from ClickHouse",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=textwrap.fill(CHARGES_DESCRIPTION, 100), epilog=CHARGES_EPILOG)
+    c.add_argument("--config", required=True, metavar="FILE", help="TOML configuration (its [clickhouse] is read)")
+    c.add_argument("--tenant", help="only this tenant")
+    c.add_argument("--customer", help="only this customer id")
+    c.add_argument("--period-start", metavar="ISO", help="only the billing periods that start at this RFC 3339 "
+                   "time, e.g. 2026-11-01T00:00:00Z")
+    c.add_argument("--metric", help="only this metric code")
+    c.add_argument("--limit", type=int, default=200,
+                   help="rows to print (default 200; the totals count every row; --json prints all)")
+    c.add_argument("--json", action="store_true", help="JSON lines, one per rated row with every column of "
+                   "usage_rated; amounts are JSON numbers with their exact decimal digits")
 
     from meterflow.schemas.alerts import ALERT_TYPES
 
@@ -102,6 +144,18 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true",
                    help="JSON lines with every field (the contract's alert record plus latency_ms)")
 
+    rc = sub.add_parser("reconcile", help="raw events vs metered usage vs invoice lines, per key",
+                        description="Three-way reconciliation (README: Reconciliation). Exit 0 when the run "
+                                    "completed; with --fail-on, 1 when a key falls in one of those classes.")
+    rc.add_argument("--config", required=True, help="the TOML configuration file")
+    rc.add_argument("--invoices", required=True, help="invoice lines: CSV with a header, or JSONL")
+    rc.add_argument("--tenant", help="only this tenant")
+    rc.add_argument("--period-start", help="only keys of this period start (RFC 3339)")
+    rc.add_argument("--entitlements", metavar="FILE", help="the entitlements changelog JSONL that meter run read "
+                    "(--entitlements): its records' published_at place subscription changes in periods")
+    rc.add_argument("--json", action="store_true", help="one JSON document: the run and its rows")
+    rc.add_argument("--out", help="also write the rows to this CSV file")
+    rc.add_argument("--fail-on", help="comma-separated classes that make the exit status 1")
     e = sub.add_parser("entitlements", help="manage subscriptions on the entitlements topic",
                        description="Manage the usage.entitlements changelog topic (compacted, keyed "
                        "tenant|customer) that a running Kafka-mode dataflow follows for subscription changes.")
@@ -192,19 +246,37 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from meterflow.demo import run_demo
 
-        return run_demo(args.events, args.dir, args.seed)
+        code = run_demo(args.events, args.dir, args.seed)
+        if code == 0 and args.reconcile:
+            from meterflow.demo_reconcile import reconcile_demo
+
+            code = reconcile_demo(args.dir)
+        return code
     if args.command == "usage":
         from meterflow.reports import print_usage
 
         return print_usage(args)
+    if args.command == "charges":
+        from meterflow.reports import print_charges
+
+        return print_charges(args)
     if args.command == "alerts":
         from meterflow.reports import print_alerts
 
         return print_alerts(args)
+    if args.command == "reconcile":
+        from meterflow.reconcile import reconcile_cmd
+
+        return reconcile_cmd(args)
     if args.command == "entitlements":
         from meterflow.reports import publish_entitlements_cmd
 
         return publish_entitlements_cmd(args)
+    if args.command == "serve":
+        from meterflow.schemas.config import load_config
+        from meterflow.service import serve
+
+        return serve(load_config(args.config), args.host, args.port)
     if args.command == "review":
         from meterflow.review_cmd import review_cmd
 
@@ -270,17 +342,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from meterflow.schemas.config import load_config
 
     cfg = load_config(args.config)
+    if args.metrics_port is not None:
+        from meterflow.sinks.metrics import start_metrics_server
+
+        start_metrics_server(args.metrics_port)
     result = run_flow(cfg, args.input, workers=args.workers, recovery_dir=args.recovery,
                       stop_at_end=args.stop_at_end,
                       progress_out=sys.stderr if args.progress_every > 0 else None,
                       progress_every=args.progress_every or 5.0, entitlements=args.entitlements)
     if args.json:
         from meterflow.base.stats import identity
+        from meterflow.operators.native import core_in_use
 
         balanced, text = identity(result.counters)
         print(json.dumps({"counters": result.counters, "seconds": round(result.seconds, 3),
                           "events_per_second": round(result.events_per_second, 1),
-                          "identity": text, "balanced": balanced}))
+                          "identity": text, "balanced": balanced, "core": core_in_use(cfg)}))
     else:
         print_run_summary(result)
     if result.interrupted:

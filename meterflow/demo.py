@@ -29,11 +29,15 @@ def run_demo(n_events: int, workdir: str, seed: int) -> int:
     now = now_ms()
     pstart, _ = period_bounds(now, "month", 0)
     tenants = tenant_ids(3)
-    subscribed = {t: customer_ids(20) for t in tenants}
+    # cust_00001 of each tenant has a custom contract (in _demo_plans); the rest of 0-19 take 'pro' as it is
+    subscribed = {t: [c for c in customer_ids(20) if c not in CUSTOM_CONTRACT] for t in tenants}
     cfg_path = wd / "meterflow.toml"
-    cfg_path.write_text(sample_config_toml(tenants, subscribed, ms_to_iso(pstart), included=400,
-                                           extra=_demo_plans(tenants, ms_to_iso(pstart)))
-                        + f'\n[clickhouse]\ndsn = "chdb://{(wd / "clickhouse").resolve()}"\n'
+    toml = sample_config_toml(tenants, subscribed, ms_to_iso(pstart), included=400, prices="every",
+                              extra=_demo_plans(tenants, ms_to_iso(pstart)))
+    # account managers hear when a customer's token bill passes these amounts (spend_crossed, per event)
+    tokens = "[plans.entitlements.tokens]\n"
+    toml = toml.replace(tokens, tokens + "spend_thresholds = [10.0, 25.0]\n", 1)
+    cfg_path.write_text(toml + f'\n[clickhouse]\ndsn = "chdb://{(wd / "clickhouse").resolve()}"\n'
                         + f'\n[alerts]\njsonl = "{(wd / "alerts.jsonl").resolve()}"\n')
     events_path = wd / "events.jsonl"
     with Progress(console=console, transient=True) as progress:
@@ -53,25 +57,38 @@ def run_demo(n_events: int, workdir: str, seed: int) -> int:
     rows = [r for r in query_usage(client, db, "period", metric="api_calls") if r["included"] is not None]
     rows.sort(key=lambda r: -r["value"] / r["included"])
     console.print(usage_table(rows, "period", 10, "top customers by share of included api_calls this period"))
+    _print_money(console, client, db)
     dl = client.query(f"SELECT reason, count() AS n FROM {db}.dead_letters GROUP BY reason ORDER BY n DESC")
     if dl.result_rows:
         console.print("dead letters by reason: " + ", ".join(f"{r}={n}" for r, n in dl.result_rows))
     _print_alerts(console, client, db)
     _print_review_queue(console, client, db, cfg_path)
     console.print(f"done in {time.monotonic() - t0:.1f}s. Explore: meter usage --config {cfg_path} --by window "
-                  f"--customer cust_00000   |   meter alerts --config {cfg_path} --type blocked")
+                  f"--customer cust_00000   |   meter charges --config {cfg_path} --customer cust_00001   |   "
+                  f"meter alerts --config {cfg_path} --type spend_crossed")
     console.print(f"alerts as JSON lines (what webhooks and the usage.alerts topic carry): {wd / 'alerts.jsonl'}")
     return 0
 
 
+CUSTOM_CONTRACT = ("cust_00001",)
+
+
 def _demo_plans(tenants: list, anchor: str) -> str:
-    """Besides the soft 'pro' plan: a hard-enforced 'team' plan and a prepaid wallet, so every kind of
-    alert shows up; customers 35+ have no subscription (metered, not evaluated)."""
-    out = ['[[plans]]\ncode = "team"\n[plans.entitlements.api_calls]\nincluded = 60\n'
-           'thresholds = [50, 75, 90, 100]\nenforcement = "hard"\n',
+    """Besides the soft 'pro' plan (a price card on every metric: ``meterflow.sample.PRICE_CARDS``): a hard-enforced
+    'team' plan billed in EUR by the package, a prepaid wallet (drawn at credit_rates; no price card on the same
+    metric), and a custom contract on 'pro' (its own api_calls price with a committed minimum), so every kind of
+    alert and price shows up; customers 35+ have no subscription (metered, not evaluated)."""
+    out = ['[[plans]]\ncode = "team"\ncurrency = "EUR"\n[plans.entitlements.api_calls]\nincluded = 60\n'
+           'thresholds = [50, 75, 90, 100]\nenforcement = "hard"\n'
+           'price = { model = "package", package_size = 50, package_amount = 2.5 }\n',
            '[[plans]]\ncode = "prepaid"\n[plans.entitlements.api_calls]\nincluded = 1000\n'
            'enforcement = "auto_overage"\noverage_rate = 0.003\n']
     for t in tenants:
+        for c in CUSTOM_CONTRACT:
+            out.append(f'[[subscriptions]]\ntenant_id = "{t}"\ncustomer_id = "{c}"\nplan = "pro"\n'
+                       f'anchor = "{anchor}"\naccount_name = "{t.title()} / {c} (custom contract)"\narr = 250000.0\n'
+                       '[subscriptions.overrides.api_calls]\nincluded = 1000\n'
+                       'price = { model = "per_unit", unit_amount = 0.0025, minimum = 5.0 }\n')
         for c in customer_ids(35)[20:30]:
             out.append(f'[[subscriptions]]\ntenant_id = "{t}"\ncustomer_id = "{c}"\nplan = "team"\n'
                        f'anchor = "{anchor}"\naccount_name = "{t.title()} / {c}"\narr = 24000.0\n')
@@ -81,6 +98,31 @@ def _demo_plans(tenants: list, anchor: str) -> str:
                        f'[subscriptions.wallet]\nbalance = 0.3\ncredit_rates = {{ api_calls = 0.01 }}\n'
                        f'on_exhausted = "block"\n')
     return "\n".join(out)
+
+
+def _print_money(console, client, db: str) -> None:
+    """The customers whose overage costs the most (rated rows, exact amounts) and the totals per currency."""
+    from rich.table import Table
+
+    from meterflow.reports import _money, _num, charges_tables
+    from meterflow.sinks.clickhouse_schema import query_rated
+
+    rows = query_rated(client, db)
+    if not rows:
+        return
+    top = sorted(rows, key=lambda r: (-r["overage_amount"], -r["amount"], r["tenant_id"], r["customer_id"]))
+    t = Table(title="top customers by overage amount this period (exact; meter charges lists every rated row)",
+              title_justify="left")
+    right = ("usage", "included", "overage units", "overage amount", "amount")
+    for c in ("tenant", "customer", "plan", "metric", "model", *right, "currency"):
+        t.add_column(c, justify="right" if c in right else "left")
+    for r in top[:10]:
+        t.add_row(r["tenant_id"], r["customer_id"], r["plan"] + (" (custom)" if r["custom_rate"] else ""),
+                  r["metric"], r["price_model"], _num(r["usage"]),
+                  "-" if r["included"] is None else _num(r["included"]), _num(r["overage_units"]),
+                  _money(r["overage_amount"]), _money(r["amount"]), r["currency"])
+    console.print(t)
+    console.print(charges_tables(rows, 0)[1])
 
 
 def _print_alerts(console, client, db: str) -> None:
@@ -102,7 +144,11 @@ def _print_alerts(console, client, db: str) -> None:
         console.print(f"ingest -> alert detected: p50 {lat[len(lat) // 2]} ms, p99 {lat[int(len(lat) * 0.99)]} ms, "
                       f"max {lat[-1]} ms over {len(lat)} alerts (sample events carry historical times, so this is "
                       "the pipeline's own latency)")
-    shown = [r for r in rows if r["type"] != "threshold_crossed"][-6:] + \
+    for r in [r for r in rows if r["type"] == "spend_crossed"][:3]:
+        console.print(f"spend_crossed: {r['tenant_id']}/{r['customer_id']} {r['metric']} passed "
+                      f"{r['threshold_amount']:,.2f} (charge now {r['amount']:,.4f}) on event {r['event_id']}",
+                      highlight=False)
+    shown = [r for r in rows if r["type"] not in ("threshold_crossed", "spend_crossed")][-6:] + \
         [r for r in rows if r["type"] == "threshold_crossed"][-6:]
     console.print(alerts_table(shown, "a few of the alerts (meter alerts lists them all)"))
 

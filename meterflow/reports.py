@@ -1,4 +1,4 @@
-"""Readable output: the run summary, exact usage and alerts from the ClickHouse views (queried by
+"""Readable output: the run summary, exact usage, charges and alerts from the ClickHouse views (queried by
 :mod:`meterflow.sinks.clickhouse_schema`), and the ``meter entitlements publish`` command."""
 
 from __future__ import annotations
@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from decimal import Context, Decimal
 from typing import Any, Dict, List, Optional, Tuple
 
+import msgspec
 from rich.console import Console
 from rich.table import Table
 
@@ -62,6 +64,7 @@ def usage_table(rows: List[Dict[str, Any]], by: str, limit: int, title: str = "u
         t.add_column("included", justify="right")
         t.add_column("used %", justify="right")
         t.add_column("overage", justify="right")
+        t.add_column("final")  # period_end + late_grace passed: no event can change the row any more
     for r in rows[:limit]:
         cells = [r["tenant_id"], r["customer_id"], r["metric"],
                  (r["period_start"] if by == "period" else r["window_start"])[:16].replace("T", " ")]
@@ -72,7 +75,8 @@ def usage_table(rows: List[Dict[str, Any]], by: str, limit: int, title: str = "u
             inc = r["included"]
             cells += ["-" if inc is None else _num(inc),
                       "-" if not inc else f"{100.0 * r['value'] / inc:.1f}",
-                      _num(r["overage_units"]) if inc is not None else "-"]
+                      _num(r["overage_units"]) if inc is not None else "-",
+                      "yes" if r.get("final") else "open"]
         t.add_row(*cells)
     if len(rows) > limit:
         t.caption = f"{len(rows) - limit} more rows: narrow with --tenant/--customer/--metric or raise --limit"
@@ -100,6 +104,109 @@ def print_usage(args: argparse.Namespace) -> int:
         console.print("no usage matches (has `meter run` written to this ClickHouse yet?)")
         return 0
     console.print(usage_table(rows, args.by, args.limit, f"usage by {args.by}"))
+    return 0
+
+
+# -- charges (``meter charges``) ----------------------------------------------------------------------
+
+_CENTS = Decimal("0.01")
+_WIDE = Context(prec=60)  # wider than Decimal(38, 9): quantize never rounds or raises
+
+
+def exact_money(d: Decimal) -> Decimal:
+    """An amount with at least two decimals and no trailing zeros beyond them, the value unchanged:
+    102.000000000 -> 102.00, 0.000300000 -> 0.0003 (what ``meter charges`` prints, in the table and as JSON).
+
+    >>> exact_money(Decimal("102.000000000")), exact_money(Decimal("0.000300000")), exact_money(Decimal("1E+2"))
+    (Decimal('102.00'), Decimal('0.0003'), Decimal('100.00'))
+    """
+    q = d.quantize(_CENTS, context=_WIDE)
+    return q if q == d else d.normalize(_WIDE)
+
+
+def _money(d: Decimal) -> str:
+    return format(exact_money(d), ",f")
+
+
+_CHARGES_ENCODER = msgspec.json.Encoder(decimal_format="number")
+
+
+def charges_json_line(row: Dict[str, Any]) -> bytes:
+    """One rated row as a JSON line: the ``usage_rated`` columns, money as JSON numbers with exact digits."""
+    return _CHARGES_ENCODER.encode({k: exact_money(v) if isinstance(v, Decimal) else v for k, v in row.items()})
+
+
+def charges_tables(rows: List[Dict[str, Any]], limit: int, title: str = "charges") -> Tuple[Table, Table]:
+    """The rated rows (the first ``limit``) and their totals per currency (over every row). The tenant column is
+    left out (and named in the title) when every row is of one tenant, so the sixteen columns fit 160 characters."""
+    tenants = {r["tenant_id"] for r in rows}
+    one_tenant = len(tenants) == 1
+    t = Table(title=f"{title}, tenant {next(iter(tenants))}" if one_tenant else title, title_justify="left")
+    right = ("usage", "included", "overage units", "charge", "overage amount", "minimum", "amount")
+    for c in (*(() if one_tenant else ("tenant",)), "customer", "period", "metric", "plan", "currency", "model",
+              *right, "custom", "final"):
+        t.add_column(c, justify="right" if c in right else "left", no_wrap=c in ("period", "currency"))
+    for r in rows[:limit]:
+        inc = r["included"]
+        t.add_row(*(() if one_tenant else (r["tenant_id"],)), r["customer_id"], r["period_start"][:10], r["metric"],
+                  r["plan"] or "-", r["currency"], r["price_model"], _num(r["usage"]),
+                  "-" if inc is None else _num(inc),
+                  _num(r["overage_units"]), _money(r["charge"]), _money(r["overage_amount"]), _money(r["minimum"]),
+                  _money(r["amount"]), "custom" if r["custom_rate"] else "-", "final" if r["final"] else "open")
+    if len(rows) > limit:
+        t.caption = (f"{len(rows) - limit} more rows (counted in the totals): narrow with --tenant/--customer/"
+                     "--period-start or raise --limit")
+    totals: Dict[str, Dict[str, Any]] = {}
+    for r in rows:
+        tot = totals.setdefault(r["currency"], {"rows": 0, "final": 0, "charge": Decimal(0),
+                                                "overage_amount": Decimal(0), "amount": Decimal(0)})
+        tot["rows"] += 1
+        tot["final"] += r["final"]
+        for k in ("charge", "overage_amount", "amount"):
+            tot[k] += r[k]
+    s = Table(title="totals per currency", title_justify="left",
+              caption="exact; rounding is the invoice's job", caption_justify="left")
+    for c in ("currency", "rows", "final rows", "charge", "overage amount", "amount"):
+        s.add_column(c, justify="left" if c == "currency" else "right")
+    for cur in sorted(totals):
+        tot = totals[cur]
+        s.add_row(cur, f"{tot['rows']:,}", f"{tot['final']:,}", _money(tot["charge"]), _money(tot["overage_amount"]),
+                  _money(tot["amount"]))
+    return t, s
+
+
+def print_charges(args: argparse.Namespace) -> int:
+    from meterflow.base.errors import MeterError
+    from meterflow.base.timeutil import parse_rfc3339_ms
+    from meterflow.schemas.config import load_config
+    from meterflow.sinks.clickhouse import connect
+    from meterflow.sinks.clickhouse_schema import query_rated
+
+    pstart = None
+    if args.period_start is not None:
+        try:
+            pstart = parse_rfc3339_ms(args.period_start)
+        except ValueError as exc:
+            raise MeterError(f"--period-start: {exc} (e.g. 2026-11-01T00:00:00Z)") from None
+    if args.limit <= 0:
+        raise MeterError(f"--limit must be a positive number of rows, got {args.limit}")
+    cfg = load_config(args.config)
+    client, db = connect(cfg.clickhouse)
+    rows = query_rated(client, db, args.tenant, args.customer, pstart, args.metric)
+    if args.json:
+        out = sys.stdout.buffer
+        for r in rows:
+            out.write(charges_json_line(r) + b"\n")
+        out.flush()
+        return 0
+    console = make_console()
+    if not rows:
+        console.print("no rated rows match (has `meter run` written to this ClickHouse yet? Only metrics whose "
+                      "subscription gives them an entitlement or a price are rated)")
+        return 0
+    table, totals = charges_tables(rows, args.limit, f"charges ({len(rows)} rated rows)")
+    console.print(table)
+    console.print(totals)
     return 0
 
 

@@ -8,7 +8,7 @@ events. The same seed gives the same bytes.
 from __future__ import annotations
 
 import random
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import orjson
 
@@ -27,10 +27,30 @@ def customer_ids(n: int) -> List[str]:
     return [f"cust_{c:05d}" for c in range(n)]
 
 
+# Price cards of the 'pro' plan for ``sample_config_toml(prices=...)``, one per metric and model (README: Rating).
+PRICE_CARDS = {
+    "api_calls": 'price = { model = "tiered", tiers = [{ up_to = 500, unit_amount = 0.004 }, '
+                 '{ up_to = 2000, unit_amount = 0.003 }, { unit_amount = 0.002 }] }',
+    "tokens": 'price = { model = "volume", tiers = [{ up_to = 200000, unit_amount = 0.00001 }, '
+              '{ up_to = 1000000, unit_amount = 0.000008 }, { unit_amount = 0.000006 }] }',
+    "active_users": 'price = { model = "package", package_size = 10, package_amount = 5.0 }',
+    "latency_p95": 'price = { model = "staircase", tiers = [{ up_to = 300, flat_amount = 0.0 }, '
+                   '{ up_to = 600, flat_amount = 20.0 }, { flat_amount = 50.0 }] }',
+    "seats": 'price = { model = "per_unit", unit_amount = 2.0, minimum = 50.0 }',
+}
+
+
 def sample_config_toml(tenants: List[str], subscribed: Dict[str, List[str]], anchor_iso: str,
-                       included: int = 2000, extra: str = "") -> str:
+                       included: int = 2000, extra: str = "", prices: Optional[str] = None,
+                       spend_thresholds: Sequence[float] = (100.0, 1000.0)) -> str:
     """A configuration for the generated workload: api_calls (count), tokens (sum, by region),
-    active_users (unique_count), latency p95, seats (latest); a 'pro' plan with thresholds."""
+    active_users (unique_count), latency p95, seats (latest); a 'pro' plan with thresholds.
+
+    ``prices="every"`` gives the plan a price card on every metric (``PRICE_CARDS``: tiered, volume, package,
+    staircase, per_unit with a minimum), ``"spend"`` also ``spend_thresholds`` on each; None (the default) is
+    the configuration of earlier builds, byte for byte (overage_rate on api_calls and tokens)."""
+    if prices not in (None, "every", "spend"):
+        raise ValueError(f"prices must be None, 'every' or 'spend', got {prices!r}")
     out = ['[pipeline]\nrollup_window = "1h"\nlate_grace = "6h"\ndedupe_window = "24h"\n']
     for t in tenants:
         out.append(f'[[tenants]]\nid = "{t}"\nexclude_when = {{ environment = "test" }}\n'
@@ -78,6 +98,20 @@ thresholds = [80, 100]
 enforcement = "soft"
 overage_rate = 0.00001
 ''' % (included, included * 400))
+    if prices is not None:
+        cards = []
+        for code, card in PRICE_CARDS.items():
+            head = "" if code in ("api_calls", "tokens") else f"[plans.entitlements.{code}]\n"
+            amounts = ", ".join(repr(float(a)) for a in spend_thresholds)
+            spend = f"spend_thresholds = [{amounts}]\n" if prices == "spend" else ""
+            cards.append((code, head + card + "\n" + spend))
+        # api_calls and tokens keep their included and thresholds: their cards go into their tables
+        text = out.pop()
+        for code, body in cards[:2]:
+            marker = f"[plans.entitlements.{code}]\n"
+            i = text.index(marker) + len(marker)
+            text = text[:i] + body + text[i:]
+        out.append(text + "".join(body for _, body in cards[2:]))
     for t, custs in subscribed.items():
         for c in custs:
             out.append(f'[[subscriptions]]\ntenant_id = "{t}"\ncustomer_id = "{c}"\nplan = "pro"\n'

@@ -101,11 +101,24 @@ class SpendInfo:
         self.monotone = price.monotone
 
 
-def prices_of(sub: SubscriptionRule) -> Dict[str, Price]:
+def prices_of(sub: SubscriptionRule, cache: Optional[Dict[int, Tuple[Any, Price]]] = None) -> Dict[str, Price]:
     """The price in effect of every metric the subscription rates: those with an entitlement (``included``) or
-    a price card (the contract's rated rows)."""
-    return {code: price_of(e) for code, e in sub.entitlements.items()
-            if e.included is not None or e.price is not None}
+    a price card (the contract's rated rows). ``cache`` (``Rules.price_cache``) compiles each entitlement object
+    once: customers on the same plan share it."""
+    out = {}
+    for code, e in sub.entitlements.items():
+        if e.included is None and e.price is None:
+            continue
+        hit = cache.get(id(e)) if cache is not None else None
+        if hit is not None and hit[0] is e:
+            out[code] = hit[1]
+            continue
+        out[code] = price = price_of(e)
+        if cache is not None:
+            if len(cache) > 100_000:  # changelog subscriptions make new objects: keep the cache bounded
+                cache.clear()
+            cache[id(e)] = (e, price)  # the entry keeps e alive, so its id is not reused
+    return out
 
 
 def spends_of(sub: SubscriptionRule, prices: Dict[str, Price]) -> Dict[str, SpendInfo]:
@@ -237,7 +250,7 @@ class Entitlements:
         self.rated: List[Tuple[str, float]] = sorted(self.credit.items())  # code order: spent sums the same way
         self.next_level: Dict[PeriodKey, float] = {}
         rated_before = set(self.prices)
-        self.prices = prices_of(rule)
+        self.prices = prices_of(rule, self.rules.price_cache)
         self.spends = spends_of(rule, self.prices)
         self.spend_next: Dict[PeriodKey, float] = {}
         if track:
@@ -331,14 +344,15 @@ class Entitlements:
                                       detail=f"overage accrues at {info.overage_rate} per unit"))
         self.level(pk, info)
 
-    def spend_level(self, pk: PeriodKey, sp: SpendInfo) -> float:
+    def spend_level(self, pk: PeriodKey, sp: SpendInfo, usage: float = 0.0) -> float:
         """The smallest usage at which :meth:`evaluate_spend` may fire something for ``pk`` (cached; a hair low:
-        the exact decimal test decides)."""
+        the exact decimal test decides). For a card that is not monotone, the smallest from ``usage`` on: valid
+        while usage does not fall (the fold recomputes it when it may have)."""
         fired = self.sfired.get(pk, ())
         lvl = _INF
         for a in sp.amounts:
             if a not in fired:
-                u = sp.price.units_for(a)
+                u = sp.price.units_for(a, usage)
                 if u is not None:
                     lvl = float(u)
                     lvl = lvl - abs(lvl) * _SLACK - 1e-9
@@ -363,7 +377,7 @@ class Entitlements:
                                     detail=f"the period charge reached {a} {self.rule.currency}")
                 alerts.append(msgspec.structs.replace(alert, threshold_pct=None, threshold_amount=a,
                                                       amount=float(charge)))
-        self.spend_level(pk, sp)
+        self.spend_level(pk, sp, usage)
 
     def reevaluate(self, me: Any, usage_of, alerts: List[Alert], _depth: int = 0) -> None:
         """Evaluate every metric's current period under the entitlement now in effect."""

@@ -342,7 +342,8 @@ class CustomerMeter:
                     if not per_event:  # p95/p99: checked once per batch, on its last event (_evaluate_deferred)
                         d = deferred.get(pk)
                         if d is None:
-                            deferred[pk] = [acc.value(), me]
+                            # (the value before the batch only feeds the wallet: a percentile costs a sort)
+                            deferred[pk] = [acc.value() if rate is not None else 0.0, me]
                         else:
                             d[1] = me
                         acc.add(v, ts, sign)
@@ -361,8 +362,11 @@ class CustomerMeter:
                     if sp is not None:  # spend thresholds: a unit level first, the exact decimal charge above it
                         usage = acc.value()
                         slvl = ent.spend_next.get(pk)
-                        if slvl is None:
-                            slvl = ent.spend_level(pk, sp)
+                        # (a card that can fall keeps a level from the current usage on: recomputed when
+                        # usage may have fallen)
+                        if slvl is None or not sp.monotone and (sign < 0 or not additive or
+                                                                (v is not None and v < 0)):
+                            slvl = ent.spend_level(pk, sp, usage)
                         if usage >= slvl:
                             ent.evaluate_spend(code, pk, usage, me, alerts)
                     if rate is not None:
@@ -441,8 +445,13 @@ class CustomerMeter:
                 usage = self.periods[pk].value()
                 if code in ent.infos:
                     ent.evaluate(code, pk, usage, me, usage_of, alerts)
-                if code in ent.spends:
-                    ent.evaluate_spend(code, pk, usage, me, alerts)
+                sp = ent.spends.get(code)
+                if sp is not None:
+                    slvl = ent.spend_next.get(pk)
+                    if slvl is None or not sp.monotone:  # a percentile can fall: from the current usage on
+                        slvl = ent.spend_level(pk, sp, usage)
+                    if usage >= slvl:
+                        ent.evaluate_spend(code, pk, usage, me, alerts)
                 if code in ent.credit:
                     ent.spend(code, usage - before, 1, me, pk, alerts)
             except Exception as exc:  # a bug: reported on the event that would have fired it (it is counted)

@@ -83,6 +83,7 @@ class Price:
     included: Decimal = ZERO  # overage only: usage up to this is free
     minimum: Decimal = ZERO
     _bounds: Tuple[Decimal, ...] = field(default=(), repr=False, compare=False)
+    _monotone: bool = field(default=True, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.model not in PRICE_MODELS:
@@ -95,6 +96,9 @@ class Price:
         bounds = tuple(Decimal("Infinity") if up is None or i == len(self.tiers) - 1 else up
                        for i, (up, _amt) in enumerate(self.tiers))
         object.__setattr__(self, "_bounds", bounds)
+        amounts = [amt for _up, amt in self.tiers]
+        object.__setattr__(self, "_monotone", self.model not in ("volume", "staircase") or
+                           all(a <= b for a, b in zip(amounts, amounts[1:])))
 
     # -- constructors from plain numbers (tests, doctests) ---------------------------------------------
 
@@ -166,20 +170,18 @@ class Price:
     def monotone(self) -> bool:
         """Whether ``charge`` never falls as usage grows: every model but a volume card whose unit amount falls
         at a bracket, or a staircase whose flat amount does."""
-        if self.model in ("volume", "staircase"):
-            amounts = [amt for _up, amt in self.tiers]
-            return all(a <= b for a, b in zip(amounts, amounts[1:]))
-        return True
+        return self._monotone
 
-    def units_for(self, amount: Number) -> Optional[Decimal]:
-        """The least usage whose charge reaches ``amount`` (None if none does): the unit level at which a spend
-        threshold can first fire. Where the least usage is an open bound (just above a bracket or package
-        boundary) the boundary itself is returned, so the level is never above the true one; callers confirm
-        with :meth:`charge`. For a non-monotone card this is the least usage of all, not the next one above a
-        given usage."""
+    def units_for(self, amount: Number, above: Optional[Number] = None) -> Optional[Decimal]:
+        """The least usage (at or above ``above``, for a card that is not monotone) whose charge reaches
+        ``amount``, None if none does: the unit level at which a spend threshold can first fire. Where the least
+        usage is an open bound (just above a bracket or package boundary) the boundary itself is returned, so
+        the level is never above the true one; callers confirm with :meth:`charge`. ``above`` is ignored for a
+        monotone card (its least usage is the answer above any usage below it)."""
         a = to_decimal(amount)
+        floor = ZERO if above is None or self.monotone else max(ZERO, to_decimal(above))
         if a <= 0:
-            return ZERO
+            return floor
         with localcontext(_CTX):
             m = self.model
             if m == "per_unit":
@@ -200,11 +202,11 @@ class Price:
                         total += (bound - lower) * amt
                 elif m == "volume":
                     if amt > 0:
-                        u = max(lower, a / amt)
+                        u = max(lower, a / amt, floor)
                         if u <= bound:
                             return u
-                elif amt >= a:  # staircase: any usage of this bracket
-                    return lower
+                elif amt >= a and floor <= bound:  # staircase: any usage of this bracket
+                    return max(lower, floor)
                 lower = bound
             return None
 

@@ -94,6 +94,8 @@ class Rules:
         # Build live gateway state (Emission.gateway / wallets) for a consumer; the dataflow turns it off
         # when no sink reads it (no [redis] section).
         self.gateway_states = True
+        # Compiled prices per entitlement object (operators.entitlements.prices_of): not state.
+        self.price_cache: Dict[int, Tuple[Any, Any]] = {}
         self.review = ReviewPolicy.of(cfg)  # the overage review queue's bands and routes
         self.metrics: Dict[str, MetricRule] = {}
         self.by_event_type: Dict[str, Tuple[MetricRule, ...]] = {}

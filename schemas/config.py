@@ -47,6 +47,8 @@ class PipelineConfig(_Frozen, frozen=True):
     # Keyed state is routed in this many shards (stable hash of tenant|customer), one Bytewax key each.
     # Part of the recovery state: a flow resumes only with the shard count its snapshots were taken with.
     shards: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 256
+    # Every accepted event (duplicates included) archived in ClickHouse raw_events, for `meter reconcile`.
+    archive_raw: bool = True
 
     @property
     def rollup_window_ms(self) -> int:
@@ -69,6 +71,16 @@ class TenantConfig(_Frozen, frozen=True):
     id: Code
     exclude_when: Dict[str, Scalar] = {}
     excluded_customers: List[str] = []
+    # HTTP service (README: HTTP service): keys that admit this tenant, as given or as "sha256:<64 hex>".
+    api_keys: List[str] = []
+
+    def __repr__(self) -> str:  # never print the keys
+        return (f"TenantConfig(id={self.id!r}, exclude_when={self.exclude_when!r}, "
+                f"excluded_customers={self.excluded_customers!r}, api_keys=<{len(self.api_keys)} redacted>)")
+
+    def __rich_repr__(self):
+        yield "id", self.id
+        yield "api_keys", f"<{len(self.api_keys)} redacted>"
 
 
 class MetricConfig(_Frozen, frozen=True):
@@ -196,12 +208,58 @@ class WebhookConfig(_Frozen, frozen=True):
     drain_timeout: str = "10s"
 
 
+class ServerConfig(_Frozen, frozen=True):
+    """``meter serve`` (README: HTTP service); ``--host`` / ``--port`` override ``host`` / ``port``."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    # Guards the console and review decisions (also admits every tenant's API); "" = console disabled.
+    admin_token: str = ""
+    max_body_bytes: Annotated[int, msgspec.Meta(gt=0)] = 4_194_304  # a larger request body is 413
+    max_batch: Annotated[int, msgspec.Meta(gt=0)] = 1000  # more events in one request is 413
+    # When Redis cannot answer: accept events and allow calls (true) or reject them (false).
+    fail_open: bool = True
+    # How long an ingest request waits for the broker's acknowledgement before it answers 503.
+    produce_timeout: str = "30s"
+
+    def __repr__(self) -> str:  # never print the admin token
+        return (f"ServerConfig(host={self.host!r}, port={self.port}, admin_token="
+                f"{'<redacted>' if self.admin_token else repr('')}, max_body_bytes={self.max_body_bytes}, "
+                f"max_batch={self.max_batch}, fail_open={self.fail_open}, produce_timeout={self.produce_timeout!r})")
+
+    def __rich_repr__(self):
+        yield "host", self.host
+        yield "port", self.port
+        yield "admin_token", "<redacted>" if self.admin_token else ""
+
+    @property
+    def produce_timeout_seconds(self) -> float:
+        return parse_duration_ms(self.produce_timeout) / 1000
+
+
 class AlertsConfig(_Frozen, frozen=True):
     """Where alerts go besides ClickHouse's ``alerts_log`` (and ``kafka.alerts_topic`` in Kafka mode)."""
 
     jsonl: Optional[str] = None
     stdout: bool = False
     webhook: Optional[WebhookConfig] = None
+
+
+RECONCILE_CLASSES = ("metering_gap", "match", "timing", "credit", "plan_change", "under_bill", "over_bill")
+DEFAULT_OWNERS = {"under_bill": "revops", "over_bill": "csm", "timing": "watchlist", "credit": "finance",
+                  "plan_change": "billing", "metering_gap": "engineering", "match": ""}
+
+
+class ReconcileConfig(_Frozen, frozen=True):
+    """``meter reconcile`` (README: Reconciliation): metered units per invoiced unit, the currency tolerance
+    of equal amounts, and who each class of finding goes to."""
+
+    units: Dict[str, Positive] = {}  # metric -> metered units in one invoiced unit (default 1)
+    tolerance: NonNegative = 0.01  # currency: amounts this close are equal
+    owners: Dict[str, str] = {}  # class -> owner, over DEFAULT_OWNERS
+
+    def owner(self, cls: str) -> str:
+        return self.owners.get(cls, DEFAULT_OWNERS.get(cls, ""))
 
 
 class ReviewConfig(_Frozen, frozen=True):
@@ -253,6 +311,8 @@ class Config(_Frozen, frozen=True):
     clickhouse: ClickHouseConfig = ClickHouseConfig()
     redis: Optional[RedisConfig] = None
     alerts: AlertsConfig = AlertsConfig()
+    reconcile: ReconcileConfig = ReconcileConfig()
+    server: ServerConfig = ServerConfig()
     review: Optional[ReviewConfig] = None  # absent: the default bands and routes, and no review notifications
     source_path: str = "<memory>"
 
@@ -271,7 +331,10 @@ class Config(_Frozen, frozen=True):
             hook = msgspec.structs.replace(alerts.webhook, url=mask_url(alerts.webhook.url),
                                            secret="***" if alerts.webhook.secret else "")
             alerts = msgspec.structs.replace(alerts, webhook=hook)
-        return msgspec.structs.replace(self, kafka=kafka, redis=redis, clickhouse=ch, alerts=alerts)
+        server = msgspec.structs.replace(self.server, admin_token="***" if self.server.admin_token else "")
+        tenants = [msgspec.structs.replace(t, api_keys=["***"] * len(t.api_keys)) for t in self.tenants]
+        return msgspec.structs.replace(self, kafka=kafka, redis=redis, clickhouse=ch, alerts=alerts, server=server,
+                                       tenants=tenants)
 
 
 _SECRET_KEY = re.compile(r"password|secret|token|key", re.I)
@@ -292,7 +355,7 @@ def mask_url(url: str) -> str:
 
 _ENV_SECTIONS: Dict[str, Type[msgspec.Struct]] = {
     "pipeline": PipelineConfig, "kafka": KafkaConfig, "clickhouse": ClickHouseConfig, "redis": RedisConfig,
-    "alerts": AlertsConfig}
+    "alerts": AlertsConfig, "server": ServerConfig}
 
 
 def _apply_env(raw: dict, environ: Dict[str, str]) -> List[str]:
@@ -323,6 +386,7 @@ def parse_config(raw: dict, source: str = "<memory>", environ: Optional[Dict[str
     _apply_env(raw, dict(os.environ) if environ is None else environ)
     raw["source_path"] = source
     _check_keyed_tables(raw, source)
+    _check_reconcile_units(raw, source)
     try:
         cfg = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:
@@ -353,6 +417,18 @@ def _check_keyed_tables(raw: dict, source: str) -> None:
                     else:
                         msg = f"key '{where}': {msg}"
                     raise ConfigError(f"invalid configuration in {source}: {msg}") from exc
+
+
+def _check_reconcile_units(raw: dict, source: str) -> None:
+    """``[reconcile] units`` one metric at a time, so an error names the metric (msgspec says ``[...]``)."""
+    rec = raw.get("reconcile")
+    units = rec.get("units") if isinstance(rec, dict) else None
+    if not isinstance(units, dict):
+        return
+    for code, value in units.items():
+        if type(value) is bool or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"invalid configuration in {source}: key 'reconcile.units.{code}': expected the "
+                              f"number of metered units in one invoiced unit (a number > 0), got {value!r}")
 
 
 def load_config(path: Union[str, Path], environ: Optional[Dict[str, str]] = None) -> Config:
@@ -398,6 +474,11 @@ def _cross_check(cfg: Config, source: str) -> None:
                     fail(f"alerts.webhook.{name}", "must be greater than zero")
             except ValueError as exc:
                 fail(f"alerts.webhook.{name}", str(exc))
+    try:
+        if parse_duration_ms(cfg.server.produce_timeout) <= 0:
+            fail("server.produce_timeout", "must be greater than zero")
+    except ValueError as exc:
+        fail("server.produce_timeout", str(exc))
     if cfg.kafka is not None:
         try:
             if parse_duration_ms(cfg.kafka.outage_timeout) <= 0:
@@ -420,6 +501,11 @@ def _cross_check(cfg: Config, source: str) -> None:
         if t.id in tenant_ids:
             fail(f"tenants[{i}].id", f"tenant {t.id!r} is listed twice")
         tenant_ids.add(t.id)
+        for j, api_key in enumerate(t.api_keys):
+            if api_key.startswith("sha256:") and not _SHA256_HEX.match(api_key[7:]):
+                fail(f"tenants[{i}].api_keys[{j}]", "a hashed key is 'sha256:' and 64 hex digits")
+            if len(api_key) < 16 and not api_key.startswith("sha256:"):
+                fail(f"tenants[{i}].api_keys[{j}]", "an API key needs at least 16 characters")
     metric_codes = set()
     for i, m in enumerate(cfg.metrics):
         if m.code in metric_codes:
@@ -427,6 +513,12 @@ def _cross_check(cfg: Config, source: str) -> None:
         metric_codes.add(m.code)
         if m.aggregation != "count" and not m.property:
             fail(f"metrics[{i}].property", f"aggregation {m.aggregation!r} needs the property to aggregate")
+    for code in cfg.reconcile.units:
+        if code not in metric_codes:
+            fail(f"reconcile.units.{code}", f"no metric with code {code!r} is defined in [[metrics]]")
+    for cls in cfg.reconcile.owners:
+        if cls not in RECONCILE_CLASSES:
+            fail(f"reconcile.owners.{cls}", f"unknown class {cls!r}: expected one of {', '.join(RECONCILE_CLASSES)}")
     plan_codes = {p.code for p in cfg.plans}
     for i, p in enumerate(cfg.plans):
         if not _CURRENCY.match(p.currency):
@@ -481,6 +573,7 @@ def subscription_problem(cfg: Config, s: SubscriptionConfig) -> Optional[tuple]:
 
 
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
+_SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 _TIER_MODELS = ("tiered", "volume", "staircase")
 
 

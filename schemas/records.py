@@ -115,6 +115,55 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     received_at: int
 
 
+class RawEvents(msgspec.Struct, frozen=True, kw_only=True):
+    """One batch of accepted events for the raw archive (``raw_events``, README: Reconciliation), as columns:
+    the i-th entry of every list is the i-th event. Built once per batch, never as one object per event.
+
+    ``timestamp`` and ``ingested_at`` are epoch ms; ``properties`` the event's properties as JSON text;
+    ``source`` its location (``file:line`` or ``topic/partition/offset``), ``position`` the line or offset
+    alone (arrival order within the source, for "first arrival wins" and "latest: ties to the later arrival").
+    """
+
+    tenant_id: List[str]
+    customer_id: List[str]
+    event_id: List[str]
+    event_type: List[str]
+    timestamp: List[int]
+    properties: List[str]
+    correction: List[bool]
+    ingested_at: List[int]
+    source: List[str]
+    position: List[int]
+
+
+class ReconciliationRow(msgspec.Struct, frozen=True, kw_only=True):
+    """One key of one ``meter reconcile`` run (README: Reconciliation), kept as audit evidence.
+
+    ``inputs`` is the run's fingerprints of its inputs (JSON: invoice file and config sha256, counts and
+    hashes of raw_events, usage_by_period and usage_rated); ``evidence`` the key's evidence (JSON). Units
+    are metered units; ``diff_units`` / ``diff_amount`` are invoiced minus metered (negative: under-billed).
+    """
+
+    run_id: str
+    ran_at: int
+    inputs: str
+    tenant_id: str
+    customer_id: str
+    metric: str
+    period_start: int
+    currency: str
+    raw_units: float
+    metered_units: float
+    metered_amount: Decimal
+    invoiced_units: float
+    invoiced_amount: Decimal
+    diff_units: float
+    diff_amount: Decimal
+    cls: str
+    owner: str
+    evidence: str
+
+
 Aggregate = Union[WindowAggregate, PeriodAggregate]
 
 
@@ -131,6 +180,7 @@ class Emission(msgspec.Struct, kw_only=True):
     gateway: List[GatewayState] = []
     wallets: List[WalletState] = []
     rated: List[RatedRow] = []
+    raw_events: Optional[RawEvents] = None  # the batch's accepted events for the raw archive (mediation only)
     reviews: List[ReviewItem] = []  # review items of the rated rows (README: Overage review queue)
     decisions: List[ReviewDecision] = []  # review decisions read from kafka.review_decisions_topic
 

@@ -1,4 +1,4 @@
-"""ClickHouse: rollups, billing-period totals, dead letters and alerts, with exact views on top.
+"""ClickHouse: rollups, billing-period totals, dead letters, alerts and the raw archive, with exact views on top.
 
 Delivery guarantee: at-least-once from Bytewax (a resumed flow re-emits the rows
 of the epoch it was in); exactly-once in effect, because every row is an upsert:
@@ -6,8 +6,9 @@ tables are ``ReplacingMergeTree(version)`` keyed by the row's identity, a row's
 ``version`` is the number of events folded into it (it only grows), and the
 contract's views read ``FINAL``, so readers see each row's latest value with no
 FINAL or GROUP BY of their own. Dead letters are keyed by a deterministic id.
-Alerts are keyed by their deterministic ``alert_id``; when a replay re-detects an
-alert the FIRST detection is kept (``rank`` = 2^62 - detected_at ms grows for
+Raw archive rows are keyed by (tenant, customer, event id, source location), so a
+replay rewrites the rows it had written. Alerts are keyed by their deterministic
+``alert_id``; when a replay re-detects an alert the FIRST detection is kept (``rank`` = 2^62 - detected_at ms grows for
 earlier detections), so ``alerts_log`` agrees with the JSONL file and webhooks.
 
 The same code talks to a ClickHouse server (``http://host:8123/db``) and to
@@ -36,7 +37,14 @@ from meterflow.base.timeutil import now_ms
 from meterflow.schemas.config import ClickHouseConfig, mask_url
 from meterflow.schemas.records import Emission
 from meterflow.sinks.clickhouse_reviews import REVIEW_TABLES, decision_columns, review_columns
-from meterflow.sinks.clickhouse_schema import TABLES, alert_columns, ddl, emission_columns, rated_columns
+from meterflow.sinks.clickhouse_schema import (
+    TABLES,
+    alert_columns,
+    ddl,
+    emission_columns,
+    rated_columns,
+    raw_event_columns,
+)
 
 DEFAULT_DATABASE = "meter"
 
@@ -174,9 +182,9 @@ class _ClickHousePartition(StatelessSinkPartition[Emission]):
         self._client, db = connect(cfg)
         try:
             # One reusable insert context per table: the column types are read once here, not per insert.
-            self._windows, self._periods, self._rated, self._dead, self._alerts = (
+            self._windows, self._periods, self._rated, self._dead, self._alerts, self._raw = (
                 self._client.create_insert_context(f"{db}.{table}", columns, column_oriented=True)
-                for table, columns in TABLES)
+                for table, columns in TABLES[:6])
             self._reviews = self._client.create_insert_context(f"{db}.{REVIEW_TABLES[0][0]}", REVIEW_TABLES[0][1],
                                                                column_oriented=True)
             self._decisions = self._client.create_insert_context(f"{db}.{REVIEW_TABLES[1][0]}",
@@ -212,6 +220,9 @@ class _ClickHousePartition(StatelessSinkPartition[Emission]):
         acols = alert_columns(items)
         if acols:
             self._insert(self._alerts, acols)
+        raw = raw_event_columns(items)
+        if raw:
+            self._insert(self._raw, raw)
 
 
 class ClickHouseSink(DynamicSink[Emission]):

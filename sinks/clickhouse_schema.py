@@ -1,5 +1,5 @@
 """The ClickHouse contract (README: Outputs), written once: tables, views, how records become columns, and the
-read-side queries of ``meter usage`` and ``meter alerts``.
+read-side queries of ``meter usage``, ``meter alerts`` and ``meter charges``.
 
 Every column list is derived from the record Struct it stores (:mod:`meterflow.schemas.records`,
 :class:`~meterflow.schemas.alerts.Alert`): an insert's columns are the record's fields in declaration order
@@ -16,6 +16,7 @@ of an ``alert_id`` is the one ``alerts_log`` keeps. :mod:`meterflow.sinks.clickh
 
 from __future__ import annotations
 
+from decimal import Decimal
 from itertools import chain
 from operator import attrgetter
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -25,13 +26,22 @@ from msgspec.structs import astuple
 from meterflow.base.errors import MeterError
 from meterflow.base.timeutil import ms_to_iso, parse_rfc3339_ms
 from meterflow.schemas.alerts import ALERT_FIELDS, ALERT_TIME_FIELDS, Alert
-from meterflow.schemas.records import DeadLetter, Emission, PeriodAggregate, RatedRow, WindowAggregate
+from meterflow.schemas.records import (
+    DeadLetter,
+    Emission,
+    PeriodAggregate,
+    RatedRow,
+    RawEvents,
+    ReconciliationRow,
+    WindowAggregate,
+)
 from meterflow.sinks.clickhouse_reviews import review_ddl
 
 _WINDOW_FIELDS: Tuple[str, ...] = WindowAggregate.__struct_fields__
 _PERIOD_FIELDS: Tuple[str, ...] = PeriodAggregate.__struct_fields__
 _DEAD_FIELDS: Tuple[str, ...] = DeadLetter.__struct_fields__
 _RATED_FIELDS: Tuple[str, ...] = RatedRow.__struct_fields__
+_RAW_FIELDS: Tuple[str, ...] = RawEvents.__struct_fields__
 
 
 def _moved(fields: Sequence[str], name: str, before: str) -> List[str]:
@@ -47,6 +57,9 @@ PERIOD_COLUMNS = [*_PERIOD_FIELDS, "updated_at"]
 RATED_COLUMNS = [*_RATED_FIELDS, "updated_at"]
 DEAD_COLUMNS = list(_DEAD_FIELDS)
 ALERT_COLUMNS = [*ALERT_FIELDS, "rank"]
+RAW_COLUMNS = list(_RAW_FIELDS)
+# The record's ``cls`` is the column ``class`` (a Python keyword).
+RECONCILIATION_COLUMNS = ["class" if f == "cls" else f for f in ReconciliationRow.__struct_fields__]
 
 # View column orders (``SELECT *`` returns them in this order).
 USAGE_BY_WINDOW_COLUMNS = [f for f in _WINDOW_FIELDS if f != "version"]
@@ -55,6 +68,7 @@ USAGE_RATED_COLUMNS = [f for f in _RATED_FIELDS if f not in ("version", "deleted
 _DEAD_LEAD = ("received_at", "reason", "detail", "source", "payload")
 DEAD_LETTERS_COLUMNS = [*_DEAD_LEAD, *(f for f in _DEAD_FIELDS if f not in _DEAD_LEAD and f != "dl_id"), "dl_id"]
 ALERTS_LOG_COLUMNS = _moved(ALERT_FIELDS, "usage", before="included")
+RAW_EVENTS_COLUMNS = list(_RAW_FIELDS)
 
 _TABLES = [
     """CREATE TABLE IF NOT EXISTS {db}.usage_window_rows (
@@ -100,6 +114,24 @@ _TABLES = [
         factor Nullable(Float64), rank UInt64
     ) ENGINE = ReplacingMergeTree(rank)
     ORDER BY alert_id""",
+    # The raw archive: one row per accepted event read (duplicates included: each has its own source), keyed
+    # by the event and where it was read, so a replay of the same input rewrites its rows instead of adding.
+    """CREATE TABLE IF NOT EXISTS {db}.raw_event_rows (
+        tenant_id String, customer_id String, event_id String, event_type LowCardinality(String),
+        timestamp DateTime64(3, 'UTC'), properties String, correction UInt8,
+        ingested_at DateTime64(3, 'UTC'), source String, position Int64
+    ) ENGINE = ReplacingMergeTree
+    PARTITION BY toYYYYMM(timestamp)
+    ORDER BY (tenant_id, customer_id, event_id, source)""",
+    # Every `meter reconcile` run, one row per key: written once per run, never updated.
+    """CREATE TABLE IF NOT EXISTS {db}.reconciliation_rows (
+        run_id String, ran_at DateTime64(3, 'UTC'), inputs String, tenant_id String, customer_id String,
+        metric LowCardinality(String), period_start DateTime64(3, 'UTC'), currency LowCardinality(String),
+        raw_units Float64, metered_units Float64, metered_amount Decimal(38, 9), invoiced_units Float64,
+        invoiced_amount Decimal(38, 9), diff_units Float64, diff_amount Decimal(38, 9),
+        class LowCardinality(String), owner String, evidence String
+    ) ENGINE = ReplacingMergeTree
+    ORDER BY (run_id, tenant_id, customer_id, metric, period_start)""",
 ]
 
 # Columns added since the first release: tables created by an earlier build gain them on start.
@@ -112,13 +144,16 @@ _UPGRADES = [
 
 # (table, insert columns), in the order of _TABLES.
 TABLES = [("usage_window_rows", WINDOW_COLUMNS), ("usage_period_rows", PERIOD_COLUMNS),
-          ("usage_rated_rows", RATED_COLUMNS), ("dead_letter_rows", DEAD_COLUMNS), ("alert_rows", ALERT_COLUMNS)]
+          ("usage_rated_rows", RATED_COLUMNS), ("dead_letter_rows", DEAD_COLUMNS), ("alert_rows", ALERT_COLUMNS),
+          ("raw_event_rows", RAW_COLUMNS), ("reconciliation_rows", RECONCILIATION_COLUMNS)]
 # (view, its columns, the table it reads FINAL).
 VIEWS = [("usage_by_window", USAGE_BY_WINDOW_COLUMNS, "usage_window_rows"),
          ("usage_by_period", USAGE_BY_PERIOD_COLUMNS, "usage_period_rows"),
          ("usage_rated", USAGE_RATED_COLUMNS, "usage_rated_rows"),
          ("dead_letters", DEAD_LETTERS_COLUMNS, "dead_letter_rows"),
-         ("alerts_log", ALERTS_LOG_COLUMNS, "alert_rows")]
+         ("alerts_log", ALERTS_LOG_COLUMNS, "alert_rows"),
+         ("raw_events", RAW_EVENTS_COLUMNS, "raw_event_rows"),
+         ("reconciliation", RECONCILIATION_COLUMNS, "reconciliation_rows")]
 
 
 def ddl(db: str) -> List[str]:
@@ -178,6 +213,17 @@ def rated_columns(items: List[Emission], at_ms: int) -> Optional[list]:
     return _transposed(rs) + [[at_ms] * len(rs)]
 
 
+def raw_event_columns(items: List[Emission]) -> Optional[list]:
+    """The raw archive columns of a batch of emissions (``RAW_COLUMNS``), None without: each emission already
+    carries its batch as columns (:class:`~meterflow.schemas.records.RawEvents`), so this only concatenates."""
+    raws = [e.raw_events for e in items if e.raw_events is not None]
+    if not raws:
+        return None
+    if len(raws) == 1:
+        return list(astuple(raws[0]))
+    return [list(chain.from_iterable(col)) for col in zip(*map(astuple, raws))]
+
+
 def alert_time_ms(alert: Alert, field: str, optional: bool = False) -> Optional[int]:
     """Epoch ms of one of an alert's RFC 3339 time fields; an empty string is None when ``optional``
     (``event_time`` of an alert no event caused), else the epoch (wallet alerts have no period)."""
@@ -211,7 +257,7 @@ def alert_columns(items: List[Emission]) -> Optional[list]:
     return cols
 
 
-# -- read side: ``meter usage`` and ``meter alerts`` ------------------------------------------------------
+# -- read side: ``meter usage``, ``meter alerts`` and ``meter charges`` --------------------------------------
 
 def _where(filters: Sequence[Tuple[str, Optional[str]]]) -> Tuple[List[str], Dict[str, Any]]:
     conds, params = [], {}
@@ -240,6 +286,42 @@ def query_usage(client: Any, db: str, by: str = "period", tenant: Optional[str] 
         s, e = r.pop("ps"), r.pop("pe")
         r[start], r[end] = ms_to_iso(s), ms_to_iso(e)
         rows.append(r)
+    return rows
+
+
+_MONEY = ("charge", "overage_amount", "minimum", "amount")
+
+
+def query_rated(client: Any, db: str, tenant: Optional[str] = None, customer: Optional[str] = None,
+                period_start_ms: Optional[int] = None, metric: Optional[str] = None) -> List[Dict[str, Any]]:
+    """Rows of ``usage_rated`` (``meter charges``) ordered by tenant, customer, period, metric: the view's columns
+    in its order, times as RFC 3339 text, money as exact ``Decimal`` (read as the Decimal(38, 9) strings
+    ClickHouse holds, never through a float), ``custom_rate`` and ``final`` as booleans."""
+    conds, params = _where((("tenant_id", tenant), ("customer_id", customer), ("metric", metric)))
+    if period_start_ms is not None:
+        conds.append("period_start = fromUnixTimestamp64Milli({ps:Int64}, 'UTC')")
+        params["ps"] = period_start_ms
+    where = f"WHERE {' AND '.join(conds)}" if conds else ""
+    cols = [*(f"toString({c}) AS {c}" if c in _MONEY else c for c in USAGE_RATED_COLUMNS
+              if c not in ("period_start", "period_end")),
+            "toUnixTimestamp64Milli(period_start) AS ps", "toUnixTimestamp64Milli(period_end) AS pe"]
+    q = client.query(f"SELECT {', '.join(cols)} FROM {db}.usage_rated {where} "
+                     "ORDER BY tenant_id, customer_id, period_start, metric", parameters=params)
+    rows = []
+    for r in q.named_results():
+        row: Dict[str, Any] = {}
+        for c in USAGE_RATED_COLUMNS:
+            if c == "period_start":
+                row[c] = ms_to_iso(r["ps"])
+            elif c == "period_end":
+                row[c] = ms_to_iso(r["pe"])
+            elif c in _MONEY:
+                row[c] = Decimal(r[c])
+            elif c in ("custom_rate", "final"):
+                row[c] = bool(r[c])
+            else:
+                row[c] = r[c]
+        rows.append(row)
     return rows
 
 

@@ -176,7 +176,7 @@ class _GatewayStatePartition(StatelessSinkPartition[Emission]):
         if self._outage_since is None:
             self._outage_since = now
             self._backoff = self._retry_initial
-            self._stats.add({"redis_outages": 1})
+            self._stats.add({"redis_outages": 1, "redis_down": 1})
             log.warning("Redis %s unavailable (%s: %s): gateway state is kept in memory (latest per key, "
                         "%d keys now) and retried with backoff up to %g s; the flow continues",
                         self._url, type(exc).__name__, exc, len(self._pending), self._retry_max)
@@ -189,6 +189,7 @@ class _GatewayStatePartition(StatelessSinkPartition[Emission]):
             log.warning("Redis %s is back after %.1f s: gateway state caught up", self._url,
                         self._clock() - self._outage_since)
             self._outage_since = None
+            self._stats.add({"redis_down": -1})
             self._backoff = self._retry_initial
 
     def _report_pending(self) -> None:

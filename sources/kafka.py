@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
@@ -43,6 +44,7 @@ class _TopicPartition(StatefulSourcePartition[Tuple[Any, bytes], int]):
         self._probed = 0.0
         self._consumer = Consumer({**config, **watch.client_config()})
         self._consumer.assign([TopicPartition(topic, part, self._next)])
+        _LIVE.add(self)
         self._batch = batch_size
         self._timeout = poll_timeout
         self._end: Optional[int] = None
@@ -99,8 +101,33 @@ class _TopicPartition(StatefulSourcePartition[Tuple[Any, bytes], int]):
     def snapshot(self) -> int:
         return self._next
 
+    def lag(self) -> Optional[int]:
+        """Messages of the partition not read yet, from the end offset the last fetch reported (no broker
+        call); None before the first fetch."""
+        try:
+            low, high = self._consumer.get_watermark_offsets(TopicPartition(self._topic, self._part), cached=True)
+        except (KafkaException, RuntimeError):
+            return None
+        if high is None or high < 0:
+            return None
+        return max(0, high - (self._next if self._next >= 0 else max(low, 0)))
+
     def close(self) -> None:
+        _LIVE.discard(self)
         self._consumer.close()
+
+
+_LIVE: "weakref.WeakSet[_TopicPartition]" = weakref.WeakSet()  # partitions being read in this process
+
+
+def consumer_lags() -> List[Tuple[str, int, int]]:
+    """``(topic, partition, lag)`` of every partition this process reads (Prometheus, meter run --metrics-port)."""
+    out = []
+    for p in list(_LIVE):
+        lag = p.lag()
+        if lag is not None:
+            out.append((p._topic, p._part, lag))
+    return out
 
 
 class KafkaEventSource(FixedPartitionedSource[Tuple[Any, bytes], int]):

@@ -11,7 +11,15 @@ import pytest
 from meterflow.base.errors import MeterError
 from meterflow.schemas.alerts import ALERT_FIELDS, ALERT_TIME_FIELDS, Alert, alert_id
 from meterflow.schemas.config import ClickHouseConfig
-from meterflow.schemas.records import DeadLetter, Emission, PeriodAggregate, RatedRow, WindowAggregate
+from meterflow.schemas.records import (
+    DeadLetter,
+    Emission,
+    PeriodAggregate,
+    RatedRow,
+    RawEvents,
+    ReconciliationRow,
+    WindowAggregate,
+)
 from meterflow.sinks import clickhouse_schema as schema
 from meterflow.sinks.clickhouse import ClickHouseSink, connect
 
@@ -32,6 +40,14 @@ CONTRACT_VIEWS = {
                                  "threshold_pct", "usage", "included", "usage_pct", "enforcement", "action",
                                  "event_id", "event_time", "detected_at"]),
     "dead_letters": {"received_at": None, "reason": None, "detail": None, "source": None, "payload": "String"},
+    "raw_events": {"tenant_id": "String", "customer_id": "String", "event_id": "String", "event_type": None,
+                   "timestamp": "DateTime64(3, 'UTC')", "properties": "String", "correction": "UInt8",
+                   "ingested_at": "DateTime64(3, 'UTC')", "source": "String"},
+    "reconciliation": {"run_id": "String", "ran_at": None, "tenant_id": None, "customer_id": None, "metric": None,
+                       "period_start": None, "raw_units": "Float64", "metered_units": "Float64",
+                       "metered_amount": "Decimal(38, 9)", "invoiced_units": "Float64",
+                       "invoiced_amount": "Decimal(38, 9)", "diff_units": "Float64", "diff_amount": "Decimal(38, 9)",
+                       "class": None, "owner": None, "evidence": "String", "inputs": "String"},
 }
 
 
@@ -44,12 +60,14 @@ def test_tables_and_views_have_the_derived_columns(chdb_path, ch_database):
     for table, columns in schema.TABLES:
         assert sorted(c for c, _ in describe(client, db, table)) == sorted(columns), table
     records = {"usage_by_window": WindowAggregate, "usage_by_period": PeriodAggregate, "usage_rated": RatedRow,
-               "dead_letters": DeadLetter, "alerts_log": Alert}
+               "dead_letters": DeadLetter, "alerts_log": Alert, "raw_events": RawEvents,
+               "reconciliation": ReconciliationRow}
     assert [v for v, _, _ in schema.VIEWS] == list(records)
     for view, columns, _table in schema.VIEWS:
         got = describe(client, db, view)
         assert [c for c, _ in got] == columns, view
-        assert set(columns) == set(records[view].__struct_fields__) - {"version", "deleted"}, view
+        fields = {"class" if f == "cls" else f for f in records[view].__struct_fields__}
+        assert set(columns) == fields - {"version", "deleted"}, view
         types = dict(got)
         for col, typ in CONTRACT_VIEWS[view].items():
             assert col in types and (typ is None or types[col] == typ), (view, col, types.get(col))

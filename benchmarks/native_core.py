@@ -1,0 +1,239 @@
+"""The native core against the Python core (issue 16): decode -> validate -> dedupe -> aggregate, in process.
+
+(``benchmarks.core_throughput`` is the Python core's benchmark with the Rate stage's price variants; this one
+puts the native core beside it on the workload of ``python -m benchmarks``.)
+
+Generates a realistic stream (skewed customers, duplicates, late, corrections,
+bad events) in memory, then times the same operators the dataflow runs
+(`Mediator` per batch, one `CustomerMeter` per key) and prints events/s, the
+per-batch latency percentiles and peak memory. A baseline in the same process,
+a bare ``msgspec`` decode of every line, puts the figure in proportion on a
+noisy machine.
+
+With ``--workload bench`` (the default) the stream and rules are those of ``python -m benchmarks``
+(benchmarks/workload.py: count and sum metrics, a plan with thresholds) and the native core
+(operators/native.py, when ``meterflow_native`` is built) runs on the same batches, so one run prints
+msgspec decode alone, the Python core and the native core, with their ratios. The native core does
+mediation, dedupe and the count/sum folds, not the entitlement checks the Python core also runs (not
+native yet). ``--workload sample`` is the richer sample configuration (group_by, unique_count, p95,
+latest), Python core only.
+
+    python -m benchmarks.native_core --events 300000
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+from typing import Dict, List
+
+from meterflow.base.gc_tuning import tune_gc
+from meterflow.base.stats import FlowStats
+from meterflow.operators.mediate import Mediator
+from meterflow.operators.meter import CustomerMeter
+from meterflow.operators.rules import Rules
+from meterflow.sample import customer_ids, generate_events, sample_config_toml, tenant_ids
+from meterflow.schemas.config import parse_config
+from meterflow.schemas.events import EVENT_DECODER
+
+
+def build_bench(n: int, batch: int, customers: int):
+    """The workload of ``python -m benchmarks`` (benchmarks/workload.py) and its meterflow configuration."""
+    import tomllib
+
+    from benchmarks.peers.meterflow import config_toml
+    from benchmarks.workload import build_workload
+
+    wl = build_workload(n, customers, 3)
+    cfg = parse_config(tomllib.loads(config_toml(wl.rules, wl.subscribed)), "bench", environ={})
+    lines = [v for _, v in wl.items]
+    batches = [[(("bench", i + j), lines[i + j]) for j in range(min(batch, n - i))] for i in range(0, n, batch)]
+    return cfg, lines, batches
+
+
+def run_native(cfg, batches, now: int) -> Dict[str, float]:
+    """The native core over the batches (a fresh state): seconds, events, rows returned, accepted."""
+    from meterflow.operators.native import NativeBatchCore
+
+    core = NativeBatchCore(cfg, clock=lambda: now)
+    rows = 0
+    lat: List[float] = []
+    t0 = time.perf_counter()
+    for b in batches:
+        bt = time.perf_counter()
+        out = core.process(b)
+        rows += len(out.windows) + len(out.periods)
+        lat.append(time.perf_counter() - bt)
+    dt = time.perf_counter() - t0
+    lat.sort()
+    c = core.counters()
+    return {"seconds": dt, "events": sum(len(b) for b in batches), "rows": rows, "accepted": c["accepted"],
+            "python_path": c["python_path"], "p50_ms": lat[len(lat) // 2] * 1e3,
+            "p99_ms": lat[int(len(lat) * 0.99)] * 1e3}
+
+
+def build(n: int, batch: int, customers: int, span_ms: int = 2 * 3_600_000):
+    import tomllib
+
+    start = 1_793_491_200_000  # 2026-11-01T00:00:00Z
+    tenants = tenant_ids(3)
+    toml = sample_config_toml(tenants, {t: customer_ids(customers // 2) for t in tenants}, "2026-11-01T00:00:00Z")
+    cfg = parse_config(tomllib.loads(toml), "bench", environ={})
+    lines = list(generate_events(n, tenants=3, customers=customers, start_ms=start, span_ms=span_ms))
+    batches = [[(("bench", i + j), lines[i + j]) for j in range(min(batch, n - i))] for i in range(0, n, batch)]
+    return cfg, lines, batches
+
+
+class Core:
+    """The operators the dataflow runs for one worker, without Bytewax: mediation, then one
+    :class:`CustomerMeter` per key (changed rows kept pending, as between flush ticks)."""
+
+    def __init__(self, cfg) -> None:
+        self.rules = Rules(cfg)
+        self.rules.gateway_states = cfg.redis is not None  # as the dataflow sets it: no Redis sink, no gateway state
+        self.stats = FlowStats()
+        self.mediator = Mediator(cfg, self.stats)
+        self.meters: Dict[str, CustomerMeter] = {}
+
+    def feed(self, batch) -> None:
+        meters = self.meters
+        for key, events in self.mediator(batch).groups.items():
+            m = meters.get(key)
+            if m is None:
+                m = meters[key] = CustomerMeter(self.rules, key, stats=self.stats)
+            m.process([events], flush=False)
+
+
+def run_core(cfg, batches, flush_every: int = 50) -> Dict[str, float]:
+    core = Core(cfg)
+    stats, meters = core.stats, core.meters
+    lat: List[float] = []
+    rows = 0
+    t0 = time.perf_counter()
+    for b in batches:
+        bt = time.perf_counter()
+        core.feed(b)
+        if (len(lat) + 1) % flush_every == 0:  # the dataflow flushes changed rows once per flush_interval
+            for m in meters.values():
+                if m.has_dirty():
+                    em = m.flush()
+                    rows += len(em.windows) + len(em.periods)
+        lat.append(time.perf_counter() - bt)
+    for m in meters.values():  # the last tick: every changed row leaves (the native core returns them all)
+        if m.has_dirty():
+            em = m.flush()
+            rows += len(em.windows) + len(em.periods)
+    dt = time.perf_counter() - t0
+    lat.sort()
+    c = stats.snapshot()
+    return {"seconds": dt, "events": c["read"], "rows": rows, "accepted": c["accepted"],
+            "p50_ms": lat[len(lat) // 2] * 1e3, "p99_ms": lat[int(len(lat) * 0.99)] * 1e3}
+
+
+def run_decode_baseline(lines: List[bytes], passes: int = 2) -> float:
+    """Seconds for a bare msgspec decode of every line: the best of ``passes`` (the first pass over the
+    lines also pays for warming caches and the allocator)."""
+    decode = EVENT_DECODER.decode
+    best = float("inf")
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        for line in lines:
+            try:
+                decode(line)
+            except Exception:
+                pass
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run_python_floor(lines: List[bytes], cfg) -> float:
+    """The least per-event Python any design of this work can do: decode, one dict lookup and insert for
+    dedupe, one dict update per metric of the event (no timestamps, windows, periods, validation or
+    entitlements). Its rate bounds what a per-event Python loop can reach on this machine."""
+    rules = Rules(cfg)
+    decode = EVENT_DECODER.decode
+    by_type = {t: tuple(m.code for m in ms) for t, ms in rules.by_event_type.items()}
+    seen: Dict[str, int] = {}
+    totals: Dict[tuple, int] = {}
+    t0 = time.perf_counter()
+    for line in lines:
+        try:
+            ev = decode(line)
+        except Exception:
+            continue
+        eid = ev.event_id
+        if eid in seen:
+            continue
+        seen[eid] = 1
+        codes = by_type.get(ev.event_type)
+        if codes is None:
+            continue
+        cust = ev.customer_id
+        for code in codes:
+            k = (cust, code)
+            totals[k] = totals.get(k, 0) + 1
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=1_000_000)
+    ap.add_argument("--batch", type=int, default=4096, help="events per batch (a Kafka/JSONL read)")
+    ap.add_argument("--customers", type=int, default=2000)
+    ap.add_argument("--workload", choices=("bench", "sample"), default="bench",
+                    help="bench: benchmarks/workload.py (count+sum, also run natively); sample: the sample config")
+    args = ap.parse_args()
+    t = time.perf_counter()
+    make = build_bench if args.workload == "bench" else build
+    cfg, lines, batches = make(args.events, args.batch, args.customers)
+    print(f"generated {len(lines):,} events in {time.perf_counter() - t:.1f}s "
+          f"({args.customers} customers x 3 tenants, batch {args.batch}, workload {args.workload})")
+    tune_gc()
+    base = run_decode_baseline(lines)
+    floor = min(run_python_floor(lines, cfg) for _ in range(2))  # best of two, as the decode baseline
+    rss_before = _rss_mib()
+    r = run_core(cfg, batches)
+    rss_after = _rss_mib()
+    eps = r["events"] / r["seconds"]
+    print(f"baseline  msgspec decode only : {len(lines) / base:>12,.0f} events/s")
+    print(f"floor     decode+dedupe+1 dict update per metric (any per-event Python loop): "
+          f"{len(lines) / floor:>12,.0f} events/s")
+    print(f"core      decode->dedupe->agg : {eps:>12,.0f} events/s  ({eps / (len(lines) / base):.2f}x of decode-only, "
+          f"{eps / (len(lines) / floor):.2f}x of the floor)")
+    print(f"          per-batch latency    : p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms")
+    print(f"          accepted {r['accepted']:,}  rows emitted {r['rows']:,}")
+    if args.workload == "bench":
+        _print_native(cfg, batches, len(lines) / base, eps, r)
+    print(f"memory    RSS grew {rss_after - rss_before:,.0f} MiB while metering (state: dedupe ids, windows, "
+          f"periods); peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB incl. the "
+          "in-memory input")
+
+
+def _print_native(cfg, batches, decode_eps: float, python_eps: float, py: Dict[str, float]) -> None:
+    from meterflow.operators.native import AVAILABLE, unsupported
+
+    if not AVAILABLE:
+        print("native    not built (./dev setup builds meterflow_native when cargo is installed)")
+        return
+    why = unsupported(cfg)
+    if why:
+        print(f"native    cannot run this configuration: {why}")
+        return
+    now = 1_793_491_200_000 + 86_400_000  # a day after the stream starts: the clock-skew rule admits it all
+    best = min((run_native(cfg, batches, now) for _ in range(2)), key=lambda x: x["seconds"])  # as the baseline
+    eps = best["events"] / best["seconds"]
+    print(f"native    decode->dedupe->agg : {eps:>12,.0f} events/s  ({eps / decode_eps:.2f}x of decode-only, "
+          f"{eps / python_eps:.2f}x of the Python core; no entitlement checks yet)")
+    print(f"          per-batch latency    : p50 {best['p50_ms']:.2f} ms  p99 {best['p99_ms']:.2f} ms")
+    print(f"          accepted {best['accepted']:,} (Python core {py['accepted']:,}); {best['python_path']:,} "
+          f"events through the Python path; rows returned {best['rows']:,} (every batch's changed rows)")
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+if __name__ == "__main__":
+    main()

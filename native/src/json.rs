@@ -1,0 +1,470 @@
+//! A strict scanner for one usage event (schemas/events.py `UsageEvent`), written for exactness first:
+//! it accepts only lines that msgspec decodes to the same values, and answers `None` for anything it is
+//! not sure of (then the line takes the Python path, which produces the exact event or dead letter).
+//! Never a false accept; a false `None` only costs time.
+
+/// A property value as msgspec decodes it (`str | int | float | bool | None`); ints outside i64 are `None`
+/// from this scanner (the Python path handles them).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Val {
+    Str(String),
+    Int(i64),
+    /// An int outside i64 (only from the Python path): minimal little-endian two's complement, and whether
+    /// -1e300 < v < 1e300 (a metric's number).
+    Big(Vec<u8>, bool),
+    Float(f64),
+    Bool(bool),
+    Null,
+}
+
+pub enum Stamp<'a> {
+    Text(std::borrow::Cow<'a, str>),
+    Millis(i64),
+}
+
+pub struct Event<'a> {
+    pub event_id: std::borrow::Cow<'a, str>,
+    pub tenant_id: std::borrow::Cow<'a, str>,
+    pub customer_id: std::borrow::Cow<'a, str>,
+    pub event_type: std::borrow::Cow<'a, str>,
+    pub timestamp: Stamp<'a>,
+    pub props: Vec<(std::borrow::Cow<'a, str>, Val)>,
+    pub correction: bool,
+}
+
+struct P<'a> {
+    s: &'a str,
+    b: &'a [u8],
+    i: usize,
+}
+
+type R<T> = Option<T>;
+
+impl<'a> P<'a> {
+    #[inline]
+    fn ws(&mut self) {
+        while self.i < self.b.len() && matches!(self.b[self.i], b' ' | b'\t' | b'\n' | b'\r') {
+            self.i += 1;
+        }
+    }
+    #[inline]
+    fn peek(&self) -> R<u8> {
+        self.b.get(self.i).copied()
+    }
+    #[inline]
+    fn eat(&mut self, c: u8) -> R<()> {
+        if self.peek()? == c {
+            self.i += 1;
+            Some(())
+        } else {
+            None
+        }
+    }
+
+    /// A JSON string at `i` (which holds the opening quote), borrowed when it has no escapes.
+    fn string(&mut self) -> R<std::borrow::Cow<'a, str>> {
+        self.eat(b'"')?;
+        let start = self.i;
+        let b = self.b;
+        let mut i = start;
+        while i < b.len() {
+            let c = b[i];
+            if c == b'"' {
+                self.i = i + 1;
+                return Some(std::borrow::Cow::Borrowed(&self.s[start..i]));
+            }
+            if c == b'\\' {
+                break;
+            }
+            if c < 0x20 {
+                return None;
+            }
+            i += 1;
+        }
+        let mut out = String::with_capacity(i - start + 8);
+        out.push_str(&self.s[start..i]);
+        loop {
+            let c = *b.get(i)?;
+            if c == b'"' {
+                self.i = i + 1;
+                return Some(std::borrow::Cow::Owned(out));
+            }
+            if c < 0x20 {
+                return None;
+            }
+            if c == b'\\' {
+                let e = *b.get(i + 1)?;
+                i += 2;
+                match e {
+                    b'"' => out.push('"'),
+                    b'\\' => out.push('\\'),
+                    b'/' => out.push('/'),
+                    b'b' => out.push('\u{8}'),
+                    b'f' => out.push('\u{c}'),
+                    b'n' => out.push('\n'),
+                    b'r' => out.push('\r'),
+                    b't' => out.push('\t'),
+                    b'u' => {
+                        let hi = hex4(b.get(i..i + 4)?)?;
+                        i += 4;
+                        let cp = if (0xD800..0xDC00).contains(&hi) {
+                            // a surrogate pair; a lone surrogate is left to the Python path
+                            if b.get(i) != Some(&b'\\') || b.get(i + 1) != Some(&b'u') {
+                                return None;
+                            }
+                            let lo = hex4(b.get(i + 2..i + 6)?)?;
+                            if !(0xDC00..0xE000).contains(&lo) {
+                                return None;
+                            }
+                            i += 6;
+                            0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)
+                        } else if (0xDC00..0xE000).contains(&hi) {
+                            return None;
+                        } else {
+                            hi
+                        };
+                        out.push(char::from_u32(cp)?);
+                    }
+                    _ => return None,
+                }
+            } else {
+                // copy one UTF-8 sequence (the line is valid UTF-8)
+                let n = utf8_len(c);
+                out.push_str(&self.s[i..i + n]);
+                i += n;
+            }
+        }
+    }
+
+    /// A number literal: (is_integer, text). Strict JSON grammar.
+    fn number(&mut self) -> R<(bool, &'a str)> {
+        let b = self.b;
+        let start = self.i;
+        let mut i = start;
+        if b.get(i) == Some(&b'-') {
+            i += 1;
+        }
+        match b.get(i)? {
+            b'0' => i += 1,
+            b'1'..=b'9' => {
+                while i < b.len() && b[i].is_ascii_digit() {
+                    i += 1;
+                }
+            }
+            _ => return None,
+        }
+        let mut int = true;
+        if b.get(i) == Some(&b'.') {
+            int = false;
+            i += 1;
+            if !b.get(i)?.is_ascii_digit() {
+                return None;
+            }
+            while i < b.len() && b[i].is_ascii_digit() {
+                i += 1;
+            }
+        }
+        if matches!(b.get(i), Some(b'e') | Some(b'E')) {
+            int = false;
+            i += 1;
+            if matches!(b.get(i), Some(b'+') | Some(b'-')) {
+                i += 1;
+            }
+            if !b.get(i)?.is_ascii_digit() {
+                return None;
+            }
+            while i < b.len() && b[i].is_ascii_digit() {
+                i += 1;
+            }
+        }
+        self.i = i;
+        Some((int, &self.s[start..i]))
+    }
+
+    fn lit(&mut self, word: &[u8]) -> R<()> {
+        if self.b.get(self.i..self.i + word.len())? == word {
+            self.i += word.len();
+            Some(())
+        } else {
+            None
+        }
+    }
+
+    /// A scalar property value.
+    fn value(&mut self) -> R<Val> {
+        Some(match self.peek()? {
+            b'"' => Val::Str(self.string()?.into_owned()),
+            b't' => {
+                self.lit(b"true")?;
+                Val::Bool(true)
+            }
+            b'f' => {
+                self.lit(b"false")?;
+                Val::Bool(false)
+            }
+            b'n' => {
+                self.lit(b"null")?;
+                Val::Null
+            }
+            _ => {
+                let (int, text) = self.number()?;
+                if int {
+                    Val::Int(text.parse::<i64>().ok()?)
+                } else {
+                    let f = text.parse::<f64>().ok()?;
+                    if !f.is_finite() {
+                        return None;
+                    }
+                    Val::Float(f)
+                }
+            }
+        })
+    }
+
+    /// Skip any JSON value (an unknown field). Numbers with an exponent or many digits are left to Python.
+    fn skip(&mut self) -> R<()> {
+        match self.peek()? {
+            b'"' => {
+                self.string()?;
+            }
+            b'{' => {
+                self.i += 1;
+                self.ws();
+                if self.peek()? == b'}' {
+                    self.i += 1;
+                    return Some(());
+                }
+                loop {
+                    self.ws();
+                    self.string()?;
+                    self.ws();
+                    self.eat(b':')?;
+                    self.ws();
+                    self.skip()?;
+                    self.ws();
+                    match self.peek()? {
+                        b',' => self.i += 1,
+                        b'}' => {
+                            self.i += 1;
+                            return Some(());
+                        }
+                        _ => return None,
+                    }
+                }
+            }
+            b'[' => {
+                self.i += 1;
+                self.ws();
+                if self.peek()? == b']' {
+                    self.i += 1;
+                    return Some(());
+                }
+                loop {
+                    self.ws();
+                    self.skip()?;
+                    self.ws();
+                    match self.peek()? {
+                        b',' => self.i += 1,
+                        b']' => {
+                            self.i += 1;
+                            return Some(());
+                        }
+                        _ => return None,
+                    }
+                }
+            }
+            b't' => self.lit(b"true")?,
+            b'f' => self.lit(b"false")?,
+            b'n' => self.lit(b"null")?,
+            _ => {
+                let (_, text) = self.number()?;
+                if text.len() > 15 || text.contains(['e', 'E']) {
+                    return None;
+                }
+            }
+        }
+        Some(())
+    }
+}
+
+#[inline]
+fn utf8_len(c: u8) -> usize {
+    if c < 0x80 {
+        1
+    } else if c >= 0xF0 {
+        4
+    } else if c >= 0xE0 {
+        3
+    } else {
+        2
+    }
+}
+
+fn hex4(h: &[u8]) -> R<u32> {
+    let mut v = 0u32;
+    for &c in h {
+        v = v * 16 + (c as char).to_digit(16)?;
+    }
+    Some(v)
+}
+
+/// Decode one line as a `UsageEvent`, or `None` when the Python path must decide.
+pub fn parse_event(raw: &[u8]) -> R<Event<'_>> {
+    let s = std::str::from_utf8(raw).ok()?;
+    let mut p = P { s, b: raw, i: 0 };
+    let mut ev_id = None;
+    let mut tenant = None;
+    let mut customer = None;
+    let mut etype = None;
+    let mut stamp = None;
+    let mut props: Option<Vec<(std::borrow::Cow<str>, Val)>> = None;
+    let mut correction: Option<bool> = None;
+    let mut corrects_seen = false;
+    p.ws();
+    p.eat(b'{')?;
+    p.ws();
+    if p.peek()? == b'}' {
+        return None; // required fields missing
+    }
+    loop {
+        p.ws();
+        let key = p.string()?;
+        p.ws();
+        p.eat(b':')?;
+        p.ws();
+        match &*key {
+            "event_id" | "tenant_id" | "customer_id" | "event_type" => {
+                let slot = match &*key {
+                    "event_id" => &mut ev_id,
+                    "tenant_id" => &mut tenant,
+                    "customer_id" => &mut customer,
+                    _ => &mut etype,
+                };
+                if slot.is_some() || p.peek()? != b'"' {
+                    return None;
+                }
+                *slot = Some(p.string()?);
+            }
+            "timestamp" => {
+                if stamp.is_some() {
+                    return None;
+                }
+                if p.peek()? == b'"' {
+                    stamp = Some(Stamp::Text(p.string()?));
+                } else {
+                    let (int, text) = p.number()?;
+                    if !int {
+                        return None;
+                    }
+                    let v = text.parse::<i64>().ok()?;
+                    if v < 0 {
+                        return None;
+                    }
+                    stamp = Some(Stamp::Millis(v));
+                }
+            }
+            "properties" => {
+                if props.is_some() {
+                    return None;
+                }
+                p.eat(b'{')?;
+                let mut out: Vec<(std::borrow::Cow<str>, Val)> = Vec::with_capacity(8);
+                p.ws();
+                if p.peek()? == b'}' {
+                    p.i += 1;
+                } else {
+                    loop {
+                        p.ws();
+                        let k = p.string()?;
+                        p.ws();
+                        p.eat(b':')?;
+                        p.ws();
+                        let v = p.value()?;
+                        if out.iter().any(|(have, _)| *have == k) {
+                            return None; // a repeated key: msgspec keeps the last; not worth the fast path
+                        }
+                        out.push((k, v));
+                        p.ws();
+                        match p.peek()? {
+                            b',' => p.i += 1,
+                            b'}' => {
+                                p.i += 1;
+                                break;
+                            }
+                            _ => return None,
+                        }
+                    }
+                }
+                props = Some(out);
+            }
+            "correction" => {
+                if correction.is_some() {
+                    return None;
+                }
+                correction = Some(match p.peek()? {
+                    b't' => {
+                        p.lit(b"true")?;
+                        true
+                    }
+                    b'f' => {
+                        p.lit(b"false")?;
+                        false
+                    }
+                    _ => return None,
+                });
+            }
+            "corrects" => {
+                if corrects_seen {
+                    return None;
+                }
+                corrects_seen = true;
+                if p.peek()? == b'n' {
+                    p.lit(b"null")?;
+                } else {
+                    p.string()?;
+                }
+            }
+            _ => p.skip()?,
+        }
+        p.ws();
+        match p.peek()? {
+            b',' => p.i += 1,
+            b'}' => {
+                p.i += 1;
+                break;
+            }
+            _ => return None,
+        }
+    }
+    p.ws();
+    if p.i != raw.len() {
+        return None;
+    }
+    let event_id = ev_id?;
+    let n = event_id.chars().count();
+    if n == 0 || n > 256 {
+        return None;
+    }
+    let tenant_id = tenant?;
+    let customer_id = customer?;
+    let event_type = etype?;
+    if tenant_id.is_empty() || customer_id.is_empty() || event_type.is_empty() {
+        return None;
+    }
+    let timestamp = stamp?;
+    if let Stamp::Text(t) = &timestamp {
+        let n = t.chars().count();
+        if n == 0 || n > 64 {
+            return None;
+        }
+    }
+    Some(Event {
+        event_id,
+        tenant_id,
+        customer_id,
+        event_type,
+        timestamp,
+        props: props.unwrap_or_default(),
+        correction: correction.unwrap_or(false),
+    })
+}

@@ -1,0 +1,635 @@
+//! meterflow's native batch core (issue 16, first step): decode, validate, parse timestamps, check the
+//! tenant registry and exclusions, deduplicate (XXH3-64 fingerprints of event ids, per tenant|customer)
+//! and fold count/sum metrics into windows and billing periods, over a whole batch of raw JSONL lines.
+//!
+//! The Python wrapper (operators/native.py) drives it: `run` goes through the lines until one that it
+//! does not handle exactly (bad input, an unusual encoding, a form of timestamp it does not parse); the
+//! wrapper sends that line through the Python Mediator, which gives the exact dead letter, or the event,
+//! which it folds here with `fold`, so the state sees every event in order. Meter dead letters (too_late,
+//! missing_property) are decided here and worded by the wrapper with the Python texts.
+
+mod acc;
+mod json;
+mod time;
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+
+use acc::Acc;
+use json::{Event, Stamp, Val};
+use time::PeriodRule;
+
+const MAX_DEPTH: usize = 64;
+const LAST_EVENT_MS: i64 = 221_845_392_000_000; // operators/mediate.py LAST_EVENT_MS
+const MAX_NUMBER: f64 = 1e300;
+
+// ---- hashing: FxHash for keys, identity for fingerprints (already uniform) ---------------------------
+#[derive(Default)]
+struct Fx(u64);
+impl Hasher for Fx {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for c in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..c.len()].copy_from_slice(c);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    #[inline]
+    fn write_i64(&mut self, i: i64) {
+        self.write_u64(i as u64)
+    }
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.write_u64(i as u64)
+    }
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<Fx>>;
+
+#[derive(Default)]
+struct Ident(u64);
+impl Hasher for Ident {
+    fn write(&mut self, _: &[u8]) {
+        unreachable!()
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.0 = i;
+    }
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// XXH3-64 (seed 0) of the id's UTF-8 bytes, 0 mapped to 1: operators/dedupe.py `fingerprint`.
+#[inline]
+fn fingerprint(id: &str) -> u64 {
+    match xxhash_rust::xxh3::xxh3_64(id.as_bytes()) {
+        0 => 1,
+        f => f,
+    }
+}
+
+// ---- Python equality of JSON scalars (operators/mediate.py `matches`) -------------------------------
+fn norm(mut b: Vec<u8>) -> Vec<u8> {
+    while b.len() > 1 {
+        let (last, prev) = (b[b.len() - 1], b[b.len() - 2]);
+        if (last == 0 && prev & 0x80 == 0) || (last == 0xff && prev & 0x80 != 0) {
+            b.pop();
+        } else {
+            break;
+        }
+    }
+    b
+}
+
+fn int_bytes(v: i128) -> Vec<u8> {
+    norm(v.to_le_bytes().to_vec())
+}
+
+/// The exact integer of an integral float, as minimal little-endian two's complement.
+fn float_int_bytes(f: f64) -> Option<Vec<u8>> {
+    if !f.is_finite() || f.fract() != 0.0 {
+        return None;
+    }
+    if f.abs() < 1e38 {
+        return Some(int_bytes(f as i128));
+    }
+    let bits = f.to_bits();
+    let e = ((bits >> 52) & 0x7ff) as i64 - 1075;
+    let m = (bits & ((1u64 << 52) - 1)) | (1u64 << 52);
+    let nbytes = ((e + 53) / 8 + 2) as usize;
+    let mut mag = vec![0u8; nbytes];
+    for k in 0..53 {
+        if m >> k & 1 == 1 {
+            let pos = (k + e) as usize;
+            mag[pos / 8] |= 1 << (pos % 8);
+        }
+    }
+    if f < 0.0 {
+        let mut carry = 1u16;
+        for b in mag.iter_mut() {
+            let v = (!*b) as u16 + carry;
+            *b = v as u8;
+            carry = v >> 8;
+        }
+    }
+    Some(norm(mag))
+}
+
+fn py_eq(p: &Val, v: &Val) -> bool {
+    match (p, v) {
+        (Val::Bool(a), Val::Bool(b)) => a == b,
+        (Val::Bool(_), _) | (_, Val::Bool(_)) => false,
+        (Val::Str(a), Val::Str(b)) => a == b,
+        (Val::Null, Val::Null) => true,
+        (Val::Int(a), Val::Int(b)) => a == b,
+        (Val::Float(a), Val::Float(b)) => a == b,
+        (Val::Int(i), Val::Float(f)) | (Val::Float(f), Val::Int(i)) => {
+            f.fract() == 0.0 && f.abs() < 1e38 && (*f as i128) == *i as i128
+        }
+        (Val::Big(a, _), Val::Big(b, _)) => a == b,
+        (Val::Big(a, _), Val::Float(f)) | (Val::Float(f), Val::Big(a, _)) => float_int_bytes(*f).as_ref() == Some(a),
+        _ => false,
+    }
+}
+
+fn lookup<'v, K: AsRef<str>>(props: &'v [(K, Val)], key: &str) -> Option<&'v Val> {
+    props.iter().find(|(k, _)| k.as_ref() == key).map(|(_, v)| v)
+}
+
+fn matches<K: AsRef<str>>(props: &[(K, Val)], wanted: &[(String, Val)]) -> bool {
+    wanted.iter().all(|(k, v)| lookup(props, k).map_or(false, |p| py_eq(p, v)))
+}
+
+// ---- compiled rules and state ----------------------------------------------------------------------
+struct Metric {
+    code: Py<PyString>,
+    prop: Option<String>,
+    is_sum: bool,
+    wanted: Vec<(String, Val)>,
+}
+
+struct Tenant {
+    excluded: HashSet<String>,
+    when: Vec<(String, Val)>,
+}
+
+type WKey = (u32, i64);
+type PKey = (u32, i64, i64);
+
+struct Customer {
+    key: Py<PyString>,
+    rule: PeriodRule,
+    seen: HashMap<u64, u64, BuildHasherDefault<Ident>>,
+    wm: i64,
+    pstart: i64,
+    pend: i64,
+    windows: FxMap<WKey, Acc>,
+    periods: FxMap<PKey, Acc>,
+    excluded: FxMap<PKey, (u64, u64)>,
+}
+
+enum Note {
+    TooLate { index: usize, cust: usize, pstart: i64, pend: i64, wm: i64 },
+    Missing { index: usize, cust: usize, metric: u32 },
+}
+
+#[derive(Default)]
+struct Counters {
+    read: u64,
+    accepted: u64,
+    duplicates: u64,
+    excluded: u64,
+    unmetered: u64,
+    too_late: u64,
+    missing_property: u64,
+    python_path: u64,
+}
+
+#[pyclass(module = "meterflow_native", unsendable)]
+struct BatchCore {
+    max_bytes: usize,
+    max_skew_ms: i64,
+    window_ms: i64,
+    grace_ms: i64,
+    dedupe_ms: i64,
+    tenants: FxMap<String, Tenant>,
+    by_type: FxMap<String, Vec<u32>>,
+    metrics: Vec<Metric>,
+    subs: HashMap<String, PeriodRule>,
+    default_rule: PeriodRule,
+    customers: Vec<Customer>,
+    index: FxMap<String, usize>,
+    #[pyo3(get, set)]
+    watermark: i64,
+    round: u64,
+    changed_w: Vec<(usize, WKey)>,
+    changed_p: Vec<(usize, PKey)>,
+    changed_x: Vec<(usize, PKey)>,
+    notes: Vec<Note>,
+    c: Counters,
+    key_buf: String,
+}
+
+fn val_from_py(v: &Bound<'_, PyAny>) -> PyResult<Val> {
+    if v.is_none() {
+        Ok(Val::Null)
+    } else if let Ok(b) = v.cast::<PyBool>() {
+        Ok(Val::Bool(b.is_true()))
+    } else if v.is_instance_of::<PyInt>() {
+        match v.extract::<i64>() {
+            Ok(i) => Ok(Val::Int(i)),
+            Err(_) => Err(PyValueError::new_err("ints outside i64 come as ('big', bytes, in_range)")),
+        }
+    } else if let Ok(f) = v.cast::<PyFloat>() {
+        Ok(Val::Float(f.value()))
+    } else if let Ok(s) = v.cast::<PyString>() {
+        Ok(Val::Str(s.to_str()?.to_owned()))
+    } else if let Ok(t) = v.cast::<PyTuple>() {
+        // ("big", little-endian two's complement bytes, -1e300 < v < 1e300)
+        let b: Vec<u8> = t.get_item(1)?.extract()?;
+        let ok: bool = t.get_item(2)?.extract()?;
+        Ok(Val::Big(norm(b), ok))
+    } else {
+        Err(PyValueError::new_err(format!("unsupported property value {v:?}")))
+    }
+}
+
+fn pairs(obj: &Bound<'_, PyAny>) -> PyResult<Vec<(String, Val)>> {
+    let mut out = Vec::new();
+    for item in obj.try_iter()? {
+        let item = item?;
+        let k: String = item.get_item(0)?.extract()?;
+        out.push((k, val_from_py(&item.get_item(1)?)?));
+    }
+    Ok(out)
+}
+
+impl BatchCore {
+    fn customer(&mut self, py: Python<'_>, tenant: &str, customer: &str) -> usize {
+        self.key_buf.clear();
+        self.key_buf.push_str(tenant);
+        self.key_buf.push('|');
+        self.key_buf.push_str(customer);
+        if let Some(&i) = self.index.get(self.key_buf.as_str()) {
+            return i;
+        }
+        self.new_customer(py)
+    }
+
+    fn new_customer(&mut self, py: Python<'_>) -> usize {
+        let key = self.key_buf.clone();
+        let rule = *self.subs.get(&key).unwrap_or(&self.default_rule);
+        let i = self.customers.len();
+        self.customers.push(Customer {
+            key: PyString::new(py, &key).unbind(),
+            rule,
+            seen: HashMap::default(),
+            wm: 0,
+            pstart: 0,
+            pend: 0,
+            windows: FxMap::default(),
+            periods: FxMap::default(),
+            excluded: FxMap::default(),
+        });
+        self.index.insert(key, i);
+        i
+    }
+
+    /// operators/meter.py `CustomerMeter._fold` for one event, count/sum metrics.
+    #[allow(clippy::too_many_arguments)]
+    fn fold_one<K: AsRef<str>>(&mut self, index: usize, ci: usize, fp: u64, event_type: &str, ts: i64, me_wm: i64,
+                               excluded: bool, correction: bool, props: &[(K, Val)]) -> PyResult<()> {
+        let (window_ms, grace_ms, dedupe_ms, round) = (self.window_ms, self.grace_ms, self.dedupe_ms, self.round);
+        let cust = &mut self.customers[ci];
+        if !(cust.pstart <= ts && ts < cust.pend) {
+            let (s, e) = cust.rule.bounds(ts).ok_or_else(|| {
+                PyValueError::new_err(format!("timestamp {ts} is outside the range of billing periods"))
+            })?;
+            cust.pstart = s;
+            cust.pend = e;
+        }
+        let (pstart, pend) = (cust.pstart, cust.pend);
+        if me_wm > cust.wm {
+            cust.wm = me_wm;
+        }
+        let wm = cust.wm;
+        let expiry = (pend + grace_ms).max(wm + dedupe_ms);
+        match cust.seen.get_mut(&fp) {
+            Some(e) if *e as i64 >= wm => {
+                self.c.duplicates += 1;
+                return Ok(());
+            }
+            Some(e) => *e = expiry as u64,
+            None => {
+                cust.seen.insert(fp, expiry as u64);
+            }
+        }
+        self.c.accepted += 1;
+        let metrics = match self.by_type.get(event_type) {
+            None => {
+                self.c.unmetered += 1;
+                return Ok(());
+            }
+            Some(m) => m,
+        };
+        if pend + grace_ms < wm {
+            self.c.too_late += 1;
+            self.c.accepted -= 1;
+            self.notes.push(Note::TooLate { index, cust: ci, pstart, pend, wm });
+            return Ok(());
+        }
+        if excluded {
+            self.c.accepted -= 1;
+            self.c.excluded += 1;
+            for &mi in metrics {
+                let m = &self.metrics[mi as usize];
+                if !m.wanted.is_empty() && !matches(props, &m.wanted) {
+                    continue;
+                }
+                let pk = (mi, pstart, pend);
+                let x = cust.excluded.entry(pk).or_insert((0, 0));
+                x.0 += 1;
+                if x.1 != round {
+                    x.1 = round;
+                    self.changed_x.push((ci, pk));
+                }
+            }
+            return Ok(());
+        }
+        let sign: i64 = if correction { -1 } else { 1 };
+        let wstart = ts - ts.rem_euclid(window_ms);
+        for &mi in metrics {
+            let m = &self.metrics[mi as usize];
+            if !m.wanted.is_empty() && !matches(props, &m.wanted) {
+                continue;
+            }
+            let mut v: Option<&Val> = None;
+            if let Some(prop) = &m.prop {
+                let ok = match lookup(props, prop) {
+                    Some(x @ Val::Int(_)) => {
+                        v = Some(x);
+                        true
+                    }
+                    Some(x @ Val::Big(_, in_range)) => {
+                        v = Some(x);
+                        *in_range
+                    }
+                    Some(x @ Val::Float(f)) => {
+                        v = Some(x);
+                        -MAX_NUMBER < *f && *f < MAX_NUMBER
+                    }
+                    _ => false,
+                };
+                if !ok {
+                    self.c.missing_property += 1;
+                    self.notes.push(Note::Missing { index, cust: ci, metric: mi });
+                    continue;
+                }
+            }
+            let wk = (mi, wstart);
+            let pk = (mi, pstart, pend);
+            let is_sum = m.is_sum;
+            for acc in [
+                {
+                    let a = cust.windows.entry(wk).or_insert_with(Acc::new);
+                    if a.reported != round {
+                        a.reported = round;
+                        self.changed_w.push((ci, wk));
+                    }
+                    a as *mut Acc
+                },
+                {
+                    let a = cust.periods.entry(pk).or_insert_with(Acc::new);
+                    if a.reported != round {
+                        a.reported = round;
+                        self.changed_p.push((ci, pk));
+                    }
+                    a as *mut Acc
+                },
+            ] {
+                // SAFETY: the two pointers are into two different maps, each used once here.
+                let acc = unsafe { &mut *acc };
+                acc.events += 1;
+                if !is_sum {
+                    acc.total += sign as i128;
+                    continue;
+                }
+                match v {
+                    Some(Val::Int(i)) => match acc.total.checked_add(sign as i128 * *i as i128) {
+                        Some(t) => acc.total = t,
+                        None => acc.fixed().add_int_bytes(&int_bytes(*i as i128), sign),
+                    },
+                    Some(Val::Float(f)) => acc.fixed().add_f64(*f, sign),
+                    Some(Val::Big(b, _)) => acc.fixed().add_int_bytes(b, sign),
+                    _ => unreachable!(),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Mediation of one line (operators/mediate.py `Mediator.__call__`); None: the Python path decides.
+    fn mediate<'l>(&self, raw: &'l [u8], horizon: i64) -> Option<(Event<'l>, i64, bool)> {
+        if raw.is_empty() || raw.len() > self.max_bytes {
+            return None;
+        }
+        // nesting: deeper than MAX_DEPTH needs more than MAX_DEPTH brackets; leave those lines to Python
+        let brackets = raw.iter().filter(|&&c| c == b'{' || c == b'[').count();
+        if brackets > MAX_DEPTH {
+            return None;
+        }
+        let ev = json::parse_event(raw)?;
+        let ts = match &ev.timestamp {
+            Stamp::Millis(v) => *v,
+            Stamp::Text(t) => time::parse_rfc3339(t)?,
+        };
+        if ts > horizon || ts < 0 {
+            return None;
+        }
+        let tenant = self.tenants.get(&*ev.tenant_id)?;
+        let excluded = tenant.excluded.contains(&*ev.customer_id)
+            || (!tenant.when.is_empty() && matches(&ev.props, &tenant.when));
+        Some((ev, ts, excluded))
+    }
+}
+
+#[pymethods]
+impl BatchCore {
+    #[new]
+    fn new(py: Python<'_>, spec: &Bound<'_, PyDict>) -> PyResult<Self> {
+        let get = |k: &str| -> PyResult<Bound<'_, PyAny>> {
+            spec.get_item(k)?.ok_or_else(|| PyValueError::new_err(format!("spec: missing {k}")))
+        };
+        let mut tenants = FxMap::default();
+        for t in get("tenants")?.try_iter()? {
+            let t = t?;
+            let id: String = t.get_item(0)?.extract()?;
+            let excluded: Vec<String> = t.get_item(1)?.extract()?;
+            tenants.insert(id, Tenant { excluded: excluded.into_iter().collect(), when: pairs(&t.get_item(2)?)? });
+        }
+        let mut metrics = Vec::new();
+        let mut by_type: FxMap<String, Vec<u32>> = FxMap::default();
+        for m in get("metrics")?.try_iter()? {
+            let m = m?;
+            let code: String = m.get_item(0)?.extract()?;
+            let etype: String = m.get_item(1)?.extract()?;
+            let agg: String = m.get_item(2)?.extract()?;
+            let prop: Option<String> = m.get_item(3)?.extract()?;
+            if agg != "count" && agg != "sum" {
+                return Err(PyValueError::new_err(format!("metric {code}: aggregation {agg} is not native")));
+            }
+            by_type.entry(etype).or_default().push(metrics.len() as u32);
+            metrics.push(Metric {
+                code: PyString::new(py, &code).unbind(),
+                prop: if agg == "sum" { prop } else { None },
+                is_sum: agg == "sum",
+                wanted: pairs(&m.get_item(4)?)?,
+            });
+        }
+        let mut subs = HashMap::new();
+        for s in get("subscriptions")?.try_iter()? {
+            let s = s?;
+            let key: String = s.get_item(0)?.extract()?;
+            let kind: String = s.get_item(1)?.extract()?;
+            let anchor: i64 = s.get_item(2)?.extract()?;
+            let rule = PeriodRule::new(&kind, anchor)
+                .ok_or_else(|| PyValueError::new_err(format!("subscription {key}: period {kind}")))?;
+            subs.insert(key, rule);
+        }
+        Ok(BatchCore {
+            max_bytes: get("max_event_bytes")?.extract()?,
+            max_skew_ms: get("max_clock_skew_ms")?.extract()?,
+            window_ms: get("window_ms")?.extract()?,
+            grace_ms: get("grace_ms")?.extract()?,
+            dedupe_ms: get("dedupe_ms")?.extract()?,
+            tenants,
+            by_type,
+            metrics,
+            subs,
+            default_rule: PeriodRule::new("month", 0).unwrap(),
+            customers: Vec::new(),
+            index: FxMap::default(),
+            watermark: 0,
+            round: 1,
+            changed_w: Vec::new(),
+            changed_p: Vec::new(),
+            changed_x: Vec::new(),
+            notes: Vec::new(),
+            c: Counters::default(),
+            key_buf: String::new(),
+        })
+    }
+
+    /// Go through `lines[start:]`; return the index of the first line that needs the Python path (or
+    /// `len(lines)`). `now_ms` is the wall clock of the batch (the clock-skew rule).
+    fn run(&mut self, py: Python<'_>, lines: &Bound<'_, PyList>, start: usize, now_ms: i64) -> PyResult<usize> {
+        let horizon = (now_ms + self.max_skew_ms).min(LAST_EVENT_MS);
+        let n = lines.len();
+        let mut i = start;
+        while i < n {
+            let item = lines.get_item(i)?;
+            let Ok(b) = item.cast::<PyBytes>() else { return Ok(i) };
+            let raw = b.as_bytes();
+            let Some((ev, ts, excluded)) = self.mediate(raw, horizon) else { return Ok(i) };
+            if ts > self.watermark {
+                self.watermark = ts;
+            }
+            let wm = self.watermark;
+            let ci = self.customer(py, &ev.tenant_id, &ev.customer_id);
+            self.c.read += 1;
+            self.fold_one(i, ci, fingerprint(&ev.event_id), &ev.event_type, ts, wm, excluded, ev.correction,
+                          &ev.props)?;
+            i += 1;
+        }
+        Ok(i)
+    }
+
+    /// Fold one event the Python Mediator accepted (its `MeteredEvent` fields; `fp` from
+    /// operators.dedupe.fingerprint; `props` as (key, value) pairs, ints beyond i64 as ('big', bytes, ok)).
+    #[allow(clippy::too_many_arguments)]
+    fn fold(&mut self, py: Python<'_>, index: usize, tenant_id: &str, customer_id: &str, fp: u64, event_type: &str,
+            ts: i64, wm: i64, excluded: bool, correction: bool, props: &Bound<'_, PyAny>) -> PyResult<()> {
+        let props = pairs(props)?;
+        let ci = self.customer(py, tenant_id, customer_id);
+        if wm > self.watermark {
+            self.watermark = wm;
+        }
+        self.c.read += 1;
+        self.c.python_path += 1;
+        self.fold_one(index, ci, fp, event_type, ts, wm, excluded, correction, &props)
+    }
+
+    /// The rows changed since the last call, with their current values, and the meter dead letters to word:
+    /// (windows, periods, excluded, notes). windows: (key, metric, window_start, events, total, fscaled);
+    /// periods: (key, metric, period_start, period_end, events, total, fscaled); fscaled is None or the
+    /// little-endian two's-complement bytes of the float part; excluded: (key, metric, start, end, count);
+    /// notes: (line index, key, "too_late", period_start, period_end, watermark) or
+    /// (line index, key, "missing_property", metric, 0, 0).
+    #[allow(clippy::type_complexity)]
+    fn take_changes<'py>(&mut self, py: Python<'py>)
+                         -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>, Bound<'py, PyList>, Bound<'py, PyList>)> {
+        let fs = |a: &Acc| -> Option<Bound<'py, PyBytes>> { a.fixed.as_ref().map(|f| PyBytes::new(py, &f.to_le_bytes())) };
+        let w = PyList::empty(py);
+        for (ci, wk) in self.changed_w.drain(..) {
+            let c = &self.customers[ci];
+            let a = &c.windows[&wk];
+            let code = self.metrics[wk.0 as usize].code.bind(py);
+            w.append((c.key.bind(py), code, wk.1, a.events, a.total, fs(a)))?;
+        }
+        let p = PyList::empty(py);
+        for (ci, pk) in self.changed_p.drain(..) {
+            let c = &self.customers[ci];
+            let a = &c.periods[&pk];
+            let code = self.metrics[pk.0 as usize].code.bind(py);
+            p.append((c.key.bind(py), code, pk.1, pk.2, a.events, a.total, fs(a)))?;
+        }
+        let x = PyList::empty(py);
+        for (ci, pk) in self.changed_x.drain(..) {
+            let c = &self.customers[ci];
+            let n = c.excluded[&pk].0;
+            x.append((c.key.bind(py), self.metrics[pk.0 as usize].code.bind(py), pk.1, pk.2, n))?;
+        }
+        let notes = PyList::empty(py);
+        for note in self.notes.drain(..) {
+            match note {
+                Note::TooLate { index, cust, pstart, pend, wm } => {
+                    notes.append((index, self.customers[cust].key.bind(py), "too_late", pstart, pend, wm))?
+                }
+                Note::Missing { index, cust, metric } => notes.append((
+                    index,
+                    self.customers[cust].key.bind(py),
+                    "missing_property",
+                    self.metrics[metric as usize].code.bind(py),
+                    0,
+                    0,
+                ))?,
+            }
+        }
+        self.round += 1;
+        Ok((w, p, x, notes))
+    }
+
+    /// Events read, accepted (unmetered included), duplicates, excluded, unmetered, too_late,
+    /// missing_property (per metric), and how many accepted events came through the Python path.
+    fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        let c = &self.c;
+        for (k, v) in [("read", c.read), ("accepted", c.accepted), ("duplicates", c.duplicates),
+                       ("excluded", c.excluded), ("unmetered", c.unmetered), ("too_late", c.too_late),
+                       ("missing_property", c.missing_property), ("python_path", c.python_path)] {
+            d.set_item(k, v)?;
+        }
+        Ok(d)
+    }
+
+    /// Tracked event ids over all customers.
+    fn tracked_ids(&self) -> usize {
+        self.customers.iter().map(|c| c.seen.len()).sum()
+    }
+
+    fn customers(&self) -> usize {
+        self.customers.len()
+    }
+}
+
+#[pymodule]
+fn meterflow_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<BatchCore>()?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
