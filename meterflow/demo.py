@@ -38,7 +38,9 @@ def run_demo(n_events: int, workdir: str, seed: int) -> int:
     tokens = "[plans.entitlements.tokens]\n"
     toml = toml.replace(tokens, tokens + "spend_thresholds = [10.0, 25.0]\n", 1)
     cfg_path.write_text(toml + f'\n[clickhouse]\ndsn = "chdb://{(wd / "clickhouse").resolve()}"\n'
-                        + f'\n[alerts]\njsonl = "{(wd / "alerts.jsonl").resolve()}"\n')
+                        + f'\n[alerts]\njsonl = "{(wd / "alerts.jsonl").resolve()}"\n'
+                        # the sample's overages are tens of dollars: bands at demo scale put items on every route
+                        + '\n[review]\nbands = [5.0, 15.0, 40.0]\n')
     events_path = wd / "events.jsonl"
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("generating sample events", total=n_events)
