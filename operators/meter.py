@@ -28,6 +28,7 @@ from meterflow.base.periods import period_bounds
 from meterflow.base.stats import STATS, FlowStats
 from meterflow.base.timeutil import now_ms
 from meterflow.operators.aggregate import Acc, acc_from_state, new_acc
+from meterflow.operators.anomaly import Anomalies
 from meterflow.operators.dedupe import IdTable
 from meterflow.operators.entitlements import Entitlements, EntitlementUpdate
 from meterflow.operators.legacy_state import decode_legacy_snapshot
@@ -57,7 +58,7 @@ class CustomerMeter:
 
     __slots__ = ("rules", "key", "tenant_id", "customer_id", "seen", "wm", "windows", "periods",
                  "excluded", "next_evict", "next_dedupe_evict", "stats", "dirty_w", "dirty_p", "_period", "ent",
-                 "_rows")
+                 "_rows", "anom")
 
     def __init__(self, rules: Rules, key: str, snapshot: Optional[bytes] = None, stats: FlowStats = STATS) -> None:
         self.rules = rules
@@ -81,6 +82,7 @@ class CustomerMeter:
         # rows and the subscription stay the same objects: dropped on every flush, eviction and plan change.
         self._rows: Dict[str, list] = {}
         self.ent = Entitlements(rules, key)
+        self.anom = self._new_anomalies()
         if snapshot is not None:
             self._restore(snapshot)
 
@@ -105,7 +107,7 @@ class CustomerMeter:
                      for pk, acc in self.periods.items()],
             excluded=[S.ExcludedRow(metric=pk[0], start=pk[1], end=pk[2], count=n, dirty=pk in dirty_p)
                       for pk, n in self.excluded.items()],
-            entitlements=self.ent.to_state()))
+            entitlements=self.ent.to_state(), anomaly=self.anom.to_state() if self.anom is not None else []))
 
     def _restore(self, data: bytes) -> None:
         # A pickle (first byte 0x80) is a version 3 or 4 snapshot of a build before issue 10: converted.
@@ -133,11 +135,18 @@ class CustomerMeter:
                 self.dirty_p.add(pk)
         self.ent = Entitlements(self.rules, key)
         self.ent.restore_state(st.entitlements)
+        self.anom = self._new_anomalies()
+        if self.anom is not None:
+            self.anom.restore_state(st.anomaly)
         self._recompute_next_evict()
         self.next_dedupe_evict = self.seen.min_expiry()
 
+    def _new_anomalies(self) -> Optional[Anomalies]:
+        settings = self.rules.anomaly
+        return Anomalies(settings, self.tenant_id, self.customer_id) if settings is not None else None
+
     def is_empty(self) -> bool:
-        return not (self.seen or self.windows or self.periods or self.excluded)
+        return not (self.seen or self.windows or self.periods or self.excluded or self.anom)
 
     def has_dirty(self) -> bool:
         return bool(self.dirty_w or self.dirty_p)
@@ -242,6 +251,8 @@ class CustomerMeter:
         infos, credit, spends, evaluated = ent.infos, ent.credit, ent.spends, ent.evaluated
         unevaluated = 0 if evaluated else len(group)
         rowc = self._rows
+        anom = self.anom
+        acur = anom.cur if anom is not None else None  # anomaly metrics' current day cells
         wm = self.wm
         pstart, pend = self._period
         dup = excl = unmetered = ignored = failed = missing = 0
@@ -300,6 +311,14 @@ class CustomerMeter:
                     if sign < 0 and not additive:
                         ignored += 1
                         continue
+                    if acur is not None:  # anomaly: the event's UTC day, one add and one comparison
+                        cell = acur.get(code)
+                        if cell is not None:
+                            if cell[0] != ts // 86_400_000:
+                                cell = anom.cell(code, ts // 86_400_000)  # type: ignore[union-attr]
+                            cell[1] += sign if v is None else sign * v
+                            if cell[1] >= cell[2]:
+                                anom.check(code, cell, me, alerts, ent.rule)  # type: ignore[union-attr]
                     if not gb:
                         dims = _NO_DIMS
                     elif len(gb) == 1:
