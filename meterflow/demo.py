@@ -11,7 +11,12 @@ from rich.progress import Progress
 
 from meterflow.base.periods import period_bounds
 from meterflow.base.timeutil import ms_to_iso, now_ms
-from meterflow.sample import customer_ids, generate_events, sample_config_toml, tenant_ids
+from meterflow.sample import customer_ids, generate_events, generate_spike, sample_config_toml, tenant_ids
+
+# The demo's spiking customer: ten ordinary days before the sample's first day, then ten times its daily average.
+SPIKE_CUSTOMER = "cust_spike"
+ANOMALY_TOML = ('\n[anomaly]\nfactor = 3.0\nbaseline_days = 30\nmin_history_days = 7\n'
+                'metrics = ["api_calls", "tokens"]\n')
 
 
 def run_demo(n_events: int, workdir: str, seed: int) -> int:
@@ -30,15 +35,21 @@ def run_demo(n_events: int, workdir: str, seed: int) -> int:
     pstart, _ = period_bounds(now, "month", 0)
     tenants = tenant_ids(3)
     subscribed = {t: customer_ids(20) for t in tenants}
+    subscribed[tenants[0]] = subscribed[tenants[0]] + [SPIKE_CUSTOMER]
     cfg_path = wd / "meterflow.toml"
     cfg_path.write_text(sample_config_toml(tenants, subscribed, ms_to_iso(pstart), included=400,
                                            extra=_demo_plans(tenants, ms_to_iso(pstart)))
                         + f'\n[clickhouse]\ndsn = "chdb://{(wd / "clickhouse").resolve()}"\n'
-                        + f'\n[alerts]\njsonl = "{(wd / "alerts.jsonl").resolve()}"\n')
+                        + f'\n[alerts]\njsonl = "{(wd / "alerts.jsonl").resolve()}"\n' + ANOMALY_TOML)
     events_path = wd / "events.jsonl"
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("generating sample events", total=n_events)
         with events_path.open("wb") as f:
+            # The spiking customer's history (the days before the period) first, then its spike on the period's first
+            # day (within the sample's span: never ahead of the wall clock), then the sample.
+            for line in generate_spike(tenants[0], SPIKE_CUSTOMER, pstart, seed=seed,
+                                       spike_span_ms=min(2 * 3_600_000, max(1, now - pstart))):
+                f.write(line + b"\n")
             for i, line in enumerate(generate_events(n_events, tenants=3, customers=60, start_ms=pstart,
                                                      span_ms=max(1, now - pstart), seed=seed)):
                 f.write(line + b"\n")
@@ -58,7 +69,7 @@ def run_demo(n_events: int, workdir: str, seed: int) -> int:
         console.print("dead letters by reason: " + ", ".join(f"{r}={n}" for r, n in dl.result_rows))
     _print_alerts(console, client, db)
     console.print(f"done in {time.monotonic() - t0:.1f}s. Explore: meter usage --config {cfg_path} --by window "
-                  f"--customer cust_00000   |   meter alerts --config {cfg_path} --type blocked")
+                  f"--customer cust_00000   |   meter alerts --config {cfg_path} --type anomaly")
     console.print(f"alerts as JSON lines (what webhooks and the usage.alerts topic carry): {wd / 'alerts.jsonl'}")
     return 0
 
@@ -84,7 +95,7 @@ def _demo_plans(tenants: list, anchor: str) -> str:
 
 def _print_alerts(console, client, db: str) -> None:
     from meterflow.base.timeutil import parse_rfc3339_ms
-    from meterflow.reports import alerts_table
+    from meterflow.reports import alerts_table, anomaly_table
     from meterflow.sinks.clickhouse_schema import query_alerts
 
     rows = query_alerts(client, db)
@@ -101,6 +112,10 @@ def _print_alerts(console, client, db: str) -> None:
         console.print(f"ingest -> alert detected: p50 {lat[len(lat) // 2]} ms, p99 {lat[int(len(lat) * 0.99)]} ms, "
                       f"max {lat[-1]} ms over {len(lat)} alerts (sample events carry historical times, so this is "
                       "the pipeline's own latency)")
-    shown = [r for r in rows if r["type"] != "threshold_crossed"][-6:] + \
+    shown = [r for r in rows if r["type"] not in ("threshold_crossed", "anomaly")][-6:] + \
         [r for r in rows if r["type"] == "threshold_crossed"][-6:]
     console.print(alerts_table(shown, "a few of the alerts (meter alerts lists them all)"))
+    spikes = [r for r in rows if r["type"] == "anomaly"]
+    if spikes:
+        console.print(anomaly_table(spikes[-6:], "anomalies: a day's usage above 3x its trailing daily average "
+                                    "(meter alerts --type anomaly)"))
