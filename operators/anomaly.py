@@ -157,8 +157,11 @@ class Anomalies:
                     if h.fired:
                         h.fired = {d for d in h.fired if d >= h.start}
             elif day < h.start:
-                self.cur[code] = _idle_cell()
-                return [day, 0, _INF]
+                if day < latest - st.keep:  # older than any kept day: it only moved `first`
+                    self.cur[code] = _idle_cell()
+                    return [day, 0, _INF]
+                h.vals[:0] = [0] * (h.start - day)  # a late day before the first one kept: the range grows back
+                h.start = day
         cell = self.cur[code] = [day, h.vals[day - h.start], self._level(h, day)]
         return cell
 
