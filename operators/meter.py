@@ -253,6 +253,7 @@ class CustomerMeter:
         rowc = self._rows
         anom = self.anom
         acur = anom.cur if anom is not None else None  # anomaly metrics' current day cells
+        aday = 86_400_000 % window_ms != 0  # a window can span two days: check the day on row cache hits too
         wm = self.wm
         pstart, pend = self._period
         dup = excl = unmetered = ignored = failed = missing = 0
@@ -311,14 +312,6 @@ class CustomerMeter:
                     if sign < 0 and not additive:
                         ignored += 1
                         continue
-                    if acur is not None:  # anomaly: the event's UTC day, one add and one comparison
-                        cell = acur.get(code)
-                        if cell is not None:
-                            if cell[0] != ts // 86_400_000:
-                                cell = anom.cell(code, ts // 86_400_000)  # type: ignore[union-attr]
-                            cell[1] += sign if v is None else sign * v
-                            if cell[1] >= cell[2]:
-                                anom.check(code, cell, me, alerts, ent.rule)  # type: ignore[union-attr]
                     if not gb:
                         dims = _NO_DIMS
                     elif len(gb) == 1:
@@ -327,7 +320,7 @@ class CustomerMeter:
                         dims = tuple([_dim(props.get(g)) for g in gb])
                     row = rowc.get(code)
                     if row is not None and row[0] == wstart and row[2] == pstart and row[1] == dims:
-                        _, _, _, wacc, pk, acc, info, rate, sp = row
+                        _, _, _, wacc, pk, acc, info, rate, sp, acell = row
                         wacc.add(v, ts, sign)
                     else:  # another window or period than this metric's last event: look its rows up
                         wk = (code, wstart, dims)
@@ -344,10 +337,21 @@ class CustomerMeter:
                         info = infos.get(code)
                         rate = credit.get(code)
                         sp = spends.get(code)
-                        rowc[code] = [wstart, dims, pstart, wacc, pk, acc, info, rate, sp]
+                        # anomaly metrics: the cell of the event's UTC day (a window lies within one day, so a
+                        # row cache hit is the same day)
+                        acell = acur.get(code) if acur is not None else None
+                        if acell is not None and acell[0] != ts // 86_400_000:
+                            acell = anom.cell(code, ts // 86_400_000)  # type: ignore[union-attr]
+                        rowc[code] = [wstart, dims, pstart, wacc, pk, acc, info, rate, sp, acell]
                         cur = ent.cur.get(code)  # the current period: the latest one any accepted event of code fell in
                         if cur is None or cur[1] < pstart:
                             ent.advance(code, pk, me, usage_of, alerts)
+                    if acell is not None:  # anomaly: one add and one comparison with the day's level
+                        if aday and acell[0] != ts // 86_400_000:  # a window spanning two UTC days
+                            acell = row[9] = anom.cell(code, ts // 86_400_000)  # type: ignore[union-attr,index]
+                        acell[1] += sign if v is None else sign * v
+                        if acell[1] >= acell[2]:
+                            anom.check(code, acell, me, alerts, ent.rule)  # type: ignore[union-attr]
                     # -- entitlements: only for the metrics this customer's subscription evaluates
                     if not evaluated or (info is None and rate is None and sp is None):
                         acc.add(v, ts, sign)
