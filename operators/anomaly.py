@@ -25,9 +25,9 @@ Cost per event (the hot path inlined in ``CustomerMeter._fold``): the metric's c
 the cell becomes current (a hair low; ``inf`` when the day is not judged or already fired); per event one
 add and one comparison. The meter keeps the cell in its row cache beside the metric's window and period rows
 (a window lies within one UTC day unless the rollup window does not divide a day, when the day is checked on
-every event), so a cache hit needs no lookup. Only at or above the level is the exact test made. A cell becomes current at the
-metric's first event of a day and again whenever an event of another day came in between, so a late event
-for an earlier day is always reflected in a later day's baseline.
+every event), so a cache hit needs no lookup. Only at or above the level is the exact test made. A cell
+becomes current at the metric's first event of a day and again whenever an event of another day came in
+between, so a late event for an earlier day is always reflected in a later day's baseline.
 
 Memory bound, stated: per customer and anomaly metric, the usage of the days
 ``latest - late_days - baseline_days .. latest`` (``baseline_days + late_days + 1`` numbers, older days evicted as
