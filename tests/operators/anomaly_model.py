@@ -36,13 +36,13 @@ METRICS = [  # (code, aggregation, property, where)
 
 
 def config_dict(factor: float, baseline_days: int, min_history_days: int, late_grace: str,
-                metrics: Optional[List[str]]) -> Dict[str, Any]:
+                metrics: Optional[List[str]], rollup_window: str = "1h") -> Dict[str, Any]:
     anomaly: Dict[str, Any] = {"factor": factor, "baseline_days": baseline_days,
                                "min_history_days": min_history_days}
     if metrics is not None:
         anomaly["metrics"] = metrics
     return {
-        "pipeline": {"rollup_window": "1h", "late_grace": late_grace, "dedupe_window": "3650d"},
+        "pipeline": {"rollup_window": rollup_window, "late_grace": late_grace, "dedupe_window": "3650d"},
         "tenants": [{"id": TENANT, "exclude_when": {"environment": "test"}, "excluded_customers": ["internal"]}],
         "metrics": [{"code": c, "event_type": "api_call", "aggregation": a, **({"property": p} if p else {}),
                      **({"where": w} if w else {})} for c, a, p, w in METRICS],

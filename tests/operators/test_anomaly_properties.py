@@ -1,4 +1,4 @@
-"""Property: randomised usage histories through Mediator + CustomerMeter fire exactly the anomaly alerts of the
+"""Property: randomised usage histories (rollup windows that divide a UTC day and one, 7h, that does not) through Mediator + CustomerMeter fire exactly the anomaly alerts of the
 independent model (tests/operators/anomaly_model.py): the same event ids, customers, metrics and days, none for
 too little history, a zero baseline, exactly factor x, excluded or duplicate traffic, and none twice when every
 customer's state is snapshotted and restored in the middle."""
@@ -33,11 +33,12 @@ def day_iso(d: int) -> str:
 @given(seed=st.integers(0, 2 ** 32), factor=st.sampled_from([1.5, 2.0, 3.0, 1.1]), baseline_days=st.integers(1, 6),
        min_history_days=st.integers(1, 4), grace=st.sampled_from(sorted(GRACES)),
        metrics=st.sampled_from([None, ["calls"], ["tokens", "large"]]), n=st.integers(1, 160),
-       batch=st.integers(1, 25), restore_at=st.integers(0, 12))
+       batch=st.integers(1, 25), restore_at=st.integers(0, 12), window=st.sampled_from(["1h", "1d", "7h", "5m"]))
 def test_anomalies_are_exactly_the_models(seed, factor, baseline_days, min_history_days, grace, metrics, n, batch,
-                                          restore_at):
+                                          restore_at, window):
     events = make_events(random.Random(seed).randint, n)
-    cfg = parse_config(json.loads(json.dumps(config_dict(factor, baseline_days, min_history_days, grace, metrics))),
+    cfg = parse_config(json.loads(json.dumps(config_dict(factor, baseline_days, min_history_days, grace, metrics,
+                                                                   window))),
                        "props.toml", environ={})
     run = Run(cfg)
     for i in range(0, len(events), batch):
