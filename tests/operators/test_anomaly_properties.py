@@ -1,4 +1,5 @@
-"""Property: randomised usage histories (rollup windows that divide a UTC day and one, 7h, that does not) through Mediator + CustomerMeter fire exactly the anomaly alerts of the
+"""Property: randomised usage histories (rollup windows that divide a UTC day and one, 7h, that does not)
+through Mediator + CustomerMeter fire exactly the anomaly alerts of the
 independent model (tests/operators/anomaly_model.py): the same event ids, customers, metrics and days, none for
 too little history, a zero baseline, exactly factor x, excluded or duplicate traffic, and none twice when every
 customer's state is snapshotted and restored in the middle."""
