@@ -9,11 +9,13 @@ noisy machine.
 
     python -m benchmarks.core_throughput --events 1000000
     python -m benchmarks.core_throughput --events 300000 --prices none,every,spend   # the Rate stage's cost, A/B
+    python -m benchmarks.core_throughput --events 300000 --prices none,anomaly       # anomaly alerts' cost, A/B
 
 ``--prices`` runs the core once per variant over the same events in the same process, alternating, so their
 ratio is measured on the same machine load: ``none`` is the sample configuration of earlier builds (api_calls
 and tokens rated from overage_rate), ``every`` a price card on every metric (tiered, volume, package,
-staircase, per_unit with a minimum: ``meterflow.sample.PRICE_CARDS``), ``spend`` also spend thresholds on each.
+staircase, per_unit with a minimum: ``meterflow.sample.PRICE_CARDS``), ``spend`` also spend thresholds on each,
+``anomaly`` the ``none`` configuration with anomaly alerts for two metrics (api_calls, a count, and tokens, a sum).
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ from meterflow.sample import customer_ids, generate_events, sample_config_toml, 
 from meterflow.schemas.config import parse_config
 from meterflow.schemas.events import EVENT_DECODER
 
-PRICE_VARIANTS = ("none", "every", "spend")
+PRICE_VARIANTS = ("none", "every", "spend", "anomaly")
+# [anomaly] for two metrics of the sample (a count and a sum), as the demo configures it.
+ANOMALY_TOML = ('\n[anomaly]\nfactor = 3.0\nbaseline_days = 30\nmin_history_days = 7\n'
+                'metrics = ["api_calls", "tokens"]\n')
 
 
 def bench_config(customers: int, prices: str = "none"):
@@ -41,8 +46,10 @@ def bench_config(customers: int, prices: str = "none"):
 
     tenants = tenant_ids(3)
     subscribed = {t: customer_ids(customers // 2) for t in tenants}
-    priced = {} if prices == "none" else {"prices": prices}  # "none" is also the call of builds without prices
+    priced = {} if prices in ("none", "anomaly") else {"prices": prices}  # "none": the call of earlier builds
     toml = sample_config_toml(tenants, subscribed, "2026-11-01T00:00:00Z", **priced)
+    if prices == "anomaly":
+        toml += ANOMALY_TOML
     return parse_config(tomllib.loads(toml), "bench", environ={})
 
 
@@ -161,7 +168,7 @@ def main() -> None:
     ap.add_argument("--prices", default="none", metavar="V[,V...]",
                     help="price variants of the sample plan, each timed over the same events: none (the sample "
                     "configuration of earlier builds), every (a price card on every metric), spend (and spend "
-                    "thresholds on each); default none")
+                    "thresholds on each), anomaly (none with anomaly alerts on two metrics); default none")
     ap.add_argument("--rounds", type=int, default=None,
                     help="passes over the variants, alternating (default 1 for one variant, 2 for several); the "
                     "best pass of each variant is reported")

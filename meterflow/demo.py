@@ -11,7 +11,12 @@ from rich.progress import Progress
 
 from meterflow.base.periods import period_bounds
 from meterflow.base.timeutil import ms_to_iso, now_ms
-from meterflow.sample import customer_ids, generate_events, sample_config_toml, tenant_ids
+from meterflow.sample import customer_ids, generate_events, generate_spike, sample_config_toml, tenant_ids
+
+# The demo's spiking customer: ten ordinary days before the sample's first day, then ten times its daily average.
+SPIKE_CUSTOMER = "cust_spike"
+ANOMALY_TOML = ('\n[anomaly]\nfactor = 3.0\nbaseline_days = 30\nmin_history_days = 7\n'
+                'metrics = ["api_calls", "tokens"]\n')
 
 
 def run_demo(n_events: int, workdir: str, seed: int) -> int:
@@ -31,6 +36,7 @@ def run_demo(n_events: int, workdir: str, seed: int) -> int:
     tenants = tenant_ids(3)
     # cust_00001 of each tenant has a custom contract (in _demo_plans); the rest of 0-19 take 'pro' as it is
     subscribed = {t: [c for c in customer_ids(20) if c not in CUSTOM_CONTRACT] for t in tenants}
+    subscribed[tenants[0]] = subscribed[tenants[0]] + [SPIKE_CUSTOMER]  # its usage spikes: an anomaly
     cfg_path = wd / "meterflow.toml"
     toml = sample_config_toml(tenants, subscribed, ms_to_iso(pstart), included=400, prices="every",
                               extra=_demo_plans(tenants, ms_to_iso(pstart)))
@@ -40,11 +46,16 @@ def run_demo(n_events: int, workdir: str, seed: int) -> int:
     cfg_path.write_text(toml + f'\n[clickhouse]\ndsn = "chdb://{(wd / "clickhouse").resolve()}"\n'
                         + f'\n[alerts]\njsonl = "{(wd / "alerts.jsonl").resolve()}"\n'
                         # the sample's overages are tens of dollars: bands at demo scale put items on every route
-                        + '\n[review]\nbands = [5.0, 15.0, 40.0]\n')
+                        + '\n[review]\nbands = [5.0, 15.0, 40.0]\n' + ANOMALY_TOML)
     events_path = wd / "events.jsonl"
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("generating sample events", total=n_events)
         with events_path.open("wb") as f:
+            # The spiking customer's history (the days before the period) first, then its spike on the period's first
+            # day (within the sample's span: never ahead of the wall clock), then the sample.
+            for line in generate_spike(tenants[0], SPIKE_CUSTOMER, pstart, seed=seed,
+                                       spike_span_ms=min(2 * 3_600_000, max(1, now - pstart))):
+                f.write(line + b"\n")
             for i, line in enumerate(generate_events(n_events, tenants=3, customers=60, start_ms=pstart,
                                                      span_ms=max(1, now - pstart), seed=seed)):
                 f.write(line + b"\n")
@@ -67,7 +78,8 @@ def run_demo(n_events: int, workdir: str, seed: int) -> int:
     _print_review_queue(console, client, db, cfg_path)
     console.print(f"done in {time.monotonic() - t0:.1f}s. Explore: meter usage --config {cfg_path} --by window "
                   f"--customer cust_00000   |   meter charges --config {cfg_path} --customer cust_00001   |   "
-                  f"meter alerts --config {cfg_path} --type spend_crossed")
+                  f"meter alerts --config {cfg_path} --type spend_crossed   |   "
+                  f"meter alerts --config {cfg_path} --type anomaly")
     console.print(f"alerts as JSON lines (what webhooks and the usage.alerts topic carry): {wd / 'alerts.jsonl'}")
     return 0
 
@@ -129,7 +141,7 @@ def _print_money(console, client, db: str) -> None:
 
 def _print_alerts(console, client, db: str) -> None:
     from meterflow.base.timeutil import parse_rfc3339_ms
-    from meterflow.reports import alerts_table
+    from meterflow.reports import alerts_table, anomaly_table
     from meterflow.sinks.clickhouse_schema import query_alerts
 
     rows = query_alerts(client, db)
@@ -150,9 +162,13 @@ def _print_alerts(console, client, db: str) -> None:
         console.print(f"spend_crossed: {r['tenant_id']}/{r['customer_id']} {r['metric']} passed "
                       f"{r['threshold_amount']:,.2f} (charge now {r['amount']:,.4f}) on event {r['event_id']}",
                       highlight=False)
-    shown = [r for r in rows if r["type"] not in ("threshold_crossed", "spend_crossed")][-6:] + \
+    shown = [r for r in rows if r["type"] not in ("threshold_crossed", "spend_crossed", "anomaly")][-6:] + \
         [r for r in rows if r["type"] == "threshold_crossed"][-6:]
     console.print(alerts_table(shown, "a few of the alerts (meter alerts lists them all)"))
+    spikes = [r for r in rows if r["type"] == "anomaly"]
+    if spikes:
+        console.print(anomaly_table(spikes[-6:], "anomalies: a day's usage above 3x its trailing daily average "
+                                    "(meter alerts --type anomaly)"))
 
 
 def _print_review_queue(console, client, db: str, cfg_path: Path) -> None:

@@ -88,6 +88,7 @@ class Decision:
     known: bool
     blocked_by: str = ""
     reason: str = "state"
+    anomaly: str = ""  # the day start (RFC 3339) of the customer's latest anomaly alert on the metric, "" if none
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,11 +265,15 @@ class QuotaGate:
             h = decode_state_fields(raw)
         except ValueError:
             return self._unavailable("bad_state")
+        if not h.state:  # only the anomaly marker: no entitlement is tracked
+            return Decision(allowed=True, state="", remaining=None, included=None, used=None, pct=None,
+                            period_end=None, known=False, reason="no_entitlement", anomaly=h.anomaly)
         allowed, reason = h.state != "blocked", "state"
         if not allowed and h.blocked_by != "wallet" and h.period_end is not None and self._now() >= h.period_end:
             allowed, reason = True, "period_ended"
         return Decision(allowed=allowed, state=h.state, remaining=h.remaining, included=h.included, used=h.used,
-                        pct=h.pct, period_end=h.period_end, known=True, blocked_by=h.blocked_by, reason=reason)
+                        pct=h.pct, period_end=h.period_end, known=True, blocked_by=h.blocked_by, reason=reason,
+                        anomaly=h.anomaly)
 
     # -- wallet holds ---------------------------------------------------------------------------------------
 

@@ -219,11 +219,32 @@ def alerts_table(rows: List[Dict[str, Any]], title: str = "alerts") -> Table:
         t.add_column(c, justify="right" if c in ("threshold", "usage / included", "pct", "latency ms") else "left")
     for r in rows:
         inc = r["included"]
+        if r["type"] == "anomaly" and r.get("baseline") is not None:  # usage against its baseline, not a quota
+            threshold, used = f"{r['factor']:g}x baseline", f"{_num(r['usage'])} / baseline {_num(r['baseline'])}"
+        else:
+            threshold = "-" if r["threshold_pct"] is None else f"{r['threshold_pct']:g}%"
+            used = _num(r["usage"]) + ("" if inc is None else f" / {_num(inc)}")
         t.add_row(r["detected_at"].replace("T", " ").rstrip("Z"), r["type"], r["tenant_id"], r["customer_id"],
-                  r["metric"] or "-", "-" if r["threshold_pct"] is None else f"{r['threshold_pct']:g}%",
-                  _num(r["usage"]) + ("" if inc is None else f" / {_num(inc)}"),
+                  r["metric"] or "-", threshold, used,
                   "-" if r["usage_pct"] is None else f"{r['usage_pct']:.1f}", r["action"], r["event_id"] or "-",
                   "-" if r["latency_ms"] is None else f"{r['latency_ms']:,}")
+    return t
+
+
+def anomaly_table(rows: List[Dict[str, Any]], title: str = "anomalies") -> Table:
+    """``meter alerts --type anomaly``: per alert the UTC day, the day's usage when it fired, the baseline (trailing
+    daily average) and the multiple of it, next to the configured factor."""
+    t = Table(title=title, title_justify="left")
+    for c in ("day (UTC)", "tenant", "customer", "account", "metric", "usage that day", "baseline / day", "multiple",
+              "alert above", "event_id", "latency ms"):
+        t.add_column(c, justify="right" if c in ("usage that day", "baseline / day", "multiple", "alert above",
+                                                 "latency ms") else "left")
+    for r in rows:
+        base, factor = r.get("baseline"), r.get("factor")
+        t.add_row(r["period_start"][:10], r["tenant_id"], r["customer_id"], r.get("account_name") or "-", r["metric"],
+                  _num(r["usage"]), "-" if base is None else _num(base),
+                  "-" if not base else f"{r['usage'] / base:.2f}x", "-" if factor is None else f"{factor:g}x",
+                  r["event_id"] or "-", "-" if r["latency_ms"] is None else f"{r['latency_ms']:,}")
     return t
 
 
@@ -257,7 +278,9 @@ def print_alerts(args: argparse.Namespace) -> int:
     if not rows:
         console.print("no alerts match (has `meter run` written to this ClickHouse yet?)")
         return 0
-    t = alerts_table(rows, f"alerts ({len(rows)}{' latest' if more else ''})")
+    title = f"{len(rows)}{' latest' if more else ''}"
+    t = anomaly_table(rows, f"anomaly alerts ({title})") if args.type == "anomaly" else \
+        alerts_table(rows, f"alerts ({title})")
     if more:
         t.caption = "earlier alerts not shown: narrow with --since/--tenant/--customer/--type or raise --limit"
     console.print(t)

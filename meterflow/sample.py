@@ -177,6 +177,30 @@ def generate_events(n: int, *, tenants: int = 3, customers: int = 50, start_ms: 
         yield line
 
 
+DAY_MS = 86_400_000
+
+
+def generate_spike(tenant: str, customer: str, spike_day_ms: int, *, history_days: int = 10, per_day: int = 20,
+                   spike: int = 200, spike_span_ms: int = 2 * 3_600_000, seed: int = 7) -> Iterator[bytes]:
+    """A customer whose usage spikes: ``per_day`` api calls (give or take a few) on each of the ``history_days``
+    UTC days before the day starting at ``spike_day_ms``, then ``spike`` calls early on that day (about
+    ``spike / per_day`` times its daily average: an anomaly under ``[anomaly] factor = 3``) spread over its first
+    ``spike_span_ms``, in time order. ``spike_day_ms`` is a UTC day start."""
+    rng = random.Random(seed)
+    n = 0
+    for d in range(history_days, -1, -1):
+        day = spike_day_ms - d * DAY_MS
+        count = spike if d == 0 else per_day + rng.randrange(-3, 4)
+        span = spike_span_ms if d == 0 else DAY_MS
+        for k in range(count):
+            n += 1
+            yield orjson.dumps({"event_id": f"spike_{seed}_{n}", "tenant_id": tenant, "customer_id": customer,
+                                "event_type": "api_call", "timestamp": ms_to_iso(day + span * k // count),
+                                "properties": {"endpoint": "/v2/completions", "model": "m-large",
+                                               "region": REGIONS[k % 3], "tokens": 1000, "user_id": "u1",
+                                               "latency_ms": 100}})
+
+
 def _pick(cum: List[float], x: float) -> int:
     lo, hi = 0, len(cum) - 1
     while lo < hi:

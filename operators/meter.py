@@ -29,6 +29,7 @@ from meterflow.base.periods import period_bounds
 from meterflow.base.stats import STATS, FlowStats
 from meterflow.base.timeutil import now_ms
 from meterflow.operators.aggregate import Acc, acc_from_state, new_acc
+from meterflow.operators.anomaly import Anomalies
 from meterflow.operators.dedupe import IdTable
 from meterflow.operators.entitlements import Entitlements, EntitlementUpdate
 from meterflow.operators.legacy_state import decode_legacy_snapshot
@@ -60,7 +61,7 @@ class CustomerMeter:
 
     __slots__ = ("rules", "key", "tenant_id", "customer_id", "seen", "wm", "windows", "periods",
                  "excluded", "next_evict", "next_dedupe_evict", "stats", "dirty_w", "dirty_p", "_period", "ent",
-                 "_rows", "reviews")
+                 "_rows", "reviews", "anom")
 
     def __init__(self, rules: Rules, key: str, snapshot: Optional[bytes] = None, stats: FlowStats = STATS) -> None:
         self.rules = rules
@@ -85,6 +86,7 @@ class CustomerMeter:
         self._rows: Dict[str, list] = {}
         self.ent = Entitlements(rules, key)
         self.reviews = ReviewTracker(rules.review)  # open review items (README: Overage review queue)
+        self.anom = self._new_anomalies()
         if snapshot is not None:
             self._restore(snapshot)
 
@@ -109,7 +111,8 @@ class CustomerMeter:
                      for pk, acc in self.periods.items()],
             excluded=[S.ExcludedRow(metric=pk[0], start=pk[1], end=pk[2], count=n, dirty=pk in dirty_p)
                       for pk, n in self.excluded.items()],
-            entitlements=self.ent.to_state(), reviews=self.reviews.to_state()))
+            entitlements=self.ent.to_state(), reviews=self.reviews.to_state(),
+            anomaly=self.anom.to_state() if self.anom is not None else []))
 
     def _restore(self, data: bytes) -> None:
         # A pickle (first byte 0x80) is a version 3 or 4 snapshot of a build before issue 10: converted.
@@ -139,11 +142,18 @@ class CustomerMeter:
         self.ent.restore_state(st.entitlements)
         self.reviews = ReviewTracker(self.rules.review)
         self.reviews.restore(st.reviews)
+        self.anom = self._new_anomalies()
+        if self.anom is not None:
+            self.anom.restore_state(st.anomaly)
         self._recompute_next_evict()
         self.next_dedupe_evict = self.seen.min_expiry()
 
+    def _new_anomalies(self) -> Optional[Anomalies]:
+        settings = self.rules.anomaly
+        return Anomalies(settings, self.tenant_id, self.customer_id) if settings is not None else None
+
     def is_empty(self) -> bool:
-        return not (self.seen or self.windows or self.periods or self.excluded)
+        return not (self.seen or self.windows or self.periods or self.excluded or self.anom)
 
     def has_dirty(self) -> bool:
         return bool(self.dirty_w or self.dirty_p)
@@ -248,6 +258,9 @@ class CustomerMeter:
         infos, credit, spends, evaluated = ent.infos, ent.credit, ent.spends, ent.evaluated
         unevaluated = 0 if evaluated else len(group)
         rowc = self._rows
+        anom = self.anom
+        acur = anom.cur if anom is not None else None  # anomaly metrics' current day cells
+        aday = 86_400_000 % window_ms != 0  # a window can span two days: check the day on row cache hits too
         wm = self.wm
         pstart, pend = self._period
         dup = excl = unmetered = ignored = failed = missing = 0
@@ -314,7 +327,7 @@ class CustomerMeter:
                         dims = tuple([_dim(props.get(g)) for g in gb])
                     row = rowc.get(code)
                     if row is not None and row[0] == wstart and row[2] == pstart and row[1] == dims:
-                        _, _, _, wacc, pk, acc, info, rate, sp = row
+                        _, _, _, wacc, pk, acc, info, rate, sp, acell = row
                         wacc.add(v, ts, sign)
                     else:  # another window or period than this metric's last event: look its rows up
                         wk = (code, wstart, dims)
@@ -331,10 +344,21 @@ class CustomerMeter:
                         info = infos.get(code)
                         rate = credit.get(code)
                         sp = spends.get(code)
-                        rowc[code] = [wstart, dims, pstart, wacc, pk, acc, info, rate, sp]
+                        # anomaly metrics: the cell of the event's UTC day (a window lies within one day, so a
+                        # row cache hit is the same day)
+                        acell = acur.get(code) if acur is not None else None
+                        if acell is not None and acell[0] != ts // 86_400_000:
+                            acell = anom.cell(code, ts // 86_400_000)  # type: ignore[union-attr]
+                        rowc[code] = [wstart, dims, pstart, wacc, pk, acc, info, rate, sp, acell]
                         cur = ent.cur.get(code)  # the current period: the latest one any accepted event of code fell in
                         if cur is None or cur[1] < pstart:
                             ent.advance(code, pk, me, usage_of, alerts)
+                    if acell is not None:  # anomaly: one add and one comparison with the day's level
+                        if aday and acell[0] != ts // 86_400_000:  # a window spanning two UTC days
+                            acell = row[9] = anom.cell(code, ts // 86_400_000)  # type: ignore[union-attr,index]
+                        acell[1] += sign if v is None else sign * v
+                        if acell[1] >= acell[2]:
+                            anom.check(code, acell, me, alerts, ent.rule)  # type: ignore[union-attr]
                     # -- entitlements: only for the metrics this customer's subscription evaluates
                     if not evaluated or (info is None and rate is None and sp is None):
                         acc.add(v, ts, sign)

@@ -14,6 +14,7 @@ from meterflow.base.keys import customer_key
 from meterflow.base.periods import CALENDAR_ANCHOR_MS
 from meterflow.base.timeutil import dt_to_ms, parse_duration_ms
 from meterflow.operators.aggregate import ADDITIVE, NEEDS_NUMBER
+from meterflow.operators.anomaly import AnomalySettings, anomaly_settings
 from meterflow.operators.rating import Price, price_of, sets_custom_rate
 from meterflow.operators.review import ReviewPolicy
 from meterflow.schemas.config import Config, EntitlementConfig, EntitlementOverride, SubscriptionConfig, WalletConfig
@@ -113,6 +114,7 @@ class Rules:
                       r.aggregation) for r in rs)
             for t, rs in self.by_event_type.items()}
         self.plan_codes = frozenset(p.code for p in cfg.plans)
+        self.anomaly: Optional[AnomalySettings] = anomaly_settings(cfg)  # None: no [anomaly] section
         self.subscription_configs: Dict[str, SubscriptionConfig] = {
             customer_key(s.tenant_id, s.customer_id): s for s in cfg.subscriptions
         }

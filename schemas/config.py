@@ -299,6 +299,13 @@ def review_problem(review: ReviewConfig) -> Optional[Tuple[str, str]]:
         if r == "auto_apply" and i:
             return f"review.routes[{i}]", "auto_apply can only be the first route (the smallest amounts)"
     return None
+class AnomalyConfig(_Frozen, frozen=True):
+    """Anomaly alerts (README: Anomaly alerts): usage of a UTC day above ``factor`` x the trailing daily average."""
+
+    factor: float = 3.0  # > 1
+    baseline_days: int = 30  # >= 1: days averaged (fewer while the history is shorter)
+    min_history_days: int = 7  # >= 1: days of history before a day is judged
+    metrics: Optional[List[str]] = None  # count or sum metrics; None: every count and sum metric
 
 
 class Config(_Frozen, frozen=True):
@@ -314,6 +321,7 @@ class Config(_Frozen, frozen=True):
     reconcile: ReconcileConfig = ReconcileConfig()
     server: ServerConfig = ServerConfig()
     review: Optional[ReviewConfig] = None  # absent: the default bands and routes, and no review notifications
+    anomaly: Optional[AnomalyConfig] = None  # absent: no anomaly alerts
     source_path: str = "<memory>"
 
     def redacted(self) -> "Config":
@@ -519,6 +527,10 @@ def _cross_check(cfg: Config, source: str) -> None:
     for cls in cfg.reconcile.owners:
         if cls not in RECONCILE_CLASSES:
             fail(f"reconcile.owners.{cls}", f"unknown class {cls!r}: expected one of {', '.join(RECONCILE_CLASSES)}")
+    if cfg.anomaly is not None:
+        problem = anomaly_problem(cfg, cfg.anomaly)
+        if problem is not None:
+            fail(f"anomaly.{problem[0]}", problem[1])
     plan_codes = {p.code for p in cfg.plans}
     for i, p in enumerate(cfg.plans):
         if not _CURRENCY.match(p.currency):
@@ -541,6 +553,25 @@ def _cross_check(cfg: Config, source: str) -> None:
         if key in seen_subs:
             fail(f"subscriptions[{i}]", f"customer {s.customer_id!r} of tenant {s.tenant_id!r} has two subscriptions")
         seen_subs.add(key)
+
+
+def anomaly_problem(cfg: Config, a: AnomalyConfig) -> Optional[Tuple[str, str]]:
+    """Why an ``[anomaly]`` section cannot be evaluated, as ``(key, reason)``, or None."""
+    if not a.factor > 1 or a.factor == float("inf"):
+        return "factor", f"must be a number greater than 1 (the multiple of the baseline), got {_num(a.factor)}"
+    if a.baseline_days < 1:
+        return "baseline_days", f"must be at least 1, got {a.baseline_days}"
+    if a.min_history_days < 1:
+        return "min_history_days", f"must be at least 1, got {a.min_history_days}"
+    if a.metrics is not None:
+        aggs = {m.code: m.aggregation for m in cfg.metrics}
+        for i, code in enumerate(a.metrics):
+            if code not in aggs:
+                return f"metrics[{i}]", f"no metric with code {code!r} is defined in [[metrics]]"
+            if aggs[code] not in ("count", "sum"):
+                return (f"metrics[{i}]", f"metric {code!r} aggregates {aggs[code]!r}: anomaly alerts take count or "
+                        "sum metrics")
+    return None
 
 
 def subscription_problem(cfg: Config, s: SubscriptionConfig) -> Optional[tuple]:

@@ -6,6 +6,10 @@ drift apart:
 
 - ``meter:{tenant}:{customer}:{metric}`` (:func:`gateway_key`): a :class:`GatewayState` as
   :func:`state_fields`, read back by :func:`decode_state_fields`;
+- the same hash's ``anomaly`` field (:data:`ANOMALY_FIELD`): the UTC day start (RFC 3339) of the latest day whose
+  anomaly alert fired for the customer and metric (README: Anomaly alerts), written by :func:`anomaly_script`
+  only if later than the one there (an :class:`AnomalyMarker`), never removed by the state's HSET; a metric
+  without an entitlement gets a hash with this field alone (gateways read it as untracked, plus the marker);
 - ``meter-wallet:{tenant}:{customer}`` (:func:`wallet_key`): a :class:`WalletState` as :func:`wallet_fields`
   (the gate's Lua scripts read its ``balance``, ``spent`` and ``state``);
 - ``meter-wallet-holds:{tenant}:{customer}`` (:func:`holds_key`): the gate's own hash of wallet holds, which
@@ -72,6 +76,34 @@ class GatewayState(msgspec.Struct, frozen=True, kw_only=True):
         return gateway_key(self.tenant_id, self.customer_id, self.metric)
 
 
+ANOMALY_FIELD = "anomaly"
+# KEYS[1] the gateway hash, ARGV[1] a day start: set the field unless it holds that day or a later one (RFC 3339
+# UTC text of one format sorts as time), so a replay or a late day's alert never moves the marker back.
+ANOMALY_SCRIPT = """
+local cur = redis.call('HGET', KEYS[1], 'anomaly')
+if (not cur) or cur < ARGV[1] then redis.call('HSET', KEYS[1], 'anomaly', ARGV[1]) end
+return 1
+"""
+
+
+class AnomalyMarker(msgspec.Struct, frozen=True, kw_only=True):
+    """The ``anomaly`` field of a gateway hash: an anomaly alert fired for the day starting at ``day_start``
+    (epoch ms)."""
+
+    tenant_id: str
+    customer_id: str
+    metric: str
+    day_start: int
+
+    @property
+    def redis_key(self) -> str:
+        return gateway_key(self.tenant_id, self.customer_id, self.metric)
+
+    @property
+    def value(self) -> str:
+        return ms_to_iso(self.day_start)
+
+
 class WalletState(msgspec.Struct, frozen=True, kw_only=True):
     """A prepaid wallet's live balance: ``remaining = balance - spent`` (holds are kept by gateways)."""
 
@@ -130,24 +162,33 @@ class GatewayHash(NamedTuple):
     pct: Optional[float]
     period_end: Optional[int]
     blocked_by: str
+    anomaly: str = ""  # the day start (RFC 3339) of the latest anomaly alert, "" when none
 
 
 def decode_state_fields(raw: Mapping[Union[bytes, str], Union[bytes, str]]) -> GatewayHash:
     """The inverse of :func:`state_fields`, from what ``HGETALL`` returns (bytes or text). Only ``state`` is
-    required. Raises ``ValueError`` for a hash that does not parse (no ``state``, a number or time that is
+    required, except in a hash holding only the ``anomaly`` marker (a metric without an entitlement: ``state``
+    is then ""). Raises ``ValueError`` for a hash that does not parse (no ``state``, a number or time that is
     not one, bytes that are not UTF-8).
 
     >>> decode_state_fields({b"state": b"over", b"used": b"12.5", b"pct": b"", b"period_end": b"1970-01-01T00:00:01Z"})
-    GatewayHash(state='over', included=None, used=12.5, remaining=None, pct=None, period_end=1000, blocked_by='')
+    ... # doctest: +NORMALIZE_WHITESPACE
+    GatewayHash(state='over', included=None, used=12.5, remaining=None, pct=None, period_end=1000, blocked_by='',
+                anomaly='')
+    >>> decode_state_fields({"anomaly": "2026-11-08T00:00:00Z"}).anomaly
+    '2026-11-08T00:00:00Z'
     """
     h: Dict[str, str] = {_text(k): _text(v) for k, v in raw.items()}
     if "state" not in h:
+        if h and set(h) == {ANOMALY_FIELD}:
+            return GatewayHash(state="", included=None, used=None, remaining=None, pct=None, period_end=None,
+                               blocked_by="", anomaly=h[ANOMALY_FIELD])
         raise ValueError("gateway hash has no state field")
     period_end = h.get("period_end")
     return GatewayHash(state=h["state"], included=_num(h.get("included")), used=_num(h.get("used")),
                        remaining=_num(h.get("remaining")), pct=_num(h.get("pct")),
                        period_end=parse_rfc3339_ms(period_end) if period_end else None,
-                       blocked_by=h.get("blocked_by", ""))
+                       blocked_by=h.get("blocked_by", ""), anomaly=h.get(ANOMALY_FIELD, ""))
 
 
 def _text(x: Union[bytes, str]) -> str:

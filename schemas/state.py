@@ -12,7 +12,8 @@ The format, field by field (all times are epoch milliseconds, UTC):
 
 * :class:`MeterState`: ``version``, ``key`` (``tenant|customer``), ``watermark`` (the greatest event time
   the customer has seen), ``seen`` (dedupe), ``windows`` / ``periods`` (the open rollup rows),
-  ``excluded`` (excluded-event counts per period), ``entitlements``. A row's ``dirty`` says it changed
+  ``excluded`` (excluded-event counts per period), ``entitlements``, ``anomaly`` (per anomaly metric the usage
+  of the days its baselines need, :class:`AnomalyRow`; empty without ``[anomaly]``). A row's ``dirty`` says it changed
   since the last flush (a resume emits it).
 * Accumulators, tagged by ``kind`` (the contract's aggregation names): every one has ``events`` (events
   folded, corrections included: the row version) and ``expires`` (the watermark after which the row can
@@ -186,6 +187,16 @@ class ReviewRow(_Rec, frozen=True):
     notified: int = 0
 
 
+class AnomalyRow(_Rec, frozen=True):
+    """One anomaly metric's daily usage (``meterflow.operators.anomaly``): days are UTC days since the epoch."""
+
+    metric: str
+    first: int  # the first day with an accepted event of the metric
+    start: int  # the day of usage[0]
+    usage: List[Union[int, float]] = []  # usage of days start, start + 1, ... (the last is the latest day)
+    fired: List[int] = []  # days of that range whose anomaly alert fired
+
+
 class MeterState(_Rec, frozen=True):
     key: str
     version: int  # always written (STATE_VERSION), whatever omit_defaults leaves out
@@ -196,6 +207,7 @@ class MeterState(_Rec, frozen=True):
     excluded: List[ExcludedRow] = []
     entitlements: EntitlementState = EntitlementState()
     reviews: List[ReviewRow] = []  # review items of open periods (absent in snapshots of earlier builds)
+    anomaly: List[AnomalyRow] = []  # [anomaly] metrics' daily usage (absent in snapshots of earlier builds)
 
 
 class _Header(msgspec.Struct):

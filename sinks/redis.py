@@ -5,7 +5,8 @@
 What is written. Per batch the partition coalesces every :class:`~meterflow.schemas.gateway.GatewayState` and
 :class:`~meterflow.schemas.gateway.WalletState` to the LAST one per Redis key (later items win), then sends them all
 in ONE pipelined round trip (no MULTI): ``HSET key <state_fields>`` per gateway state, ``DEL key`` for a
-``deleted`` one (a cancelled subscription), and ``HSET key <wallet_fields>`` per wallet (the keys and
+``deleted`` one (a cancelled subscription), and ``HSET key <wallet_fields>`` per wallet, and per ``anomaly`` alert the
+hash's ``anomaly`` marker, set by a small script only if its day is later than the one there (the keys and
 fields are :mod:`meterflow.schemas.gateway`). Wallet holds live in their own hash
 (``meter-wallet-holds:{tenant}:{customer}``), owned by the gate; this sink never touches it, so the flow
 and the gateways never race on the same key.
@@ -56,13 +57,22 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from meterflow.base.stats import STATS, FlowStats
+from meterflow.base.timeutil import parse_rfc3339_ms
 from meterflow.schemas.config import RedisConfig, mask_url
-from meterflow.schemas.gateway import GatewayState, WalletState, state_fields, wallet_fields
+from meterflow.schemas.gateway import (
+    ANOMALY_SCRIPT,
+    AnomalyMarker,
+    GatewayState,
+    WalletState,
+    state_fields,
+    wallet_fields,
+)
 from meterflow.schemas.records import Emission
 
 log = logging.getLogger("meterflow.sinks.redis")
 
-State = Union[GatewayState, WalletState]
+State = Union[GatewayState, WalletState, AnomalyMarker]
+_MARKER = "\x00anomaly"  # pending key suffix of an anomaly marker (its own entry beside the hash's state)
 
 
 def queue_write(pipe: "redis.client.Pipeline", s: State) -> None:
@@ -70,6 +80,8 @@ def queue_write(pipe: "redis.client.Pipeline", s: State) -> None:
     gateway state (a cancelled subscription)."""
     if isinstance(s, WalletState):
         pipe.hset(s.redis_key, mapping=cast(Mapping[Any, Any], wallet_fields(s)))
+    elif isinstance(s, AnomalyMarker):  # only ever moves to a later day
+        pipe.eval(ANOMALY_SCRIPT, 1, s.redis_key, s.value)
     elif s.deleted:
         pipe.delete(s.redis_key)
     else:
@@ -81,6 +93,16 @@ def make_client(url: str, timeout: float) -> "redis.Redis":
     the server closed reconnects transparently), instead of redis-py's default of many backed-off retries."""
     return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                 retry=Retry(NoBackoff(), 1))
+
+
+def _add_marker(pending: Dict[str, State], a: Any) -> None:
+    """The ``anomaly`` marker of an anomaly alert, pending beside the hash's state (the latest day wins)."""
+    m = AnomalyMarker(tenant_id=a.tenant_id, customer_id=a.customer_id, metric=a.metric,
+                      day_start=parse_rfc3339_ms(a.period_start))
+    k = m.redis_key + _MARKER
+    old = pending.get(k)
+    if not isinstance(old, AnomalyMarker) or old.day_start < m.day_start:
+        pending[k] = m
 
 
 class _GatewayStatePartition(StatelessSinkPartition[Emission]):
@@ -124,6 +146,9 @@ class _GatewayStatePartition(StatelessSinkPartition[Emission]):
                     pending[g.redis_key] = g
                 for w in e.wallets:
                     pending[w.redis_key] = w
+                for a in e.alerts:
+                    if a.type == "anomaly":
+                        _add_marker(pending, a)
             if pending and (self._outage_since is None or self._clock() >= self._next_try):
                 self._flush()
             self._report_pending()
