@@ -53,15 +53,18 @@ def run_demo(n_events: int, workdir: str, seed: int) -> int:
         with events_path.open("wb") as f:
             # The spiking customer's history (the days before the period) first, then its spike on the period's first
             # day (within the sample's span: never ahead of the wall clock), then the sample.
+            spike = 0
             for line in generate_spike(tenants[0], SPIKE_CUSTOMER, pstart, seed=seed,
                                        spike_span_ms=min(2 * 3_600_000, max(1, now - pstart))):
                 f.write(line + b"\n")
+                spike += 1
             for i, line in enumerate(generate_events(n_events, tenants=3, customers=60, start_ms=pstart,
                                                      span_ms=max(1, now - pstart), seed=seed)):
                 f.write(line + b"\n")
                 if i % 5000 == 0:
                     progress.update(task, completed=i)
-    console.print(f"[bold]meterflow demo[/]: {n_events:,} events for {len(tenants)} tenants -> {events_path}")
+    console.print(f"[bold]meterflow demo[/]: {n_events:,} events for {len(tenants)} tenants and {spike:,} of "
+                  f"{SPIKE_CUSTOMER}, whose usage spikes today -> {events_path}")
     cfg = load_config(cfg_path)
     t0 = time.monotonic()
     result = run_flow(cfg, [str(events_path)], progress_out=sys.stderr, progress_every=5.0)
