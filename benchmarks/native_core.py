@@ -18,7 +18,13 @@ mediation, dedupe and the count/sum folds, not the entitlement checks the Python
 native yet). ``--workload sample`` is the richer sample configuration (group_by, unique_count, p95,
 latest), Python core only.
 
-    python -m benchmarks.native_core --events 300000
+``--flow`` (bench workload) also runs the whole dataflow in process (``build_flow`` over ``TestingSource``,
+1 worker, recovery off, outputs discarded) with ``pipeline.core = "python"`` and ``"native"``, twice: as
+configured (every customer has thresholds, so the native dataflow folds them in Python) and with the
+subscriptions left out (no customer evaluates anything: all folded natively). It prints events/s and CPU
+seconds per million events of each, and checks that both cores emit the same final rows.
+
+    python -m benchmarks.native_core --events 300000 [--flow]
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from __future__ import annotations
 import argparse
 import resource
 import time
-from typing import Dict, List
+from typing import Any, Dict, List
 
 from meterflow.base.gc_tuning import tune_gc
 from meterflow.base.stats import FlowStats
@@ -183,6 +189,8 @@ def main() -> None:
     ap.add_argument("--customers", type=int, default=2000)
     ap.add_argument("--workload", choices=("bench", "sample"), default="bench",
                     help="bench: benchmarks/workload.py (count+sum, also run natively); sample: the sample config")
+    ap.add_argument("--flow", action="store_true",
+                    help="also run the whole dataflow in process with pipeline.core python and native")
     args = ap.parse_args()
     t = time.perf_counter()
     make = build_bench if args.workload == "bench" else build
@@ -205,6 +213,8 @@ def main() -> None:
     print(f"          accepted {r['accepted']:,}  rows emitted {r['rows']:,}")
     if args.workload == "bench":
         _print_native(cfg, batches, len(lines) / base, eps, r)
+        if args.flow:
+            _print_flows(cfg, batches)
     print(f"memory    RSS grew {rss_after - rss_before:,.0f} MiB while metering (state: dedupe ids, windows, "
           f"periods); peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB incl. the "
           "in-memory input")
@@ -228,6 +238,69 @@ def _print_native(cfg, batches, decode_eps: float, python_eps: float, py: Dict[s
     print(f"          per-batch latency    : p50 {best['p50_ms']:.2f} ms  p99 {best['p99_ms']:.2f} ms")
     print(f"          accepted {best['accepted']:,} (Python core {py['accepted']:,}); {best['python_path']:,} "
           f"events through the Python path; rows returned {best['rows']:,} (every batch's changed rows)")
+
+
+class _Collect:
+    """A sink keeping each row's latest value (what a store of upserts ends with)."""
+
+    def __init__(self) -> None:
+        self.rows: Dict[tuple, tuple] = {}
+
+    def sink(self):
+        from bytewax.outputs import DynamicSink, StatelessSinkPartition
+
+        rows = self.rows
+
+        class _Part(StatelessSinkPartition):
+            def write_batch(self, items) -> None:
+                for em in items:
+                    for r in em.periods:
+                        k = (r.tenant_id, r.customer_id, r.metric, r.period_start)
+                        if k not in rows or rows[k][0] <= r.version:
+                            rows[k] = (r.version, r.value, r.events, r.final)
+
+        class _Sink(DynamicSink):
+            def build(self, step_id, worker_index, worker_count):
+                return _Part()
+
+        return _Sink()
+
+
+def run_flow(cfg, batches, core: str) -> Dict[str, Any]:
+    """The whole dataflow in process, one worker: wall and CPU seconds, and the final period rows."""
+    import msgspec
+    from bytewax.testing import TestingSource, run_main
+
+    from meterflow.dataflows.metering import build_flow
+
+    cfg = msgspec.structs.replace(cfg, pipeline=msgspec.structs.replace(cfg.pipeline, core=core))
+    items = [it for b in batches for it in b]
+    out = _Collect()
+    flow = build_flow(cfg, TestingSource(items, batch_size=len(batches[0])), [("out", out.sink())],
+                      recoverable=False)
+    c0, t0 = time.process_time(), time.perf_counter()
+    run_main(flow)
+    return {"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0, "rows": out.rows}
+
+
+def _print_flows(cfg, batches) -> None:
+    import msgspec
+
+    from meterflow.operators.native import native_problem
+
+    why = native_problem(cfg)
+    if why:
+        print(f"flow      native cannot run: {why}")
+        return
+    n = sum(len(b) for b in batches)
+    bare = msgspec.structs.replace(cfg, subscriptions=[])
+    for label, c in (("as configured (thresholds: Python fold)", cfg), ("no subscriptions (all native)", bare)):
+        py = run_flow(c, batches, "python")
+        nat = run_flow(c, batches, "native")
+        same = "same final rows" if py["rows"] == nat["rows"] else "ROWS DIFFER"
+        print(f"flow      {label}: python {n / py['seconds']:>10,.0f} events/s {py['cpu'] / n * 1e6:5.1f} CPU s/M; "
+              f"native {n / nat['seconds']:>10,.0f} events/s {nat['cpu'] / n * 1e6:5.1f} CPU s/M "
+              f"({py['seconds'] / nat['seconds']:.2f}x); {same} ({len(py['rows']):,} period rows)")
 
 
 def _rss_mib() -> float:

@@ -88,8 +88,9 @@ class _ShardLogic(StatefulBatchLogic):
     """
 
     def __init__(self, rules: Rules, shards: int, resume: Any, recoverable: bool, mediator: Mediator,
-                 clock: Callable[[], int] = _wall_ms) -> None:
+                 clock: Callable[[], int] = _wall_ms, native: Any = None) -> None:
         self._rules = rules
+        self._native = native  # pipeline.core = "native": a NativeMeters (operators/native.py), else None
         self._shards = shards
         self._recoverable = recoverable
         self._interval = rules.flush_ms
@@ -145,21 +146,62 @@ class _ShardLogic(StatefulBatchLogic):
         else:
             work = self._gather(values)
         due = now >= self._next_flush
-        meters, dirty, rules = self._meters, self._dirty, self._rules
+        meters, dirty, rules, native = self._meters, self._dirty, self._rules, self._native
+        native_work: List[Tuple[str, Any]] = []  # (key, events) of the customers the native core folds
         for key, items in work:
             meter = meters.get(key)
             if meter is None:
                 meter = meters[key] = CustomerMeter(rules, key)
-            out.add(meter.process(items, flush=due))
+                if native is not None and native.admits(meter):
+                    native.keys.add(key)
+            if native is not None and key in native.keys:
+                self._native_items(key, meter, items, native_work, out, due)
+            else:
+                out.add(meter.process(items, flush=due))
             if meter.next_evict < self._open_min:
                 self._open_min = meter.next_evict
             if not due and meter.has_dirty():
                 dirty.add(key)
+        if native_work:
+            dead = native.fold(meters, native_work)
+            if dead:
+                out.add(Emission(dead_letters=dead))
+            if not due:  # their rows are mirrored into their meters at the next tick (or snapshot)
+                dirty.update([key for key, _ in native_work])
         if self._recoverable:
             self._changed.update([key for key, _ in work])
         if due:
             self._flush_dirty(out, now)
         return out.emit(), StatefulBatchLogic.RETAIN
+
+    def _native_items(self, key: str, meter: CustomerMeter, items: List[Any], native_work: List[Tuple[str, Any]],
+                      out: "_Merged", due: bool) -> None:
+        """A customer the native core folds: its event lists join ``native_work``. At a changelog record it moves
+        to the Python fold for good (its meter processes the record and what follows)."""
+        for pos, group in enumerate(items):
+            if type(group) is EntitlementUpdate:
+                native = self._native
+                before = [(key, g) for g in items[:pos]]
+                dead = native.fold(self._meters, before) if before else []
+                self._sync_native()
+                native.release(meter)
+                em = meter.process(items[pos:], flush=due)
+                em.dead_letters = dead + em.dead_letters
+                out.add(em)
+                if not due and meter.has_dirty():
+                    self._dirty.add(key)
+                return
+            native_work.append((key, group))
+
+    def _sync_native(self) -> None:
+        """The rows the native core changed into their customers' meters (then they flush and snapshot as
+        the Python fold's do)."""
+        meters = self._meters
+        for key in self._native.sync(meters):
+            self._dirty.add(key)
+            meter = meters[key]
+            if meter.next_evict < self._open_min:
+                self._open_min = meter.next_evict
 
     @staticmethod
     def _gather(values: List[Any]) -> List[Tuple[str, List[Any]]]:
@@ -186,6 +228,8 @@ class _ShardLogic(StatefulBatchLogic):
         """The tick: every pending row of the shard leaves, rows the watermark closed leave final (``wm``, by
         default the flow's watermark at the previous tick); the next tick is scheduled."""
         meters = self._meters
+        if self._native is not None:
+            self._sync_native()
         for key in self._dirty:
             meter = meters[key]
             if meter.has_dirty():  # (a customer of this batch was already flushed by process)
@@ -207,6 +251,8 @@ class _ShardLogic(StatefulBatchLogic):
         for key, meter in self._meters.items():
             if meter.finalize_due(wm):
                 out.add(meter.finalize(wm))
+                if self._native is not None and key in self._native.keys:
+                    self._native.raise_wm(meter)
                 if self._recoverable:
                     self._changed.add(key)
             if meter.next_evict < lowest:
@@ -243,8 +289,12 @@ class _ShardLogic(StatefulBatchLogic):
         # Bytewax asks for snapshots every epoch even without recovery; only pay for them when they are kept.
         if not self._recoverable:
             return None
-        snaps, meters = self._snaps, self._meters
+        snaps, meters, native = self._snaps, self._meters, self._native
+        if native is not None:
+            self._sync_native()
         for key in self._changed:
+            if native is not None and key in native.keys:
+                native.before_snapshot(meters[key])
             snaps[key] = meters[key].snapshot()
         self._changed = set()
         # A copy: Bytewax may serialise the snapshot after this logic has moved on.
@@ -358,8 +408,17 @@ def build_flow(config: Config, source: Source, sinks: Sequence[Tuple[str, Sink]]
         decided = op.flat_map_batch("mediate_decisions", op.input("decisions_in", flow, decisions),
                                     decision_emissions)
         dead = op.merge("dead_letters_and_decisions", dead, decided)
+    native: Optional[Callable[[], Any]] = None
+    if config.pipeline.core == "native":
+        from meterflow.operators.native import NativeMeters, native_problem
+
+        why = native_problem(config)
+        if why is not None:
+            raise MeterError(f'pipeline.core = "native": {why}; set pipeline.core = "python" (the default)')
+        native = NativeMeters.factory(config)
     metered = op.stateful_batch("meter", keyed,
-                                lambda resume: _ShardLogic(rules, shards, resume, recoverable, mediator))
+                                lambda resume: _ShardLogic(rules, shards, resume, recoverable, mediator,
+                                                           native=native() if native else None))
     # Dead letters join after the meter step: they never wait for a shard, and leave in their batch's epoch.
     emissions = op.merge("emissions", op.map("drop_key", metered, _drop_key), dead)
     for name, sink in sinks:

@@ -8,9 +8,15 @@ Python :class:`~meterflow.operators.mediate.Mediator` (which gives the exact dea
 folded natively), so the state sees every event in arrival order. Meter dead letters (too_late,
 missing_property) are decided natively and worded here with the Python texts.
 
-Not native yet (:func:`unsupported`): aggregations other than count and sum, ``group_by``, entitlements
-(thresholds, alerts, rating), changelog records, snapshots and eviction. The dataflow does not use this
-module yet: it runs the Python core; :func:`core_in_use` says so.
+:class:`NativeMeters` is what the dataflow runs with ``pipeline.core = "native"``: one native core per shard
+folds the events of the customers whose subscription evaluates nothing per event (no entitlement, credit or
+spend threshold; no anomaly detection), and mirrors the rows each batch changed into those customers'
+:class:`~meterflow.operators.meter.CustomerMeter`, so flushes, versions, finality, rated rows, reviews and
+snapshots are the Python ones. The other customers, a customer once a changelog record reaches it, and
+every customer resumed from a snapshot run the Python fold.
+
+Not native yet (:func:`unsupported`): aggregations other than count and sum, ``group_by``; the per-event
+entitlement checks (those customers run the Python fold).
 
 When ``meterflow_native`` is not built (no cargo at setup), :data:`AVAILABLE` is False and everything runs on
 the Python path.
@@ -21,13 +27,14 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from meterflow.base.keys import KEY_SEP
-from meterflow.base.stats import FlowStats
+from meterflow.base.stats import STATS, FlowStats
 from meterflow.base.timeutil import dt_to_ms, now_ms
-from meterflow.operators.dedupe import fingerprint
+from meterflow.operators.dedupe import IdTable, fingerprint
 from meterflow.operators.mediate import Mediator, dead_letter
 from meterflow.schemas.config import Config
 from meterflow.schemas.events import EVENT_DECODER
 from meterflow.schemas.records import DeadLetter
+from meterflow.schemas.state import DedupeState
 
 try:  # built by ./dev setup (maturin develop) when cargo is there
     import meterflow_native as _native
@@ -56,10 +63,19 @@ def unsupported(cfg: Config) -> Optional[str]:
 
 
 def core_in_use(cfg: Optional[Config] = None) -> str:
-    """What ``meter`` reports as its core: the dataflow runs the Python core; the native core is built or not."""
+    """What ``meter`` reports as its core (``pipeline.core``; whether the native core is built)."""
+    if cfg is not None and cfg.pipeline.core == "native":
+        return "native (customers that evaluate nothing per event; the others on the Python fold)"
     if not AVAILABLE:
         return "python (native core not built: ./dev setup builds it when cargo is installed)"
-    return "python (native core built, not yet wired into the dataflow: issue 16)"
+    return "python (native core built: pipeline.core = \"native\" turns it on)"
+
+
+def native_problem(cfg: Config) -> Optional[str]:
+    """Why ``pipeline.core = "native"`` cannot run ``cfg`` (None: it can)."""
+    if not AVAILABLE:
+        return "the native core is not built (./dev setup builds it when cargo is installed)"
+    return unsupported(cfg)
 
 
 def _scalar(v: Any) -> bool:
@@ -176,3 +192,165 @@ class NativeBatchCore:
                 ev = me.event
                 self._core.fold(index, ev.tenant_id, ev.customer_id, fingerprint(ev.event_id), ev.event_type, me.ts,
                                 me.wm, me.excluded, ev.correction, [(k, _value(v)) for k, v in ev.properties.items()])
+
+
+class NativeMeters:
+    """The native fold of one shard (``pipeline.core = "native"``), beside its :class:`CustomerMeter` objects.
+
+    A customer is folded here when it is first seen and its subscription evaluates nothing per event
+    (:meth:`admits`); its ``CustomerMeter`` then holds everything but the dedupe table: after each list of
+    events, the rows the native fold changed are written into its accumulators (dirty, with their expiries)
+    and its watermark and current periods follow, so :meth:`CustomerMeter.flush` and ``finalize`` emit
+    exactly what the Python fold would. The dedupe table is copied into the meter for a snapshot
+    (:meth:`before_snapshot`), so snapshots are the Python ones and a recovery directory resumes with
+    either core (resumed customers stay on the Python fold). A changelog record moves its customer to the
+    Python fold for good, its dedupe table with it."""
+
+    def __init__(self, cfg: Config, stats: FlowStats = STATS, spec: Optional[Dict[str, Any]] = None) -> None:
+        why = native_problem(cfg)
+        if why is not None or _native is None:
+            raise ValueError(why)
+        self._spec = spec if spec is not None else _spec(cfg)  # one per flow: shared by its shards (factory)
+        self._core_obj: Any = None  # made when the shard admits its first customer
+        self._stats = stats
+        self._agg = {m.code: m.aggregation for m in cfg.metrics}
+        self._prop = {m.code: m.property or "" for m in cfg.metrics}
+        self._grace = cfg.pipeline.late_grace_ms
+        self._invalid = 0
+        self.keys: set = set()  # the customers folded here
+
+    @classmethod
+    def factory(cls, cfg: Config) -> Callable[[], "NativeMeters"]:
+        """One shard's NativeMeters per call, the compiled rules built once."""
+        spec = _spec(cfg)
+        return lambda: cls(cfg, spec=spec)
+
+    @property
+    def _core(self) -> Any:
+        if self._core_obj is None:
+            self._core_obj = _native.BatchCore(self._spec)
+        return self._core_obj
+
+    def admits(self, meter: Any) -> bool:
+        return meter.anom is None and not meter.ent.evaluated
+
+    def fold(self, meters: Dict[str, Any], pairs: List[Tuple[str, List[Any]]]) -> List[DeadLetter]:
+        """Fold ``(key, events)`` lists of customers folded here, in order, in one native call; the dead letters
+        (each customer's in event order). The changed rows wait in the native state for :meth:`sync`."""
+        core = self._core
+        failed: List[Tuple[int, DeadLetter]] = []
+        np_ = len(pairs)
+        p, i, why = core.fold_many(pairs, 0, 0)
+        while p < np_:
+            key, group = pairs[p]
+            meter, me = meters[key], group[i]
+            if why == 1:  # a line the native decoder leaves to Python: the Mediator's event, folded natively
+                ev = me.event
+                try:
+                    core.fold(p << 32 | i, ev.tenant_id, ev.customer_id, fingerprint(ev.event_id), ev.event_type,
+                              me.ts, me.wm, me.excluded, ev.correction,
+                              [(k, _value(v)) for k, v in ev.properties.items()])
+                except ValueError:
+                    why = 2
+            if why == 2:  # no billing period: the Python fold's dead letter
+                sub = meter.ent.rule
+                text = meter._bounds(me.ts, sub.period, sub.anchor_ms)
+                failed.append((p << 32 | i, dead_letter("invalid_event", str(text), me.src, me.raw, meter.tenant_id)))
+                self._invalid += 1
+            p, i, why = core.fold_many(pairs, p, i + 1)
+        for index, key, reason, a, b, c in core.take_notes():
+            meter, me = meters[key], pairs[index >> 32][1][index & 0xFFFFFFFF]
+            if reason == "too_late":
+                failed.append((index, meter._too_late(me, a, b, c)))
+            else:
+                prop = self._prop[a]
+                failed.append((index, meter._missing_property(me, a, prop, me.event.properties.get(prop))))
+        dup, excl, unmetered, too_late, missing, _read = core.take_counts()
+        n = sum(len(g) for _, g in pairs)
+        bad = too_late + self._invalid
+        self._invalid = 0
+        stats = self._stats
+        stats.add_metered(n - dup - excl - bad, dup, excl, unmetered, 0, bad, missing)
+        stats.add({"alerts": 0, "unevaluated": n})  # (as CustomerMeter.process: nothing evaluated)
+        if not failed:
+            return []
+        failed.sort(key=lambda x: x[0])
+        return [d for _, d in failed]
+
+    def sync(self, meters: Dict[str, Any]) -> List[str]:
+        """Mirror every row changed since the last sync into its customer's meter, as the Python fold leaves it
+        (accumulators, dirty sets, expiries, the watermark, the current periods); the customers mirrored."""
+        core = self._core_obj
+        if core is None:
+            return []
+        windows, periods, excluded, _notes = core.take_changes()
+        agg = self._agg
+        grace = self._grace
+        for key, code, ws, events, total, fs in windows:
+            meter = meters[key]
+            wk = (code, ws, ())
+            acc = meter.windows.get(wk)
+            if acc is None:
+                sub = meter.ent.rule
+                acc = meter._new_window(wk, agg[code], sub.period, sub.anchor_ms, 0, 0)
+            acc.events = events
+            acc.total = total
+            if agg[code] == "sum":
+                acc.fscaled = int.from_bytes(fs, "little", signed=True) if fs else 0
+            meter.dirty_w.add(wk)
+        alerts: List[Any] = []
+        for key, code, ps, pe, events, total, fs in periods:
+            meter = meters[key]
+            pk = (code, ps, pe)
+            acc = meter.periods.get(pk)
+            if acc is None:
+                acc = meter._new_period(pk, agg[code])
+            acc.events = events
+            acc.total = total
+            if agg[code] == "sum":
+                acc.fscaled = int.from_bytes(fs, "little", signed=True) if fs else 0
+            meter.dirty_p.add(pk)
+            ent = meter.ent
+            cur = ent.cur.get(code)  # the current period, as the fold advances it (first arrivals, in order)
+            if cur is None or cur[1] < ps:
+                ent.advance(code, pk, None, meter.usage, alerts)
+                # (nothing of an unevaluated customer is live gateway state: the batch's end would clear it)
+                ent.touched.clear()
+        for key, code, ps, pe, count in excluded:
+            meter = meters[key]
+            pk = (code, ps, pe)
+            if pk not in meter.excluded and pe + grace < meter.next_evict:
+                meter.next_evict = pe + grace
+            meter.excluded[pk] = count
+            meter.dirty_p.add(pk)
+        keys = []
+        for key, wm in core.take_wms():
+            meter = meters.get(key)
+            if meter is not None and key in self.keys:
+                if wm > meter.wm:
+                    meter.wm = wm
+                keys.append(key)
+        return keys
+
+    def _seen(self, key: str) -> IdTable:
+        fps, exps = self._core.export_seen(key)
+        return IdTable.from_state(DedupeState(fingerprints=fps, expiries=exps))
+
+    def before_snapshot(self, meter: Any) -> None:
+        """Copy the customer's dedupe table into its meter, which :meth:`CustomerMeter.snapshot` encodes."""
+        meter.seen = self._seen(meter.key)
+
+    def release(self, meter: Any) -> None:
+        """The customer goes to the Python fold: its dedupe table into its meter, forgotten here (call
+        :meth:`sync` first)."""
+        key = meter.key
+        meter.seen = self._seen(key)
+        meter.next_dedupe_evict = meter.seen.min_expiry()
+        meter._period = (0, 0)
+        meter._rows = {}
+        self._core.drop_customer(key)
+        self.keys.discard(key)
+
+    def raise_wm(self, meter: Any) -> None:
+        """The flow's watermark finalized the customer's rows: its native watermark follows."""
+        self._core.raise_wm(meter.key, meter.wm)

@@ -49,6 +49,8 @@ class PipelineConfig(_Frozen, frozen=True):
     shards: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 256
     # Every accepted event (duplicates included) archived in ClickHouse raw_events, for `meter reconcile`.
     archive_raw: bool = True
+    # Which core meters (README: Native core): "python", or "native" (the Rust core of native/, when built).
+    core: Literal["python", "native"] = "python"
 
     @property
     def rollup_window_ms(self) -> int:

@@ -181,6 +181,7 @@ struct Customer {
     windows: FxMap<WKey, Acc>,
     periods: FxMap<PKey, Acc>,
     excluded: FxMap<PKey, (u64, u64)>,
+    touched: u64, // the round of take_wms in which an event of this customer was last folded
 }
 
 enum Note {
@@ -200,7 +201,7 @@ struct Counters {
     python_path: u64,
 }
 
-#[pyclass(module = "meterflow_native", unsendable)]
+#[pyclass(module = "meterflow_native")]
 struct BatchCore {
     max_bytes: usize,
     max_skew_ms: i64,
@@ -223,6 +224,9 @@ struct BatchCore {
     notes: Vec<Note>,
     c: Counters,
     key_buf: String,
+    wm_round: u64,
+    touched_c: Vec<usize>,
+    last: [u64; 6],
 }
 
 fn val_from_py(v: &Bound<'_, PyAny>) -> PyResult<Val> {
@@ -285,6 +289,7 @@ impl BatchCore {
             windows: FxMap::default(),
             periods: FxMap::default(),
             excluded: FxMap::default(),
+            touched: 0,
         });
         self.index.insert(key, i);
         i
@@ -296,6 +301,10 @@ impl BatchCore {
                                excluded: bool, correction: bool, props: &[(K, Val)]) -> PyResult<()> {
         let (window_ms, grace_ms, dedupe_ms, round) = (self.window_ms, self.grace_ms, self.dedupe_ms, self.round);
         let cust = &mut self.customers[ci];
+        if cust.touched != self.wm_round {
+            cust.touched = self.wm_round;
+            self.touched_c.push(ci);
+        }
         if !(cust.pstart <= ts && ts < cust.pend) {
             let (s, e) = cust.rule.bounds(ts).ok_or_else(|| {
                 PyValueError::new_err(format!("timestamp {ts} is outside the range of billing periods"))
@@ -512,6 +521,9 @@ impl BatchCore {
             notes: Vec::new(),
             c: Counters::default(),
             key_buf: String::new(),
+            wm_round: 1,
+            touched_c: Vec::new(),
+            last: [0; 6],
         })
     }
 
@@ -552,6 +564,181 @@ impl BatchCore {
         self.c.read += 1;
         self.c.python_path += 1;
         self.fold_one(index, ci, fp, event_type, ts, wm, excluded, correction, &props)
+    }
+
+    /// Fold one customer's events that the Python Mediator accepted (its `MeteredEvent`s: `raw`, `ts`, `wm`,
+    /// `excluded` read from each; the rest decoded here from `raw`), from `events[start]` on, in order.
+    /// Returns `(i, why)`: `why` 0 when all are folded (`i == len(events)`); 1 when `events[i]`'s line is one
+    /// it does not decode exactly (the caller folds it with `fold`); 2 when `events[i]`'s time has no billing
+    /// period (nothing of it was folded: the caller dead-letters it). Then the caller resumes at `i + 1`.
+    fn fold_events(&mut self, py: Python<'_>, key: &str, events: &Bound<'_, PyList>, start: usize)
+                   -> PyResult<(usize, u8)> {
+        self.key_buf.clear();
+        self.key_buf.push_str(key);
+        let ci = match self.index.get(key) {
+            Some(&i) => i,
+            None => self.new_customer(py),
+        };
+        let (a_raw, a_ts, a_wm, a_ex) =
+            (pyo3::intern!(py, "raw"), pyo3::intern!(py, "ts"), pyo3::intern!(py, "wm"), pyo3::intern!(py, "excluded"));
+        let n = events.len();
+        let mut i = start;
+        while i < n {
+            let me = events.get_item(i)?;
+            let raw_obj = me.getattr(a_raw)?;
+            let Ok(b) = raw_obj.cast::<PyBytes>() else { return Ok((i, 1)) };
+            let raw = b.as_bytes();
+            if raw.iter().filter(|&&c| c == b'{' || c == b'[').count() > MAX_DEPTH {
+                return Ok((i, 1));
+            }
+            let Some(ev) = json::parse_event(raw) else { return Ok((i, 1)) };
+            let ts: i64 = me.getattr(a_ts)?.extract()?;
+            let wm: i64 = me.getattr(a_wm)?.extract()?;
+            let excluded: bool = me.getattr(a_ex)?.extract()?;
+            if wm > self.watermark {
+                self.watermark = wm;
+            }
+            if self.fold_one(i, ci, fingerprint(&ev.event_id), &ev.event_type, ts, wm, excluded, ev.correction,
+                             &ev.props).is_err() {
+                return Ok((i, 2));
+            }
+            self.c.read += 1;
+            i += 1;
+        }
+        Ok((i, 0))
+    }
+
+    /// `fold_events` over `pairs[p_start:]` of `(key, events)`, the first from `events[i_start]` on. Returns
+    /// `(p, i, why)`: `p == len(pairs)` when all are folded; else `pairs[p]`'s `events[i]` needs the caller
+    /// (`why` as in `fold_events`), which resumes at `(p, i + 1)`. Note indexes are `p << 32 | i`.
+    fn fold_many(&mut self, py: Python<'_>, pairs: &Bound<'_, PyList>, p_start: usize, i_start: usize)
+                 -> PyResult<(usize, usize, u8)> {
+        let (a_raw, a_ts, a_wm, a_ex) =
+            (pyo3::intern!(py, "raw"), pyo3::intern!(py, "ts"), pyo3::intern!(py, "wm"), pyo3::intern!(py, "excluded"));
+        let np = pairs.len();
+        let mut p = p_start;
+        let mut i = i_start;
+        while p < np {
+            let pair = pairs.get_item(p)?;
+            let key_obj = pair.get_item(0)?;
+            let key = key_obj.cast::<PyString>()?.to_str()?;
+            let events_obj = pair.get_item(1)?;
+            let events = events_obj.cast::<PyList>()?;
+            let ci = match self.index.get(key) {
+                Some(&c) => c,
+                None => {
+                    self.key_buf.clear();
+                    self.key_buf.push_str(key);
+                    self.new_customer(py)
+                }
+            };
+            let n = events.len();
+            while i < n {
+                let me = events.get_item(i)?;
+                let raw_obj = me.getattr(a_raw)?;
+                let Ok(b) = raw_obj.cast::<PyBytes>() else { return Ok((p, i, 1)) };
+                let raw = b.as_bytes();
+                if raw.iter().filter(|&&c| c == b'{' || c == b'[').count() > MAX_DEPTH {
+                    return Ok((p, i, 1));
+                }
+                let Some(ev) = json::parse_event(raw) else { return Ok((p, i, 1)) };
+                let ts: i64 = me.getattr(a_ts)?.extract()?;
+                let wm: i64 = me.getattr(a_wm)?.extract()?;
+                let excluded: bool = me.getattr(a_ex)?.extract()?;
+                if wm > self.watermark {
+                    self.watermark = wm;
+                }
+                if self.fold_one(p << 32 | i, ci, fingerprint(&ev.event_id), &ev.event_type, ts, wm, excluded,
+                                 ev.correction, &ev.props).is_err() {
+                    return Ok((p, i, 2));
+                }
+                self.c.read += 1;
+                i += 1;
+            }
+            p += 1;
+            i = 0;
+        }
+        Ok((p, 0, 0))
+    }
+
+    /// The meter dead letters to word since the last call (as in `take_changes`), rows left for later.
+    fn take_notes<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let notes = PyList::empty(py);
+        for note in self.notes.drain(..) {
+            match note {
+                Note::TooLate { index, cust, pstart, pend, wm } => {
+                    notes.append((index, self.customers[cust].key.bind(py), "too_late", pstart, pend, wm))?
+                }
+                Note::Missing { index, cust, metric } => notes.append((
+                    index,
+                    self.customers[cust].key.bind(py),
+                    "missing_property",
+                    self.metrics[metric as usize].code.bind(py),
+                    0,
+                    0,
+                ))?,
+            }
+        }
+        Ok(notes)
+    }
+
+    /// Counts since the last call: (duplicates, excluded, unmetered, too_late, missing_property, read).
+    fn take_counts(&mut self) -> (u64, u64, u64, u64, u64, u64) {
+        let c = &self.c;
+        let now = [c.duplicates, c.excluded, c.unmetered, c.too_late, c.missing_property, c.read];
+        let l = self.last;
+        self.last = now;
+        (now[0] - l[0], now[1] - l[1], now[2] - l[2], now[3] - l[3], now[4] - l[4], now[5] - l[5])
+    }
+
+    /// `(key, watermark)` of every customer an event was folded for since the last call.
+    fn take_wms<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        for ci in self.touched_c.drain(..) {
+            let c = &self.customers[ci];
+            out.append((c.key.bind(py), c.wm))?;
+        }
+        self.wm_round += 1;
+        Ok(out)
+    }
+
+    /// The watermark of customer `key` (None: not held here).
+    fn customer_wm(&self, key: &str) -> Option<i64> {
+        self.index.get(key).map(|&i| self.customers[i].wm)
+    }
+
+    /// Raise customer `key`'s watermark to `wm` (the flow's watermark finalized its rows).
+    fn raise_wm(&mut self, key: &str, wm: i64) {
+        if let Some(&i) = self.index.get(key) {
+            let c = &mut self.customers[i];
+            if wm > c.wm {
+                c.wm = wm;
+            }
+        }
+    }
+
+    /// Customer `key`'s tracked ids as operators/dedupe.py `IdTable` state: (fingerprints, expiries), each a
+    /// little-endian uint64 array (ids whose expiry passed are kept, as IdTable keeps them until evicted).
+    fn export_seen<'py>(&self, py: Python<'py>, key: &str) -> (Bound<'py, PyBytes>, Bound<'py, PyBytes>) {
+        let (mut fps, mut exps) = (Vec::new(), Vec::new());
+        if let Some(&i) = self.index.get(key) {
+            for (fp, e) in &self.customers[i].seen {
+                fps.extend_from_slice(&fp.to_le_bytes());
+                exps.extend_from_slice(&e.to_le_bytes());
+            }
+        }
+        (PyBytes::new(py, &fps), PyBytes::new(py, &exps))
+    }
+
+    /// Forget customer `key` (its state moved to the Python path). Call `take_changes` first.
+    fn drop_customer(&mut self, key: &str) {
+        if let Some(i) = self.index.remove(key) {
+            let c = &mut self.customers[i];
+            c.seen = HashMap::default();
+            c.windows = FxMap::default();
+            c.periods = FxMap::default();
+            c.excluded = FxMap::default();
+        }
     }
 
     /// The rows changed since the last call, with their current values, and the meter dead letters to word:

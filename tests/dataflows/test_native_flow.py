@@ -1,0 +1,284 @@
+"""``pipeline.core = "native"`` against ``"python"`` through the whole dataflow (``build_flow`` with
+``TestingSource``; 1 and 2 workers; aborts with resume from the recovery store): the final window, period
+and rated rows per key (value, events, version, ``final``), dead letters by id (reason, detail) and alerts by
+id must be identical. The configuration mixes customers the native core folds (no subscription, or a priced
+plan without entitlements) with customers whose thresholds keep them on the Python fold, in shared shards.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import tomllib
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import msgspec
+import pytest
+from bytewax.recovery import RecoveryConfig, init_db_dir
+from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from meterflow.base.errors import MeterError
+from meterflow.base.stats import FlowStats
+from meterflow.dataflows.metering import _ShardLogic, build_flow
+from meterflow.operators.changelog import ChangelogMediator
+from meterflow.operators.mediate import Mediator, bundle_shards
+from meterflow.operators.rules import Rules
+from meterflow.schemas.config import parse_config
+
+native = pytest.importorskip("meterflow.operators.native")
+if not native.AVAILABLE:  # pragma: no cover - depends on the build
+    pytest.skip("meterflow_native is not built (./dev setup with cargo)", allow_module_level=True)
+
+DAY = 86_400_000
+BASE = 1_793_491_200_000  # 2026-11-01T00:00:00Z: every event is before the flow's wall clock (skew rule)
+
+CONFIG = """
+[pipeline]
+rollup_window = "1h"
+late_grace = "2d"
+dedupe_window = "1d"
+max_event_bytes = 600
+shards = 3
+
+[[tenants]]
+id = "acme"
+exclude_when = { environment = "test" }
+excluded_customers = ["internal"]
+
+[[tenants]]
+id = "beta"
+
+[[metrics]]
+code = "api_calls"
+event_type = "api_call"
+aggregation = "count"
+
+[[metrics]]
+code = "tokens"
+event_type = "api_call"
+aggregation = "sum"
+property = "tokens"
+
+[[metrics]]
+code = "gpu_seconds"
+event_type = "gpu"
+aggregation = "sum"
+property = "seconds"
+where = { kind = "a100" }
+
+[[plans]]
+code = "pro"
+[plans.entitlements.api_calls]
+included = 4
+thresholds = [50, 100]
+enforcement = "hard"
+
+[[plans]]
+code = "metered"
+[plans.entitlements.tokens]
+price = { model = "per_unit", unit_amount = 0.25 }
+[plans.entitlements.api_calls]
+price = { model = "tiered", tiers = [{ up_to = 2, unit_amount = 1 }, { unit_amount = 0.5 }] }
+
+[[subscriptions]]
+tenant_id = "acme"
+customer_id = "c1"
+plan = "pro"
+period = "week"
+anchor = "2026-11-04T12:00:00Z"
+
+[[subscriptions]]
+tenant_id = "acme"
+customer_id = "c2"
+plan = "metered"
+period = "day"
+anchor = "2026-11-03T07:00:00Z"
+
+[[subscriptions]]
+tenant_id = "beta"
+customer_id = "c1"
+plan = "metered"
+period = "month"
+"""
+
+
+def config(core: str, shards: int = 3):
+    raw = tomllib.loads(CONFIG)
+    raw["pipeline"]["core"] = core
+    raw["pipeline"]["shards"] = shards
+    return parse_config(raw, "native_flow.toml", environ={})
+
+
+values = st.one_of(st.integers(-50, 50), st.sampled_from([0.1, 0.25, -0.0, 1e299, 2**63, 10**30, True, None, "7"]))
+
+
+@st.composite
+def lines(draw) -> bytes:
+    ev: Dict[str, Any] = {
+        "event_id": draw(st.sampled_from(["e1", "e2", "e3", "e4", "e5", "e6", "e7", "é8"])),
+        "tenant_id": draw(st.sampled_from(["acme", "acme", "beta", "ghost"])),
+        "customer_id": draw(st.sampled_from(["c1", "c2", "c3", "c4", "internal"])),
+        "event_type": draw(st.sampled_from(["api_call", "api_call", "gpu", "other"])),
+    }
+    ts = BASE + draw(st.integers(0, 12)) * DAY // 2 + draw(st.sampled_from([0, 1, 3_599_999, 3_600_000]))
+    ev["timestamp"] = ts if draw(st.booleans()) else f"{_iso(ts)}"
+    props: Dict[str, Any] = {}
+    for k, choices in (("tokens", values), ("seconds", values), ("kind", st.sampled_from(["a100", "h100"])),
+                       ("environment", st.sampled_from(["test", "prod"]))):
+        if draw(st.booleans()):
+            props[k] = draw(choices)
+    ev["properties"] = props
+    if draw(st.integers(0, 6)) == 0:
+        ev["correction"] = True
+        ev["corrects"] = "e1"
+    raw = json.dumps(ev, ensure_ascii=draw(st.booleans())).encode()
+    how = draw(st.integers(0, 14))
+    if how == 0:
+        raw = raw[: draw(st.integers(0, len(raw)))]
+    elif how == 1:
+        raw = raw.replace(b'"event_type"', b'"event\\u005ftype"', 1)  # decoded by Python, folded natively
+    elif how == 2:
+        raw = b"[" * 70 + raw
+    return raw
+
+
+def _iso(ms: int) -> str:
+    from meterflow.base.timeutil import ms_to_iso
+
+    return ms_to_iso(ms)
+
+
+def outcome(out: List[Any]) -> Dict[str, Any]:
+    """Final rows per key (highest version), dead letters and alerts by id, without wall-clock fields."""
+    rows: Dict[Tuple[Any, ...], Any] = {}
+
+    def keep(k: Tuple[Any, ...], r: Any, version: int) -> None:
+        prev = rows.get(k)
+        if prev is None or version >= prev[0]:
+            rows[k] = (version, r)
+
+    dead, alerts = {}, {}
+    for em in out:
+        for r in em.windows:
+            keep(("w", r.tenant_id, r.customer_id, r.metric, r.window_start), msgspec.structs.asdict(r), r.version)
+        for r in em.periods:
+            keep(("p", r.tenant_id, r.customer_id, r.metric, r.period_start), msgspec.structs.asdict(r), r.version)
+        for r in em.rated or ():
+            keep(("r", r.tenant_id, r.customer_id, r.metric, r.period_start), msgspec.structs.asdict(r), r.version)
+        for d in em.dead_letters:
+            dead[d.dl_id] = (d.reason, d.detail, d.source, d.tenant_id, d.metric)
+        for a in em.alerts:
+            alerts[a.alert_id] = {k: v for k, v in msgspec.structs.asdict(a).items()
+                                  if k not in ("detected_at", "ingested_at", "event_time")}
+    return {"rows": rows, "dead": dead, "alerts": alerts}
+
+
+def run_flow(core: str, items: List[Any], batch_size: int, workers: int = 1, aborts: int = 0) -> Dict[str, Any]:
+    out: List[Any] = []
+    cfg = config(core)
+    if not aborts:
+        flow = build_flow(cfg, TestingSource(items, batch_size=batch_size), [("out", TestingSink(out))],
+                          recoverable=False)
+        if workers == 1:
+            run_main(flow)
+        else:
+            cluster_main(flow, [], 0, worker_count_per_proc=workers)
+        return outcome(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        init_db_dir(Path(tmp), 1)
+        for _ in range(aborts + 1):
+            flow = build_flow(cfg, TestingSource(items, batch_size=batch_size), [("out", TestingSink(out))])
+            run_main(flow, epoch_interval=timedelta(0), recovery_config=RecoveryConfig(Path(tmp)))
+    return outcome(out)
+
+
+SETTINGS = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(stream=st.lists(lines(), min_size=1, max_size=40), batch_size=st.integers(1, 10),
+       workers=st.sampled_from([1, 2]))
+def test_native_and_python_cores_emit_the_same_through_the_flow(stream, batch_size, workers):
+    items = [(("events.jsonl", i + 1), raw) for i, raw in enumerate(stream)]
+    want = run_flow("python", items, batch_size, workers)
+    got = run_flow("native", items, batch_size, workers)
+    assert got == want
+
+
+@settings(max_examples=12, **SETTINGS)
+@given(stream=st.lists(lines(), min_size=1, max_size=30), batch_size=st.integers(1, 4),
+       cuts=st.lists(st.integers(0, 200), min_size=1, max_size=2))
+def test_native_and_python_cores_agree_through_abort_and_resume(stream, batch_size, cuts):
+    items: List[Any] = [(("events.jsonl", i + 1), raw) for i, raw in enumerate(stream)]
+    for c in sorted(set(cuts), reverse=True):
+        items.insert(c % (len(items) + 1), TestingSource.ABORT())
+    n = len(set(cuts))
+    assert run_flow("native", items, batch_size, aborts=n) == run_flow("python", items, batch_size, aborts=n)
+
+
+def test_a_retried_id_after_a_resume_stays_a_duplicate():
+    """The native dedupe table goes into the snapshot: e1 retried after the abort is not counted again."""
+    def ev(eid):
+        return json.dumps({"event_id": eid, "tenant_id": "acme", "customer_id": "c3", "event_type": "api_call",
+                           "timestamp": BASE, "properties": {"tokens": 2}}).encode()
+
+    items = [(("in", 1), ev("e1")), (("in", 2), ev("e2")), TestingSource.ABORT(), (("in", 3), ev("e1"))]
+    got = run_flow("native", items, 1, aborts=1)
+    assert got == run_flow("python", items, 1, aborts=1)
+    assert got["rows"][("p", "acme", "c3", "api_calls", BASE)][1]["value"] == 2.0
+
+
+def test_the_native_core_folds_the_customers_that_evaluate_nothing():
+    """Who is folded natively: c3 (no subscription) and acme|c2 (prices, no entitlement); not acme|c1
+    (thresholds). A customer moves to the Python fold with its dedupe table when a changelog record reaches
+    it (a retried id stays a duplicate), and its alerts and state are those of the Python core."""
+    change = json.dumps({"tenant_id": "acme", "customer_id": "c3", "subscription": {
+        "tenant_id": "acme", "customer_id": "c3", "plan": "pro", "period": "month",
+        "anchor": "2026-11-01T00:00:00Z"}}).encode()
+
+    def ev(eid, cust, ts):
+        return (("in", eid), json.dumps({"event_id": eid, "tenant_id": "acme", "customer_id": cust,
+                                         "event_type": "api_call", "timestamp": ts, "properties": {"tokens": 2}})
+                .encode())
+
+    def run(core):
+        cfg = config(core, shards=1)
+        med = Mediator(cfg, stats=FlowStats())
+        logic = _ShardLogic(Rules(cfg), 1, None, True, med, clock=lambda: BASE + 40 * DAY,
+                            native=native.NativeMeters(cfg) if core == "native" else None)
+
+        def bundles(batch):
+            return [b for _, b in bundle_shards(med(batch).groups, 1)]
+
+        first, _ = logic.on_batch(bundles([ev("a", "c3", BASE), ev("b", "c2", BASE), ev("c", "c1", BASE)]))
+        keys = set(logic._native.keys) if logic._native else set()
+        ((_key, update),), dead = ChangelogMediator(cfg, stats=FlowStats())([(("changes", 1), change)])
+        assert dead == []
+        out, _ = logic.on_batch(bundles([ev("d", "c3", BASE + 1)]) + [update] +
+                                bundles([ev("a", "c3", BASE + 2), ev("e", "c3", BASE + 3), ev("f", "c3", BASE + 4)]))
+        meter = logic._meters["acme|c3"]
+        alerts = [(a.type, a.threshold_pct, a.event_id, a.usage) for em in first + out for a in em.alerts]
+        rows = sorted((r.metric, r.period_start, r.value, r.version) for em in first + out for r in em.periods)
+        return keys, logic._native.keys if logic._native else set(), meter.snapshot(), alerts, rows
+
+    keys, after, snap, alerts, rows = run("native")
+    assert keys == {"acme|c3", "acme|c2"} and after == {"acme|c2"}
+    # the change crosses 50 % at once (2 of 4 calls), the retried a is a duplicate, f reaches 100 % and blocks
+    assert alerts == [("threshold_crossed", 50.0, "", 2.0), ("threshold_crossed", 100.0, "f", 4.0),
+                      ("blocked", 100.0, "f", 4.0)]
+    assert (keys, after, snap, alerts, rows) == (keys, after) + run("python")[2:]
+
+
+def test_native_core_refused_with_the_reason_when_it_cannot_meter_the_configuration():
+    raw = tomllib.loads(CONFIG)
+    raw["pipeline"]["core"] = "native"
+    raw["metrics"].append({"code": "peak", "event_type": "gpu", "aggregation": "max", "property": "seconds"})
+    cfg = parse_config(raw, "native_flow.toml", environ={})
+    with pytest.raises(MeterError, match=r"^pipeline.core = \"native\": metric 'peak': max is not native yet"):
+        build_flow(cfg, TestingSource([]), [("out", TestingSink([]))])
+    assert native.core_in_use(config("python")).startswith("python")
+    assert native.core_in_use(config("native")).startswith("native")
