@@ -14,6 +14,8 @@ What happens:
       raw                    bare confluent-kafka consumer, msgspec decode only: the ceiling
       meterflow-1w           meter run --stop-at-end, 1 worker, recovery off
       meterflow-1w-recovery  the same with --recovery (SQLite snapshots every 2 s)
+      meterflow-1w-native    meterflow-1w with pipeline.core = "native" (README: Native core; every customer
+                             of this workload has thresholds, so the native mode folds them in Python)
       meterflow-2p           2 Bytewax processes (-a host:port;host:port -i 0/1), 1 worker each
       poll-clickhouse-60s    events batch-inserted into ClickHouse (chDB), a job aggregating and comparing
       poll-clickhouse-1s       with quotas every 60 s (Lago's clock) / 1 s (the best case)
@@ -76,7 +78,7 @@ from benchmarks.peers.report import (
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 
-CONTENDERS = ["raw", "meterflow-1w", "meterflow-1w-recovery", "meterflow-2p", "poll-clickhouse-60s",
+CONTENDERS = ["raw", "meterflow-1w", "meterflow-1w-recovery", "meterflow-1w-native", "meterflow-2p", "poll-clickhouse-60s",
               "poll-clickhouse-1s", "redis-counters", "quixstreams"]
 LATENCY_CONTENDERS = ["meterflow-1w", "poll-clickhouse-60s", "poll-clickhouse-1s", "redis-counters", "quixstreams"]
 POLL_INTERVAL = {"poll-clickhouse-60s": 60.0, "poll-clickhouse-1s": 1.0}
@@ -214,7 +216,10 @@ class Bench:
                 return row
         if name.startswith("meterflow"):
             cfg = self.work / f"{name}.toml"
-            cfg.write_text(self.mf_config(name))
+            text = self.mf_config(name)
+            if name.endswith("-native"):
+                text = text.replace("[pipeline]\n", '[pipeline]\ncore = "native"\n', 1)
+            cfg.write_text(text)
             if name == "meterflow-2p":
                 p0, p1 = _free_ports(2)
                 addrs = f"127.0.0.1:{p0};127.0.0.1:{p1}"

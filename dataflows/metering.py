@@ -81,6 +81,10 @@ class _ShardLogic(StatefulBatchLogic):
     of the shard and feeds each one's watermark to the mediator; a snapshot taken with another shard count
     is refused (its customers would no longer meet their events).
 
+    With ``pipeline.core = "native"`` (``native``: a :class:`meterflow.operators.native.NativeMeters`), the
+    customers that evaluate nothing per event are folded by the shard's native core, in one call per batch,
+    and their rows mirrored into their meters at each tick and before a snapshot (README: Native core).
+
     With live gateway state (``[redis]``), a resumed shard republishes the gateway and wallet state of
     every one of its customers once, ahead of its first batch or at once by notification (even with no
     new input): states the previous run could not write (Redis down at its end) are not lost, and a

@@ -1,8 +1,9 @@
 """``pipeline.core = "native"`` against ``"python"`` through the whole dataflow (``build_flow`` with
 ``TestingSource``; 1 and 2 workers; aborts with resume from the recovery store): the final window, period
-and rated rows per key (value, events, version, ``final``), dead letters by id (reason, detail) and alerts by
-id must be identical. The configuration mixes customers the native core folds (no subscription, or a priced
-plan without entitlements) with customers whose thresholds keep them on the Python fold, in shared shards.
+and rated rows per key (value, events, version, ``final``), dead letters by id (reason, detail), alerts by
+id, the last gateway state per customer and metric, and the counters must be identical. The configuration
+mixes customers the native core folds (no subscription, or a priced plan without entitlements) with
+customers whose thresholds keep them on the Python fold, in shared shards.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meterflow.base.errors import MeterError
-from meterflow.base.stats import FlowStats
+from meterflow.base.stats import STATS, FlowStats
 from meterflow.dataflows.metering import _ShardLogic, build_flow
 from meterflow.operators.changelog import ChangelogMediator
 from meterflow.operators.mediate import Mediator, bundle_shards
@@ -169,6 +170,9 @@ def outcome(out: List[Any]) -> Dict[str, Any]:
             keep(("p", r.tenant_id, r.customer_id, r.metric, r.period_start), msgspec.structs.asdict(r), r.version)
         for r in em.rated or ():
             keep(("r", r.tenant_id, r.customer_id, r.metric, r.period_start), msgspec.structs.asdict(r), r.version)
+        for g in em.gateway or ():
+            keep(("g", g.tenant_id, g.customer_id, g.metric), {k: v for k, v in msgspec.structs.asdict(g).items()
+                                                              if k != "updated_at"}, len(rows))
         for d in em.dead_letters:
             dead[d.dl_id] = (d.reason, d.detail, d.source, d.tenant_id, d.metric)
         for a in em.alerts:
@@ -178,11 +182,20 @@ def outcome(out: List[Any]) -> Dict[str, Any]:
 
 
 def run_flow(core: str, items: List[Any], batch_size: int, workers: int = 1, aborts: int = 0) -> Dict[str, Any]:
+    """The flow's outcome and its counters (``meter run --json``; replays after aborts counted again)."""
+    before = STATS.snapshot()
+    got = _run_flow(core, items, batch_size, workers, aborts)
+    after = STATS.snapshot()
+    got["counters"] = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    return got
+
+
+def _run_flow(core: str, items: List[Any], batch_size: int, workers: int, aborts: int) -> Dict[str, Any]:
     out: List[Any] = []
     cfg = config(core)
     if not aborts:
         flow = build_flow(cfg, TestingSource(items, batch_size=batch_size), [("out", TestingSink(out))],
-                          recoverable=False)
+                          recoverable=False, gateway_states=True)
         if workers == 1:
             run_main(flow)
         else:
@@ -213,11 +226,14 @@ def test_native_and_python_cores_emit_the_same_through_the_flow(stream, batch_si
 @given(stream=st.lists(lines(), min_size=1, max_size=30), batch_size=st.integers(1, 4),
        cuts=st.lists(st.integers(0, 200), min_size=1, max_size=2))
 def test_native_and_python_cores_agree_through_abort_and_resume(stream, batch_size, cuts):
-    items: List[Any] = [(("events.jsonl", i + 1), raw) for i, raw in enumerate(stream)]
-    for c in sorted(set(cuts), reverse=True):
-        items.insert(c % (len(items) + 1), TestingSource.ABORT())
+    def items() -> List[Any]:  # new ABORT markers for each flow: a marker aborts once
+        out: List[Any] = [(("events.jsonl", i + 1), raw) for i, raw in enumerate(stream)]
+        for c in sorted(set(cuts), reverse=True):
+            out.insert(c % (len(out) + 1), TestingSource.ABORT())
+        return out
+
     n = len(set(cuts))
-    assert run_flow("native", items, batch_size, aborts=n) == run_flow("python", items, batch_size, aborts=n)
+    assert run_flow("native", items(), batch_size, aborts=n) == run_flow("python", items(), batch_size, aborts=n)
 
 
 def test_a_retried_id_after_a_resume_stays_a_duplicate():
@@ -226,9 +242,11 @@ def test_a_retried_id_after_a_resume_stays_a_duplicate():
         return json.dumps({"event_id": eid, "tenant_id": "acme", "customer_id": "c3", "event_type": "api_call",
                            "timestamp": BASE, "properties": {"tokens": 2}}).encode()
 
-    items = [(("in", 1), ev("e1")), (("in", 2), ev("e2")), TestingSource.ABORT(), (("in", 3), ev("e1"))]
-    got = run_flow("native", items, 1, aborts=1)
-    assert got == run_flow("python", items, 1, aborts=1)
+    def items() -> List[Any]:
+        return [(("in", 1), ev("e1")), (("in", 2), ev("e2")), TestingSource.ABORT(), (("in", 3), ev("e1"))]
+
+    got = run_flow("native", items(), 1, aborts=1)
+    assert got == run_flow("python", items(), 1, aborts=1)
     assert got["rows"][("p", "acme", "c3", "api_calls", BASE)][1]["value"] == 2.0
 
 
