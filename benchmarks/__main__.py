@@ -78,8 +78,8 @@ from benchmarks.peers.report import (
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 
-CONTENDERS = ["raw", "meterflow-1w", "meterflow-1w-recovery", "meterflow-1w-native", "meterflow-2p", "poll-clickhouse-60s",
-              "poll-clickhouse-1s", "redis-counters", "quixstreams"]
+CONTENDERS = ["raw", "meterflow-1w", "meterflow-1w-recovery", "meterflow-1w-native", "meterflow-2p",
+              "poll-clickhouse-60s", "poll-clickhouse-1s", "redis-counters", "quixstreams"]
 LATENCY_CONTENDERS = ["meterflow-1w", "poll-clickhouse-60s", "poll-clickhouse-1s", "redis-counters", "quixstreams"]
 POLL_INTERVAL = {"poll-clickhouse-60s": 60.0, "poll-clickhouse-1s": 1.0}
 
