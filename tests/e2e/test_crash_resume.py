@@ -84,7 +84,8 @@ def stream():
 
 
 def _config(tmp_path: Path, name: str, kafka_cfg=None) -> Path:
-    base = sample_config_toml(TENANTS, SUBSCRIBED, "2026-03-15T00:00:00Z")
+    # a price card on every metric and spend thresholds (tiered, volume, package, staircase, per_unit + minimum)
+    base = sample_config_toml(TENANTS, SUBSCRIBED, "2026-03-15T00:00:00Z", prices="spend")
     return write_config(tmp_path / f"{name}.toml", base, tmp_path / f"ch-{name}", kafka_cfg,
                         pipeline_extra='epoch_interval = "500ms"')
 
@@ -138,6 +139,7 @@ def _assert_same_views(clean: dict, crashed: dict) -> None:
     cw, kw = ref.views_windows(clean["windows"]), ref.views_windows(crashed["windows"])
     assert kw == cw, "usage_by_window after crash+resume != clean run:\n" + ref.diff(cw, kw)
     cr, kr = sorted(map(tuple, clean["rated"])), sorted(map(tuple, crashed["rated"]))
+    assert len({r[7] for r in cr}) >= 5, "every price model is rated"
     assert kr == cr, f"usage_rated differs: missing {sorted(set(cr) - set(kr))[:3]}, " \
                      f"extra {sorted(set(kr) - set(cr))[:3]}"
     assert sorted(map(tuple, crashed["period_final"])) == sorted(map(tuple, clean["period_final"]))
@@ -226,3 +228,5 @@ def test_jsonl_sigkill_mid_stream_then_resume_equals_clean_run(tmp_path, stream)
     clean_views, crash_views = read_views(clean_cfg), read_views(crash_cfg)
     _assert_killed_mid_stream(info, clean_views, N_EVENTS)
     _assert_same_views(clean_views, crash_views)
+    # spend alerts (one read order here, so the crossing events are the clean run's): none lost, none doubled
+    assert crash_views["spend"] == clean_views["spend"] and len(clean_views["spend"]) > 0
