@@ -358,8 +358,11 @@ def build_flow(config: Config, source: Source, sinks: Sequence[Tuple[str, Sink]]
         decided = op.flat_map_batch("mediate_decisions", op.input("decisions_in", flow, decisions),
                                     decision_emissions)
         dead = op.merge("dead_letters_and_decisions", dead, decided)
+    from meterflow.sinks.metrics import timed_logic
+
+    logic = timed_logic(_ShardLogic)  # _ShardLogic itself unless meter run --metrics-port (then timed)
     metered = op.stateful_batch("meter", keyed,
-                                lambda resume: _ShardLogic(rules, shards, resume, recoverable, mediator))
+                                lambda resume: logic(rules, shards, resume, recoverable, mediator))
     # Dead letters join after the meter step: they never wait for a shard, and leave in their batch's epoch.
     emissions = op.merge("emissions", op.map("drop_key", metered, _drop_key), dead)
     for name, sink in sinks:
