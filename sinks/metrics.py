@@ -3,8 +3,8 @@
 Nothing here runs unless :func:`enable` was called (the CLI does it for ``--metrics-port``): then
 ``sinks_from_config`` passes the flow's sinks through :func:`instrument`, which times every sink's batch
 writes and counts its errors, and adds one sink that counts dead letters by reason, alerts by type and the
-ingest-to-detection latency of alerts, and ``build_flow`` runs the meter step's logic through
-:func:`timed_logic` (the time of each shard's batches and snapshots). Event counters are read from :data:`meterflow.base.stats.STATS` at
+ingest-to-detection latency of alerts; ``build_flow`` runs the meter step's logic through :func:`timed_logic`
+(the time of each shard's batches and snapshots). Event counters are read from :data:`meterflow.base.stats.STATS` at
 scrape time (the run's own counters: the numbers of ``meter run``'s summary). Everything is in
 :data:`REGISTRY`, served by :func:`start_metrics_server`.
 """
@@ -118,7 +118,7 @@ def timed_logic(cls: Type[L]) -> Type[L]:
     if timed is None:
         base: Any = cls
 
-        class Timed(base):  # type: ignore[valid-type,misc]
+        class Timed(base):
             def on_batch(self, values: List[Any]) -> Any:
                 t0 = time.perf_counter()
                 try:
@@ -135,7 +135,7 @@ def timed_logic(cls: Type[L]) -> Type[L]:
 
         Timed.__name__ = Timed.__qualname__ = "Timed" + cls.__name__
         timed = _TIMED[cls] = Timed
-    return timed  # type: ignore[return-value]
+    return timed
 
 
 class _CountingPartition(StatelessSinkPartition[Emission]):
