@@ -46,6 +46,7 @@ from meterflow.base.timeutil import ms_to_iso, now_ms
 from meterflow.schemas import state as S
 from meterflow.schemas.alerts import Alert, alert_id
 from meterflow.schemas.config import Config
+from meterflow.schemas.gateway import AnomalyMarker
 
 DAY_MS = 86_400_000
 _INF = float("inf")
@@ -128,6 +129,12 @@ class Anomalies:
         self.hist = {r.metric: _History(r.first, r.start, list(r.usage), tuple(r.fired))
                      for r in rows if r.metric in metrics and r.usage}
         self.cur = {code: _idle_cell() for code in metrics}
+
+    def markers(self) -> List[AnomalyMarker]:
+        """The ``anomaly`` marker of each metric whose anomaly fired on a kept day: the latest such day, what the
+        Redis hash's ``anomaly`` field holds (republished on resume and by ``meter gateway sync``)."""
+        return [AnomalyMarker(tenant_id=self.tenant_id, customer_id=self.customer_id, metric=code,
+                              day_start=max(h.fired) * DAY_MS) for code, h in sorted(self.hist.items()) if h.fired]
 
     def _write_back(self) -> None:
         for code, cell in self.cur.items():
