@@ -184,7 +184,9 @@ class Anomalies:
             return _INF
         n = st.baseline_days if st.baseline_days < hist_days else hist_days
         i = day - h.start
-        total = sum(h.vals[i - n:i])
+        # Days of the baseline before the kept range had no usage (a late event of an older day only moved
+        # `first`; every day a judged day's baseline needs is kept: keep = baseline_days + late_days).
+        total = sum(h.vals[i - n if i > n else 0:i])
         if not total > 0:
             return _INF
         lvl = st.factor * total / n
@@ -199,7 +201,7 @@ class Anomalies:
         hist_days = day - h.first
         n = st.baseline_days if st.baseline_days < hist_days else hist_days
         i = day - h.start
-        total = sum(Fraction(v) for v in h.vals[i - n:i])
+        total = sum(Fraction(v) for v in h.vals[i - n if i > n else 0:i])
         if not Fraction(usage) * n > st.factor_q * total:
             return
         h.fired += (day,)
