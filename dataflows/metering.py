@@ -133,12 +133,13 @@ class _ShardLogic(StatefulBatchLogic):
 
     def _republish_all(self, out: "_Merged", now: int) -> None:
         """Once after a resume: the gateway and wallet state of every customer of the shard (ahead of
-        anything this batch changes, so the batch's own states come later and win)."""
+        anything this batch changes, so the batch's own states come later and win), and its anomaly markers."""
         self._republish = False
         for meter in self._meters.values():
             gateway, wallets = meter.ent.republish(meter.usage, now)
-            if gateway or wallets:
-                out.add(Emission(gateway=gateway, wallets=wallets))
+            markers = meter.anom.markers() if meter.anom is not None else []
+            if gateway or wallets or markers:
+                out.add(Emission(gateway=gateway, wallets=wallets, markers=markers))
 
     def on_batch(self, values: List[Any]) -> Tuple[List[Emission], bool]:
         out = _Merged()
@@ -337,7 +338,7 @@ def shard_snapshots(state: Any, shards: Optional[int] = None) -> Dict[str, bytes
 class _Merged:
     """The outputs of many customers' Emissions gathered into one (each customer's order kept)."""
 
-    __slots__ = ("windows", "periods", "dead_letters", "alerts", "gateway", "wallets", "rated", "reviews")
+    __slots__ = ("windows", "periods", "dead_letters", "alerts", "gateway", "wallets", "rated", "reviews", "markers")
 
     def __init__(self) -> None:
         self.windows: List[Any] = []
@@ -348,6 +349,7 @@ class _Merged:
         self.wallets: List[Any] = []
         self.rated: List[Any] = []
         self.reviews: List[Any] = []
+        self.markers: List[Any] = []
 
     def add(self, em: Emission) -> None:
         if em.windows:
@@ -366,13 +368,15 @@ class _Merged:
             self.rated += em.rated
         if em.reviews:
             self.reviews += em.reviews
+        if em.markers:
+            self.markers += em.markers
 
     def emit(self) -> List[Emission]:
         if self.windows or self.periods or self.dead_letters or self.alerts or self.gateway or self.wallets or \
-                self.rated:
+                self.rated or self.markers:
             return [Emission(windows=self.windows, periods=self.periods, dead_letters=self.dead_letters,
                              alerts=self.alerts, gateway=self.gateway, wallets=self.wallets, rated=self.rated,
-                             reviews=self.reviews)]
+                             reviews=self.reviews, markers=self.markers)]
         return []
 
 
@@ -420,9 +424,12 @@ def build_flow(config: Config, source: Source, sinks: Sequence[Tuple[str, Sink]]
         if why is not None:
             raise MeterError(f'pipeline.core = "native": {why}; set pipeline.core = "python" (the default)')
         native = NativeMeters.factory(config)
+    from meterflow.sinks.metrics import timed_logic
+
+    logic = timed_logic(_ShardLogic)  # _ShardLogic itself unless meter run --metrics-port (then timed)
     metered = op.stateful_batch("meter", keyed,
-                                lambda resume: _ShardLogic(rules, shards, resume, recoverable, mediator,
-                                                           native=native() if native else None))
+                                lambda resume: logic(rules, shards, resume, recoverable, mediator,
+                                                     native=native() if native else None))
     # Dead letters join after the meter step: they never wait for a shard, and leave in their batch's epoch.
     emissions = op.merge("emissions", op.map("drop_key", metered, _drop_key), dead)
     for name, sink in sinks:

@@ -152,7 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     rc.add_argument("--tenant", help="only this tenant")
     rc.add_argument("--period-start", help="only keys of this period start (RFC 3339)")
     rc.add_argument("--entitlements", metavar="FILE", help="the entitlements changelog JSONL that meter run read "
-                    "(--entitlements): its records' published_at place subscription changes in periods")
+                    "(--entitlements): its records' published_at place subscription changes in periods; without "
+                    "it, kafka.entitlements_topic is read from the beginning when [kafka] is configured")
     rc.add_argument("--json", action="store_true", help="one JSON document: the run and its rows")
     rc.add_argument("--out", help="also write the rows to this CSV file")
     rc.add_argument("--fail-on", help="comma-separated classes that make the exit status 1")

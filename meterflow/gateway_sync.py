@@ -5,7 +5,8 @@ derived from the meter state, which the recovery directory holds. This reads the
 would read — per ``(step, key)`` the latest snapshot taken before the last execution's frontier, from
 every ``part-*.sqlite3`` partition, opened read-only — rebuilds each customer's
 :class:`~meterflow.operators.meter.CustomerMeter` and writes the state of every metric's current period, with the
-same absolute HSET/DEL the flow's Redis sink uses (:func:`meterflow.sinks.redis.queue_write`), in pipelined chunks.
+same absolute HSET/DEL the flow's Redis sink uses (:func:`meterflow.sinks.redis.queue_write`), in pipelined chunks,
+and each metric's ``anomaly`` marker (the latest fired day the state keeps; set only if later than the hash's).
 Running it twice leaves the same hashes (only ``updated_at`` moves). Nothing is written to the recovery
 directory.
 
@@ -38,6 +39,7 @@ class SyncResult:
     states: int  # gateway hashes written
     removed: int  # gateway hashes deleted (cancelled subscriptions not yet removed)
     wallets: int
+    markers: int = 0  # anomaly markers (re)set, each only if its day is later than the hash's
 
 
 def latest_snapshots(directory: Path, step_id: str = METER_STEP) -> Dict[str, bytes]:
@@ -91,7 +93,8 @@ def _resume_epoch(conns: List[sqlite3.Connection]) -> Optional[int]:
 
 
 def current_states(config: Config, directory: Path, at_ms: int) -> Iterator[list]:
-    """Per customer of the snapshots: the gateway and wallet states of its current periods."""
+    """Per customer of the snapshots: the gateway and wallet states of its current periods, and its anomaly
+    markers."""
     from meterflow.dataflows.metering import load_shard_state, shard_snapshots
     from meterflow.operators.meter import CustomerMeter
     from meterflow.operators.rules import Rules
@@ -112,21 +115,21 @@ def current_states(config: Config, directory: Path, at_ms: int) -> Iterator[list
                 raise MeterError(f"recovery directory {directory}: the snapshot of customer {ckey} cannot be read "
                                  f"({exc})") from exc
             gateway, wallets = meter.ent.republish(meter.usage, at_ms)
-            yield [*gateway, *wallets]
+            yield [*gateway, *wallets, *(meter.anom.markers() if meter.anom is not None else [])]
 
 
 def sync_gateway(config: Config, directory: Path, at_ms: Optional[int] = None) -> SyncResult:
     """Write every customer's current gateway (and wallet) state of ``directory`` to ``[redis]``."""
     import redis
 
-    from meterflow.schemas.gateway import WalletState
+    from meterflow.schemas.gateway import AnomalyMarker, WalletState
     from meterflow.sinks.redis import make_client, queue_write
 
     if config.redis is None:
         raise MeterError(f"{config.source_path} has no [redis] section: there is no gateway state to write")
     url = mask_url(config.redis.url)
     client = make_client(config.redis.url, config.redis.timeout)
-    customers = states = removed = wallets = 0
+    customers = states = removed = wallets = markers = 0
     try:
         try:
             client.ping()
@@ -143,7 +146,8 @@ def sync_gateway(config: Config, directory: Path, at_ms: Optional[int] = None) -
             try:
                 pipe.execute()
             except redis.RedisError as exc:
-                raise MeterError(f"Redis {url} failed after {states + removed + wallets - len(pending)} of the "
+                done = states + removed + wallets + markers - len(pending)
+                raise MeterError(f"Redis {url} failed after {done} of the "
                                  f"states were written ({type(exc).__name__}: {exc}); run meter gateway sync "
                                  "again (every write is absolute, so a rerun converges)") from exc
             pending.clear()
@@ -153,6 +157,8 @@ def sync_gateway(config: Config, directory: Path, at_ms: Optional[int] = None) -
             for s in items:
                 if isinstance(s, WalletState):
                     wallets += 1
+                elif isinstance(s, AnomalyMarker):
+                    markers += 1
                 elif s.deleted:
                     removed += 1
                 else:
@@ -164,7 +170,7 @@ def sync_gateway(config: Config, directory: Path, at_ms: Optional[int] = None) -
             flush()
     finally:
         client.close()
-    return SyncResult(customers=customers, states=states, removed=removed, wallets=wallets)
+    return SyncResult(customers=customers, states=states, removed=removed, wallets=wallets, markers=markers)
 
 
 def sync_cmd(args: argparse.Namespace) -> int:
@@ -178,5 +184,6 @@ def sync_cmd(args: argparse.Namespace) -> int:
     r = sync_gateway(cfg, directory)
     print(f"gateway sync: wrote {r.states} gateway states and {r.wallets} wallets of {r.customers} customers "
           f"from {directory} to Redis {mask_url(cfg.redis.url) if cfg.redis else ''}"
-          + (f"; removed {r.removed} hashes of cancelled entitlements" if r.removed else ""))
+          + (f"; removed {r.removed} hashes of cancelled entitlements" if r.removed else "")
+          + (f"; {r.markers} anomaly markers" if r.markers else ""))
     return 0

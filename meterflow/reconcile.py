@@ -109,45 +109,73 @@ def read_invoices(path: str, cfg: Config) -> InvoiceFile:
 
 
 class Changelog(msgspec.Struct, frozen=True, kw_only=True):
-    """Subscription changes from an entitlements changelog file (``meter run --entitlements``'s JSONL)."""
+    """Subscription changes from an entitlements changelog file (``meter run --entitlements``'s JSONL) or the
+    Kafka entitlements topic."""
 
     changes: Dict[Tuple[str, str], List[Dict[str, Any]]]  # (tenant, customer) -> records with their time
     errors: List[str]
     sha256: str
+    topic: str = ""  # the Kafka topic it was read from ("" for a file)
 
 
 def read_changelog(path: str) -> Changelog:
     """The changelog records that carry ``published_at`` (when the change took effect), per customer. A line
     that is not a changelog record, or has no valid ``published_at``, is reported with its number and skipped."""
-    from meterflow.schemas.alerts import ENTITLEMENT_DECODER
-
     p = Path(path)
     try:
         data = p.read_bytes()
     except OSError as exc:
         raise MeterError(f"cannot read entitlements changelog {p}: {exc.strerror} (pass --entitlements FILE, "
                          f"the JSONL file meter run read)") from None
+    records = [(f"line {n}", {"changelog_line": n}, raw) for n, raw in enumerate(data.splitlines(), 1)]
+    return _changelog(records, hashlib.sha256(data).hexdigest())
+
+
+def read_changelog_topic(cfg: Config, timeout: float = 30.0) -> Changelog:
+    """The same records from ``kafka.entitlements_topic``, read from the beginning of every partition to its end
+    offset at call time (within ``timeout`` seconds; a missing topic has none). The topic is compacted, so only
+    each customer's latest record is sure to be there; the sha256 is over the values in partition and offset
+    order, one per line."""
+    from meterflow.sources.kafka import read_topic
+
+    k = cfg.kafka
+    if k is None:
+        raise MeterError(f"{cfg.source_path} has no [kafka] section: pass --entitlements FILE")
+    try:
+        found = read_topic(k.bootstrap_servers, k.entitlements_topic, k.client_config, timeout)
+    except MeterError as exc:
+        raise MeterError(f"{exc} (the subscription changes of meter reconcile; or pass --entitlements FILE)") from exc
+    records = [(f"partition {p} offset {o}", {"changelog_partition": p, "changelog_offset": o}, v)
+               for p, o, v in found]
+    return msgspec.structs.replace(_changelog(records, hashlib.sha256(b"\n".join(v for _p, _o, v in found))
+                                              .hexdigest()), topic=k.entitlements_topic)
+
+
+def _changelog(records: List[Tuple[str, Dict[str, Any], bytes]], sha256: str) -> Changelog:
+    """``(where, reference, raw record)`` parsed: the changes with ``published_at``, per customer; a bad record
+    is reported with ``where`` and skipped (an empty one, a blank line or a tombstone, is no record)."""
+    from meterflow.schemas.alerts import ENTITLEMENT_DECODER
+
     changes: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
     errors: List[str] = []
-    for n, raw in enumerate(data.splitlines(), 1):
+    for where, ref, raw in records:
         if not raw.strip():
             continue
         try:
             msg = ENTITLEMENT_DECODER.decode(raw)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            errors.append(f"line {n}: not a changelog record: {exc}")
+            errors.append(f"{where}: not a changelog record: {exc}")
             continue
         try:
             at = parse_rfc3339_ms(msg.published_at or "")
         except ValueError:
-            errors.append(f"line {n}: published_at {msg.published_at!r} is not an RFC 3339 time: the change "
+            errors.append(f"{where}: published_at {msg.published_at!r} is not an RFC 3339 time: the change "
                           f"cannot be placed in a period")
             continue
         plan = "" if msg.cancelled or msg.subscription is None else msg.subscription.plan
         changes.setdefault((msg.tenant_id, msg.customer_id), []).append(
-            {"changelog_line": n, "published_at": ms_to_iso(at), "at_ms": at, "plan": plan,
-             "cancelled": msg.cancelled})
-    return Changelog(changes=changes, errors=errors, sha256=hashlib.sha256(data).hexdigest())
+            {**ref, "published_at": ms_to_iso(at), "at_ms": at, "plan": plan, "cancelled": msg.cancelled})
+    return Changelog(changes=changes, errors=errors, sha256=sha256)
 
 
 def _changes_in_period(changelog: Optional[Changelog], cfg: Config, key: Key) -> List[Dict[str, Any]]:
@@ -245,6 +273,8 @@ def reconcile(client: Any, db: str, cfg: Config, invoices: InvoiceFile, tenant: 
     inputs = _fingerprints(client, db, tenant, invoices, cfg)
     if changelog is not None:
         inputs["entitlements_sha256"] = changelog.sha256
+        if changelog.topic:
+            inputs["entitlements_topic"] = changelog.topic
     inputs_json = json.dumps(inputs, sort_keys=True)
     tol = cfg.reconcile.tolerance
     rows = []
@@ -334,7 +364,14 @@ def reconcile_cmd(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise MeterError(f"--period-start {args.period_start!r}: {exc}") from None
     invoices = read_invoices(args.invoices, cfg)
-    changelog = read_changelog(args.entitlements) if getattr(args, "entitlements", None) else None
+    changes_from = getattr(args, "entitlements", None)
+    if changes_from:
+        changelog: Optional[Changelog] = read_changelog(changes_from)
+    elif cfg.kafka is not None:  # the topic meter run reads in Kafka mode
+        changes_from = f"Kafka topic {cfg.kafka.entitlements_topic}"
+        changelog = read_changelog_topic(cfg)
+    else:
+        changelog = None
     client, db = connect(cfg.clickhouse)
     run = reconcile(client, db, cfg, invoices, args.tenant, period_start, changelog=changelog)
     import sys
@@ -342,7 +379,7 @@ def reconcile_cmd(args: argparse.Namespace) -> int:
     for e in run.invoice_errors:
         print(f"meter: invoices {args.invoices}: {e} (skipped)", file=sys.stderr)
     for e in (changelog.errors if changelog is not None else []):
-        print(f"meter: entitlements {args.entitlements}: {e} (skipped)", file=sys.stderr)
+        print(f"meter: entitlements {changes_from}: {e} (skipped)", file=sys.stderr)
     tots = totals(run.rows)
     acc = accuracy(run.rows)
     if args.json:

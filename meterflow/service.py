@@ -17,6 +17,8 @@ and never logged.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
 import math
@@ -158,14 +160,35 @@ def _event_id_of(raw: Optional[bytes]) -> Optional[str]:
     return ev if isinstance(ev, str) else None
 
 
+def _base64_json(encoded: Any, content_type: Any) -> Any:
+    """The JSON document a CloudEvent's ``data_base64`` holds (standard base64 of its UTF-8 JSON bytes)."""
+    if content_type is not None:
+        ctype = content_type.split(";", 1)[0].strip().lower() if isinstance(content_type, str) else ""
+        if ctype != "application/json" and not ctype.endswith("+json"):
+            raise ValueError(f"data_base64 must hold JSON: datacontenttype {content_type!r} is not application/json")
+    if not isinstance(encoded, str):
+        raise ValueError("the CloudEvent's `data_base64` must be a base64 string")
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"the CloudEvent's `data_base64` is not valid base64 ({exc})") from None
+    try:
+        return msgspec.json.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"the CloudEvent's `data_base64` does not decode to JSON ({exc})") from None
+
+
 def cloudevent_to_event(ce: Any) -> bytes:
-    """A CloudEvent (structured JSON) as a section-1 usage event: ``data`` holds the event fields; ``id``,
+    """A CloudEvent (structured JSON) as a section-1 usage event: ``data`` (or ``data_base64``, the base64 of
+    its JSON) holds the event fields; ``id``,
     ``time`` and ``type`` fill event_id, timestamp and event_type when ``data`` lacks them. Raises ValueError."""
     if not isinstance(ce, dict):
         raise ValueError("a CloudEvent must be a JSON object")
     data = ce.get("data")
-    if data is None and "data_base64" in ce:
-        raise ValueError("data_base64 is not supported: send the event fields as a JSON object in `data`")
+    if "data_base64" in ce:
+        if data is not None:
+            raise ValueError("a CloudEvent has `data` or `data_base64`, not both")
+        data = _base64_json(ce["data_base64"], ce.get("datacontenttype"))
     if not isinstance(data, dict):
         raise ValueError("the CloudEvent's `data` must be a JSON object with the usage event's fields")
     ev = dict(data)

@@ -46,6 +46,7 @@ from meterflow.base.timeutil import ms_to_iso, now_ms
 from meterflow.schemas import state as S
 from meterflow.schemas.alerts import Alert, alert_id
 from meterflow.schemas.config import Config
+from meterflow.schemas.gateway import AnomalyMarker
 
 DAY_MS = 86_400_000
 _INF = float("inf")
@@ -129,6 +130,12 @@ class Anomalies:
                      for r in rows if r.metric in metrics and r.usage}
         self.cur = {code: _idle_cell() for code in metrics}
 
+    def markers(self) -> List[AnomalyMarker]:
+        """The ``anomaly`` marker of each metric whose anomaly fired on a kept day: the latest such day, what the
+        Redis hash's ``anomaly`` field holds (republished on resume and by ``meter gateway sync``)."""
+        return [AnomalyMarker(tenant_id=self.tenant_id, customer_id=self.customer_id, metric=code,
+                              day_start=max(h.fired) * DAY_MS) for code, h in sorted(self.hist.items()) if h.fired]
+
     def _write_back(self) -> None:
         for code, cell in self.cur.items():
             h = self.hist.get(code)
@@ -177,7 +184,9 @@ class Anomalies:
             return _INF
         n = st.baseline_days if st.baseline_days < hist_days else hist_days
         i = day - h.start
-        total = sum(h.vals[i - n:i])
+        # Days of the baseline before the kept range had no usage (a late event of an older day only moved
+        # `first`; every day a judged day's baseline needs is kept: keep = baseline_days + late_days).
+        total = sum(h.vals[i - n if i > n else 0:i])
         if not total > 0:
             return _INF
         lvl = st.factor * total / n
@@ -192,7 +201,7 @@ class Anomalies:
         hist_days = day - h.first
         n = st.baseline_days if st.baseline_days < hist_days else hist_days
         i = day - h.start
-        total = sum(Fraction(v) for v in h.vals[i - n:i])
+        total = sum(Fraction(v) for v in h.vals[i - n if i > n else 0:i])
         if not Fraction(usage) * n > st.factor_q * total:
             return
         h.fired += (day,)

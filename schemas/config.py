@@ -14,7 +14,7 @@ import re
 import tomllib
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Dict, List, Literal, Optional, Tuple, Type, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Type, Union
 
 import msgspec
 
@@ -365,7 +365,8 @@ def mask_url(url: str) -> str:
 
 _ENV_SECTIONS: Dict[str, Type[msgspec.Struct]] = {
     "pipeline": PipelineConfig, "kafka": KafkaConfig, "clickhouse": ClickHouseConfig, "redis": RedisConfig,
-    "alerts": AlertsConfig, "server": ServerConfig}
+    "alerts": AlertsConfig, "server": ServerConfig, "anomaly": AnomalyConfig}
+_ENV_LISTS = {("anomaly", "metrics")}  # comma-separated in the environment: METER_ANOMALY_METRICS=api_calls,tokens
 
 
 def _apply_env(raw: dict, environ: Dict[str, str]) -> List[str]:
@@ -376,7 +377,10 @@ def _apply_env(raw: dict, environ: Dict[str, str]) -> List[str]:
             var = f"METER_{section.upper()}_{field.name.upper()}"
             if var in environ and not field.name.endswith("config") and field.name != "webhook":
                 raw[section] = dict(raw.get(section) or {})  # copy: never change the caller's document
-                raw[section][field.name] = environ[var]
+                value: Any = environ[var]
+                if (section, field.name) in _ENV_LISTS:
+                    value = [v.strip() for v in value.split(",") if v.strip()]
+                raw[section][field.name] = value
                 used.append(var)
     # The webhook is a table inside [alerts]: METER_ALERTS_WEBHOOK_URL, METER_ALERTS_WEBHOOK_SECRET, ...
     for field in msgspec.structs.fields(WebhookConfig):

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Union
 import msgspec
 
 from meterflow.schemas.alerts import Alert
-from meterflow.schemas.gateway import GatewayState, WalletState
+from meterflow.schemas.gateway import AnomalyMarker, GatewayState, WalletState
 from meterflow.schemas.reviews import ReviewDecision, ReviewItem
 
 
@@ -183,6 +183,7 @@ class Emission(msgspec.Struct, kw_only=True):
     raw_events: Optional[RawEvents] = None  # the batch's accepted events for the raw archive (mediation only)
     reviews: List[ReviewItem] = []  # review items of the rated rows (README: Overage review queue)
     decisions: List[ReviewDecision] = []  # review decisions read from kafka.review_decisions_topic
+    markers: List[AnomalyMarker] = []  # anomaly markers republished after a resume (a fired alert sets its own)
 
 
 AGGREGATE_ENCODER = msgspec.json.Encoder()

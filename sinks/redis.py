@@ -6,7 +6,8 @@ What is written. Per batch the partition coalesces every :class:`~meterflow.sche
 :class:`~meterflow.schemas.gateway.WalletState` to the LAST one per Redis key (later items win), then sends them all
 in ONE pipelined round trip (no MULTI): ``HSET key <state_fields>`` per gateway state, ``DEL key`` for a
 ``deleted`` one (a cancelled subscription), and ``HSET key <wallet_fields>`` per wallet, and per ``anomaly`` alert the
-hash's ``anomaly`` marker, set by a small script only if its day is later than the one there (the keys and
+hash's ``anomaly`` marker (and per republished ``Emission.markers`` entry), set by a small script only if its day is
+later than the one there (the keys and
 fields are :mod:`meterflow.schemas.gateway`). Wallet holds live in their own hash
 (``meter-wallet-holds:{tenant}:{customer}``), owned by the gate; this sink never touches it, so the flow
 and the gateways never race on the same key.
@@ -97,8 +98,11 @@ def make_client(url: str, timeout: float) -> "redis.Redis":
 
 def _add_marker(pending: Dict[str, State], a: Any) -> None:
     """The ``anomaly`` marker of an anomaly alert, pending beside the hash's state (the latest day wins)."""
-    m = AnomalyMarker(tenant_id=a.tenant_id, customer_id=a.customer_id, metric=a.metric,
-                      day_start=parse_rfc3339_ms(a.period_start))
+    _pend_marker(pending, AnomalyMarker(tenant_id=a.tenant_id, customer_id=a.customer_id, metric=a.metric,
+                                        day_start=parse_rfc3339_ms(a.period_start)))
+
+
+def _pend_marker(pending: Dict[str, State], m: AnomalyMarker) -> None:
     k = m.redis_key + _MARKER
     old = pending.get(k)
     if not isinstance(old, AnomalyMarker) or old.day_start < m.day_start:
@@ -149,6 +153,8 @@ class _GatewayStatePartition(StatelessSinkPartition[Emission]):
                 for a in e.alerts:
                     if a.type == "anomaly":
                         _add_marker(pending, a)
+                for m in e.markers:
+                    _pend_marker(pending, m)
             if pending and (self._outage_since is None or self._clock() >= self._next_try):
                 self._flush()
             self._report_pending()

@@ -209,6 +209,14 @@ def read_key(bootstrap_servers: str, topic: str, key: bytes, client_config: Opti
     """The values of ``topic``'s records keyed ``key``, in log order, read from the beginning of every partition
     to the end offsets at call time (a missing topic has none). For command-line look-ups on small topics
     (``meter review`` reads an item and its decisions); raises MeterError when the broker does not answer."""
+    return [v for _p, _o, v in read_topic(bootstrap_servers, topic, client_config, timeout, key=key)]
+
+
+def read_topic(bootstrap_servers: str, topic: str, client_config: Optional[Dict[str, str]] = None,
+               timeout: float = 30.0, key: Optional[bytes] = None) -> List[Tuple[int, int, bytes]]:
+    """``(partition, offset, value)`` of every record of ``topic`` (only those keyed ``key`` when given), sorted,
+    read from the beginning of every partition to the end offsets at call time within ``timeout`` seconds (a
+    missing topic has none; a tombstone's value is ``b""``). Raises MeterError when the broker does not answer."""
     where = f"Kafka topic {topic!r} at {bootstrap_servers}"
     c = Consumer({"bootstrap.servers": bootstrap_servers, **(client_config or {}), "group.id": "meterflow-unused",
                   "enable.auto.commit": False, "enable.partition.eof": False, "auto.offset.reset": "earliest"})
@@ -235,11 +243,11 @@ def read_key(bootstrap_servers: str, topic: str, key: bytes, client_config: Opti
                         continue
                     raise MeterError(f"{where}: {err}")
                 p, off = msg.partition() or 0, msg.offset() or 0
-                if off < ends[p] and msg.key() == key:
+                if off < ends[p] and (key is None or msg.key() == key):
                     out.append((p, off, msg.value() or b""))
             for tp in c.position([TopicPartition(topic, p) for p in todo]):  # past the end (gaps and all)
                 if tp.offset >= ends[tp.partition]:
                     todo.discard(tp.partition)
-        return [v for _p, _o, v in sorted(out)]
+        return sorted(out)
     finally:
         c.close()

@@ -134,6 +134,7 @@ def test_flow_metrics_match_the_runs_counters(flow_run):
     assert live[("meterflow_ingest_to_detection_seconds_count", ())] == 3
     assert live[("meterflow_sink_batch_seconds_count", (("sink", "clickhouse"),))] >= 1
     assert live[("meterflow_sink_errors_total", (("sink", "clickhouse"),))] == 0
+    assert live[("meterflow_batch_seconds_count", ())] >= 1  # the meter step's own batches
     assert live[("meterflow_redis_down", ())] == 0
 
 

@@ -42,4 +42,6 @@ def test_demo_reconcile_finds_what_it_planted(tmp_path):
         [ln["invoice_id"] for ln in lines if ln["kind"] == "credit"]
     timing = found["timing"][0]
     assert timing["evidence"]["late_events"] > 0 and timing["invoiced_units"] == timing["evidence"]["raw_units_at_cut"]
-    assert len(doc["rows"]) == len({(ln["tenant_id"], ln["customer_id"], ln["metric"]) for ln in lines})
+    # one row per key (with its period: the demo's spiking customer also has last month's history)
+    assert len(doc["rows"]) == len({(ln["tenant_id"], ln["customer_id"], ln["metric"], ln["period_start"])
+                                    for ln in lines})

@@ -45,5 +45,6 @@ def test_every_dashboard_query_names_an_exported_metric():
     assert used <= exported, sorted(used - exported)
     for want in ("meterflow_events_total", "meterflow_dead_letters_total", "meterflow_alerts_total",
                  "meterflow_ingest_to_detection_seconds_bucket", "meterflow_webhook_outbox_depth",
-                 "meterflow_redis_down", "meterflow_consumer_lag"):
+                 "meterflow_redis_down", "meterflow_consumer_lag", "meterflow_batch_seconds_bucket",
+                 "meterflow_snapshot_seconds_bucket"):
         assert want in used

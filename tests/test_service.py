@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -82,11 +83,15 @@ def test_single_array_and_cloudevents_are_in_the_topic_when_202_answers(svc):
     ce_batch = [{"specversion": "1.0", "id": f"{ce_id}-{i}", "source": "/svc", "type": "api_call", "time": when,
                  "data": {"tenant_id": a, "customer_id": "c4"}} for i in range(2)]
     ce_batch.append({"specversion": "1.0", "id": "no-data", "source": "/svc", "type": "api_call"})
+    ce_batch.append({"specversion": "1.0", "id": f"{ce_id}-b64", "source": "/svc", "type": "api_call", "time": when,
+                     "datacontenttype": "application/json",
+                     "data_base64": base64.b64encode(json.dumps({"tenant_id": a, "customer_id": "c5"}).encode())
+                     .decode()})
     r = c.post("/v1/events", content=json.dumps(ce_batch), headers={**_auth(KEY_A),
                "Content-Type": "application/cloudevents-batch+json; charset=utf-8"})
     assert r.status_code == 202, r.text
     body = r.json()
-    assert body["accepted"] == 2 and [(x["index"], x["reason"]) for x in body["rejected"]] == [(2, "invalid_event")]
+    assert body["accepted"] == 3 and [(x["index"], x["reason"]) for x in body["rejected"]] == [(2, "invalid_event")]
     # Consumed right after the answers: every acknowledged event is in the topic, keyed tenant|customer.
     seen = _topic_events(svc)
     for ev in [one, *batch]:
@@ -96,6 +101,9 @@ def test_single_array_and_cloudevents_are_in_the_topic_when_202_answers(svc):
     assert value == {"tenant_id": a, "customer_id": "c3", "properties": {"model": "m"}, "event_id": ce_id,
                      "timestamp": when, "event_type": "api_call"}
     assert {f"{ce_id}-0", f"{ce_id}-1"} <= set(seen) and "no-data" not in seen
+    assert seen[f"{ce_id}-b64"] == (f"{a}|c5".encode(), {"tenant_id": a, "customer_id": "c5",
+                                                        "event_id": f"{ce_id}-b64", "timestamp": when,
+                                                        "event_type": "api_call"})
 
 
 def test_blocked_customer_gets_429_with_retry_after_and_nothing_is_produced(svc):

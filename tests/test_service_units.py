@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 
@@ -80,11 +81,28 @@ def test_cloudevent_attributes_fill_only_what_data_lacks():
     assert json.loads(cloudevent_to_event(ce)) == {"tenant_id": "acme", "customer_id": "c", "event_id": "own",
                                                    "properties": {"n": 1}, "timestamp": "2026-11-03T14:30:00Z",
                                                    "event_type": "api_call"}
-    for bad in ([], {"id": "x"}, {"data": "text"}, {"data_base64": "e30="}):
+    for bad in ([], {"id": "x"}, {"data": "text"}, {"data_base64": "WzFd"}):  # WzFd: [1], not an object
         with pytest.raises(ValueError):
             cloudevent_to_event(bad)
     batch = split_body(json.dumps([ce, {"id": "nodata"}]).encode(), "application/cloudevents-batch+json")
     assert batch.raws[1] is None and 1 in batch.problems and not batch.single
+
+
+def test_cloudevent_data_base64_is_the_base64_of_the_json_data():
+    data = {"tenant_id": "acme", "customer_id": "c", "properties": {"n": 1, "s": "\u00e9"}}
+    ce = {"id": "ce1", "time": "2026-11-03T14:30:00Z", "type": "api_call",
+          "data_base64": base64.b64encode(json.dumps(data).encode()).decode()}
+    want = {**data, "event_id": "ce1", "timestamp": "2026-11-03T14:30:00Z", "event_type": "api_call"}
+    assert json.loads(cloudevent_to_event(ce)) == want
+    assert json.loads(cloudevent_to_event({**ce, "datacontenttype": "application/json; charset=utf-8"})) == want
+    assert json.loads(cloudevent_to_event({**ce, "datacontenttype": "application/cloudevents+json"})) == want
+    for bad, why in (({**ce, "data": data}, "not both"), ({**ce, "data_base64": "not base64!"}, "not valid base64"),
+                     ({**ce, "data_base64": base64.b64encode(b"{nope").decode()}, "does not decode to JSON"),
+                     ({**ce, "data_base64": base64.b64encode(b"[1]").decode()}, "must be a JSON object"),
+                     ({**ce, "data_base64": 12}, "must be a base64 string"),
+                     ({**ce, "datacontenttype": "text/plain"}, "must hold JSON")):
+        with pytest.raises(ValueError, match=why):
+            cloudevent_to_event(bad)
 
 
 @given(st.lists(st.dictionaries(st.text(max_size=5), st.one_of(st.integers(), st.text(max_size=5), st.none()),

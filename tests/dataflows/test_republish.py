@@ -22,12 +22,13 @@ from hypothesis import strategies as st
 
 from meterflow.base.errors import MeterError
 from meterflow.base.stats import FlowStats
+from meterflow.base.timeutil import ms_to_iso
 from meterflow.dataflows.metering import _ShardLogic, build_flow
 from meterflow.gateway_sync import current_states, latest_snapshots, sync_gateway
 from meterflow.operators.mediate import Mediator
 from meterflow.operators.rules import Rules
 from meterflow.schemas.config import RedisConfig
-from meterflow.schemas.gateway import GatewayState, WalletState, state_fields, wallet_fields
+from meterflow.schemas.gateway import AnomalyMarker, GatewayState, WalletState, state_fields, wallet_fields
 from tests.dataflows.test_shards import Clock, event, make_config, merged, new_logic, shard_values, with_shards
 from tests.operators import test_entitlement_properties as ent_props
 from tests.operators.alert_model import Ev, final_gateway
@@ -154,3 +155,80 @@ def test_sync_writes_gateway_and_wallet_hashes_from_the_store(redis_server, clie
     before = {k: client.hgetall(k) for k in keys}
     sync_gateway(cfg, tmp_path, at_ms=1_800_000_000_000)
     assert {k: client.hgetall(k) for k in keys} == before, "idempotent"
+
+
+# -- anomaly markers (issue 13): republished with the gateway state, so a Redis restarted empty gets them back ---
+
+def _anomaly_stream():
+    from tests.operators.test_anomaly import at
+    from tests.operators.test_meter import ev
+
+    per_day = {0: 10, 1: 10, 2: 10, 3: 10, 4: 40, 5: 10, 6: 10, 7: 60}  # spikes on days 4 and 7
+    out = []
+    for cust in ("cust_456", "c2"):  # with an api_calls entitlement, and without a subscription (marker-only hash)
+        for day, n in per_day.items():
+            out += [ev(f"{cust}-{day}-{i}", ms_to_iso(at(day, i % 24, i // 24)), cust=cust) for i in range(n)]
+    return [(("events.jsonl", i), raw) for i, raw in enumerate(out)]
+
+
+def _anomaly_run_twice(tmp):
+    from tests.operators.test_anomaly import make_config as anomaly_config
+
+    cfg = anomaly_config({"factor": 3.0, "baseline_days": 7, "min_history_days": 3, "metrics": ["api_calls"]})
+    init_db_dir(Path(tmp), 1)
+    runs = []
+    for events in (_anomaly_stream(), []):
+        out = []
+        flow = build_flow(cfg, TestingSource(events, batch_size=16), [("out", TestingSink(out))], gateway_states=True)
+        run_main(flow, epoch_interval=timedelta(seconds=60), recovery_config=RecoveryConfig(Path(tmp)))
+        runs.append(out)
+    return cfg, runs
+
+
+def _latest_anomaly_days(emissions):
+    latest = {}
+    for em in emissions:
+        for a in em.alerts:
+            if a.type == "anomaly":
+                k = (a.tenant_id, a.customer_id, a.metric)
+                latest[k] = max(latest.get(k, ""), a.period_start)
+    return latest
+
+
+def test_a_resume_republishes_the_latest_anomaly_marker_of_every_customer_and_metric(tmp_path):
+    cfg, (first, second) = _anomaly_run_twice(tmp_path)
+    latest = _latest_anomaly_days(first)
+    fired = sorted((a.customer_id, a.period_start) for em in first for a in em.alerts if a.type == "anomaly")
+    assert fired == [(c, f"2026-11-0{d}T00:00:00Z") for c in ("c2", "cust_456") for d in (5, 8)]
+    assert not any(em.markers for em in first), "a run sets markers from its alerts, not as republished markers"
+    markers = [m for em in second for m in em.markers]
+    assert not any(em.alerts for em in second), "the resume fired nothing again"
+    assert {(m.tenant_id, m.customer_id, m.metric): m.value for m in markers} == latest
+    assert len(markers) == len(latest) == 2
+    # meter gateway sync reads the same markers from the store
+    synced = [s for items in current_states(cfg, tmp_path, 0) for s in items if isinstance(s, AnomalyMarker)]
+    assert sorted(synced, key=lambda m: m.customer_id) == sorted(markers, key=lambda m: m.customer_id)
+
+
+@pytest.mark.redis
+def test_sync_and_a_resumed_flow_give_an_emptied_redis_its_anomaly_markers(redis_server, client, tmp_path):
+    from meterflow.sinks.redis import GatewayStateSink
+
+    cfg, (first, second) = _anomaly_run_twice(tmp_path)
+    latest = _latest_anomaly_days(first)
+    cfg = msgspec.structs.replace(cfg, redis=RedisConfig(url=redis_server.url, timeout=1.0))
+    keys = [f"meter:{t}:{c}:{m}" for t, c, m in latest]
+    client.delete(*keys)  # a Redis restarted empty
+    result = sync_gateway(cfg, tmp_path, at_ms=1_800_000_000_000)
+    assert result.markers == 2
+    for (t, c, m), day in latest.items():
+        assert client.hget(f"meter:{t}:{c}:{m}", "anomaly").decode() == day
+    assert set(client.hgetall("meter:acme:c2:api_calls")) == {b"anomaly"}  # no entitlement: the marker alone
+    assert client.hget("meter:acme:cust_456:api_calls", "state") is not None  # beside the synced state
+    # The resumed flow's own output through the real Redis sink does the same.
+    client.delete(*keys)
+    part = GatewayStateSink(cfg.redis).build("redis_gateway", 0, 1)
+    part.write_batch(second)
+    part.close()
+    for (t, c, m), day in latest.items():
+        assert client.hget(f"meter:{t}:{c}:{m}", "anomaly").decode() == day

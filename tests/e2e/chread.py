@@ -42,6 +42,9 @@ def main(config_path: str) -> None:
     q = client.query(f"SELECT tenant_id, customer_id, metric, toUnixTimestamp64Milli(period_start) AS ps, final "
                      f"FROM {db}.usage_by_period")
     out["period_final"] = [list(r) for r in q.result_rows]
+    q = client.query(f"SELECT alert_id, customer_id, metric, threshold_amount, amount, event_id FROM {db}.alerts_log "
+                     f"WHERE type = 'spend_crossed' ORDER BY alert_id")
+    out["spend"] = [list(r) for r in q.result_rows]
     json.dump(out, sys.stdout)
 
 

@@ -84,7 +84,8 @@ def stream():
 
 
 def _config(tmp_path: Path, name: str, kafka_cfg=None) -> Path:
-    base = sample_config_toml(TENANTS, SUBSCRIBED, "2026-03-15T00:00:00Z")
+    # a price card on every metric and spend thresholds (tiered, volume, package, staircase, per_unit + minimum)
+    base = sample_config_toml(TENANTS, SUBSCRIBED, "2026-03-15T00:00:00Z", prices="spend")
     return write_config(tmp_path / f"{name}.toml", base, tmp_path / f"ch-{name}", kafka_cfg,
                         pipeline_extra='epoch_interval = "500ms"')
 
@@ -174,6 +175,7 @@ def test_kafka_sigkill_mid_stream_then_resume_equals_clean_run(kafka, tmp_path, 
     clean_views, crash_views = read_views(clean_cfg), read_views(crash_cfg)
     _assert_killed_mid_stream(info, clean_views, N_EVENTS)
     _assert_same_views(clean_views, crash_views)
+    assert len({r[7] for r in clean_views["rated"]}) >= 5, "every price model is rated"
 
     clean_recs = aggregated_records(kafka.bootstrap, clean_k["aggregated_topic"])
     crash_recs = aggregated_records(kafka.bootstrap, crash_k["aggregated_topic"])
@@ -226,3 +228,6 @@ def test_jsonl_sigkill_mid_stream_then_resume_equals_clean_run(tmp_path, stream)
     clean_views, crash_views = read_views(clean_cfg), read_views(crash_cfg)
     _assert_killed_mid_stream(info, clean_views, N_EVENTS)
     _assert_same_views(clean_views, crash_views)
+    assert len({r[7] for r in clean_views["rated"]}) >= 5, "every price model is rated"
+    # spend alerts (one read order here, so the crossing events are the clean run's): none lost, none doubled
+    assert crash_views["spend"] == clean_views["spend"] and len(clean_views["spend"]) > 0

@@ -12,7 +12,6 @@ from tests.e2e.support import run_meter
 def test_demo_shows_units_money_and_spend_alerts(tmp_path):
     work = tmp_path / "demo"
     out = run_meter("demo", "--events", "30000", "--dir", str(work), timeout=300).stdout
-    import re
 
     spike = int(re.search(r"30,000 events for 3 tenants and ([\d,]+) of cust_spike", out).group(1).replace(",", ""))
     assert f"read {30_000 + spike:,} = accepted" in out

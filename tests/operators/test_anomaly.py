@@ -200,3 +200,42 @@ def test_config_errors_are_one_line_naming_the_key(anomaly, key):
         make_config(anomaly)
     msg = str(exc.value)
     assert "\n" not in msg and f"'{key}'" in msg, msg
+
+
+def test_the_anomaly_section_takes_environment_overrides_like_the_others():
+    raw = json.loads(json.dumps(BASE_CFG))
+    raw["anomaly"] = {"factor": 3.0, "metrics": ["api_calls"]}
+    cfg = parse_config(raw, "test.toml", environ={"METER_ANOMALY_FACTOR": "4.5", "METER_ANOMALY_BASELINE_DAYS": "14",
+                                                  "METER_ANOMALY_METRICS": "api_calls, tokens"})
+    assert cfg.anomaly is not None
+    assert (cfg.anomaly.factor, cfg.anomaly.baseline_days, cfg.anomaly.min_history_days, cfg.anomaly.metrics) == \
+        (4.5, 14, 7, ["api_calls", "tokens"])
+    assert raw["anomaly"] == {"factor": 3.0, "metrics": ["api_calls"]}  # the caller's document is untouched
+    # Like METER_REDIS_URL, a variable of an absent section turns it on (with the defaults for the rest).
+    cfg = parse_config(json.loads(json.dumps(BASE_CFG)), "test.toml", environ={"METER_ANOMALY_MIN_HISTORY_DAYS": "3"})
+    assert cfg.anomaly is not None and (cfg.anomaly.factor, cfg.anomaly.min_history_days) == (3.0, 3)
+    for env, key in (({"METER_ANOMALY_FACTOR": "1"}, "anomaly.factor"),
+                     ({"METER_ANOMALY_BASELINE_DAYS": "a month"}, "anomaly.baseline_days"),
+                     ({"METER_ANOMALY_METRICS": "api_calls,peak"}, "anomaly.metrics[1]")):
+        with pytest.raises(ConfigError) as exc:
+            parse_config(json.loads(json.dumps(BASE_CFG)), "test.toml", environ=env)
+        assert "\n" not in str(exc.value) and f"'{key}'" in str(exc.value), str(exc.value)
+
+
+def test_the_deploy_configs_commented_anomaly_example_is_valid_once_uncommented(tmp_path):
+    import re
+    from pathlib import Path
+
+    from meterflow.schemas.config import load_config
+
+    text = (Path(__file__).resolve().parents[2] / "deploy" / "meterflow.toml").read_text()
+    assert load_config(_write(tmp_path / "as-shipped.toml", text), environ={}).anomaly is None
+    on = re.sub(r"^# (\[anomaly\]|factor|baseline_days|min_history_days|metrics)", r"\1", text, flags=re.M)
+    a = load_config(_write(tmp_path / "on.toml", on), environ={}).anomaly
+    assert a is not None and (a.factor, a.baseline_days, a.min_history_days, a.metrics) == \
+        (3.0, 30, 7, ["api_calls", "tokens"])
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path

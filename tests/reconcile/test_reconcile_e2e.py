@@ -347,3 +347,67 @@ def test_reconcile_config_errors_are_one_line(world, section, message):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("meter: error: "), proc.stderr
     assert message in lines[0], lines[0]
+
+
+# -- the subscription changes from the Kafka entitlements topic (no --entitlements FILE) ------------------------
+
+def _kafka_config(world, bootstrap: str, topic: str, name: str) -> Path:
+    cfg = world["tmp"] / name
+    cfg.write_text(world["cfg"].read_text() + f'\n[kafka]\nbootstrap_servers = "{bootstrap}"\n'
+                   f'entitlements_topic = "{topic}"\n')
+    return cfg
+
+
+@pytest.mark.kafka
+def test_with_kafka_and_no_entitlements_file_the_topic_gives_the_plan_changes(world, kafka):
+    from tests.e2e.support import produce, unique
+
+    topic = unique("reconcile-entitlements")
+    kafka.create_topic(topic, partitions=2)
+    no_time = {**CHANGELOG, "customer_id": "c_match", "published_at": "soon"}
+    produce(kafka.bootstrap, topic, [json.dumps(CHANGELOG).encode(), json.dumps(no_time).encode()], partitions=2,
+            keys=[b"acme|c_plan", b"acme|c_match"])
+    cfg = _kafka_config(world, kafka.bootstrap, topic, "with-kafka.toml")
+    proc = run_meter("reconcile", "--config", str(cfg), "--invoices", str(world["invoices"]), "--json")
+    doc = json.loads(proc.stdout)
+    assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == [
+        f"meter: entitlements Kafka topic {topic}: partition 1 offset 0: published_at 'soon' is not an RFC 3339 "
+        "time: the change cannot be placed in a period (skipped)"]
+    plan = next(r for r in doc["rows"] if (r["customer_id"], r["metric"]) == ("c_plan", "api_calls"))
+    assert (plan["class"], plan["owner"]) == ("plan_change", "billing")
+    assert plan["evidence"]["subscription_changes"] == [
+        {"changelog_partition": 0, "changelog_offset": 0, "published_at": "2026-11-03T00:00:00Z", "plan": "scale",
+         "cancelled": False}]
+    assert doc["inputs"]["entitlements_topic"] == topic and len(doc["inputs"]["entitlements_sha256"]) == 64
+    # the same findings as with the changelog file meter run read
+    from_file = reconcile_json(world)
+    assert "entitlements_topic" not in from_file["inputs"]
+    assert sorted((r["customer_id"], r["metric"], r["period_start"], r["class"]) for r in doc["rows"]) == \
+        sorted((r["customer_id"], r["metric"], r["period_start"], r["class"]) for r in from_file["rows"])
+    # --entitlements FILE still wins over the topic
+    proc = run_meter("reconcile", "--config", str(cfg), "--invoices", str(world["invoices"]), "--entitlements",
+                     str(world["changes"]), "--json")
+    assert proc.stderr.strip() == "" and "entitlements_topic" not in json.loads(proc.stdout)["inputs"]
+    # a topic that does not exist holds no change: c_plan's amounts differ with nothing to explain them
+    cfg = _kafka_config(world, kafka.bootstrap, unique("no-such-topic"), "no-topic.toml")
+    doc = json.loads(run_meter("reconcile", "--config", str(cfg), "--invoices", str(world["invoices"]),
+                               "--json").stdout)
+    plan = next(r for r in doc["rows"] if (r["customer_id"], r["metric"]) == ("c_plan", "api_calls"))
+    assert plan["class"] == "over_bill" and "subscription_changes" not in plan["evidence"]
+
+
+def test_an_unreachable_broker_is_one_error_saying_what_to_do(world):
+    import socket
+
+    from meterflow.base.errors import MeterError
+    from meterflow.reconcile import read_changelog_topic
+    from meterflow.schemas.config import load_config
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = load_config(_kafka_config(world, f"127.0.0.1:{port}", "usage.entitlements", "dead-broker.toml"), environ={})
+    with pytest.raises(MeterError) as exc:
+        read_changelog_topic(cfg, timeout=2.0)
+    msg = str(exc.value)
+    assert "\n" not in msg and "check kafka.bootstrap_servers" in msg and "pass --entitlements FILE" in msg, msg
