@@ -221,7 +221,8 @@ def console_routes(svc: Any) -> List[Route]:
             return denied
         tenant, cust = request.path_params["tenant"], request.path_params["customer"]
         title = f"Customer {tenant}/{cust}"
-        live = svc.usage_of(tenant, cust) if svc.gate is not None else None
+        # (Redis and ClickHouse reads off the event loop: a slow store must not stall every other page)
+        live = await asyncio.to_thread(svc.usage_of, tenant, cust) if svc.gate is not None else None
         try:
             charts = await asyncio.to_thread(_customer_charts, ch, tenant, cust)
         except MeterError as exc:

@@ -177,7 +177,11 @@ def test_console_in_a_headless_browser(flow_run, kafka):
         assert page.locator("table.alerts tbody tr").count() == 1
         page.screenshot(path=str(ARTIFACTS / "console-alerts.png"), full_page=True)
         page.click("table.alerts tbody tr >> text=c1")
-        page.wait_for_selector("svg.usage-chart")
+        try:
+            page.wait_for_selector("svg.usage-chart", timeout=90_000)
+        except Exception as exc:  # say what the page shows instead of a bare timeout
+            page.screenshot(path=str(ARTIFACTS / "console-customer-failed.png"), full_page=True)
+            raise AssertionError(f"no usage chart at {page.url}: {page.inner_text('body')[:2000]}") from exc
         heading = page.locator("section.metric h2").inner_text()
         assert heading.startswith("api_calls: 12 of 10") and "120.0 % of included" in heading
         points = page.locator("svg.usage-chart polyline.usage").get_attribute("points") or ""
