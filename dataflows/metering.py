@@ -157,8 +157,8 @@ class _ShardLogic(StatefulBatchLogic):
             meter = meters.get(key)
             if meter is None:
                 meter = meters[key] = CustomerMeter(rules, key)
-                if native is not None and native.admits(meter):
-                    native.keys.add(key)
+                if native is not None:
+                    native.admit(meter)
             if native is not None and key in native.keys:
                 self._native_items(key, meter, items, native_work, out, due)
             else:
@@ -168,11 +168,12 @@ class _ShardLogic(StatefulBatchLogic):
             if not due and meter.has_dirty():
                 dirty.add(key)
         if native_work:
-            dead = native.fold(meters, native_work)
-            if dead:
-                out.add(Emission(dead_letters=dead))
+            out.add(native.fold(meters, native_work))
             if not due:  # their rows are mirrored into their meters at the next tick (or snapshot)
                 dirty.update([key for key, _ in native_work])
+            if native.gateway_due:  # live gateway state of evaluated customers: their rows mirrored now
+                self._sync_native()
+                out.add(native.gateway(meters))
         if self._recoverable:
             self._changed.update([key for key, _ in work])
         if due:
@@ -187,12 +188,13 @@ class _ShardLogic(StatefulBatchLogic):
             if type(group) is EntitlementUpdate:
                 native = self._native
                 before = [(key, g) for g in items[:pos]]
-                dead = native.fold(self._meters, before) if before else []
+                if before:
+                    out.add(native.fold(self._meters, before))
                 self._sync_native()
+                if native.gateway_due:
+                    out.add(native.gateway(self._meters))
                 native.release(meter)
-                em = meter.process(items[pos:], flush=due)
-                em.dead_letters = dead + em.dead_letters
-                out.add(em)
+                out.add(meter.process(items[pos:], flush=due))
                 if not due and meter.has_dirty():
                     self._dirty.add(key)
                 return
