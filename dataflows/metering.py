@@ -82,8 +82,9 @@ class _ShardLogic(StatefulBatchLogic):
     is refused (its customers would no longer meet their events).
 
     With ``pipeline.core = "native"`` (``native``: a :class:`meterflow.operators.native.NativeMeters`), the
-    customers that evaluate nothing per event are folded by the shard's native core, in one call per batch,
-    and their rows mirrored into their meters at each tick and before a snapshot (README: Native core).
+    customers without wallets, spend thresholds, auto_overage or anomaly are folded by the shard's native core,
+    in one call per batch, and their rows mirrored into their meters at each tick and before a snapshot
+    (README: Native core).
 
     With live gateway state (``[redis]``), a resumed shard republishes the gateway and wallet state of
     every one of its customers once, ahead of its first batch or at once by notification (even with no

@@ -9,14 +9,15 @@ folded natively), so the state sees every event in arrival order. Meter dead let
 missing_property) are decided natively and worded here with the Python texts.
 
 :class:`NativeMeters` is what the dataflow runs with ``pipeline.core = "native"``: one native core per shard
-folds the events of the customers whose subscription evaluates nothing per event (no entitlement, credit or
-spend threshold; no anomaly detection), and mirrors the rows each batch changed into those customers'
-:class:`~meterflow.operators.meter.CustomerMeter`, so flushes, versions, finality, rated rows, reviews and
-snapshots are the Python ones. The other customers, a customer once a changelog record reaches it, and
-every customer resumed from a snapshot run the Python fold.
+folds the events of the customers whose subscription has only soft and hard entitlements, or none (no credit,
+spend threshold or auto_overage; no anomaly detection); their thresholds and blocks are checked at the events
+whose fold reaches the next level Python gave for the period (:meth:`NativeMeters._check`), and it mirrors
+the rows each batch changed into those customers' :class:`~meterflow.operators.meter.CustomerMeter`, so
+flushes, versions, finality, rated rows, reviews and snapshots are the Python ones. The other customers, a
+customer once a changelog record reaches it, and every customer resumed from a snapshot run the Python fold.
 
-Not native yet (:func:`unsupported`): aggregations other than count and sum, ``group_by``; the per-event
-entitlement checks (those customers run the Python fold).
+Not native yet (:func:`unsupported`): aggregations other than count and sum, ``group_by``; wallets, spend
+thresholds, auto_overage and anomaly checks (those customers run the Python fold).
 
 When ``meterflow_native`` is not built (no cargo at setup), :data:`AVAILABLE` is False and everything runs on
 the Python path.
@@ -66,7 +67,7 @@ def unsupported(cfg: Config) -> Optional[str]:
 def core_in_use(cfg: Optional[Config] = None) -> str:
     """What ``meter`` reports as its core (``pipeline.core``; whether the native core is built)."""
     if cfg is not None and cfg.pipeline.core == "native":
-        return "native (customers that evaluate nothing per event; the others on the Python fold)"
+        return "native (customers without wallet, spend thresholds, auto_overage or anomaly; the others on Python)"
     if not AVAILABLE:
         return "python (native core not built: ./dev setup builds it when cargo is installed)"
     return "python (native core built: pipeline.core = \"native\" turns it on)"
@@ -198,8 +199,8 @@ class NativeBatchCore:
 class NativeMeters:
     """The native fold of one shard (``pipeline.core = "native"``), beside its :class:`CustomerMeter` objects.
 
-    A customer is folded here when it is first seen and its subscription evaluates nothing per event
-    (:meth:`admits`); its ``CustomerMeter`` then holds everything but the dedupe table: after each list of
+    A customer is folded here when it is first seen and its subscription evaluates at most soft and hard
+    entitlements (:meth:`admits`); its ``CustomerMeter`` then holds everything but the dedupe table: after each list of
     events, the rows the native fold changed are written into its accumulators (dirty, with their expiries)
     and its watermark and current periods follow, so :meth:`CustomerMeter.flush` and ``finalize`` emit
     exactly what the Python fold would. The dedupe table is copied into the meter for a snapshot
