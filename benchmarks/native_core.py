@@ -20,9 +20,10 @@ latest), Python core only.
 
 ``--flow`` (bench workload) also runs the whole dataflow in process (``build_flow`` over ``TestingSource``,
 1 worker, recovery off, outputs discarded) with ``pipeline.core = "python"`` and ``"native"``, twice: as
-configured (every customer has thresholds, so the native dataflow folds them in Python) and with the
-subscriptions left out (no customer evaluates anything: all folded natively). It prints events/s and CPU
-seconds per million events of each, and checks that both cores emit the same final rows.
+configured (every customer has thresholds: the native fold stops at the events that reach a level, where
+Python checks them) and with the subscriptions left out (no customer evaluates anything). It prints events/s
+and CPU seconds per million events of each, and checks that both cores emit the same final rows and the same
+alerts (id, type, event_id, usage).
 
     python -m benchmarks.native_core --events 300000 [--flow]
 """
@@ -245,11 +246,12 @@ class _Collect:
 
     def __init__(self) -> None:
         self.rows: Dict[tuple, tuple] = {}
+        self.alerts: Dict[str, tuple] = {}
 
     def sink(self):
         from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
-        rows = self.rows
+        rows, alerts = self.rows, self.alerts
 
         class _Part(StatelessSinkPartition):
             def write_batch(self, items) -> None:
@@ -258,6 +260,8 @@ class _Collect:
                         k = (r.tenant_id, r.customer_id, r.metric, r.period_start)
                         if k not in rows or rows[k][0] <= r.version:
                             rows[k] = (r.version, r.value, r.events, r.final)
+                    for a in em.alerts:
+                        alerts[a.alert_id] = (a.type, a.event_id, a.usage)
 
         class _Sink(DynamicSink):
             def build(self, step_id, worker_index, worker_count):
@@ -280,7 +284,8 @@ def run_flow(cfg, batches, core: str) -> Dict[str, Any]:
                       recoverable=False)
     c0, t0 = time.process_time(), time.perf_counter()
     run_main(flow)
-    return {"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0, "rows": out.rows}
+    return {"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0, "rows": out.rows,
+            "alerts": out.alerts}
 
 
 def _print_flows(cfg, batches) -> None:
@@ -294,13 +299,16 @@ def _print_flows(cfg, batches) -> None:
         return
     n = sum(len(b) for b in batches)
     bare = msgspec.structs.replace(cfg, subscriptions=[])
-    for label, c in (("as configured (thresholds: Python fold)", cfg), ("no subscriptions (all native)", bare)):
+    for label, c in (("as configured (thresholds checked at their levels)", cfg),
+                     ("no subscriptions (nothing evaluated)", bare)):
         py = run_flow(c, batches, "python")
         nat = run_flow(c, batches, "native")
         same = "same final rows" if py["rows"] == nat["rows"] else "ROWS DIFFER"
+        same += ", same alerts" if py["alerts"] == nat["alerts"] else ", ALERTS DIFFER"
         print(f"flow      {label}: python {n / py['seconds']:>10,.0f} events/s {py['cpu'] / n * 1e6:5.1f} CPU s/M; "
               f"native {n / nat['seconds']:>10,.0f} events/s {nat['cpu'] / n * 1e6:5.1f} CPU s/M "
-              f"({py['seconds'] / nat['seconds']:.2f}x); {same} ({len(py['rows']):,} period rows)")
+              f"({py['seconds'] / nat['seconds']:.2f}x); {same} ({len(py['rows']):,} period rows, "
+              f"{len(py['alerts']):,} alerts)")
 
 
 def _rss_mib() -> float:

@@ -82,8 +82,9 @@ class _ShardLogic(StatefulBatchLogic):
     is refused (its customers would no longer meet their events).
 
     With ``pipeline.core = "native"`` (``native``: a :class:`meterflow.operators.native.NativeMeters`), the
-    customers that evaluate nothing per event are folded by the shard's native core, in one call per batch,
-    and their rows mirrored into their meters at each tick and before a snapshot (README: Native core).
+    customers without wallets, spend thresholds, auto_overage or anomaly are folded by the shard's native core,
+    in one call per batch, and their rows mirrored into their meters at each tick and before a snapshot
+    (README: Native core).
 
     With live gateway state (``[redis]``), a resumed shard republishes the gateway and wallet state of
     every one of its customers once, ahead of its first batch or at once by notification (even with no
@@ -157,8 +158,8 @@ class _ShardLogic(StatefulBatchLogic):
             meter = meters.get(key)
             if meter is None:
                 meter = meters[key] = CustomerMeter(rules, key)
-                if native is not None and native.admits(meter):
-                    native.keys.add(key)
+                if native is not None:
+                    native.admit(meter)
             if native is not None and key in native.keys:
                 self._native_items(key, meter, items, native_work, out, due)
             else:
@@ -168,11 +169,12 @@ class _ShardLogic(StatefulBatchLogic):
             if not due and meter.has_dirty():
                 dirty.add(key)
         if native_work:
-            dead = native.fold(meters, native_work)
-            if dead:
-                out.add(Emission(dead_letters=dead))
+            out.add(native.fold(meters, native_work))
             if not due:  # their rows are mirrored into their meters at the next tick (or snapshot)
                 dirty.update([key for key, _ in native_work])
+            if native.gateway_due:  # live gateway state of evaluated customers: their rows mirrored now
+                self._sync_native()
+                out.add(native.gateway(meters))
         if self._recoverable:
             self._changed.update([key for key, _ in work])
         if due:
@@ -187,12 +189,13 @@ class _ShardLogic(StatefulBatchLogic):
             if type(group) is EntitlementUpdate:
                 native = self._native
                 before = [(key, g) for g in items[:pos]]
-                dead = native.fold(self._meters, before) if before else []
+                if before:
+                    out.add(native.fold(self._meters, before))
                 self._sync_native()
+                if native.gateway_due:
+                    out.add(native.gateway(self._meters))
                 native.release(meter)
-                em = meter.process(items[pos:], flush=due)
-                em.dead_letters = dead + em.dead_letters
-                out.add(em)
+                out.add(meter.process(items[pos:], flush=due))
                 if not due and meter.has_dirty():
                     self._dirty.add(key)
                 return

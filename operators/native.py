@@ -9,14 +9,15 @@ folded natively), so the state sees every event in arrival order. Meter dead let
 missing_property) are decided natively and worded here with the Python texts.
 
 :class:`NativeMeters` is what the dataflow runs with ``pipeline.core = "native"``: one native core per shard
-folds the events of the customers whose subscription evaluates nothing per event (no entitlement, credit or
-spend threshold; no anomaly detection), and mirrors the rows each batch changed into those customers'
-:class:`~meterflow.operators.meter.CustomerMeter`, so flushes, versions, finality, rated rows, reviews and
-snapshots are the Python ones. The other customers, a customer once a changelog record reaches it, and
-every customer resumed from a snapshot run the Python fold.
+folds the events of the customers whose subscription has only soft and hard entitlements, or none (no credit,
+spend threshold or auto_overage; no anomaly detection); their thresholds and blocks are checked at the events
+whose fold reaches the next level Python gave for the period (:meth:`NativeMeters._check`), and it mirrors
+the rows each batch changed into those customers' :class:`~meterflow.operators.meter.CustomerMeter`, so
+flushes, versions, finality, rated rows, reviews and snapshots are the Python ones. The other customers, a
+customer once a changelog record reaches it, and every customer resumed from a snapshot run the Python fold.
 
-Not native yet (:func:`unsupported`): aggregations other than count and sum, ``group_by``; the per-event
-entitlement checks (those customers run the Python fold).
+Not native yet (:func:`unsupported`): aggregations other than count and sum, ``group_by``; wallets, spend
+thresholds, auto_overage and anomaly checks (those customers run the Python fold).
 
 When ``meterflow_native`` is not built (no cargo at setup), :data:`AVAILABLE` is False and everything runs on
 the Python path.
@@ -33,7 +34,7 @@ from meterflow.operators.dedupe import IdTable, fingerprint
 from meterflow.operators.mediate import Mediator, dead_letter
 from meterflow.schemas.config import Config
 from meterflow.schemas.events import EVENT_DECODER
-from meterflow.schemas.records import DeadLetter
+from meterflow.schemas.records import DeadLetter, Emission
 from meterflow.schemas.state import DedupeState
 
 try:  # built by ./dev setup (maturin develop) when cargo is there
@@ -43,6 +44,7 @@ except ImportError:  # pragma: no cover - depends on the build
 
 AVAILABLE = _native is not None
 _I64 = 1 << 63
+_INF = float("inf")
 
 
 def unsupported(cfg: Config) -> Optional[str]:
@@ -65,7 +67,7 @@ def unsupported(cfg: Config) -> Optional[str]:
 def core_in_use(cfg: Optional[Config] = None) -> str:
     """What ``meter`` reports as its core (``pipeline.core``; whether the native core is built)."""
     if cfg is not None and cfg.pipeline.core == "native":
-        return "native (customers that evaluate nothing per event; the others on the Python fold)"
+        return "native (customers without wallet, spend thresholds, auto_overage or anomaly; the others on Python)"
     if not AVAILABLE:
         return "python (native core not built: ./dev setup builds it when cargo is installed)"
     return "python (native core built: pipeline.core = \"native\" turns it on)"
@@ -197,8 +199,8 @@ class NativeBatchCore:
 class NativeMeters:
     """The native fold of one shard (``pipeline.core = "native"``), beside its :class:`CustomerMeter` objects.
 
-    A customer is folded here when it is first seen and its subscription evaluates nothing per event
-    (:meth:`admits`); its ``CustomerMeter`` then holds everything but the dedupe table: after each list of
+    A customer is folded here when it is first seen and its subscription evaluates at most soft and hard
+    entitlements (:meth:`admits`); its ``CustomerMeter`` then holds everything but the dedupe table: after each list of
     events, the rows the native fold changed are written into its accumulators (dirty, with their expiries)
     and its watermark and current periods follow, so :meth:`CustomerMeter.flush` and ``finalize`` emit
     exactly what the Python fold would. The dedupe table is copied into the meter for a snapshot
@@ -218,6 +220,8 @@ class NativeMeters:
         self._grace = cfg.pipeline.late_grace_ms
         self._invalid = 0
         self.keys: set = set()  # the customers folded here
+        self.evaluated: set = set()  # those of them whose subscription evaluates thresholds (admit)
+        self.gateway_due: set = set()  # evaluated customers folded since the last gateway call (with [redis])
 
     @classmethod
     def factory(cls, cfg: Config) -> Callable[[], "NativeMeters"]:
@@ -232,19 +236,41 @@ class NativeMeters:
         return self._core_obj
 
     def admits(self, meter: Any) -> bool:
-        return meter.anom is None and not meter.ent.evaluated
+        """Whether the customer is folded here: no anomaly detection, wallet or spend threshold, and only soft
+        or hard entitlements (thresholds and blocking are evaluated at the events that reach a level)."""
+        ent = meter.ent
+        if meter.anom is not None or ent.credit or ent.spends:
+            return False
+        return all(info.enforcement in ("soft", "hard") for info in ent.infos.values())
 
-    def fold(self, meters: Dict[str, Any], pairs: List[Tuple[str, List[Any]]]) -> List[DeadLetter]:
+    def admit(self, meter: Any) -> bool:
+        """Fold the customer here if :meth:`admits` (a new customer of the shard)."""
+        if not self.admits(meter):
+            return False
+        key = meter.key
+        self.keys.add(key)
+        if meter.ent.infos:
+            self._core.evaluate(key, sorted(meter.ent.infos))
+            self.evaluated.add(key)
+        return True
+
+    def fold(self, meters: Dict[str, Any], pairs: List[Tuple[str, List[Any]]]) -> Emission:
         """Fold ``(key, events)`` lists of customers folded here, in order, in one native call; the dead letters
-        (each customer's in event order). The changed rows wait in the native state for :meth:`sync`."""
+        (each customer's in event order) and alerts. The changed rows wait in the native state for :meth:`sync`.
+        An event that reaches a level of an evaluated metric (or folds into a period without one) stops the
+        native fold: its entitlement check runs here, exactly as the Python fold's (:meth:`_check`), and the
+        fold resumes with the new level."""
         core = self._core
         failed: List[Tuple[int, DeadLetter]] = []
+        alerts: List[Any] = []
         np_ = len(pairs)
         p, i, why = core.fold_many(pairs, 0, 0)
         while p < np_:
             key, group = pairs[p]
             meter, me = meters[key], group[i]
-            if why == 1:  # a line the native decoder leaves to Python: the Mediator's event, folded natively
+            if why == 3:  # the event reached a level: the Python check
+                self._check(meter, me, core.take_stops(), alerts)
+            elif why == 1:  # a line the native decoder leaves to Python: the Mediator's event, folded natively
                 ev = me.event
                 try:
                     core.fold(p << 32 | i, ev.tenant_id, ev.customer_id, fingerprint(ev.event_id), ev.event_type,
@@ -252,6 +278,10 @@ class NativeMeters:
                               [(k, _value(v)) for k, v in ev.properties.items()])
                 except ValueError:
                     why = 2
+                else:
+                    stops = core.take_stops()
+                    if stops:
+                        self._check(meter, me, stops, alerts)
             if why == 2:  # no billing period: the Python fold's dead letter
                 sub = meter.ent.rule
                 text = meter._bounds(me.ts, sub.period, sub.anchor_ms)
@@ -267,15 +297,71 @@ class NativeMeters:
                 failed.append((index, meter._missing_property(me, a, prop, me.event.properties.get(prop))))
         dup, excl, unmetered, too_late, missing, _read = core.take_counts()
         n = sum(len(g) for _, g in pairs)
+        evaluated = self.evaluated
+        unevaluated = sum(len(g) for k, g in pairs if k not in evaluated) if evaluated else n
         bad = too_late + self._invalid
         self._invalid = 0
         stats = self._stats
         stats.add_metered(n - dup - excl - bad, dup, excl, unmetered, 0, bad, missing)
-        stats.add({"alerts": 0, "unevaluated": n})  # (as CustomerMeter.process: nothing evaluated)
-        if not failed:
-            return []
+        if alerts or unevaluated:  # (as CustomerMeter.process)
+            stats.add({"alerts": len(alerts), "unevaluated": unevaluated})
+        if evaluated:
+            self.gateway_due.update([k for k, _ in pairs if k in evaluated and meters[k].rules.gateway_states])
         failed.sort(key=lambda x: x[0])
-        return [d for _, d in failed]
+        return Emission(dead_letters=[d for _, d in failed], alerts=alerts)
+
+    def _usage_of(self, meter: Any) -> Callable[[Tuple[str, int, int]], Optional[float]]:
+        """``meter.usage`` as the Python fold sees it mid-batch: the native row's value (a row the meter
+        evicted, unchanged since, is gone)."""
+        core, key, periods = self._core, meter.key, meter.periods
+
+        def usage(pk: Tuple[str, int, int]) -> Optional[float]:
+            r = core.period_value(key, pk[0], pk[1], pk[2])
+            if r is None or not r[3] and pk not in periods:
+                return None
+            return sum_value(r[1], r[2])
+
+        return usage
+
+    def _check(self, meter: Any, me: Any, stops: List[Tuple[str, int, int]], alerts: List[Any]) -> None:
+        """The entitlement check of the Python fold (CustomerMeter._fold) for the evaluated metrics ``me`` folded
+        into periods ``stops``: the current period advanced, thresholds and the block evaluated when usage reaches
+        the period's level; then the new level to the native fold (-inf while blocked: every event is checked)."""
+        core, ent, key = self._core, meter.ent, meter.key
+        usage_of = self._usage_of(meter)
+        for code, ps, pe in stops:
+            pk = (code, ps, pe)
+            info = ent.infos[code]
+            cur = ent.cur.get(code)
+            if cur is None or cur[1] < ps:
+                ent.advance(code, pk, me, usage_of, alerts)
+                if cur is not None:
+                    core.set_level(key, code, cur[1], cur[2], None)  # its level no longer includes the block
+            usage = usage_of(pk)
+            lvl = ent.next_level.get(pk)
+            if lvl is None:
+                lvl = ent.level(pk, info)
+            if usage >= lvl or pk in ent.blocked:
+                ent.evaluate(code, pk, usage, me, usage_of, alerts)
+            else:
+                ent.touched.add(pk)
+            core.set_level(key, code, ps, pe, -_INF if pk in ent.blocked else ent.next_level[pk])
+        if not meter.rules.gateway_states:
+            ent.touched.clear()
+
+    def gateway(self, meters: Dict[str, Any]) -> Emission:
+        """The live gateway state of the evaluated customers folded since the last call (call :meth:`sync`
+        first), as CustomerMeter.process leaves it at the end of its batch."""
+        gw: List[Any] = []
+        wallets: List[Any] = []
+        now = now_ms()
+        for key in self.gateway_due:
+            meter = meters[key]
+            g, w = meter.ent.gateway(meter.usage, now)
+            gw += g
+            wallets += w
+        self.gateway_due = set()
+        return Emission(gateway=gw, wallets=wallets)
 
     def sync(self, meters: Dict[str, Any]) -> List[str]:
         """Mirror every row changed since the last sync into its customer's meter, as the Python fold leaves it
@@ -311,6 +397,16 @@ class NativeMeters:
                 acc.fscaled = int.from_bytes(fs, "little", signed=True) if fs else 0
             meter.dirty_p.add(pk)
             ent = meter.ent
+            if key in self.evaluated:  # an evaluated metric's current period advanced at its event (_check)
+                if code not in ent.infos:
+                    cur = ent.cur.get(code)
+                    if cur is None or cur[1] < ps:
+                        ent.advance(code, pk, None, meter.usage, alerts)
+                if meter.rules.gateway_states:
+                    ent.touched.add(pk)  # (gateway: each changed period, as the fold touches it)
+                else:
+                    ent.touched.clear()
+                continue
             cur = ent.cur.get(code)  # the current period, as the fold advances it (first arrivals, in order)
             if cur is None or cur[1] < ps:
                 ent.advance(code, pk, None, meter.usage, alerts)
@@ -350,6 +446,8 @@ class NativeMeters:
         meter._rows = {}
         self._core.drop_customer(key)
         self.keys.discard(key)
+        self.evaluated.discard(key)
+        self.gateway_due.discard(key)
 
     def raise_wm(self, meter: Any) -> None:
         """The flow's watermark finalized the customer's rows: its native watermark follows."""

@@ -88,6 +88,32 @@ impl Fixed {
         }
     }
 
+    /// The value `self * 2**-1074`, approximately (relative error below 2**-60).
+    pub fn approx(&self) -> f64 {
+        let l = &self.0;
+        let neg = l[LIMBS - 1] >> 63 == 1;
+        let mut mag = *l;
+        if neg {
+            let mut carry = true;
+            for w in mag.iter_mut() {
+                let (v, c) = (!*w).overflowing_add(carry as u64);
+                *w = v;
+                carry = c;
+            }
+        }
+        let Some(k) = (0..LIMBS).rev().find(|&k| mag[k] != 0) else { return 0.0 };
+        let lo = if k > 0 { mag[k - 1] } else { 0 };
+        let m = mag[k] as f64 * 18446744073709551616.0 + lo as f64;
+        let e = 64 * k as i32 - 64 - 1074;
+        // 2**e in two steps, so neither factor leaves the f64 range before the product does
+        let v = m * 2f64.powi(e / 2) * 2f64.powi(e - e / 2);
+        if neg {
+            -v
+        } else {
+            v
+        }
+    }
+
     pub fn to_le_bytes(&self) -> Vec<u8> {
         self.0.iter().flat_map(|w| w.to_le_bytes()).collect()
     }
@@ -104,6 +130,14 @@ pub struct Acc {
 impl Acc {
     pub fn new() -> Acc {
         Acc { events: 0, total: 0, fixed: None, reported: 0 }
+    }
+    /// The value as f64, approximately, and a bound of its error: the exact value (rounded as
+    /// SumAcc.value) lies within `tol` of `v`.
+    pub fn approx(&self) -> (f64, f64) {
+        let t = self.total as f64;
+        let Some(f) = &self.fixed else { return (t, 0.0) };
+        let fv = f.approx();
+        (t + fv, (t.abs() + fv.abs()) * 1e-12 + 1e-280)
     }
     #[inline]
     pub fn fixed(&mut self) -> &mut Fixed {

@@ -182,6 +182,15 @@ struct Customer {
     periods: FxMap<PKey, Acc>,
     excluded: FxMap<PKey, (u64, u64)>,
     touched: u64, // the round of take_wms in which an event of this customer was last folded
+    levels: Option<Box<Levels>>, // a customer whose subscription evaluates thresholds (None: nothing)
+}
+
+/// The next usage level of each evaluated metric's period at which Python has something to do (a hair
+/// low; Python's exact test decides). An event that folds an evaluated metric into a period without a level,
+/// or whose fold brings the period's value to its level, stops the fold (`stops`) for Python.
+struct Levels {
+    evals: Vec<bool>,
+    at: FxMap<PKey, f64>,
 }
 
 enum Note {
@@ -222,6 +231,8 @@ struct BatchCore {
     changed_p: Vec<(usize, PKey)>,
     changed_x: Vec<(usize, PKey)>,
     notes: Vec<Note>,
+    stops: Vec<PKey>,
+    code_index: FxMap<String, u32>,
     c: Counters,
     key_buf: String,
     wm_round: u64,
@@ -290,6 +301,7 @@ impl BatchCore {
             periods: FxMap::default(),
             excluded: FxMap::default(),
             touched: 0,
+            levels: None,
         });
         self.index.insert(key, i);
         i
@@ -393,6 +405,7 @@ impl BatchCore {
             let wk = (mi, wstart);
             let pk = (mi, pstart, pend);
             let is_sum = m.is_sum;
+            let pacc: *mut Acc;
             for acc in [
                 {
                     let a = cust.windows.entry(wk).or_insert_with(Acc::new);
@@ -408,7 +421,8 @@ impl BatchCore {
                         a.reported = round;
                         self.changed_p.push((ci, pk));
                     }
-                    a as *mut Acc
+                    pacc = a as *mut Acc;
+                    pacc
                 },
             ] {
                 // SAFETY: the two pointers are into two different maps, each used once here.
@@ -426,6 +440,22 @@ impl BatchCore {
                     Some(Val::Float(f)) => acc.fixed().add_f64(*f, sign),
                     Some(Val::Big(b, _)) => acc.fixed().add_int_bytes(b, sign),
                     _ => unreachable!(),
+                }
+            }
+            if let Some(lv) = &cust.levels {
+                if lv.evals[mi as usize] {
+                    // SAFETY: pacc points into cust.periods, unchanged since.
+                    let a = unsafe { &*pacc };
+                    let stop = match lv.at.get(&pk) {
+                        None => true,
+                        Some(&l) => {
+                            let (v, tol) = a.approx();
+                            v + tol >= l
+                        }
+                    };
+                    if stop {
+                        self.stops.push(pk);
+                    }
                 }
             }
         }
@@ -472,6 +502,7 @@ impl BatchCore {
             tenants.insert(id, Tenant { excluded: excluded.into_iter().collect(), when: pairs(&t.get_item(2)?)? });
         }
         let mut metrics = Vec::new();
+        let mut code_index = FxMap::default();
         let mut by_type: FxMap<String, Vec<u32>> = FxMap::default();
         for m in get("metrics")?.try_iter()? {
             let m = m?;
@@ -482,6 +513,7 @@ impl BatchCore {
             if agg != "count" && agg != "sum" {
                 return Err(PyValueError::new_err(format!("metric {code}: aggregation {agg} is not native")));
             }
+            code_index.insert(code.clone(), metrics.len() as u32);
             by_type.entry(etype).or_default().push(metrics.len() as u32);
             metrics.push(Metric {
                 code: PyString::new(py, &code).unbind(),
@@ -519,6 +551,8 @@ impl BatchCore {
             changed_p: Vec::new(),
             changed_x: Vec::new(),
             notes: Vec::new(),
+            stops: Vec::new(),
+            code_index,
             c: Counters::default(),
             key_buf: String::new(),
             wm_round: 1,
@@ -564,6 +598,61 @@ impl BatchCore {
         self.c.read += 1;
         self.c.python_path += 1;
         self.fold_one(index, ci, fp, event_type, ts, wm, excluded, correction, &props)
+    }
+
+    /// Customer `key` evaluates the metrics `codes` per event: from now on an event folding one of them into
+    /// a period stops the fold (`fold_many` why 3, `take_stops`) unless the period has a level (`set_level`)
+    /// that its value after the event stays below.
+    fn evaluate(&mut self, py: Python<'_>, key: &str, codes: Vec<String>) -> PyResult<()> {
+        let ci = match self.index.get(key) {
+            Some(&i) => i,
+            None => {
+                self.key_buf.clear();
+                self.key_buf.push_str(key);
+                self.new_customer(py)
+            }
+        };
+        let mut evals = vec![false; self.metrics.len()];
+        for c in &codes {
+            let mi = *self.code_index.get(c).ok_or_else(|| PyValueError::new_err(format!("metric {c}")))?;
+            evals[mi as usize] = true;
+        }
+        self.customers[ci].levels = Some(Box::new(Levels { evals, at: FxMap::default() }));
+        Ok(())
+    }
+
+    /// The next level of customer `key`'s metric `code` in period `pstart..pend` (None: none known, the next
+    /// event folded into it stops).
+    fn set_level(&mut self, key: &str, code: &str, pstart: i64, pend: i64, level: Option<f64>) -> PyResult<()> {
+        let mi = *self.code_index.get(code).ok_or_else(|| PyValueError::new_err(format!("metric {code}")))?;
+        if let Some(&ci) = self.index.get(key) {
+            if let Some(lv) = self.customers[ci].levels.as_mut() {
+                match level {
+                    Some(l) => lv.at.insert((mi, pstart, pend), l),
+                    None => lv.at.remove(&(mi, pstart, pend)),
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// The periods (metric, start, end) the last folded event stopped at (then none).
+    fn take_stops<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        for (mi, s, e) in self.stops.drain(..) {
+            out.append((self.metrics[mi as usize].code.bind(py), s, e))?;
+        }
+        Ok(out)
+    }
+
+    /// Customer `key`'s period row: (events, total, fscaled, changed since the last `take_changes`), or None.
+    #[allow(clippy::type_complexity)]
+    fn period_value<'py>(&self, py: Python<'py>, key: &str, code: &str, pstart: i64, pend: i64)
+                         -> Option<(u64, i128, Option<Bound<'py, PyBytes>>, bool)> {
+        let mi = *self.code_index.get(code)?;
+        let ci = *self.index.get(key)?;
+        let a = self.customers[ci].periods.get(&(mi, pstart, pend))?;
+        Some((a.events, a.total, a.fixed.as_ref().map(|f| PyBytes::new(py, &f.to_le_bytes())), a.reported == self.round))
     }
 
     /// Fold one customer's events that the Python Mediator accepted (its `MeteredEvent`s: `raw`, `ts`, `wm`,
@@ -653,6 +742,9 @@ impl BatchCore {
                     return Ok((p, i, 2));
                 }
                 self.c.read += 1;
+                if !self.stops.is_empty() {
+                    return Ok((p, i, 3));
+                }
                 i += 1;
             }
             p += 1;
@@ -738,6 +830,7 @@ impl BatchCore {
             c.windows = FxMap::default();
             c.periods = FxMap::default();
             c.excluded = FxMap::default();
+            c.levels = None;
         }
     }
 

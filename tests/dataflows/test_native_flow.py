@@ -2,8 +2,10 @@
 ``TestingSource``; 1 and 2 workers; aborts with resume from the recovery store): the final window, period
 and rated rows per key (value, events, version, ``final``), dead letters by id (reason, detail), alerts by
 id, the last gateway state per customer and metric, and the counters must be identical. The configuration
-mixes customers the native core folds (no subscription, or a priced plan without entitlements) with
-customers whose thresholds keep them on the Python fold, in shared shards.
+mixes, in shared shards, customers that evaluate nothing (no subscription, or a priced plan without
+entitlements) with customers whose soft and hard entitlements the native core checks at the events that
+reach a level (several thresholds crossed by one sum event, corrections, late events of earlier periods,
+blocks set and lifted).
 """
 
 from __future__ import annotations
@@ -85,6 +87,36 @@ price = { model = "per_unit", unit_amount = 0.25 }
 [plans.entitlements.api_calls]
 price = { model = "tiered", tiers = [{ up_to = 2, unit_amount = 1 }, { unit_amount = 0.5 }] }
 
+[[plans]]
+code = "soft"
+[plans.entitlements.tokens]
+included = 20
+thresholds = [10, 25, 50, 75, 100, 150, 400]
+
+[[plans]]
+code = "mixed"
+[plans.entitlements.tokens]
+included = 30
+thresholds = [20, 40, 60, 80, 100, 200]
+[plans.entitlements.gpu_seconds]
+included = 5
+thresholds = [50, 100]
+enforcement = "hard"
+
+[[subscriptions]]
+tenant_id = "beta"
+customer_id = "c2"
+plan = "soft"
+period = "day"
+anchor = "2026-11-02T05:00:00Z"
+
+[[subscriptions]]
+tenant_id = "acme"
+customer_id = "c4"
+plan = "mixed"
+period = "day"
+anchor = "2026-11-01T13:00:00Z"
+
 [[subscriptions]]
 tenant_id = "acme"
 customer_id = "c1"
@@ -118,19 +150,27 @@ values = st.one_of(st.integers(-50, 50), st.sampled_from([0.1, 0.25, -0.0, 1e299
 
 
 @st.composite
-def lines(draw) -> bytes:
+def lines(draw, thresholded: bool = False) -> bytes:
+    """A random line; ``thresholded``: mostly events of the customers with entitlements (acme|c1, acme|c4,
+    beta|c2), distinct ids, metered types and numeric values, so their thresholds and blocks are reached."""
     ev: Dict[str, Any] = {
-        "event_id": draw(st.sampled_from(["e1", "e2", "e3", "e4", "e5", "e6", "e7", "é8"])),
+        "event_id": draw(st.one_of(st.sampled_from(["e1", "e2", "e3", "e4", "e5", "e6", "e7", "é8"]),
+                                   st.integers(0, 99).map(lambda n: f"n{n}"))),
         "tenant_id": draw(st.sampled_from(["acme", "acme", "beta", "ghost"])),
         "customer_id": draw(st.sampled_from(["c1", "c2", "c3", "c4", "internal"])),
         "event_type": draw(st.sampled_from(["api_call", "api_call", "gpu", "other"])),
     }
+    if thresholded and draw(st.integers(0, 4)):
+        ev["tenant_id"], ev["customer_id"] = draw(st.sampled_from([("acme", "c1"), ("acme", "c4"), ("beta", "c2")]))
+        ev["event_id"] = f"t{draw(st.integers(0, 10_000))}"
+        ev["event_type"] = draw(st.sampled_from(["api_call", "gpu"]))
     ts = BASE + draw(st.integers(0, 12)) * DAY // 2 + draw(st.sampled_from([0, 1, 3_599_999, 3_600_000]))
     ev["timestamp"] = ts if draw(st.booleans()) else f"{_iso(ts)}"
     props: Dict[str, Any] = {}
-    for k, choices in (("tokens", values), ("seconds", values), ("kind", st.sampled_from(["a100", "h100"])),
+    numbers = st.one_of(st.integers(-3, 12), values) if thresholded else values
+    for k, choices in (("tokens", numbers), ("seconds", numbers), ("kind", st.sampled_from(["a100", "h100"])),
                        ("environment", st.sampled_from(["test", "prod"]))):
-        if draw(st.booleans()):
+        if draw(st.booleans()) or thresholded and k in ("tokens", "seconds"):
             props[k] = draw(choices)
     ev["properties"] = props
     if draw(st.integers(0, 6)) == 0:
@@ -162,7 +202,7 @@ def outcome(out: List[Any]) -> Dict[str, Any]:
         if prev is None or version >= prev[0]:
             rows[k] = (version, r)
 
-    dead, alerts = {}, {}
+    dead, alerts, gateway = {}, {}, {}
     for em in out:
         for r in em.windows:
             keep(("w", r.tenant_id, r.customer_id, r.metric, r.window_start), msgspec.structs.asdict(r), r.version)
@@ -170,15 +210,15 @@ def outcome(out: List[Any]) -> Dict[str, Any]:
             keep(("p", r.tenant_id, r.customer_id, r.metric, r.period_start), msgspec.structs.asdict(r), r.version)
         for r in em.rated or ():
             keep(("r", r.tenant_id, r.customer_id, r.metric, r.period_start), msgspec.structs.asdict(r), r.version)
-        for g in em.gateway or ():
-            keep(("g", g.tenant_id, g.customer_id, g.metric), {k: v for k, v in msgspec.structs.asdict(g).items()
-                                                              if k != "updated_at"}, len(rows))
+        for g in em.gateway or ():  # the last state written per customer and metric (as Redis keeps it)
+            gateway[(g.tenant_id, g.customer_id, g.metric)] = {k: v for k, v in msgspec.structs.asdict(g).items()
+                                                               if k != "updated_at"}
         for d in em.dead_letters:
             dead[d.dl_id] = (d.reason, d.detail, d.source, d.tenant_id, d.metric)
         for a in em.alerts:
             alerts[a.alert_id] = {k: v for k, v in msgspec.structs.asdict(a).items()
                                   if k not in ("detected_at", "ingested_at", "event_time")}
-    return {"rows": rows, "dead": dead, "alerts": alerts}
+    return {"rows": rows, "dead": dead, "alerts": alerts, "gateway": gateway}
 
 
 def run_flow(core: str, items: List[Any], batch_size: int, workers: int = 1, aborts: int = 0) -> Dict[str, Any]:
@@ -222,8 +262,21 @@ def test_native_and_python_cores_emit_the_same_through_the_flow(stream, batch_si
     assert got == want
 
 
+@settings(max_examples=25, **SETTINGS)
+@given(stream=st.lists(lines(thresholded=True), min_size=1, max_size=60), batch_size=st.integers(1, 10),
+       workers=st.sampled_from([1, 2]))
+def test_native_and_python_cores_alert_the_same(stream, batch_size, workers):
+    """Thresholds (several crossed by one sum event), blocks set and lifted by corrections, late events of
+    earlier periods: the same alerts (id, event_id, usage, ...), gateway states, rows and counters."""
+    items = [(("events.jsonl", i + 1), raw) for i, raw in enumerate(stream)]
+    want = run_flow("python", items, batch_size, workers)
+    got = run_flow("native", items, batch_size, workers)
+    assert got == want
+
+
 @settings(max_examples=12, **SETTINGS)
-@given(stream=st.lists(lines(), min_size=1, max_size=30), batch_size=st.integers(1, 4),
+@given(stream=st.lists(st.one_of(lines(), lines(thresholded=True)), min_size=1, max_size=30),
+       batch_size=st.integers(1, 4),
        cuts=st.lists(st.integers(0, 200), min_size=1, max_size=2))
 def test_native_and_python_cores_agree_through_abort_and_resume(stream, batch_size, cuts):
     def items() -> List[Any]:  # new ABORT markers for each flow: a marker aborts once
@@ -251,9 +304,10 @@ def test_a_retried_id_after_a_resume_stays_a_duplicate():
 
 
 def test_the_native_core_folds_the_customers_that_evaluate_nothing():
-    """Who is folded natively: c3 (no subscription) and acme|c2 (prices, no entitlement); not acme|c1
-    (thresholds). A customer moves to the Python fold with its dedupe table when a changelog record reaches
-    it (a retried id stays a duplicate), and its alerts and state are those of the Python core."""
+    """Who is folded natively: c3 (no subscription), acme|c2 (prices, no entitlement) and acme|c1 (hard
+    thresholds, checked at the events that reach a level). A customer moves to the Python fold with its dedupe
+    table when a changelog record reaches it (a retried id stays a duplicate), and its alerts and state are
+    those of the Python core."""
     change = json.dumps({"tenant_id": "acme", "customer_id": "c3", "subscription": {
         "tenant_id": "acme", "customer_id": "c3", "plan": "pro", "period": "month",
         "anchor": "2026-11-01T00:00:00Z"}}).encode()
@@ -284,7 +338,7 @@ def test_the_native_core_folds_the_customers_that_evaluate_nothing():
         return keys, logic._native.keys if logic._native else set(), meter.snapshot(), alerts, rows
 
     keys, after, snap, alerts, rows = run("native")
-    assert keys == {"acme|c3", "acme|c2"} and after == {"acme|c2"}
+    assert keys == {"acme|c3", "acme|c2", "acme|c1"} and after == {"acme|c2", "acme|c1"}
     # the change crosses 50 % at once (2 of 4 calls), the retried a is a duplicate, f reaches 100 % and blocks
     assert alerts == [("threshold_crossed", 50.0, "", 2.0), ("threshold_crossed", 100.0, "f", 4.0),
                       ("blocked", 100.0, "f", 4.0)]
@@ -300,3 +354,34 @@ def test_native_core_refused_with_the_reason_when_it_cannot_meter_the_configurat
         build_flow(cfg, TestingSource([]), [("out", TestingSink([]))])
     assert native.core_in_use(config("python")).startswith("python")
     assert native.core_in_use(config("native")).startswith("native")
+
+
+def test_blocks_set_and_lifted_and_thresholds_crossed_at_once_alert_the_same():
+    """Pinned: one sum event crossing five thresholds, a hard block set, lifted by a correction, set again and
+    lifted by the next period's first event, a late event of the earlier period: identical alerts."""
+    def ev(eid, cust, etype, ts, tenant="acme", correction=False, **props):
+        body = {"event_id": eid, "tenant_id": tenant, "customer_id": cust, "event_type": etype,
+                "timestamp": ts, "properties": props}
+        if correction:
+            body.update(correction=True, corrects="x")
+        return json.dumps(body).encode()
+
+    day0 = BASE + 13 * 3_600_000  # acme|c4's day periods start at 13:00
+    stream = [ev("a", "c2", "api_call", BASE + 6 * 3_600_000, tenant="beta", tokens=16),  # 10..75 % of 20
+              ev("b", "c4", "gpu", day0, seconds=5, kind="a100"),  # blocked at 5 of 5
+              ev("c", "c4", "gpu", day0 + 1, seconds=2, kind="a100", correction=True),  # unblocked: 3 of 5
+              ev("d", "c4", "gpu", day0 + 2, seconds=2.5, kind="a100"),  # blocked again: 5.5
+              ev("e", "c4", "gpu", day0 + DAY, seconds=1, kind="a100"),  # next period: unblocked
+              ev("f", "c4", "gpu", day0 + 3, seconds=1, kind="a100"),  # late, earlier period: counts, no block
+              ev("g", "c4", "api_call", day0 + DAY + 5, tokens=40.5)]  # 20..100 % of 30 at once
+    items = [(("in", i + 1), raw) for i, raw in enumerate(stream)]
+    want = run_flow("python", items, 3)
+    types = sorted((a["customer_id"], a["type"], a["event_id"], a["threshold_pct"]) for a in want["alerts"].values())
+    assert types == sorted(
+        [("c2", "threshold_crossed", "a", t) for t in (10.0, 25.0, 50.0, 75.0)]
+        + [("c4", "threshold_crossed", "b", 50.0), ("c4", "threshold_crossed", "b", 100.0),
+           ("c4", "blocked", "b", 100.0), ("c4", "unblocked", "c", None), ("c4", "blocked", "d", 100.0),
+           ("c4", "unblocked", "e", None)]
+        + [("c4", "threshold_crossed", "g", t) for t in (20.0, 40.0, 60.0, 80.0, 100.0)])
+    for batch in (1, 3, 7):
+        assert run_flow("native", items, batch) == run_flow("python", items, batch)
