@@ -59,9 +59,22 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def _namespace_from_checkout() -> None:
+    """In Quix's own venv meterflow is not installed: the checkout is on PYTHONPATH, where ``meterflow/`` is only
+    the CLI package and the other layers are top-level folders (``base/``, ``schemas/``, ... installed as
+    ``meterflow.base``, ``meterflow.schemas``). Adding the checkout to the package's path resolves them the
+    same way."""
+    import meterflow
+
+    root = str(Path(__file__).resolve().parents[2])
+    if not any(Path(p).resolve() == Path(root) for p in meterflow.__path__):
+        meterflow.__path__.append(root)
+
+
 def main() -> int:
     import tempfile
 
+    _namespace_from_checkout()
     from benchmarks.peers.common import (
         FETCH_CONFIG,
         Rules,
