@@ -35,14 +35,9 @@ import resource
 import time
 from typing import Any, Dict, List
 
+from benchmarks.core_throughput import _rss_mib, build, run_core, run_decode_baseline, run_python_floor
 from meterflow.base.gc_tuning import tune_gc
-from meterflow.base.stats import FlowStats
-from meterflow.operators.mediate import Mediator
-from meterflow.operators.meter import CustomerMeter
-from meterflow.operators.rules import Rules
-from meterflow.sample import customer_ids, generate_events, sample_config_toml, tenant_ids
 from meterflow.schemas.config import parse_config
-from meterflow.schemas.events import EVENT_DECODER
 
 
 def build_bench(n: int, batch: int, customers: int):
@@ -78,109 +73,6 @@ def run_native(cfg, batches, now: int) -> Dict[str, float]:
     return {"seconds": dt, "events": sum(len(b) for b in batches), "rows": rows, "accepted": c["accepted"],
             "python_path": c["python_path"], "p50_ms": lat[len(lat) // 2] * 1e3,
             "p99_ms": lat[int(len(lat) * 0.99)] * 1e3}
-
-
-def build(n: int, batch: int, customers: int, span_ms: int = 2 * 3_600_000):
-    import tomllib
-
-    start = 1_793_491_200_000  # 2026-11-01T00:00:00Z
-    tenants = tenant_ids(3)
-    toml = sample_config_toml(tenants, {t: customer_ids(customers // 2) for t in tenants}, "2026-11-01T00:00:00Z")
-    cfg = parse_config(tomllib.loads(toml), "bench", environ={})
-    lines = list(generate_events(n, tenants=3, customers=customers, start_ms=start, span_ms=span_ms))
-    batches = [[(("bench", i + j), lines[i + j]) for j in range(min(batch, n - i))] for i in range(0, n, batch)]
-    return cfg, lines, batches
-
-
-class Core:
-    """The operators the dataflow runs for one worker, without Bytewax: mediation, then one
-    :class:`CustomerMeter` per key (changed rows kept pending, as between flush ticks)."""
-
-    def __init__(self, cfg) -> None:
-        self.rules = Rules(cfg)
-        self.rules.gateway_states = cfg.redis is not None  # as the dataflow sets it: no Redis sink, no gateway state
-        self.stats = FlowStats()
-        self.mediator = Mediator(cfg, self.stats)
-        self.meters: Dict[str, CustomerMeter] = {}
-
-    def feed(self, batch) -> None:
-        meters = self.meters
-        for key, events in self.mediator(batch).groups.items():
-            m = meters.get(key)
-            if m is None:
-                m = meters[key] = CustomerMeter(self.rules, key, stats=self.stats)
-            m.process([events], flush=False)
-
-
-def run_core(cfg, batches, flush_every: int = 50) -> Dict[str, float]:
-    core = Core(cfg)
-    stats, meters = core.stats, core.meters
-    lat: List[float] = []
-    rows = 0
-    t0 = time.perf_counter()
-    for b in batches:
-        bt = time.perf_counter()
-        core.feed(b)
-        if (len(lat) + 1) % flush_every == 0:  # the dataflow flushes changed rows once per flush_interval
-            for m in meters.values():
-                if m.has_dirty():
-                    em = m.flush()
-                    rows += len(em.windows) + len(em.periods)
-        lat.append(time.perf_counter() - bt)
-    for m in meters.values():  # the last tick: every changed row leaves (the native core returns them all)
-        if m.has_dirty():
-            em = m.flush()
-            rows += len(em.windows) + len(em.periods)
-    dt = time.perf_counter() - t0
-    lat.sort()
-    c = stats.snapshot()
-    return {"seconds": dt, "events": c["read"], "rows": rows, "accepted": c["accepted"],
-            "p50_ms": lat[len(lat) // 2] * 1e3, "p99_ms": lat[int(len(lat) * 0.99)] * 1e3}
-
-
-def run_decode_baseline(lines: List[bytes], passes: int = 2) -> float:
-    """Seconds for a bare msgspec decode of every line: the best of ``passes`` (the first pass over the
-    lines also pays for warming caches and the allocator)."""
-    decode = EVENT_DECODER.decode
-    best = float("inf")
-    for _ in range(passes):
-        t0 = time.perf_counter()
-        for line in lines:
-            try:
-                decode(line)
-            except Exception:
-                pass
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def run_python_floor(lines: List[bytes], cfg) -> float:
-    """The least per-event Python any design of this work can do: decode, one dict lookup and insert for
-    dedupe, one dict update per metric of the event (no timestamps, windows, periods, validation or
-    entitlements). Its rate bounds what a per-event Python loop can reach on this machine."""
-    rules = Rules(cfg)
-    decode = EVENT_DECODER.decode
-    by_type = {t: tuple(m.code for m in ms) for t, ms in rules.by_event_type.items()}
-    seen: Dict[str, int] = {}
-    totals: Dict[tuple, int] = {}
-    t0 = time.perf_counter()
-    for line in lines:
-        try:
-            ev = decode(line)
-        except Exception:
-            continue
-        eid = ev.event_id
-        if eid in seen:
-            continue
-        seen[eid] = 1
-        codes = by_type.get(ev.event_type)
-        if codes is None:
-            continue
-        cust = ev.customer_id
-        for code in codes:
-            k = (cust, code)
-            totals[k] = totals.get(k, 0) + 1
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -309,11 +201,6 @@ def _print_flows(cfg, batches) -> None:
               f"native {n / nat['seconds']:>10,.0f} events/s {nat['cpu'] / n * 1e6:5.1f} CPU s/M "
               f"({py['seconds'] / nat['seconds']:.2f}x); {same} ({len(py['rows']):,} period rows, "
               f"{len(py['alerts']):,} alerts)")
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 if __name__ == "__main__":
