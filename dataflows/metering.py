@@ -339,48 +339,25 @@ def shard_snapshots(state: Any, shards: Optional[int] = None) -> Dict[str, bytes
 
 
 class _Merged:
-    """The outputs of many customers' Emissions gathered into one (each customer's order kept)."""
+    """The outputs of many customers' Emissions gathered into one (each customer's order kept): the Emission
+    fields a shard produces, named once in ``FIELDS``."""
 
-    __slots__ = ("windows", "periods", "dead_letters", "alerts", "gateway", "wallets", "rated", "reviews", "markers")
+    FIELDS = ("windows", "periods", "dead_letters", "alerts", "gateway", "wallets", "rated", "reviews", "markers")
+    __slots__ = FIELDS
 
     def __init__(self) -> None:
-        self.windows: List[Any] = []
-        self.periods: List[Any] = []
-        self.dead_letters: List[Any] = []
-        self.alerts: List[Any] = []
-        self.gateway: List[Any] = []
-        self.wallets: List[Any] = []
-        self.rated: List[Any] = []
-        self.reviews: List[Any] = []
-        self.markers: List[Any] = []
+        for f in self.FIELDS:
+            setattr(self, f, [])
 
     def add(self, em: Emission) -> None:
-        if em.windows:
-            self.windows += em.windows
-        if em.periods:
-            self.periods += em.periods
-        if em.dead_letters:
-            self.dead_letters += em.dead_letters
-        if em.alerts:
-            self.alerts += em.alerts
-        if em.gateway:
-            self.gateway += em.gateway
-        if em.wallets:
-            self.wallets += em.wallets
-        if em.rated:
-            self.rated += em.rated
-        if em.reviews:
-            self.reviews += em.reviews
-        if em.markers:
-            self.markers += em.markers
+        for f in self.FIELDS:
+            rows = getattr(em, f)
+            if rows:
+                getattr(self, f).extend(rows)
 
     def emit(self) -> List[Emission]:
-        if self.windows or self.periods or self.dead_letters or self.alerts or self.gateway or self.wallets or \
-                self.rated or self.markers:
-            return [Emission(windows=self.windows, periods=self.periods, dead_letters=self.dead_letters,
-                             alerts=self.alerts, gateway=self.gateway, wallets=self.wallets, rated=self.rated,
-                             reviews=self.reviews, markers=self.markers)]
-        return []
+        got = {f: getattr(self, f) for f in self.FIELDS}
+        return [Emission(**got)] if any(got.values()) else []
 
 
 _EPOCH_DT = datetime(1970, 1, 1, tzinfo=timezone.utc)
