@@ -176,7 +176,8 @@ def test_console_in_a_headless_browser(flow_run, kafka):
         page.wait_for_url("**type=blocked**")
         assert page.locator("table.alerts tbody tr").count() == 1
         page.screenshot(path=str(ARTIFACTS / "console-alerts.png"), full_page=True)
-        page.click("table.alerts tbody tr >> text=c1")
+        # the customer's link, matched exactly: the random tenant id ("tc…") may itself contain "c1"
+        page.click('table.alerts tbody tr a >> text="c1"')
         try:
             page.wait_for_selector("svg.usage-chart", timeout=90_000)
         except Exception as exc:  # say what the page shows instead of a bare timeout
