@@ -43,6 +43,7 @@ from meterflow.operators.changelog import ChangelogMediator
 from meterflow.operators.entitlements import EntitlementUpdate
 from meterflow.operators.mediate import Mediator
 from meterflow.operators.meter import CustomerMeter
+from meterflow.operators.native import BUNDLE, bundle_events, bundle_groups
 from meterflow.operators.review_decisions import decision_emissions
 from meterflow.operators.rules import Rules
 from meterflow.schemas.config import Config, load_config
@@ -101,6 +102,7 @@ class _ShardLogic(StatefulBatchLogic):
         self._interval = rules.flush_ms
         self._clock = clock
         self._mediator = mediator
+        self._bundle = BUNDLE if getattr(mediator, "split", None) is not None else None  # native mediation
         # Finality of silent customers: at each tick, rows closed by the flow's watermark as it was at the
         # previous tick (events mediated before then have reached their shard) leave final (on_eof: as it is).
         self._wm_lag = 0
@@ -147,11 +149,19 @@ class _ShardLogic(StatefulBatchLogic):
         now = self._clock()
         if self._republish:
             self._republish_all(out, now)
+        due = now >= self._next_flush
+        bundle = self._bundle
+        if bundle is not None:  # pipeline.core = "native": native mediation's shard bundles
+            if all(type(v) is bundle for v in values):
+                self._native_bundles(values, out, due)
+                if due:
+                    self._flush_dirty(out, now)
+                return out.emit(), StatefulBatchLogic.RETAIN
+            values = [bundle_groups(v) if type(v) is bundle else v for v in values]  # with changelog records
         if len(values) == 1 and type(values[0]) is dict:  # the usual case: one bundle of event lists
             work: Any = [(key, [events]) for key, events in values[0].items()]
         else:
             work = self._gather(values)
-        due = now >= self._next_flush
         meters, dirty, rules, native = self._meters, self._dirty, self._rules, self._native
         native_work: List[Tuple[str, Any]] = []  # (key, events) of the customers the native core folds
         for key, items in work:
@@ -180,6 +190,50 @@ class _ShardLogic(StatefulBatchLogic):
         if due:
             self._flush_dirty(out, now)
         return out.emit(), StatefulBatchLogic.RETAIN
+
+    def _native_bundles(self, bundles: List[Any], out: "_Merged", due: bool) -> None:
+        """Native shard bundles (values of one batch, bundles only): the customers the native core folds in one
+        native call per bundle; the others (new to the shard and not admitted, or on the Python fold) get their
+        events as MeteredEvents, in one :meth:`CustomerMeter.process` call per customer, as on_batch does."""
+        meters, native, rules = self._meters, self._native, self._rules
+        python: Dict[str, List[Any]] = {}
+        for b in bundles:
+            unknown = native.unknown(b)
+            if not unknown:
+                continue
+            keys = b.keys()
+            for k in unknown:
+                key = keys[k]
+                meter = meters.get(key)
+                if meter is None:
+                    meter = meters[key] = CustomerMeter(rules, key)
+                    if native.admit(meter):
+                        continue
+                items = python.get(key)
+                if items is None:
+                    python[key] = [bundle_events(b, k)]
+                else:
+                    items.append(bundle_events(b, k))
+        dirty = self._dirty
+        for key, items in python.items():
+            meter = meters[key]
+            out.add(meter.process(items, flush=due))
+            if meter.next_evict < self._open_min:
+                self._open_min = meter.next_evict
+            if not due and meter.has_dirty():
+                dirty.add(key)
+        for b in bundles:
+            out.add(native.fold_bundle(meters, b))
+        if not due or self._recoverable:
+            for b in bundles:
+                keys = b.keys()
+                if not due:  # the native rows are mirrored into their meters at the next tick (or snapshot)
+                    dirty.update(keys)
+                if self._recoverable:
+                    self._changed.update(keys)
+        if native.gateway_due:  # live gateway state of evaluated customers: their rows mirrored now
+            self._sync_native()
+            out.add(native.gateway(meters))
 
     def _native_items(self, key: str, meter: CustomerMeter, items: List[Any], native_work: List[Tuple[str, Any]],
                       out: "_Merged", due: bool) -> None:
@@ -383,7 +437,16 @@ def build_flow(config: Config, source: Source, sinks: Sequence[Tuple[str, Sink]]
     rules = Rules(config)
     rules.gateway_states = config.redis is not None if gateway_states is None else gateway_states
     shards = config.pipeline.shards
+    native: Optional[Callable[[], Any]] = None
     mediator = Mediator(config)
+    if config.pipeline.core == "native":
+        from meterflow.operators.native import NativeMediator, NativeMeters, native_problem
+
+        why = native_problem(config)
+        if why is not None:
+            raise MeterError(f'pipeline.core = "native": {why}; set pipeline.core = "python" (the default)')
+        native = NativeMeters.factory(config)
+        mediator = NativeMediator(config)  # native shard bundles (operators/native.py)
     flow = Dataflow(flow_id)
     events = mediate("mediate", op.input("ingest", flow, source), mediator, shards, config.pipeline.archive_raw)
     keyed, dead = events.events, events.dead_letters
@@ -396,14 +459,6 @@ def build_flow(config: Config, source: Source, sinks: Sequence[Tuple[str, Sink]]
         decided = op.flat_map_batch("mediate_decisions", op.input("decisions_in", flow, decisions),
                                     decision_emissions)
         dead = op.merge("dead_letters_and_decisions", dead, decided)
-    native: Optional[Callable[[], Any]] = None
-    if config.pipeline.core == "native":
-        from meterflow.operators.native import NativeMeters, native_problem
-
-        why = native_problem(config)
-        if why is not None:
-            raise MeterError(f'pipeline.core = "native": {why}; set pipeline.core = "python" (the default)')
-        native = NativeMeters.factory(config)
     from meterflow.sinks.metrics import timed_logic
 
     logic = timed_logic(_ShardLogic)  # _ShardLogic itself unless meter run --metrics-port (then timed)
