@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import pickle
 import zlib
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import msgspec
 import pytest
@@ -148,7 +148,3 @@ def test_the_shard_of_a_key_is_crc32(key):
 def test_a_bundle_state_is_checked_on_restore():
     with pytest.raises(ValueError, match="not a meterflow_native bundle state"):
         meterflow_native.Bundle(b"\x02garbage", [])
-
-
-def _keys(bundles: List[Any]) -> List[Any]:
-    return [(s, b.keys()) for s, b in bundles]
