@@ -80,7 +80,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 CONTENDERS = ["raw", "meterflow-1w", "meterflow-1w-recovery", "meterflow-1w-native", "meterflow-2p",
               "poll-clickhouse-60s", "poll-clickhouse-1s", "redis-counters", "quixstreams"]
-LATENCY_CONTENDERS = ["meterflow-1w", "meterflow-1w-native", "poll-clickhouse-60s", "poll-clickhouse-1s", "redis-counters", "quixstreams"]
+LATENCY_CONTENDERS = ["meterflow-1w", "meterflow-1w-native", "poll-clickhouse-60s", "poll-clickhouse-1s",
+                      "redis-counters", "quixstreams"]
 POLL_INTERVAL = {"poll-clickhouse-60s": 60.0, "poll-clickhouse-1s": 1.0}
 
 
