@@ -205,8 +205,35 @@ def _core(args: argparse.Namespace) -> int:
            "snapshot_bytes_per_customer": snapshot_bytes / customers if customers else None,
            "how": "tracemalloc: bytes freed when every CustomerMeter's dedupe table is replaced by an empty one / ids; "
                   "bytes held by all CustomerMeters (after a final flush) / customers; snapshot = pickle bytes"}
+    out.update(_native_core(cfg, batches))
     Path(args.out).write_text(json.dumps(out))
     return 0
+
+
+def _native_core(cfg: Any, batches: List[Any]) -> Dict[str, Any]:
+    """The native core (issue 16) over the same batches: events/s of its batch core (decode -> validate ->
+    dedupe -> aggregate, no entitlement work) and the bytes of its dedupe tables per tracked id (as the native
+    table counts them). Empty when meterflow_native is not built or cannot run this configuration."""
+    from meterflow.operators import native
+
+    if native.native_problem(cfg) is not None:
+        return {"native_error": native.native_problem(cfg)}
+    from benchmarks.native_core import run_native
+    from meterflow.base.timeutil import now_ms
+
+    now = now_ms()
+    best = min((run_native(cfg, batches, now) for _ in range(2)), key=lambda r: r["seconds"])
+    core = native.NativeBatchCore(cfg, clock=lambda: now)
+    for b in batches:
+        core.process(b)
+    raw = core._core
+    ids = raw.tracked_ids()
+    size = getattr(raw, "dedupe_bytes", None)
+    return {"native_core_eps": best["events"] / best["seconds"], "native_python_path": best["python_path"],
+            "native_tracked_ids": ids,
+            "native_dedupe_bytes_per_id": size() / ids if size is not None and ids else None,
+            "native_how": "NativeBatchCore.process over the same batches, best of two passes; dedupe: the native "
+                          "tables' own count of their bytes (slots and side tables) / ids"}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
