@@ -16,7 +16,8 @@ What happens:
       meterflow-1w-recovery  the same with --recovery (SQLite snapshots every 2 s)
       meterflow-1w-native    meterflow-1w with pipeline.core = "native" (README: Native core; every customer
                              of this workload has thresholds, so the native mode folds them in Python)
-      meterflow-2p           2 Bytewax processes (-a host:port;host:port -i 0/1), 1 worker each
+      meterflow-2p           2 Bytewax processes (-a host:port;host:port -i 0/1), 1 worker each, one chDB
+                             store written by process 0 (its totals and alerts are read from that store)
       poll-clickhouse-60s    events batch-inserted into ClickHouse (chDB), a job aggregating and comparing
       poll-clickhouse-1s       with quotas every 60 s (Lago's clock) / 1 s (the best case)
       redis-counters         one Lua call per event (SET NX dedupe + HINCRBY + threshold check),
@@ -224,9 +225,10 @@ class Bench:
             if name == "meterflow-2p":
                 p0, p1 = _free_ports(2)
                 addrs = f"127.0.0.1:{p0};127.0.0.1:{p1}"
+                # One configuration, so one chDB path: process 0 alone writes it (README: Running a cluster).
                 cmds = [([self.py, "-m", "benchmarks.peers.meterflow", "process", "--config", str(cfg), "--process-id",
-                          str(i), "--addresses", addrs, "--out", str(self.work / f"tp-{name}-{i}.json")],
-                         {"METER_CLICKHOUSE_DSN": f"chdb://{self.work / f'chdb-{name}-p{i}'}"}) for i in range(2)]
+                          str(i), "--addresses", addrs, "--out", str(self.work / f"tp-{name}-{i}.json")], {})
+                        for i in range(2)]
             else:
                 argv = [self.py, "-m", "meterflow.cli", "run", "--config", str(cfg), "--stop-at-end", "--json",
                         "--progress-every", "0.1"]
@@ -253,9 +255,10 @@ class Bench:
                 t_end = max(p["t_end"] for p in parts)
                 row.events = sum(p["counters"]["read"] for p in parts)
                 row.counters = {k: sum(p["counters"][k] for p in parts) for k in parts[0]["counters"]}
-                totals, alerts = collect_outputs(self.kafka.bootstrap, name)
+                totals, alerts = self.store_outputs(self.work / f"chdb-{name}")
                 row.notes = (f"clock from the first events read (cluster start-up "
-                             f"{t_first - min(p['t_start'] for p in parts):.1f}s before, excluded)")
+                             f"{t_first - min(p['t_start'] for p in parts):.1f}s before, excluded); totals and "
+                             "alerts read from the cluster's one chDB store (written by process 0)")
             elif name.startswith("meterflow"):
                 line_t, line = next((t, s) for t, s in reversed(run.stdout) if s.startswith("{"))
                 doc = json.loads(line)
@@ -297,6 +300,18 @@ class Bench:
         if row.events != len(self.wl.items):
             row.notes += f"; consumed {row.events:,} of {len(self.wl.items):,}"
         return row
+
+    def store_outputs(self, chdb: Path) -> Tuple[Dict[str, float], List[str]]:
+        """Totals and threshold alerts of a meterflow chDB store, read in a process of their own."""
+        import subprocess
+
+        out = self.work / f"{chdb.name}-store.json"
+        proc = subprocess.run([self.py, "-m", "benchmarks.peers.meterflow", "store", "--chdb", str(chdb), "--out",
+                               str(out)], cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise ValueError(f"reading the store {chdb} failed ({proc.returncode}): {proc.stderr[-600:]}")
+        doc = json.loads(out.read_text())
+        return doc["totals"], doc["alerts"]
 
     def run_core(self) -> Dict[str, Any]:
         from benchmarks.peers.measure import Procs

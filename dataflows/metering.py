@@ -3,7 +3,8 @@
 ``build_flow(config, source, sinks)`` wires any source and sinks (tests pass
 ``TestingSource``/``TestingSink``); :func:`flow_from_config` picks them from the
 configuration. ``python -m bytewax.run "meterflow.dataflows.metering:flow"`` builds the
-module-level ``flow`` from ``METER_CONFIG`` (and ``METER_INPUT`` in embedded mode).
+module-level ``flow`` from ``METER_CONFIG`` (and ``METER_INPUT`` in embedded mode; a cluster's
+``BYTEWAX_ADDRESSES``/``BYTEWAX_PROCESS_ID``).
 
 The meter step is keyed by shard, not by customer: mediation bundles each batch's
 customers into ``pipeline.shards`` shards (a stable hash of ``tenant|customer``) and
@@ -34,7 +35,7 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.operators import StatefulBatchLogic
-from bytewax.outputs import Sink
+from bytewax.outputs import DynamicSink, Sink
 
 from meterflow.base.errors import MeterError
 from meterflow.base.keys import customer_key
@@ -467,15 +468,28 @@ def build_flow(config: Config, source: Source, sinks: Sequence[Tuple[str, Sink]]
                                                      native=native() if native else None))
     # Dead letters join after the meter step: they never wait for a shard, and leave in their batch's epoch.
     emissions = op.merge("emissions", op.map("drop_key", metered, _drop_key), dead)
+    from meterflow.sinks.single_writer import SingleWriterSink, writer_item
+
+    to_writer: Optional[Any] = None  # a cluster's single-writer sinks read (key, emission) pairs, routed to one process
     for name, sink in sinks:
-        op.output(name, emissions, sink)
+        if isinstance(sink, SingleWriterSink):
+            if to_writer is None:
+                to_writer = op.map("to_single_writer", emissions, writer_item)
+            op.output(name, to_writer, sink)
+        else:
+            op.output(name, emissions, sink)
     return flow
 
 
-def sinks_from_config(config: Config, recoverable: bool = False) -> List[Tuple[str, Sink]]:
+def sinks_from_config(config: Config, recoverable: bool = False, processes: int = 1,
+                      process_id: int = 0) -> List[Tuple[str, Sink]]:
     """ClickHouse always (embedded chDB unless [clickhouse] names a server); Kafka topics in Kafka mode;
     live gateway state when [redis] is configured; the alert sinks of [alerts]. ``recoverable``: the
-    flow keeps a recovery directory (the Redis sink's warning at exit says how unsent states arrive)."""
+    flow keeps a recovery directory (the Redis sink's warning at exit says how unsent states arrive).
+
+    ``processes`` > 1 (a Bytewax cluster; this is process ``process_id``): the outputs one process must
+    own — embedded chDB and the JSONL alert file — are written by process 0 alone
+    (:mod:`meterflow.sinks.single_writer`); a ClickHouse server, Kafka, Redis and webhooks by every worker."""
     from meterflow.sinks.clickhouse import ClickHouseSink
 
     sinks: List[Tuple[str, Sink]] = [("clickhouse", ClickHouseSink(config.clickhouse))]
@@ -500,7 +514,15 @@ def sinks_from_config(config: Config, recoverable: bool = False) -> List[Tuple[s
     sinks.extend(alert_sinks_from_config(config))
     from meterflow.sinks.metrics import instrument
 
-    return instrument(sinks)  # unchanged unless meter run --metrics-port
+    sinks = instrument(sinks)  # unchanged unless meter run --metrics-port
+    if processes > 1:
+        from meterflow.sinks.clickhouse import resolve
+        from meterflow.sinks.single_writer import SingleWriterSink
+
+        local = {"alerts_jsonl"} | ({"clickhouse"} if resolve(config.clickhouse)[2] else set())
+        sinks = [(name, SingleWriterSink(sink, process_id) if name in local and isinstance(sink, DynamicSink)
+                  else sink) for name, sink in sinks]
+    return sinks
 
 
 def source_from_config(config: Config, inputs: Sequence[str] = (), stop_at_end: bool = False) -> Source:
@@ -557,9 +579,12 @@ def decisions_source_from_config(config: Config, event_inputs: Sequence[str] = (
 
 
 def flow_from_config(config: Config, inputs: Sequence[str] = (), stop_at_end: bool = False,
-                     recoverable: bool = True, entitlements: Sequence[str] = ()) -> Dataflow:
+                     recoverable: bool = True, entitlements: Sequence[str] = (), processes: int = 1,
+                     process_id: int = 0) -> Dataflow:
+    """The flow of the configuration; ``processes``/``process_id``: this process's place in a Bytewax cluster
+    (``meter run --addresses ... --process-id N``), which decides who writes the single-writer outputs."""
     return build_flow(config, source_from_config(config, inputs, stop_at_end),
-                      sinks_from_config(config, recoverable),
+                      sinks_from_config(config, recoverable, processes, process_id),
                       recoverable=recoverable,
                       entitlements=entitlements_source_from_config(config, entitlements, inputs, stop_at_end),
                       decisions=decisions_source_from_config(config, inputs, stop_at_end))
@@ -576,7 +601,11 @@ def __getattr__(name: str) -> Any:
     changes = [p for p in os.environ.get("METER_ENTITLEMENTS_INPUT", "").split(",") if p]
     from meterflow.base.gc_tuning import tune_gc
 
+    # A cluster (`python -m bytewax.run ... -a "h:p;h:p" -i N`) must say so through Bytewax's own environment
+    # variables, BYTEWAX_ADDRESSES and BYTEWAX_PROCESS_ID: the module cannot see bytewax.run's arguments.
+    addresses = [a for a in os.environ.get("BYTEWAX_ADDRESSES", "").split(";") if a.strip()]
     built = flow_from_config(load_config(path), inputs, stop_at_end=os.environ.get("METER_STOP_AT_END") == "1",
-                             entitlements=changes)
+                             entitlements=changes, processes=max(1, len(addresses)),
+                             process_id=int(os.environ.get("BYTEWAX_PROCESS_ID") or 0))
     tune_gc()
     return built
