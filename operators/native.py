@@ -64,9 +64,20 @@ def unsupported(cfg: Config) -> Optional[str]:
     return None
 
 
+def python_fold_reason(cfg: Config) -> Optional[str]:
+    """Why, with ``pipeline.core = "native"``, every customer of ``cfg`` runs on the Python fold (None: the
+    native fold takes the customers :meth:`NativeMeters.admits`). The flow runs either way: what the native
+    fold cannot do exactly runs on the Python one."""
+    return unsupported(cfg)
+
+
 def core_in_use(cfg: Optional[Config] = None) -> str:
-    """What ``meter`` reports as its core (``pipeline.core``; whether the native core is built)."""
+    """What ``meter`` reports as its core (``pipeline.core``; whether the native core is built), and what runs
+    where."""
     if cfg is not None and cfg.pipeline.core == "native":
+        why = python_fold_reason(cfg) if AVAILABLE else None
+        if why is not None:
+            return f"native requested; every customer on the Python fold ({why})"
         return "native (customers without wallet, spend thresholds, auto_overage or anomaly; the others on Python)"
     if not AVAILABLE:
         return "python (native core not built: ./dev setup builds it when cargo is installed)"
@@ -74,10 +85,11 @@ def core_in_use(cfg: Optional[Config] = None) -> str:
 
 
 def native_problem(cfg: Config) -> Optional[str]:
-    """Why ``pipeline.core = "native"`` cannot run ``cfg`` (None: it can)."""
+    """Why ``pipeline.core = "native"`` cannot run ``cfg`` (None: it can; what the native fold cannot do
+    exactly runs on the Python fold, :func:`python_fold_reason`)."""
     if not AVAILABLE:
         return "the native core is not built (./dev setup builds it when cargo is installed)"
-    return unsupported(cfg)
+    return None
 
 
 def _scalar(v: Any) -> bool:
@@ -213,6 +225,7 @@ class NativeMeters:
         if why is not None or _native is None:
             raise ValueError(why)
         self._spec = spec if spec is not None else _spec(cfg)  # one per flow: shared by its shards (factory)
+        self.python_only = python_fold_reason(cfg)  # not None: every customer runs on the Python fold
         self._core_obj: Any = None  # made when the shard admits its first customer
         self._stats = stats
         self._agg = {m.code: m.aggregation for m in cfg.metrics}
@@ -239,7 +252,7 @@ class NativeMeters:
         """Whether the customer is folded here: no anomaly detection, wallet or spend threshold, and only soft
         or hard entitlements (thresholds and blocking are evaluated at the events that reach a level)."""
         ent = meter.ent
-        if meter.anom is not None or ent.credit or ent.spends:
+        if self.python_only is not None or meter.anom is not None or ent.credit or ent.spends:
             return False
         return all(info.enforcement in ("soft", "hard") for info in ent.infos.values())
 

@@ -24,7 +24,6 @@ from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meterflow.base.errors import MeterError
 from meterflow.base.stats import STATS, FlowStats
 from meterflow.dataflows.metering import _ShardLogic, build_flow
 from meterflow.operators.changelog import ChangelogMediator
@@ -345,15 +344,31 @@ def test_the_native_core_folds_the_customers_that_evaluate_nothing():
     assert (keys, after, snap, alerts, rows) == (keys, after) + run("python")[2:]
 
 
-def test_native_core_refused_with_the_reason_when_it_cannot_meter_the_configuration():
+def test_what_the_native_core_cannot_meter_runs_on_the_python_fold():
+    """A configuration the native fold cannot meter exactly (here a group_by) is never refused: every customer
+    runs on the Python fold, the outputs are the Python core's, and ``core_in_use`` says so."""
     raw = tomllib.loads(CONFIG)
-    raw["pipeline"]["core"] = "native"
-    raw["metrics"].append({"code": "peak", "event_type": "gpu", "aggregation": "max", "property": "seconds"})
-    cfg = parse_config(raw, "native_flow.toml", environ={})
-    with pytest.raises(MeterError, match=r"^pipeline.core = \"native\": metric 'peak': max is not native yet"):
-        build_flow(cfg, TestingSource([]), [("out", TestingSink([]))])
+    raw["metrics"].append({"code": "gpu_by_kind", "event_type": "gpu", "aggregation": "sum", "property": "seconds",
+                           "group_by": ["kind"]})
+    stream = [json.dumps({"event_id": f"g{i}", "tenant_id": "acme", "customer_id": "c3", "event_type": "gpu",
+                          "timestamp": BASE + i, "properties": {"seconds": i, "kind": k}}).encode()
+              for i, k in enumerate(["a100", "h100", "a100"])]
+    items = [(("events.jsonl", i + 1), line) for i, line in enumerate(stream)]
+    got = {}
+    for core in ("python", "native"):
+        raw["pipeline"]["core"] = core
+        cfg = parse_config(raw, "native_flow.toml", environ={})
+        out: List[Any] = []
+        run_main(build_flow(cfg, TestingSource(items), [("out", TestingSink(out))], recoverable=False))
+        dims = {r.dimensions["kind"]: r.value for em in out for r in em.windows if r.metric == "gpu_by_kind"}
+        got[core] = outcome(out), dims
+    assert got["native"] == got["python"]
+    assert got["native"][1] == {"a100": 2.0, "h100": 1.0}
+    assert native.core_in_use(cfg) == ("native requested; every customer on the Python fold (metric "
+                                       "'gpu_by_kind': group_by is not native yet)")
+    assert native.NativeMeters(cfg).python_only is not None
     assert native.core_in_use(config("python")).startswith("python")
-    assert native.core_in_use(config("native")).startswith("native")
+    assert native.core_in_use(config("native")).startswith("native (customers without wallet")
 
 
 def test_blocks_set_and_lifted_and_thresholds_crossed_at_once_alert_the_same():
