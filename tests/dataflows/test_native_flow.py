@@ -72,6 +72,43 @@ aggregation = "sum"
 property = "seconds"
 where = { kind = "a100" }
 
+[[metrics]]
+code = "peak_tokens"
+event_type = "api_call"
+aggregation = "max"
+property = "tokens"
+
+[[metrics]]
+code = "low_seconds"
+event_type = "gpu"
+aggregation = "min"
+property = "seconds"
+
+[[metrics]]
+code = "last_tokens"
+event_type = "api_call"
+aggregation = "latest"
+property = "tokens"
+
+[[metrics]]
+code = "distinct_tokens"
+event_type = "api_call"
+aggregation = "unique_count"
+property = "tokens"
+
+[[metrics]]
+code = "p95_tokens"
+event_type = "api_call"
+aggregation = "p95"
+property = "tokens"
+
+[[metrics]]
+code = "p99_seconds"
+event_type = "gpu"
+aggregation = "p99"
+property = "seconds"
+where = { kind = "h100" }
+
 [[plans]]
 code = "pro"
 [plans.entitlements.api_calls]
@@ -91,6 +128,20 @@ code = "soft"
 [plans.entitlements.tokens]
 included = 20
 thresholds = [10, 25, 50, 75, 100, 150, 400]
+[plans.entitlements.distinct_tokens]
+included = 4
+thresholds = [50, 100]
+[plans.entitlements.last_tokens]
+included = 6
+thresholds = [100]
+
+[[plans]]
+code = "percentiles"
+[plans.entitlements.p95_tokens]
+included = 8
+thresholds = [100]
+[plans.entitlements.tokens]
+price = { model = "per_unit", unit_amount = 0.5 }
 
 [[plans]]
 code = "mixed"
@@ -101,6 +152,13 @@ thresholds = [20, 40, 60, 80, 100, 200]
 included = 5
 thresholds = [50, 100]
 enforcement = "hard"
+[plans.entitlements.peak_tokens]
+included = 10
+thresholds = [50, 100]
+enforcement = "hard"
+[plans.entitlements.low_seconds]
+included = 2
+thresholds = [100]
 
 [[subscriptions]]
 tenant_id = "beta"
@@ -133,7 +191,7 @@ anchor = "2026-11-03T07:00:00Z"
 [[subscriptions]]
 tenant_id = "beta"
 customer_id = "c1"
-plan = "metered"
+plan = "percentiles"
 period = "month"
 """
 
@@ -391,7 +449,8 @@ def test_blocks_set_and_lifted_and_thresholds_crossed_at_once_alert_the_same():
               ev("g", "c4", "api_call", day0 + DAY + 5, tokens=40.5)]  # 20..100 % of 30 at once
     items = [(("in", i + 1), raw) for i, raw in enumerate(stream)]
     want = run_flow("python", items, 3)
-    types = sorted((a["customer_id"], a["type"], a["event_id"], a["threshold_pct"]) for a in want["alerts"].values())
+    types = sorted((a["customer_id"], a["type"], a["event_id"], a["threshold_pct"]) for a in want["alerts"].values()
+                   if a["metric"] in ("tokens", "gpu_seconds"))  # (the pinned ones; all are compared below)
     assert types == sorted(
         [("c2", "threshold_crossed", "a", t) for t in (10.0, 25.0, 50.0, 75.0)]
         + [("c4", "threshold_crossed", "b", 50.0), ("c4", "threshold_crossed", "b", 100.0),
