@@ -72,7 +72,8 @@ def _default_core_native() -> None:
 
     if not native.AVAILABLE:
         raise pytest.UsageError("--core native: meterflow_native is not built (./dev setup with cargo)")
-    os.environ["METER_PIPELINE_CORE"] = "native"  # meter subprocesses, and configurations read with os.environ
+    os.environ["METER_PIPELINE_CORE"] = "native"  # configurations read with os.environ
+    os.environ["METERFLOW_TEST_CORE"] = "native"  # meter subprocesses of tests/e2e (their env drops METER_*)
     parse = config_module.parse_config
 
     def parse_native(raw, source="<memory>", environ=None):
