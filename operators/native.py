@@ -1,6 +1,6 @@
 """The native batch core (issue 16, first step): an optional accelerator, ``meterflow_native`` (native/, Rust).
 
-:class:`NativeBatchCore` runs mediation and the count/sum fold of :class:`meterflow.operators.meter.CustomerMeter`
+:class:`NativeBatchCore` runs mediation and the fold of :class:`meterflow.operators.meter.CustomerMeter`
 over whole batches of raw lines in Rust: decode, validation, RFC 3339 timestamps, the tenant registry,
 exclusions, dedupe (XXH3-64 fingerprints of event ids, per ``tenant|customer``) and the window and period
 rows. What it does not handle exactly it hands back, line by line and in order: the line goes through the
@@ -16,8 +16,10 @@ the rows each batch changed into those customers' :class:`~meterflow.operators.m
 flushes, versions, finality, rated rows, reviews and snapshots are the Python ones. The other customers, a
 customer once a changelog record reaches it, and every customer resumed from a snapshot run the Python fold.
 
-Not native yet (:func:`unsupported`): aggregations other than count and sum, ``group_by``; wallets, spend
-thresholds, auto_overage and anomaly checks (those customers run the Python fold).
+Every aggregation is native (count, sum, max, min, latest, unique_count, p95, p99; the value kept is the very
+object the Python accumulator keeps, mirrored into it). Not native yet (:func:`unsupported`): ``group_by``
+(with it every customer runs the Python fold: :func:`python_fold_reason`); wallets, spend thresholds,
+auto_overage, anomaly checks and entitlements on p95/p99 metrics (those customers run the Python fold).
 
 When ``meterflow_native`` is not built (no cargo at setup), :data:`AVAILABLE` is False and everything runs on
 the Python path.
@@ -46,6 +48,7 @@ except ImportError:  # pragma: no cover - depends on the build
 
 AVAILABLE = _native is not None
 BUNDLE: Any = _native.Bundle if _native is not None else None  # a native mediator's shard bundle (NativeMediator)
+NATIVE_AGGREGATIONS = ("count", "sum", "max", "min", "latest", "unique_count", "p95", "p99")
 _I64 = 1 << 63
 _INF = float("inf")
 
@@ -53,8 +56,8 @@ _INF = float("inf")
 def unsupported(cfg: Config) -> Optional[str]:
     """Why the native core cannot meter ``cfg`` exactly (None when it can)."""
     for m in cfg.metrics:
-        if m.aggregation not in ("count", "sum"):
-            return f"metric {m.code!r}: {m.aggregation} is not native yet (count and sum are)"
+        if m.aggregation not in NATIVE_AGGREGATIONS:
+            return f"metric {m.code!r}: {m.aggregation} is not native yet"
         if m.group_by:
             return f"metric {m.code!r}: group_by is not native yet"
         for k, v in m.where.items():
@@ -67,9 +70,20 @@ def unsupported(cfg: Config) -> Optional[str]:
     return None
 
 
+def python_fold_reason(cfg: Config) -> Optional[str]:
+    """Why, with ``pipeline.core = "native"``, every customer of ``cfg`` runs on the Python fold (None: the
+    native fold takes the customers :meth:`NativeMeters.admits`). The flow runs either way: what the native
+    fold cannot do exactly runs on the Python one."""
+    return unsupported(cfg)
+
+
 def core_in_use(cfg: Optional[Config] = None) -> str:
-    """What ``meter`` reports as its core (``pipeline.core``; whether the native core is built)."""
+    """What ``meter`` reports as its core (``pipeline.core``; whether the native core is built), and what runs
+    where."""
     if cfg is not None and cfg.pipeline.core == "native":
+        why = python_fold_reason(cfg) if AVAILABLE else None
+        if why is not None:
+            return f"native requested; every customer on the Python fold ({why})"
         return "native (customers without wallet, spend thresholds, auto_overage or anomaly; the others on Python)"
     if not AVAILABLE:
         return "python (native core not built: ./dev setup builds it when cargo is installed)"
@@ -77,10 +91,11 @@ def core_in_use(cfg: Optional[Config] = None) -> str:
 
 
 def native_problem(cfg: Config) -> Optional[str]:
-    """Why ``pipeline.core = "native"`` cannot run ``cfg`` (None: it can)."""
+    """Why ``pipeline.core = "native"`` cannot run ``cfg`` (None: it can; what the native fold cannot do
+    exactly runs on the Python fold, :func:`python_fold_reason`)."""
     if not AVAILABLE:
         return "the native core is not built (./dev setup builds it when cargo is installed)"
-    return unsupported(cfg)
+    return None
 
 
 def _scalar(v: Any) -> bool:
@@ -124,6 +139,28 @@ class NativeBatch(NamedTuple):
     dead_letters: List[DeadLetter]
 
 
+def _mirror(acc: Any, agg: str, events: int, total: int, x: Any) -> None:
+    """A native row into its Python accumulator (meterflow.operators.aggregate), as the Python fold leaves it;
+    ``x``: the float part of a sum, or what the native row reports of the other aggregations."""
+    acc.events = events
+    if agg == "count":
+        acc.total = total
+    elif agg == "sum":
+        acc.total = total
+        acc.fscaled = int.from_bytes(x, "little", signed=True) if x else 0
+    elif agg == "max" or agg == "min":
+        acc.best = x
+    elif agg == "latest":
+        acc.ts, acc.last = x
+    elif agg == "unique_count":  # the distinct values new since the last report, in the order first seen
+        acc.seen.update(x)
+    else:  # p95 / p99: n, and the entries changed since the last report (new ones in the order first seen)
+        acc.n, changed = x
+        counts = acc.counts
+        for v, c in changed:
+            counts[v] = c
+
+
 def sum_value(total: int, fscaled: Optional[bytes]) -> float:
     """The value of a row from its parts, exactly as SumAcc.value (a count: its total)."""
     from meterflow.operators.aggregate import SumAcc
@@ -135,7 +172,7 @@ def sum_value(total: int, fscaled: Optional[bytes]) -> float:
 
 
 class NativeBatchCore:
-    """Mediation and the count/sum fold of one worker, natively. ``clock``: the wall clock (epoch ms) of
+    """Mediation and the fold of one worker, natively. ``clock``: the wall clock (epoch ms) of
     the clock-skew rule, read once per batch, as the Mediator does."""
 
     def __init__(self, cfg: Config, clock: Callable[[], int] = now_ms, stats: Optional[FlowStats] = None) -> None:
@@ -299,6 +336,7 @@ class NativeMeters:
         if why is not None or _native is None:
             raise ValueError(why)
         self._spec = spec if spec is not None else _spec(cfg)  # one per flow: shared by its shards (factory)
+        self.python_only = python_fold_reason(cfg)  # not None: every customer runs on the Python fold
         self._core_obj: Any = None  # made when the shard admits its first customer
         self._stats = stats
         self._agg = {m.code: m.aggregation for m in cfg.metrics}
@@ -325,9 +363,11 @@ class NativeMeters:
         """Whether the customer is folded here: no anomaly detection, wallet or spend threshold, and only soft
         or hard entitlements (thresholds and blocking are evaluated at the events that reach a level)."""
         ent = meter.ent
-        if meter.anom is not None or ent.credit or ent.spends:
+        if self.python_only is not None or meter.anom is not None or ent.credit or ent.spends:
             return False
-        return all(info.enforcement in ("soft", "hard") for info in ent.infos.values())
+        # (an entitlement on a p95/p99 metric is checked once per batch by the Python fold, not per event)
+        return all(info.enforcement in ("soft", "hard") and self._agg[code] not in ("p95", "p99")
+                   for code, info in ent.infos.items())
 
     def admit(self, meter: Any) -> bool:
         """Fold the customer here if :meth:`admits` (a new customer of the shard)."""
@@ -384,13 +424,14 @@ class NativeMeters:
                 prop = self._prop[a]
                 failed.append((index, meter._missing_property(me, a, prop, me.event.properties.get(prop))))
         dup, excl, unmetered, too_late, missing, _read = core.take_counts()
+        ignored = core.take_ignored()
         n = sum(len(g) for _, g in pairs)
         evaluated = self.evaluated
         unevaluated = sum(len(g) for k, g in pairs if k not in evaluated) if evaluated else n
         bad = too_late + self._invalid
         self._invalid = 0
         stats = self._stats
-        stats.add_metered(n - dup - excl - bad, dup, excl, unmetered, 0, bad, missing)
+        stats.add_metered(n - dup - excl - bad, dup, excl, unmetered, ignored, bad, missing)
         if alerts or unevaluated:  # (as CustomerMeter.process)
             stats.add({"alerts": len(alerts), "unevaluated": unevaluated})
         if evaluated:
@@ -458,13 +499,15 @@ class NativeMeters:
     def _usage_of(self, meter: Any) -> Callable[[Tuple[str, int, int]], Optional[float]]:
         """``meter.usage`` as the Python fold sees it mid-batch: the native row's value (a row the meter
         evicted, unchanged since, is gone)."""
-        core, key, periods = self._core, meter.key, meter.periods
+        core, key, periods, agg = self._core, meter.key, meter.periods, self._agg
 
         def usage(pk: Tuple[str, int, int]) -> Optional[float]:
             r = core.period_value(key, pk[0], pk[1], pk[2])
             if r is None or not r[3] and pk not in periods:
                 return None
-            return sum_value(r[1], r[2])
+            if agg[pk[0]] in ("count", "sum"):
+                return sum_value(r[1], r[2])
+            return float(r[2])  # max/min/latest: the value kept; unique_count: the number of distinct values
 
         return usage
 
@@ -524,10 +567,7 @@ class NativeMeters:
             if acc is None:
                 sub = meter.ent.rule
                 acc = meter._new_window(wk, agg[code], sub.period, sub.anchor_ms, 0, 0)
-            acc.events = events
-            acc.total = total
-            if agg[code] == "sum":
-                acc.fscaled = int.from_bytes(fs, "little", signed=True) if fs else 0
+            _mirror(acc, agg[code], events, total, fs)
             meter.dirty_w.add(wk)
         alerts: List[Any] = []
         for key, code, ps, pe, events, total, fs in periods:
@@ -536,10 +576,7 @@ class NativeMeters:
             acc = meter.periods.get(pk)
             if acc is None:
                 acc = meter._new_period(pk, agg[code])
-            acc.events = events
-            acc.total = total
-            if agg[code] == "sum":
-                acc.fscaled = int.from_bytes(fs, "little", signed=True) if fs else 0
+            _mirror(acc, agg[code], events, total, fs)
             meter.dirty_p.add(pk)
             ent = meter.ent
             if key in self.evaluated:  # an evaluated metric's current period advanced at its event (_check)
