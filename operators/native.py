@@ -488,7 +488,7 @@ class NativeMeters:
         bad = too_late + self._invalid
         self._invalid = 0
         stats = self._stats
-        stats.add_metered(n - dup - excl - bad, dup, excl, unmetered, 0, bad, missing)
+        stats.add_metered(n - dup - excl - bad, dup, excl, unmetered, core.take_ignored(), bad, missing)
         if alerts or unevaluated:  # (as CustomerMeter.process)
             stats.add({"alerts": len(alerts), "unevaluated": unevaluated})
         if evaluated and meters[evaluated[0]].rules.gateway_states:
