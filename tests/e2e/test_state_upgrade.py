@@ -257,3 +257,98 @@ def test_the_old_snapshots_convert_to_named_records_and_back(tmp_path):
             again = CustomerMeter.from_snapshot(rules, new, stats=FlowStats()).snapshot()
             assert canonical(decode_meter_state(again)) == canonical(record)
     assert kinds == {"count", "sum", "max", "min", "unique_count", "latest", "p95", "p99"}
+
+
+# -- the build before the native core (d11a167): state version 5, shard state version 1 -----------------------
+
+FIXTURE_V5 = REPO / "tests" / "fixtures" / "recovery_v5"
+# Wall-clock columns of the views, and a dead letter's id (derived from its source, the input file's name).
+V5_UNCOMPARED = WALL_CLOCK | {"updated_at", "dl_id"}
+
+
+def _outputs(*args: str) -> str:
+    """``recovery_v5/outputs.py ARGS`` in its own process (chDB opens one data path per process)."""
+    proc = subprocess.run([sys.executable, str(FIXTURE_V5 / "outputs.py"), *args], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _v5_views(config: Path, part1_lines: int) -> Dict[str, List[str]]:
+    """Every view of ``config``'s ClickHouse, each row without its wall-clock columns and with its dead-letter
+    source as the part it came from, as sorted JSON strings."""
+    out = {}
+    for view, rows in json.loads(_outputs("views", str(config))).items():
+        out[view] = sorted(json.dumps({**{k: v for k, v in r.items() if k not in V5_UNCOMPARED},
+                                       **({"source": _part_source(r["source"], part1_lines)} if "source" in r
+                                          else {})}, sort_keys=True) for r in rows)
+    return out
+
+
+@pytest.mark.parametrize("core", ["python", "native"])
+def test_a_recovery_directory_of_the_build_before_the_native_core_resumes_exactly(tmp_path, core):
+    """``recovery_v5`` (README there): what ``meter run --recovery`` of d11a167 left after part1 and the
+    changelog. Its ClickHouse rows (``outputs-part1.json.gz``) are loaded into the resumed run's store first, so
+    the resumed run writes on top of them as it would in production; every view must then equal, row for row, a
+    clean run of today's build (Python core) over part1 + part2, whichever core resumes."""
+    part1, part2 = (FIXTURE_V5 / "part1.jsonl").read_bytes(), (FIXTURE_V5 / "part2.jsonl").read_bytes()
+    part1_lines = part1.count(b"\n")
+    for name in ("part1.jsonl", "part2.jsonl", "changes.jsonl"):
+        shutil.copy(FIXTURE_V5 / name, tmp_path / name)
+    (tmp_path / "whole.jsonl").write_bytes(part1 + part2)
+    recovery = shutil.copytree(FIXTURE_V5 / "recovery", tmp_path / "recovery")
+    base = (FIXTURE_V5 / "config.toml").read_text()
+    if core == "native":
+        from meterflow.operators.native import AVAILABLE
+
+        if not AVAILABLE:  # pragma: no cover - depends on the build
+            pytest.skip("meterflow_native is not built (./dev setup with cargo)")
+    resumed_base = base.replace("[pipeline]\n", f'[pipeline]\ncore = "{core}"\n', 1)
+
+    resumed_cfg = _config(tmp_path, "resumed", resumed_base)
+    _outputs("load", str(resumed_cfg), str(FIXTURE_V5 / "outputs-part1.json.gz"))
+    resumed = run_summary(_meter(tmp_path, "run", "--config", str(resumed_cfg), "--input", "part1.jsonl",
+                                 "--input", "part2.jsonl", "--entitlements", "changes.jsonl", "--recovery",
+                                 str(recovery), "--json", "--progress-every", "0"))
+    assert resumed["core"].startswith(core), resumed
+    assert resumed["counters"]["read"] == part2.count(b"\n"), resumed  # part1 and the changelog: not again
+    assert resumed["counters"]["duplicates"] >= 3, resumed  # part1's last ids retried: remembered across the upgrade
+
+    clean_base = base[:base.index("# changes.jsonl moves cust_plan")] + CUST_PLAN_FROM_CHANGELOG
+    clean_cfg = _config(tmp_path, "clean", clean_base)
+    clean = run_summary(_meter(tmp_path, "run", "--config", str(clean_cfg), "--input", "whole.jsonl", "--json",
+                               "--progress-every", "0"))
+    before = json.loads((FIXTURE_V5 / "summary-part1.json").read_text())["counters"]
+    for counter in ("read", "accepted", "duplicates", "excluded", "dead_lettered", "missing_property",
+                    "corrections_ignored", "alerts"):
+        assert before[counter] + resumed["counters"][counter] == clean["counters"][counter], counter
+
+    got, want = _v5_views(resumed_cfg, part1_lines), _v5_views(clean_cfg, part1_lines)
+    assert set(got) == set(want)
+    for view in want:
+        missing = sorted(set(want[view]) - set(got[view]))[:3]
+        extra = sorted(set(got[view]) - set(want[view]))[:3]
+        assert got[view] == want[view], f"{view}: missing {missing}, extra {extra}"
+
+    # the alert JSONL file: each alert once, the old run's followed by the resumed run's
+    strip = lambda alerts: sorted(json.dumps({k: v for k, v in a.items() if k not in WALL_CLOCK},  # noqa: E731
+                                             sort_keys=True) for a in alerts)
+    old_alerts = _alerts_file(FIXTURE_V5 / "alerts-part1.jsonl")
+    new_alerts = _alerts_file(tmp_path / "alerts-resumed.jsonl")
+    assert strip(old_alerts + new_alerts) == strip(_alerts_file(tmp_path / "alerts-clean.jsonl"))
+
+    # what the state carried across the upgrade showed in part2's outputs
+    def types(alerts, customer):
+        return Counter(a["type"] for a in alerts if a["customer_id"] == customer)
+
+    assert types(new_alerts, "cust_wallet")["wallet_exhausted"] == 1  # the units drawn in part1 counted
+    assert types(new_alerts, "cust_other")["anomaly"] >= 1  # judged on the daily usage kept in the snapshot
+    assert types(new_alerts, "cust_review") == Counter()  # its review item: opened before, not again
+    assert types(new_alerts, "cust_rev2")["review_opened"] == 1
+    assert {a["plan"] for a in new_alerts if a["customer_id"] == "cust_plan"} <= {"starter", "pro"}
+    assert types(new_alerts, "cust_plan")["wallet_low"] == 1  # the changelog's wallet, kept in the snapshot
+    reviews = {r["customer_id"]: r for r in map(json.loads, want["overage_reviews"])}
+    assert set(reviews) == {"cust_review", "cust_rev2"} and all(r["final"] for r in reviews.values())
+    assert reviews["cust_review"]["route"] == "approve" and reviews["cust_rev2"]["route"] == "review"
+    finals = [r for r in map(json.loads, got["usage_by_period"]) if r["final"]]
+    assert {r["customer_id"] for r in finals} >= {"cust_hard", "cust_wallet", "cust_review"}
