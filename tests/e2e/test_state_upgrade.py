@@ -352,3 +352,64 @@ def test_a_recovery_directory_of_the_build_before_the_native_core_resumes_exactl
     assert reviews["cust_review"]["route"] == "approve" and reviews["cust_rev2"]["route"] == "review"
     finals = [r for r in map(json.loads, got["usage_by_period"]) if r["final"]]
     assert {r["customer_id"] for r in finals} >= {"cust_hard", "cust_wallet", "cust_review"}
+
+
+def _rewrite_meter_snapshots(recovery: Path, change) -> None:
+    """Replace each meter-step snapshot ``(version, shards, {key: bytes})`` in ``recovery`` by ``change`` of it."""
+    import pickle
+    import sqlite3
+
+    from meterflow.dataflows.metering import load_shard_state
+
+    conn = sqlite3.connect(recovery / "part-0.sqlite3")
+    with conn:
+        rows = conn.execute("SELECT rowid, ser_change FROM snaps WHERE step_id = 'meterflow.meter'").fetchall()
+        for rowid, data in rows:
+            conn.execute("UPDATE snaps SET ser_change = ? WHERE rowid = ?",
+                         (pickle.dumps(change(load_shard_state(data)), protocol=5), rowid))
+    conn.close()
+
+
+def _newer_record(state):
+    import msgspec
+
+    version, shards, snaps = state
+    if "acme|cust_hard" in snaps:
+        record = msgspec.msgpack.decode(snaps["acme|cust_hard"])
+        snaps = {**snaps, "acme|cust_hard": msgspec.msgpack.encode({**record, "version": 6})}
+    return (version, shards, snaps)
+
+
+NEWER = {
+    "record": (_newer_record, "meter: error: cannot resume from the recovery directory: snapshot of "
+               "'acme|cust_hard' has state version 6, newer than this build reads (5; it converts 3 and 4): the "
+               "recovery directory was written by a later meterflow; resume it with that build (or a later one), "
+               "or start with a new recovery directory"),
+    "shard": (lambda state: (2, *state[1:]), "meter: error: the recovery directory's meter snapshots have shard "
+              "state version 2, newer than this build reads (1): they were written by a later meterflow; resume "
+              "the directory with that build (or a later one), or start with a new recovery directory"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NEWER))
+def test_a_recovery_directory_of_a_later_build_is_refused_in_one_line(tmp_path, kind):
+    change, line = NEWER[kind]
+    for name in ("part1.jsonl", "part2.jsonl", "changes.jsonl"):
+        shutil.copy(FIXTURE_V5 / name, tmp_path / name)
+    recovery = shutil.copytree(FIXTURE_V5 / "recovery", tmp_path / "recovery")
+    _rewrite_meter_snapshots(recovery, change)
+    cfg = _config(tmp_path, "newer", (FIXTURE_V5 / "config.toml").read_text())
+    proc = subprocess.run(meter_argv("run", "--config", str(cfg), "--input", "part1.jsonl", "--input", "part2.jsonl",
+                                     "--entitlements", "changes.jsonl", "--recovery", str(recovery),
+                                     "--progress-every", "0"),
+                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=180)
+    assert (proc.returncode, proc.stderr) == (2, line + "\n")
+    assert not (tmp_path / "alerts-newer.jsonl").exists() or not (tmp_path / "alerts-newer.jsonl").read_text()
+
+    # meter gateway sync reads the same snapshots: the same reason, the same advice
+    from meterflow.base.errors import MeterError
+    from meterflow.gateway_sync import current_states
+    from meterflow.schemas.config import load_config
+
+    with pytest.raises(MeterError, match="newer than this build reads .*resume (it|the directory) with that build"):
+        list(current_states(load_config(cfg), recovery, at_ms=1))
