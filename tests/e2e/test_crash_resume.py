@@ -273,8 +273,8 @@ price = { model = "tiered", tiers = [{ up_to = 500000, unit_amount = 0.00002 }, 
 
 def _native_config(tmp_path: Path, name: str, core: str) -> Path:
     text = NATIVE_CONFIG % core + "".join(
-        f'\n[[tenants]]\nid = "{t}"\nexclude_when = {{ environment = "test" }}\nexcluded_customers = ["cust_internal"]\n'
-        for t in TENANTS) + "".join(
+        f'\n[[tenants]]\nid = "{t}"\nexclude_when = {{ environment = "test" }}\n'
+        f'excluded_customers = ["cust_internal"]\n' for t in TENANTS) + "".join(
         f'\n[[subscriptions]]\ntenant_id = "{t}"\ncustomer_id = "{c}"\nplan = "pro"\nperiod = "month"\n'
         f'anchor = "2026-03-15T00:00:00Z"\n' for t, custs in SUBSCRIBED.items() for c in custs)
     return write_config(tmp_path / f"{name}.toml", text, tmp_path / f"ch-{name}")
