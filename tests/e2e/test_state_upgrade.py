@@ -18,6 +18,9 @@ override and a wallet; the clean run gets that subscription from its config inst
 record of a customer that has no events yet is the same as its config subscription), so it does not
 depend on when a second input is read. If the record were lost in the conversion, cust_plan's part2
 events would be evaluated under the config's plan ``prepaid``: other alerts, another ``included``.
+
+``tests/fixtures/recovery_v5`` does the same for the build before the native core (d11a167: shard state 1,
+state version 5), resumed with either core, and a copy of it rewritten to a later build's versions is refused.
 """
 
 from __future__ import annotations
