@@ -123,7 +123,10 @@ class _ShardLogic(StatefulBatchLogic):
         snaps = shard_snapshots(state, self._shards)
         rules = self._rules
         for key, data in snaps.items():
-            meter = CustomerMeter.from_snapshot(rules, data)
+            try:
+                meter = CustomerMeter.from_snapshot(rules, data)
+            except ValueError as exc:  # a state version this build does not read, or a damaged record
+                raise MeterError(f"cannot resume from the recovery directory: {exc}") from exc
             if meter.key != key:
                 raise MeterError(f"shard snapshot: the state stored for {key!r} belongs to {meter.key!r}")
             self._meters[key] = meter
@@ -381,7 +384,13 @@ def shard_snapshots(state: Any, shards: Optional[int] = None) -> Dict[str, bytes
     if isinstance(state, bytes):
         raise MeterError("the recovery directory holds per-customer snapshots from a build without "
                          "pipeline.shards; resume it with that build, or start with a new recovery directory")
-    if not (isinstance(state, tuple) and len(state) == 3 and state[0] == SHARD_STATE_VERSION):
+    version = state[0] if isinstance(state, tuple) and state else None
+    if type(version) is int and version > SHARD_STATE_VERSION:
+        raise MeterError(f"the recovery directory's meter snapshots have shard state version {version}, newer "
+                         f"than this build reads ({SHARD_STATE_VERSION}): they were written by a later meterflow; "
+                         "resume the directory with that build (or a later one), or start with a new recovery "
+                         "directory")
+    if not (isinstance(state, tuple) and len(state) == 3 and version == SHARD_STATE_VERSION):
         raise MeterError(f"unrecognised snapshot of the meter step (expected shard state version "
                          f"{SHARD_STATE_VERSION}); start with a new recovery directory")
     _version, taken_with, snaps = state
