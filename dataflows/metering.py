@@ -130,6 +130,8 @@ class _ShardLogic(StatefulBatchLogic):
             if meter.key != key:
                 raise MeterError(f"shard snapshot: the state stored for {key!r} belongs to {meter.key!r}")
             self._meters[key] = meter
+            if self._native is not None:  # back to the native fold with its state, if admitted
+                self._native.admit(meter)
             # The process watermark is not stored by itself: the greatest watermark any resumed
             # customer had seen is exactly the watermark at the snapshot.
             mediator.observe_watermark(meter.wm)
@@ -178,6 +180,8 @@ class _ShardLogic(StatefulBatchLogic):
                 self._native_items(key, meter, items, native_work, out, due)
             else:
                 out.add(meter.process(items, flush=due))
+                if native is not None and any(type(g) is EntitlementUpdate for g in items):
+                    native.admit(meter)  # its new subscription may be one the native fold takes
             if meter.next_evict < self._open_min:
                 self._open_min = meter.next_evict
             if not due and meter.has_dirty():
@@ -242,7 +246,8 @@ class _ShardLogic(StatefulBatchLogic):
     def _native_items(self, key: str, meter: CustomerMeter, items: List[Any], native_work: List[Tuple[str, Any]],
                       out: "_Merged", due: bool) -> None:
         """A customer the native core folds: its event lists join ``native_work``. At a changelog record it moves
-        to the Python fold for good (its meter processes the record and what follows)."""
+        to the Python fold (its meter processes the record and what follows), then comes back with its state
+        if :meth:`NativeMeters.admits` its new subscription."""
         for pos, group in enumerate(items):
             if type(group) is EntitlementUpdate:
                 native = self._native
@@ -256,6 +261,7 @@ class _ShardLogic(StatefulBatchLogic):
                 out.add(meter.process(items[pos:], flush=due))
                 if not due and meter.has_dirty():
                     self._dirty.add(key)
+                native.admit(meter)  # back to the native fold, with its state, if its new subscription allows
                 return
             native_work.append((key, group))
 

@@ -161,6 +161,32 @@ def _mirror(acc: Any, agg: str, events: int, total: int, x: Any) -> None:
             counts[v] = c
 
 
+_FIXED_BYTES = 36 * 8  # native/src/acc.rs LIMBS: the float part of a native sum
+_I128 = 1 << 127
+
+
+def _row_parts(acc: Any, agg: str) -> Tuple[Any, ...]:
+    """``(total, fixed, ext)`` of a Python accumulator for the native core's ``load_customer``, the inverse
+    of :func:`_mirror`: a count's total; a sum's int part and its float part (``fscaled``, as little-endian
+    two's complement bytes; an int part beyond i128 goes into it, the value is the same); the value of the
+    other aggregations (max/min ``best``; latest ``(ts, last)``; unique_count the values of ``seen``;
+    p95/p99 ``(n, [(value, count)])`` in the order of ``counts``), None while it has none."""
+    if agg == "count":
+        return acc.total, None, None
+    if agg == "sum":
+        total, fs = acc.total, acc.fscaled
+        if not -_I128 <= total < _I128:
+            total, fs = 0, (total << 1074) + fs
+        return total, fs.to_bytes(_FIXED_BYTES, "little", signed=True) if fs else None, None
+    if agg == "max" or agg == "min":
+        return 0, None, None if acc.best is None else _value(acc.best)
+    if agg == "latest":
+        return 0, None, None if acc.ts is None else (acc.ts, _value(acc.last))
+    if agg == "unique_count":
+        return 0, None, [v if type(v) is str else _value(v[1]) for v in acc.seen] if acc.seen else None
+    return 0, None, (acc.n, [(_value(v), c) for v, c in acc.counts.items()]) if acc.n else None
+
+
 def sum_value(total: int, fscaled: Optional[bytes]) -> float:
     """The value of a row from its parts, exactly as SumAcc.value (a count: its total)."""
     from meterflow.operators.aggregate import SumAcc
@@ -345,6 +371,7 @@ class NativeMeters:
         self._invalid = 0
         self.keys: set = set()  # the customers folded here
         self.evaluated: set = set()  # those of them whose subscription evaluates thresholds (admit)
+        self.loaded = 0  # customers brought in with their state (load: resumed, or back after a changelog record)
         self.gateway_due: set = set()  # evaluated customers folded since the last gateway call (with [redis])
 
     @classmethod
@@ -370,16 +397,58 @@ class NativeMeters:
                    for code, info in ent.infos.items())
 
     def admit(self, meter: Any) -> bool:
-        """Fold the customer here if :meth:`admits` (a new customer of the shard)."""
+        """Fold the customer here if :meth:`admits`: a new customer of the shard, or one with state (resumed
+        from a snapshot, or on the Python fold until a changelog record), which :meth:`load` brings in."""
         if not self.admits(meter):
             return False
         key = meter.key
-        self.keys.add(key)
-        if meter.ent.infos:
+        ent = meter.ent
+        if meter.wm or meter.windows or meter.periods or meter.excluded or len(meter.seen) or \
+                ent.src is not None or ent.cancelled is not None or ent.moved_plan is not None:
+            if not self.load(meter):
+                return False
+        elif meter.ent.infos:
             self._core.evaluate(key, sorted(meter.ent.infos))
-            self.evaluated.add(key)
         else:
             self._core.hold(key)  # (fold_bundle folds the customers the native core holds)
+        self.keys.add(key)
+        if meter.ent.infos:
+            self.evaluated.add(key)
+        return True
+
+    def load(self, meter: Any) -> bool:
+        """The customer's state into the native core, the inverse of :meth:`sync` and :meth:`release`: its
+        window and period rows (as :func:`_mirror` would leave its accumulators), excluded counts, dedupe
+        table, watermark and period rule; for an evaluated customer the level of each current period (as
+        :meth:`_check` leaves it; other periods stop their first event for Python). False (nothing held,
+        the customer stays on the Python fold) when some of it does not fit the native rows."""
+        agg = self._agg
+        try:
+            windows = [(wk[0], wk[1], acc.events, *_row_parts(acc, agg[wk[0]]))
+                       for wk, acc in meter.windows.items() if not wk[2]]
+            if len(windows) != len(meter.windows):  # (a group_by row: python_only already says so)
+                return False
+            periods = [(pk[0], pk[1], pk[2], acc.events, *_row_parts(acc, agg[pk[0]]))
+                       for pk, acc in meter.periods.items()]
+            excluded = [(pk[0], pk[1], pk[2], n) for pk, n in meter.excluded.items()]
+            st = meter.seen.to_state()
+            sub = meter.ent.rule
+            self._core.load_customer(meter.key, sub.period, sub.anchor_ms, meter.wm, st.fingerprints, st.expiries,
+                                     windows, periods, excluded)
+        except (ValueError, OverflowError, TypeError, KeyError):
+            return False
+        key, ent, core = meter.key, meter.ent, self._core
+        if ent.infos:
+            core.evaluate(key, sorted(ent.infos))
+            for code, info in ent.infos.items():
+                pk = ent.cur.get(code)
+                if pk is not None:
+                    lvl = ent.next_level.get(pk)
+                    if lvl is None:
+                        lvl = ent.level(pk, info)
+                    core.set_level(key, code, pk[1], pk[2], -_INF if pk in ent.blocked else lvl)
+        meter.seen = IdTable()  # (the native table is the customer's now: before_snapshot, release copy it back)
+        self.loaded += 1
         return True
 
     def fold(self, meters: Dict[str, Any], pairs: List[Tuple[str, List[Any]]]) -> Emission:

@@ -499,3 +499,52 @@ fn unique_form<'py>(py: Python<'py>, v: &Val) -> PyResult<Bound<'py, PyAny>> {
     };
     Ok(PyTuple::new(py, [name.into_bound_py_any(py)?, val_to_py(py, v)?])?.into_any())
 }
+
+// ---- resume: a row rebuilt from the Python accumulator (native/src/resume.rs) -------------------------
+
+impl Acc {
+    /// A row as its Python accumulator holds it: `fixed` the float part of a sum (LIMBS * 8 bytes of
+    /// little-endian two's complement), `ext` the value of the other aggregations (None: no value yet).
+    pub fn restored(events: u64, total: i128, fixed: Option<Fixed>, ext: Option<Ext>) -> Acc {
+        Acc { events, total, fixed: fixed.map(Box::new), reported: 0, ext: ext.map(Box::new) }
+    }
+}
+
+impl Fixed {
+    /// From LIMBS * 8 little-endian bytes (None: another length).
+    pub fn from_le_bytes(b: &[u8]) -> Option<Fixed> {
+        if b.len() != LIMBS * 8 {
+            return None;
+        }
+        let mut l = [0u64; LIMBS];
+        for (k, w) in l.iter_mut().enumerate() {
+            *w = u64::from_le_bytes(b[8 * k..8 * k + 8].try_into().expect("8 bytes"));
+        }
+        Some(Fixed(l))
+    }
+}
+
+impl Ext {
+    /// UniqueAcc.seen's values (each once; nothing fresh: the Python accumulator holds them already).
+    pub fn unique_of(values: Vec<Val>) -> Option<Ext> {
+        let mut seen = HashSet::with_capacity(values.len());
+        for v in &values {
+            if matches!(v, Val::Null) || !seen.insert(ukey(v)) {
+                return None;
+            }
+        }
+        Some(Ext::Unique(Box::new(UniqueSet { seen, fresh: Vec::new() })))
+    }
+
+    /// PercentileAcc.counts (value, count) in its order, and n (nothing dirty).
+    pub fn pct_of(n: u64, entries: Vec<(Val, u64)>) -> Option<Ext> {
+        let mut m = Multiset { index: HashMap::with_capacity(entries.len()), entries: Vec::new(), n, dirty: Vec::new() };
+        for (v, c) in entries {
+            if !matches!(v, Val::Int(_) | Val::Big(..) | Val::Float(_)) || m.index.insert(nkey(&v), m.entries.len()).is_some() {
+                return None;
+            }
+            m.entries.push((v, c, false));
+        }
+        Some(Ext::Pct(Box::new(m)))
+    }
+}

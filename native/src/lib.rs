@@ -11,6 +11,7 @@
 mod acc;
 mod json;
 mod mediate;
+mod resume;
 mod time;
 
 use std::collections::{HashMap, HashSet};
@@ -855,6 +856,18 @@ impl BatchCore {
             }
         }
         (PyBytes::new(py, &fps), PyBytes::new(py, &exps))
+    }
+
+    /// Hold customer `key` with the state of its Python meter (a resumed customer, or one back from the Python
+    /// fold after a changelog record): the inverse of `take_changes` and `export_seen` (native/src/resume.rs).
+    /// windows: (metric, start, events, total, fixed, ext); periods: (metric, start, end, events, total,
+    /// fixed, ext); excluded: (metric, start, end, count); fps/exps as `export_seen` gives them. ValueError
+    /// (nothing held) when something does not fit.
+    #[allow(clippy::too_many_arguments)]
+    fn load_customer(&mut self, py: Python<'_>, key: &str, period: &str, anchor: i64, wm: i64, fps: &[u8],
+                     exps: &[u8], windows: &Bound<'_, PyAny>, periods: &Bound<'_, PyAny>,
+                     excluded: &Bound<'_, PyAny>) -> PyResult<()> {
+        resume::load_customer(self, py, key, period, anchor, wm, fps, exps, windows, periods, excluded)
     }
 
     /// Forget customer `key` (its state moved to the Python path). Call `take_changes` first.
