@@ -13,8 +13,9 @@ folds the events of the customers whose subscription has only soft and hard enti
 spend threshold or auto_overage; no anomaly detection); their thresholds and blocks are checked at the events
 whose fold reaches the next level Python gave for the period (:meth:`NativeMeters._check`), and it mirrors
 the rows each batch changed into those customers' :class:`~meterflow.operators.meter.CustomerMeter`, so
-flushes, versions, finality, rated rows, reviews and snapshots are the Python ones. The other customers, a
-customer once a changelog record reaches it, and every customer resumed from a snapshot run the Python fold.
+flushes, versions, finality, rated rows, reviews and snapshots are the Python ones. The other customers run the
+Python fold. A customer resumed from a snapshot, or back from the Python fold after a changelog record, is loaded
+into the native core with its state (:meth:`NativeMeters.load`) when :meth:`NativeMeters.admits` it.
 
 Every aggregation is native (count, sum, max, min, latest, unique_count, p95, p99; the value kept is the very
 object the Python accumulator keeps, mirrored into it). Not native yet (:func:`unsupported`): ``group_by``
@@ -354,8 +355,9 @@ class NativeMeters:
     and its watermark and current periods follow, so :meth:`CustomerMeter.flush` and ``finalize`` emit
     exactly what the Python fold would. The dedupe table is copied into the meter for a snapshot
     (:meth:`before_snapshot`), so snapshots are the Python ones and a recovery directory resumes with
-    either core (resumed customers stay on the Python fold). A changelog record moves its customer to the
-    Python fold for good, its dedupe table with it."""
+    either core; a resumed customer comes back here with its state (:meth:`load`). A changelog record moves its
+    customer to the Python fold, its dedupe table with it (:meth:`release`); it comes back if :meth:`admits`
+    its new subscription."""
 
     def __init__(self, cfg: Config, stats: FlowStats = STATS, spec: Optional[Dict[str, Any]] = None) -> None:
         why = native_problem(cfg)
