@@ -18,9 +18,9 @@ Python fold. A customer resumed from a snapshot, or back from the Python fold af
 into the native core with its state (:meth:`NativeMeters.load`) when :meth:`NativeMeters.admits` it.
 
 Every aggregation is native (count, sum, max, min, latest, unique_count, p95, p99; the value kept is the very
-object the Python accumulator keeps, mirrored into it). Not native yet (:func:`unsupported`): ``group_by``
-(with it every customer runs the Python fold: :func:`python_fold_reason`); wallets, spend thresholds,
-auto_overage, anomaly checks and entitlements on p95/p99 metrics (those customers run the Python fold).
+object the Python accumulator keeps, mirrored into it), and ``group_by`` (window rows keyed by the same dims
+tuple as the Python fold's, native/src/dims.rs). Not native yet: wallets, spend thresholds, auto_overage,
+anomaly checks and entitlements on p95/p99 metrics (those customers run the Python fold).
 
 When ``meterflow_native`` is not built (no cargo at setup), :data:`AVAILABLE` is False and everything runs on
 the Python path.
@@ -28,6 +28,9 @@ the Python path.
 
 from __future__ import annotations
 
+import atexit
+import json
+import os
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import msgspec
@@ -52,6 +55,22 @@ BUNDLE: Any = _native.Bundle if _native is not None else None  # a native mediat
 NATIVE_AGGREGATIONS = ("count", "sum", "max", "min", "latest", "unique_count", "p95", "p99")
 _I64 = 1 << 63
 _INF = float("inf")
+# Diagnostics: the customers NativeMeters admitted to the native fold ("native"), left to the Python fold
+# ("python") and moved there at a changelog record ("released"), process-wide. With METERFLOW_NATIVE_TALLY
+# naming a file, the process appends them to it at exit as one JSON line with its pid (pytest --core native
+# reports the sums of the meter subprocesses of tests/e2e with it).
+FOLD_TALLY = FlowStats()
+
+
+def _write_tally(path: str) -> None:
+    counts = {k: v for k, v in FOLD_TALLY.snapshot().items() if k in ("native", "python", "released") and v}
+    if counts:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"pid": os.getpid(), **counts}) + "\n")
+
+
+if os.environ.get("METERFLOW_NATIVE_TALLY"):
+    atexit.register(_write_tally, os.environ["METERFLOW_NATIVE_TALLY"])
 
 
 def unsupported(cfg: Config) -> Optional[str]:
@@ -59,8 +78,6 @@ def unsupported(cfg: Config) -> Optional[str]:
     for m in cfg.metrics:
         if m.aggregation not in NATIVE_AGGREGATIONS:
             return f"metric {m.code!r}: {m.aggregation} is not native yet"
-        if m.group_by:
-            return f"metric {m.code!r}: group_by is not native yet"
         for k, v in m.where.items():
             if not _scalar(v):
                 return f"metric {m.code!r}: where.{k} = {v!r} is not a JSON scalar"
@@ -119,8 +136,8 @@ def _spec(cfg: Config) -> Dict[str, Any]:
         "dedupe_ms": cfg.pipeline.dedupe_window_ms,
         "tenants": [(t.id, list(t.excluded_customers), [(k, _value(v)) for k, v in t.exclude_when.items()])
                     for t in cfg.tenants],
-        "metrics": [(m.code, m.event_type, m.aggregation, m.property, [(k, _value(v)) for k, v in m.where.items()])
-                    for m in cfg.metrics],
+        "metrics": [(m.code, m.event_type, m.aggregation, m.property, [(k, _value(v)) for k, v in m.where.items()],
+                     list(m.group_by)) for m in cfg.metrics],
         "subscriptions": [(s.tenant_id + KEY_SEP + s.customer_id, s.period, dt_to_ms(s.anchor))
                           for s in cfg.subscriptions],
     }
@@ -129,7 +146,7 @@ def _spec(cfg: Config) -> Dict[str, Any]:
 class NativeBatch(NamedTuple):
     """One batch through the native core: the rows it changed (current values) and the batch's dead letters.
 
-    windows: ``(key, metric, window_start, events, total, fscaled)``; periods: ``(key, metric, period_start,
+    windows: ``(key, metric, window_start, events, total, fscaled, dims)``; periods: ``(key, metric, period_start,
     period_end, events, total, fscaled)`` (``total`` the int part, ``fscaled`` the float part in units of
     2**-1074 or None, as :class:`meterflow.operators.aggregate.SumAcc` keeps them; a count's total is its
     value); excluded: ``(key, metric, period_start, period_end, excluded_events)``."""
@@ -402,7 +419,9 @@ class NativeMeters:
         """Fold the customer here if :meth:`admits`: a new customer of the shard, or one with state (resumed
         from a snapshot, or on the Python fold until a changelog record), which :meth:`load` brings in."""
         if not self.admits(meter):
+            FOLD_TALLY.add({"python": 1})
             return False
+        FOLD_TALLY.add({"native": 1})
         key = meter.key
         ent = meter.ent
         if meter.wm or meter.windows or meter.periods or meter.excluded or len(meter.seen) or \
@@ -631,9 +650,9 @@ class NativeMeters:
         windows, periods, excluded, _notes = core.take_changes()
         agg = self._agg
         grace = self._grace
-        for key, code, ws, events, total, fs in windows:
+        for key, code, ws, events, total, fs, dims in windows:
             meter = meters[key]
-            wk = (code, ws, ())
+            wk = (code, ws, dims)
             acc = meter.windows.get(wk)
             if acc is None:
                 sub = meter.ent.rule
@@ -693,6 +712,7 @@ class NativeMeters:
         """The customer goes to the Python fold: its dedupe table into its meter, forgotten here (call
         :meth:`sync` first)."""
         key = meter.key
+        FOLD_TALLY.add({"released": 1})
         meter.seen = self._seen(key)
         meter.next_dedupe_evict = meter.seen.min_expiry()
         meter._period = (0, 0)

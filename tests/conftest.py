@@ -22,6 +22,7 @@ in the ``meter`` subprocesses (``METER_PIPELINE_CORE``). ``./dev test`` runs a f
 
 from __future__ import annotations
 
+import tempfile
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -41,6 +42,7 @@ def pytest_addoption(parser) -> None:
 
 
 _TRAVEL = []
+_TALLY_FILE: list = []  # --core native: the file the meter subprocesses append their native fold tally to
 
 
 def pytest_configure(config) -> None:
@@ -74,6 +76,11 @@ def _default_core_native() -> None:
         raise pytest.UsageError("--core native: meterflow_native is not built (./dev setup with cargo)")
     os.environ["METER_PIPELINE_CORE"] = "native"  # configurations read with os.environ
     os.environ["METERFLOW_TEST_CORE"] = "native"  # meter subprocesses of tests/e2e (their env drops METER_*)
+    # the customers each meter subprocess folded natively (operators/native.py FOLD_TALLY), for the summary
+    tally = tempfile.NamedTemporaryFile(prefix="meterflow-native-tally-", suffix=".jsonl", delete=False)
+    tally.close()
+    os.environ["METERFLOW_NATIVE_TALLY"] = tally.name
+    _TALLY_FILE.append(tally.name)
     parse = config_module.parse_config
 
     def parse_native(raw, source="<memory>", environ=None):
@@ -109,6 +116,32 @@ def pytest_report_header(config) -> str | None:
         return f"clock guard: wall clock moved {config.getoption('--clock-ahead')} ahead, now " \
                f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
     return None
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """``--core native``: how many customers really ran on the native fold, in this process and in the meter
+    subprocesses of tests/e2e (operators/native.py FOLD_TALLY)."""
+    if config.getoption("--core") != "native" or not _TALLY_FILE:
+        return
+    import json
+    import os
+
+    from meterflow.operators import native
+
+    here = native.FOLD_TALLY.snapshot()
+    sub = {"native": 0, "python": 0, "released": 0, "processes": 0}
+    with open(_TALLY_FILE[0], encoding="utf-8") as f:
+        for line in f:
+            d = json.loads(line)
+            if d.pop("pid") != os.getpid():
+                sub["processes"] += 1
+                for k, v in d.items():
+                    sub[k] += v
+    os.unlink(_TALLY_FILE[0])
+    terminalreporter.write_line(
+        f"native fold: in process {here.get('native', 0)} customers native, {here.get('python', 0)} on Python, "
+        f"{here.get('released', 0)} released; meter subprocesses ({sub['processes']}): {sub['native']} native, "
+        f"{sub['python']} on Python, {sub['released']} released")
 
 
 def pytest_unconfigure(config) -> None:

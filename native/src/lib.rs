@@ -9,6 +9,7 @@
 //! missing_property) are decided here and worded by the wrapper with the Python texts.
 
 mod acc;
+mod dims;
 mod json;
 mod mediate;
 mod resume;
@@ -164,6 +165,7 @@ struct Metric {
     is_sum: bool,
     agg: Agg,
     wanted: Vec<(String, Val)>,
+    group_by: Vec<String>, // (dims.rs)
 }
 
 struct Tenant {
@@ -171,7 +173,7 @@ struct Tenant {
     when: Vec<(String, Val)>,
 }
 
-type WKey = (u32, i64);
+type WKey = (u32, i64, u32); // metric, window start, dims (dims.rs DimTable id; 0: none)
 type PKey = (u32, i64, i64);
 
 struct Customer {
@@ -242,6 +244,7 @@ struct BatchCore {
     wm_round: u64,
     touched_c: Vec<usize>,
     last: [u64; 6],
+    dims: dims::DimTable,
 }
 
 fn val_from_py(v: &Bound<'_, PyAny>) -> PyResult<Val> {
@@ -416,7 +419,7 @@ impl BatchCore {
                 self.c.corrections_ignored += 1; // (not additive: a correction leaves the rows unchanged)
                 continue;
             }
-            let wk = (mi, wstart);
+            let wk = (mi, wstart, self.dims.intern(&m.group_by, props));
             let pk = (mi, pstart, pend);
             let is_sum = m.is_sum;
             let pacc: *mut Acc;
@@ -519,6 +522,7 @@ impl BatchCore {
                 is_sum: agg == Agg::Sum,
                 agg,
                 wanted: pairs(&m.get_item(4)?)?,
+                group_by: if m.len()? > 5 { m.get_item(5)?.extract()? } else { Vec::new() },
             });
         }
         let mut subs = HashMap::new();
@@ -557,6 +561,7 @@ impl BatchCore {
             wm_round: 1,
             touched_c: Vec::new(),
             last: [0; 6],
+            dims: dims::DimTable::new(),
         })
     }
 
@@ -883,9 +888,10 @@ impl BatchCore {
     }
 
     /// The rows changed since the last call, with their current values, and the meter dead letters to word:
-    /// (windows, periods, excluded, notes). windows: (key, metric, window_start, events, total, fscaled);
+    /// (windows, periods, excluded, notes). windows: (key, metric, window_start, events, total, fscaled, dims);
     /// periods: (key, metric, period_start, period_end, events, total, fscaled); fscaled is None or the
-    /// little-endian two's-complement bytes of the float part; excluded: (key, metric, start, end, count);
+    /// little-endian two's-complement bytes of the float part; dims: the tuple of the window's group_by values
+    /// (operators/meter.py `_dim`; () without group_by); excluded: (key, metric, start, end, count);
     /// notes: (line index, key, "too_late", period_start, period_end, watermark) or
     /// (line index, key, "missing_property", metric, 0, 0).
     #[allow(clippy::type_complexity)]
@@ -903,7 +909,7 @@ impl BatchCore {
             let c = &mut self.customers[ci];
             let a = c.windows.get_mut(&wk).expect("a changed window");
             let code = self.metrics[wk.0 as usize].code.bind(py);
-            w.append((c.key.bind(py), code, wk.1, a.events, a.total, fs(a)?))?;
+            w.append((c.key.bind(py), code, wk.1, a.events, a.total, fs(a)?, self.dims.tuple(py, wk.2)?))?;
         }
         let p = PyList::empty(py);
         for (ci, pk) in self.changed_p.drain(..) {
@@ -969,6 +975,7 @@ fn meterflow_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<mediate::Bundle>()?;
     m.add_function(wrap_pyfunction!(mediate::float_json, m)?)?;
     m.add_function(wrap_pyfunction!(mediate::crc32_of, m)?)?;
+    m.add_function(wrap_pyfunction!(dims::dim_of, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -112,6 +112,20 @@ aggregation = "p99"
 property = "seconds"
 where = { kind = "h100" }
 
+[[metrics]]
+code = "calls_by"
+event_type = "api_call"
+aggregation = "count"
+group_by = ["kind", "tokens", "absent", "environment"]
+
+[[metrics]]
+code = "a100_by"
+event_type = "gpu"
+aggregation = "unique_count"
+property = "seconds"
+where = { kind = "a100" }
+group_by = ["environment", "seconds"]
+
 [[plans]]
 code = "pro"
 [plans.entitlements.api_calls]
@@ -313,7 +327,8 @@ def outcome(out: List[Any]) -> Dict[str, Any]:
             cols = msgspec.structs.asdict(msgspec.structs.replace(em.raw_events, ingested_at=[]))
             raw += zip(*[v for k, v in cols.items() if k != "ingested_at"])
         for r in em.windows:
-            keep(("w", r.tenant_id, r.customer_id, r.metric, r.window_start), msgspec.structs.asdict(r), r.version)
+            keep(("w", r.tenant_id, r.customer_id, r.metric, r.window_start, tuple(r.dimensions.items())),
+                 msgspec.structs.asdict(r), r.version)
         for r in em.periods:
             keep(("p", r.tenant_id, r.customer_id, r.metric, r.period_start), msgspec.structs.asdict(r), r.version)
         for r in em.rated or ():
@@ -457,31 +472,38 @@ def test_the_native_core_folds_the_customers_that_evaluate_nothing():
     assert run("native", native_mediation=True) == (keys, after, snap, alerts, rows)
 
 
-def test_what_the_native_core_cannot_meter_runs_on_the_python_fold():
-    """A configuration the native fold cannot meter exactly (here a group_by) is never refused: every customer
-    runs on the Python fold, the outputs are the Python core's, and ``core_in_use`` says so."""
+def test_group_by_runs_on_the_native_fold():
+    """A group_by metric runs on the native fold: its customers are folded natively, each window row carries
+    the dims of the Python fold (a missing value "", a number its repr, in group_by order), and the outputs are
+    the Python core's."""
     raw = tomllib.loads(CONFIG)
     raw["metrics"].append({"code": "gpu_by_kind", "event_type": "gpu", "aggregation": "sum", "property": "seconds",
-                           "group_by": ["kind"]})
+                           "group_by": ["kind", "zone"]})
+    kinds = [{"kind": "a100"}, {"kind": "h100", "zone": 2}, {"kind": "a100"}, {"zone": 1.5}, {"kind": "h100",
+                                                                                              "zone": 2}]
     stream = [json.dumps({"event_id": f"g{i}", "tenant_id": "acme", "customer_id": "c3", "event_type": "gpu",
-                          "timestamp": BASE + i, "properties": {"seconds": i, "kind": k}}).encode()
-              for i, k in enumerate(["a100", "h100", "a100"])]
+                          "timestamp": BASE + i, "properties": {"seconds": i, **k}}).encode()
+              for i, k in enumerate(kinds)]
     items = [(("events.jsonl", i + 1), line) for i, line in enumerate(stream)]
     got = {}
     for core in ("python", "native"):
         raw["pipeline"]["core"] = core
         cfg = parse_config(raw, "native_flow.toml", environ={})
         out: List[Any] = []
+        before = native.FOLD_TALLY.snapshot().get("native", 0)
         run_main(build_flow(cfg, TestingSource(items), [("out", TestingSink(out))], recoverable=False))
-        dims = {r.dimensions["kind"]: r.value for em in out for r in em.windows if r.metric == "gpu_by_kind"}
-        got[core] = outcome(out), dims
-    assert got["native"] == got["python"]
-    assert got["native"][1] == {"a100": 2.0, "h100": 1.0}
-    assert native.core_in_use(cfg) == ("native requested; every customer on the Python fold (metric "
-                                       "'gpu_by_kind': group_by is not native yet)")
-    assert native.NativeMeters(cfg).python_only is not None
+        dims: Dict[Tuple[str, ...], float] = {}
+        for em in out:
+            for r in em.windows:
+                if r.metric == "gpu_by_kind":
+                    dims[(r.dimensions["kind"], r.dimensions["zone"])] = r.value
+        got[core] = outcome(out), dims, native.FOLD_TALLY.snapshot().get("native", 0) - before
+    assert got["native"][:2] == got["python"][:2]
+    assert got["native"][1] == {("a100", ""): 2.0, ("h100", "2"): 5.0, ("", "1.5"): 3.0}
+    assert (got["python"][2], got["native"][2]) == (0, 1)  # acme|c3 on the native fold
+    assert native.python_fold_reason(cfg) is None and native.NativeMeters(cfg).python_only is None
+    assert native.core_in_use(cfg).startswith("native (customers without wallet")
     assert native.core_in_use(config("python")).startswith("python")
-    assert native.core_in_use(config("native")).startswith("native (customers without wallet")
 
 
 def test_blocks_set_and_lifted_and_thresholds_crossed_at_once_alert_the_same():

@@ -46,10 +46,12 @@ def write_config(path: Path, base_toml: str, chdb_dir: Path, kafka: Optional[Dic
     return path
 
 
-def env() -> Dict[str, str]:
+def env(named_core: bool = False) -> Dict[str, str]:
+    """The environment of a meter subprocess; ``named_core``: its configuration names ``pipeline.core``, which
+    pytest --core native then leaves as it is (the environment would override it)."""
     e = {k: v for k, v in os.environ.items() if not k.startswith("METER_")}
     e["PYTHONUNBUFFERED"] = "1"
-    if os.environ.get("METERFLOW_TEST_CORE"):  # pytest --core native (tests/conftest.py)
+    if os.environ.get("METERFLOW_TEST_CORE") and not named_core:  # pytest --core native (tests/conftest.py)
         e["METER_PIPELINE_CORE"] = os.environ["METERFLOW_TEST_CORE"]
     return e
 

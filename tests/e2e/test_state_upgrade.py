@@ -75,9 +75,11 @@ def _config(tmp: Path, name: str, base: str) -> Path:
     return path
 
 
-def _meter(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """``meter ARGS`` in ``cwd``: the input paths stay the relative names the old run recorded as its parts."""
-    proc = subprocess.run(meter_argv(*args), cwd=cwd, env=env(), capture_output=True, text=True, timeout=180)
+def _meter(cwd: Path, *args: str, named_core: bool = False) -> subprocess.CompletedProcess:
+    """``meter ARGS`` in ``cwd``: the input paths stay the relative names the old run recorded as its parts
+    (``named_core``: the configuration names its pipeline.core, kept under pytest --core native)."""
+    proc = subprocess.run(meter_argv(*args), cwd=cwd, env=env(named_core), capture_output=True, text=True,
+                          timeout=180)
     assert proc.returncode == 0, f"meter {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
     return proc
 
@@ -312,7 +314,7 @@ def test_a_recovery_directory_of_the_build_before_the_native_core_resumes_exactl
     _outputs("load", str(resumed_cfg), str(FIXTURE_V5 / "outputs-part1.json.gz"))
     resumed = run_summary(_meter(tmp_path, "run", "--config", str(resumed_cfg), "--input", "part1.jsonl",
                                  "--input", "part2.jsonl", "--entitlements", "changes.jsonl", "--recovery",
-                                 str(recovery), "--json", "--progress-every", "0"))
+                                 str(recovery), "--json", "--progress-every", "0", named_core=True))
     assert resumed["core"].startswith(core), resumed
     assert resumed["counters"]["read"] == part2.count(b"\n"), resumed  # part1 and the changelog: not again
     assert resumed["counters"]["duplicates"] >= 3, resumed  # part1's last ids retried: remembered across the upgrade

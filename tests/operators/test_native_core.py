@@ -16,13 +16,14 @@ from hypothesis import strategies as st
 
 from meterflow.base.stats import FlowStats
 from meterflow.operators.mediate import Mediator
-from meterflow.operators.meter import CustomerMeter
+from meterflow.operators.meter import CustomerMeter, _dim
 from meterflow.operators.rules import Rules
 from meterflow.schemas.config import parse_config
 
 native = pytest.importorskip("meterflow.operators.native")
 if not native.AVAILABLE:  # pragma: no cover - depends on the build
     pytest.skip("meterflow_native is not built (./dev setup with cargo)", allow_module_level=True)
+import meterflow_native  # noqa: E402
 
 NOW = 1_793_491_200_000 + 40 * 86_400_000  # 2026-12-11T00:00:00Z, injected
 DAY = 86_400_000
@@ -67,6 +68,19 @@ code = "one_calls"
 event_type = "api_call"
 aggregation = "count"
 where = { n = 1.0 }
+
+[[metrics]]
+code = "calls_by"
+event_type = "api_call"
+aggregation = "count"
+group_by = ["kind", "tokens", "absent", "n"]
+
+[[metrics]]
+code = "a100_by"
+event_type = "gpu"
+aggregation = "count"
+where = { kind = "a100" }
+group_by = ["environment"]
 
 [[plans]]
 code = "pro"
@@ -125,8 +139,7 @@ def python_path(batches: List[List[Tuple[Any, bytes]]]) -> Dict[str, Any]:
     windows, periods, excluded = {}, {}, {}
     for key, m in meters.items():
         for (code, ws, dims), acc in m.windows.items():
-            assert dims == ()
-            windows[(key, code, ws)] = (acc.events, acc.value())
+            windows[(key, code, ws, dims)] = (acc.events, acc.value())
         for (code, ps, pe), acc in m.periods.items():
             periods[(key, code, ps, pe)] = (acc.events, acc.value())
         for (code, ps, pe), n in m.excluded.items():
@@ -143,8 +156,8 @@ def native_path(batches: List[List[Tuple[Any, bytes]]]) -> Dict[str, Any]:
     for batch in batches:
         out = core.process(batch)
         dead += out.dead_letters
-        for key, code, ws, events, total, fs in out.windows:
-            windows[(key, code, ws)] = (events, native.sum_value(total, fs))
+        for key, code, ws, events, total, fs, dims in out.windows:
+            windows[(key, code, ws, dims)] = (events, native.sum_value(total, fs))
         for key, code, ps, pe, events, total, fs in out.periods:
             periods[(key, code, ps, pe)] = (events, native.sum_value(total, fs))
         for key, code, ps, pe, n in out.excluded:
@@ -269,13 +282,29 @@ def test_known_stream_exact_totals_and_dead_letters() -> None:
     assert got["counters"] == {"duplicates": 1, "excluded": 1, "unmetered": 0}
 
 
-def test_unsupported_configurations_are_refused_with_the_reason() -> None:
-    cfg = parse_config(tomllib.loads(CONFIG.replace('aggregation = "count"\nwhere', 'aggregation = "count"\n'
-                                                    'group_by = ["n"]\nwhere')), "test", environ={})
+def test_group_by_dims_are_the_python_folds() -> None:
+    """The window rows of a group_by metric are keyed by the dims tuple the Python fold builds, in group_by
+    order: a missing or null value is "", a bool "true"/"false", an int its digits (beyond i64 too), a float
+    its repr."""
     assert native.unsupported(CFG) is None
-    assert native.unsupported(cfg) == "metric 'one_calls': group_by is not native yet"
-    with pytest.raises(ValueError, match="cannot meter this configuration: metric 'one_calls'"):
-        native.NativeBatchCore(cfg)
+    lines = [json.dumps({"event_id": f"g{i}", "tenant_id": "acme", "customer_id": "c3", "event_type": "api_call",
+                         "timestamp": BASE + i, "properties": p}).encode()
+             for i, p in enumerate([{"kind": "a100", "tokens": 1.5e16, "n": True}, {"tokens": None, "n": 10**30},
+                                    {"kind": 1, "tokens": -0.0, "n": 2**63}, {"kind": "a100", "tokens": 1.5e16,
+                                                                              "n": True}, {"tokens": 1e-05}])]
+    batches = [[(("t", i), raw) for i, raw in enumerate(lines)]]
+    got = native_path(batches)
+    assert got == python_path(batches)
+    assert {k[3]: v for k, v in got["windows"].items() if k[1] == "calls_by"} == {
+        ("a100", "1.5e+16", "", "true"): (2, 2.0), ("", "", "", str(10**30)): (1, 1.0),
+        ("1", "-0.0", "", str(2**63)): (1, 1.0), ("", "1e-05", "", ""): (1, 1.0)}
+    for v in [None, True, False, "x", "", 0, -7, 2**63, -2**63 - 1, 10**300, -(10**4000), 0.1, -0.0, 1e16, 1e15,
+              1e-4, 1e-5, 5e-324, 1.7976931348623157e308, 123.456, float("inf")]:
+        assert meterflow_native.dim_of(native._value(v)) == _dim(v), v
+
+
+def test_core_in_use_reports_the_configured_core() -> None:
+    assert native.unsupported(CFG) is None
     # meter run --json reports the core: the dataflow still runs the Python one
     python_cfg = msgspec.structs.replace(CFG, pipeline=msgspec.structs.replace(CFG.pipeline, core="python"))
     assert native.core_in_use(python_cfg).startswith("python (native core built")  # (whatever pytest --core says)

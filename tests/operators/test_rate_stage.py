@@ -460,13 +460,20 @@ def _flow_out(stream, workers, batch_size):
 
     items = [(("events.jsonl", i + 1), raw_event(x)) for i, x in enumerate(stream)]
     out = []
-    # The mediator's wall clock (max_clock_skew) is injected the way build_flow makes it: a Mediator per flow.
-    orig = metering.Mediator
+    # The mediator's wall clock (max_clock_skew) is injected the way build_flow makes it: a Mediator per flow
+    # (a NativeMediator with pipeline.core = "native", pytest --core native).
+    from meterflow.operators import native
+
+    orig, orig_native = metering.Mediator, getattr(native, "NativeMediator", None)
     metering.Mediator = lambda cfg, **kw: orig(cfg, clock=_CLOCK, **kw)  # type: ignore[misc]
+    if orig_native is not None:
+        native.NativeMediator = lambda cfg, **kw: orig_native(cfg, clock=_CLOCK, **kw)  # type: ignore[misc]
     try:
         flow = metering.build_flow(CFG, TestingSource(items, batch_size=batch_size), [("out", TestingSink(out))])
     finally:
         metering.Mediator = orig  # type: ignore[misc]
+        if orig_native is not None:
+            native.NativeMediator = orig_native  # type: ignore[misc]
     if workers == 1:
         run_main(flow)
     else:
