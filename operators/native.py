@@ -445,10 +445,8 @@ class NativeMeters:
         the customer stays on the Python fold) when some of it does not fit the native rows."""
         agg = self._agg
         try:
-            windows = [(wk[0], wk[1], acc.events, *_row_parts(acc, agg[wk[0]]))
-                       for wk, acc in meter.windows.items() if not wk[2]]
-            if len(windows) != len(meter.windows):  # (a group_by row: python_only already says so)
-                return False
+            windows = [(wk[0], wk[1], wk[2], acc.events, *_row_parts(acc, agg[wk[0]]))
+                       for wk, acc in meter.windows.items()]
             periods = [(pk[0], pk[1], pk[2], acc.events, *_row_parts(acc, agg[pk[0]]))
                        for pk, acc in meter.periods.items()]
             excluded = [(pk[0], pk[1], pk[2], n) for pk, n in meter.excluded.items()]

@@ -53,6 +53,27 @@ impl DimTable {
         id
     }
 
+    /// The id of a dims tuple given as its values (a resumed window row's dims, `resume.rs`; 0 when empty).
+    pub fn intern_values(&mut self, values: Vec<String>) -> u32 {
+        if values.is_empty() {
+            return 0;
+        }
+        self.buf.clear();
+        for s in &values {
+            self.buf.push_str(&s.len().to_string());
+            self.buf.push(':');
+            self.buf.push_str(s);
+        }
+        if let Some(&id) = self.index.get(self.buf.as_str()) {
+            return id;
+        }
+        let id = self.values.len() as u32;
+        self.values.push(values);
+        self.tuples.push(None);
+        self.index.insert(self.buf.clone(), id);
+        id
+    }
+
     /// The Python tuple of dims `id` (made at its first report).
     pub fn tuple<'py>(&mut self, py: Python<'py>, id: u32) -> PyResult<Bound<'py, PyTuple>> {
         let slot = &mut self.tuples[id as usize];

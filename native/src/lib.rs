@@ -865,7 +865,7 @@ impl BatchCore {
 
     /// Hold customer `key` with the state of its Python meter (a resumed customer, or one back from the Python
     /// fold after a changelog record): the inverse of `take_changes` and `export_seen` (native/src/resume.rs).
-    /// windows: (metric, start, events, total, fixed, ext); periods: (metric, start, end, events, total,
+    /// windows: (metric, start, dims tuple, events, total, fixed, ext); periods: (metric, start, end, events, total,
     /// fixed, ext); excluded: (metric, start, end, count); fps/exps as `export_seen` gives them. ValueError
     /// (nothing held) when something does not fit.
     #[allow(clippy::too_many_arguments)]

@@ -71,7 +71,12 @@ pub fn load_customer(core: &mut BatchCore, py: Python<'_>, key: &str, period: &s
     for row in windows.try_iter()? {
         let row = row?;
         let (mi, agg) = metric(row.get_item(0)?.cast::<PyString>()?.to_str()?)?;
-        ws.insert((mi, row.get_item(1)?.extract::<i64>()?), acc_of(agg, &row, 2)?);
+        let dims: Vec<String> = row.get_item(2)?.extract()?;
+        if dims.len() != core.metrics[mi as usize].group_by.len() {
+            return Err(bad("a window row's dimensions"));
+        }
+        let id = core.dims.intern_values(dims);
+        ws.insert((mi, row.get_item(1)?.extract::<i64>()?, id), acc_of(agg, &row, 3)?);
     }
     let mut ps = FxMap::default();
     for row in periods.try_iter()? {
