@@ -313,6 +313,8 @@ class NativeMeters:
     def factory(cls, cfg: Config) -> Callable[[], "NativeMeters"]:
         """One shard's NativeMeters per call, the compiled rules built once."""
         spec = _spec(cfg)
+        # One subscription table for every shard's core (native/src/spec.rs), not a copy parsed per shard.
+        spec["subscriptions"] = _native.Subscriptions(spec["subscriptions"])
         return lambda: cls(cfg, spec=spec)
 
     @property
