@@ -25,7 +25,7 @@ the Python path.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import msgspec
 
@@ -36,7 +36,7 @@ from meterflow.operators.dedupe import IdTable, fingerprint
 from meterflow.operators.mediate import Mediator, MeteredEvent, dead_letter, format_source
 from meterflow.schemas.config import Config
 from meterflow.schemas.events import EVENT_DECODER
-from meterflow.schemas.records import DeadLetter, Emission, RawEvents
+from meterflow.schemas.records import DeadLetter, Emission, RawEvents, RawRows
 from meterflow.schemas.state import DedupeState
 
 try:  # built by ./dev setup (maturin develop) when cargo is there
@@ -250,7 +250,7 @@ class NativeMediator(Mediator):
         self._lines = Mediator(cfg, FlowStats(), clock=lambda: self._now)  # the lines left to Python
 
     def split(self, batch: List[Tuple[Any, Optional[bytes]]], archive_raw: bool
-              ) -> Tuple[List[Tuple[str, Any]], List[DeadLetter], Optional[RawEvents]]:
+              ) -> Tuple[List[Tuple[str, Any]], List[DeadLetter], Optional[Union[RawEvents, RawRows]]]:
         """``(shard bundles, dead letters, raw archive columns or None)`` of one batch."""
         med = self._med
         if type(batch) is not list:
@@ -272,8 +272,11 @@ class NativeMediator(Mediator):
         if wm > self.watermark:
             self.watermark = wm
         self._stats.add({"read": n, "dead_lettered": len(dead)})
-        raw = None
-        if archive_raw:
+        raw: Optional[Union[RawEvents, RawRows]] = None
+        block = med.archive(ingested, _archive_row) if archive_raw else None
+        if block is not None:  # the archive as RowBinary rows (native/src/mediate/archive.rs)
+            raw = RawRows(rows=block[0], data=block[1])
+        elif archive_raw:
             cols = med.columns(ingested, _archive_row)
             if cols is not None:
                 raw = RawEvents(tenant_id=cols[0], customer_id=cols[1], event_id=cols[2], event_type=cols[3],

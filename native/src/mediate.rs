@@ -11,6 +11,8 @@
 //! bytes object (plus the few Python-made events) to cross workers. The shard's `BatchCore::fold_bundle`
 //! folds it with no Python object per event.
 
+mod archive;
+
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyInt, PyList, PyString, PyTuple};
@@ -569,6 +571,16 @@ impl Mediator {
             }
         }
         Ok(Some(PyTuple::new(py, cols)?))
+    }
+
+    /// The raw archive of the staged batch as `(rows, RowBinary bytes)` (archive.rs: the values of `columns`,
+    /// in its order), or None: nothing was accepted, or a Python-made event's row is left to `columns`.
+    fn archive<'py>(&self, py: Python<'py>, ingested: i64, py_row: &Bound<'py, PyAny>)
+                    -> PyResult<Option<(usize, Bound<'py, PyBytes>)>> {
+        if self.evs.is_empty() {
+            return Ok(None);
+        }
+        Ok(archive::row_binary(self, py, ingested, py_row)?.map(|(n, b)| (n, PyBytes::new(py, &b))))
     }
 
     /// The staged batch as `[(shard, Bundle)]`, shards in order of their first customers (as
