@@ -259,6 +259,7 @@ class NativeMediator(Mediator):
         now = self._now = ingested if self._clock is now_ms else self._clock()
         dead: List[DeadLetter] = []
         n = len(batch)
+        med.archiving = archive_raw  # run writes the archive rows as it parses the lines
         i, wm = med.run(batch, 0, now, self.watermark)
         while i < n:
             lines = self._lines

@@ -391,6 +391,7 @@ struct StEv {
     excl: bool,
     src: Src,
     py: Option<Py<PyAny>>,
+    arch: (u32, u32), // its archive row's first columns in Mediator.arch (archive.rs); empty: not written
 }
 
 /// One worker's native mediation (see the module doc). `run` and `push` stage a batch; `columns` gives
@@ -407,6 +408,10 @@ pub(crate) struct Mediator {
     evs: Vec<StEv>,
     names: Vec<String>,
     key_buf: String,
+    /// Whether `run` writes each accepted line's archive row as it parses it (archive.rs; `pipeline.archive_raw`).
+    #[pyo3(get, set)]
+    archiving: bool,
+    arch: Vec<u8>,
 }
 
 impl Mediator {
@@ -485,6 +490,8 @@ impl Mediator {
             evs: Vec::new(),
             names: Vec::new(),
             key_buf: String::new(),
+            archiving: false,
+            arch: Vec::new(),
         })
     }
 
@@ -518,7 +525,12 @@ impl Mediator {
             let start_b = self.buf.len() as u32;
             self.buf.extend_from_slice(raw);
             let end_b = self.buf.len() as u32;
-            self.stage(StEv { start: start_b, end: end_b, ts, wm, excl: excluded, src, py: None });
+            let a0 = self.arch.len() as u32;
+            if self.archiving {
+                archive::row_head(&mut self.arch, &ev, ts);
+            }
+            let arch = (a0, self.arch.len() as u32);
+            self.stage(StEv { start: start_b, end: end_b, ts, wm, excl: excluded, src, py: None, arch });
             i += 1;
         }
         Ok((i, wm))
@@ -533,7 +545,8 @@ impl Mediator {
         self.key_buf.push_str(key);
         let at = self.buf.len() as u32;
         let src = Src { name: 0, kind: 0, a: 0, b: 0 };
-        self.stage(StEv { start: at, end: at, ts, wm, excl, src, py: Some(me.clone().unbind()) });
+        let a = self.arch.len() as u32;
+        self.stage(StEv { start: at, end: at, ts, wm, excl, src, py: Some(me.clone().unbind()), arch: (a, a) });
         Ok(())
     }
 
@@ -628,6 +641,7 @@ impl Mediator {
         }
         self.index.clear();
         self.buf.clear();
+        self.arch.clear();
         self.names.clear();
         let out = PyList::empty(py);
         for s in order {

@@ -211,6 +211,15 @@ def test_native_raw_archive_rows_equal_the_column_insert(chdb_path, ch_database)
               (("events", 1, 4), b"not json")]
     _bundles, dead, raw = NativeMediator(cfg, clock=lambda: T + 3_600_000).split(batch, True)
     assert len(dead) == 1 and type(raw) is RawRows and raw.rows == 6
+    # the rows written as run parses the lines equal those of the staged lines parsed again (archiving off)
+    med = NativeMediator(cfg, clock=lambda: T + 3_600_000)._med
+    good = batch[:5]
+    assert med.run(good, 0, T + 3_600_000, 0)[0] == 5
+    again = med.archive(7, lambda me: None)
+    med.take(0)
+    med.archiving = True
+    med.run(good, 0, T + 3_600_000, 0)
+    assert med.archive(7, lambda me: None) == again and again[0] == 5
     cols = raw.columns()
     by_src = {s: i for i, s in enumerate(cols.source)}  # (customers in order of their first events)
     assert sorted(by_src) == ["events/0/10", "events/0/11", "events/0/12", "events/0/13", "events/1/3", "in.jsonl:7"]

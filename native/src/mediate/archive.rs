@@ -1,7 +1,9 @@
 //! The raw archive of a staged batch as ClickHouse `RowBinary` rows of `raw_event_rows` (issue 16, end to
 //! end): the same values, in the same order, as `Mediator::columns` gives as ten Python lists, written
 //! straight into one bytes object, so an archived event costs no Python object and no driver serialisation
-//! (sinks/clickhouse.py inserts the bytes as they are).
+//! (sinks/clickhouse.py inserts the bytes as they are). With `Mediator.archiving` set, `run` writes each
+//! accepted line's first seven columns (`row_head`) while it has the line parsed, so `row_binary` only copies
+//! them and adds the batch's ingested time and the source; otherwise it parses the staged line again.
 //!
 //! Row layout, the columns of sinks/clickhouse_schema.py `RAW_COLUMNS` in order: tenant_id, customer_id,
 //! event_id, event_type (String: LEB128 length, UTF-8 bytes), timestamp (DateTime64(3): Int64 ms, little
@@ -11,7 +13,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyInt, PyString};
 
 use super::{props_json, src_text, Mediator};
-use crate::json;
+use crate::json::{self, Event};
 
 fn put_str(out: &mut Vec<u8>, s: &[u8]) {
     let mut n = s.len();
@@ -29,6 +31,17 @@ fn put_str(out: &mut Vec<u8>, s: &[u8]) {
 
 fn put_i64(out: &mut Vec<u8>, v: i64) {
     out.extend_from_slice(&v.to_le_bytes());
+}
+
+/// The first seven columns of a native event's row (tenant_id .. correction): what the parsed line gives.
+pub(super) fn row_head(out: &mut Vec<u8>, p: &Event<'_>, ts: i64) {
+    put_str(out, p.tenant_id.as_bytes());
+    put_str(out, p.customer_id.as_bytes());
+    put_str(out, p.event_id.as_bytes());
+    put_str(out, p.event_type.as_bytes());
+    put_i64(out, ts);
+    put_str(out, props_json(&p.props).as_bytes());
+    out.push(u8::from(p.correction));
 }
 
 /// A Python-made event's row (`py_row(me)`: the ten values) in RowBinary; None when a value is not
@@ -79,16 +92,14 @@ pub(super) fn row_binary(m: &Mediator, py: Python<'_>, ingested: i64, py_row_of:
                 }
                 continue;
             }
-            let raw = &m.buf[ev.start as usize..ev.end as usize];
-            let p = json::parse_event(raw)
-                .ok_or_else(|| pyo3::exceptions::PyValueError::new_err("staged line no longer parses"))?;
-            put_str(&mut out, p.tenant_id.as_bytes());
-            put_str(&mut out, p.customer_id.as_bytes());
-            put_str(&mut out, p.event_id.as_bytes());
-            put_str(&mut out, p.event_type.as_bytes());
-            put_i64(&mut out, ev.ts);
-            put_str(&mut out, props_json(&p.props).as_bytes());
-            out.push(u8::from(p.correction));
+            if ev.arch.1 > ev.arch.0 {  // written by run as it parsed the line
+                out.extend_from_slice(&m.arch[ev.arch.0 as usize..ev.arch.1 as usize]);
+            } else {
+                let raw = &m.buf[ev.start as usize..ev.end as usize];
+                let p = json::parse_event(raw)
+                    .ok_or_else(|| pyo3::exceptions::PyValueError::new_err("staged line no longer parses"))?;
+                row_head(&mut out, &p, ev.ts);
+            }
             put_i64(&mut out, ingested);
             put_str(&mut out, src_text(&m.names, &ev.src).as_bytes());
             put_i64(&mut out, if ev.src.kind == 0 { 0 } else if ev.src.kind == 2 { ev.src.a } else { ev.src.b });
