@@ -11,7 +11,7 @@ its outputs, so the whole operator costs three Python calls per batch and none p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Generic, List, Optional, Tuple, TypeVar
+from typing import Any, Generic, List, Optional, Tuple, TypeVar, Union
 
 import bytewax.operators as op
 from bytewax.dataflow import Stream, operator
@@ -20,7 +20,7 @@ from bytewax.operators import KeyedStream
 from meterflow.operators.changelog import ChangelogMediator, Changes
 from meterflow.operators.entitlements import EntitlementUpdate
 from meterflow.operators.mediate import Bundle, Mediator, bundle_shards, raw_columns, shard_of
-from meterflow.schemas.records import DeadLetter, Emission, RawEvents
+from meterflow.schemas.records import DeadLetter, Emission, RawEvents, RawRows
 
 V = TypeVar("V")
 
@@ -41,7 +41,7 @@ class MediateOut(Generic[V]):
 
 
 # One batch's mediation on its way to the split: (per-shard items, dead letters, raw archive columns).
-_Split = Tuple[List[Tuple[str, Any]], List[DeadLetter], Optional[RawEvents]]
+_Split = Tuple[List[Tuple[str, Any]], List[DeadLetter], Optional[Union[RawEvents, RawRows]]]
 
 
 def _keyed(batch: List[_Split]) -> List[Tuple[str, Any]]:

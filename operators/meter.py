@@ -603,11 +603,11 @@ class CustomerMeter:
 def rated_row(t: str, c: str, code: str, pstart: int, pend: int, sub: Any, price: Price, value: float,
               included: Optional[float], over: float, final: bool, version: int) -> RatedRow:
     """A period row in money under the subscription ``sub`` and the metric's ``price`` (contract: Rating)."""
-    charge = price.charge(value)
+    charge, overage_amount = price.rate(value, included)
     return RatedRow(
         tenant_id=t, customer_id=c, metric=code, period_start=pstart, period_end=pend, plan=sub.plan,
         currency=sub.currency, price_model=price.model, usage=value, included=included, overage_units=over,
-        charge=charge, overage_amount=price.overage_amount(value, included), minimum=price.minimum,
+        charge=charge, overage_amount=overage_amount, minimum=price.minimum,
         amount=max(price.minimum, charge), custom_rate=sub.custom_rate(code), final=final, version=version,
         account_name=sub.account_name, arr=sub.arr)
 

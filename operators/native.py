@@ -31,7 +31,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import msgspec
 
@@ -42,7 +42,7 @@ from meterflow.operators.dedupe import IdTable, fingerprint
 from meterflow.operators.mediate import Mediator, MeteredEvent, dead_letter, format_source
 from meterflow.schemas.config import Config
 from meterflow.schemas.events import EVENT_DECODER
-from meterflow.schemas.records import DeadLetter, Emission, RawEvents
+from meterflow.schemas.records import DeadLetter, Emission, RawEvents, RawRows
 from meterflow.schemas.state import DedupeState
 
 try:  # built by ./dev setup (maturin develop) when cargo is there
@@ -331,7 +331,7 @@ class NativeMediator(Mediator):
         self._lines = Mediator(cfg, FlowStats(), clock=lambda: self._now)  # the lines left to Python
 
     def split(self, batch: List[Tuple[Any, Optional[bytes]]], archive_raw: bool
-              ) -> Tuple[List[Tuple[str, Any]], List[DeadLetter], Optional[RawEvents]]:
+              ) -> Tuple[List[Tuple[str, Any]], List[DeadLetter], Optional[Union[RawEvents, RawRows]]]:
         """``(shard bundles, dead letters, raw archive columns or None)`` of one batch."""
         med = self._med
         if type(batch) is not list:
@@ -340,6 +340,7 @@ class NativeMediator(Mediator):
         now = self._now = ingested if self._clock is now_ms else self._clock()
         dead: List[DeadLetter] = []
         n = len(batch)
+        med.archiving = archive_raw  # run writes the archive rows as it parses the lines
         i, wm = med.run(batch, 0, now, self.watermark)
         while i < n:
             lines = self._lines
@@ -353,8 +354,11 @@ class NativeMediator(Mediator):
         if wm > self.watermark:
             self.watermark = wm
         self._stats.add({"read": n, "dead_lettered": len(dead)})
-        raw = None
-        if archive_raw:
+        raw: Optional[Union[RawEvents, RawRows]] = None
+        block = med.archive(ingested, _archive_row) if archive_raw else None
+        if block is not None:  # the archive as RowBinary rows (native/src/mediate/archive.rs)
+            raw = RawRows(rows=block[0], data=block[1])
+        elif archive_raw:
             cols = med.columns(ingested, _archive_row)
             if cols is not None:
                 raw = RawEvents(tenant_id=cols[0], customer_id=cols[1], event_id=cols[2], event_type=cols[3],
@@ -397,6 +401,8 @@ class NativeMeters:
     def factory(cls, cfg: Config) -> Callable[[], "NativeMeters"]:
         """One shard's NativeMeters per call, the compiled rules built once."""
         spec = _spec(cfg)
+        # One subscription table for every shard's core (native/src/spec.rs), not a copy parsed per shard.
+        spec["subscriptions"] = _native.Subscriptions(spec["subscriptions"])
         return lambda: cls(cfg, spec=spec)
 
     @property

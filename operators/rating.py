@@ -160,6 +160,15 @@ class Price:
         with localcontext(_CTX):
             return max(ZERO, self._charge(d) - self._charge(min(d, to_decimal(included))))
 
+    def rate(self, u: Number, included: Optional[Number]) -> Tuple[Decimal, Decimal]:
+        """``(charge(u), overage_amount(u, included))``, the charge computed once (a rated row needs both)."""
+        d = max(ZERO, to_decimal(u))
+        charge = self._charge(d)
+        if included is None:
+            return charge, ZERO
+        with localcontext(_CTX):
+            return charge, max(ZERO, charge - self._charge(min(d, to_decimal(included))))
+
     def amount(self, u: Number) -> Decimal:
         """What the period costs: ``max(minimum, charge(u))`` (the committed spend is the floor)."""
         return max(self.minimum, self.charge(u))

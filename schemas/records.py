@@ -136,6 +136,54 @@ class RawEvents(msgspec.Struct, frozen=True, kw_only=True):
     position: List[int]
 
 
+class RawRows(msgspec.Struct, frozen=True, kw_only=True):
+    """One batch of accepted events for the raw archive already encoded for ClickHouse (native mediation,
+    ``pipeline.core = "native"``): ``rows`` rows of ``raw_event_rows`` in ClickHouse's ``RowBinary`` format, the
+    fields of :class:`RawEvents` in order (strings as LEB128 length and UTF-8 bytes, ``timestamp``,
+    ``ingested_at`` and ``position`` as little-endian Int64, ``correction`` one byte). The sink inserts the bytes
+    as they are; :meth:`columns` reads them back as :class:`RawEvents`."""
+
+    rows: int
+    data: bytes
+
+    def columns(self) -> RawEvents:
+        """The rows as :class:`RawEvents` (the columns the Python Mediator would have made)."""
+        cols: List[list] = [[] for _ in RawEvents.__struct_fields__]
+        data, pos = self.data, 0
+
+        def text() -> str:
+            nonlocal pos
+            n = shift = 0
+            while True:
+                b = data[pos]
+                pos += 1
+                n |= (b & 0x7F) << shift
+                shift += 7
+                if b < 0x80:
+                    break
+            pos += n
+            return data[pos - n:pos].decode()
+
+        def int64() -> int:
+            nonlocal pos
+            pos += 8
+            return int.from_bytes(data[pos - 8:pos], "little", signed=True)
+
+        for _ in range(self.rows):
+            for i in range(4):
+                cols[i].append(text())
+            cols[4].append(int64())
+            cols[5].append(text())
+            cols[6].append(data[pos] != 0)
+            pos += 1
+            cols[7].append(int64())
+            cols[8].append(text())
+            cols[9].append(int64())
+        if pos != len(data):
+            raise ValueError(f"RawRows: {len(data) - pos} bytes after {self.rows} rows")
+        return RawEvents(**dict(zip(RawEvents.__struct_fields__, cols)))
+
+
 class ReconciliationRow(msgspec.Struct, frozen=True, kw_only=True):
     """One key of one ``meter reconcile`` run (README: Reconciliation), kept as audit evidence.
 
@@ -180,7 +228,8 @@ class Emission(msgspec.Struct, kw_only=True):
     gateway: List[GatewayState] = []
     wallets: List[WalletState] = []
     rated: List[RatedRow] = []
-    raw_events: Optional[RawEvents] = None  # the batch's accepted events for the raw archive (mediation only)
+    # the batch's accepted events for the raw archive (mediation only; native mediation: RowBinary rows)
+    raw_events: Optional[Union[RawEvents, RawRows]] = None
     reviews: List[ReviewItem] = []  # review items of the rated rows (README: Overage review queue)
     decisions: List[ReviewDecision] = []  # review decisions read from kafka.review_decisions_topic
     markers: List[AnomalyMarker] = []  # anomaly markers republished after a resume (a fired alert sets its own)

@@ -38,12 +38,14 @@ from meterflow.schemas.config import ClickHouseConfig, mask_url
 from meterflow.schemas.records import Emission
 from meterflow.sinks.clickhouse_reviews import REVIEW_TABLES, decision_columns, review_columns
 from meterflow.sinks.clickhouse_schema import (
+    RAW_COLUMNS,
     TABLES,
     alert_columns,
     ddl,
     emission_columns,
     rated_columns,
     raw_event_columns,
+    raw_event_rowbinary,
 )
 
 DEFAULT_DATABASE = "meter"
@@ -180,6 +182,7 @@ def _refuse_if_held(path: Path) -> None:
 class _ClickHousePartition(StatelessSinkPartition[Emission]):
     def __init__(self, cfg: ClickHouseConfig) -> None:
         self._client, db = connect(cfg)
+        self._raw_table = f"{db}.raw_event_rows"
         try:
             # One reusable insert context per table: the column types are read once here, not per insert.
             self._windows, self._periods, self._rated, self._dead, self._alerts, self._raw = (
@@ -223,6 +226,9 @@ class _ClickHousePartition(StatelessSinkPartition[Emission]):
         raw = raw_event_columns(items)
         if raw:
             self._insert(self._raw, raw)
+        block = raw_event_rowbinary(items)  # native mediation's raw archive, already encoded
+        if block:
+            self._client.raw_insert(self._raw_table, RAW_COLUMNS, block, fmt="RowBinary")
 
 
 class ClickHouseSink(DynamicSink[Emission]):

@@ -32,6 +32,7 @@ from meterflow.schemas.records import (
     PeriodAggregate,
     RatedRow,
     RawEvents,
+    RawRows,
     ReconciliationRow,
     WindowAggregate,
 )
@@ -216,12 +217,21 @@ def rated_columns(items: List[Emission], at_ms: int) -> Optional[list]:
 def raw_event_columns(items: List[Emission]) -> Optional[list]:
     """The raw archive columns of a batch of emissions (``RAW_COLUMNS``), None without: each emission already
     carries its batch as columns (:class:`~meterflow.schemas.records.RawEvents`), so this only concatenates."""
-    raws = [e.raw_events for e in items if e.raw_events is not None]
+    raws = [e.raw_events for e in items if type(e.raw_events) is RawEvents]
     if not raws:
         return None
     if len(raws) == 1:
         return list(astuple(raws[0]))
     return [list(chain.from_iterable(col)) for col in zip(*map(astuple, raws))]
+
+
+def raw_event_rowbinary(items: List[Emission]) -> Optional[bytes]:
+    """The raw archive rows a batch of emissions carries already encoded (:class:`~meterflow.schemas.records.RawRows`,
+    native mediation) as one ``RowBinary`` insert of ``RAW_COLUMNS``, None without: the rows concatenated."""
+    blocks = [e.raw_events.data for e in items if type(e.raw_events) is RawRows and e.raw_events.rows]
+    if not blocks:
+        return None
+    return blocks[0] if len(blocks) == 1 else b"".join(blocks)
 
 
 def alert_time_ms(alert: Alert, field: str, optional: bool = False) -> Optional[int]:

@@ -110,10 +110,16 @@ class _AggregatedPartition(_ProducerPartition):
 class _RatedPartition(_ProducerPartition):
     def write_batch(self, items: List[Emission]) -> None:
         encode = RATED_ENCODER.encode
+        produce = self._producer.produce
+        topic = self._topic
         wrote = False
         for e in items:
             for rec in e.rated:
-                self._produce(f"{rec.tenant_id}|{rec.customer_id}|{rec.metric}".encode(), encode(rec))
+                key = f"{rec.tenant_id}|{rec.customer_id}|{rec.metric}".encode()
+                try:
+                    produce(topic, encode(rec), key)
+                except BufferError:  # local queue full: the slow path waits for room
+                    self._produce(key, encode(rec))
                 wrote = True
         if wrote:
             self._flush()

@@ -13,6 +13,7 @@ mod dims;
 mod json;
 mod mediate;
 mod resume;
+mod spec;
 mod time;
 
 use std::collections::{HashMap, HashSet};
@@ -226,7 +227,7 @@ struct BatchCore {
     tenants: FxMap<String, Tenant>,
     by_type: FxMap<String, Vec<u32>>,
     metrics: Vec<Metric>,
-    subs: HashMap<String, PeriodRule>,
+    subs: spec::SubTable, // shared by the cores of one flow (spec.rs)
     default_rule: PeriodRule,
     customers: Vec<Customer>,
     index: FxMap<String, usize>,
@@ -525,16 +526,7 @@ impl BatchCore {
                 group_by: if m.len()? > 5 { m.get_item(5)?.extract()? } else { Vec::new() },
             });
         }
-        let mut subs = HashMap::new();
-        for s in get("subscriptions")?.try_iter()? {
-            let s = s?;
-            let key: String = s.get_item(0)?.extract()?;
-            let kind: String = s.get_item(1)?.extract()?;
-            let anchor: i64 = s.get_item(2)?.extract()?;
-            let rule = PeriodRule::new(&kind, anchor)
-                .ok_or_else(|| PyValueError::new_err(format!("subscription {key}: period {kind}")))?;
-            subs.insert(key, rule);
-        }
+        let subs = spec::subs_of(&get("subscriptions")?)?;
         Ok(BatchCore {
             max_bytes: get("max_event_bytes")?.extract()?,
             max_skew_ms: get("max_clock_skew_ms")?.extract()?,
@@ -973,6 +965,7 @@ fn meterflow_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<BatchCore>()?;
     m.add_class::<mediate::Mediator>()?;
     m.add_class::<mediate::Bundle>()?;
+    m.add_class::<spec::Subscriptions>()?;
     m.add_function(wrap_pyfunction!(mediate::float_json, m)?)?;
     m.add_function(wrap_pyfunction!(mediate::crc32_of, m)?)?;
     m.add_function(wrap_pyfunction!(dims::dim_of, m)?)?;

@@ -11,6 +11,8 @@
 //! bytes object (plus the few Python-made events) to cross workers. The shard's `BatchCore::fold_bundle`
 //! folds it with no Python object per event.
 
+mod archive;
+
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyInt, PyList, PyString, PyTuple};
@@ -389,6 +391,7 @@ struct StEv {
     excl: bool,
     src: Src,
     py: Option<Py<PyAny>>,
+    arch: (u32, u32), // its archive row's first columns in Mediator.arch (archive.rs); empty: not written
 }
 
 /// One worker's native mediation (see the module doc). `run` and `push` stage a batch; `columns` gives
@@ -405,6 +408,10 @@ pub(crate) struct Mediator {
     evs: Vec<StEv>,
     names: Vec<String>,
     key_buf: String,
+    /// Whether `run` writes each accepted line's archive row as it parses it (archive.rs; `pipeline.archive_raw`).
+    #[pyo3(get, set)]
+    archiving: bool,
+    arch: Vec<u8>,
 }
 
 impl Mediator {
@@ -483,6 +490,8 @@ impl Mediator {
             evs: Vec::new(),
             names: Vec::new(),
             key_buf: String::new(),
+            archiving: false,
+            arch: Vec::new(),
         })
     }
 
@@ -516,7 +525,12 @@ impl Mediator {
             let start_b = self.buf.len() as u32;
             self.buf.extend_from_slice(raw);
             let end_b = self.buf.len() as u32;
-            self.stage(StEv { start: start_b, end: end_b, ts, wm, excl: excluded, src, py: None });
+            let a0 = self.arch.len() as u32;
+            if self.archiving {
+                archive::row_head(&mut self.arch, &ev, ts);
+            }
+            let arch = (a0, self.arch.len() as u32);
+            self.stage(StEv { start: start_b, end: end_b, ts, wm, excl: excluded, src, py: None, arch });
             i += 1;
         }
         Ok((i, wm))
@@ -531,7 +545,8 @@ impl Mediator {
         self.key_buf.push_str(key);
         let at = self.buf.len() as u32;
         let src = Src { name: 0, kind: 0, a: 0, b: 0 };
-        self.stage(StEv { start: at, end: at, ts, wm, excl, src, py: Some(me.clone().unbind()) });
+        let a = self.arch.len() as u32;
+        self.stage(StEv { start: at, end: at, ts, wm, excl, src, py: Some(me.clone().unbind()), arch: (a, a) });
         Ok(())
     }
 
@@ -569,6 +584,16 @@ impl Mediator {
             }
         }
         Ok(Some(PyTuple::new(py, cols)?))
+    }
+
+    /// The raw archive of the staged batch as `(rows, RowBinary bytes)` (archive.rs: the values of `columns`,
+    /// in its order), or None: nothing was accepted, or a Python-made event's row is left to `columns`.
+    fn archive<'py>(&self, py: Python<'py>, ingested: i64, py_row: &Bound<'py, PyAny>)
+                    -> PyResult<Option<(usize, Bound<'py, PyBytes>)>> {
+        if self.evs.is_empty() {
+            return Ok(None);
+        }
+        Ok(archive::row_binary(self, py, ingested, py_row)?.map(|(n, b)| (n, PyBytes::new(py, &b))))
     }
 
     /// The staged batch as `[(shard, Bundle)]`, shards in order of their first customers (as
@@ -616,6 +641,7 @@ impl Mediator {
         }
         self.index.clear();
         self.buf.clear();
+        self.arch.clear();
         self.names.clear();
         let out = PyList::empty(py);
         for s in order {

@@ -32,6 +32,7 @@ from meterflow.operators.changelog import ChangelogMediator
 from meterflow.operators.mediate import Mediator, bundle_shards
 from meterflow.operators.rules import Rules
 from meterflow.schemas.config import parse_config
+from meterflow.schemas.records import RawRows
 from meterflow.schemas.state import decode_meter_state
 
 native = pytest.importorskip("meterflow.operators.native")
@@ -324,7 +325,8 @@ def outcome(out: List[Any]) -> Dict[str, Any]:
     raw: List[Tuple[Any, ...]] = []  # the raw archive, every column but the wall-clock ingested_at
     for em in out:
         if em.raw_events is not None:
-            cols = msgspec.structs.asdict(msgspec.structs.replace(em.raw_events, ingested_at=[]))
+            got = em.raw_events.columns() if type(em.raw_events) is RawRows else em.raw_events
+            cols = msgspec.structs.asdict(msgspec.structs.replace(got, ingested_at=[]))
             raw += zip(*[v for k, v in cols.items() if k != "ingested_at"])
         for r in em.windows:
             keep(("w", r.tenant_id, r.customer_id, r.metric, r.window_start, tuple(r.dimensions.items())),

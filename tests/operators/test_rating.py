@@ -297,6 +297,19 @@ def test_charge_is_monotone_and_overage_at_most_charge(kind, tiers, unit, size, 
     assert 0 <= price.overage_amount(hi, included) <= price.charge(hi)
 
 
+@settings(max_examples=300, deadline=None)
+@given(kind=st.sampled_from(["per_unit", "tiered", "volume", "staircase", "package", "overage"]), tiers=cards(),
+       unit=amounts, size=st.integers(1, 10**4), u=usage | st.floats(-1e6, 0), included=st.none() | usage)
+def test_rate_is_charge_and_overage_amount(kind, tiers, unit, size, u, included):
+    # rated_row takes both from Price.rate, which computes the charge once: the same Decimals, digit for digit
+    price = {"per_unit": Price.per_unit(unit), "tiered": Price.tiered(tiers), "package": Price.package(size, unit),
+             "volume": Price.tiered(tiers, model="volume"), "staircase": Price.tiered(tiers, model="staircase"),
+             "overage": Price.overage(unit, included)}[kind]
+    charge, over = price.rate(u, included)
+    want_charge, want_over = price.charge(u), price.overage_amount(u, included)
+    assert (str(charge), str(over)) == (str(want_charge), str(want_over))
+
+
 def test_docstring_examples_run():
     import doctest
 

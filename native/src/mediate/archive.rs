@@ -1,0 +1,109 @@
+//! The raw archive of a staged batch as ClickHouse `RowBinary` rows of `raw_event_rows` (issue 16, end to
+//! end): the same values, in the same order, as `Mediator::columns` gives as ten Python lists, written
+//! straight into one bytes object, so an archived event costs no Python object and no driver serialisation
+//! (sinks/clickhouse.py inserts the bytes as they are). With `Mediator.archiving` set, `run` writes each
+//! accepted line's first seven columns (`row_head`) while it has the line parsed, so `row_binary` only copies
+//! them and adds the batch's ingested time and the source; otherwise it parses the staged line again.
+//!
+//! Row layout, the columns of sinks/clickhouse_schema.py `RAW_COLUMNS` in order: tenant_id, customer_id,
+//! event_id, event_type (String: LEB128 length, UTF-8 bytes), timestamp (DateTime64(3): Int64 ms, little
+//! endian), properties (String), correction (UInt8), ingested_at (Int64 ms), source (String), position (Int64).
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyInt, PyString};
+
+use super::{props_json, src_text, Mediator};
+use crate::json::{self, Event};
+
+fn put_str(out: &mut Vec<u8>, s: &[u8]) {
+    let mut n = s.len();
+    loop {
+        let b = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(b);
+            break;
+        }
+        out.push(b | 0x80);
+    }
+    out.extend_from_slice(s);
+}
+
+fn put_i64(out: &mut Vec<u8>, v: i64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+/// The first seven columns of a native event's row (tenant_id .. correction): what the parsed line gives.
+pub(super) fn row_head(out: &mut Vec<u8>, p: &Event<'_>, ts: i64) {
+    put_str(out, p.tenant_id.as_bytes());
+    put_str(out, p.customer_id.as_bytes());
+    put_str(out, p.event_id.as_bytes());
+    put_str(out, p.event_type.as_bytes());
+    put_i64(out, ts);
+    put_str(out, props_json(&p.props).as_bytes());
+    out.push(u8::from(p.correction));
+}
+
+/// A Python-made event's row (`py_row(me)`: the ten values) in RowBinary; None when a value is not
+/// exactly what the columns path would write (a str that is not valid UTF-8, a non-int time or position):
+/// the caller then archives the batch as columns, so whatever the driver does with it stays as it was.
+fn py_row(out: &mut Vec<u8>, row: &Bound<'_, PyAny>) -> PyResult<Option<()>> {
+    for k in 0..10 {
+        let v = row.get_item(k)?;
+        match k {
+            4 | 7 | 9 => {
+                if !v.is_exact_instance_of::<PyInt>() {
+                    return Ok(None);
+                }
+                let Ok(i) = v.extract::<i64>() else { return Ok(None) };
+                put_i64(out, i);
+            }
+            6 => {
+                if !v.is_exact_instance_of::<PyBool>() {
+                    return Ok(None);
+                }
+                out.push(u8::from(v.is_truthy()?));
+            }
+            _ => {
+                if !v.is_exact_instance_of::<PyString>() {
+                    return Ok(None);
+                }
+                let Ok(s) = v.cast::<PyString>()?.to_str() else { return Ok(None) };
+                put_str(out, s.as_bytes());
+            }
+        }
+    }
+    Ok(Some(()))
+}
+
+/// `(rows, RowBinary bytes)` of the staged batch, or None (see `py_row`); the caller checks it is not empty.
+pub(super) fn row_binary(m: &Mediator, py: Python<'_>, ingested: i64, py_row_of: &Bound<'_, PyAny>)
+                         -> PyResult<Option<(usize, Vec<u8>)>> {
+    let mut out: Vec<u8> = Vec::with_capacity(m.buf.len() + m.evs.len() * 96);
+    let mut rows = 0usize;
+    for c in &m.custs {
+        for &e in &c.events {
+            let ev = &m.evs[e as usize];
+            rows += 1;
+            if let Some(me) = &ev.py {
+                let row = py_row_of.call1((me.bind(py),))?;
+                if py_row(&mut out, &row)?.is_none() {
+                    return Ok(None);
+                }
+                continue;
+            }
+            if ev.arch.1 > ev.arch.0 {  // written by run as it parsed the line
+                out.extend_from_slice(&m.arch[ev.arch.0 as usize..ev.arch.1 as usize]);
+            } else {
+                let raw = &m.buf[ev.start as usize..ev.end as usize];
+                let p = json::parse_event(raw)
+                    .ok_or_else(|| pyo3::exceptions::PyValueError::new_err("staged line no longer parses"))?;
+                row_head(&mut out, &p, ev.ts);
+            }
+            put_i64(&mut out, ingested);
+            put_str(&mut out, src_text(&m.names, &ev.src).as_bytes());
+            put_i64(&mut out, if ev.src.kind == 0 { 0 } else if ev.src.kind == 2 { ev.src.a } else { ev.src.b });
+        }
+    }
+    Ok(Some((rows, out)))
+}
