@@ -42,7 +42,7 @@ pub const NO_EXPIRY: u64 = 1 << 62; // operators/dedupe.py NO_EXPIRY
 const OFF_BITS: u32 = 28;
 const OFF_MASK: u32 = (1 << OFF_BITS) - 1;
 const WIDE: u32 = 15; // the segment code of an expiry kept whole in `wide`
-const MIN_HOME: usize = 8;
+const MIN_HOME: usize = 1;
 
 const M1: u64 = 0xff51_afd7_ed55_8ccd;
 const M2: u64 = 0xc4ce_b9fe_1a85_ec53;
@@ -87,9 +87,19 @@ struct Seg {
     count: u32,
 }
 
+const SMALL: usize = 1024; // below this many homes a table runs fuller (see `limit`)
+
+/// How many ids `n_home` homes hold: 7/8; for a small table, whose fixed costs would otherwise weigh on each id,
+/// 15/16 and the pad but one slot (its inserts shift more, in a table that fits in the cache).
 #[inline]
 fn limit(n_home: usize) -> usize {
-    n_home - n_home / 8
+    if n_home < SMALL { n_home - n_home / 16 + pad(n_home) - 1 } else { n_home - n_home / 8 }
+}
+
+/// The homes after a growth: 1/8 more (1/16, at least one, for a small table).
+#[inline]
+fn grown(n_home: usize) -> usize {
+    if n_home < SMALL { n_home + (n_home / 16).max(1) } else { n_home + n_home / 8 }
 }
 
 #[inline]
@@ -97,11 +107,16 @@ fn pad(n_home: usize) -> usize {
     (n_home / 64).clamp(4, 256)
 }
 
-/// The homes for `n` ids right after a rebuild: the table at 7/9 (as right after a growth), at least 8.
+/// The homes for `n` ids right after an eviction or a restore: the fewest that leave the room of one growth
+/// (1/8 of `n`; 1/16 in a small table) below the limit, as right after a growth.
 fn home_for(n: usize) -> usize {
-    let mut s = (n * 9).div_ceil(7).max(MIN_HOME);
-    while n > limit(s) {
+    let want = n + if n < SMALL { n / 16 } else { n / 8 };
+    let mut s = (want * 8 / 7).max(MIN_HOME);
+    while limit(s) < want {
         s += 1;
+    }
+    while s > MIN_HOME && limit(s - 1) >= want {
+        s -= 1;
     }
     s
 }
@@ -114,13 +129,33 @@ fn alive(e: u64, wm: i64) -> bool {
 
 #[derive(Default)]
 pub struct IdTable {
-    h: Vec<u64>,
-    e: Vec<u32>,
-    n_home: usize, // 0: nothing allocated yet
-    len: usize,
-    segs: Vec<Seg>,
+    // one allocation: `size` u64 (mixed fingerprints, h) then `size` u32 (expiry codes, e) in ceil(size/2) words
+    slots: Box<[u64]>,
+    size: u32,
+    n_home: u32, // 0: nothing allocated yet
+    len: u32,
+    segs: Box<[Seg]>,
     wide: Option<Box<WideMap>>,
-    pub pad_growths: u32, // growths forced by the pad filling up before the load limit (reported by stats)
+}
+
+/// `size` slots: the mixed fingerprints (all 0) and the expiry codes, in one allocation.
+fn alloc_slots(size: usize) -> Box<[u64]> {
+    vec![0u64; size + size.div_ceil(2)].into_boxed_slice()
+}
+
+/// The two halves of an allocation of `size` slots.
+#[inline(always)]
+fn halves(slots: &[u64], size: usize) -> (&[u64], &[u32]) {
+    let (h, t) = slots.split_at(size);
+    // SAFETY: t holds ceil(size/2) u64 words, room for `size` u32 (whose alignment divides u64's).
+    (h, unsafe { std::slice::from_raw_parts(t.as_ptr() as *const u32, size) })
+}
+
+#[inline(always)]
+fn halves_mut(slots: &mut [u64], size: usize) -> (&mut [u64], &mut [u32]) {
+    let (h, t) = slots.split_at_mut(size);
+    // SAFETY: as in `halves`.
+    (h, unsafe { std::slice::from_raw_parts_mut(t.as_mut_ptr() as *mut u32, size) })
 }
 
 impl IdTable {
@@ -128,9 +163,24 @@ impl IdTable {
         Self::default()
     }
 
+    #[inline(always)]
+    fn hs(&self) -> &[u64] {
+        &self.slots[..self.size as usize]
+    }
+
+    #[inline(always)]
+    fn es(&self) -> &[u32] {
+        halves(&self.slots, self.size as usize).1
+    }
+
+    #[inline(always)]
+    fn parts_mut(&mut self) -> (&mut [u64], &mut [u32]) {
+        halves_mut(&mut self.slots, self.size as usize)
+    }
+
     #[inline]
     pub fn len(&self) -> usize {
-        self.len
+        self.len as usize
     }
 
     #[inline(always)]
@@ -141,7 +191,7 @@ impl IdTable {
     /// The slot of `x`, or where it would go; and whether it is there.
     #[inline(always)]
     fn find(&self, x: u64) -> (usize, bool) {
-        let h = &self.h[..];
+        let h = self.hs();
         let mut i = self.home(x);
         debug_assert!(i < h.len() && h[h.len() - 1] == 0);
         // The slots from the home on that are occupied and smaller than x are exactly those before x's place
@@ -187,7 +237,9 @@ impl IdTable {
         }
         if free == usize::MAX && self.segs.len() < WIDE as usize {
             free = self.segs.len();
-            self.segs.push(Seg { key, count: 0 });
+            let mut v = std::mem::take(&mut self.segs).into_vec(); // (a few per table: no spare capacity)
+            v.push(Seg { key, count: 0 });
+            self.segs = v.into_boxed_slice();
         }
         if free != usize::MAX {
             self.segs[free] = Seg { key, count: 1 };
@@ -221,12 +273,13 @@ impl IdTable {
         }
         let (i, found) = self.find(x);
         if found {
-            let c = self.e[i];
+            let c = self.es()[i];
             if alive(self.decode(x, c), wm) {
                 return true;
             }
             self.release(x, c);
-            self.e[i] = self.encode(x, expiry);
+            let c = self.encode(x, expiry);
+            self.parts_mut().1[i] = c;
             return false;
         }
         let c = self.encode(x, expiry);
@@ -235,44 +288,51 @@ impl IdTable {
     }
 
     fn insert_at(&mut self, mut i: usize, x: u64, c: u32) {
-        if self.len >= limit(self.n_home) {
+        while self.len as usize >= limit(self.n_home as usize) {
             self.grow();
             i = self.find(x).0;
         }
         loop {
-            let last = self.h.len() - 1;
-            let j = match self.h[i..last].iter().position(|&y| y == 0) {
+            let last = self.size as usize - 1;
+            let j = match self.hs()[i..last].iter().position(|&y| y == 0) {
                 Some(k) => i + k,
                 None => {
-                    self.pad_growths += 1; // the cluster reached the sentinel: more room
+                    // the cluster reached the sentinel: more room
                     self.grow();
                     i = self.find(x).0;
                     continue;
                 }
             };
-            self.h.copy_within(i..j, i + 1);
-            self.e.copy_within(i..j, i + 1);
-            self.h[i] = x;
-            self.e[i] = c;
+            let (h, e) = self.parts_mut();
+            h.copy_within(i..j, i + 1);
+            e.copy_within(i..j, i + 1);
+            h[i] = x;
+            e[i] = c;
             self.len += 1;
             return;
         }
     }
 
     fn grow(&mut self) {
-        let n = self.n_home;
-        self.rebuild((n + n / 8).max(n + 4));
+        self.rebuild(grown(self.n_home as usize));
     }
 
     /// Re-place every id into `n_home` homes (more if the pad overflows), in order.
-    fn rebuild(&mut self, mut n_home: usize) {
+    fn rebuild(&mut self, n_home: usize) {
+        let old = std::mem::take(&mut self.slots);
+        let (oh, oe) = halves(&old, self.size as usize);
+        self.place(n_home, oh, oe);
+    }
+
+    /// Replace the slots by `n_home` homes (more if the pad overflows) holding the ids of `oh`/`oe`, in order.
+    fn place(&mut self, mut n_home: usize, oh: &[u64], oe: &[u32]) {
         loop {
             let size = n_home + pad(n_home);
-            let mut h = vec![0u64; size];
-            let mut e = vec![0u32; size];
+            let mut slots = alloc_slots(size);
+            let (h, e) = halves_mut(&mut slots, size);
             let mut next = 0usize; // the first slot after the last placed id
             let mut ok = true;
-            for (&x, &c) in self.h.iter().zip(&self.e) {
+            for (&x, &c) in oh.iter().zip(oe) {
                 if x == 0 {
                     continue;
                 }
@@ -286,13 +346,12 @@ impl IdTable {
                 next = p + 1;
             }
             if ok {
-                self.h = h;
-                self.e = e;
-                self.n_home = n_home;
+                self.slots = slots;
+                self.size = size as u32;
+                self.n_home = n_home as u32;
                 return;
             }
-            self.pad_growths += 1;
-            n_home += n_home / 8 + 1;
+            n_home = grown(n_home);
         }
     }
 
@@ -309,12 +368,14 @@ impl IdTable {
             s.count = 0;
         }
         let mut wide = self.wide.take();
-        for i in 0..self.h.len() {
-            let x = self.h[i];
+        let size = self.size as usize;
+        let (h, e) = halves_mut(&mut self.slots, size);
+        for i in 0..size {
+            let x = h[i];
             if x == 0 {
                 continue;
             }
-            let c = self.e[i];
+            let c = e[i];
             let s = c >> OFF_BITS;
             let ex = if s == WIDE {
                 wide.as_ref().and_then(|w| w.get(&x)).copied().unwrap_or(0)
@@ -328,7 +389,7 @@ impl IdTable {
                     self.segs[s as usize].count += 1;
                 }
             } else {
-                self.h[i] = 0;
+                h[i] = 0;
                 if s == WIDE {
                     if let Some(w) = wide.as_mut() {
                         w.remove(&x);
@@ -344,10 +405,13 @@ impl IdTable {
             }
         }
         self.wide = wide;
-        while self.segs.last().is_some_and(|s| s.count == 0) {
-            self.segs.pop();
+        let used = self.segs.iter().rposition(|s| s.count > 0).map_or(0, |k| k + 1);
+        if used < self.segs.len() {
+            let mut v = std::mem::take(&mut self.segs).into_vec();
+            v.truncate(used);
+            self.segs = v.into_boxed_slice();
         }
-        self.len = kept;
+        self.len = kept as u32;
         self.rebuild(home_for(kept));
         left.unwrap_or(NO_EXPIRY)
     }
@@ -355,7 +419,7 @@ impl IdTable {
     /// The smallest expiry held (NO_EXPIRY when empty), as IdTable.min_expiry.
     pub fn min_expiry(&self) -> u64 {
         let mut least: Option<u64> = None; // (min(..., default=NO_EXPIRY): an expiry above NO_EXPIRY is returned)
-        for (&x, &c) in self.h.iter().zip(&self.e) {
+        for (&x, &c) in self.hs().iter().zip(self.es()) {
             if x != 0 {
                 let e = self.decode(x, c);
                 least = Some(least.map_or(e, |l| l.min(e)));
@@ -371,12 +435,12 @@ impl IdTable {
             return None;
         }
         let (i, found) = self.find(x);
-        found.then(|| self.decode(x, self.e[i]))
+        found.then(|| self.decode(x, self.es()[i]))
     }
 
     /// (fingerprint, expiry) pairs in slot order.
     pub fn items(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.h.iter().zip(&self.e).filter(|(&x, _)| x != 0).map(|(&x, &c)| (unmix(x), self.decode(x, c)))
+        self.hs().iter().zip(self.es()).filter(|(&x, _)| x != 0).map(|(&x, &c)| (unmix(x), self.decode(x, c)))
     }
 
     /// A table holding `pairs` (distinct non-zero fingerprints; IdTable.from_state checks that).
@@ -386,17 +450,13 @@ impl IdTable {
         xs.dedup_by_key(|p| p.0); // (a state written by IdTable has none; the first one stays)
         let mut t = IdTable::new();
         let n = xs.len();
-        t.h = Vec::with_capacity(n + 1);
-        t.e = Vec::with_capacity(n + 1);
-        for (x, e) in xs {
-            let c = t.encode(x, e);
-            t.h.push(x);
-            t.e.push(c);
+        let (mut h, mut e) = (Vec::with_capacity(n + 1), Vec::with_capacity(n + 1));
+        for (x, ex) in xs {
+            h.push(x);
+            e.push(t.encode(x, ex));
         }
-        t.h.push(0);
-        t.e.push(0);
-        t.len = n;
-        t.rebuild(home_for(n));
+        t.len = n as u32;
+        t.place(home_for(n), &h, &e);
         t
     }
 
@@ -407,11 +467,11 @@ impl IdTable {
             let buckets = if w.capacity() == 0 { 0 } else { (w.capacity() * 8 / 7).next_power_of_two() };
             std::mem::size_of::<WideMap>() + buckets * 17 + 16
         });
-        self.h.capacity() * 8 + self.e.capacity() * 4 + self.segs.capacity() * std::mem::size_of::<Seg>() + wide
+        self.slots.len() * 8 + self.segs.len() * std::mem::size_of::<Seg>() + wide
     }
 
     pub fn slots(&self) -> usize {
-        self.h.len()
+        self.size as usize
     }
 
     pub fn wide_len(&self) -> usize {
@@ -426,8 +486,9 @@ impl IdTable {
         let mut prev = 0u64;
         let mut n = 0;
         let mut counts = vec![0u32; self.segs.len()];
-        for i in 0..self.h.len() {
-            let x = self.h[i];
+        let (h, e) = (self.hs(), self.es());
+        for i in 0..h.len() {
+            let x = h[i];
             if x == 0 {
                 continue;
             }
@@ -437,18 +498,18 @@ impl IdTable {
             }
             prev = x;
             let home = self.home(x);
-            if home > i || self.h[home..i].contains(&0) {
+            if home > i || h[home..i].contains(&0) {
                 return Err(format!("slot {i} not reachable from its home {home}"));
             }
-            let s = self.e[i] >> OFF_BITS;
+            let s = e[i] >> OFF_BITS;
             if s != WIDE {
                 counts[s as usize] += 1;
             }
         }
-        if *self.h.last().unwrap() != 0 {
+        if *h.last().unwrap() != 0 {
             return Err("sentinel occupied".into());
         }
-        if n != self.len {
+        if n != self.len as usize {
             return Err(format!("len {} but {n} ids", self.len));
         }
         if counts.iter().zip(&self.segs).any(|(c, s)| *c != s.count) {
@@ -782,7 +843,6 @@ mod tests {
         }
         eprintln!("worst bytes per id by decade of ids (1, 10, 100, 1K, 10K, 100K+): {worst_in:.2?}");
         assert_eq!(t.len(), 1_000_000);
-        assert!(t.pad_growths < 20, "{} growths forced by the pad", t.pad_growths); // (seen: 3, at small sizes)
         assert!(worst > 15.0, "worst {worst}");
         // after an eviction of half the ids, at the rebuilt size
         let mut u = IdTable::new();
