@@ -64,7 +64,8 @@ def mediate(step_id: str, up: Stream[Raw], mediator: Mediator, shards: int,
 
     :arg step_id: Unique ID.
     :arg up: ``(src, raw)`` items, as every source emits them.
-    :arg mediator: Called once per batch.
+    :arg mediator: Called once per batch; a :class:`~meterflow.operators.native.NativeMediator` (``split``)
+        makes native shard bundles instead (``pipeline.core = "native"``).
     :arg shards: ``pipeline.shards``.
     :arg archive_raw: ``pipeline.archive_raw``.
     """
@@ -73,7 +74,12 @@ def mediate(step_id: str, up: Stream[Raw], mediator: Mediator, shards: int,
         groups, dead = mediator(batch)
         return [(bundle_shards(groups, shards), dead, raw_columns(groups) if archive_raw else None)]
 
-    mediated = op.flat_map_batch("mediate", up, run)
+    split: Any = getattr(mediator, "split", None)  # a NativeMediator (pipeline.core = "native"): native bundles
+
+    def run_native(batch: List[Raw]) -> List[_Split]:
+        return [split(batch, archive_raw)]
+
+    mediated = op.flat_map_batch("mediate", up, run if split is None else run_native)
     return MediateOut(op.flat_map_batch("events", mediated, _keyed),
                       op.flat_map_batch("dead_letters", mediated, _dead_letters))
 

@@ -3,7 +3,8 @@
 ``build_flow(config, source, sinks)`` wires any source and sinks (tests pass
 ``TestingSource``/``TestingSink``); :func:`flow_from_config` picks them from the
 configuration. ``python -m bytewax.run "meterflow.dataflows.metering:flow"`` builds the
-module-level ``flow`` from ``METER_CONFIG`` (and ``METER_INPUT`` in embedded mode).
+module-level ``flow`` from ``METER_CONFIG`` (and ``METER_INPUT`` in embedded mode; a cluster's
+``BYTEWAX_ADDRESSES``/``BYTEWAX_PROCESS_ID``).
 
 The meter step is keyed by shard, not by customer: mediation bundles each batch's
 customers into ``pipeline.shards`` shards (a stable hash of ``tenant|customer``) and
@@ -34,7 +35,7 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.operators import StatefulBatchLogic
-from bytewax.outputs import Sink
+from bytewax.outputs import DynamicSink, Sink
 
 from meterflow.base.errors import MeterError
 from meterflow.base.keys import customer_key
@@ -43,6 +44,7 @@ from meterflow.operators.changelog import ChangelogMediator
 from meterflow.operators.entitlements import EntitlementUpdate
 from meterflow.operators.mediate import Mediator
 from meterflow.operators.meter import CustomerMeter
+from meterflow.operators.native import BUNDLE, bundle_events, bundle_groups
 from meterflow.operators.review_decisions import decision_emissions
 from meterflow.operators.rules import Rules
 from meterflow.schemas.config import Config, load_config
@@ -101,6 +103,7 @@ class _ShardLogic(StatefulBatchLogic):
         self._interval = rules.flush_ms
         self._clock = clock
         self._mediator = mediator
+        self._bundle = BUNDLE if getattr(mediator, "split", None) is not None else None  # native mediation
         # Finality of silent customers: at each tick, rows closed by the flow's watermark as it was at the
         # previous tick (events mediated before then have reached their shard) leave final (on_eof: as it is).
         self._wm_lag = 0
@@ -147,11 +150,19 @@ class _ShardLogic(StatefulBatchLogic):
         now = self._clock()
         if self._republish:
             self._republish_all(out, now)
+        due = now >= self._next_flush
+        bundle = self._bundle
+        if bundle is not None:  # pipeline.core = "native": native mediation's shard bundles
+            if all(type(v) is bundle for v in values):
+                self._native_bundles(values, out, due)
+                if due:
+                    self._flush_dirty(out, now)
+                return out.emit(), StatefulBatchLogic.RETAIN
+            values = [bundle_groups(v) if type(v) is bundle else v for v in values]  # with changelog records
         if len(values) == 1 and type(values[0]) is dict:  # the usual case: one bundle of event lists
             work: Any = [(key, [events]) for key, events in values[0].items()]
         else:
             work = self._gather(values)
-        due = now >= self._next_flush
         meters, dirty, rules, native = self._meters, self._dirty, self._rules, self._native
         native_work: List[Tuple[str, Any]] = []  # (key, events) of the customers the native core folds
         for key, items in work:
@@ -180,6 +191,50 @@ class _ShardLogic(StatefulBatchLogic):
         if due:
             self._flush_dirty(out, now)
         return out.emit(), StatefulBatchLogic.RETAIN
+
+    def _native_bundles(self, bundles: List[Any], out: "_Merged", due: bool) -> None:
+        """Native shard bundles (values of one batch, bundles only): the customers the native core folds in one
+        native call per bundle; the others (new to the shard and not admitted, or on the Python fold) get their
+        events as MeteredEvents, in one :meth:`CustomerMeter.process` call per customer, as on_batch does."""
+        meters, native, rules = self._meters, self._native, self._rules
+        python: Dict[str, List[Any]] = {}
+        for b in bundles:
+            unknown = native.unknown(b)
+            if not unknown:
+                continue
+            keys = b.keys()
+            for k in unknown:
+                key = keys[k]
+                meter = meters.get(key)
+                if meter is None:
+                    meter = meters[key] = CustomerMeter(rules, key)
+                    if native.admit(meter):
+                        continue
+                items = python.get(key)
+                if items is None:
+                    python[key] = [bundle_events(b, k)]
+                else:
+                    items.append(bundle_events(b, k))
+        dirty = self._dirty
+        for key, items in python.items():
+            meter = meters[key]
+            out.add(meter.process(items, flush=due))
+            if meter.next_evict < self._open_min:
+                self._open_min = meter.next_evict
+            if not due and meter.has_dirty():
+                dirty.add(key)
+        for b in bundles:
+            out.add(native.fold_bundle(meters, b))
+        if not due or self._recoverable:
+            for b in bundles:
+                keys = b.keys()
+                if not due:  # the native rows are mirrored into their meters at the next tick (or snapshot)
+                    dirty.update(keys)
+                if self._recoverable:
+                    self._changed.update(keys)
+        if native.gateway_due:  # live gateway state of evaluated customers: their rows mirrored now
+            self._sync_native()
+            out.add(native.gateway(meters))
 
     def _native_items(self, key: str, meter: CustomerMeter, items: List[Any], native_work: List[Tuple[str, Any]],
                       out: "_Merged", due: bool) -> None:
@@ -383,7 +438,16 @@ def build_flow(config: Config, source: Source, sinks: Sequence[Tuple[str, Sink]]
     rules = Rules(config)
     rules.gateway_states = config.redis is not None if gateway_states is None else gateway_states
     shards = config.pipeline.shards
+    native: Optional[Callable[[], Any]] = None
     mediator = Mediator(config)
+    if config.pipeline.core == "native":
+        from meterflow.operators.native import NativeMediator, NativeMeters, native_problem
+
+        why = native_problem(config)
+        if why is not None:
+            raise MeterError(f'pipeline.core = "native": {why}; set pipeline.core = "python" (the default)')
+        native = NativeMeters.factory(config)
+        mediator = NativeMediator(config)  # native shard bundles (operators/native.py)
     flow = Dataflow(flow_id)
     events = mediate("mediate", op.input("ingest", flow, source), mediator, shards, config.pipeline.archive_raw)
     keyed, dead = events.events, events.dead_letters
@@ -396,14 +460,6 @@ def build_flow(config: Config, source: Source, sinks: Sequence[Tuple[str, Sink]]
         decided = op.flat_map_batch("mediate_decisions", op.input("decisions_in", flow, decisions),
                                     decision_emissions)
         dead = op.merge("dead_letters_and_decisions", dead, decided)
-    native: Optional[Callable[[], Any]] = None
-    if config.pipeline.core == "native":
-        from meterflow.operators.native import NativeMeters, native_problem
-
-        why = native_problem(config)
-        if why is not None:
-            raise MeterError(f'pipeline.core = "native": {why}; set pipeline.core = "python" (the default)')
-        native = NativeMeters.factory(config)
     from meterflow.sinks.metrics import timed_logic
 
     logic = timed_logic(_ShardLogic)  # _ShardLogic itself unless meter run --metrics-port (then timed)
@@ -412,15 +468,28 @@ def build_flow(config: Config, source: Source, sinks: Sequence[Tuple[str, Sink]]
                                                      native=native() if native else None))
     # Dead letters join after the meter step: they never wait for a shard, and leave in their batch's epoch.
     emissions = op.merge("emissions", op.map("drop_key", metered, _drop_key), dead)
+    from meterflow.sinks.single_writer import SingleWriterSink, writer_item
+
+    to_writer: Optional[Any] = None  # a cluster's single-writer sinks read (key, emission) pairs, routed to one process
     for name, sink in sinks:
-        op.output(name, emissions, sink)
+        if isinstance(sink, SingleWriterSink):
+            if to_writer is None:
+                to_writer = op.map("to_single_writer", emissions, writer_item)
+            op.output(name, to_writer, sink)
+        else:
+            op.output(name, emissions, sink)
     return flow
 
 
-def sinks_from_config(config: Config, recoverable: bool = False) -> List[Tuple[str, Sink]]:
+def sinks_from_config(config: Config, recoverable: bool = False, processes: int = 1,
+                      process_id: int = 0) -> List[Tuple[str, Sink]]:
     """ClickHouse always (embedded chDB unless [clickhouse] names a server); Kafka topics in Kafka mode;
     live gateway state when [redis] is configured; the alert sinks of [alerts]. ``recoverable``: the
-    flow keeps a recovery directory (the Redis sink's warning at exit says how unsent states arrive)."""
+    flow keeps a recovery directory (the Redis sink's warning at exit says how unsent states arrive).
+
+    ``processes`` > 1 (a Bytewax cluster; this is process ``process_id``): the outputs one process must
+    own — embedded chDB and the JSONL alert file — are written by process 0 alone
+    (:mod:`meterflow.sinks.single_writer`); a ClickHouse server, Kafka, Redis and webhooks by every worker."""
     from meterflow.sinks.clickhouse import ClickHouseSink
 
     sinks: List[Tuple[str, Sink]] = [("clickhouse", ClickHouseSink(config.clickhouse))]
@@ -445,7 +514,15 @@ def sinks_from_config(config: Config, recoverable: bool = False) -> List[Tuple[s
     sinks.extend(alert_sinks_from_config(config))
     from meterflow.sinks.metrics import instrument
 
-    return instrument(sinks)  # unchanged unless meter run --metrics-port
+    sinks = instrument(sinks)  # unchanged unless meter run --metrics-port
+    if processes > 1:
+        from meterflow.sinks.clickhouse import resolve
+        from meterflow.sinks.single_writer import SingleWriterSink
+
+        local = {"alerts_jsonl"} | ({"clickhouse"} if resolve(config.clickhouse)[2] else set())
+        sinks = [(name, SingleWriterSink(sink, process_id) if name in local and isinstance(sink, DynamicSink)
+                  else sink) for name, sink in sinks]
+    return sinks
 
 
 def source_from_config(config: Config, inputs: Sequence[str] = (), stop_at_end: bool = False) -> Source:
@@ -502,9 +579,12 @@ def decisions_source_from_config(config: Config, event_inputs: Sequence[str] = (
 
 
 def flow_from_config(config: Config, inputs: Sequence[str] = (), stop_at_end: bool = False,
-                     recoverable: bool = True, entitlements: Sequence[str] = ()) -> Dataflow:
+                     recoverable: bool = True, entitlements: Sequence[str] = (), processes: int = 1,
+                     process_id: int = 0) -> Dataflow:
+    """The flow of the configuration; ``processes``/``process_id``: this process's place in a Bytewax cluster
+    (``meter run --addresses ... --process-id N``), which decides who writes the single-writer outputs."""
     return build_flow(config, source_from_config(config, inputs, stop_at_end),
-                      sinks_from_config(config, recoverable),
+                      sinks_from_config(config, recoverable, processes, process_id),
                       recoverable=recoverable,
                       entitlements=entitlements_source_from_config(config, entitlements, inputs, stop_at_end),
                       decisions=decisions_source_from_config(config, inputs, stop_at_end))
@@ -521,7 +601,11 @@ def __getattr__(name: str) -> Any:
     changes = [p for p in os.environ.get("METER_ENTITLEMENTS_INPUT", "").split(",") if p]
     from meterflow.base.gc_tuning import tune_gc
 
+    # A cluster (`python -m bytewax.run ... -a "h:p;h:p" -i N`) must say so through Bytewax's own environment
+    # variables, BYTEWAX_ADDRESSES and BYTEWAX_PROCESS_ID: the module cannot see bytewax.run's arguments.
+    addresses = [a for a in os.environ.get("BYTEWAX_ADDRESSES", "").split(";") if a.strip()]
     built = flow_from_config(load_config(path), inputs, stop_at_end=os.environ.get("METER_STOP_AT_END") == "1",
-                             entitlements=changes)
+                             entitlements=changes, processes=max(1, len(addresses)),
+                             process_id=int(os.environ.get("BYTEWAX_PROCESS_ID") or 0))
     tune_gc()
     return built

@@ -72,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="JSONL file of entitlement changes (the usage.entitlements record format), applied "
                    "alongside the events; in Kafka mode the entitlements topic is read instead")
     r.add_argument("--workers", type=int, default=1, metavar="N", help="Bytewax workers in this process (default 1)")
+    r.add_argument("--addresses", metavar="HOST:PORT;...",
+                   help="run as one process of a Bytewax cluster: every process's address, separated by ';' (the "
+                   "same list for each process; with --process-id). Process 0 writes embedded chDB and the "
+                   "alert file (README: Running a cluster)")
+    r.add_argument("--process-id", type=int, metavar="N", help="this process's index in --addresses (0 based)")
     r.add_argument("--recovery", metavar="DIR",
                    help="Bytewax recovery directory (SQLite snapshots; created and initialised on first use). "
                    "A restarted run resumes from the last snapshot with no loss and no double count")
@@ -339,9 +344,10 @@ def _quiet_driver_warnings() -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from meterflow.reports import print_run_summary
-    from meterflow.runner import run_flow
+    from meterflow.runner import cluster_addresses, run_flow
     from meterflow.schemas.config import load_config
 
+    addresses = cluster_addresses(args.addresses, args.process_id)
     cfg = load_config(args.config)
     if args.metrics_port is not None:
         from meterflow.sinks.metrics import start_metrics_server
@@ -350,7 +356,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = run_flow(cfg, args.input, workers=args.workers, recovery_dir=args.recovery,
                       stop_at_end=args.stop_at_end,
                       progress_out=sys.stderr if args.progress_every > 0 else None,
-                      progress_every=args.progress_every or 5.0, entitlements=args.entitlements)
+                      progress_every=args.progress_every or 5.0, entitlements=args.entitlements,
+                      addresses=addresses, process_id=args.process_id or 0)
     if args.json:
         from meterflow.base.stats import identity
         from meterflow.operators.native import core_in_use

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, TextIO, Tuple
+from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
 from meterflow.base.errors import MeterError
 from meterflow.base.gc_tuning import tune_gc
@@ -145,18 +145,49 @@ class _Progress(threading.Thread):
         self._stop.set()
 
 
+def cluster_addresses(addresses: Optional[str], process_id: Optional[int]) -> List[str]:
+    """``meter run --addresses "host:port;host:port" --process-id N`` checked: the cluster's addresses (one per
+    process, the same list in every process), or [] for a run on its own."""
+    if addresses is None and process_id is None:
+        return []
+    if addresses is None or process_id is None:
+        raise MeterError("a cluster needs both --addresses \"host:port;host:port\" (every process's address, "
+                         "the same list for each) and --process-id N (this process's index in that list)")
+    out = [a.strip() for a in addresses.split(";") if a.strip()]
+    for a in out:
+        host, sep, port = a.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise MeterError(f"--addresses: {a!r} is not host:port (e.g. 127.0.0.1:2101); separate the "
+                             "processes' addresses with ';'")
+    if not out:
+        raise MeterError("--addresses is empty: give every process's host:port, separated by ';'")
+    if not 0 <= process_id < len(out):
+        raise MeterError(f"--process-id {process_id} is not an index of the {len(out)} addresses in --addresses "
+                         f"(use 0 to {len(out) - 1})")
+    return out
+
+
 def run_flow(cfg: Config, inputs: Sequence[str] = (), *, workers: int = 1, recovery_dir: Optional[str] = None,
              stop_at_end: bool = False, progress_out: Optional[TextIO] = None, progress_every: float = 5.0,
-             entitlements: Sequence[str] = ()) -> RunResult:
-    """Build the flow from the configuration and run it to completion (or until interrupted)."""
+             entitlements: Sequence[str] = (), addresses: Sequence[str] = (), process_id: int = 0) -> RunResult:
+    """Build the flow from the configuration and run it to completion (or until interrupted).
+
+    ``addresses`` (from :func:`cluster_addresses`): this process is ``process_id`` of a Bytewax cluster of
+    ``len(addresses)`` processes with ``workers`` workers each; process 0 writes the single-writer outputs
+    (embedded chDB, the JSONL alert file: :mod:`meterflow.sinks.single_writer`)."""
     from bytewax.run import cli_main
 
     from meterflow.dataflows.metering import flow_from_config
 
     if workers < 1:
         raise MeterError(f"--workers must be at least 1, got {workers}")
+    processes = len(addresses) or 1
+    if processes > 1 and recovery_dir:
+        raise MeterError("--recovery is not supported with a cluster of several processes yet: run the cluster "
+                         "without --recovery (outputs are idempotent upserts; a rerun from the topic's start "
+                         "rewrites the same rows), or run one process with --workers N and --recovery")
     flow = flow_from_config(cfg, inputs, stop_at_end=stop_at_end, recoverable=recovery_dir is not None,
-                            entitlements=entitlements)
+                            entitlements=entitlements, processes=processes, process_id=process_id)
     recovery, lock = open_recovery(recovery_dir, cfg.pipeline.shards) if recovery_dir else (None, None)
     tune_gc()
     epoch = timedelta(milliseconds=parse_duration_ms(cfg.pipeline.epoch_interval))
@@ -168,7 +199,11 @@ def run_flow(cfg: Config, inputs: Sequence[str] = (), *, workers: int = 1, recov
         progress.start()
     previous = _install_stop_handlers(progress_out)
     try:
-        cli_main(flow, workers_per_process=workers, epoch_interval=epoch, recovery_config=recovery)
+        if addresses:
+            cli_main(flow, workers_per_process=workers, process_id=process_id, addresses=list(addresses),
+                     epoch_interval=epoch, recovery_config=recovery)
+        else:
+            cli_main(flow, workers_per_process=workers, epoch_interval=epoch, recovery_config=recovery)
     finally:
         if progress:
             progress.stop()

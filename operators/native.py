@@ -27,14 +27,16 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+import msgspec
+
 from meterflow.base.keys import KEY_SEP
 from meterflow.base.stats import STATS, FlowStats
 from meterflow.base.timeutil import dt_to_ms, now_ms
 from meterflow.operators.dedupe import IdTable, fingerprint
-from meterflow.operators.mediate import Mediator, dead_letter
+from meterflow.operators.mediate import Mediator, MeteredEvent, dead_letter, format_source
 from meterflow.schemas.config import Config
 from meterflow.schemas.events import EVENT_DECODER
-from meterflow.schemas.records import DeadLetter, Emission
+from meterflow.schemas.records import DeadLetter, Emission, RawEvents
 from meterflow.schemas.state import DedupeState
 
 try:  # built by ./dev setup (maturin develop) when cargo is there
@@ -43,6 +45,7 @@ except ImportError:  # pragma: no cover - depends on the build
     _native = None
 
 AVAILABLE = _native is not None
+BUNDLE: Any = _native.Bundle if _native is not None else None  # a native mediator's shard bundle (NativeMediator)
 _I64 = 1 << 63
 _INF = float("inf")
 
@@ -196,6 +199,89 @@ class NativeBatchCore:
                                 me.wm, me.excluded, ev.correction, [(k, _value(v)) for k, v in ev.properties.items()])
 
 
+_ENCODE_JSON = msgspec.json.Encoder().encode
+
+
+def _archive_row(me: MeteredEvent) -> Tuple[Any, ...]:
+    """The raw archive columns of one event the Python Mediator made (as operators/mediate.py raw_columns)."""
+    e, s = me.event, me.src
+    return (e.tenant_id, e.customer_id, e.event_id, e.event_type, me.ts,
+            _ENCODE_JSON(e.properties).decode() if e.properties else "{}", e.correction, me.ingested,
+            format_source(s), s[-1] if type(s) is tuple and type(s[-1]) is int else 0)
+
+
+def bundle_event(bundle: Any, k: int, i: int) -> MeteredEvent:
+    """Customer ``k``'s ``i``-th event of a native bundle as the Python Mediator would have made it."""
+    x = bundle.event(k, i)
+    if type(x) is tuple:
+        raw, ts, wm, src, excluded = x
+        return MeteredEvent(EVENT_DECODER.decode(raw), ts, wm, src, raw, excluded, bundle.ingested)
+    return x
+
+
+def bundle_events(bundle: Any, k: int) -> List[MeteredEvent]:
+    """Customer ``k``'s events of a native bundle as MeteredEvents (a customer on the Python fold)."""
+    decode, ingested = EVENT_DECODER.decode, bundle.ingested
+    return [MeteredEvent(decode(x[0]), x[1], x[2], x[3], x[0], x[4], ingested) if type(x) is tuple else x
+            for x in bundle.events(k)]
+
+
+def bundle_groups(bundle: Any) -> Dict[str, List[MeteredEvent]]:
+    """A native bundle as the Python Mediator's bundle (``{tenant|customer: [MeteredEvent, ...]}``)."""
+    return {key: bundle_events(bundle, k) for k, key in enumerate(bundle.keys())}
+
+
+class NativeMediator(Mediator):
+    """Mediation of one worker for ``pipeline.core = "native"``: :meth:`split` takes a batch of ``(src, raw)``
+    to the shard bundles of the native mediator (``meterflow_native.Mediator``, native/src/mediate.rs: the
+    events stay in Rust, one pickleable ``Bundle`` per shard), the dead letters and the raw archive columns,
+    equal to what the Python Mediator, :func:`~meterflow.operators.mediate.bundle_shards` and
+    :func:`~meterflow.operators.mediate.raw_columns` give. A line the native mediator does not take exactly
+    (bad input, an unusual encoding or source) goes through the Python Mediator at its place in the batch,
+    which gives its dead letter, or its event, carried in the bundle. Called as a Mediator it is one."""
+
+    def __init__(self, cfg: Config, stats: FlowStats = STATS, clock: Callable[[], int] = now_ms,
+                 spec: Optional[Dict[str, Any]] = None) -> None:
+        if _native is None:
+            raise RuntimeError("meterflow_native is not built: run ./dev setup with cargo installed")
+        super().__init__(cfg, stats, clock)
+        self._med = _native.Mediator(spec if spec is not None else _spec(cfg), cfg.pipeline.shards)
+        self._now = 0
+        self._lines = Mediator(cfg, FlowStats(), clock=lambda: self._now)  # the lines left to Python
+
+    def split(self, batch: List[Tuple[Any, Optional[bytes]]], archive_raw: bool
+              ) -> Tuple[List[Tuple[str, Any]], List[DeadLetter], Optional[RawEvents]]:
+        """``(shard bundles, dead letters, raw archive columns or None)`` of one batch."""
+        med = self._med
+        if type(batch) is not list:
+            batch = list(batch)
+        ingested = now_ms()
+        now = self._now = ingested if self._clock is now_ms else self._clock()
+        dead: List[DeadLetter] = []
+        n = len(batch)
+        i, wm = med.run(batch, 0, now, self.watermark)
+        while i < n:
+            lines = self._lines
+            lines.watermark = wm
+            got = lines([batch[i]])
+            dead += got.dead_letters
+            for key, events in got.groups.items():
+                for me in events:
+                    med.push(key, msgspec.structs.replace(me, ingested=ingested))
+            i, wm = med.run(batch, i + 1, now, lines.watermark)
+        if wm > self.watermark:
+            self.watermark = wm
+        self._stats.add({"read": n, "dead_lettered": len(dead)})
+        raw = None
+        if archive_raw:
+            cols = med.columns(ingested, _archive_row)
+            if cols is not None:
+                raw = RawEvents(tenant_id=cols[0], customer_id=cols[1], event_id=cols[2], event_type=cols[3],
+                                timestamp=cols[4], properties=cols[5], correction=cols[6], ingested_at=cols[7],
+                                source=cols[8], position=cols[9])
+        return med.take(ingested), dead, raw
+
+
 class NativeMeters:
     """The native fold of one shard (``pipeline.core = "native"``), beside its :class:`CustomerMeter` objects.
 
@@ -252,6 +338,8 @@ class NativeMeters:
         if meter.ent.infos:
             self._core.evaluate(key, sorted(meter.ent.infos))
             self.evaluated.add(key)
+        else:
+            self._core.hold(key)  # (fold_bundle folds the customers the native core holds)
         return True
 
     def fold(self, meters: Dict[str, Any], pairs: List[Tuple[str, List[Any]]]) -> Emission:
@@ -307,6 +395,63 @@ class NativeMeters:
             stats.add({"alerts": len(alerts), "unevaluated": unevaluated})
         if evaluated:
             self.gateway_due.update([k for k, _ in pairs if k in evaluated and meters[k].rules.gateway_states])
+        failed.sort(key=lambda x: x[0])
+        return Emission(dead_letters=[d for _, d in failed], alerts=alerts)
+
+    def unknown(self, bundle: Any) -> List[int]:
+        """The indexes of a native bundle's customers not folded here (new to the shard, or on the Python fold)."""
+        return self._core.unknown(bundle)
+
+    def fold_bundle(self, meters: Dict[str, Any], bundle: Any) -> Emission:
+        """:meth:`fold` over a native mediator's bundle (``meterflow_native.Bundle``): the events of its
+        customers folded here, in one native call, with no Python object per event (the customers not folded
+        here are skipped: the caller gives them to their meters). An event is made in Python only where
+        Python looks at it: a level reached, a dead letter, a line the native decoder leaves to Python."""
+        core = self._core
+        failed: List[Tuple[int, DeadLetter]] = []
+        alerts: List[Any] = []
+        keys = bundle.keys()
+        nk = len(keys)
+        k, i, why = core.fold_bundle(bundle, 0, 0)
+        while k < nk:
+            meter, me = meters[keys[k]], bundle_event(bundle, k, i)
+            if why == 3:  # the event reached a level: the Python check
+                self._check(meter, me, core.take_stops(), alerts)
+            elif why == 1:  # an event the native decoder leaves to Python, folded natively
+                ev = me.event
+                try:
+                    core.fold(k << 32 | i, ev.tenant_id, ev.customer_id, fingerprint(ev.event_id), ev.event_type,
+                              me.ts, me.wm, me.excluded, ev.correction,
+                              [(p, _value(v)) for p, v in ev.properties.items()])
+                except ValueError:
+                    why = 2
+                else:
+                    stops = core.take_stops()
+                    if stops:
+                        self._check(meter, me, stops, alerts)
+            if why == 2:  # no billing period: the Python fold's dead letter
+                sub = meter.ent.rule
+                text = meter._bounds(me.ts, sub.period, sub.anchor_ms)
+                failed.append((k << 32 | i, dead_letter("invalid_event", str(text), me.src, me.raw, meter.tenant_id)))
+                self._invalid += 1
+            k, i, why = core.fold_bundle(bundle, k, i + 1)
+        for index, key, reason, a, b, c in core.take_notes():
+            meter, me = meters[key], bundle_event(bundle, index >> 32, index & 0xFFFFFFFF)
+            if reason == "too_late":
+                failed.append((index, meter._too_late(me, a, b, c)))
+            else:
+                prop = self._prop[a]
+                failed.append((index, meter._missing_property(me, a, prop, me.event.properties.get(prop))))
+        dup, excl, unmetered, too_late, missing, _read = core.take_counts()
+        n, unevaluated, evaluated = core.bundle_counts(bundle)
+        bad = too_late + self._invalid
+        self._invalid = 0
+        stats = self._stats
+        stats.add_metered(n - dup - excl - bad, dup, excl, unmetered, 0, bad, missing)
+        if alerts or unevaluated:  # (as CustomerMeter.process)
+            stats.add({"alerts": len(alerts), "unevaluated": unevaluated})
+        if evaluated and meters[evaluated[0]].rules.gateway_states:
+            self.gateway_due.update(evaluated)
         failed.sort(key=lambda x: x[0])
         return Emission(dead_letters=[d for _, d in failed], alerts=alerts)
 

@@ -96,3 +96,30 @@ def test_compare_reports_wrong_totals():
     assert ok and text.startswith("ok")
     ok, text = compare({"a|x|api_calls|0": 3.0, "b": 1.0}, {"a|x|api_calls|0": 2.0, "c": 1.0})
     assert not ok and "1 differ" in text and "1 missing" in text and "1 extra" in text
+
+
+def test_issue16_targets_are_marked_met_or_missed_from_the_native_figures():
+    from benchmarks.peers.report import Row
+
+    rows = {"raw": Row("raw", ran=True, eps=800_000.0), "quixstreams": Row("quixstreams", ran=True, eps=40_000.0),
+            "meterflow-1w-native": Row("meterflow-1w-native", ran=True, eps=440_000.0, cpu_s_per_m=5.0,
+                                       latency={"p99_ms": 80.0})}
+    core = {"core_eps": 100_000.0, "decode_eps": 1_600_000.0, "dedupe_bytes_per_id": 33.0,
+            "native_core_eps": 1_800_000.0, "native_dedupe_bytes_per_id": 15.5}
+    got = {t["target"]: t for t in targets(rows, core) if t["issue"] == 16}
+    assert got["native core events/s per worker"]["gap"] == "met"
+    vs_decode = got["native core / bare msgspec decode"]
+    assert vs_decode["value"] == 1.125 and vs_decode["met"]
+    assert got["end to end / raw ceiling (native)"]["gap"] == "met"  # 0.55
+    assert got["CPU s per million events (native)"]["gap"] == "1.2x over"
+    assert got["breach-to-alert p99 at half saturation (native)"]["met"]
+    assert got["throughput vs Quix Streams (native)"]["gap"] == "met"  # 11x
+    assert got["native dedupe bytes per tracked id"]["met"]
+    slow = dict(rows, **{"meterflow-1w-native": Row("meterflow-1w-native", ran=True, eps=80_000.0, cpu_s_per_m=12.0)})
+    got = {t["target"]: t for t in targets(slow, dict(core, native_dedupe_bytes_per_id=None)) if t["issue"] == 16}
+    assert got["end to end / raw ceiling (native)"]["gap"] == "5.0x short"
+    assert got["breach-to-alert p99 at half saturation (native)"]["gap"] == "not measured"
+    assert got["native dedupe bytes per tracked id"]["gap"] == "not measured"
+    doc = {"targets": targets(slow, core)}
+    text = markdown([], doc)
+    assert "| 16 | end to end / raw ceiling (native) | 0.5 x | 0.10 x | 5.0x short |" in text

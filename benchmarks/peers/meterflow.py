@@ -4,10 +4,13 @@ collection of its outputs, and the in-process core and state-memory figures.
 * ``meterflow-1w`` / ``meterflow-1w-recovery`` run ``meter run --stop-at-end --json`` (the harness starts
   it); ``meterflow-2p`` runs ``python -m benchmarks.peers.meterflow process`` twice: each builds the same
   flow as ``python -m bytewax.run dataflows.metering:flow -a host:port;host:port -i N`` (``flow_from_config``
-  then ``bytewax.run.cli_main`` with the addresses and process id), times it, and writes its counters.
-  chDB allows one data path per process, so each process gets its own ``[clickhouse] dsn``.
+  then ``bytewax.run.cli_main`` with the addresses and process id, as ``meter run --addresses ... --process-id N``
+  does), times it, and writes its counters. Both processes have the same configuration, so the same chDB
+  path: process 0 alone writes it (README: Running a cluster).
 * Totals come from what meterflow wrote, not from inside it: the ``usage.aggregated`` period records
-  (highest ``version`` per row) and the ``threshold_crossed`` alerts on the alerts topic.
+  (highest ``version`` per row) and the ``threshold_crossed`` alerts on the alerts topic; for
+  ``meterflow-2p`` the cluster's one ClickHouse store (``usage_by_period`` and ``alerts_log``, read by
+  ``python -m benchmarks.peers.meterflow store`` in its own process: chDB opens one path per process).
 * ``python -m benchmarks.peers.meterflow core`` times the in-process core (the operators the dataflow
   runs, no Kafka, no sinks; ``benchmarks.core_throughput.run_core``) on the same events and measures the
   keyed state with ``tracemalloc``: bytes freed when every customer's dedupe table is emptied (per tracked
@@ -106,6 +109,22 @@ def collect_outputs(bootstrap: str, run: str) -> Tuple[Dict[str, float], List[st
     return clean_totals({k: v for k, (_ver, v) in best.items()}), sorted(set(alerts))
 
 
+def store_outputs(chdb: str) -> Tuple[Dict[str, float], List[str]]:
+    """meterflow's billing-period totals and threshold alerts as its ClickHouse store holds them (the
+    contract's views ``usage_by_period`` and ``alerts_log``); for a process that opens no other chDB path."""
+    from meterflow.schemas.config import ClickHouseConfig
+    from meterflow.sinks.clickhouse import connect
+
+    client, db = connect(ClickHouseConfig(dsn=f"chdb://{chdb}"))
+    totals = {total_key(f"{t}|{c}", m, ps): float(v) for t, c, m, ps, v in client.query(
+        f"SELECT tenant_id, customer_id, metric, toUnixTimestamp64Milli(period_start), value "
+        f"FROM {db}.usage_by_period").result_rows}
+    alerts = [alert_key(f"{t}|{c}", m, ps, float(pct)) for t, c, m, ps, pct in client.query(
+        f"SELECT tenant_id, customer_id, metric, toUnixTimestamp64Milli(period_start), threshold_pct "
+        f"FROM {db}.alerts_log WHERE type = 'threshold_crossed'").result_rows]
+    return clean_totals(totals), sorted(set(alerts))
+
+
 def parse_alert(raw: bytes) -> Tuple[Optional[str], Optional[float]]:
     """A meterflow alert on the alerts topic as (the benchmark's alert key, detected_at in epoch ms);
     (None, None) for anything but a threshold crossing."""
@@ -135,7 +154,9 @@ def _process(args: argparse.Namespace) -> int:
     from meterflow.schemas.config import load_config
 
     cfg = load_config(args.config)
-    flow = flow_from_config(cfg, stop_at_end=True, recoverable=False)
+    addresses = args.addresses.split(";")
+    flow = flow_from_config(cfg, stop_at_end=True, recoverable=False, processes=len(addresses),
+                            process_id=args.process_id)
     tune_gc()  # as meter run does
     first: List[float] = []
     done = threading.Event()
@@ -148,7 +169,7 @@ def _process(args: argparse.Namespace) -> int:
 
     threading.Thread(target=watch, daemon=True).start()
     t0 = time.time()
-    cli_main(flow, workers_per_process=1, process_id=args.process_id, addresses=args.addresses.split(";"),
+    cli_main(flow, workers_per_process=1, process_id=args.process_id, addresses=addresses,
              epoch_interval=timedelta(milliseconds=parse_duration_ms(cfg.pipeline.epoch_interval)))
     t1 = time.time()
     done.set()
@@ -205,8 +226,35 @@ def _core(args: argparse.Namespace) -> int:
            "snapshot_bytes_per_customer": snapshot_bytes / customers if customers else None,
            "how": "tracemalloc: bytes freed when every CustomerMeter's dedupe table is replaced by an empty one / ids; "
                   "bytes held by all CustomerMeters (after a final flush) / customers; snapshot = pickle bytes"}
+    out.update(_native_core(cfg, batches))
     Path(args.out).write_text(json.dumps(out))
     return 0
+
+
+def _native_core(cfg: Any, batches: List[Any]) -> Dict[str, Any]:
+    """The native core (issue 16) over the same batches: events/s of its batch core (decode -> validate ->
+    dedupe -> aggregate, no entitlement work) and the bytes of its dedupe tables per tracked id (as the native
+    table counts them). Empty when meterflow_native is not built or cannot run this configuration."""
+    from meterflow.operators import native
+
+    if native.native_problem(cfg) is not None:
+        return {"native_error": native.native_problem(cfg)}
+    from benchmarks.native_core import run_native
+    from meterflow.base.timeutil import now_ms
+
+    now = now_ms()
+    best = min((run_native(cfg, batches, now) for _ in range(2)), key=lambda r: r["seconds"])
+    core = native.NativeBatchCore(cfg, clock=lambda: now)
+    for b in batches:
+        core.process(b)
+    raw = core._core
+    ids = raw.tracked_ids()
+    size = getattr(raw, "dedupe_bytes", None)
+    return {"native_core_eps": best["events"] / best["seconds"], "native_python_path": best["python_path"],
+            "native_tracked_ids": ids,
+            "native_dedupe_bytes_per_id": size() / ids if size is not None and ids else None,
+            "native_how": "NativeBatchCore.process over the same batches, best of two passes; dedupe: the native "
+                          "tables' own count of their bytes (slots and side tables) / ids"}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -217,12 +265,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--process-id", type=int, required=True)
     p.add_argument("--addresses", required=True, help="host:port;host:port")
     p.add_argument("--out", required=True)
+    st = sub.add_parser("store", help="the totals and threshold alerts of a chDB store, as JSON")
+    st.add_argument("--chdb", required=True)
+    st.add_argument("--out", required=True)
     c = sub.add_parser("core", help="in-process core throughput and keyed-state memory")
     c.add_argument("--config", required=True)
     c.add_argument("--events", required=True, help="JSONL file of the workload")
     c.add_argument("--batch", type=int, default=4096)
     c.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    if args.cmd == "store":
+        totals, alerts = store_outputs(args.chdb)
+        Path(args.out).write_text(json.dumps({"totals": totals, "alerts": alerts}))
+        return 0
     return _process(args) if args.cmd == "process" else _core(args)
 
 

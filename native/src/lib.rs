@@ -11,6 +11,7 @@
 mod acc;
 mod dedupe;
 mod json;
+mod mediate;
 mod time;
 
 use std::collections::{HashMap, HashSet};
@@ -22,7 +23,7 @@ use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyT
 
 use acc::Acc;
 use dedupe::IdTable;
-use json::{Event, Stamp, Val};
+use json::{Event, Val};
 use time::PeriodRule;
 
 const MAX_DEPTH: usize = 64;
@@ -473,8 +474,8 @@ impl BatchCore {
 
     /// CustomerMeter's dedupe eviction at the end of its `process`, for each customer folded since the last call:
     /// once its watermark is an hour past `seen_next` (`_DEDUPE_EVICT_SLACK_MS`), the ids whose expiry < its
-    /// watermark go. Called where a batch of the customer's events ends (`run`, `fold_many`, `fold_events`),
-    /// which is where the Python meter evicts, so `export_seen` holds the ids IdTable would.
+    /// watermark go. Called where a batch of the customer's events ends (`run`, `fold_many`, `fold_events`,
+    /// `fold_bundle`), which is where the Python meter evicts, so `export_seen` holds the ids IdTable would.
     /// It never changes a decision: an id is a duplicate only while its expiry >= the watermark, and a
     /// customer's watermark never decreases (fold_one, raise_wm only raise it), so an id with expiry < wm is,
     /// from then on, treated exactly as one that is absent (both are stored anew at their next event);
@@ -491,26 +492,7 @@ impl BatchCore {
 
     /// Mediation of one line (operators/mediate.py `Mediator.__call__`); None: the Python path decides.
     fn mediate<'l>(&self, raw: &'l [u8], horizon: i64) -> Option<(Event<'l>, i64, bool)> {
-        if raw.is_empty() || raw.len() > self.max_bytes {
-            return None;
-        }
-        // nesting: deeper than MAX_DEPTH needs more than MAX_DEPTH brackets; leave those lines to Python
-        let brackets = raw.iter().filter(|&&c| c == b'{' || c == b'[').count();
-        if brackets > MAX_DEPTH {
-            return None;
-        }
-        let ev = json::parse_event(raw)?;
-        let ts = match &ev.timestamp {
-            Stamp::Millis(v) => *v,
-            Stamp::Text(t) => time::parse_rfc3339(t)?,
-        };
-        if ts > horizon || ts < 0 {
-            return None;
-        }
-        let tenant = self.tenants.get(&*ev.tenant_id)?;
-        let excluded = tenant.excluded.contains(&*ev.customer_id)
-            || (!tenant.when.is_empty() && matches(&ev.props, &tenant.when));
-        Some((ev, ts, excluded))
+        mediate::mediate_line(&self.tenants, self.max_bytes, raw, horizon)
     }
 }
 
@@ -784,6 +766,33 @@ impl BatchCore {
         Ok((p, 0, 0))
     }
 
+    /// `fold_many` over a native mediator's `Bundle` (native/src/mediate.rs): the customers held here (the
+    /// others are skipped: see `unknown`), from customer `k` event `i` on; `(k, i, why)` as `fold_many`, why 1
+    /// also for an event the Python Mediator made. Note indexes are `k << 32 | i`.
+    fn fold_bundle(&mut self, bundle: PyRef<'_, mediate::Bundle>, k: usize, i: usize) -> PyResult<(usize, usize, u8)> {
+        mediate::fold_bundle(self, &bundle, k, i)
+    }
+
+    /// Hold customer `key` here (a customer admitted to the native fold that evaluates nothing).
+    fn hold(&mut self, py: Python<'_>, key: &str) {
+        if !self.index.contains_key(key) {
+            self.key_buf.clear();
+            self.key_buf.push_str(key);
+            self.new_customer(py);
+        }
+    }
+
+    /// The indexes of the bundle's customers not held here.
+    fn unknown(&self, bundle: PyRef<'_, mediate::Bundle>) -> Vec<usize> {
+        mediate::unknown(self, &bundle)
+    }
+
+    /// (events of the bundle's customers held here, those of them evaluating nothing, the evaluated keys).
+    fn bundle_counts<'py>(&self, py: Python<'py>, bundle: PyRef<'_, mediate::Bundle>)
+                          -> PyResult<(usize, usize, Bound<'py, PyList>)> {
+        mediate::bundle_counts(self, py, &bundle)
+    }
+
     /// The meter dead letters to word since the last call (as in `take_changes`), rows left for later.
     fn take_notes<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let notes = PyList::empty(py);
@@ -946,6 +955,10 @@ impl BatchCore {
 #[pymodule]
 fn meterflow_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<BatchCore>()?;
+    m.add_class::<mediate::Mediator>()?;
+    m.add_class::<mediate::Bundle>()?;
+    m.add_function(wrap_pyfunction!(mediate::float_json, m)?)?;
+    m.add_function(wrap_pyfunction!(mediate::crc32_of, m)?)?;
     m.add_class::<dedupe::PyIdTable>()?;
     m.add_function(wrap_pyfunction!(dedupe::bench_dedupe, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -5,7 +5,9 @@ id, the last gateway state per customer and metric, and the counters must be ide
 mixes, in shared shards, customers that evaluate nothing (no subscription, or a priced plan without
 entitlements) with customers whose soft and hard entitlements the native core checks at the events that
 reach a level (several thresholds crossed by one sum event, corrections, late events of earlier periods,
-blocks set and lifted).
+blocks set and lifted), and customers on the Python fold (beta|c3: spend thresholds, beta|c4: a wallet).
+Native mediation is in every native run: hostile and invalid lines, unknown tenants, excluded customers,
+sources of every shape, and the raw archive (``archive_raw``, on by default) is compared column by column.
 """
 
 from __future__ import annotations
@@ -103,6 +105,28 @@ included = 5
 thresholds = [50, 100]
 enforcement = "hard"
 
+[[plans]]
+code = "spendy"
+[plans.entitlements.tokens]
+price = { model = "per_unit", unit_amount = 0.5 }
+spend_thresholds = [2, 5]
+
+[[subscriptions]]
+tenant_id = "beta"
+customer_id = "c3"
+plan = "spendy"
+period = "day"
+anchor = "2026-11-01T00:00:00Z"
+
+[[subscriptions]]
+tenant_id = "beta"
+customer_id = "c4"
+plan = "metered"
+period = "month"
+[subscriptions.wallet]
+balance = 6
+credit_rates = { api_calls = 1 }
+
 [[subscriptions]]
 tenant_id = "beta"
 customer_id = "c2"
@@ -161,7 +185,8 @@ def lines(draw, thresholded: bool = False) -> bytes:
         "event_type": draw(st.sampled_from(["api_call", "api_call", "gpu", "other"])),
     }
     if thresholded and draw(st.integers(0, 4)):
-        ev["tenant_id"], ev["customer_id"] = draw(st.sampled_from([("acme", "c1"), ("acme", "c4"), ("beta", "c2")]))
+        ev["tenant_id"], ev["customer_id"] = draw(st.sampled_from([("acme", "c1"), ("acme", "c4"), ("beta", "c2"),
+                                                                   ("beta", "c3"), ("beta", "c4")]))
         ev["event_id"] = f"t{draw(st.integers(0, 10_000))}"
         ev["event_type"] = draw(st.sampled_from(["api_call", "gpu"]))
     ts = BASE + draw(st.integers(0, 12)) * DAY // 2 + draw(st.sampled_from([0, 1, 3_599_999, 3_600_000]))
@@ -177,14 +202,35 @@ def lines(draw, thresholded: bool = False) -> bytes:
         ev["correction"] = True
         ev["corrects"] = "e1"
     raw = json.dumps(ev, ensure_ascii=draw(st.booleans())).encode()
-    how = draw(st.integers(0, 14))
+    how = draw(st.integers(0, 20))
     if how == 0:
         raw = raw[: draw(st.integers(0, len(raw)))]
     elif how == 1:
         raw = raw.replace(b'"event_type"', b'"event\\u005ftype"', 1)  # decoded by Python, folded natively
     elif how == 2:
         raw = b"[" * 70 + raw
+    elif how == 3:
+        raw = raw.replace(b'"', b'"\xff', 1)  # not UTF-8
+    elif how == 4:
+        raw = raw[:-1] + b', "pad": "' + b"p" * 600 + b'"}'  # beyond max_event_bytes
+    elif how == 5:
+        raw = raw.replace(b"{", b'{"timestamp": "2026-13-01T00:00:00Z", ', 1)  # a repeated key
+    elif how == 6:
+        raw = json.dumps({**ev, "timestamp": draw(st.sampled_from([-1, "1969-12-31T23:59:59Z", True]))}).encode()
     return raw
+
+
+def sourced(stream: List[Any]) -> List[Any]:
+    """``(src, raw)`` items with sources of every shape: file lines, Kafka offsets, and a few the native
+    mediator leaves to Python (not a tuple of a name and ints)."""
+    def src(i: int) -> Any:
+        if i % 5 == 3:
+            return ("usage.events", i % 2, 10_000 + i)
+        if i % 11 == 7:
+            return f"odd-source-{i}"
+        return ("events.jsonl", i + 1)
+
+    return [(src(i), raw) for i, raw in enumerate(stream)]
 
 
 def _iso(ms: int) -> str:
@@ -203,7 +249,11 @@ def outcome(out: List[Any]) -> Dict[str, Any]:
             rows[k] = (version, r)
 
     dead, alerts, gateway = {}, {}, {}
+    raw: List[Tuple[Any, ...]] = []  # the raw archive, every column but the wall-clock ingested_at
     for em in out:
+        if em.raw_events is not None:
+            cols = msgspec.structs.asdict(msgspec.structs.replace(em.raw_events, ingested_at=[]))
+            raw += zip(*[v for k, v in cols.items() if k != "ingested_at"])
         for r in em.windows:
             keep(("w", r.tenant_id, r.customer_id, r.metric, r.window_start), msgspec.structs.asdict(r), r.version)
         for r in em.periods:
@@ -218,7 +268,7 @@ def outcome(out: List[Any]) -> Dict[str, Any]:
         for a in em.alerts:
             alerts[a.alert_id] = {k: v for k, v in msgspec.structs.asdict(a).items()
                                   if k not in ("detected_at", "ingested_at", "event_time")}
-    return {"rows": rows, "dead": dead, "alerts": alerts, "gateway": gateway}
+    return {"rows": rows, "dead": dead, "alerts": alerts, "gateway": gateway, "raw": sorted(raw, key=repr)}
 
 
 def run_flow(core: str, items: List[Any], batch_size: int, workers: int = 1, aborts: int = 0) -> Dict[str, Any]:
@@ -256,7 +306,7 @@ SETTINGS = dict(deadline=None, database=None, suppress_health_check=[HealthCheck
 @given(stream=st.lists(lines(), min_size=1, max_size=40), batch_size=st.integers(1, 10),
        workers=st.sampled_from([1, 2]))
 def test_native_and_python_cores_emit_the_same_through_the_flow(stream, batch_size, workers):
-    items = [(("events.jsonl", i + 1), raw) for i, raw in enumerate(stream)]
+    items = sourced(stream)
     want = run_flow("python", items, batch_size, workers)
     got = run_flow("native", items, batch_size, workers)
     assert got == want
@@ -268,7 +318,7 @@ def test_native_and_python_cores_emit_the_same_through_the_flow(stream, batch_si
 def test_native_and_python_cores_alert_the_same(stream, batch_size, workers):
     """Thresholds (several crossed by one sum event), blocks set and lifted by corrections, late events of
     earlier periods: the same alerts (id, event_id, usage, ...), gateway states, rows and counters."""
-    items = [(("events.jsonl", i + 1), raw) for i, raw in enumerate(stream)]
+    items = sourced(stream)
     want = run_flow("python", items, batch_size, workers)
     got = run_flow("native", items, batch_size, workers)
     assert got == want
@@ -280,7 +330,7 @@ def test_native_and_python_cores_alert_the_same(stream, batch_size, workers):
        cuts=st.lists(st.integers(0, 200), min_size=1, max_size=2))
 def test_native_and_python_cores_agree_through_abort_and_resume(stream, batch_size, cuts):
     def items() -> List[Any]:  # new ABORT markers for each flow: a marker aborts once
-        out: List[Any] = [(("events.jsonl", i + 1), raw) for i, raw in enumerate(stream)]
+        out: List[Any] = sourced(stream)
         for c in sorted(set(cuts), reverse=True):
             out.insert(c % (len(out) + 1), TestingSource.ABORT())
         return out
@@ -317,13 +367,15 @@ def test_the_native_core_folds_the_customers_that_evaluate_nothing():
                                          "event_type": "api_call", "timestamp": ts, "properties": {"tokens": 2}})
                 .encode())
 
-    def run(core):
+    def run(core, native_mediation=False):
         cfg = config(core, shards=1)
-        med = Mediator(cfg, stats=FlowStats())
+        med = native.NativeMediator(cfg, stats=FlowStats()) if native_mediation else Mediator(cfg, stats=FlowStats())
         logic = _ShardLogic(Rules(cfg), 1, None, True, med, clock=lambda: BASE + 40 * DAY,
                             native=native.NativeMeters(cfg) if core == "native" else None)
 
         def bundles(batch):
+            if native_mediation:  # native bundles: the first batch alone, the second with the changelog record
+                return [b for _, b in med.split(batch, False)[0]]
             return [b for _, b in bundle_shards(med(batch).groups, 1)]
 
         first, _ = logic.on_batch(bundles([ev("a", "c3", BASE), ev("b", "c2", BASE), ev("c", "c1", BASE)]))
@@ -343,6 +395,7 @@ def test_the_native_core_folds_the_customers_that_evaluate_nothing():
     assert alerts == [("threshold_crossed", 50.0, "", 2.0), ("threshold_crossed", 100.0, "f", 4.0),
                       ("blocked", 100.0, "f", 4.0)]
     assert (keys, after, snap, alerts, rows) == (keys, after) + run("python")[2:]
+    assert run("native", native_mediation=True) == (keys, after, snap, alerts, rows)
 
 
 def test_native_core_refused_with_the_reason_when_it_cannot_meter_the_configuration():

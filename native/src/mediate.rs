@@ -1,0 +1,707 @@
+//! Native mediation for the dataflow (`pipeline.core = "native"`): one `Mediator` per worker takes a batch
+//! of `(src, raw)` items, validates each line exactly as operators/mediate.py `Mediator` (through the same
+//! `mediate_line` as `BatchCore::run`), assigns its time, watermark and exclusion, and groups the events
+//! into one `Bundle` per shard (`shard_of`: CRC-32 of the UTF-8 `tenant|customer` key modulo the shard
+//! count). A line it does not take exactly stops `run`; the Python wrapper (operators/native.py
+//! `NativeMediator`) sends that line through the Python Mediator and `push`es the event it makes, if any,
+//! so every customer's events stay in arrival order.
+//!
+//! A `Bundle` keeps its events in Rust (the raw lines concatenated, times, watermarks, exclusions, the
+//! source of each line), grouped per customer in order of the customers' first events; it pickles to one
+//! bytes object (plus the few Python-made events) to cross workers. The shard's `BatchCore::fold_bundle`
+//! folds it with no Python object per event.
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyBytes, PyDict, PyInt, PyList, PyString, PyTuple};
+
+use crate::json::{self, Event, Stamp, Val};
+use crate::{fingerprint, matches, pairs, time, BatchCore, FxMap, Tenant, LAST_EVENT_MS, MAX_DEPTH};
+
+/// Mediation of one line (operators/mediate.py `Mediator.__call__`); None: the Python path decides.
+pub(crate) fn mediate_line<'l>(tenants: &FxMap<String, Tenant>, max_bytes: usize, raw: &'l [u8], horizon: i64)
+                               -> Option<(Event<'l>, i64, bool)> {
+    if raw.is_empty() || raw.len() > max_bytes {
+        return None;
+    }
+    // nesting: deeper than MAX_DEPTH needs more than MAX_DEPTH brackets; leave those lines to Python
+    let brackets = raw.iter().filter(|&&c| c == b'{' || c == b'[').count();
+    if brackets > MAX_DEPTH {
+        return None;
+    }
+    let ev = json::parse_event(raw)?;
+    let ts = match &ev.timestamp {
+        Stamp::Millis(v) => *v,
+        Stamp::Text(t) => time::parse_rfc3339(t)?,
+    };
+    if ts > horizon || ts < 0 {
+        return None;
+    }
+    let tenant = tenants.get(&*ev.tenant_id)?;
+    let excluded = tenant.excluded.contains(&*ev.customer_id)
+        || (!tenant.when.is_empty() && matches(&ev.props, &tenant.when));
+    Some((ev, ts, excluded))
+}
+
+// ---- CRC-32 (IEEE, as zlib.crc32) ---------------------------------------------------------------------
+const fn crc_table() -> [u32; 256] {
+    let mut t = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            k += 1;
+        }
+        t[i] = c;
+        i += 1;
+    }
+    t
+}
+static CRC: [u32; 256] = crc_table();
+
+pub(crate) fn crc32(b: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &x in b {
+        c = CRC[((c ^ x as u32) & 0xff) as usize] ^ (c >> 8);
+    }
+    !c
+}
+
+// ---- JSON text of properties as msgspec encodes them (raw archive `properties`) ------------------------
+fn push_str_json(out: &mut String, s: &str) {
+    out.push('"');
+    for ch in s.chars() {
+        match ch {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// A float as msgspec writes it: the shortest round-trip digits, fixed notation for decimal exponents
+/// -5..=15 ("0.00001", "1000000000000000.0"), else "1e16", "1.5e-6".
+pub(crate) fn push_f64_json(out: &mut String, f: f64) {
+    let e = format!("{:e}", f);
+    let (neg, e) = match e.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, e.as_str()),
+    };
+    let (mant, exp) = e.split_once('e').unwrap_or((e, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let digits: String = mant.chars().filter(|c| *c != '.').collect();
+    if neg {
+        out.push('-');
+    }
+    let n = digits.len() as i32;
+    if (-5..16).contains(&exp) {
+        let point = exp + 1;
+        if point >= n {
+            out.push_str(&digits);
+            for _ in 0..(point - n) {
+                out.push('0');
+            }
+            out.push_str(".0");
+        } else if point <= 0 {
+            out.push_str("0.");
+            for _ in 0..(-point) {
+                out.push('0');
+            }
+            out.push_str(&digits);
+        } else {
+            out.push_str(&digits[..point as usize]);
+            out.push('.');
+            out.push_str(&digits[point as usize..]);
+        }
+    } else {
+        out.push_str(&digits[..1]);
+        if n > 1 {
+            out.push('.');
+            out.push_str(&digits[1..]);
+        }
+        out.push('e');
+        out.push_str(&exp.to_string());
+    }
+}
+
+fn props_json<K: AsRef<str>>(props: &[(K, Val)]) -> String {
+    if props.is_empty() {
+        return "{}".to_owned();
+    }
+    let mut out = String::with_capacity(64);
+    out.push('{');
+    for (i, (k, v)) in props.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_str_json(&mut out, k.as_ref());
+        out.push(':');
+        match v {
+            Val::Str(s) => push_str_json(&mut out, s),
+            Val::Int(i) => out.push_str(&i.to_string()),
+            Val::Float(f) => push_f64_json(&mut out, *f),
+            Val::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            Val::Null => out.push_str("null"),
+            Val::Big(..) => unreachable!("the native scanner never makes big ints"),
+        }
+    }
+    out.push('}');
+    out
+}
+
+// ---- sources -------------------------------------------------------------------------------------------
+/// A source location the bundle can store: `(name, a)` or `(name, a, b)`, ints exactly (not bools).
+#[derive(Clone, Copy)]
+struct Src {
+    name: u32,
+    kind: u8, // 2 or 3 items
+    a: i64,
+    b: i64,
+}
+
+fn exact_int(v: &Bound<'_, PyAny>) -> Option<i64> {
+    if v.is_exact_instance_of::<PyInt>() {
+        v.extract::<i64>().ok()
+    } else {
+        None
+    }
+}
+
+fn src_tuple<'py>(py: Python<'py>, names: &[String], s: &Src) -> PyResult<Bound<'py, PyTuple>> {
+    let name = PyString::new(py, &names[s.name as usize]);
+    if s.kind == 2 {
+        PyTuple::new(py, [name.into_any(), s.a.into_pyobject(py)?.into_any()])
+    } else {
+        PyTuple::new(py, [name.into_any(), s.a.into_pyobject(py)?.into_any(), s.b.into_pyobject(py)?.into_any()])
+    }
+}
+
+fn src_text(names: &[String], s: &Src) -> String {
+    let n = &names[s.name as usize];
+    if s.kind == 2 {
+        format!("{n}:{}", s.a)
+    } else {
+        format!("{n}/{}/{}", s.a, s.b)
+    }
+}
+
+// ---- the bundle ----------------------------------------------------------------------------------------
+const BUNDLE_VERSION: u8 = 1;
+
+/// One shard's share of a batch: its customers in order of their first events, each one's events in
+/// arrival order. An event is a native one (its line, time, watermark, exclusion, source) or one the
+/// Python Mediator made (`py`: its `MeteredEvent`, index `pyi`).
+#[pyclass(module = "meterflow_native")]
+#[derive(Default)]
+pub(crate) struct Bundle {
+    pub(crate) keys: Vec<String>,
+    pub(crate) starts: Vec<u32>, // customer k's events are starts[k]..starts[k + 1]
+    buf: Vec<u8>,
+    ends: Vec<u32>, // event i's line is buf[ends[i - 1]..ends[i]]
+    pub(crate) ts: Vec<i64>,
+    pub(crate) wm: Vec<i64>,
+    pub(crate) excl: Vec<bool>,
+    names: Vec<String>,
+    srcs: Vec<Src>,
+    pub(crate) pyi: Vec<i32>, // -1: native; else the index in `py`
+    py: Vec<Py<PyAny>>,
+    #[pyo3(get)]
+    ingested: i64,
+}
+
+impl Bundle {
+    pub(crate) fn line(&self, i: usize) -> &[u8] {
+        let s = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        &self.buf[s..self.ends[i] as usize]
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut w: Vec<u8> = Vec::with_capacity(self.buf.len() + self.ts.len() * 40 + 64);
+        let u32s = |w: &mut Vec<u8>, v: u32| w.extend_from_slice(&v.to_le_bytes());
+        let strs = |w: &mut Vec<u8>, v: &[String]| {
+            w.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            for s in v {
+                w.extend_from_slice(&(s.len() as u32).to_le_bytes());
+                w.extend_from_slice(s.as_bytes());
+            }
+        };
+        w.push(BUNDLE_VERSION);
+        w.extend_from_slice(&self.ingested.to_le_bytes());
+        strs(&mut w, &self.keys);
+        strs(&mut w, &self.names);
+        for &s in &self.starts {
+            u32s(&mut w, s);
+        }
+        let n = self.ts.len() as u32;
+        u32s(&mut w, n);
+        u32s(&mut w, self.buf.len() as u32);
+        w.extend_from_slice(&self.buf);
+        for i in 0..n as usize {
+            u32s(&mut w, self.ends[i]);
+            w.extend_from_slice(&self.ts[i].to_le_bytes());
+            w.extend_from_slice(&self.wm[i].to_le_bytes());
+            w.push(self.excl[i] as u8);
+            let s = &self.srcs[i];
+            u32s(&mut w, s.name);
+            w.push(s.kind);
+            w.extend_from_slice(&s.a.to_le_bytes());
+            w.extend_from_slice(&s.b.to_le_bytes());
+            w.extend_from_slice(&self.pyi[i].to_le_bytes());
+        }
+        w
+    }
+
+    fn decode(data: &[u8], py: Vec<Py<PyAny>>) -> Option<Bundle> {
+        struct Rd<'a>(&'a [u8], usize);
+        impl<'a> Rd<'a> {
+            fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+                let s = self.0.get(self.1..self.1 + n)?;
+                self.1 += n;
+                Some(s)
+            }
+            fn u8(&mut self) -> Option<u8> {
+                Some(self.take(1)?[0])
+            }
+            fn u32(&mut self) -> Option<u32> {
+                Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+            }
+            fn i64(&mut self) -> Option<i64> {
+                Some(i64::from_le_bytes(self.take(8)?.try_into().ok()?))
+            }
+            fn strs(&mut self) -> Option<Vec<String>> {
+                let n = self.u32()? as usize;
+                let mut v = Vec::with_capacity(n.min(1 << 16));
+                for _ in 0..n {
+                    let l = self.u32()? as usize;
+                    v.push(String::from_utf8(self.take(l)?.to_vec()).ok()?);
+                }
+                Some(v)
+            }
+        }
+        let mut r = Rd(data, 0);
+        if r.u8()? != BUNDLE_VERSION {
+            return None;
+        }
+        let mut b = Bundle { ingested: r.i64()?, ..Default::default() };
+        b.keys = r.strs()?;
+        b.names = r.strs()?;
+        for _ in 0..=b.keys.len() {
+            b.starts.push(r.u32()?);
+        }
+        let n = r.u32()? as usize;
+        let bl = r.u32()? as usize;
+        b.buf = r.take(bl)?.to_vec();
+        for _ in 0..n {
+            b.ends.push(r.u32()?);
+            b.ts.push(r.i64()?);
+            b.wm.push(r.i64()?);
+            b.excl.push(r.u8()? != 0);
+            let name = r.u32()?;
+            let kind = r.u8()?;
+            let (a, bb) = (r.i64()?, r.i64()?);
+            b.srcs.push(Src { name, kind, a, b: bb });
+            let pi = i32::from_le_bytes(r.take(4)?.try_into().ok()?);
+            if pi >= 0 && pi as usize >= py.len() {
+                return None;
+            }
+            b.pyi.push(pi);
+        }
+        if r.1 != data.len() || *b.starts.last()? as usize != n {
+            return None;
+        }
+        b.py = py;
+        Some(b)
+    }
+}
+
+#[pymethods]
+impl Bundle {
+    /// Restore a pickled bundle: `Bundle(state, python_events)` (`__reduce__`).
+    #[new]
+    fn py_new(state: &[u8], events: Vec<Py<PyAny>>) -> PyResult<Self> {
+        Bundle::decode(state, events).ok_or_else(|| PyValueError::new_err("not a meterflow_native bundle state"))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>, Bound<'py, PyList>))> {
+        let py = slf.py();
+        let b = slf.borrow();
+        let events = PyList::new(py, b.py.iter().map(|o| o.bind(py)))?;
+        Ok((slf.get_type().into_any(), (PyBytes::new(py, &b.encode()), events)))
+    }
+
+    fn __len__(&self) -> usize {
+        self.ts.len()
+    }
+
+    /// The customers (`tenant|customer`), in order of their first events.
+    fn keys<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        PyList::new(py, self.keys.iter().map(|k| PyString::new(py, k)))
+    }
+
+    /// How many events customer `k` has here.
+    fn count(&self, k: usize) -> usize {
+        (self.starts[k + 1] - self.starts[k]) as usize
+    }
+
+    /// Customer `k`'s `i`-th event: its `MeteredEvent` when the Python Mediator made it, else
+    /// `(raw, ts, wm, src, excluded)` (the wrapper decodes it).
+    fn event<'py>(&self, py: Python<'py>, k: usize, i: usize) -> PyResult<Bound<'py, PyAny>> {
+        let j = self.starts[k] as usize + i;
+        if self.pyi[j] >= 0 {
+            return Ok(self.py[self.pyi[j] as usize].bind(py).clone());
+        }
+        let src = src_tuple(py, &self.names, &self.srcs[j])?;
+        Ok((PyBytes::new(py, self.line(j)), self.ts[j], self.wm[j], src, self.excl[j]).into_pyobject(py)?.into_any())
+    }
+
+    /// Every event of customer `k`, as `event` gives them.
+    fn events<'py>(&self, py: Python<'py>, k: usize) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        for i in 0..self.count(k) {
+            out.append(self.event(py, k, i)?)?;
+        }
+        Ok(out)
+    }
+}
+
+// ---- the mediator --------------------------------------------------------------------------------------
+struct StCust {
+    key: String,
+    shard: u32,
+    events: Vec<u32>,
+}
+
+struct StEv {
+    start: u32,
+    end: u32,
+    ts: i64,
+    wm: i64,
+    excl: bool,
+    src: Src,
+    py: Option<Py<PyAny>>,
+}
+
+/// One worker's native mediation (see the module doc). `run` and `push` stage a batch; `columns` gives
+/// its raw archive columns, `take` its bundles (and starts the next batch).
+#[pyclass(module = "meterflow_native")]
+pub(crate) struct Mediator {
+    max_bytes: usize,
+    max_skew_ms: i64,
+    tenants: FxMap<String, Tenant>,
+    shards: u32,
+    custs: Vec<StCust>,
+    index: FxMap<String, usize>,
+    buf: Vec<u8>,
+    evs: Vec<StEv>,
+    names: Vec<String>,
+    key_buf: String,
+}
+
+impl Mediator {
+    fn stage(&mut self, ev: StEv) {
+        let key = self.key_buf.as_str();
+        let ci = match self.index.get(key) {
+            Some(&c) => c,
+            None => {
+                let c = self.custs.len();
+                let shard = crc32(key.as_bytes()) % self.shards;
+                self.custs.push(StCust { key: key.to_owned(), shard, events: Vec::new() });
+                self.index.insert(key.to_owned(), c);
+                c
+            }
+        };
+        self.custs[ci].events.push(self.evs.len() as u32);
+        self.evs.push(ev);
+    }
+
+    fn name_index(&mut self, name: &str) -> u32 {
+        match self.names.iter().rposition(|n| n == name) {
+            Some(i) => i as u32,
+            None => {
+                self.names.push(name.to_owned());
+                (self.names.len() - 1) as u32
+            }
+        }
+    }
+
+    fn src_of(&mut self, src: &Bound<'_, PyAny>) -> Option<Src> {
+        let t = src.cast::<PyTuple>().ok()?;
+        if !src.is_exact_instance_of::<PyTuple>() {
+            return None;
+        }
+        let n = t.len();
+        if n != 2 && n != 3 {
+            return None;
+        }
+        let name_obj = t.get_item(0).ok()?;
+        if !name_obj.is_exact_instance_of::<PyString>() {
+            return None;
+        }
+        let a = exact_int(&t.get_item(1).ok()?)?;
+        let b = if n == 3 { exact_int(&t.get_item(2).ok()?)? } else { 0 };
+        let name = name_obj.cast::<PyString>().ok()?.to_str().ok()?;
+        Some(Src { name: self.name_index(name), kind: n as u8, a, b })
+    }
+}
+
+#[pymethods]
+impl Mediator {
+    /// `spec` as BatchCore's (operators/native.py `_spec`); `shards`: pipeline.shards.
+    #[new]
+    fn new(spec: &Bound<'_, PyDict>, shards: u32) -> PyResult<Self> {
+        let get = |k: &str| -> PyResult<Bound<'_, PyAny>> {
+            spec.get_item(k)?.ok_or_else(|| PyValueError::new_err(format!("spec: missing {k}")))
+        };
+        let mut tenants = FxMap::default();
+        for t in get("tenants")?.try_iter()? {
+            let t = t?;
+            let id: String = t.get_item(0)?.extract()?;
+            let excluded: Vec<String> = t.get_item(1)?.extract()?;
+            tenants.insert(id, Tenant { excluded: excluded.into_iter().collect(), when: pairs(&t.get_item(2)?)? });
+        }
+        if shards == 0 {
+            return Err(PyValueError::new_err("shards must be at least 1"));
+        }
+        Ok(Mediator {
+            max_bytes: get("max_event_bytes")?.extract()?,
+            max_skew_ms: get("max_clock_skew_ms")?.extract()?,
+            tenants,
+            shards,
+            custs: Vec::new(),
+            index: FxMap::default(),
+            buf: Vec::new(),
+            evs: Vec::new(),
+            names: Vec::new(),
+            key_buf: String::new(),
+        })
+    }
+
+    /// Mediate `batch[start:]` (`(src, raw)` items) with the wall clock `now_ms` and the watermark `wm`
+    /// until a line it does not take exactly; returns `(index of that line or len(batch), watermark)`.
+    fn run(&mut self, batch: &Bound<'_, PyList>, start: usize, now_ms: i64, wm: i64) -> PyResult<(usize, i64)> {
+        let horizon = (now_ms + self.max_skew_ms).min(LAST_EVENT_MS);
+        let n = batch.len();
+        let mut wm = wm;
+        let mut i = start;
+        while i < n {
+            let item = batch.get_item(i)?;
+            let Ok(t) = item.cast::<PyTuple>() else { return Ok((i, wm)) };
+            if t.len() != 2 {
+                return Ok((i, wm));
+            }
+            let raw_obj = t.get_item(1)?;
+            let Ok(b) = raw_obj.cast::<PyBytes>() else { return Ok((i, wm)) };
+            let raw = b.as_bytes();
+            let Some((ev, ts, excluded)) = mediate_line(&self.tenants, self.max_bytes, raw, horizon) else {
+                return Ok((i, wm));
+            };
+            let Some(src) = self.src_of(&t.get_item(0)?) else { return Ok((i, wm)) };
+            if ts > wm {
+                wm = ts;
+            }
+            self.key_buf.clear();
+            self.key_buf.push_str(&ev.tenant_id);
+            self.key_buf.push('|');
+            self.key_buf.push_str(&ev.customer_id);
+            let start_b = self.buf.len() as u32;
+            self.buf.extend_from_slice(raw);
+            let end_b = self.buf.len() as u32;
+            self.stage(StEv { start: start_b, end: end_b, ts, wm, excl: excluded, src, py: None });
+            i += 1;
+        }
+        Ok((i, wm))
+    }
+
+    /// An event the Python Mediator made (`MeteredEvent`), for customer `key`, after the lines staged so far.
+    fn push(&mut self, key: &str, me: &Bound<'_, PyAny>) -> PyResult<()> {
+        let ts: i64 = me.getattr("ts")?.extract()?;
+        let wm: i64 = me.getattr("wm")?.extract()?;
+        let excl: bool = me.getattr("excluded")?.extract()?;
+        self.key_buf.clear();
+        self.key_buf.push_str(key);
+        let at = self.buf.len() as u32;
+        let src = Src { name: 0, kind: 0, a: 0, b: 0 };
+        self.stage(StEv { start: at, end: at, ts, wm, excl, src, py: Some(me.clone().unbind()) });
+        Ok(())
+    }
+
+    /// The raw archive columns of the staged batch (operators/mediate.py `raw_columns`, in its order:
+    /// customers by first event), or None when nothing was accepted. `py_row(me)` gives the ten column
+    /// values of a Python-made event.
+    fn columns<'py>(&self, py: Python<'py>, ingested: i64, py_row: &Bound<'py, PyAny>)
+                    -> PyResult<Option<Bound<'py, PyTuple>>> {
+        if self.evs.is_empty() {
+            return Ok(None);
+        }
+        let cols: Vec<Bound<'py, PyList>> = (0..10).map(|_| PyList::empty(py)).collect();
+        for c in &self.custs {
+            for &e in &c.events {
+                let ev = &self.evs[e as usize];
+                if let Some(me) = &ev.py {
+                    let row = py_row.call1((me.bind(py),))?;
+                    for (k, col) in cols.iter().enumerate() {
+                        col.append(row.get_item(k)?)?;
+                    }
+                    continue;
+                }
+                let raw = &self.buf[ev.start as usize..ev.end as usize];
+                let p = json::parse_event(raw).ok_or_else(|| PyValueError::new_err("staged line no longer parses"))?;
+                cols[0].append(PyString::new(py, &p.tenant_id))?;
+                cols[1].append(PyString::new(py, &p.customer_id))?;
+                cols[2].append(PyString::new(py, &p.event_id))?;
+                cols[3].append(PyString::new(py, &p.event_type))?;
+                cols[4].append(ev.ts)?;
+                cols[5].append(PyString::new(py, &props_json(&p.props)))?;
+                cols[6].append(PyBool::new(py, p.correction))?;
+                cols[7].append(ingested)?;
+                cols[8].append(PyString::new(py, &src_text(&self.names, &ev.src)))?;
+                cols[9].append(if ev.src.kind == 0 { 0 } else if ev.src.kind == 2 { ev.src.a } else { ev.src.b })?;
+            }
+        }
+        Ok(Some(PyTuple::new(py, cols)?))
+    }
+
+    /// The staged batch as `[(shard, Bundle)]`, shards in order of their first customers (as
+    /// operators/mediate.py `bundle_shards`); the next batch starts empty.
+    fn take<'py>(&mut self, py: Python<'py>, ingested: i64) -> PyResult<Bound<'py, PyList>> {
+        let mut order: Vec<u32> = Vec::new();
+        let mut by_shard: FxMap<u32, Bundle> = FxMap::default();
+        let custs = std::mem::take(&mut self.custs);
+        let mut evs: Vec<Option<StEv>> = std::mem::take(&mut self.evs).into_iter().map(Some).collect();
+        for c in custs {
+            let b = by_shard.entry(c.shard).or_insert_with(|| {
+                order.push(c.shard);
+                Bundle { ingested, starts: vec![0], ..Default::default() }
+            });
+            for e in c.events {
+                let ev = evs[e as usize].take().expect("each event staged once");
+                let raw = &self.buf[ev.start as usize..ev.end as usize];
+                b.buf.extend_from_slice(raw);
+                b.ends.push(b.buf.len() as u32);
+                b.ts.push(ev.ts);
+                b.wm.push(ev.wm);
+                b.excl.push(ev.excl);
+                let mut src = ev.src;
+                if ev.py.is_none() {
+                    let name = &self.names[src.name as usize];
+                    src.name = match b.names.iter().rposition(|n| n == name) {
+                        Some(i) => i as u32,
+                        None => {
+                            b.names.push(name.clone());
+                            (b.names.len() - 1) as u32
+                        }
+                    };
+                }
+                b.srcs.push(src);
+                match ev.py {
+                    Some(o) => {
+                        b.pyi.push(b.py.len() as i32);
+                        b.py.push(o);
+                    }
+                    None => b.pyi.push(-1),
+                }
+            }
+            b.keys.push(c.key);
+            b.starts.push(b.ts.len() as u32);
+        }
+        self.index.clear();
+        self.buf.clear();
+        self.names.clear();
+        let out = PyList::empty(py);
+        for s in order {
+            let b = by_shard.remove(&s).expect("shard staged");
+            out.append((s.to_string(), Bound::new(py, b)?))?;
+        }
+        Ok(out)
+    }
+}
+
+/// `BatchCore::fold_bundle`: the customers of `b` the core holds (others skipped), from customer `k` event
+/// `i` on. Returns `(k, i, why)` as `fold_many` (why 1 also for a Python-made event).
+pub(crate) fn fold_bundle(core: &mut BatchCore, b: &Bundle, k_start: usize, i_start: usize)
+                          -> PyResult<(usize, usize, u8)> {
+    let nk = b.keys.len();
+    let mut k = k_start;
+    let mut i = i_start;
+    while k < nk {
+        let Some(&ci) = core.index.get(b.keys[k].as_str()) else {
+            k += 1;
+            i = 0;
+            continue;
+        };
+        let (s, e) = (b.starts[k] as usize, b.starts[k + 1] as usize);
+        while s + i < e {
+            let j = s + i;
+            if b.pyi[j] >= 0 {
+                return Ok((k, i, 1));
+            }
+            let Some(ev) = json::parse_event(b.line(j)) else { return Ok((k, i, 1)) };
+            let (ts, wm) = (b.ts[j], b.wm[j]);
+            if wm > core.watermark {
+                core.watermark = wm;
+            }
+            if core.fold_one(k << 32 | i, ci, fingerprint(&ev.event_id), &ev.event_type, ts, wm, b.excl[j],
+                             ev.correction, &ev.props).is_err() {
+                return Ok((k, i, 2));
+            }
+            core.c.read += 1;
+            if !core.stops.is_empty() {
+                return Ok((k, i, 3));
+            }
+            i += 1;
+        }
+        k += 1;
+        i = 0;
+    }
+    core.evict_seen(); // (the end of each customer's events of the batch: where CustomerMeter evicts)
+    Ok((k, 0, 0))
+}
+
+/// `BatchCore::bundle_counts`: (events of the customers the core holds, those of them that evaluate
+/// nothing, the evaluated customers' keys).
+pub(crate) fn bundle_counts<'py>(core: &BatchCore, py: Python<'py>, b: &Bundle)
+                                 -> PyResult<(usize, usize, Bound<'py, PyList>)> {
+    let (mut n, mut unevaluated) = (0usize, 0usize);
+    let evaluated = PyList::empty(py);
+    for (k, key) in b.keys.iter().enumerate() {
+        if let Some(&ci) = core.index.get(key.as_str()) {
+            let c = (b.starts[k + 1] - b.starts[k]) as usize;
+            n += c;
+            if core.customers[ci].levels.is_some() {
+                evaluated.append(PyString::new(py, key))?;
+            } else {
+                unevaluated += c;
+            }
+        }
+    }
+    Ok((n, unevaluated, evaluated))
+}
+
+/// `BatchCore::unknown`: the indexes of the customers of `b` the core does not hold.
+pub(crate) fn unknown(core: &BatchCore, b: &Bundle) -> Vec<usize> {
+    (0..b.keys.len()).filter(|&k| !core.index.contains_key(b.keys[k].as_str())).collect()
+}
+
+/// Test hook: the raw archive's properties text of a float (msgspec's format).
+#[pyfunction]
+pub(crate) fn float_json(f: f64) -> String {
+    let mut s = String::new();
+    push_f64_json(&mut s, f);
+    s
+}
+
+/// Test hook: `zlib.crc32`.
+#[pyfunction]
+pub(crate) fn crc32_of(b: &[u8]) -> u32 {
+    crc32(b)
+}

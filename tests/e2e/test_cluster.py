@@ -1,0 +1,154 @@
+"""A two-process Bytewax cluster writes ONE consistent store: real broker, real chDB, real `meter run`s.
+
+Two `meter run --addresses "127.0.0.1:P0;127.0.0.1:P1" --process-id 0|1` processes (1 worker each, the
+same configuration, so the same embedded chDB path) read one 3-partition events topic to its end. Process
+0 alone opens chDB (``meterflow.sinks.single_writer``): if process 1 opened it too, one of the two would be
+refused with the path's holder named and the test would fail on its exit code. The one store must then hold
+exactly what the independent model (``tests/e2e/reference.py``) computes for usage_by_period,
+usage_by_window and dead_letters, and exactly what a one-process run of the same topic writes for
+usage_rated and alerts_log (their values do not depend on which process folded an event); the JSONL alert
+file, also written by process 0 alone, holds each alert of the store once.
+
+The workload is the Kafka pipeline test's (``tests/e2e/test_kafka_pipeline.py``): built so that its results
+do not depend on the order in which partitions are read, which differs between a cluster and one process.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+import pytest
+
+from meterflow.sample import sample_config_toml
+from tests.e2e import reference as ref
+from tests.e2e.support import (
+    REPO,
+    env,
+    kafka_section,
+    meter_argv,
+    produce,
+    read_views,
+    run_meter,
+    run_summary,
+    unique,
+    write_config,
+)
+from tests.e2e.test_kafka_pipeline import ANCHOR, INCLUDED, PARTITIONS, SUBSCRIBED, TENANTS, workload
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(240)]
+
+# The store's rows that are not in chread.py's output (alerts) or that the model does not compute (rated),
+# compared with a one-process run; times of detection (wall clock) and free-text details are left out.
+READ_MORE = r"""
+import json, sys
+from meterflow.schemas.config import load_config
+from meterflow.sinks.clickhouse import connect
+client, db = connect(load_config(sys.argv[1]).clickhouse)
+rated = client.query(
+    f"SELECT tenant_id, customer_id, metric, toUnixTimestamp64Milli(period_start), plan, currency, price_model, "
+    f"usage, included, overage_units, toString(charge), toString(overage_amount), toString(minimum), "
+    f"toString(amount), custom_rate, final FROM {db}.usage_rated").result_rows
+alerts = client.query(
+    f"SELECT alert_id, type, tenant_id, customer_id, metric, toUnixTimestamp64Milli(period_start), threshold_pct, "
+    f"included, enforcement, action, plan, threshold_amount FROM {db}.alerts_log").result_rows
+json.dump({"rated": sorted(map(list, rated)), "alerts": sorted(map(list, alerts))}, sys.stdout, default=str)
+"""
+
+
+def _read_more(config: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-c", READ_MORE, str(config)], cwd=REPO, env=env(), capture_output=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-4000:]
+    return json.loads(proc.stdout)
+
+
+def _free_ports(n: int) -> List[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _config(tmp_path: Path, name: str, kcfg: dict) -> Path:
+    base = sample_config_toml(TENANTS, SUBSCRIBED, "2026-03-15T00:00:00Z", included=INCLUDED, prices="every")
+    cfg = write_config(tmp_path / f"{name}.toml", base, tmp_path / f"ch-{name}", kcfg)
+    cfg.write_text(cfg.read_text() + f'\n[alerts]\njsonl = "{(tmp_path / f"alerts-{name}.jsonl").resolve()}"\n')
+    return cfg
+
+
+def _dead(views: dict) -> List[str]:
+    # all but `detail` (free text: too_late's names the watermark of the moment) and received_at
+    return sorted(json.dumps([r[0], *r[2:-1]]) for r in views["dead_letters"])
+
+
+def test_two_process_cluster_writes_one_store_with_exact_totals(kafka, tmp_path):
+    events = workload()
+    expected = ref.compute(events, ref.sample_spec(TENANTS, SUBSCRIBED, ANCHOR, included=INCLUDED))
+    topic = kafka.create_topic(unique("e2e-cluster-events"), partitions=PARTITIONS)
+    produce(kafka.bootstrap, topic, events, PARTITIONS)
+
+    # The cluster: two processes, one configuration (one chDB path, one alert file, one set of topics).
+    cluster_cfg = _config(tmp_path, "cluster", kafka_section(kafka.bootstrap, topic, unique("e2e-cluster")))
+    addresses = ";".join(f"127.0.0.1:{p}" for p in _free_ports(2))
+    procs = []
+    for i in range(2):
+        out = (tmp_path / f"p{i}.out").open("w")
+        err = (tmp_path / f"p{i}.err").open("w")
+        procs.append((subprocess.Popen(
+            meter_argv("run", "--config", str(cluster_cfg), "--stop-at-end", "--json", "--progress-every", "0",
+                       "--addresses", addresses, "--process-id", str(i)),
+            cwd=REPO, env=env(), stdout=out, stderr=err, start_new_session=True), out, err))
+    t0 = time.monotonic()
+    try:
+        rcs = [p.wait(150) for p, _o, _e in procs]
+    finally:
+        for p, out, err in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+            out.close()
+            err.close()
+    logs = [(tmp_path / f"p{i}.err").read_text()[-3000:] for i in range(2)]
+    assert rcs == [0, 0], f"cluster exits {rcs}; stderr:\n{logs[0]}\n---\n{logs[1]}"
+    summaries = [json.loads((tmp_path / f"p{i}.out").read_text().strip().splitlines()[-1]) for i in range(2)]
+    cluster_s = time.monotonic() - t0
+    # Both processes did part of the work, and together all of it, once.
+    reads = [s["counters"]["read"] for s in summaries]
+    assert sum(reads) == len(events) and min(reads) > 0, reads
+    assert sum(s["counters"]["duplicates"] for s in summaries) == expected.duplicates, summaries
+
+    # The one store holds the model's totals exactly.
+    views = read_views(cluster_cfg)
+    got_p = ref.views_periods(views["periods"])
+    got_w = ref.views_windows(views["windows"])
+    assert got_p == expected.periods, "cluster usage_by_period != reference:\n" + ref.diff(expected.periods, got_p)
+    assert got_w == expected.windows, "cluster usage_by_window != reference:\n" + ref.diff(expected.windows, got_w)
+    assert sorted((r, m) for _i, r, m in expected.dead_letters) == sorted((r[0], r[7]) for r in views["dead_letters"])
+    more = _read_more(cluster_cfg)
+
+    # One process over the same topic (own store, own output topics): the same rows everywhere.
+    one_cfg = _config(tmp_path, "one", kafka_section(kafka.bootstrap, topic, unique("e2e-cluster-one")))
+    one = run_summary(run_meter("run", "--config", str(one_cfg), "--stop-at-end", "--json", "--progress-every", "0",
+                                timeout=150))
+    assert one["counters"]["read"] == len(events)
+    one_views = read_views(one_cfg)
+    one_more = _read_more(one_cfg)
+    assert sorted(map(json.dumps, views["periods"])) == sorted(map(json.dumps, one_views["periods"]))
+    assert _dead(views) == _dead(one_views)
+    assert more["rated"] and more["rated"] == one_more["rated"], "usage_rated differs from a one-process run"
+    assert more["alerts"] and more["alerts"] == one_more["alerts"], "alerts_log differs from a one-process run"
+
+    # The alert file, written by process 0 only: each alert of the store once.
+    lines = [json.loads(line) for line in (tmp_path / "alerts-cluster.jsonl").read_text().splitlines()]
+    assert sorted(a["alert_id"] for a in lines) == sorted(a[0] for a in more["alerts"])
+    assert cluster_s < 120, f"the cluster took {cluster_s:.0f}s"

@@ -1,0 +1,150 @@
+"""Native mediation (``pipeline.core = "native"``: operators/native.py ``NativeMediator``, native/src/mediate.rs)
+against the Python Mediator on the same batches: the same dead letters in the same order (every field but the
+wall-clock ``received_at``), the same shard bundles (shards, customers and events in the same order), the same
+raw archive columns, watermark and counters; and bundles survive pickling (they cross workers)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zlib
+from typing import Any, Dict
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from meterflow.base.stats import FlowStats
+from meterflow.operators.mediate import Mediator, bundle_shards, raw_columns
+from meterflow.schemas.config import parse_config
+
+native = pytest.importorskip("meterflow.operators.native")
+if not native.AVAILABLE:  # pragma: no cover - depends on the build
+    pytest.skip("meterflow_native is not built (./dev setup with cargo)", allow_module_level=True)
+
+import meterflow_native  # noqa: E402
+
+NOW = 1_793_577_600_000  # 2026-11-02T00:00:00Z: the wall clock of every batch here
+BASE = NOW - 86_400_000
+
+CFG = {
+    "pipeline": {"max_event_bytes": 400, "max_clock_skew": "1h", "shards": 5},
+    "tenants": [{"id": "acme", "exclude_when": {"environment": "test", "synthetic": True},
+                 "excluded_customers": ["internal"]}, {"id": "beta"}],
+    "metrics": [{"code": "calls", "event_type": "api_call", "aggregation": "count"}],
+}
+
+floats = st.floats(allow_nan=False, allow_infinity=False)
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), floats,
+                    st.text(max_size=6), st.sampled_from(["test", "prod", "\u2028", "\x00\x1f\"\\/é"]))
+
+
+@st.composite
+def line(draw) -> Any:
+    ev: Dict[str, Any] = {
+        "event_id": draw(st.sampled_from(["e1", "e2", "é3", "", "x" * 257])),
+        "tenant_id": draw(st.sampled_from(["acme", "acme", "beta", "ghost", ""])),
+        "customer_id": draw(st.sampled_from(["c1", "c2", "c3", "internal", "ü"])),
+        "event_type": draw(st.sampled_from(["api_call", "other"])),
+    }
+    ts = BASE + draw(st.sampled_from([0, 1, 86_400_000 + 3_600_000, 86_400_000 + 3_600_001, -BASE - 1]))
+    ev["timestamp"] = draw(st.sampled_from([ts, str(ts), _iso(ts) if ts >= 0 else "x",
+                                            "2026-11-01T00:00:00+01:00", "2026-13-01T00:00:00Z", True]))
+    ev["properties"] = draw(st.dictionaries(st.sampled_from(["environment", "synthetic", "n", "k\n", "é"]),
+                                            scalars, max_size=4))
+    if draw(st.integers(0, 5)) == 0:
+        ev["correction"] = draw(st.sampled_from([True, False, 1]))
+    raw = json.dumps(ev, ensure_ascii=draw(st.booleans())).encode()
+    how = draw(st.integers(0, 12))
+    if how == 0:
+        return raw[: draw(st.integers(0, len(raw)))]
+    if how == 1:
+        return raw.replace(b'"event_type"', b'"event\\u005ftype"', 1)
+    if how == 2:
+        return b"[" * 70 + raw
+    if how == 3:
+        return raw.replace(b'"', b'"\xff', 1)
+    if how == 4:
+        return raw[:-1] + b', "pad": "' + b"p" * 400 + b'"}'
+    if how == 5:
+        return None
+    if how == 6:
+        return raw.replace(b"{", b'{"properties": {}, ', 1)  # a repeated key
+    return raw
+
+
+def _iso(ms: int) -> str:
+    from meterflow.base.timeutil import ms_to_iso
+
+    return ms_to_iso(ms)
+
+
+sources = st.one_of(st.builds(lambda i: ("events.jsonl", i), st.integers(1, 99)),
+                    st.builds(lambda p, o: ("usage.events", p, o), st.integers(0, 3), st.integers(0, 2**40)),
+                    st.sampled_from(["odd-source", ("t", True), ("t",), ("t", 1, 2, 3), ("t", 2**70)]))
+
+
+def _plain(me: Any) -> Any:
+    return msgspec.structs.replace(me, ingested=0)
+
+
+def _dl(d: Any) -> Any:
+    return msgspec.structs.replace(d, received_at=0)
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches=st.lists(st.lists(st.tuples(sources, line()), max_size=12), min_size=1, max_size=4))
+def test_native_mediation_equals_the_python_mediator(batches):
+    cfg = parse_config(CFG, "t.toml", environ={})
+    py_stats, nat_stats = FlowStats(), FlowStats()
+    py = Mediator(cfg, stats=py_stats, clock=lambda: NOW)
+    nat = native.NativeMediator(cfg, stats=nat_stats, clock=lambda: NOW)
+    for batch in batches:
+        groups, dead = py(batch)
+        bundles, ndead, raw = nat.split(list(batch), True)
+        assert [_dl(d) for d in ndead] == [_dl(d) for d in dead]
+        want = [(s, {k: [_plain(me) for me in g] for k, g in b.items()}) for s, b in bundle_shards(groups, 5)]
+        got = [(s, {k: [_plain(me) for me in g] for k, g in native.bundle_groups(b).items()}) for s, b in bundles]
+        assert got == want
+        again = [(s, native.bundle_groups(pickle.loads(pickle.dumps(b)))) for s, b in bundles]
+        assert [(s, {k: [_plain(me) for me in g] for k, g in b.items()}) for s, b in again] == want
+        cols = raw_columns(groups)
+        if cols is None:
+            assert raw is None
+        else:
+            assert msgspec.structs.replace(raw, ingested_at=[]) == msgspec.structs.replace(cols, ingested_at=[])
+            assert len(set(raw.ingested_at)) == 1 and len(raw.ingested_at) == len(cols.ingested_at)
+        assert nat.watermark == py.watermark
+        assert nat_stats.snapshot() == py_stats.snapshot()
+    for _s, b in bundles:  # the ingested time of a batch is that of all its events
+        assert {me.ingested for g in native.bundle_groups(b).values() for me in g} == {b.ingested}
+
+
+def test_a_resumed_watermark_applies_to_native_mediation():
+    cfg = parse_config(CFG, "t.toml", environ={})
+    nat = native.NativeMediator(cfg, stats=FlowStats(), clock=lambda: NOW)
+    nat.observe_watermark(BASE + 5)
+    line = json.dumps({"event_id": "a", "tenant_id": "beta", "customer_id": "c", "event_type": "api_call",
+                       "timestamp": BASE}).encode()
+    bundles, dead, _raw = nat.split([(("f", 1), line)], False)
+    ((_shard, b),) = bundles
+    (me,) = native.bundle_events(b, 0)
+    assert (me.ts, me.wm, dead, nat.watermark) == (BASE, BASE + 5, [], BASE + 5)
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(f=floats)
+def test_float_text_is_msgspecs(f):
+    assert meterflow_native.float_json(f) == msgspec.json.encode(f).decode()
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(key=st.text())
+def test_the_shard_of_a_key_is_crc32(key):
+    assert meterflow_native.crc32_of(key.encode()) == zlib.crc32(key.encode())
+
+
+def test_a_bundle_state_is_checked_on_restore():
+    with pytest.raises(ValueError, match="not a meterflow_native bundle state"):
+        meterflow_native.Bundle(b"\x02garbage", [])
