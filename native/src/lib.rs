@@ -943,7 +943,7 @@ impl BatchCore {
 
     /// Bytes of every customer's dedupe table: its slots, expiry segments and side map on the heap, and the
     /// table's struct inside the customer's (what `tracked_ids` costs; benchmarks/native_core.py).
-    fn seen_bytes(&self) -> usize {
+    fn dedupe_bytes(&self) -> usize {
         self.customers.iter().map(|c| c.seen.heap_bytes() + std::mem::size_of::<IdTable>()).sum()
     }
 
