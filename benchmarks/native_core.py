@@ -14,9 +14,10 @@ With ``--workload bench`` (the default) the stream and rules are those of ``pyth
 (benchmarks/workload.py: count and sum metrics, a plan with thresholds) and the native core
 (operators/native.py, when ``meterflow_native`` is built) runs on the same batches, so one run prints
 msgspec decode alone, the Python core and the native core, with their ratios. The native core does
-mediation, dedupe and the count/sum folds, not the entitlement checks the Python core also runs (not
-native yet). ``--workload sample`` is the richer sample configuration (group_by, unique_count, p95,
-latest), Python core only.
+mediation, dedupe and the folds, not the entitlement checks the Python core also runs (not native in
+NativeBatchCore). ``--aggs`` adds max, min, latest, unique_count and p95 metrics of the same events' tokens
+(seven metrics instead of two) to the bench workload. ``--workload sample`` is the richer sample
+configuration (group_by, unique_count, p95, latest), Python core only.
 
 ``--flow`` (bench workload) also runs the whole dataflow in process (``build_flow`` over ``TestingSource``,
 1 worker, recovery off, outputs discarded) with ``pipeline.core = "python"`` and ``"native"``, twice: as
@@ -39,16 +40,24 @@ from benchmarks.core_throughput import _rss_mib, build, run_core, run_decode_bas
 from meterflow.base.gc_tuning import tune_gc
 from meterflow.schemas.config import parse_config
 
+# --aggs: the aggregations that are not additive, over the same events (tokens of every api_call)
+_AGG_METRICS = "".join(f'[[metrics]]\ncode = "{agg}_tokens"\nevent_type = "api_call"\naggregation = "{agg}"\n'
+                       f'property = "tokens"\n\n' for agg in ("max", "min", "latest", "unique_count", "p95"))
 
-def build_bench(n: int, batch: int, customers: int):
-    """The workload of ``python -m benchmarks`` (benchmarks/workload.py) and its meterflow configuration."""
+
+def build_bench(n: int, batch: int, customers: int, aggs: bool = False):
+    """The workload of ``python -m benchmarks`` (benchmarks/workload.py) and its meterflow configuration
+    (``aggs``: with the metrics of :data:`_AGG_METRICS` too)."""
     import tomllib
 
     from benchmarks.peers.meterflow import config_toml
     from benchmarks.workload import build_workload
 
     wl = build_workload(n, customers, 3)
-    cfg = parse_config(tomllib.loads(config_toml(wl.rules, wl.subscribed)), "bench", environ={})
+    text = config_toml(wl.rules, wl.subscribed)
+    if aggs:
+        text = text.replace("[[plans]]", _AGG_METRICS + "[[plans]]", 1)
+    cfg = parse_config(tomllib.loads(text), "bench", environ={})
     lines = [v for _, v in wl.items]
     batches = [[(("bench", i + j), lines[i + j]) for j in range(min(batch, n - i))] for i in range(0, n, batch)]
     return cfg, lines, batches
@@ -100,10 +109,14 @@ def main() -> None:
                     help="bench: benchmarks/workload.py (count+sum, also run natively); sample: the sample config")
     ap.add_argument("--flow", action="store_true",
                     help="also run the whole dataflow in process with pipeline.core python and native")
+    ap.add_argument("--aggs", action="store_true",
+                    help="bench workload plus max, min, latest, unique_count and p95 metrics of the tokens")
     args = ap.parse_args()
     t = time.perf_counter()
-    make = build_bench if args.workload == "bench" else build
-    cfg, lines, batches = make(args.events, args.batch, args.customers)
+    if args.workload == "bench":
+        cfg, lines, batches = build_bench(args.events, args.batch, args.customers, args.aggs)
+    else:
+        cfg, lines, batches = build(args.events, args.batch, args.customers)
     print(f"generated {len(lines):,} events in {time.perf_counter() - t:.1f}s "
           f"({args.customers} customers x 3 tenants, batch {args.batch}, workload {args.workload})")
     tune_gc()

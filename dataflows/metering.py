@@ -123,10 +123,15 @@ class _ShardLogic(StatefulBatchLogic):
         snaps = shard_snapshots(state, self._shards)
         rules = self._rules
         for key, data in snaps.items():
-            meter = CustomerMeter.from_snapshot(rules, data)
+            try:
+                meter = CustomerMeter.from_snapshot(rules, data)
+            except ValueError as exc:  # a state version this build does not read, or a damaged record
+                raise MeterError(f"cannot resume from the recovery directory: {exc}") from exc
             if meter.key != key:
                 raise MeterError(f"shard snapshot: the state stored for {key!r} belongs to {meter.key!r}")
             self._meters[key] = meter
+            if self._native is not None:  # back to the native fold with its state, if admitted
+                self._native.admit(meter)
             # The process watermark is not stored by itself: the greatest watermark any resumed
             # customer had seen is exactly the watermark at the snapshot.
             mediator.observe_watermark(meter.wm)
@@ -175,6 +180,8 @@ class _ShardLogic(StatefulBatchLogic):
                 self._native_items(key, meter, items, native_work, out, due)
             else:
                 out.add(meter.process(items, flush=due))
+                if native is not None and any(type(g) is EntitlementUpdate for g in items):
+                    native.admit(meter)  # its new subscription may be one the native fold takes
             if meter.next_evict < self._open_min:
                 self._open_min = meter.next_evict
             if not due and meter.has_dirty():
@@ -239,7 +246,8 @@ class _ShardLogic(StatefulBatchLogic):
     def _native_items(self, key: str, meter: CustomerMeter, items: List[Any], native_work: List[Tuple[str, Any]],
                       out: "_Merged", due: bool) -> None:
         """A customer the native core folds: its event lists join ``native_work``. At a changelog record it moves
-        to the Python fold for good (its meter processes the record and what follows)."""
+        to the Python fold (its meter processes the record and what follows), then comes back with its state
+        if :meth:`NativeMeters.admits` its new subscription."""
         for pos, group in enumerate(items):
             if type(group) is EntitlementUpdate:
                 native = self._native
@@ -253,6 +261,7 @@ class _ShardLogic(StatefulBatchLogic):
                 out.add(meter.process(items[pos:], flush=due))
                 if not due and meter.has_dirty():
                     self._dirty.add(key)
+                native.admit(meter)  # back to the native fold, with its state, if its new subscription allows
                 return
             native_work.append((key, group))
 
@@ -381,7 +390,13 @@ def shard_snapshots(state: Any, shards: Optional[int] = None) -> Dict[str, bytes
     if isinstance(state, bytes):
         raise MeterError("the recovery directory holds per-customer snapshots from a build without "
                          "pipeline.shards; resume it with that build, or start with a new recovery directory")
-    if not (isinstance(state, tuple) and len(state) == 3 and state[0] == SHARD_STATE_VERSION):
+    version = state[0] if isinstance(state, tuple) and state else None
+    if type(version) is int and version > SHARD_STATE_VERSION:
+        raise MeterError(f"the recovery directory's meter snapshots have shard state version {version}, newer "
+                         f"than this build reads ({SHARD_STATE_VERSION}): they were written by a later meterflow; "
+                         "resume the directory with that build (or a later one), or start with a new recovery "
+                         "directory")
+    if not (isinstance(state, tuple) and len(state) == 3 and version == SHARD_STATE_VERSION):
         raise MeterError(f"unrecognised snapshot of the meter step (expected shard state version "
                          f"{SHARD_STATE_VERSION}); start with a new recovery directory")
     _version, taken_with, snaps = state

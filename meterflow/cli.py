@@ -368,6 +368,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
                           "identity": text, "balanced": balanced, "core": core_in_use(cfg)}))
     else:
         print_run_summary(result)
+        if cfg.pipeline.core == "native":  # what runs where (README: Native core)
+            from meterflow.operators.native import core_in_use
+
+            print(f"core: {core_in_use(cfg)}")
     if result.interrupted:
         print("meter: interrupted", file=sys.stderr)
         return 130

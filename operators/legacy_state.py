@@ -131,7 +131,8 @@ def decode_legacy_snapshot(data: bytes) -> S.MeterState:
     version, key = state[0], state[1]
     if version not in LEGACY_VERSIONS or len(state) != 10:
         raise ValueError(f"snapshot of {key!r} has state version {version}, this build reads {S.STATE_VERSION} "
-                         f"(and converts {' and '.join(map(str, LEGACY_VERSIONS))})")
+                         f"(and converts {' and '.join(map(str, LEGACY_VERSIONS))}): start with a new recovery "
+                         "directory")
     try:
         return _convert(state)
     except (TypeError, ValueError, KeyError, AttributeError, msgspec.ValidationError) as exc:

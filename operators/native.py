@@ -1,6 +1,6 @@
 """The native batch core (issue 16, first step): an optional accelerator, ``meterflow_native`` (native/, Rust).
 
-:class:`NativeBatchCore` runs mediation and the count/sum fold of :class:`meterflow.operators.meter.CustomerMeter`
+:class:`NativeBatchCore` runs mediation and the fold of :class:`meterflow.operators.meter.CustomerMeter`
 over whole batches of raw lines in Rust: decode, validation, RFC 3339 timestamps, the tenant registry,
 exclusions, dedupe (XXH3-64 fingerprints of event ids, per ``tenant|customer``) and the window and period
 rows. What it does not handle exactly it hands back, line by line and in order: the line goes through the
@@ -13,11 +13,14 @@ folds the events of the customers whose subscription has only soft and hard enti
 spend threshold or auto_overage; no anomaly detection); their thresholds and blocks are checked at the events
 whose fold reaches the next level Python gave for the period (:meth:`NativeMeters._check`), and it mirrors
 the rows each batch changed into those customers' :class:`~meterflow.operators.meter.CustomerMeter`, so
-flushes, versions, finality, rated rows, reviews and snapshots are the Python ones. The other customers, a
-customer once a changelog record reaches it, and every customer resumed from a snapshot run the Python fold.
+flushes, versions, finality, rated rows, reviews and snapshots are the Python ones. The other customers run the
+Python fold. A customer resumed from a snapshot, or back from the Python fold after a changelog record, is loaded
+into the native core with its state (:meth:`NativeMeters.load`) when :meth:`NativeMeters.admits` it.
 
-Not native yet (:func:`unsupported`): aggregations other than count and sum, ``group_by``; wallets, spend
-thresholds, auto_overage and anomaly checks (those customers run the Python fold).
+Every aggregation is native (count, sum, max, min, latest, unique_count, p95, p99; the value kept is the very
+object the Python accumulator keeps, mirrored into it). Not native yet (:func:`unsupported`): ``group_by``
+(with it every customer runs the Python fold: :func:`python_fold_reason`); wallets, spend thresholds,
+auto_overage, anomaly checks and entitlements on p95/p99 metrics (those customers run the Python fold).
 
 When ``meterflow_native`` is not built (no cargo at setup), :data:`AVAILABLE` is False and everything runs on
 the Python path.
@@ -46,6 +49,7 @@ except ImportError:  # pragma: no cover - depends on the build
 
 AVAILABLE = _native is not None
 BUNDLE: Any = _native.Bundle if _native is not None else None  # a native mediator's shard bundle (NativeMediator)
+NATIVE_AGGREGATIONS = ("count", "sum", "max", "min", "latest", "unique_count", "p95", "p99")
 _I64 = 1 << 63
 _INF = float("inf")
 
@@ -53,8 +57,8 @@ _INF = float("inf")
 def unsupported(cfg: Config) -> Optional[str]:
     """Why the native core cannot meter ``cfg`` exactly (None when it can)."""
     for m in cfg.metrics:
-        if m.aggregation not in ("count", "sum"):
-            return f"metric {m.code!r}: {m.aggregation} is not native yet (count and sum are)"
+        if m.aggregation not in NATIVE_AGGREGATIONS:
+            return f"metric {m.code!r}: {m.aggregation} is not native yet"
         if m.group_by:
             return f"metric {m.code!r}: group_by is not native yet"
         for k, v in m.where.items():
@@ -67,9 +71,20 @@ def unsupported(cfg: Config) -> Optional[str]:
     return None
 
 
+def python_fold_reason(cfg: Config) -> Optional[str]:
+    """Why, with ``pipeline.core = "native"``, every customer of ``cfg`` runs on the Python fold (None: the
+    native fold takes the customers :meth:`NativeMeters.admits`). The flow runs either way: what the native
+    fold cannot do exactly runs on the Python one."""
+    return unsupported(cfg)
+
+
 def core_in_use(cfg: Optional[Config] = None) -> str:
-    """What ``meter`` reports as its core (``pipeline.core``; whether the native core is built)."""
+    """What ``meter`` reports as its core (``pipeline.core``; whether the native core is built), and what runs
+    where."""
     if cfg is not None and cfg.pipeline.core == "native":
+        why = python_fold_reason(cfg) if AVAILABLE else None
+        if why is not None:
+            return f"native requested; every customer on the Python fold ({why})"
         return "native (customers without wallet, spend thresholds, auto_overage or anomaly; the others on Python)"
     if not AVAILABLE:
         return "python (native core not built: ./dev setup builds it when cargo is installed)"
@@ -77,10 +92,11 @@ def core_in_use(cfg: Optional[Config] = None) -> str:
 
 
 def native_problem(cfg: Config) -> Optional[str]:
-    """Why ``pipeline.core = "native"`` cannot run ``cfg`` (None: it can)."""
+    """Why ``pipeline.core = "native"`` cannot run ``cfg`` (None: it can; what the native fold cannot do
+    exactly runs on the Python fold, :func:`python_fold_reason`)."""
     if not AVAILABLE:
         return "the native core is not built (./dev setup builds it when cargo is installed)"
-    return unsupported(cfg)
+    return None
 
 
 def _scalar(v: Any) -> bool:
@@ -124,6 +140,54 @@ class NativeBatch(NamedTuple):
     dead_letters: List[DeadLetter]
 
 
+def _mirror(acc: Any, agg: str, events: int, total: int, x: Any) -> None:
+    """A native row into its Python accumulator (meterflow.operators.aggregate), as the Python fold leaves it;
+    ``x``: the float part of a sum, or what the native row reports of the other aggregations."""
+    acc.events = events
+    if agg == "count":
+        acc.total = total
+    elif agg == "sum":
+        acc.total = total
+        acc.fscaled = int.from_bytes(x, "little", signed=True) if x else 0
+    elif agg == "max" or agg == "min":
+        acc.best = x
+    elif agg == "latest":
+        acc.ts, acc.last = x
+    elif agg == "unique_count":  # the distinct values new since the last report, in the order first seen
+        acc.seen.update(x)
+    else:  # p95 / p99: n, and the entries changed since the last report (new ones in the order first seen)
+        acc.n, changed = x
+        counts = acc.counts
+        for v, c in changed:
+            counts[v] = c
+
+
+_FIXED_BYTES = 36 * 8  # native/src/acc.rs LIMBS: the float part of a native sum
+_I128 = 1 << 127
+
+
+def _row_parts(acc: Any, agg: str) -> Tuple[Any, ...]:
+    """``(total, fixed, ext)`` of a Python accumulator for the native core's ``load_customer``, the inverse
+    of :func:`_mirror`: a count's total; a sum's int part and its float part (``fscaled``, as little-endian
+    two's complement bytes; an int part beyond i128 goes into it, the value is the same); the value of the
+    other aggregations (max/min ``best``; latest ``(ts, last)``; unique_count the values of ``seen``;
+    p95/p99 ``(n, [(value, count)])`` in the order of ``counts``), None while it has none."""
+    if agg == "count":
+        return acc.total, None, None
+    if agg == "sum":
+        total, fs = acc.total, acc.fscaled
+        if not -_I128 <= total < _I128:
+            total, fs = 0, (total << 1074) + fs
+        return total, fs.to_bytes(_FIXED_BYTES, "little", signed=True) if fs else None, None
+    if agg == "max" or agg == "min":
+        return 0, None, None if acc.best is None else _value(acc.best)
+    if agg == "latest":
+        return 0, None, None if acc.ts is None else (acc.ts, _value(acc.last))
+    if agg == "unique_count":
+        return 0, None, [v if type(v) is str else _value(v[1]) for v in acc.seen] if acc.seen else None
+    return 0, None, (acc.n, [(_value(v), c) for v, c in acc.counts.items()]) if acc.n else None
+
+
 def sum_value(total: int, fscaled: Optional[bytes]) -> float:
     """The value of a row from its parts, exactly as SumAcc.value (a count: its total)."""
     from meterflow.operators.aggregate import SumAcc
@@ -135,7 +199,7 @@ def sum_value(total: int, fscaled: Optional[bytes]) -> float:
 
 
 class NativeBatchCore:
-    """Mediation and the count/sum fold of one worker, natively. ``clock``: the wall clock (epoch ms) of
+    """Mediation and the fold of one worker, natively. ``clock``: the wall clock (epoch ms) of
     the clock-skew rule, read once per batch, as the Mediator does."""
 
     def __init__(self, cfg: Config, clock: Callable[[], int] = now_ms, stats: Optional[FlowStats] = None) -> None:
@@ -291,14 +355,16 @@ class NativeMeters:
     and its watermark and current periods follow, so :meth:`CustomerMeter.flush` and ``finalize`` emit
     exactly what the Python fold would. The dedupe table is copied into the meter for a snapshot
     (:meth:`before_snapshot`), so snapshots are the Python ones and a recovery directory resumes with
-    either core (resumed customers stay on the Python fold). A changelog record moves its customer to the
-    Python fold for good, its dedupe table with it."""
+    either core; a resumed customer comes back here with its state (:meth:`load`). A changelog record moves its
+    customer to the Python fold, its dedupe table with it (:meth:`release`); it comes back if :meth:`admits`
+    its new subscription."""
 
     def __init__(self, cfg: Config, stats: FlowStats = STATS, spec: Optional[Dict[str, Any]] = None) -> None:
         why = native_problem(cfg)
         if why is not None or _native is None:
             raise ValueError(why)
         self._spec = spec if spec is not None else _spec(cfg)  # one per flow: shared by its shards (factory)
+        self.python_only = python_fold_reason(cfg)  # not None: every customer runs on the Python fold
         self._core_obj: Any = None  # made when the shard admits its first customer
         self._stats = stats
         self._agg = {m.code: m.aggregation for m in cfg.metrics}
@@ -307,6 +373,7 @@ class NativeMeters:
         self._invalid = 0
         self.keys: set = set()  # the customers folded here
         self.evaluated: set = set()  # those of them whose subscription evaluates thresholds (admit)
+        self.loaded = 0  # customers brought in with their state (load: resumed, or back after a changelog record)
         self.gateway_due: set = set()  # evaluated customers folded since the last gateway call (with [redis])
 
     @classmethod
@@ -325,21 +392,65 @@ class NativeMeters:
         """Whether the customer is folded here: no anomaly detection, wallet or spend threshold, and only soft
         or hard entitlements (thresholds and blocking are evaluated at the events that reach a level)."""
         ent = meter.ent
-        if meter.anom is not None or ent.credit or ent.spends:
+        if self.python_only is not None or meter.anom is not None or ent.credit or ent.spends:
             return False
-        return all(info.enforcement in ("soft", "hard") for info in ent.infos.values())
+        # (an entitlement on a p95/p99 metric is checked once per batch by the Python fold, not per event)
+        return all(info.enforcement in ("soft", "hard") and self._agg[code] not in ("p95", "p99")
+                   for code, info in ent.infos.items())
 
     def admit(self, meter: Any) -> bool:
-        """Fold the customer here if :meth:`admits` (a new customer of the shard)."""
+        """Fold the customer here if :meth:`admits`: a new customer of the shard, or one with state (resumed
+        from a snapshot, or on the Python fold until a changelog record), which :meth:`load` brings in."""
         if not self.admits(meter):
             return False
         key = meter.key
-        self.keys.add(key)
-        if meter.ent.infos:
+        ent = meter.ent
+        if meter.wm or meter.windows or meter.periods or meter.excluded or len(meter.seen) or \
+                ent.src is not None or ent.cancelled is not None or ent.moved_plan is not None:
+            if not self.load(meter):
+                return False
+        elif meter.ent.infos:
             self._core.evaluate(key, sorted(meter.ent.infos))
-            self.evaluated.add(key)
         else:
             self._core.hold(key)  # (fold_bundle folds the customers the native core holds)
+        self.keys.add(key)
+        if meter.ent.infos:
+            self.evaluated.add(key)
+        return True
+
+    def load(self, meter: Any) -> bool:
+        """The customer's state into the native core, the inverse of :meth:`sync` and :meth:`release`: its
+        window and period rows (as :func:`_mirror` would leave its accumulators), excluded counts, dedupe
+        table, watermark and period rule; for an evaluated customer the level of each current period (as
+        :meth:`_check` leaves it; other periods stop their first event for Python). False (nothing held,
+        the customer stays on the Python fold) when some of it does not fit the native rows."""
+        agg = self._agg
+        try:
+            windows = [(wk[0], wk[1], acc.events, *_row_parts(acc, agg[wk[0]]))
+                       for wk, acc in meter.windows.items() if not wk[2]]
+            if len(windows) != len(meter.windows):  # (a group_by row: python_only already says so)
+                return False
+            periods = [(pk[0], pk[1], pk[2], acc.events, *_row_parts(acc, agg[pk[0]]))
+                       for pk, acc in meter.periods.items()]
+            excluded = [(pk[0], pk[1], pk[2], n) for pk, n in meter.excluded.items()]
+            st = meter.seen.to_state()
+            sub = meter.ent.rule
+            self._core.load_customer(meter.key, sub.period, sub.anchor_ms, meter.wm, st.fingerprints, st.expiries,
+                                     windows, periods, excluded)
+        except (ValueError, OverflowError, TypeError, KeyError):
+            return False
+        key, ent, core = meter.key, meter.ent, self._core
+        if ent.infos:
+            core.evaluate(key, sorted(ent.infos))
+            for code, info in ent.infos.items():
+                pk = ent.cur.get(code)
+                if pk is not None:
+                    lvl = ent.next_level.get(pk)
+                    if lvl is None:
+                        lvl = ent.level(pk, info)
+                    core.set_level(key, code, pk[1], pk[2], -_INF if pk in ent.blocked else lvl)
+        meter.seen = IdTable()  # (the native table is the customer's now: before_snapshot, release copy it back)
+        self.loaded += 1
         return True
 
     def fold(self, meters: Dict[str, Any], pairs: List[Tuple[str, List[Any]]]) -> Emission:
@@ -384,13 +495,14 @@ class NativeMeters:
                 prop = self._prop[a]
                 failed.append((index, meter._missing_property(me, a, prop, me.event.properties.get(prop))))
         dup, excl, unmetered, too_late, missing, _read = core.take_counts()
+        ignored = core.take_ignored()
         n = sum(len(g) for _, g in pairs)
         evaluated = self.evaluated
         unevaluated = sum(len(g) for k, g in pairs if k not in evaluated) if evaluated else n
         bad = too_late + self._invalid
         self._invalid = 0
         stats = self._stats
-        stats.add_metered(n - dup - excl - bad, dup, excl, unmetered, 0, bad, missing)
+        stats.add_metered(n - dup - excl - bad, dup, excl, unmetered, ignored, bad, missing)
         if alerts or unevaluated:  # (as CustomerMeter.process)
             stats.add({"alerts": len(alerts), "unevaluated": unevaluated})
         if evaluated:
@@ -447,7 +559,7 @@ class NativeMeters:
         bad = too_late + self._invalid
         self._invalid = 0
         stats = self._stats
-        stats.add_metered(n - dup - excl - bad, dup, excl, unmetered, 0, bad, missing)
+        stats.add_metered(n - dup - excl - bad, dup, excl, unmetered, core.take_ignored(), bad, missing)
         if alerts or unevaluated:  # (as CustomerMeter.process)
             stats.add({"alerts": len(alerts), "unevaluated": unevaluated})
         if evaluated and meters[evaluated[0]].rules.gateway_states:
@@ -458,13 +570,15 @@ class NativeMeters:
     def _usage_of(self, meter: Any) -> Callable[[Tuple[str, int, int]], Optional[float]]:
         """``meter.usage`` as the Python fold sees it mid-batch: the native row's value (a row the meter
         evicted, unchanged since, is gone)."""
-        core, key, periods = self._core, meter.key, meter.periods
+        core, key, periods, agg = self._core, meter.key, meter.periods, self._agg
 
         def usage(pk: Tuple[str, int, int]) -> Optional[float]:
             r = core.period_value(key, pk[0], pk[1], pk[2])
             if r is None or not r[3] and pk not in periods:
                 return None
-            return sum_value(r[1], r[2])
+            if agg[pk[0]] in ("count", "sum"):
+                return sum_value(r[1], r[2])
+            return float(r[2])  # max/min/latest: the value kept; unique_count: the number of distinct values
 
         return usage
 
@@ -524,10 +638,7 @@ class NativeMeters:
             if acc is None:
                 sub = meter.ent.rule
                 acc = meter._new_window(wk, agg[code], sub.period, sub.anchor_ms, 0, 0)
-            acc.events = events
-            acc.total = total
-            if agg[code] == "sum":
-                acc.fscaled = int.from_bytes(fs, "little", signed=True) if fs else 0
+            _mirror(acc, agg[code], events, total, fs)
             meter.dirty_w.add(wk)
         alerts: List[Any] = []
         for key, code, ps, pe, events, total, fs in periods:
@@ -536,10 +647,7 @@ class NativeMeters:
             acc = meter.periods.get(pk)
             if acc is None:
                 acc = meter._new_period(pk, agg[code])
-            acc.events = events
-            acc.total = total
-            if agg[code] == "sum":
-                acc.fscaled = int.from_bytes(fs, "little", signed=True) if fs else 0
+            _mirror(acc, agg[code], events, total, fs)
             meter.dirty_p.add(pk)
             ent = meter.ent
             if key in self.evaluated:  # an evaluated metric's current period advanced at its event (_check)

@@ -256,6 +256,18 @@ def encode_meter_state(state: MeterState) -> bytes:
         return _ENCODER.encode(_big_ints_as_ext(msgspec.to_builtins(state, builtin_types=(bytes, datetime))))
 
 
+def unknown_version(key: str, version: Any) -> str:
+    """What to say of a meter snapshot of a state version this build does not read (newer: written by a later
+    build; anything else: not a meterflow snapshot of any release)."""
+    said = f"snapshot of {key!r} has state version {version!r}"
+    if type(version) is int and version > STATE_VERSION:
+        return (f"{said}, newer than this build reads ({STATE_VERSION}; it converts 3 and 4): the recovery "
+                f"directory was written by a later meterflow; resume it with that build (or a later one), or start "
+                f"with a new recovery directory")
+    return (f"{said}, which this build does not read (it reads {STATE_VERSION} and converts 3 and 4): start with "
+            f"a new recovery directory")
+
+
 def decode_meter_state(data: bytes) -> MeterState:
     """The :class:`MeterState` of snapshot bytes of version 5; ValueError for another version."""
     try:
@@ -263,8 +275,7 @@ def decode_meter_state(data: bytes) -> MeterState:
     except msgspec.DecodeError as exc:
         raise ValueError(f"not a meter snapshot: {exc}") from exc
     if head.version != STATE_VERSION:
-        raise ValueError(f"snapshot of {head.key!r} has state version {head.version}, this build reads "
-                         f"{STATE_VERSION} (and converts 3 and 4)")
+        raise ValueError(unknown_version(head.key, head.version))
     try:
         return _DECODER.decode(data)
     except msgspec.DecodeError as exc:

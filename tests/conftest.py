@@ -14,6 +14,10 @@ If Kafka or Redis cannot start, the fixture FAILS (it never skips): run
 far ahead of today, ticking (time-machine): ``./dev test`` runs the tests that need no broker this way once
 more, so a test whose outcome depends on today's date fails today rather than on a later day.
 Monotonic clocks (timeouts, benchmarks) are left alone.
+
+``--core native`` runs the session on the native core (``pipeline.core = "native"``): every configuration
+that does not name its core gets it, in process (``parse_config``, even with an explicit ``environ``) and
+in the ``meter`` subprocesses (``METER_PIPELINE_CORE``). ``./dev test`` runs a fast subset this way.
 """
 
 from __future__ import annotations
@@ -32,12 +36,16 @@ pytest_plugins = ["tests.redis_support"]
 def pytest_addoption(parser) -> None:
     parser.addoption("--clock-ahead", default=None, metavar="DURATION",
                      help="run with the wall clock this far ahead of now (e.g. 730d): the time-bomb guard")
+    parser.addoption("--core", default="python", choices=("python", "native"),
+                     help="the pipeline.core of every configuration that does not name one (native: the Rust core)")
 
 
 _TRAVEL = []
 
 
 def pytest_configure(config) -> None:
+    if config.getoption("--core") == "native":
+        _default_core_native()
     ahead = config.getoption("--clock-ahead")
     if not ahead:
         return
@@ -53,6 +61,28 @@ def pytest_configure(config) -> None:
     traveller.start()
     _TRAVEL.append(traveller)
     _skip_in_process_dataflows()
+
+
+def _default_core_native() -> None:
+    """``--core native``: configurations that do not name their core get ``pipeline.core = "native"``."""
+    import os
+
+    from meterflow.operators import native
+    from meterflow.schemas import config as config_module
+
+    if not native.AVAILABLE:
+        raise pytest.UsageError("--core native: meterflow_native is not built (./dev setup with cargo)")
+    os.environ["METER_PIPELINE_CORE"] = "native"  # configurations read with os.environ
+    os.environ["METERFLOW_TEST_CORE"] = "native"  # meter subprocesses of tests/e2e (their env drops METER_*)
+    parse = config_module.parse_config
+
+    def parse_native(raw, source="<memory>", environ=None):
+        pipeline = raw.get("pipeline") if isinstance(raw, dict) else None
+        if isinstance(raw, dict) and not (isinstance(pipeline, dict) and "core" in pipeline):
+            raw = dict(raw, pipeline=dict(pipeline or {}, core="native"))
+        return parse(raw, source, environ)
+
+    config_module.parse_config = parse_native
 
 
 def _skip_in_process_dataflows() -> None:
@@ -73,6 +103,8 @@ def _skip_in_process_dataflows() -> None:
 
 
 def pytest_report_header(config) -> str | None:
+    if config.getoption("--core") == "native":
+        return "core: native (pipeline.core = \"native\" for every configuration that does not name one)"
     if _TRAVEL:
         return f"clock guard: wall clock moved {config.getoption('--clock-ahead')} ahead, now " \
                f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}"

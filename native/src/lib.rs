@@ -12,6 +12,7 @@ mod acc;
 mod dedupe;
 mod json;
 mod mediate;
+mod resume;
 mod time;
 
 use std::collections::{HashMap, HashSet};
@@ -21,7 +22,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
-use acc::Acc;
+use acc::{Acc, Agg};
 use dedupe::IdTable;
 use json::{Event, Val};
 use time::PeriodRule;
@@ -164,6 +165,7 @@ struct Metric {
     code: Py<PyString>,
     prop: Option<String>,
     is_sum: bool,
+    agg: Agg,
     wanted: Vec<(String, Val)>,
 }
 
@@ -214,6 +216,7 @@ struct Counters {
     too_late: u64,
     missing_property: u64,
     python_path: u64,
+    corrections_ignored: u64,
 }
 
 #[pyclass(module = "meterflow_native")]
@@ -390,8 +393,14 @@ impl BatchCore {
                 continue;
             }
             let mut v: Option<&Val> = None;
+            let agg = m.agg;
             if let Some(prop) = &m.prop {
                 let ok = match lookup(props, prop) {
+                    Some(Val::Null) | None => false,
+                    Some(x) if agg == Agg::Unique => {
+                        v = Some(x);
+                        true
+                    }
                     Some(x @ Val::Int(_)) => {
                         v = Some(x);
                         true
@@ -411,6 +420,10 @@ impl BatchCore {
                     self.notes.push(Note::Missing { index, cust: ci, metric: mi });
                     continue;
                 }
+            }
+            if sign < 0 && !agg.additive() {
+                self.c.corrections_ignored += 1; // (not additive: a correction leaves the rows unchanged)
+                continue;
             }
             let wk = (mi, wstart);
             let pk = (mi, pstart, pend);
@@ -437,6 +450,10 @@ impl BatchCore {
             ] {
                 // SAFETY: the two pointers are into two different maps, each used once here.
                 let acc = unsafe { &mut *acc };
+                if !agg.additive() {
+                    acc.fold_other(agg, v.expect("a property value"), ts);
+                    continue;
+                }
                 acc.events += 1;
                 if !is_sum {
                     acc.total += sign as i128;
@@ -517,17 +534,17 @@ impl BatchCore {
             let m = m?;
             let code: String = m.get_item(0)?.extract()?;
             let etype: String = m.get_item(1)?.extract()?;
-            let agg: String = m.get_item(2)?.extract()?;
+            let agg_name: String = m.get_item(2)?.extract()?;
             let prop: Option<String> = m.get_item(3)?.extract()?;
-            if agg != "count" && agg != "sum" {
-                return Err(PyValueError::new_err(format!("metric {code}: aggregation {agg} is not native")));
-            }
+            let agg = Agg::parse(&agg_name)
+                .ok_or_else(|| PyValueError::new_err(format!("metric {code}: aggregation {agg_name} is not native")))?;
             code_index.insert(code.clone(), metrics.len() as u32);
             by_type.entry(etype).or_default().push(metrics.len() as u32);
             metrics.push(Metric {
                 code: PyString::new(py, &code).unbind(),
-                prop: if agg == "sum" { prop } else { None },
-                is_sum: agg == "sum",
+                prop: if agg != Agg::Count { prop } else { None },
+                is_sum: agg == Agg::Sum,
+                agg,
                 wanted: pairs(&m.get_item(4)?)?,
             });
         }
@@ -657,13 +674,23 @@ impl BatchCore {
     }
 
     /// Customer `key`'s period row: (events, total, fscaled, changed since the last `take_changes`), or None.
+    /// A row of an aggregation that is not additive has its value in place of fscaled (`Acc::peek`).
     #[allow(clippy::type_complexity)]
     fn period_value<'py>(&self, py: Python<'py>, key: &str, code: &str, pstart: i64, pend: i64)
-                         -> Option<(u64, i128, Option<Bound<'py, PyBytes>>, bool)> {
-        let mi = *self.code_index.get(code)?;
-        let ci = *self.index.get(key)?;
-        let a = self.customers[ci].periods.get(&(mi, pstart, pend))?;
-        Some((a.events, a.total, a.fixed.as_ref().map(|f| PyBytes::new(py, &f.to_le_bytes())), a.reported == self.round))
+                         -> PyResult<Option<(u64, i128, Option<Bound<'py, PyAny>>, bool)>> {
+        let (Some(&mi), Some(&ci)) = (self.code_index.get(code), self.index.get(key)) else { return Ok(None) };
+        let Some(a) = self.customers[ci].periods.get(&(mi, pstart, pend)) else { return Ok(None) };
+        let x = if a.ext.is_some() {
+            Some(a.peek(py)?)
+        } else {
+            a.fixed.as_ref().map(|f| PyBytes::new(py, &f.to_le_bytes()).into_any())
+        };
+        Ok(Some((a.events, a.total, x, a.reported == self.round)))
+    }
+
+    /// Corrections of metrics that are not additive since the last call (they leave the rows unchanged).
+    fn take_ignored(&mut self) -> u64 {
+        std::mem::take(&mut self.c.corrections_ignored)
     }
 
     /// Fold one customer's events that the Python Mediator accepted (its `MeteredEvent`s: `raw`, `ts`, `wm`,
@@ -860,6 +887,18 @@ impl BatchCore {
         (PyBytes::new(py, &fps), PyBytes::new(py, &exps))
     }
 
+    /// Hold customer `key` with the state of its Python meter (a resumed customer, or one back from the Python
+    /// fold after a changelog record): the inverse of `take_changes` and `export_seen` (native/src/resume.rs).
+    /// windows: (metric, start, events, total, fixed, ext); periods: (metric, start, end, events, total,
+    /// fixed, ext); excluded: (metric, start, end, count); fps/exps as `export_seen` gives them. ValueError
+    /// (nothing held) when something does not fit.
+    #[allow(clippy::too_many_arguments)]
+    fn load_customer(&mut self, py: Python<'_>, key: &str, period: &str, anchor: i64, wm: i64, fps: &[u8],
+                     exps: &[u8], windows: &Bound<'_, PyAny>, periods: &Bound<'_, PyAny>,
+                     excluded: &Bound<'_, PyAny>) -> PyResult<()> {
+        resume::load_customer(self, py, key, period, anchor, wm, fps, exps, windows, periods, excluded)
+    }
+
     /// Forget customer `key` (its state moved to the Python path). Call `take_changes` first.
     fn drop_customer(&mut self, key: &str) {
         if let Some(i) = self.index.remove(key) {
@@ -882,20 +921,26 @@ impl BatchCore {
     #[allow(clippy::type_complexity)]
     fn take_changes<'py>(&mut self, py: Python<'py>)
                          -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>, Bound<'py, PyList>, Bound<'py, PyList>)> {
-        let fs = |a: &Acc| -> Option<Bound<'py, PyBytes>> { a.fixed.as_ref().map(|f| PyBytes::new(py, &f.to_le_bytes())) };
+        // fscaled: the float part of a sum; of the other aggregations what `Acc::report` says
+        let fs = |a: &mut Acc| -> PyResult<Option<Bound<'py, PyAny>>> {
+            if a.ext.is_some() {
+                return Ok(Some(a.report(py)?));
+            }
+            Ok(a.fixed.as_ref().map(|f| PyBytes::new(py, &f.to_le_bytes()).into_any()))
+        };
         let w = PyList::empty(py);
         for (ci, wk) in self.changed_w.drain(..) {
-            let c = &self.customers[ci];
-            let a = &c.windows[&wk];
+            let c = &mut self.customers[ci];
+            let a = c.windows.get_mut(&wk).expect("a changed window");
             let code = self.metrics[wk.0 as usize].code.bind(py);
-            w.append((c.key.bind(py), code, wk.1, a.events, a.total, fs(a)))?;
+            w.append((c.key.bind(py), code, wk.1, a.events, a.total, fs(a)?))?;
         }
         let p = PyList::empty(py);
         for (ci, pk) in self.changed_p.drain(..) {
-            let c = &self.customers[ci];
-            let a = &c.periods[&pk];
+            let c = &mut self.customers[ci];
+            let a = c.periods.get_mut(&pk).expect("a changed period");
             let code = self.metrics[pk.0 as usize].code.bind(py);
-            p.append((c.key.bind(py), code, pk.1, pk.2, a.events, a.total, fs(a)))?;
+            p.append((c.key.bind(py), code, pk.1, pk.2, a.events, a.total, fs(a)?))?;
         }
         let x = PyList::empty(py);
         for (ci, pk) in self.changed_x.drain(..) {
@@ -930,7 +975,8 @@ impl BatchCore {
         let c = &self.c;
         for (k, v) in [("read", c.read), ("accepted", c.accepted), ("duplicates", c.duplicates),
                        ("excluded", c.excluded), ("unmetered", c.unmetered), ("too_late", c.too_late),
-                       ("missing_property", c.missing_property), ("python_path", c.python_path)] {
+                       ("missing_property", c.missing_property), ("python_path", c.python_path),
+                       ("corrections_ignored", c.corrections_ignored)] {
             d.set_item(k, v)?;
         }
         Ok(d)

@@ -45,6 +45,9 @@ def main(config_path: str) -> None:
     q = client.query(f"SELECT alert_id, customer_id, metric, threshold_amount, amount, event_id FROM {db}.alerts_log "
                      f"WHERE type = 'spend_crossed' ORDER BY alert_id")
     out["spend"] = [list(r) for r in q.result_rows]
+    # every alert as ClickHouse serialises it, without the wall-clock columns (when it was read and detected)
+    raw = client.raw_query(f"SELECT * EXCEPT (detected_at, ingested_at) FROM {db}.alerts_log FORMAT JSONEachRow")
+    out["alerts"] = sorted(raw.decode().splitlines())
     json.dump(out, sys.stdout)
 
 

@@ -49,6 +49,8 @@ def write_config(path: Path, base_toml: str, chdb_dir: Path, kafka: Optional[Dic
 def env() -> Dict[str, str]:
     e = {k: v for k, v in os.environ.items() if not k.startswith("METER_")}
     e["PYTHONUNBUFFERED"] = "1"
+    if os.environ.get("METERFLOW_TEST_CORE"):  # pytest --core native (tests/conftest.py)
+        e["METER_PIPELINE_CORE"] = os.environ["METERFLOW_TEST_CORE"]
     return e
 
 
