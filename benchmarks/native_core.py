@@ -81,7 +81,23 @@ def run_native(cfg, batches, now: int) -> Dict[str, float]:
     c = core.counters()
     return {"seconds": dt, "events": sum(len(b) for b in batches), "rows": rows, "accepted": c["accepted"],
             "python_path": c["python_path"], "p50_ms": lat[len(lat) // 2] * 1e3,
-            "p99_ms": lat[int(len(lat) * 0.99)] * 1e3}
+            "p99_ms": lat[int(len(lat) * 0.99)] * 1e3, "seen_bytes": core._core.dedupe_bytes(),
+            "tracked_ids": core._core.tracked_ids(), "customers": core._core.customers()}
+
+
+def dedupe_table_figures(sizes=(10_000, 100_000, 1_000_000), repeat: int = 3) -> List[Dict[str, float]]:
+    """The native dedupe table against ``HashMap<u64, u64>`` (what BatchCore held before) in one table of n
+    random fingerprints, natively (``meterflow_native.bench_dedupe``): ns per check (new ids, growth included;
+    then all of them again, duplicates) and bytes per id (slots and side structures at the table's real load),
+    each time the best of ``repeat``."""
+    import meterflow_native
+
+    out = []
+    for n in sizes:
+        runs = [meterflow_native.bench_dedupe(n, seed) for seed in range(1, repeat + 1)]
+        best = {k: min(r[k] for r in runs) for k in runs[0]}
+        out.append(best)
+    return out
 
 
 def main() -> None:
@@ -144,6 +160,19 @@ def _print_native(cfg, batches, decode_eps: float, python_eps: float, py: Dict[s
     print(f"          per-batch latency    : p50 {best['p50_ms']:.2f} ms  p99 {best['p99_ms']:.2f} ms")
     print(f"          accepted {best['accepted']:,} (Python core {py['accepted']:,}); {best['python_path']:,} "
           f"events through the Python path; rows returned {best['rows']:,} (every batch's changed rows)")
+    import meterflow_native
+
+    ids, struct = best["tracked_ids"], meterflow_native.IdTable().nbytes()  # (an empty table: its struct alone)
+    print(f"          dedupe: {ids:,} ids tracked in {best['customers']:,} customers' tables, "
+          f"{best['seen_bytes'] / max(ids, 1):.1f} B per id with each table's fixed cost "
+          f"({(best['seen_bytes'] - best['customers'] * struct) / max(ids, 1):.1f} B without the {struct} B "
+          "struct per table)")
+    for f in dedupe_table_figures():
+        per = f["table_bytes"] / f["ids"]
+        print(f"native    dedupe table, {f['ids']:>9,} ids in one table: {per:5.1f} B per id, "
+              f"new {f['table_new_ns']:5.1f} ns, duplicate {f['table_dup_ns']:5.1f} ns per check; HashMap<u64, u64> "
+              f"{f['hashmap_bytes'] / f['ids']:5.1f} B per id, new {f['hashmap_new_ns']:5.1f} ns, duplicate "
+              f"{f['hashmap_dup_ns']:5.1f} ns")
 
 
 class _Collect:

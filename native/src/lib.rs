@@ -10,6 +10,7 @@
 
 mod acc;
 mod dims;
+mod dedupe;
 mod json;
 mod mediate;
 mod resume;
@@ -24,12 +25,14 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
 use acc::{Acc, Agg};
-use json::{Event, Stamp, Val};
+use dedupe::IdTable;
+use json::{Event, Val};
 use time::PeriodRule;
 
 const MAX_DEPTH: usize = 64;
 const LAST_EVENT_MS: i64 = 221_845_392_000_000; // operators/mediate.py LAST_EVENT_MS
 const MAX_NUMBER: f64 = 1e300;
+const SEEN_EVICT_SLACK_MS: i128 = 3_600_000; // operators/meter.py _DEDUPE_EVICT_SLACK_MS
 
 // ---- hashing: FxHash for keys, identity for fingerprints (already uniform) ---------------------------
 #[derive(Default)]
@@ -180,7 +183,9 @@ type PKey = (u32, i64, i64);
 struct Customer {
     key: Py<PyString>,
     rule: PeriodRule,
-    seen: HashMap<u64, u64, BuildHasherDefault<Ident>>,
+    seen: IdTable,
+    seen_next: u64, // CustomerMeter.next_dedupe_evict: at most the smallest expiry in `seen`
+    seen_due: bool, // an event was folded since the last `evict_seen` (it is in BatchCore.seen_due)
     wm: i64,
     pstart: i64,
     pend: i64,
@@ -246,6 +251,7 @@ struct BatchCore {
     touched_c: Vec<usize>,
     last: [u64; 6],
     dims: dims::DimTable,
+    seen_due: Vec<usize>, // customers folded since the last `evict_seen`
 }
 
 fn val_from_py(v: &Bound<'_, PyAny>) -> PyResult<Val> {
@@ -301,7 +307,9 @@ impl BatchCore {
         self.customers.push(Customer {
             key: PyString::new(py, &key).unbind(),
             rule,
-            seen: HashMap::default(),
+            seen: IdTable::new(),
+            seen_next: dedupe::NO_EXPIRY,
+            seen_due: false,
             wm: 0,
             pstart: 0,
             pend: 0,
@@ -325,6 +333,10 @@ impl BatchCore {
             cust.touched = self.wm_round;
             self.touched_c.push(ci);
         }
+        if !cust.seen_due {
+            cust.seen_due = true;
+            self.seen_due.push(ci);
+        }
         if !(cust.pstart <= ts && ts < cust.pend) {
             let (s, e) = cust.rule.bounds(ts).ok_or_else(|| {
                 PyValueError::new_err(format!("timestamp {ts} is outside the range of billing periods"))
@@ -338,15 +350,12 @@ impl BatchCore {
         }
         let wm = cust.wm;
         let expiry = (pend + grace_ms).max(wm + dedupe_ms);
-        match cust.seen.get_mut(&fp) {
-            Some(e) if *e as i64 >= wm => {
-                self.c.duplicates += 1;
-                return Ok(());
-            }
-            Some(e) => *e = expiry as u64,
-            None => {
-                cust.seen.insert(fp, expiry as u64);
-            }
+        if cust.seen.check_add(fp, expiry as u64, wm) {
+            self.c.duplicates += 1;
+            return Ok(());
+        }
+        if (expiry as u64) < cust.seen_next {
+            cust.seen_next = expiry as u64;
         }
         self.c.accepted += 1;
         let metrics = match self.by_type.get(event_type) {
@@ -484,6 +493,24 @@ impl BatchCore {
         Ok(())
     }
 
+    /// CustomerMeter's dedupe eviction at the end of its `process`, for each customer folded since the last call:
+    /// once its watermark is an hour past `seen_next` (`_DEDUPE_EVICT_SLACK_MS`), the ids whose expiry < its
+    /// watermark go. Called where a batch of the customer's events ends (`run`, `fold_many`, `fold_events`,
+    /// `fold_bundle`), which is where the Python meter evicts, so `export_seen` holds the ids IdTable would.
+    /// It never changes a decision: an id is a duplicate only while its expiry >= the watermark, and a
+    /// customer's watermark never decreases (fold_one, raise_wm only raise it), so an id with expiry < wm is,
+    /// from then on, treated exactly as one that is absent (both are stored anew at their next event);
+    /// evicting them earlier or later only changes memory (tests/operators/test_native_dedupe.py checks it).
+    fn evict_seen(&mut self) {
+        for ci in self.seen_due.drain(..) {
+            let c = &mut self.customers[ci];
+            c.seen_due = false;
+            if c.wm as i128 > c.seen_next as i128 + SEEN_EVICT_SLACK_MS {
+                c.seen_next = c.seen.evict(c.wm);
+            }
+        }
+    }
+
     /// Mediation of one line (operators/mediate.py `Mediator.__call__`); None: the Python path decides.
     fn mediate<'l>(&self, raw: &'l [u8], horizon: i64) -> Option<(Event<'l>, i64, bool)> {
         mediate::mediate_line(&self.tenants, self.max_bytes, raw, horizon)
@@ -554,6 +581,7 @@ impl BatchCore {
             touched_c: Vec::new(),
             last: [0; 6],
             dims: dims::DimTable::new(),
+            seen_due: Vec::new(),
         })
     }
 
@@ -578,6 +606,7 @@ impl BatchCore {
                           &ev.props)?;
             i += 1;
         }
+        self.evict_seen(); // the batch's end
         Ok(i)
     }
 
@@ -700,6 +729,7 @@ impl BatchCore {
             self.c.read += 1;
             i += 1;
         }
+        self.evict_seen();
         Ok((i, 0))
     }
 
@@ -756,6 +786,7 @@ impl BatchCore {
             p += 1;
             i = 0;
         }
+        self.evict_seen();
         Ok((p, 0, 0))
     }
 
@@ -843,15 +874,13 @@ impl BatchCore {
     }
 
     /// Customer `key`'s tracked ids as operators/dedupe.py `IdTable` state: (fingerprints, expiries), each a
-    /// little-endian uint64 array (ids whose expiry passed are kept, as IdTable keeps them until evicted).
+    /// little-endian uint64 array (ids whose expiry passed are kept until evicted, as IdTable keeps them; the
+    /// same ids as IdTable's, evicted at the same points: `evict_seen`).
     fn export_seen<'py>(&self, py: Python<'py>, key: &str) -> (Bound<'py, PyBytes>, Bound<'py, PyBytes>) {
-        let (mut fps, mut exps) = (Vec::new(), Vec::new());
-        if let Some(&i) = self.index.get(key) {
-            for (fp, e) in &self.customers[i].seen {
-                fps.extend_from_slice(&fp.to_le_bytes());
-                exps.extend_from_slice(&e.to_le_bytes());
-            }
-        }
+        let (fps, exps) = match self.index.get(key) {
+            Some(&i) => dedupe::to_state(&self.customers[i].seen),
+            None => (Vec::new(), Vec::new()),
+        };
         (PyBytes::new(py, &fps), PyBytes::new(py, &exps))
     }
 
@@ -871,7 +900,8 @@ impl BatchCore {
     fn drop_customer(&mut self, key: &str) {
         if let Some(i) = self.index.remove(key) {
             let c = &mut self.customers[i];
-            c.seen = HashMap::default();
+            c.seen = IdTable::new();
+            c.seen_next = dedupe::NO_EXPIRY;
             c.windows = FxMap::default();
             c.periods = FxMap::default();
             c.excluded = FxMap::default();
@@ -955,6 +985,12 @@ impl BatchCore {
         self.customers.iter().map(|c| c.seen.len()).sum()
     }
 
+    /// Bytes of every customer's dedupe table: its slots, expiry segments and side map on the heap, and the
+    /// table's struct inside the customer's (what `tracked_ids` costs; benchmarks/native_core.py).
+    fn dedupe_bytes(&self) -> usize {
+        self.customers.iter().map(|c| c.seen.heap_bytes() + std::mem::size_of::<IdTable>()).sum()
+    }
+
     fn customers(&self) -> usize {
         self.customers.len()
     }
@@ -969,6 +1005,8 @@ fn meterflow_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(mediate::float_json, m)?)?;
     m.add_function(wrap_pyfunction!(mediate::crc32_of, m)?)?;
     m.add_function(wrap_pyfunction!(dims::dim_of, m)?)?;
+    m.add_class::<dedupe::PyIdTable>()?;
+    m.add_function(wrap_pyfunction!(dedupe::bench_dedupe, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -689,6 +689,7 @@ pub(crate) fn fold_bundle(core: &mut BatchCore, b: &Bundle, k_start: usize, i_st
         k += 1;
         i = 0;
     }
+    core.evict_seen(); // (the end of each customer's events of the batch: where CustomerMeter evicts)
     Ok((k, 0, 0))
 }
 

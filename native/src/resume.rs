@@ -94,16 +94,16 @@ pub fn load_customer(core: &mut BatchCore, py: Python<'_>, key: &str, period: &s
     if fps.len() != exps.len() || fps.len() % 8 != 0 {
         return Err(bad("the dedupe table"));
     }
-    let mut seen = std::collections::HashMap::default();
-    seen.reserve(fps.len() / 8);
-    for (f, e) in fps.chunks_exact(8).zip(exps.chunks_exact(8)) {
-        seen.insert(u64::from_le_bytes(f.try_into().unwrap()), u64::from_le_bytes(e.try_into().unwrap()));
-    }
+    let seen = crate::dedupe::from_state(fps, exps).map_err(|_| bad("the dedupe table"))?;
+    // (CustomerMeter's restore and NativeMeters.release start its eviction bound at the smallest expiry too)
+    let seen_next = seen.min_expiry();
     core.index.insert(key.to_owned(), core.customers.len());
     core.customers.push(Customer {
         key: PyString::new(py, key).unbind(),
         rule,
         seen,
+        seen_next,
+        seen_due: false,
         wm,
         pstart: 0,
         pend: 0,
