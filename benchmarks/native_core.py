@@ -17,8 +17,9 @@ msgspec decode alone, the Python core and the native core, with their ratios. Th
 mediation, dedupe and the folds, not the entitlement checks the Python core also runs (not native in
 NativeBatchCore); the line after it is the native path with threshold detection (:func:`run_native_flow`:
 NativeMediator.split -> each shard's NativeMeters.fold_bundle, every customer with thresholds, its alerts
-compared with the Python core's), the figure for the goal's decode -> ... -> threshold detection. ``--aggs`` adds max, min, latest, unique_count and p95 metrics of the same events' tokens
-(seven metrics instead of two) to the bench workload. ``--workload sample`` is the richer sample
+compared with the Python core's), the figure for the goal's decode -> ... -> threshold detection.
+``--aggs`` adds max, min, latest, unique_count and p95 metrics of the same events' tokens (seven metrics
+instead of two) to the bench workload. ``--workload sample`` is the richer sample
 configuration (group_by, unique_count, p95, latest), Python core only.
 
 ``--flow`` (bench workload) also runs the whole dataflow in process (``build_flow`` over ``TestingSource``,
