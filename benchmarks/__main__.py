@@ -321,8 +321,11 @@ class Bench:
 
         cfg.write_text(config_toml(self.wl.rules, self.wl.subscribed))
         out = self.work / "core.json"
+        expected = self.work / "expected_alerts.json"
+        expected.write_text(json.dumps(self.wl.expected_alerts))
         procs = Procs([([self.py, "-m", "benchmarks.peers.meterflow", "core", "--config", str(cfg), "--events",
-                         str(self.work / "events.jsonl"), "--out", str(out)], {})], self.logs, "core", str(ROOT))
+                         str(self.work / "events.jsonl"), "--out", str(out), "--expected-alerts", str(expected)], {})],
+                      self.logs, "core", str(ROOT))
         run = procs.wait(600 + len(self.wl.items) / 500)
         if any(rc != 0 for rc in run.returncodes):
             return {"error": f"exit {run.returncodes}: {run.tail(6)}"}
@@ -552,6 +555,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                     bench.log(f"core: {c['core_eps']:,.0f} ev/s in process (decode alone {c['decode_eps']:,.0f}/s); "
                               f"dedupe {c['dedupe_bytes_per_id']:,.0f} B/id; "
                               f"state {c['state_bytes_per_customer']:,.0f} B/customer")
+                    if c.get("native_flow_core_eps"):
+                        bench.log(f"native core: {c['native_flow_core_eps']:,.0f} ev/s with threshold detection "
+                                  f"({c['native_flow_alerts']:,} alerts, "
+                                  f"{'as expected' if c['native_flow_alerts_ok'] else 'NOT AS EXPECTED'}), batch core "
+                                  f"{c['native_core_eps']:,.0f} ev/s")
                     mf = bench.rows.get("meterflow-1w")
                     if mf is not None and mf.ran:
                         mf.state_bytes_per_id = c["dedupe_bytes_per_id"]

@@ -15,8 +15,11 @@ With ``--workload bench`` (the default) the stream and rules are those of ``pyth
 (operators/native.py, when ``meterflow_native`` is built) runs on the same batches, so one run prints
 msgspec decode alone, the Python core and the native core, with their ratios. The native core does
 mediation, dedupe and the folds, not the entitlement checks the Python core also runs (not native in
-NativeBatchCore). ``--aggs`` adds max, min, latest, unique_count and p95 metrics of the same events' tokens
-(seven metrics instead of two) to the bench workload. ``--workload sample`` is the richer sample
+NativeBatchCore); the line after it is the native path with threshold detection (:func:`run_native_flow`:
+NativeMediator.split -> each shard's NativeMeters.fold_bundle, every customer with thresholds, its alerts
+compared with the Python core's), the figure for the goal's decode -> ... -> threshold detection.
+``--aggs`` adds max, min, latest, unique_count and p95 metrics of the same events' tokens (seven metrics
+instead of two) to the bench workload. ``--workload sample`` is the richer sample
 configuration (group_by, unique_count, p95, latest), Python core only.
 
 ``--flow`` (bench workload) also runs the whole dataflow in process (``build_flow`` over ``TestingSource``,
@@ -38,6 +41,8 @@ from typing import Any, Dict, List
 
 from benchmarks.core_throughput import _rss_mib, build, run_core, run_decode_baseline, run_python_floor
 from meterflow.base.gc_tuning import tune_gc
+from meterflow.base.stats import FlowStats
+from meterflow.operators.rules import Rules
 from meterflow.schemas.config import parse_config
 
 # --aggs: the aggregations that are not additive, over the same events (tokens of every api_call)
@@ -83,6 +88,72 @@ def run_native(cfg, batches, now: int) -> Dict[str, float]:
             "python_path": c["python_path"], "p50_ms": lat[len(lat) // 2] * 1e3,
             "p99_ms": lat[int(len(lat) * 0.99)] * 1e3, "seen_bytes": core._core.dedupe_bytes(),
             "tracked_ids": core._core.tracked_ids(), "customers": core._core.customers()}
+
+
+def run_native_flow(cfg, batches, now: int, flush_every: int = 50) -> Dict[str, Any]:
+    """The real native path of one worker in process, thresholds included (every customer of the bench workload
+    has them): :meth:`NativeMediator.split` over each batch, then each shard's bundle to that shard's
+    ``_ShardLogic`` (dataflows/metering.py) with its :class:`NativeMeters`, called directly: customers admitted
+    as the flow admits them, folded by :meth:`NativeMeters.fold_bundle` with the threshold checks at the events
+    that reach a level, alerts from their ``CustomerMeter``. No Bytewax runtime, no sinks (outputs counted, then
+    dropped), recovery off. The shards' clock makes a flush tick due every ``flush_every`` batches (the cadence
+    of :func:`benchmarks.core_throughput.run_core`) and ``on_eof`` ends the run (sync, the last flush, rows the
+    watermark closed leave final). Seconds, CPU seconds, events, alerts by type, the threshold alerts as the
+    benchmark's alert keys (``benchmarks.peers.common.alert_key``, sorted: the workload's ``expected_alerts``),
+    rows emitted, dead letters, and the customers folded natively and on Python (as ``FOLD_TALLY`` counts them)."""
+    import msgspec
+
+    from benchmarks.peers.common import alert_key
+    from meterflow.base.timeutil import parse_rfc3339_ms
+    from meterflow.dataflows.metering import _ShardLogic
+    from meterflow.operators.native import FOLD_TALLY, NativeMediator, NativeMeters
+
+    cfg = msgspec.structs.replace(cfg, pipeline=msgspec.structs.replace(cfg.pipeline, core="native"))
+    rules = Rules(cfg)
+    rules.gateway_states = cfg.redis is not None  # as build_flow sets it
+    shards = cfg.pipeline.shards
+    tick = [0]
+    interval = rules.flush_ms
+    mediator = NativeMediator(cfg, FlowStats(), clock=lambda: now)
+    make = NativeMeters.factory(cfg)
+    logics: Dict[str, Any] = {}
+    alerts: Dict[str, int] = {}
+    crossed: List[Any] = []
+    rows = dead = 0
+    tally0 = FOLD_TALLY.snapshot()
+
+    def take(emissions: List[Any]) -> None:
+        nonlocal rows, dead
+        for em in emissions:
+            rows += len(em.windows) + len(em.periods)
+            dead += len(em.dead_letters)
+            for a in em.alerts:
+                alerts[a.type] = alerts.get(a.type, 0) + 1
+                if a.type == "threshold_crossed":
+                    crossed.append(a)
+
+    c0, t0 = time.process_time(), time.perf_counter()
+    for n, b in enumerate(batches):
+        tick[0] = (n // flush_every) * interval  # a tick is due at batch 0, flush_every, 2 * flush_every, ...
+        keyed, dl, _raw = mediator.split(b, False)
+        dead += len(dl)
+        for shard, bundle in keyed:
+            logic = logics.get(shard)
+            if logic is None:
+                logic = logics[shard] = _ShardLogic(rules, shards, None, False, mediator, clock=lambda: tick[0],
+                                                    native=make())
+            take(logic.on_batch([bundle])[0])
+    for logic in logics.values():
+        take(logic.on_eof()[0])
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    tally = FOLD_TALLY.snapshot()
+    keys = sorted({alert_key(f"{a.tenant_id}|{a.customer_id}", a.metric, parse_rfc3339_ms(a.period_start),
+                             float(a.threshold_pct)) for a in crossed})
+    return {"seconds": dt, "cpu_seconds": cpu, "events": sum(len(b) for b in batches), "alerts": alerts,
+            "threshold_alerts": keys, "rows": rows, "dead_letters": dead,
+            "folded_native": tally.get("native", 0) - tally0.get("native", 0),
+            "folded_python": tally.get("python", 0) - tally0.get("python", 0),
+            "evaluated": sum(len(lg._native.evaluated) for lg in logics.values())}
 
 
 def dedupe_table_figures(sizes=(10_000, 100_000, 1_000_000), repeat: int = 3) -> List[Dict[str, float]]:
@@ -160,6 +231,16 @@ def _print_native(cfg, batches, decode_eps: float, python_eps: float, py: Dict[s
     print(f"          per-batch latency    : p50 {best['p50_ms']:.2f} ms  p99 {best['p99_ms']:.2f} ms")
     print(f"          accepted {best['accepted']:,} (Python core {py['accepted']:,}); {best['python_path']:,} "
           f"events through the Python path; rows returned {best['rows']:,} (every batch's changed rows)")
+    flow = min((run_native_flow(cfg, batches, now) for _ in range(2)), key=lambda x: x["seconds"])
+    feps = flow["events"] / flow["seconds"]
+    got = flow["alerts"].get("threshold_crossed", 0)
+    print(f"native    + threshold detection: {feps:>12,.0f} events/s {flow['cpu_seconds'] / flow['events'] * 1e6:5.2f} "
+          f"CPU s/M ({feps / decode_eps:.2f}x of decode-only, {feps / python_eps:.2f}x of the Python core): "
+          "NativeMediator.split -> each shard's _ShardLogic with NativeMeters.fold_bundle, a flush tick every 50 "
+          "batches and at the end, no Bytewax, no sinks")
+    print(f"          {got:,} threshold alerts (Python core {py['alerts']:,}"
+          f"{', same count' if got == py['alerts'] else ', COUNT DIFFERS'}); {flow['folded_native']:,} customers "
+          f"folded natively ({flow['evaluated']:,} of them evaluating thresholds), {flow['folded_python']:,} on Python")
     import meterflow_native
 
     ids, struct = best["tracked_ids"], meterflow_native.IdTable().nbytes()  # (an empty table: its struct alone)

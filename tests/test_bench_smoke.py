@@ -105,11 +105,27 @@ def test_issue16_targets_are_marked_met_or_missed_from_the_native_figures():
             "meterflow-1w-native": Row("meterflow-1w-native", ran=True, eps=440_000.0, cpu_s_per_m=5.0,
                                        latency={"p99_ms": 80.0})}
     core = {"core_eps": 100_000.0, "decode_eps": 1_600_000.0, "dedupe_bytes_per_id": 33.0,
-            "native_core_eps": 1_800_000.0, "native_dedupe_bytes_per_id": 15.5}
+            "native_core_eps": 2_000_000.0, "native_flow_core_eps": 1_800_000.0, "native_flow_alerts": 45,
+            "native_flow_alerts_ok": True, "native_flow_alerts_against": "the workload's 45 expected alerts",
+            "native_dedupe_bytes_per_id": 15.5}
     got = {t["target"]: t for t in targets(rows, core) if t["issue"] == 16}
+    # the goal's core includes threshold detection: the native path's figure, the batch core beside it
+    assert got["native core events/s per worker"]["value"] == 1_800_000.0
     assert got["native core events/s per worker"]["gap"] == "met"
+    assert got["native batch core events/s per worker (no threshold detection)"]["value"] == 2_000_000.0
     vs_decode = got["native core / bare msgspec decode"]
     assert vs_decode["value"] == 1.125 and vs_decode["met"]
+    short = {t["target"]: t for t in targets(rows, dict(core, native_flow_core_eps=800_000.0)) if t["issue"] == 16}
+    assert short["native core events/s per worker"]["gap"] == "1.2x short"
+    assert short["native batch core events/s per worker (no threshold detection)"]["gap"] == "met"
+    assert short["native core / bare msgspec decode"]["gap"] == "2.0x short"
+    wrong = {t["target"]: t for t in targets(rows, dict(core, native_flow_alerts_ok=False)) if t["issue"] == 16}
+    assert wrong["native core events/s per worker"]["met"] is None
+    assert wrong["native core events/s per worker"]["gap"].startswith("WRONG ALERTS (45 against")
+    assert wrong["native core / bare msgspec decode"]["gap"] == "not measured"
+    old = {t["target"]: t for t in targets(rows, {k: v for k, v in core.items() if not k.startswith("native_flow")})
+           if t["issue"] == 16}  # a result file of the build before: the batch core alone is no figure for the goal
+    assert old["native core events/s per worker"]["gap"] == "not measured"
     assert got["end to end / raw ceiling (native)"]["gap"] == "met"  # 0.55
     assert got["CPU s per million events (native)"]["gap"] == "1.2x over"
     assert got["breach-to-alert p99 at half saturation (native)"]["met"]
@@ -123,3 +139,35 @@ def test_issue16_targets_are_marked_met_or_missed_from_the_native_figures():
     doc = {"targets": targets(slow, core)}
     text = markdown([], doc)
     assert "| 16 | end to end / raw ceiling (native) | 0.5 x | 0.10 x | 5.0x short |" in text
+
+
+def test_the_core_step_times_the_native_path_with_threshold_detection_and_checks_its_alerts(tmp_path):
+    """``python -m benchmarks.peers.meterflow core`` as the harness runs it (tiny workload): the native path's
+    figure with threshold detection is there, its threshold alerts are exactly the workload's, and every
+    customer was folded natively (none left on Python: the bench rules are soft thresholds only)."""
+    import json
+
+    from benchmarks.peers.meterflow import main
+    from meterflow.operators.native import AVAILABLE
+
+    if not AVAILABLE:
+        pytest.skip("meterflow_native is not built")
+    wl = build_workload(6000, 40, 3)
+    assert wl.expected_alerts  # (the tiny workload crosses thresholds)
+    cfg, events, expected, out = (tmp_path / n for n in ("core.toml", "events.jsonl", "expected.json", "core.json"))
+    cfg.write_text(config_toml(wl.rules, wl.subscribed))
+    events.write_bytes(b"".join(v + b"\n" for _, v in wl.items))
+    expected.write_text(json.dumps(wl.expected_alerts))
+    assert main(["core", "--config", str(cfg), "--events", str(events), "--batch", "512", "--out", str(out),
+                 "--expected-alerts", str(expected)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["native_flow_core_eps"] > 0 and doc["native_core_eps"] > 0
+    assert doc["native_flow_alerts"] == len(wl.expected_alerts) and doc["native_flow_alerts_ok"] is True
+    customers = wl.counts["customers_with_usage"]
+    assert doc["native_flow_folded_native"] >= customers and doc["native_flow_folded_python"] == 0
+    assert doc["native_flow_evaluated"] == doc["native_flow_folded_native"]
+    # a wrong expectation is reported, not hidden
+    expected.write_text(json.dumps(wl.expected_alerts[1:]))
+    assert main(["core", "--config", str(cfg), "--events", str(events), "--batch", "512", "--out", str(out),
+                 "--expected-alerts", str(expected)]) == 0
+    assert json.loads(out.read_text())["native_flow_alerts_ok"] is False

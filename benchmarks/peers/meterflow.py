@@ -226,20 +226,26 @@ def _core(args: argparse.Namespace) -> int:
            "snapshot_bytes_per_customer": snapshot_bytes / customers if customers else None,
            "how": "tracemalloc: bytes freed when every CustomerMeter's dedupe table is replaced by an empty one / ids; "
                   "bytes held by all CustomerMeters (after a final flush) / customers; snapshot = pickle bytes"}
-    out.update(_native_core(cfg, batches))
+    expected = json.loads(Path(args.expected_alerts).read_text()) if args.expected_alerts else None
+    out.update(_native_core(cfg, batches, core["alerts"], expected))
     Path(args.out).write_text(json.dumps(out))
     return 0
 
 
-def _native_core(cfg: Any, batches: List[Any]) -> Dict[str, Any]:
+def _native_core(cfg: Any, batches: List[Any], python_alerts: Optional[int] = None,
+                 expected_alerts: Optional[List[str]] = None) -> Dict[str, Any]:
     """The native core (issue 16) over the same batches: events/s of its batch core (decode -> validate ->
-    dedupe -> aggregate, no entitlement work) and the bytes of its dedupe tables per tracked id (as the native
-    table counts them). Empty when meterflow_native is not built or cannot run this configuration."""
+    dedupe -> aggregate, no entitlement work); events/s of the native path with threshold detection
+    (``native_flow_*``: :func:`benchmarks.native_core.run_native_flow`, every customer of the workload has
+    thresholds), its threshold alerts checked against ``expected_alerts`` (the workload's reference alert keys)
+    or else the Python core's count ``python_alerts``; and the bytes of its dedupe tables per tracked id (as the
+    native table counts them). Only ``native_error`` when meterflow_native is not built or cannot run this
+    configuration."""
     from meterflow.operators import native
 
     if native.native_problem(cfg) is not None:
         return {"native_error": native.native_problem(cfg)}
-    from benchmarks.native_core import run_native
+    from benchmarks.native_core import run_native, run_native_flow
     from meterflow.base.timeutil import now_ms
 
     now = now_ms()
@@ -254,7 +260,31 @@ def _native_core(cfg: Any, batches: List[Any]) -> Dict[str, Any]:
             "native_tracked_ids": ids,
             "native_dedupe_bytes_per_id": size() / ids if size is not None and ids else None,
             "native_how": "NativeBatchCore.process over the same batches, best of two passes; dedupe: the native "
-                          "tables' own count of their bytes (slots and side tables) / ids"}
+                          "tables' own count of their bytes (slots and side tables) / ids",
+            **_native_flow(run_native_flow, cfg, batches, now, python_alerts, expected_alerts)}
+
+
+def _native_flow(run: Any, cfg: Any, batches: List[Any], now: int, python_alerts: Optional[int],
+                 expected_alerts: Optional[List[str]]) -> Dict[str, Any]:
+    """The ``native_flow_*`` figures of :func:`_native_core` (``run``: run_native_flow), best of two passes."""
+    flow = min((run(cfg, batches, now) for _ in range(2)), key=lambda r: r["seconds"])
+    got = flow["threshold_alerts"]
+    if expected_alerts is not None:
+        ok, against = got == sorted(expected_alerts), f"the workload's {len(expected_alerts):,} expected alerts"
+    elif python_alerts is not None:
+        ok, against = len(got) == python_alerts, f"the Python core's {python_alerts:,} alerts (count)"
+    else:
+        ok, against = None, "nothing"
+    return {"native_flow_core_eps": flow["events"] / flow["seconds"],
+            "native_flow_cpu_s_per_m": flow["cpu_seconds"] / flow["events"] * 1e6,
+            "native_flow_alerts": len(got), "native_flow_alerts_ok": ok, "native_flow_alerts_against": against,
+            "native_flow_folded_native": flow["folded_native"], "native_flow_folded_python": flow["folded_python"],
+            "native_flow_evaluated": flow["evaluated"],
+            "native_flow_how": "the real native path with threshold detection, in process: NativeMediator.split "
+                               "over each batch -> each shard's _ShardLogic (NativeMeters.fold_bundle, customers "
+                               "admitted as the flow admits them), a flush tick every 50 batches (as the Python "
+                               "core's run_core) and on_eof at the end; no Bytewax runtime, no sinks; best of two "
+                               "passes"}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -272,6 +302,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     c.add_argument("--config", required=True)
     c.add_argument("--events", required=True, help="JSONL file of the workload")
     c.add_argument("--batch", type=int, default=4096)
+    c.add_argument("--expected-alerts", help="JSON list of the workload's expected alert keys (checks the native "
+                   "path's threshold alerts)")
     c.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     if args.cmd == "store":

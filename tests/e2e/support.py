@@ -178,10 +178,10 @@ def kafka_section(bootstrap: str, events: str, prefix: str) -> Dict[str, str]:
 class LiveRun:
     """A `meter run` subprocess whose stderr progress lines are collected while it runs."""
 
-    def __init__(self, argv: Sequence[str], stdout_path: Path) -> None:
+    def __init__(self, argv: Sequence[str], stdout_path: Path, extra_env: Optional[Dict[str, str]] = None) -> None:
         self.stdout_path = stdout_path
         self._out = stdout_path.open("w")
-        self.proc = subprocess.Popen(meter_argv(*argv), cwd=REPO, env=env(), stdout=self._out,
+        self.proc = subprocess.Popen(meter_argv(*argv), cwd=REPO, env={**env(), **(extra_env or {})}, stdout=self._out,
                                      stderr=subprocess.PIPE, text=True, start_new_session=True)
         self.stderr: List[str] = []
         self.reads: List[int] = []

@@ -9,6 +9,11 @@ usage_by_window and dead_letters, and exactly what a one-process run of the same
 usage_rated and alerts_log (their values do not depend on which process folded an event); the JSONL alert
 file, also written by process 0 alone, holds each alert of the store once.
 
+With ``core = "native"`` the cluster runs ``pipeline.core = "native"`` (native mediation: each batch's shard
+bundles, ``meterflow_native.Bundle``, cross to the process owning their shard pickled), against the same
+one-process run on the Python core; each cluster process's native fold tally (``METERFLOW_NATIVE_TALLY``,
+written at its exit) must show customers folded natively in both processes and none left on Python.
+
 The workload is the Kafka pipeline test's (``tests/e2e/test_kafka_pipeline.py``): built so that its results
 do not depend on the order in which partitions are read, which differs between a cluster and one process.
 """
@@ -91,7 +96,22 @@ def _dead(views: dict) -> List[str]:
     return sorted(json.dumps([r[0], *r[2:-1]]) for r in views["dead_letters"])
 
 
-def test_two_process_cluster_writes_one_store_with_exact_totals(kafka, tmp_path):
+def _tally(path: Path) -> List[dict]:
+    """The lines the meter processes appended to their METERFLOW_NATIVE_TALLY file (one per process, at exit)."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.parametrize("core", ["python", "native"])
+def test_two_process_cluster_writes_one_store_with_exact_totals(kafka, tmp_path, core):
+    if core == "native":
+        from meterflow.operators.native import AVAILABLE
+
+        if not AVAILABLE:
+            pytest.skip("meterflow_native is not built (./dev setup with cargo)")
+    tally = tmp_path / "native-tally.jsonl"
+    # the cluster's environment: as configured (python: the session's core), or the native core with its tally
+    cluster_env = env() if core == "python" else {**env(), "METER_PIPELINE_CORE": "native",
+                                                  "METERFLOW_NATIVE_TALLY": str(tally)}
     events = workload()
     expected = ref.compute(events, ref.sample_spec(TENANTS, SUBSCRIBED, ANCHOR, included=INCLUDED))
     topic = kafka.create_topic(unique("e2e-cluster-events"), partitions=PARTITIONS)
@@ -107,7 +127,7 @@ def test_two_process_cluster_writes_one_store_with_exact_totals(kafka, tmp_path)
         procs.append((subprocess.Popen(
             meter_argv("run", "--config", str(cluster_cfg), "--stop-at-end", "--json", "--progress-every", "0",
                        "--addresses", addresses, "--process-id", str(i)),
-            cwd=REPO, env=env(), stdout=out, stderr=err, start_new_session=True), out, err))
+            cwd=REPO, env=cluster_env, stdout=out, stderr=err, start_new_session=True), out, err))
     t0 = time.monotonic()
     try:
         rcs = [p.wait(150) for p, _o, _e in procs]
@@ -126,6 +146,17 @@ def test_two_process_cluster_writes_one_store_with_exact_totals(kafka, tmp_path)
     reads = [s["counters"]["read"] for s in summaries]
     assert sum(reads) == len(events) and min(reads) > 0, reads
     assert sum(s["counters"]["duplicates"] for s in summaries) == expected.duplicates, summaries
+    if core == "native":
+        assert all(s["core"].startswith("native") for s in summaries), [s["core"] for s in summaries]
+        # Both processes folded customers natively (every customer of this configuration is admitted), none
+        # on Python: the customers of the shards each process owns, their bundles from either reader.
+        lines = {d["pid"]: d for d in _tally(tally)}
+        assert set(lines) == {p.pid for p, _o, _e in procs}, lines
+        assert all(d.get("native", 0) > 0 and not d.get("python") for d in lines.values()), lines
+        # Every customer with usage folded natively exactly once, by the process owning its shard, while its
+        # events (produced round robin over the partitions) were read by both: the other's arrived as bundles.
+        customers = {k[:2] for k in expected.periods}
+        assert sum(d["native"] for d in lines.values()) == len(customers) > 0, (lines, len(customers))
 
     # The one store holds the model's totals exactly.
     views = read_views(cluster_cfg)
@@ -139,7 +170,9 @@ def test_two_process_cluster_writes_one_store_with_exact_totals(kafka, tmp_path)
     # One process over the same topic (own store, own output topics): the same rows everywhere.
     one_cfg = _config(tmp_path, "one", kafka_section(kafka.bootstrap, topic, unique("e2e-cluster-one")))
     one = run_summary(run_meter("run", "--config", str(one_cfg), "--stop-at-end", "--json", "--progress-every", "0",
-                                timeout=150))
+                                timeout=150, extra_env={"METER_PIPELINE_CORE": "python"} if core == "native" else None))
+    if core == "native":
+        assert one["core"].startswith("python"), one["core"]
     assert one["counters"]["read"] == len(events)
     one_views = read_views(one_cfg)
     one_more = _read_more(one_cfg)

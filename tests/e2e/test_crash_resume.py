@@ -101,15 +101,15 @@ def _dl_rows(views: dict):
     return Counter(json.dumps(r[:-1]) for r in views["dead_letters"])
 
 
-def _crash_and_resume(tmp_path: Path, cfg: Path, run_args, total: int) -> dict:
+def _crash_and_resume(tmp_path: Path, cfg: Path, run_args, total: int, extra_env=None) -> dict:
     """Start `meter run`, SIGKILL it mid-stream; restart it and SIGKILL the restarted run too (a crash during
-    recovery); then restart the same command until it exits 0."""
+    recovery); then restart the same command until it exits 0 (every run with ``extra_env`` added)."""
     argv = ["run", "--config", str(cfg), "--recovery", str(tmp_path / f"recovery-{cfg.stem}"),
             "--progress-every", "0.5", "--json", *run_args]
     kills = []
     after_kill = None
     for n, share in enumerate((KILL_AT, SECOND_KILL_AT)):
-        live = LiveRun(argv, tmp_path / f"{cfg.stem}-crash{n}.out")
+        live = LiveRun(argv, tmp_path / f"{cfg.stem}-crash{n}.out", extra_env)
         try:
             read_at_kill = live.wait_until_read(int(total * share), timeout=120)
         finally:
@@ -122,7 +122,7 @@ def _crash_and_resume(tmp_path: Path, cfg: Path, run_args, total: int) -> dict:
             after_kill = read_views(cfg)  # what the first killed run had written: some, not all
     attempts = []
     for _ in range(3):
-        proc = run_meter(*argv, timeout=240, check=False)
+        proc = run_meter(*argv, timeout=240, check=False, extra_env=extra_env)
         attempts.append(proc)
         if proc.returncode == 0:
             break
@@ -291,12 +291,23 @@ def test_jsonl_sigkill_mid_stream_on_the_native_core_then_resume_equals_the_pyth
     clean = run_summary(run_meter("run", "--config", str(clean_cfg), "--input", str(events), "--json",
                                   "--progress-every", "0", timeout=240))["counters"]
     assert clean["read"] == N_EVENTS, clean
-    info = _crash_and_resume(tmp_path, crash_cfg, ["--input", str(events)], N_EVENTS)
+    # Each meter process appends its native fold tally (operators/native.py FOLD_TALLY) here at exit: the
+    # SIGKILLed runs write nothing, the runs that exit do.
+    tally = tmp_path / "native-tally.jsonl"
+    info = _crash_and_resume(tmp_path, crash_cfg, ["--input", str(events)], N_EVENTS,
+                             {"METERFLOW_NATIVE_TALLY": str(tally)})
     assert info["core"].startswith("native"), info["core"]
+    lines = [json.loads(line) for line in tally.read_text().splitlines()] if tally.exists() else []
+    assert len(lines) <= info["attempts"] and lines, f"{info['attempts']} restarts, tally {lines}"
 
     clean_views, crash_views = read_views(clean_cfg), read_views(crash_cfg)
     _assert_killed_mid_stream(info, clean_views, N_EVENTS)
     _assert_same_views(clean_views, crash_views)  # rows, rated rows, finality, dead letters
+    # The run that resumed and finished folded its customers natively: those of the snapshot loaded back into the
+    # native fold with their state at the resume, the others at their first event; each once, none on Python.
+    final = lines[-1]
+    customers = {(r[0], r[1]) for r in clean_views["periods"]}
+    assert final.get("native", 0) == len(customers) > 0 and not final.get("python"), (final, len(customers))
     # every alert, with its event id, usage and detail: none lost, none doubled, none different
     got, want = Counter(crash_views["alerts"]), Counter(clean_views["alerts"])
     assert got == want, f"alerts differ: missing {list((want - got).elements())[:3]}, " \
