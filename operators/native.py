@@ -427,17 +427,18 @@ class NativeMeters:
         if not self.admits(meter):
             FOLD_TALLY.add({"python": 1})
             return False
-        FOLD_TALLY.add({"native": 1})
         key = meter.key
         ent = meter.ent
         if meter.wm or meter.windows or meter.periods or meter.excluded or len(meter.seen) or \
                 ent.src is not None or ent.cancelled is not None or ent.moved_plan is not None:
             if not self.load(meter):
+                FOLD_TALLY.add({"python": 1})  # (its state does not fit the native rows: it stays on Python)
                 return False
         elif meter.ent.infos:
             self._core.evaluate(key, sorted(meter.ent.infos))
         else:
             self._core.hold(key)  # (fold_bundle folds the customers the native core holds)
+        FOLD_TALLY.add({"native": 1})
         self.keys.add(key)
         if meter.ent.infos:
             self.evaluated.add(key)
