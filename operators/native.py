@@ -116,6 +116,34 @@ def native_problem(cfg: Config) -> Optional[str]:
     return None
 
 
+def _evaluated_codes(ent: Any) -> List[str]:
+    """The metrics the native fold stops at for ``ent``: those with an entitlement or spend thresholds."""
+    return sorted(set(ent.infos) | set(ent.spends))
+
+
+def _level(ent: Any, pk: Tuple[str, int, int], info: Any, sp: Any) -> float:
+    """The level the native fold stops at for ``pk``: the least of the next threshold or block level
+    (``Entitlements.level``) and the next spend level (``Entitlements.spend_level``); -inf (every event checked)
+    while the period is blocked, or while a card that is not monotone (volume, staircase) has an amount left to
+    fire: its usage can fall, and the Python fold re-derives the level from the usage it fell to."""
+    if pk in ent.blocked:
+        return -_INF
+    lvl = _INF
+    if info is not None:
+        lvl = ent.next_level.get(pk)
+        if lvl is None:
+            lvl = ent.level(pk, info)
+    if sp is not None:
+        if not sp.monotone:
+            fired = ent.sfired.get(pk, ())
+            if any(a not in fired for a in sp.amounts):
+                return -_INF
+        else:
+            s = ent.spend_next.get(pk)
+            lvl = min(lvl, -_INF if s is None else s)  # (None: the next event derives it)
+    return lvl
+
+
 def _scalar(v: Any) -> bool:
     return v is None or type(v) in (str, int, float, bool)
 
@@ -412,14 +440,22 @@ class NativeMeters:
         return self._core_obj
 
     def admits(self, meter: Any) -> bool:
-        """Whether the customer is folded here: no anomaly detection, wallet or spend threshold, and only soft
-        or hard entitlements (thresholds and blocking are evaluated at the events that reach a level)."""
+        """Whether the customer is folded here: no anomaly detection or wallet; soft, hard and auto_overage
+        entitlements (an auto_overage one that would move the plan stays on Python) and spend thresholds, on
+        metrics evaluated per event (thresholds, spend amounts, blocking and overage are evaluated at the events
+        that reach a level, :meth:`_check`)."""
         ent = meter.ent
-        if self.python_only is not None or meter.anom is not None or ent.credit or ent.spends:
+        if self.python_only is not None or meter.anom is not None or ent.credit:
             return False
-        # (an entitlement on a p95/p99 metric is checked once per batch by the Python fold, not per event)
-        return all(info.enforcement in ("soft", "hard") and self._agg[code] not in ("p95", "p99")
-                   for code, info in ent.infos.items())
+        agg = self._agg
+        # (an entitlement or spend threshold on a p95/p99 metric is checked once per batch by the Python fold)
+        for code, info in ent.infos.items():
+            if agg[code] in ("p95", "p99") or info.enforcement not in ("soft", "hard", "auto_overage"):
+                return False
+            # an upgrade re-evaluates every metric mid-event (Entitlements.evaluate): the Python fold's
+            if info.enforcement == "auto_overage" and info.next_plan and info.next_plan != ent.rule.plan:
+                return False
+        return all(agg[code] not in ("p95", "p99") for code in ent.spends)
 
     def admit(self, meter: Any) -> bool:
         """Fold the customer here if :meth:`admits`: a new customer of the shard, or one with state (resumed
@@ -434,12 +470,12 @@ class NativeMeters:
                 ent.src is not None or ent.cancelled is not None or ent.moved_plan is not None:
             if not self.load(meter):
                 return False
-        elif meter.ent.infos:
-            self._core.evaluate(key, sorted(meter.ent.infos))
+        elif ent.infos or ent.spends:
+            self._core.evaluate(key, _evaluated_codes(ent))
         else:
             self._core.hold(key)  # (fold_bundle folds the customers the native core holds)
         self.keys.add(key)
-        if meter.ent.infos:
+        if ent.infos or ent.spends:
             self.evaluated.add(key)
         return True
 
@@ -463,15 +499,12 @@ class NativeMeters:
         except (ValueError, OverflowError, TypeError, KeyError):
             return False
         key, ent, core = meter.key, meter.ent, self._core
-        if ent.infos:
-            core.evaluate(key, sorted(ent.infos))
-            for code, info in ent.infos.items():
+        if ent.infos or ent.spends:
+            core.evaluate(key, _evaluated_codes(ent))
+            for code in ent.infos:
                 pk = ent.cur.get(code)
-                if pk is not None:
-                    lvl = ent.next_level.get(pk)
-                    if lvl is None:
-                        lvl = ent.level(pk, info)
-                    core.set_level(key, code, pk[1], pk[2], -_INF if pk in ent.blocked else lvl)
+                if pk is not None and code not in ent.spends:  # (a spend level: from the usage at the next event)
+                    core.set_level(key, code, pk[1], pk[2], _level(ent, pk, ent.infos[code], None))
         meter.seen = IdTable()  # (the native table is the customer's now: before_snapshot, release copy it back)
         self.loaded += 1
         return True
@@ -613,23 +646,39 @@ class NativeMeters:
         usage_of = self._usage_of(meter)
         for code, ps, pe in stops:
             pk = (code, ps, pe)
-            info = ent.infos[code]
+            info = ent.infos.get(code)
+            sp = ent.spends.get(code)
             cur = ent.cur.get(code)
             if cur is None or cur[1] < ps:
                 ent.advance(code, pk, me, usage_of, alerts)
                 if cur is not None:
                     core.set_level(key, code, cur[1], cur[2], None)  # its level no longer includes the block
             usage = usage_of(pk)
-            lvl = ent.next_level.get(pk)
-            if lvl is None:
-                lvl = ent.level(pk, info)
-            if usage >= lvl or pk in ent.blocked:
-                ent.evaluate(code, pk, usage, me, usage_of, alerts)
-            else:
-                ent.touched.add(pk)
-            core.set_level(key, code, ps, pe, -_INF if pk in ent.blocked else ent.next_level[pk])
+            if info is not None:
+                lvl = ent.next_level.get(pk)
+                if lvl is None:
+                    lvl = ent.level(pk, info)
+                if usage >= lvl or pk in ent.blocked:
+                    ent.evaluate(code, pk, usage, me, usage_of, alerts)
+                else:
+                    ent.touched.add(pk)
+            if sp is not None:  # spend thresholds, as the Python fold: a unit level, the exact charge above it
+                slvl = ent.spend_next.get(pk)
+                if slvl is None or not sp.monotone and self._may_fall(code, me):
+                    slvl = ent.spend_level(pk, sp, usage)
+                if usage >= slvl:
+                    ent.evaluate_spend(code, pk, usage, me, alerts)
+            core.set_level(key, code, ps, pe, _level(ent, pk, info, sp))
         if not meter.rules.gateway_states:
             ent.touched.clear()
+
+    def _may_fall(self, code: str, me: Any) -> bool:
+        """Whether ``me`` may have lowered ``code``'s usage (the Python fold then re-derives the spend level of a
+        card that is not monotone): a correction, an aggregation that is not additive, a negative value."""
+        if me.event.correction or self._agg[code] not in ("count", "sum"):
+            return True
+        v = me.event.properties.get(self._prop[code]) if self._agg[code] == "sum" else None
+        return v is not None and v < 0
 
     def gateway(self, meters: Dict[str, Any]) -> Emission:
         """The live gateway state of the evaluated customers folded since the last call (call :meth:`sync`
@@ -674,7 +723,7 @@ class NativeMeters:
             meter.dirty_p.add(pk)
             ent = meter.ent
             if key in self.evaluated:  # an evaluated metric's current period advanced at its event (_check)
-                if code not in ent.infos:
+                if code not in ent.infos and code not in ent.spends:
                     cur = ent.cur.get(code)
                     if cur is None or cur[1] < ps:
                         ent.advance(code, pk, None, meter.usage, alerts)

@@ -182,7 +182,61 @@ thresholds = [100]
 code = "spendy"
 [plans.entitlements.tokens]
 price = { model = "per_unit", unit_amount = 0.5 }
-spend_thresholds = [2, 5]
+spend_thresholds = [2, 5, 5.5, 40]
+included = 16
+thresholds = [50, 100]
+enforcement = "auto_overage"
+overage_rate = 0.1
+[plans.entitlements.api_calls]
+price = { model = "volume", tiers = [{ up_to = 3, unit_amount = 1 }, { unit_amount = 0.25 }] }
+spend_thresholds = [2, 2.5, 3]
+[plans.entitlements.gpu_seconds]
+price = { model = "staircase", tiers = [{ up_to = 2, flat_amount = 0 }, { up_to = 4, flat_amount = 6 }, { up_to = 7, flat_amount = 1 }, { flat_amount = 9 }] }
+spend_thresholds = [1, 4, 8]
+included = 6
+thresholds = [100]
+enforcement = "hard"
+[plans.entitlements.peak_tokens]
+price = { model = "tiered", tiers = [{ up_to = 2, unit_amount = 1 }, { unit_amount = 0.5 }] }
+spend_thresholds = [1, 3]
+[plans.entitlements.last_tokens]
+price = { model = "volume", tiers = [{ up_to = 4, unit_amount = 1 }, { unit_amount = 0.1 }] }
+spend_thresholds = [1, 2.5]
+[plans.entitlements.distinct_tokens]
+price = { model = "package", package_size = 2, package_amount = 1 }
+spend_thresholds = [1, 2]
+[plans.entitlements.low_seconds]
+price = { model = "staircase", tiers = [{ up_to = 1, flat_amount = 0 }, { flat_amount = 2 }] }
+spend_thresholds = [1]
+
+[[plans]]
+code = "spendy2"
+[plans.entitlements.tokens]
+price = { model = "volume", tiers = [{ up_to = 5, unit_amount = 1 }, { unit_amount = 0.5 }] }
+spend_thresholds = [3, 4, 6]
+included = 10
+thresholds = [100]
+enforcement = "auto_overage"
+[plans.entitlements.api_calls]
+price = { model = "package", package_size = 3, package_amount = 2, round_up = false }
+spend_thresholds = [2, 4]
+
+[[plans]]
+code = "climb"
+[plans.entitlements.api_calls]
+included = 3
+thresholds = [100]
+enforcement = "auto_overage"
+next_plan = "spendy"
+[plans.entitlements.tokens]
+price = { model = "per_unit", unit_amount = 1 }
+spend_thresholds = [3]
+
+[[subscriptions]]
+tenant_id = "beta"
+customer_id = "c5"
+plan = "climb"
+period = "day"
 
 [[subscriptions]]
 tenant_id = "beta"
@@ -259,7 +313,8 @@ def lines(draw, thresholded: bool = False) -> bytes:
     }
     if thresholded and draw(st.integers(0, 4)):
         ev["tenant_id"], ev["customer_id"] = draw(st.sampled_from([("acme", "c1"), ("acme", "c4"), ("beta", "c2"),
-                                                                   ("beta", "c3"), ("beta", "c4")]))
+                                                                   ("beta", "c3"), ("beta", "c3"), ("beta", "c4"),
+                                                                   ("beta", "c5")]))
         ev["event_id"] = f"t{draw(st.integers(0, 10_000))}"
         ev["event_type"] = draw(st.sampled_from(["api_call", "gpu"]))
     ts = BASE + draw(st.integers(0, 12)) * DAY // 2 + draw(st.sampled_from([0, 1, 3_599_999, 3_600_000]))
