@@ -9,9 +9,11 @@ folded natively), so the state sees every event in arrival order. Meter dead let
 missing_property) are decided natively and worded here with the Python texts.
 
 :class:`NativeMeters` is what the dataflow runs with ``pipeline.core = "native"``: one native core per shard
-folds the events of the customers whose subscription has only soft and hard entitlements, or none (no credit,
-spend threshold or auto_overage; no anomaly detection); their thresholds and blocks are checked at the events
-whose fold reaches the next level Python gave for the period (:meth:`NativeMeters._check`), and it mirrors
+folds the events of the customers with no wallet and no anomaly detection whose entitlements are soft, hard or
+auto_overage without an upgrade to another plan, with or without spend thresholds; their thresholds, spend
+amounts, blocks and overage are checked at the events whose fold reaches the next level Python gave for the
+period (:meth:`NativeMeters._check`: the least of the next threshold, block or overage level and the spend
+level, ``Price.units_for`` of the next amount), and it mirrors
 the rows each batch changed into those customers' :class:`~meterflow.operators.meter.CustomerMeter`, so
 flushes, versions, finality, rated rows, reviews and snapshots are the Python ones. The other customers run the
 Python fold. A customer resumed from a snapshot, or back from the Python fold after a changelog record, is loaded
@@ -19,8 +21,8 @@ into the native core with its state (:meth:`NativeMeters.load`) when :meth:`Nati
 
 Every aggregation is native (count, sum, max, min, latest, unique_count, p95, p99; the value kept is the very
 object the Python accumulator keeps, mirrored into it), and ``group_by`` (window rows keyed by the same dims
-tuple as the Python fold's, native/src/dims.rs). Not native yet: wallets, spend thresholds, auto_overage,
-anomaly checks and entitlements on p95/p99 metrics (those customers run the Python fold).
+tuple as the Python fold's, native/src/dims.rs). Not native yet: wallets, auto_overage upgrades (next_plan),
+anomaly checks and entitlements or spend thresholds on p95/p99 metrics (those customers run the Python fold).
 
 When ``meterflow_native`` is not built (no cargo at setup), :data:`AVAILABLE` is False and everything runs on
 the Python path.
@@ -102,7 +104,7 @@ def core_in_use(cfg: Optional[Config] = None) -> str:
         why = python_fold_reason(cfg) if AVAILABLE else None
         if why is not None:
             return f"native requested; every customer on the Python fold ({why})"
-        return "native (customers without wallet, spend thresholds, auto_overage or anomaly; the others on Python)"
+        return "native (customers without wallet, auto_overage upgrade or anomaly; the others on Python)"
     if not AVAILABLE:
         return "python (native core not built: ./dev setup builds it when cargo is installed)"
     return "python (native core built: pipeline.core = \"native\" turns it on)"
@@ -398,8 +400,8 @@ class NativeMediator(Mediator):
 class NativeMeters:
     """The native fold of one shard (``pipeline.core = "native"``), beside its :class:`CustomerMeter` objects.
 
-    A customer is folded here when it is first seen and its subscription evaluates at most soft and hard
-    entitlements (:meth:`admits`); its ``CustomerMeter`` then holds everything but the dedupe table: after each list of
+    A customer is folded here when it is first seen and :meth:`admits` its subscription (soft, hard and
+    auto_overage entitlements, spend thresholds; no wallet, upgrade or anomaly detection); its ``CustomerMeter`` then holds everything but the dedupe table: after each list of
     events, the rows the native fold changed are written into its accumulators (dirty, with their expiries)
     and its watermark and current periods follow, so :meth:`CustomerMeter.flush` and ``finalize`` emit
     exactly what the Python fold would. The dedupe table is copied into the meter for a snapshot
