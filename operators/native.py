@@ -401,7 +401,8 @@ class NativeMeters:
     """The native fold of one shard (``pipeline.core = "native"``), beside its :class:`CustomerMeter` objects.
 
     A customer is folded here when it is first seen and :meth:`admits` its subscription (soft, hard and
-    auto_overage entitlements, spend thresholds; no wallet, upgrade or anomaly detection); its ``CustomerMeter`` then holds everything but the dedupe table: after each list of
+    auto_overage entitlements, spend thresholds; no wallet, upgrade or anomaly detection); its ``CustomerMeter``
+    then holds everything but the dedupe table: after each list of
     events, the rows the native fold changed are written into its accumulators (dirty, with their expiries)
     and its watermark and current periods follow, so :meth:`CustomerMeter.flush` and ``finalize`` emit
     exactly what the Python fold would. The dedupe table is copied into the meter for a snapshot
