@@ -123,27 +123,28 @@ def _evaluated_codes(ent: Any) -> List[str]:
     return sorted(set(ent.infos) | set(ent.spends))
 
 
-def _level(ent: Any, pk: Tuple[str, int, int], info: Any, sp: Any) -> float:
-    """The level the native fold stops at for ``pk``: the least of the next threshold or block level
-    (``Entitlements.level``) and the next spend level (``Entitlements.spend_level``); -inf (every event checked)
-    while the period is blocked, or while a card that is not monotone (volume, staircase) has an amount left to
-    fire: its usage can fall, and the Python fold re-derives the level from the usage it fell to."""
+def _level(ent: Any, pk: Tuple[str, int, int], info: Any, sp: Any) -> Tuple[float, bool]:
+    """The level the native fold stops at for ``pk`` and whether an event that may lower the usage stops too:
+    the least of the next threshold or block level (``Entitlements.level``) and the next spend level
+    (``Entitlements.spend_level``); -inf (every event checked) while the period is blocked. A card that is not
+    monotone (volume, staircase) has a spend level valid only while usage does not fall (the Python fold
+    re-derives it from the usage it fell to): while it has an amount left to fire, the events that may lower
+    usage (a correction, a negative value, an aggregation that is not additive) stop too."""
     if pk in ent.blocked:
-        return -_INF
+        return -_INF, False
     lvl = _INF
+    fall = False
     if info is not None:
         lvl = ent.next_level.get(pk)
         if lvl is None:
             lvl = ent.level(pk, info)
     if sp is not None:
+        s = ent.spend_next.get(pk)
+        lvl = min(lvl, -_INF if s is None else s)  # (None: the next event derives it)
         if not sp.monotone:
             fired = ent.sfired.get(pk, ())
-            if any(a not in fired for a in sp.amounts):
-                return -_INF
-        else:
-            s = ent.spend_next.get(pk)
-            lvl = min(lvl, -_INF if s is None else s)  # (None: the next event derives it)
-    return lvl
+            fall = any(a not in fired for a in sp.amounts)
+    return lvl, fall
 
 
 def _scalar(v: Any) -> bool:
@@ -507,7 +508,7 @@ class NativeMeters:
             for code in ent.infos:
                 pk = ent.cur.get(code)
                 if pk is not None and code not in ent.spends:  # (a spend level: from the usage at the next event)
-                    core.set_level(key, code, pk[1], pk[2], _level(ent, pk, ent.infos[code], None))
+                    core.set_level(key, code, pk[1], pk[2], *_level(ent, pk, ent.infos[code], None))
         meter.seen = IdTable()  # (the native table is the customer's now: before_snapshot, release copy it back)
         self.loaded += 1
         return True
@@ -671,7 +672,7 @@ class NativeMeters:
                     slvl = ent.spend_level(pk, sp, usage)
                 if usage >= slvl:
                     ent.evaluate_spend(code, pk, usage, me, alerts)
-            core.set_level(key, code, ps, pe, _level(ent, pk, info, sp))
+            core.set_level(key, code, ps, pe, *_level(ent, pk, info, sp))
         if not meter.rules.gateway_states:
             ent.touched.clear()
 

@@ -824,7 +824,9 @@ def test_spend_thresholds_and_auto_overage_fold_natively_and_alert_the_same():
               _spend_ev("p", "api_call", day + DAY, tokens=5),  # last_tokens 5: 0.5 (1 needs 10 from here on)
               _spend_ev("q", "api_call", day + DAY + 1, tokens=2),  # latest 2: 2, fires 1 and not 2.5
               _spend_ev("r", "gpu", day + DAY + 2, seconds=5, kind="a100"),  # staircase 1: fires 1 (4 needs 7)
-              _spend_ev("s", "gpu", day + DAY + 3, seconds=2, kind="a100", correction=True)]  # 3 s: 6, fires 4
+              _spend_ev("s", "gpu", day + DAY + 3, seconds=2, kind="a100", correction=True),  # 3 s: 6, fires 4
+              _spend_ev("t", "gpu", day + 2 * DAY, seconds=5, kind="a100"),  # as r
+              _spend_ev("u", "gpu", day + 2 * DAY + 1, seconds=-2, kind="a100")]  # a negative value: as s
     items = [(("in", i + 1), raw) for i, raw in enumerate(stream)]
     want = _run_shard("python", items, 3)[0]
     spent = sorted((a["customer_id"], a["metric"], a["event_id"], a["threshold_amount"], a["amount"])
@@ -842,6 +844,9 @@ def test_spend_thresholds_and_auto_overage_fold_natively_and_alert_the_same():
                   if a["type"] == "spend_crossed" and a["metric"] in ("last_tokens", "gpu_seconds")
                   and a["customer_id"] == "c3" and a["period_start"] == _iso(day + DAY))
     assert fell == [("gpu_seconds", "r", 1.0, 1.0), ("gpu_seconds", "s", 4.0, 6.0), ("last_tokens", "q", 1.0, 2.0)]
+    assert sorted((a["event_id"], a["threshold_amount"]) for a in want["alerts"].values()
+                  if a["type"] == "spend_crossed" and a["period_start"] == _iso(day + 2 * DAY)
+                  and a["metric"] == "gpu_seconds") == [("t", 1.0), ("u", 4.0)]
     others = sorted((a["customer_id"], a["type"], a["metric"], a["event_id"], a["action"])
                     for a in want["alerts"].values() if a["type"] in ("plan_changed", "blocked", "unblocked"))
     assert others == sorted([("c3", "plan_changed", "tokens", "c", "overage"),
@@ -886,3 +891,18 @@ def test_spend_thresholds_and_plan_changes_agree_with_the_python_core(steps, bat
     assert got[:2] == want[:2]
     if plan["c3"] in ("spendy", "spendy2") and any(s[0] == "c3" for s in steps):
         assert "beta|c3" in got[2]
+
+
+def test_a_changelog_record_after_native_events_in_one_batch_folds_them_once():
+    """A natively folded customer's events, then a changelog record moving it to a plan the native fold does
+    not take (an auto_overage upgrade), then more events, all in one batch: the events before the record are
+    folded once (not again into a fresh native customer whose rows would overwrite the meter's at the next
+    mirror), so the state and rows are the Python core's."""
+    ts = BASE + 5 * DAY
+    items = [(("in", 0), _spend_ev("u0", "api_call", ts, tokens=2)),
+             (("change", 1), _plan_change("c3", "climb")),
+             (("in", 2), _spend_ev("u2", "api_call", ts + 1, tokens=3))]
+    want = _run_shard("python", items, 3)
+    got = _run_shard("native", items, 3)
+    assert got[:2] == want[:2] and "beta|c3" not in got[2]
+    assert want[0]["rows"][("p", "beta", "c3", "api_calls", ts)][1]["events"] == 2
