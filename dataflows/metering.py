@@ -253,6 +253,8 @@ class _ShardLogic(StatefulBatchLogic):
                 native = self._native
                 before = [(key, g) for g in items[:pos]]
                 if before:
+                    # (folded here, before the record: not again with native_work, where they were appended)
+                    del native_work[len(native_work) - pos:]
                     out.add(native.fold(self._meters, before))
                 self._sync_native()
                 if native.gateway_due:

@@ -9,9 +9,11 @@ folded natively), so the state sees every event in arrival order. Meter dead let
 missing_property) are decided natively and worded here with the Python texts.
 
 :class:`NativeMeters` is what the dataflow runs with ``pipeline.core = "native"``: one native core per shard
-folds the events of the customers whose subscription has only soft and hard entitlements, or none (no credit,
-spend threshold or auto_overage; no anomaly detection); their thresholds and blocks are checked at the events
-whose fold reaches the next level Python gave for the period (:meth:`NativeMeters._check`), and it mirrors
+folds the events of the customers with no wallet and no anomaly detection whose entitlements are soft, hard or
+auto_overage without an upgrade to another plan, with or without spend thresholds; their thresholds, spend
+amounts, blocks and overage are checked at the events whose fold reaches the next level Python gave for the
+period (:meth:`NativeMeters._check`: the least of the next threshold, block or overage level and the spend
+level, ``Price.units_for`` of the next amount), and it mirrors
 the rows each batch changed into those customers' :class:`~meterflow.operators.meter.CustomerMeter`, so
 flushes, versions, finality, rated rows, reviews and snapshots are the Python ones. The other customers run the
 Python fold. A customer resumed from a snapshot, or back from the Python fold after a changelog record, is loaded
@@ -19,8 +21,8 @@ into the native core with its state (:meth:`NativeMeters.load`) when :meth:`Nati
 
 Every aggregation is native (count, sum, max, min, latest, unique_count, p95, p99; the value kept is the very
 object the Python accumulator keeps, mirrored into it), and ``group_by`` (window rows keyed by the same dims
-tuple as the Python fold's, native/src/dims.rs). Not native yet: wallets, spend thresholds, auto_overage,
-anomaly checks and entitlements on p95/p99 metrics (those customers run the Python fold).
+tuple as the Python fold's, native/src/dims.rs). Not native yet: wallets, auto_overage upgrades (next_plan),
+anomaly checks and entitlements or spend thresholds on p95/p99 metrics (those customers run the Python fold).
 
 When ``meterflow_native`` is not built (no cargo at setup), :data:`AVAILABLE` is False and everything runs on
 the Python path.
@@ -102,7 +104,7 @@ def core_in_use(cfg: Optional[Config] = None) -> str:
         why = python_fold_reason(cfg) if AVAILABLE else None
         if why is not None:
             return f"native requested; every customer on the Python fold ({why})"
-        return "native (customers without wallet, spend thresholds, auto_overage or anomaly; the others on Python)"
+        return "native (customers without wallet, auto_overage upgrade or anomaly; the others on Python)"
     if not AVAILABLE:
         return "python (native core not built: ./dev setup builds it when cargo is installed)"
     return "python (native core built: pipeline.core = \"native\" turns it on)"
@@ -114,6 +116,35 @@ def native_problem(cfg: Config) -> Optional[str]:
     if not AVAILABLE:
         return "the native core is not built (./dev setup builds it when cargo is installed)"
     return None
+
+
+def _evaluated_codes(ent: Any) -> List[str]:
+    """The metrics the native fold stops at for ``ent``: those with an entitlement or spend thresholds."""
+    return sorted(set(ent.infos) | set(ent.spends))
+
+
+def _level(ent: Any, pk: Tuple[str, int, int], info: Any, sp: Any) -> Tuple[float, bool]:
+    """The level the native fold stops at for ``pk`` and whether an event that may lower the usage stops too:
+    the least of the next threshold or block level (``Entitlements.level``) and the next spend level
+    (``Entitlements.spend_level``); -inf (every event checked) while the period is blocked. A card that is not
+    monotone (volume, staircase) has a spend level valid only while usage does not fall (the Python fold
+    re-derives it from the usage it fell to): while it has an amount left to fire, the events that may lower
+    usage (a correction, a negative value, an aggregation that is not additive) stop too."""
+    if pk in ent.blocked:
+        return -_INF, False
+    lvl = _INF
+    fall = False
+    if info is not None:
+        lvl = ent.next_level.get(pk)
+        if lvl is None:
+            lvl = ent.level(pk, info)
+    if sp is not None:
+        s = ent.spend_next.get(pk)
+        lvl = min(lvl, -_INF if s is None else s)  # (None: the next event derives it)
+        if not sp.monotone:
+            fired = ent.sfired.get(pk, ())
+            fall = any(a not in fired for a in sp.amounts)
+    return lvl, fall
 
 
 def _scalar(v: Any) -> bool:
@@ -370,8 +401,9 @@ class NativeMediator(Mediator):
 class NativeMeters:
     """The native fold of one shard (``pipeline.core = "native"``), beside its :class:`CustomerMeter` objects.
 
-    A customer is folded here when it is first seen and its subscription evaluates at most soft and hard
-    entitlements (:meth:`admits`); its ``CustomerMeter`` then holds everything but the dedupe table: after each list of
+    A customer is folded here when it is first seen and :meth:`admits` its subscription (soft, hard and
+    auto_overage entitlements, spend thresholds; no wallet, upgrade or anomaly detection); its ``CustomerMeter``
+    then holds everything but the dedupe table: after each list of
     events, the rows the native fold changed are written into its accumulators (dirty, with their expiries)
     and its watermark and current periods follow, so :meth:`CustomerMeter.flush` and ``finalize`` emit
     exactly what the Python fold would. The dedupe table is copied into the meter for a snapshot
@@ -412,14 +444,22 @@ class NativeMeters:
         return self._core_obj
 
     def admits(self, meter: Any) -> bool:
-        """Whether the customer is folded here: no anomaly detection, wallet or spend threshold, and only soft
-        or hard entitlements (thresholds and blocking are evaluated at the events that reach a level)."""
+        """Whether the customer is folded here: no anomaly detection or wallet; soft, hard and auto_overage
+        entitlements (an auto_overage one that would move the plan stays on Python) and spend thresholds, on
+        metrics evaluated per event (thresholds, spend amounts, blocking and overage are evaluated at the events
+        that reach a level, :meth:`_check`)."""
         ent = meter.ent
-        if self.python_only is not None or meter.anom is not None or ent.credit or ent.spends:
+        if self.python_only is not None or meter.anom is not None or ent.credit:
             return False
-        # (an entitlement on a p95/p99 metric is checked once per batch by the Python fold, not per event)
-        return all(info.enforcement in ("soft", "hard") and self._agg[code] not in ("p95", "p99")
-                   for code, info in ent.infos.items())
+        agg = self._agg
+        # (an entitlement or spend threshold on a p95/p99 metric is checked once per batch by the Python fold)
+        for code, info in ent.infos.items():
+            if agg[code] in ("p95", "p99") or info.enforcement not in ("soft", "hard", "auto_overage"):
+                return False
+            # an upgrade re-evaluates every metric mid-event (Entitlements.evaluate): the Python fold's
+            if info.enforcement == "auto_overage" and info.next_plan and info.next_plan != ent.rule.plan:
+                return False
+        return all(agg[code] not in ("p95", "p99") for code in ent.spends)
 
     def admit(self, meter: Any) -> bool:
         """Fold the customer here if :meth:`admits`: a new customer of the shard, or one with state (resumed
@@ -434,13 +474,13 @@ class NativeMeters:
             if not self.load(meter):
                 FOLD_TALLY.add({"python": 1})  # (its state does not fit the native rows: it stays on Python)
                 return False
-        elif meter.ent.infos:
-            self._core.evaluate(key, sorted(meter.ent.infos))
+        elif ent.infos or ent.spends:
+            self._core.evaluate(key, _evaluated_codes(ent))
         else:
             self._core.hold(key)  # (fold_bundle folds the customers the native core holds)
         FOLD_TALLY.add({"native": 1})
         self.keys.add(key)
-        if meter.ent.infos:
+        if ent.infos or ent.spends:
             self.evaluated.add(key)
         return True
 
@@ -464,15 +504,12 @@ class NativeMeters:
         except (ValueError, OverflowError, TypeError, KeyError):
             return False
         key, ent, core = meter.key, meter.ent, self._core
-        if ent.infos:
-            core.evaluate(key, sorted(ent.infos))
-            for code, info in ent.infos.items():
+        if ent.infos or ent.spends:
+            core.evaluate(key, _evaluated_codes(ent))
+            for code in ent.infos:
                 pk = ent.cur.get(code)
-                if pk is not None:
-                    lvl = ent.next_level.get(pk)
-                    if lvl is None:
-                        lvl = ent.level(pk, info)
-                    core.set_level(key, code, pk[1], pk[2], -_INF if pk in ent.blocked else lvl)
+                if pk is not None and code not in ent.spends:  # (a spend level: from the usage at the next event)
+                    core.set_level(key, code, pk[1], pk[2], *_level(ent, pk, ent.infos[code], None))
         meter.seen = IdTable()  # (the native table is the customer's now: before_snapshot, release copy it back)
         self.loaded += 1
         return True
@@ -614,23 +651,39 @@ class NativeMeters:
         usage_of = self._usage_of(meter)
         for code, ps, pe in stops:
             pk = (code, ps, pe)
-            info = ent.infos[code]
+            info = ent.infos.get(code)
+            sp = ent.spends.get(code)
             cur = ent.cur.get(code)
             if cur is None or cur[1] < ps:
                 ent.advance(code, pk, me, usage_of, alerts)
                 if cur is not None:
                     core.set_level(key, code, cur[1], cur[2], None)  # its level no longer includes the block
             usage = usage_of(pk)
-            lvl = ent.next_level.get(pk)
-            if lvl is None:
-                lvl = ent.level(pk, info)
-            if usage >= lvl or pk in ent.blocked:
-                ent.evaluate(code, pk, usage, me, usage_of, alerts)
-            else:
-                ent.touched.add(pk)
-            core.set_level(key, code, ps, pe, -_INF if pk in ent.blocked else ent.next_level[pk])
+            if info is not None:
+                lvl = ent.next_level.get(pk)
+                if lvl is None:
+                    lvl = ent.level(pk, info)
+                if usage >= lvl or pk in ent.blocked:
+                    ent.evaluate(code, pk, usage, me, usage_of, alerts)
+                else:
+                    ent.touched.add(pk)
+            if sp is not None:  # spend thresholds, as the Python fold: a unit level, the exact charge above it
+                slvl = ent.spend_next.get(pk)
+                if slvl is None or not sp.monotone and self._may_fall(code, me):
+                    slvl = ent.spend_level(pk, sp, usage)
+                if usage >= slvl:
+                    ent.evaluate_spend(code, pk, usage, me, alerts)
+            core.set_level(key, code, ps, pe, *_level(ent, pk, info, sp))
         if not meter.rules.gateway_states:
             ent.touched.clear()
+
+    def _may_fall(self, code: str, me: Any) -> bool:
+        """Whether ``me`` may have lowered ``code``'s usage (the Python fold then re-derives the spend level of a
+        card that is not monotone): a correction, an aggregation that is not additive, a negative value."""
+        if me.event.correction or self._agg[code] not in ("count", "sum"):
+            return True
+        v = me.event.properties.get(self._prop[code]) if self._agg[code] == "sum" else None
+        return v is not None and v < 0
 
     def gateway(self, meters: Dict[str, Any]) -> Emission:
         """The live gateway state of the evaluated customers folded since the last call (call :meth:`sync`
@@ -675,7 +728,7 @@ class NativeMeters:
             meter.dirty_p.add(pk)
             ent = meter.ent
             if key in self.evaluated:  # an evaluated metric's current period advanced at its event (_check)
-                if code not in ent.infos:
+                if code not in ent.infos and code not in ent.spends:
                     cur = ent.cur.get(code)
                     if cur is None or cur[1] < ps:
                         ent.advance(code, pk, None, meter.usage, alerts)

@@ -199,9 +199,12 @@ struct Customer {
 /// The next usage level of each evaluated metric's period at which Python has something to do (a hair
 /// low; Python's exact test decides). An event that folds an evaluated metric into a period without a level,
 /// or whose fold brings the period's value to its level, stops the fold (`stops`) for Python.
+/// A level with `fall` set also stops an event that may lower the value (a correction, a negative value, an
+/// aggregation that is not additive): a spend level of a card whose charge can fall is valid only while usage
+/// does not (Python re-derives it from the lower usage).
 struct Levels {
     evals: Vec<bool>,
-    at: FxMap<PKey, f64>,
+    at: FxMap<PKey, (f64, bool)>,
 }
 
 enum Note {
@@ -479,9 +482,14 @@ impl BatchCore {
                     let a = unsafe { &*pacc };
                     let stop = match lv.at.get(&pk) {
                         None => true,
-                        Some(&l) => {
-                            let (v, tol) = a.approx();
-                            v + tol >= l
+                        Some(&(l, fall)) => {
+                            let (x, tol) = a.approx();
+                            x + tol >= l || fall && (sign < 0 || !agg.additive() || match v {
+                                Some(Val::Int(i)) => *i < 0,
+                                Some(Val::Float(f)) => *f < 0.0,
+                                Some(Val::Big(b, _)) => b.last().is_some_and(|byte| *byte & 0x80 != 0),
+                                _ => false,
+                            })
                         }
                     };
                     if stop {
@@ -647,13 +655,15 @@ impl BatchCore {
     }
 
     /// The next level of customer `key`'s metric `code` in period `pstart..pend` (None: none known, the next
-    /// event folded into it stops).
-    fn set_level(&mut self, key: &str, code: &str, pstart: i64, pend: i64, level: Option<f64>) -> PyResult<()> {
+    /// event folded into it stops); with `fall`, an event that may lower the value stops too (`Levels`).
+    #[pyo3(signature = (key, code, pstart, pend, level, fall = false))]
+    fn set_level(&mut self, key: &str, code: &str, pstart: i64, pend: i64, level: Option<f64>, fall: bool)
+                 -> PyResult<()> {
         let mi = *self.code_index.get(code).ok_or_else(|| PyValueError::new_err(format!("metric {code}")))?;
         if let Some(&ci) = self.index.get(key) {
             if let Some(lv) = self.customers[ci].levels.as_mut() {
                 match level {
-                    Some(l) => lv.at.insert((mi, pstart, pend), l),
+                    Some(l) => lv.at.insert((mi, pstart, pend), (l, fall)),
                     None => lv.at.remove(&(mi, pstart, pend)),
                 };
             }

@@ -5,7 +5,8 @@ id, the last gateway state per customer and metric, and the counters must be ide
 mixes, in shared shards, customers that evaluate nothing (no subscription, or a priced plan without
 entitlements) with customers whose soft and hard entitlements the native core checks at the events that
 reach a level (several thresholds crossed by one sum event, corrections, late events of earlier periods,
-blocks set and lifted), and customers on the Python fold (beta|c3: spend thresholds, beta|c4: a wallet).
+blocks set and lifted), spend thresholds on a card of every model with auto_overage (beta|c3, native too), and
+customers on the Python fold (beta|c4: a wallet; beta|c5: an auto_overage upgrade to another plan).
 Native mediation is in every native run: hostile and invalid lines, unknown tenants, excluded customers,
 sources of every shape, and the raw archive (``archive_raw``, on by default) is compared column by column.
 """
@@ -17,7 +18,7 @@ import tempfile
 import tomllib
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import msgspec
 import pytest
@@ -182,7 +183,62 @@ thresholds = [100]
 code = "spendy"
 [plans.entitlements.tokens]
 price = { model = "per_unit", unit_amount = 0.5 }
-spend_thresholds = [2, 5]
+spend_thresholds = [2, 5, 5.5, 40]
+included = 16
+thresholds = [50, 100]
+enforcement = "auto_overage"
+overage_rate = 0.1
+[plans.entitlements.api_calls]
+price = { model = "volume", tiers = [{ up_to = 3, unit_amount = 1 }, { unit_amount = 0.25 }] }
+spend_thresholds = [2, 2.5, 3]
+[plans.entitlements.gpu_seconds]
+price = { model = "staircase", tiers = [{ up_to = 2, flat_amount = 0 }, { up_to = 4, flat_amount = 6 },
+                                        { up_to = 7, flat_amount = 1 }, { flat_amount = 9 }] }
+spend_thresholds = [1, 4, 8]
+included = 6
+thresholds = [100]
+enforcement = "hard"
+[plans.entitlements.peak_tokens]
+price = { model = "tiered", tiers = [{ up_to = 2, unit_amount = 1 }, { unit_amount = 0.5 }] }
+spend_thresholds = [1, 3]
+[plans.entitlements.last_tokens]
+price = { model = "volume", tiers = [{ up_to = 4, unit_amount = 1 }, { unit_amount = 0.1 }] }
+spend_thresholds = [1, 2.5]
+[plans.entitlements.distinct_tokens]
+price = { model = "package", package_size = 2, package_amount = 1 }
+spend_thresholds = [1, 2]
+[plans.entitlements.low_seconds]
+price = { model = "staircase", tiers = [{ up_to = 1, flat_amount = 0 }, { flat_amount = 2 }] }
+spend_thresholds = [1]
+
+[[plans]]
+code = "spendy2"
+[plans.entitlements.tokens]
+price = { model = "volume", tiers = [{ up_to = 5, unit_amount = 1 }, { unit_amount = 0.5 }] }
+spend_thresholds = [3, 4, 6]
+included = 10
+thresholds = [100]
+enforcement = "auto_overage"
+[plans.entitlements.api_calls]
+price = { model = "package", package_size = 3, package_amount = 2, round_up = false }
+spend_thresholds = [2, 4]
+
+[[plans]]
+code = "climb"
+[plans.entitlements.api_calls]
+included = 3
+thresholds = [100]
+enforcement = "auto_overage"
+next_plan = "spendy"
+[plans.entitlements.tokens]
+price = { model = "per_unit", unit_amount = 1 }
+spend_thresholds = [3]
+
+[[subscriptions]]
+tenant_id = "beta"
+customer_id = "c5"
+plan = "climb"
+period = "day"
 
 [[subscriptions]]
 tenant_id = "beta"
@@ -259,7 +315,8 @@ def lines(draw, thresholded: bool = False) -> bytes:
     }
     if thresholded and draw(st.integers(0, 4)):
         ev["tenant_id"], ev["customer_id"] = draw(st.sampled_from([("acme", "c1"), ("acme", "c4"), ("beta", "c2"),
-                                                                   ("beta", "c3"), ("beta", "c4")]))
+                                                                   ("beta", "c3"), ("beta", "c3"), ("beta", "c4"),
+                                                                   ("beta", "c5")]))
         ev["event_id"] = f"t{draw(st.integers(0, 10_000))}"
         ev["event_type"] = draw(st.sampled_from(["api_call", "gpu"]))
     ts = BASE + draw(st.integers(0, 12)) * DAY // 2 + draw(st.sampled_from([0, 1, 3_599_999, 3_600_000]))
@@ -686,3 +743,166 @@ def test_resumed_customers_fold_natively_and_agree(before, after, batch, native_
         return outcome(out), _state(logic.snapshot()[2])
 
     assert run("native") == run("python")
+
+
+def _spend_ev(eid: str, etype: str, ts: int, cust: str = "c3", correction: bool = False, **props: Any) -> bytes:
+    body: Dict[str, Any] = {"event_id": eid, "tenant_id": "beta", "customer_id": cust, "event_type": etype,
+                            "timestamp": ts, "properties": props}
+    if correction:
+        body.update(correction=True, corrects="x")
+    return json.dumps(body).encode()
+
+
+def _plan_change(cust: str, plan: Optional[str]) -> bytes:
+    if plan is None:
+        return json.dumps({"tenant_id": "beta", "customer_id": cust, "cancelled": True}).encode()
+    return json.dumps({"tenant_id": "beta", "customer_id": cust, "subscription": {
+        "tenant_id": "beta", "customer_id": cust, "plan": plan, "period": "day",
+        "anchor": "2026-11-01T00:00:00Z"}}).encode()
+
+
+def _run_shard(core: str, items: List[Any], batch: int, native_mediation: bool = False):
+    """``items`` (event lines, or ("change", raw) changelog records) through one shard's _ShardLogic in batches
+    of ``batch`` (a changelog record between the bundles at its place); the outcome, the shard's snapshot
+    compared as :func:`_state` does, and the customers held by the native fold at the end."""
+    cfg = config(core, shards=1)
+    nm = native.NativeMeters(cfg) if core == "native" else None
+    med = native.NativeMediator(cfg, stats=FlowStats()) if nm and native_mediation else Mediator(cfg, FlowStats())
+    logic = _ShardLogic(Rules(cfg), 1, None, True, med, clock=lambda: BASE + 40 * DAY, native=nm)
+    changes = ChangelogMediator(cfg, stats=FlowStats())
+
+    def bundles(lines_: List[Any]) -> List[Any]:
+        if not lines_:
+            return []
+        if nm and native_mediation:
+            return [b for _, b in med.split(lines_, False)[0]]
+        return [b for _, b in bundle_shards(med(lines_).groups, 1)]
+
+    out: List[Any] = []
+    n = 0
+    for i in range(0, len(items), batch):
+        parts: List[Any] = []
+        run: List[Any] = []
+        for src, raw in items[i:i + batch]:
+            if src[0] == "change":
+                n += 1
+                ((_key, update),), dead = changes([(("changes", n), raw)])
+                assert dead == []
+                parts += bundles(run) + [update]
+                run = []
+            else:
+                run.append((src, raw))
+        got, _ = logic.on_batch(parts + bundles(run))
+        out += got
+    out += logic.on_eof()[0]
+    return outcome(out), _state(logic.snapshot()[2]), set(nm.keys) if nm else set()
+
+
+def test_spend_thresholds_and_auto_overage_fold_natively_and_alert_the_same():
+    """Pinned: beta|c3 (spend thresholds on a card of every model, auto_overage on tokens, a hard block on
+    gpu_seconds) is folded natively, beta|c5 (auto_overage with a next plan: an upgrade) and beta|c4 (a wallet)
+    stay on Python; several amounts crossed by one event, volume and staircase cards whose charge falls, a
+    correction that lowers a staircase charge and lifts a block, a late event: the Python core's alerts (ids,
+    event ids, amounts, usage), rows and state, for every batch size."""
+    day = BASE + 2 * DAY
+    stream = [_spend_ev("a", "api_call", day, tokens=12),  # 6.0: 2, 5, 5.5 at once; 50 % of 16; 1 call: 1
+              _spend_ev("b", "api_call", day + 1, tokens=1),  # 2 calls: 2
+              _spend_ev("c", "api_call", day + 2, tokens=5),  # 3 calls: 3 (2.5 and 3 at once); tokens 18: overage
+              _spend_ev("d", "api_call", day + 3, tokens=5),  # 4 calls: 1.0 (the volume card falls)
+              _spend_ev("e", "gpu", day + 4, seconds=3, kind="a100"),  # staircase 6: 1 and 4
+              _spend_ev("f", "gpu", day + 5, seconds=3, kind="a100"),  # 6 s: 1, blocked at 6 of 6
+              _spend_ev("g", "gpu", day + 6, seconds=3, kind="a100"),  # 9 s: 9, fires 8
+              _spend_ev("h", "gpu", day + 7, seconds=4, kind="a100", correction=True),  # 5 s: 1, unblocked
+              _spend_ev("i", "api_call", day + 8, tokens=0.5),  # last_tokens 0.5: not 1 yet
+              _spend_ev("j", "api_call", day - DAY, tokens=3),  # late (the day before): its own period
+              _spend_ev("k", "api_call", day + 9, tokens=1),
+              _spend_ev("l", "api_call", day + 9, cust="c5", tokens=1),
+              _spend_ev("m", "api_call", day + 10, cust="c5", tokens=2.5),
+              _spend_ev("n", "api_call", day + 11, cust="c5", tokens=1),  # 3 calls: upgrade to spendy
+              _spend_ev("o", "api_call", day + 12, cust="c4", tokens=1),
+              # the next day: charges that fall, then rise again below the level derived before the fall
+              _spend_ev("p", "api_call", day + DAY, tokens=5),  # last_tokens 5: 0.5 (1 needs 10 from here on)
+              _spend_ev("q", "api_call", day + DAY + 1, tokens=2),  # latest 2: 2, fires 1 and not 2.5
+              _spend_ev("r", "gpu", day + DAY + 2, seconds=5, kind="a100"),  # staircase 1: fires 1 (4 needs 7)
+              _spend_ev("s", "gpu", day + DAY + 3, seconds=2, kind="a100", correction=True),  # 3 s: 6, fires 4
+              _spend_ev("t", "gpu", day + 2 * DAY, seconds=5, kind="a100"),  # as r
+              _spend_ev("u", "gpu", day + 2 * DAY + 1, seconds=-2, kind="a100")]  # a negative value: as s
+    items = [(("in", i + 1), raw) for i, raw in enumerate(stream)]
+    want = _run_shard("python", items, 3)[0]
+    spent = sorted((a["customer_id"], a["metric"], a["event_id"], a["threshold_amount"], a["amount"])
+                   for a in want["alerts"].values() if a["type"] == "spend_crossed" and a["customer_id"] == "c3"
+                   and a["period_start"] == _iso(day))
+    assert spent == sorted([
+        ("c3", "tokens", "a", 2.0, 6.0), ("c3", "tokens", "a", 5.0, 6.0), ("c3", "tokens", "a", 5.5, 6.0),
+        ("c3", "api_calls", "b", 2.0, 2.0), ("c3", "api_calls", "c", 2.5, 3.0), ("c3", "api_calls", "c", 3.0, 3.0),
+        ("c3", "gpu_seconds", "e", 1.0, 6.0), ("c3", "gpu_seconds", "e", 4.0, 6.0),
+        ("c3", "gpu_seconds", "g", 8.0, 9.0), ("c3", "low_seconds", "e", 1.0, 2.0),
+        ("c3", "peak_tokens", "a", 1.0, 7.0), ("c3", "peak_tokens", "a", 3.0, 7.0),
+        ("c3", "last_tokens", "a", 1.0, 1.2),  # (then latest 5, 0.5, 1: 0.5 .. 1, never 2.5)
+        ("c3", "distinct_tokens", "a", 1.0, 1.0), ("c3", "distinct_tokens", "c", 2.0, 2.0)])
+    fell = sorted((a["metric"], a["event_id"], a["threshold_amount"], a["amount"]) for a in want["alerts"].values()
+                  if a["type"] == "spend_crossed" and a["metric"] in ("last_tokens", "gpu_seconds")
+                  and a["customer_id"] == "c3" and a["period_start"] == _iso(day + DAY))
+    assert fell == [("gpu_seconds", "r", 1.0, 1.0), ("gpu_seconds", "s", 4.0, 6.0), ("last_tokens", "q", 1.0, 2.0)]
+    assert sorted((a["event_id"], a["threshold_amount"]) for a in want["alerts"].values()
+                  if a["type"] == "spend_crossed" and a["period_start"] == _iso(day + 2 * DAY)
+                  and a["metric"] == "gpu_seconds") == [("t", 1.0), ("u", 4.0)]
+    others = sorted((a["customer_id"], a["type"], a["metric"], a["event_id"], a["action"])
+                    for a in want["alerts"].values() if a["type"] in ("plan_changed", "blocked", "unblocked"))
+    assert others == sorted([("c3", "plan_changed", "tokens", "c", "overage"),
+                             ("c3", "blocked", "gpu_seconds", "f", "block"),
+                             ("c3", "unblocked", "gpu_seconds", "h", "unblock"),
+                             ("c5", "plan_changed", "api_calls", "n", "upgrade")])
+    for batch in (1, 3, 7, 20):
+        want = _run_shard("python", items, batch)[:2]
+        for nmed in (False, True):
+            got, got_state, keys = _run_shard("native", items, batch, nmed)
+            assert (got, got_state) == want
+            assert "beta|c3" in keys and not {"beta|c4", "beta|c5"} & keys
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(steps=st.lists(st.one_of(
+    st.tuples(st.sampled_from(["c3", "c3", "c3", "c5"]), st.sampled_from(["api_call", "gpu"]), st.integers(0, 7),
+              st.one_of(st.integers(-3, 12), st.sampled_from([0.5, 2.5, -1.5, 1e6])), st.integers(0, 6),
+              st.sampled_from(["a100", "h100"])),
+    st.tuples(st.just("change"), st.sampled_from(["c3", "c5"]),
+              st.sampled_from(["spendy", "spendy2", "climb", "soft", "pro", "metered", None]))),
+    min_size=1, max_size=50), batch=st.integers(1, 8), native_mediation=st.booleans())
+def test_spend_thresholds_and_plan_changes_agree_with_the_python_core(steps, batch, native_mediation):
+    """Random events of the spend-threshold customers (every card model, corrections, negative values, late
+    events of earlier periods, retried ids) with changelog records moving them between plans (spend
+    thresholds on other cards, an auto_overage upgrade, thresholds only, cancelled): the Python core's alerts,
+    rows and state; a customer whose plan the native fold takes is held by it at the end."""
+    items: List[Any] = []
+    plan = {"c3": "spendy", "c5": "climb"}
+    for n, s in enumerate(steps):
+        if s[0] == "change":
+            items.append((("change", n), _plan_change(s[1], s[2])))
+            plan[s[1]] = s[2]
+            continue
+        cust, etype, t, v, when, kind = s
+        props = {"tokens": v, "seconds": v, "kind": kind}
+        ts = BASE + 5 * DAY + when * 3_600_000 - (DAY if t == 7 else 0)
+        items.append((("in", n), _spend_ev(f"e{n % 23}" if t == 6 else f"u{n}", etype, ts, cust,
+                                           correction=t == 5, **props)))
+    want = _run_shard("python", items, batch)
+    got = _run_shard("native", items, batch, native_mediation)
+    assert got[:2] == want[:2]
+    if plan["c3"] in ("spendy", "spendy2") and any(s[0] == "c3" for s in steps):
+        assert "beta|c3" in got[2]
+
+
+def test_a_changelog_record_after_native_events_in_one_batch_folds_them_once():
+    """A natively folded customer's events, then a changelog record moving it to a plan the native fold does
+    not take (an auto_overage upgrade), then more events, all in one batch: the events before the record are
+    folded once (not again into a fresh native customer whose rows would overwrite the meter's at the next
+    mirror), so the state and rows are the Python core's."""
+    ts = BASE + 5 * DAY
+    items = [(("in", 0), _spend_ev("u0", "api_call", ts, tokens=2)),
+             (("change", 1), _plan_change("c3", "climb")),
+             (("in", 2), _spend_ev("u2", "api_call", ts + 1, tokens=3))]
+    want = _run_shard("python", items, 3)
+    got = _run_shard("native", items, 3)
+    assert got[:2] == want[:2] and "beta|c3" not in got[2]
+    assert want[0]["rows"][("p", "beta", "c3", "api_calls", ts)][1]["events"] == 2
