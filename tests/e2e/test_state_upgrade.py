@@ -424,7 +424,8 @@ def test_the_v5_snapshots_load_into_the_native_fold():
     """The native variant above cannot show the native fold after the resume: the fixture's ``[anomaly]`` gives
     every customer anomaly cells, which keep all of them on the Python fold (checked here). Without it, the
     same old-build snapshots resume into the native fold: each customer it takes is loaded with its state
-    (``NativeMeters.load`` refuses nothing), the others (wallet, spend thresholds, auto_overage) stay on Python."""
+    (``NativeMeters.load`` refuses nothing), the wallet customer (and any other the native fold does not take:
+an ``auto_overage`` upgrade, a p95/p99 entitlement) stays on Python."""
     import sqlite3
     import tomllib
 
