@@ -109,6 +109,13 @@ pub fn push_float_repr(out: &mut String, f: f64) {
         out.push_str(if f > 0.0 { "inf" } else { "-inf" });
         return;
     }
+    push_shortest(out, f, -4, true);
+}
+
+/// A finite float's shortest round-trip digits, in fixed notation for decimal exponents `min_fixed..=15`, else
+/// scientific: "1e+16" / "1.5e-05" as Python's `repr` writes the exponent (`python_exp`), or "1e16" / "1.5e-6"
+/// as msgspec does (mediate.rs `push_f64_json`).
+pub(crate) fn push_shortest(out: &mut String, f: f64, min_fixed: i32, python_exp: bool) {
     let e = format!("{:e}", f);
     let (neg, e) = match e.strip_prefix('-') {
         Some(r) => (true, r),
@@ -121,7 +128,7 @@ pub fn push_float_repr(out: &mut String, f: f64) {
         out.push('-');
     }
     let n = digits.len() as i32;
-    if (-4..16).contains(&exp) {
+    if (min_fixed..16).contains(&exp) {
         let point = exp + 1;
         if point >= n {
             out.push_str(&digits);
@@ -147,12 +154,16 @@ pub fn push_float_repr(out: &mut String, f: f64) {
             out.push_str(&digits[1..]);
         }
         out.push('e');
-        out.push(if exp < 0 { '-' } else { '+' });
-        let a = exp.unsigned_abs();
-        if a < 10 {
-            out.push('0');
+        if python_exp {
+            out.push(if exp < 0 { '-' } else { '+' });
+            let a = exp.unsigned_abs();
+            if a < 10 {
+                out.push('0');
+            }
+            out.push_str(&a.to_string());
+        } else {
+            out.push_str(&exp.to_string());
         }
-        out.push_str(&a.to_string());
     }
 }
 

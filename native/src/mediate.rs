@@ -93,46 +93,7 @@ fn push_str_json(out: &mut String, s: &str) {
 /// A float as msgspec writes it: the shortest round-trip digits, fixed notation for decimal exponents
 /// -5..=15 ("0.00001", "1000000000000000.0"), else "1e16", "1.5e-6".
 pub(crate) fn push_f64_json(out: &mut String, f: f64) {
-    let e = format!("{:e}", f);
-    let (neg, e) = match e.strip_prefix('-') {
-        Some(r) => (true, r),
-        None => (false, e.as_str()),
-    };
-    let (mant, exp) = e.split_once('e').unwrap_or((e, "0"));
-    let exp: i32 = exp.parse().unwrap_or(0);
-    let digits: String = mant.chars().filter(|c| *c != '.').collect();
-    if neg {
-        out.push('-');
-    }
-    let n = digits.len() as i32;
-    if (-5..16).contains(&exp) {
-        let point = exp + 1;
-        if point >= n {
-            out.push_str(&digits);
-            for _ in 0..(point - n) {
-                out.push('0');
-            }
-            out.push_str(".0");
-        } else if point <= 0 {
-            out.push_str("0.");
-            for _ in 0..(-point) {
-                out.push('0');
-            }
-            out.push_str(&digits);
-        } else {
-            out.push_str(&digits[..point as usize]);
-            out.push('.');
-            out.push_str(&digits[point as usize..]);
-        }
-    } else {
-        out.push_str(&digits[..1]);
-        if n > 1 {
-            out.push('.');
-            out.push_str(&digits[1..]);
-        }
-        out.push('e');
-        out.push_str(&exp.to_string());
-    }
+    crate::dims::push_shortest(out, f, -5, false);
 }
 
 fn props_json<K: AsRef<str>>(props: &[(K, Val)]) -> String {
