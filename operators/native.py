@@ -527,34 +527,11 @@ class NativeMeters:
         p, i, why = core.fold_many(pairs, 0, 0)
         while p < np_:
             key, group = pairs[p]
-            meter, me = meters[key], group[i]
-            if why == 3:  # the event reached a level: the Python check
-                self._check(meter, me, core.take_stops(), alerts)
-            elif why == 1:  # a line the native decoder leaves to Python: the Mediator's event, folded natively
-                ev = me.event
-                try:
-                    core.fold(p << 32 | i, ev.tenant_id, ev.customer_id, fingerprint(ev.event_id), ev.event_type,
-                              me.ts, me.wm, me.excluded, ev.correction,
-                              [(k, _value(v)) for k, v in ev.properties.items()])
-                except ValueError:
-                    why = 2
-                else:
-                    stops = core.take_stops()
-                    if stops:
-                        self._check(meter, me, stops, alerts)
-            if why == 2:  # no billing period: the Python fold's dead letter
-                sub = meter.ent.rule
-                text = meter._bounds(me.ts, sub.period, sub.anchor_ms)
-                failed.append((p << 32 | i, dead_letter("invalid_event", str(text), me.src, me.raw, meter.tenant_id)))
-                self._invalid += 1
+            self._stopped(meters[key], group[i], why, p << 32 | i, failed, alerts)
             p, i, why = core.fold_many(pairs, p, i + 1)
         for index, key, reason, a, b, c in core.take_notes():
-            meter, me = meters[key], pairs[index >> 32][1][index & 0xFFFFFFFF]
-            if reason == "too_late":
-                failed.append((index, meter._too_late(me, a, b, c)))
-            else:
-                prop = self._prop[a]
-                failed.append((index, meter._missing_property(me, a, prop, me.event.properties.get(prop))))
+            me = pairs[index >> 32][1][index & 0xFFFFFFFF]
+            failed.append((index, self._note(meters[key], me, reason, a, b, c)))
         dup, excl, unmetered, too_late, missing, _read = core.take_counts()
         ignored = core.take_ignored()
         n = sum(len(g) for _, g in pairs)
@@ -587,34 +564,11 @@ class NativeMeters:
         nk = len(keys)
         k, i, why = core.fold_bundle(bundle, 0, 0)
         while k < nk:
-            meter, me = meters[keys[k]], bundle_event(bundle, k, i)
-            if why == 3:  # the event reached a level: the Python check
-                self._check(meter, me, core.take_stops(), alerts)
-            elif why == 1:  # an event the native decoder leaves to Python, folded natively
-                ev = me.event
-                try:
-                    core.fold(k << 32 | i, ev.tenant_id, ev.customer_id, fingerprint(ev.event_id), ev.event_type,
-                              me.ts, me.wm, me.excluded, ev.correction,
-                              [(p, _value(v)) for p, v in ev.properties.items()])
-                except ValueError:
-                    why = 2
-                else:
-                    stops = core.take_stops()
-                    if stops:
-                        self._check(meter, me, stops, alerts)
-            if why == 2:  # no billing period: the Python fold's dead letter
-                sub = meter.ent.rule
-                text = meter._bounds(me.ts, sub.period, sub.anchor_ms)
-                failed.append((k << 32 | i, dead_letter("invalid_event", str(text), me.src, me.raw, meter.tenant_id)))
-                self._invalid += 1
+            self._stopped(meters[keys[k]], bundle_event(bundle, k, i), why, k << 32 | i, failed, alerts)
             k, i, why = core.fold_bundle(bundle, k, i + 1)
         for index, key, reason, a, b, c in core.take_notes():
-            meter, me = meters[key], bundle_event(bundle, index >> 32, index & 0xFFFFFFFF)
-            if reason == "too_late":
-                failed.append((index, meter._too_late(me, a, b, c)))
-            else:
-                prop = self._prop[a]
-                failed.append((index, meter._missing_property(me, a, prop, me.event.properties.get(prop))))
+            me = bundle_event(bundle, index >> 32, index & 0xFFFFFFFF)
+            failed.append((index, self._note(meters[key], me, reason, a, b, c)))
         dup, excl, unmetered, too_late, missing, _read = core.take_counts()
         n, unevaluated, evaluated = core.bundle_counts(bundle)
         bad = too_late + self._invalid
@@ -627,6 +581,38 @@ class NativeMeters:
             self.gateway_due.update(evaluated)
         failed.sort(key=lambda x: x[0])
         return Emission(dead_letters=[d for _, d in failed], alerts=alerts)
+
+    def _stopped(self, meter: Any, me: Any, why: int, index: int, failed: List[Tuple[int, DeadLetter]],
+                 alerts: List[Any]) -> None:
+        """Where the native fold stopped at event ``me`` (``why``): 3, it reached a level (the Python check); 1, a
+        line the native decoder leaves to Python (the Mediator's event, folded natively); 2, no billing period
+        (the Python fold's dead letter)."""
+        core = self._core
+        if why == 3:
+            self._check(meter, me, core.take_stops(), alerts)
+        elif why == 1:
+            ev = me.event
+            try:
+                core.fold(index, ev.tenant_id, ev.customer_id, fingerprint(ev.event_id), ev.event_type, me.ts, me.wm,
+                          me.excluded, ev.correction, [(k, _value(v)) for k, v in ev.properties.items()])
+            except ValueError:
+                why = 2
+            else:
+                stops = core.take_stops()
+                if stops:
+                    self._check(meter, me, stops, alerts)
+        if why == 2:
+            sub = meter.ent.rule
+            text = meter._bounds(me.ts, sub.period, sub.anchor_ms)
+            failed.append((index, dead_letter("invalid_event", str(text), me.src, me.raw, meter.tenant_id)))
+            self._invalid += 1
+
+    def _note(self, meter: Any, me: Any, reason: str, a: Any, b: Any, c: Any) -> DeadLetter:
+        """A meter dead letter the native fold decided (too_late, missing_property), worded by the Python fold."""
+        if reason == "too_late":
+            return meter._too_late(me, a, b, c)
+        prop = self._prop[a]
+        return meter._missing_property(me, a, prop, me.event.properties.get(prop))
 
     def _usage_of(self, meter: Any) -> Callable[[Tuple[str, int, int]], Optional[float]]:
         """``meter.usage`` as the Python fold sees it mid-batch: the native row's value (a row the meter
