@@ -303,6 +303,27 @@ impl BatchCore {
         self.new_customer(py)
     }
 
+    /// The meter dead letters noted since the last drain, as `(index, key, reason, a, b, c)` for Python to word.
+    fn drain_notes<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let notes = PyList::empty(py);
+        for note in self.notes.drain(..) {
+            match note {
+                Note::TooLate { index, cust, pstart, pend, wm } => {
+                    notes.append((index, self.customers[cust].key.bind(py), "too_late", pstart, pend, wm))?
+                }
+                Note::Missing { index, cust, metric } => notes.append((
+                    index,
+                    self.customers[cust].key.bind(py),
+                    "missing_property",
+                    self.metrics[metric as usize].code.bind(py),
+                    0,
+                    0,
+                ))?,
+            }
+        }
+        Ok(notes)
+    }
+
     fn new_customer(&mut self, py: Python<'_>) -> usize {
         let key = self.key_buf.clone();
         let rule = *self.subs.get(&key).unwrap_or(&self.default_rule);
@@ -829,23 +850,7 @@ impl BatchCore {
 
     /// The meter dead letters to word since the last call (as in `take_changes`), rows left for later.
     fn take_notes<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let notes = PyList::empty(py);
-        for note in self.notes.drain(..) {
-            match note {
-                Note::TooLate { index, cust, pstart, pend, wm } => {
-                    notes.append((index, self.customers[cust].key.bind(py), "too_late", pstart, pend, wm))?
-                }
-                Note::Missing { index, cust, metric } => notes.append((
-                    index,
-                    self.customers[cust].key.bind(py),
-                    "missing_property",
-                    self.metrics[metric as usize].code.bind(py),
-                    0,
-                    0,
-                ))?,
-            }
-        }
-        Ok(notes)
+        self.drain_notes(py)
     }
 
     /// Counts since the last call: (duplicates, excluded, unmetered, too_late, missing_property, read).
@@ -956,22 +961,7 @@ impl BatchCore {
             let n = c.excluded[&pk].0;
             x.append((c.key.bind(py), self.metrics[pk.0 as usize].code.bind(py), pk.1, pk.2, n))?;
         }
-        let notes = PyList::empty(py);
-        for note in self.notes.drain(..) {
-            match note {
-                Note::TooLate { index, cust, pstart, pend, wm } => {
-                    notes.append((index, self.customers[cust].key.bind(py), "too_late", pstart, pend, wm))?
-                }
-                Note::Missing { index, cust, metric } => notes.append((
-                    index,
-                    self.customers[cust].key.bind(py),
-                    "missing_property",
-                    self.metrics[metric as usize].code.bind(py),
-                    0,
-                    0,
-                ))?,
-            }
-        }
+        let notes = self.drain_notes(py)?;
         self.round += 1;
         Ok((w, p, x, notes))
     }
