@@ -171,6 +171,50 @@ def dedupe_table_figures(sizes=(10_000, 100_000, 1_000_000), repeat: int = 3) ->
     return out
 
 
+def run_resume(customers: int, rounds: int = 3) -> Dict[str, float]:
+    """One shard resumed from a snapshot of ``customers`` customers (5 events each, in 5 hourly windows, on the
+    bench workload's count and sum metrics, no subscription), on each core, best of ``rounds``: seconds of
+    ``_ShardLogic`` construction, which decodes every customer's snapshot and, on the native core, loads each into
+    the native fold (:meth:`NativeMeters.load`)."""
+    import json
+
+    from meterflow.base.timeutil import now_ms
+    from meterflow.dataflows.metering import _ShardLogic
+    from meterflow.operators import native
+    from meterflow.operators.mediate import Mediator, bundle_shards
+
+    cfg, _, _ = build_bench(1000, 1000, 10)
+    tenant = cfg.tenants[0].id
+    base = now_ms() - 40 * 86_400_000
+    lines = [(("in", n), json.dumps({"event_id": f"e{c}-{e}", "tenant_id": tenant, "customer_id": f"resume{c}",
+                                     "event_type": "api_call", "timestamp": base + e * 3_600_000,
+                                     "properties": {"tokens": e + 0.5}}).encode())
+             for n, (c, e) in enumerate((c, e) for c in range(customers) for e in range(5))]
+    med = Mediator(cfg, FlowStats())
+    logic = _ShardLogic(Rules(cfg), 1, None, True, med)
+    for i in range(0, len(lines), 5000):
+        logic.on_batch([b for _, b in bundle_shards(med(lines[i:i + 5000]).groups, 1)])
+    state = logic.snapshot()
+    out: Dict[str, float] = {}
+    for core in ("python", "native"):
+        if core == "native" and not native.AVAILABLE:
+            continue
+        best, loaded = 1e9, 0
+        for _ in range(rounds):
+            nm = native.NativeMeters(cfg) if core == "native" else None
+            t = time.perf_counter()
+            _ShardLogic(Rules(cfg), 1, state, True, Mediator(cfg, FlowStats()), native=nm)
+            best = min(best, time.perf_counter() - t)
+            loaded = nm.loaded if nm is not None else 0
+        out[core] = best
+        print(f"resume    {core:6} core: {customers:,} customers from one shard's snapshot in {best * 1e3:,.0f} ms"
+              + (f" ({loaded:,} loaded into the native fold)" if core == "native" else ""))
+    if "native" in out:
+        print(f"          the native load adds {(out['native'] - out['python']) * 1e3:,.0f} ms "
+              f"({(out['native'] - out['python']) / customers * 1e6:,.0f} us per customer)")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=1_000_000)
@@ -182,7 +226,13 @@ def main() -> None:
                     help="also run the whole dataflow in process with pipeline.core python and native")
     ap.add_argument("--aggs", action="store_true",
                     help="bench workload plus max, min, latest, unique_count and p95 metrics of the tokens")
+    ap.add_argument("--resume", type=int, default=0, metavar="N",
+                    help="only time a shard's resume of N customers from a snapshot, on each core (the native one "
+                         "loads every customer back into the native fold)")
     args = ap.parse_args()
+    if args.resume:
+        run_resume(args.resume)
+        return
     t = time.perf_counter()
     if args.workload == "bench":
         cfg, lines, batches = build_bench(args.events, args.batch, args.customers, args.aggs)
