@@ -6,6 +6,8 @@
 //! Each distinct dims tuple is interned once per core (`DimTable`): window keys carry its id (0: no
 //! dimensions), and `take_changes` reports the very Python tuple of str, built once per distinct tuple.
 
+use std::fmt::Write;
+
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
@@ -17,14 +19,15 @@ pub struct DimTable {
     values: Vec<Vec<String>>,
     tuples: Vec<Option<Py<PyTuple>>>,
     buf: String,
-    parts: Vec<String>,
+    scratch: String,
+    bounds: Vec<(usize, usize)>, // each value's range in `buf`
 }
 
 impl DimTable {
     pub fn new() -> DimTable {
         // id 0: no dimensions, the empty tuple
         DimTable { index: FxMap::default(), values: vec![Vec::new()], tuples: vec![None], buf: String::new(),
-                   parts: Vec::new() }
+                   scratch: String::new(), bounds: Vec::new() }
     }
 
     /// The id of the dims tuple of `props` under `group_by` (0 when `group_by` is empty).
@@ -32,22 +35,23 @@ impl DimTable {
         if group_by.is_empty() {
             return 0;
         }
-        // the key: each value as its length, ':', the value (unambiguous)
+        // the key: each value as its length, ':', the value (unambiguous); no allocation for a known tuple
         self.buf.clear();
-        self.parts.clear();
+        self.bounds.clear();
         for g in group_by {
-            let mut s = String::new();
-            push_dim(&mut s, crate::lookup(props, g));
-            self.buf.push_str(&s.len().to_string());
-            self.buf.push(':');
-            self.buf.push_str(&s);
-            self.parts.push(s);
+            self.scratch.clear();
+            push_dim(&mut self.scratch, crate::lookup(props, g));
+            let _ = write!(self.buf, "{}:", self.scratch.len());
+            let start = self.buf.len();
+            self.buf.push_str(&self.scratch);
+            self.bounds.push((start, self.buf.len()));
         }
         if let Some(&id) = self.index.get(self.buf.as_str()) {
             return id;
         }
         let id = self.values.len() as u32;
-        self.values.push(std::mem::take(&mut self.parts));
+        let values = self.bounds.iter().map(|&(a, b)| self.buf[a..b].to_owned()).collect();
+        self.values.push(values);
         self.tuples.push(None);
         self.index.insert(self.buf.clone(), id);
         id
@@ -92,7 +96,9 @@ pub fn push_dim(out: &mut String, v: Option<&Val>) {
         None | Some(Val::Null) => {}
         Some(Val::Str(s)) => out.push_str(s),
         Some(Val::Bool(b)) => out.push_str(if *b { "true" } else { "false" }),
-        Some(Val::Int(i)) => out.push_str(&i.to_string()),
+        Some(Val::Int(i)) => {
+            let _ = write!(out, "{i}");
+        }
         Some(Val::Big(b, _)) => out.push_str(&big_decimal(b)),
         Some(Val::Float(f)) => push_float_repr(out, *f),
     }
