@@ -648,28 +648,21 @@ pub fn bench_dedupe<'py>(py: Python<'py>, n: usize, seed: u64) -> PyResult<Bound
     let bytes = t.heap_bytes() + std::mem::size_of::<IdTable>();
     let mut m: HashMap<u64, u64, BuildHasherDefault<Ident>> = HashMap::default();
     let mut mdup = 0usize;
-    let t0 = Instant::now();
-    for &fp in &fps {
-        match m.get_mut(&fp) {
-            Some(e) if *e as i64 >= wm => mdup += 1,
-            Some(e) => *e = expiry,
-            None => {
-                m.insert(fp, expiry);
+    let mut pass = |m: &mut HashMap<u64, u64, BuildHasherDefault<Ident>>| {
+        let t0 = Instant::now();
+        for &fp in &fps {
+            match m.get_mut(&fp) {
+                Some(e) if *e as i64 >= wm => mdup += 1,
+                Some(e) => *e = expiry,
+                None => {
+                    m.insert(fp, expiry);
+                }
             }
         }
-    }
-    let m_new = ns(t0.elapsed());
-    let t0 = Instant::now();
-    for &fp in &fps {
-        match m.get_mut(&fp) {
-            Some(e) if *e as i64 >= wm => mdup += 1,
-            Some(e) => *e = expiry,
-            None => {
-                m.insert(fp, expiry);
-            }
-        }
-    }
-    let m_dup = ns(t0.elapsed());
+        ns(t0.elapsed())
+    };
+    let m_new = pass(&mut m); // every id new
+    let m_dup = pass(&mut m); // every id a duplicate
     let buckets = if m.capacity() == 0 { 0 } else { (m.capacity() * 8 / 7).next_power_of_two() };
     let m_bytes = buckets * 17 + 16 + std::mem::size_of::<HashMap<u64, u64>>();
     if dup != n || mdup != n {

@@ -303,6 +303,27 @@ impl BatchCore {
         self.new_customer(py)
     }
 
+    /// One mediated line of customer `ci` into the fold (`fold_many`, mediate.rs `fold_bundle`): None, folded; or
+    /// why the fold stops there — 1, a line the native decoder leaves to Python; 2, no billing period for its
+    /// time; 3, it reached a level (`stops`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn fold_line(&mut self, index: usize, ci: usize, raw: &[u8], ts: i64, wm: i64, excluded: bool)
+                            -> Option<u8> {
+        let Some(ev) = json::parse_event(raw) else { return Some(1) };
+        if wm > self.watermark {
+            self.watermark = wm;
+        }
+        if self.fold_one(index, ci, fingerprint(&ev.event_id), &ev.event_type, ts, wm, excluded, ev.correction,
+                         &ev.props).is_err() {
+            return Some(2);
+        }
+        self.c.read += 1;
+        if !self.stops.is_empty() {
+            return Some(3);
+        }
+        None
+    }
+
     /// The meter dead letters noted since the last drain, as `(index, key, reason, a, b, c)` for Python to word.
     fn drain_notes<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let notes = PyList::empty(py);
@@ -797,20 +818,11 @@ impl BatchCore {
                 if raw.iter().filter(|&&c| c == b'{' || c == b'[').count() > MAX_DEPTH {
                     return Ok((p, i, 1));
                 }
-                let Some(ev) = json::parse_event(raw) else { return Ok((p, i, 1)) };
                 let ts: i64 = me.getattr(a_ts)?.extract()?;
                 let wm: i64 = me.getattr(a_wm)?.extract()?;
                 let excluded: bool = me.getattr(a_ex)?.extract()?;
-                if wm > self.watermark {
-                    self.watermark = wm;
-                }
-                if self.fold_one(p << 32 | i, ci, fingerprint(&ev.event_id), &ev.event_type, ts, wm, excluded,
-                                 ev.correction, &ev.props).is_err() {
-                    return Ok((p, i, 2));
-                }
-                self.c.read += 1;
-                if !self.stops.is_empty() {
-                    return Ok((p, i, 3));
+                if let Some(why) = self.fold_line(p << 32 | i, ci, raw, ts, wm, excluded) {
+                    return Ok((p, i, why));
                 }
                 i += 1;
             }

@@ -18,7 +18,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyInt, PyList, PyString, PyTuple};
 
 use crate::json::{self, Event, Stamp, Val};
-use crate::{fingerprint, matches, pairs, time, BatchCore, FxMap, Tenant, LAST_EVENT_MS, MAX_DEPTH};
+use crate::{matches, pairs, time, BatchCore, FxMap, Tenant, LAST_EVENT_MS, MAX_DEPTH};
 
 /// Mediation of one line (operators/mediate.py `Mediator.__call__`); None: the Python path decides.
 pub(crate) fn mediate_line<'l>(tenants: &FxMap<String, Tenant>, max_bytes: usize, raw: &'l [u8], horizon: i64)
@@ -632,18 +632,8 @@ pub(crate) fn fold_bundle(core: &mut BatchCore, b: &Bundle, k_start: usize, i_st
             if b.pyi[j] >= 0 {
                 return Ok((k, i, 1));
             }
-            let Some(ev) = json::parse_event(b.line(j)) else { return Ok((k, i, 1)) };
-            let (ts, wm) = (b.ts[j], b.wm[j]);
-            if wm > core.watermark {
-                core.watermark = wm;
-            }
-            if core.fold_one(k << 32 | i, ci, fingerprint(&ev.event_id), &ev.event_type, ts, wm, b.excl[j],
-                             ev.correction, &ev.props).is_err() {
-                return Ok((k, i, 2));
-            }
-            core.c.read += 1;
-            if !core.stops.is_empty() {
-                return Ok((k, i, 3));
+            if let Some(why) = core.fold_line(k << 32 | i, ci, b.line(j), b.ts[j], b.wm[j], b.excl[j]) {
+                return Ok((k, i, why));
             }
             i += 1;
         }
