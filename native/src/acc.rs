@@ -200,8 +200,8 @@ impl Agg {
 /// The state of a max / min / latest / unique_count / p95 / p99 row.
 #[derive(Clone)]
 pub enum Ext {
-    Best(Val),                 // max, min: MaxAcc.best (the first of equal values stays)
-    Latest(i64, Val),          // LatestAcc.ts, .last (a tie goes to the later arrival)
+    Best(Val<'static>),                 // max, min: MaxAcc.best (the first of equal values stays)
+    Latest(i64, Val<'static>),          // LatestAcc.ts, .last (a tie goes to the later arrival)
     Unique(Box<UniqueSet>),    // UniqueAcc.seen
     Pct(Box<Multiset>),        // PercentileAcc.counts, .n
 }
@@ -211,7 +211,7 @@ pub enum Ext {
 #[derive(Clone)]
 pub struct UniqueSet {
     seen: HashSet<UKey>,
-    fresh: Vec<Val>,
+    fresh: Vec<Val<'static>>,
 }
 
 #[derive(Clone, Hash, PartialEq, Eq)]
@@ -225,7 +225,7 @@ enum UKey {
 
 fn ukey(v: &Val) -> UKey {
     match v {
-        Val::Str(s) => UKey::S(s.clone()),
+        Val::Str(s) => UKey::S(s.as_ref().to_owned()),
         Val::Int(i) => UKey::I(*i),
         Val::Big(b, _) => UKey::Big(b.clone()),
         Val::Float(f) => UKey::F(if *f == 0.0 { 0 } else { f.to_bits() }),
@@ -239,7 +239,7 @@ fn ukey(v: &Val) -> UKey {
 #[derive(Clone)]
 pub struct Multiset {
     index: HashMap<NKey, usize>,
-    entries: Vec<(Val, u64, bool)>,
+    entries: Vec<(Val<'static>, u64, bool)>,
     n: u64,
     dirty: Vec<usize>,
 }
@@ -279,7 +279,7 @@ impl Multiset {
             None => {
                 let i = self.entries.len();
                 self.index.insert(k, i);
-                self.entries.push((v.clone(), 0, false));
+                self.entries.push((v.to_static(), 0, false));
                 i
             }
         };
@@ -379,12 +379,12 @@ fn num_approx(v: &Val) -> (f64, f64) {
 impl Ext {
     fn first(agg: Agg, v: &Val, ts: i64) -> Ext {
         match agg {
-            Agg::Max | Agg::Min => Ext::Best(v.clone()),
-            Agg::Latest => Ext::Latest(ts, v.clone()),
+            Agg::Max | Agg::Min => Ext::Best(v.to_static()),
+            Agg::Latest => Ext::Latest(ts, v.to_static()),
             Agg::Unique => {
                 let mut seen = HashSet::new();
                 seen.insert(ukey(v));
-                Ext::Unique(Box::new(UniqueSet { seen, fresh: vec![v.clone()] }))
+                Ext::Unique(Box::new(UniqueSet { seen, fresh: vec![v.to_static()] }))
             }
             _ => {
                 let mut m = Multiset { index: HashMap::new(), entries: Vec::new(), n: 0, dirty: Vec::new() };
@@ -415,18 +415,18 @@ impl Acc {
             Ext::Best(b) => {
                 let o = cmp_num(v, b);
                 if (agg == Agg::Max && o == Ordering::Greater) || (agg == Agg::Min && o == Ordering::Less) {
-                    *b = v.clone();
+                    *b = v.to_static();
                 }
             }
             Ext::Latest(t, l) => {
                 if ts >= *t {
                     *t = ts;
-                    *l = v.clone();
+                    *l = v.to_static();
                 }
             }
             Ext::Unique(u) => {
                 if u.seen.insert(ukey(v)) {
-                    u.fresh.push(v.clone());
+                    u.fresh.push(v.to_static());
                 }
             }
             Ext::Pct(m) => m.add(v),
@@ -476,7 +476,7 @@ impl Acc {
 /// A property value as the Python object msgspec decodes it to.
 pub fn val_to_py<'py>(py: Python<'py>, v: &Val) -> PyResult<Bound<'py, PyAny>> {
     match v {
-        Val::Str(s) => s.as_str().into_bound_py_any(py),
+        Val::Str(s) => s.as_ref().into_bound_py_any(py),
         Val::Int(i) => i.into_bound_py_any(py),
         Val::Float(f) => f.into_bound_py_any(py),
         Val::Bool(b) => b.into_bound_py_any(py),
@@ -526,7 +526,7 @@ impl Fixed {
 
 impl Ext {
     /// UniqueAcc.seen's values (each once; nothing fresh: the Python accumulator holds them already).
-    pub fn unique_of(values: Vec<Val>) -> Option<Ext> {
+    pub fn unique_of(values: Vec<Val<'static>>) -> Option<Ext> {
         let mut seen = HashSet::with_capacity(values.len());
         for v in &values {
             if matches!(v, Val::Null) || !seen.insert(ukey(v)) {
@@ -537,7 +537,7 @@ impl Ext {
     }
 
     /// PercentileAcc.counts (value, count) in its order, and n (nothing dirty).
-    pub fn pct_of(n: u64, entries: Vec<(Val, u64)>) -> Option<Ext> {
+    pub fn pct_of(n: u64, entries: Vec<(Val<'static>, u64)>) -> Option<Ext> {
         let mut m = Multiset { index: HashMap::with_capacity(entries.len()), entries: Vec::new(), n, dirty: Vec::new() };
         for (v, c) in entries {
             if !matches!(v, Val::Int(_) | Val::Big(..) | Val::Float(_)) || m.index.insert(nkey(&v), m.entries.len()).is_some() {

@@ -6,8 +6,9 @@
 /// A property value as msgspec decodes it (`str | int | float | bool | None`); ints outside i64 are `None`
 /// from this scanner (the Python path handles them).
 #[derive(Clone, Debug, PartialEq)]
-pub enum Val {
-    Str(String),
+pub enum Val<'a> {
+    /// Borrowed from the line when it has no escapes (the common case: no allocation).
+    Str(std::borrow::Cow<'a, str>),
     Int(i64),
     /// An int outside i64 (only from the Python path): minimal little-endian two's complement, and whether
     /// -1e300 < v < 1e300 (a metric's number).
@@ -15,6 +16,20 @@ pub enum Val {
     Float(f64),
     Bool(bool),
     Null,
+}
+
+impl Val<'_> {
+    /// The same value owning its text (to keep in a row's state or a rule).
+    pub fn to_static(&self) -> Val<'static> {
+        match self {
+            Val::Str(s) => Val::Str(std::borrow::Cow::Owned(s.as_ref().to_owned())),
+            Val::Int(i) => Val::Int(*i),
+            Val::Big(b, ok) => Val::Big(b.clone(), *ok),
+            Val::Float(f) => Val::Float(*f),
+            Val::Bool(b) => Val::Bool(*b),
+            Val::Null => Val::Null,
+        }
+    }
 }
 
 pub enum Stamp<'a> {
@@ -28,7 +43,7 @@ pub struct Event<'a> {
     pub customer_id: std::borrow::Cow<'a, str>,
     pub event_type: std::borrow::Cow<'a, str>,
     pub timestamp: Stamp<'a>,
-    pub props: Vec<(std::borrow::Cow<'a, str>, Val)>,
+    pub props: Vec<(std::borrow::Cow<'a, str>, Val<'a>)>,
     pub correction: bool,
 }
 
@@ -191,9 +206,9 @@ impl<'a> P<'a> {
     }
 
     /// A scalar property value.
-    fn value(&mut self) -> R<Val> {
+    fn value(&mut self) -> R<Val<'a>> {
         Some(match self.peek()? {
-            b'"' => Val::Str(self.string()?.into_owned()),
+            b'"' => Val::Str(self.string()?),
             b't' => {
                 self.lit(b"true")?;
                 Val::Bool(true)
@@ -221,8 +236,14 @@ impl<'a> P<'a> {
         })
     }
 
-    /// Skip any JSON value (an unknown field). Numbers with an exponent or many digits are left to Python.
-    fn skip(&mut self) -> R<()> {
+    /// Skip any JSON value (an unknown field) inside a container at nesting `depth` (the event object: 1).
+    /// Numbers with an exponent or many digits are left to Python, and so is a value that nests deeper than
+    /// `MAX_DEPTH` (operators/mediate.py `too_deep`: for the well-formed lines this scanner accepts, its
+    /// nesting depth is exactly the containers open here).
+    fn skip(&mut self, depth: usize) -> R<()> {
+        if matches!(self.peek()?, b'{' | b'[') && depth >= crate::MAX_DEPTH {
+            return None;
+        }
         match self.peek()? {
             b'"' => {
                 self.string()?;
@@ -240,7 +261,7 @@ impl<'a> P<'a> {
                     self.ws();
                     self.eat(b':')?;
                     self.ws();
-                    self.skip()?;
+                    self.skip(depth + 1)?;
                     self.ws();
                     match self.peek()? {
                         b',' => self.i += 1,
@@ -261,7 +282,7 @@ impl<'a> P<'a> {
                 }
                 loop {
                     self.ws();
-                    self.skip()?;
+                    self.skip(depth + 1)?;
                     self.ws();
                     match self.peek()? {
                         b',' => self.i += 1,
@@ -424,7 +445,7 @@ pub fn parse_event(raw: &[u8]) -> R<Event<'_>> {
                     p.string()?;
                 }
             }
-            _ => p.skip()?,
+            _ => p.skip(1)?,
         }
         p.ws();
         match p.peek()? {

@@ -29,7 +29,7 @@ use dedupe::IdTable;
 use json::{Event, Val};
 use time::PeriodRule;
 
-const MAX_DEPTH: usize = 64;
+const MAX_DEPTH: usize = 64; // operators/mediate.py MAX_DEPTH (json.rs `skip` enforces it)
 const LAST_EVENT_MS: i64 = 221_845_392_000_000; // operators/mediate.py LAST_EVENT_MS
 const MAX_NUMBER: f64 = 1e300;
 const SEEN_EVICT_SLACK_MS: i128 = 3_600_000; // operators/meter.py _DEDUPE_EVICT_SLACK_MS
@@ -154,7 +154,7 @@ fn py_eq(p: &Val, v: &Val) -> bool {
     }
 }
 
-fn lookup<'v, K: AsRef<str>>(props: &'v [(K, Val)], key: &str) -> Option<&'v Val> {
+fn lookup<'v, 'a, K: AsRef<str>>(props: &'v [(K, Val<'a>)], key: &str) -> Option<&'v Val<'a>> {
     props.iter().find(|(k, _)| k.as_ref() == key).map(|(_, v)| v)
 }
 
@@ -168,13 +168,13 @@ struct Metric {
     prop: Option<String>,
     is_sum: bool,
     agg: Agg,
-    wanted: Vec<(String, Val)>,
+    wanted: Vec<(String, Val<'static>)>,
     group_by: Vec<String>, // (dims.rs)
 }
 
 struct Tenant {
     excluded: HashSet<String>,
-    when: Vec<(String, Val)>,
+    when: Vec<(String, Val<'static>)>,
 }
 
 type WKey = (u32, i64, u32); // metric, window start, dims (dims.rs DimTable id; 0: none)
@@ -257,7 +257,7 @@ struct BatchCore {
     seen_due: Vec<usize>, // customers folded since the last `evict_seen`
 }
 
-fn val_from_py(v: &Bound<'_, PyAny>) -> PyResult<Val> {
+fn val_from_py(v: &Bound<'_, PyAny>) -> PyResult<Val<'static>> {
     if v.is_none() {
         Ok(Val::Null)
     } else if let Ok(b) = v.cast::<PyBool>() {
@@ -270,7 +270,7 @@ fn val_from_py(v: &Bound<'_, PyAny>) -> PyResult<Val> {
     } else if let Ok(f) = v.cast::<PyFloat>() {
         Ok(Val::Float(f.value()))
     } else if let Ok(s) = v.cast::<PyString>() {
-        Ok(Val::Str(s.to_str()?.to_owned()))
+        Ok(Val::Str(std::borrow::Cow::Owned(s.to_str()?.to_owned())))
     } else if let Ok(t) = v.cast::<PyTuple>() {
         // ("big", little-endian two's complement bytes, -1e300 < v < 1e300)
         let b: Vec<u8> = t.get_item(1)?.extract()?;
@@ -281,7 +281,7 @@ fn val_from_py(v: &Bound<'_, PyAny>) -> PyResult<Val> {
     }
 }
 
-fn pairs(obj: &Bound<'_, PyAny>) -> PyResult<Vec<(String, Val)>> {
+fn pairs(obj: &Bound<'_, PyAny>) -> PyResult<Vec<(String, Val<'static>)>> {
     let mut out = Vec::new();
     for item in obj.try_iter()? {
         let item = item?;
@@ -310,11 +310,19 @@ impl BatchCore {
     pub(crate) fn fold_line(&mut self, index: usize, ci: usize, raw: &[u8], ts: i64, wm: i64, excluded: bool)
                             -> Option<u8> {
         let Some(ev) = json::parse_event(raw) else { return Some(1) };
+        self.fold_parsed(index, ci, fingerprint(&ev.event_id), &ev.event_type, ts, wm, excluded, ev.correction,
+                         &ev.props)
+    }
+
+    /// `fold_line` of a line already parsed (mediate.rs `fold_bundle`: the bundle keeps each line's parse).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn fold_parsed<K: AsRef<str>>(&mut self, index: usize, ci: usize, fp: u64, event_type: &str, ts: i64,
+                                             wm: i64, excluded: bool, correction: bool, props: &[(K, Val)])
+                                             -> Option<u8> {
         if wm > self.watermark {
             self.watermark = wm;
         }
-        if self.fold_one(index, ci, fingerprint(&ev.event_id), &ev.event_type, ts, wm, excluded, ev.correction,
-                         &ev.props).is_err() {
+        if self.fold_one(index, ci, fp, event_type, ts, wm, excluded, correction, props).is_err() {
             return Some(2);
         }
         self.c.read += 1;
@@ -764,9 +772,6 @@ impl BatchCore {
             let raw_obj = me.getattr(a_raw)?;
             let Ok(b) = raw_obj.cast::<PyBytes>() else { return Ok((i, 1)) };
             let raw = b.as_bytes();
-            if raw.iter().filter(|&&c| c == b'{' || c == b'[').count() > MAX_DEPTH {
-                return Ok((i, 1));
-            }
             let Some(ev) = json::parse_event(raw) else { return Ok((i, 1)) };
             let ts: i64 = me.getattr(a_ts)?.extract()?;
             let wm: i64 = me.getattr(a_wm)?.extract()?;
@@ -815,9 +820,6 @@ impl BatchCore {
                 let raw_obj = me.getattr(a_raw)?;
                 let Ok(b) = raw_obj.cast::<PyBytes>() else { return Ok((p, i, 1)) };
                 let raw = b.as_bytes();
-                if raw.iter().filter(|&&c| c == b'{' || c == b'[').count() > MAX_DEPTH {
-                    return Ok((p, i, 1));
-                }
                 let ts: i64 = me.getattr(a_ts)?.extract()?;
                 let wm: i64 = me.getattr(a_wm)?.extract()?;
                 let excluded: bool = me.getattr(a_ex)?.extract()?;

@@ -18,7 +18,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyInt, PyList, PyString, PyTuple};
 
 use crate::json::{self, Event, Stamp, Val};
-use crate::{matches, pairs, time, BatchCore, FxMap, Tenant, LAST_EVENT_MS, MAX_DEPTH};
+use crate::{matches, pairs, time, BatchCore, FxMap, Tenant, LAST_EVENT_MS};
 
 /// Mediation of one line (operators/mediate.py `Mediator.__call__`); None: the Python path decides.
 pub(crate) fn mediate_line<'l>(tenants: &FxMap<String, Tenant>, max_bytes: usize, raw: &'l [u8], horizon: i64)
@@ -26,11 +26,7 @@ pub(crate) fn mediate_line<'l>(tenants: &FxMap<String, Tenant>, max_bytes: usize
     if raw.is_empty() || raw.len() > max_bytes {
         return None;
     }
-    // nesting: deeper than MAX_DEPTH needs more than MAX_DEPTH brackets; leave those lines to Python
-    let brackets = raw.iter().filter(|&&c| c == b'{' || c == b'[').count();
-    if brackets > MAX_DEPTH {
-        return None;
-    }
+    // (nesting deeper than MAX_DEPTH: parse_event leaves those lines to Python)
     let ev = json::parse_event(raw)?;
     let ts = match &ev.timestamp {
         Stamp::Millis(v) => *v,
@@ -157,8 +153,166 @@ fn src_text(names: &[String], s: &Src) -> String {
     }
 }
 
+// ---- what the fold needs of a parsed line (parse once) ------------------------------------------------
+/// A string in a bundle's (or the mediator's) `sbuf` arena: `sbuf[off..off + len]`.
+#[derive(Clone, Copy, Default)]
+struct SRef {
+    off: u32,
+    len: u32,
+}
+
+/// A property value as the scanner gives it (never a big int: json.rs).
+#[derive(Clone, Copy)]
+enum PVal {
+    Str(SRef),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Null,
+}
+
+/// One property of a parsed line: its key and value.
+#[derive(Clone, Copy)]
+struct PRec {
+    key: SRef,
+    val: PVal,
+}
+
+/// Parsed: what `BatchCore::fold_bundle` folds of a native line, kept from its mediation so the fold does not
+/// parse it again: the event id's fingerprint, the correction flag, the event type and the properties
+/// (decoded strings in the `sbuf` arena).
+#[derive(Default)]
+struct Parsed {
+    fp: Vec<u64>,
+    corr: Vec<bool>,
+    etype: Vec<SRef>,
+    pends: Vec<u32>, // event i's properties are recs[pends[i - 1]..pends[i]]
+    recs: Vec<PRec>,
+    sbuf: String,
+}
+
+impl Parsed {
+    fn put_str(&mut self, t: &str) -> SRef {
+        let r = SRef { off: self.sbuf.len() as u32, len: t.len() as u32 };
+        self.sbuf.push_str(t);
+        r
+    }
+
+    /// Stage event `ev` (its strings at the end of `sbuf`).
+    fn push(&mut self, ev: &Event<'_>) {
+        self.fp.push(crate::fingerprint(&ev.event_id));
+        self.corr.push(ev.correction);
+        let et = self.put_str(&ev.event_type);
+        self.etype.push(et);
+        for (k, v) in &ev.props {
+            let key = self.put_str(k);
+            let val = match v {
+                Val::Str(t) => PVal::Str(self.put_str(t)),
+                Val::Int(i) => PVal::Int(*i),
+                Val::Float(f) => PVal::Float(*f),
+                Val::Bool(b) => PVal::Bool(*b),
+                Val::Null => PVal::Null,
+                Val::Big(..) => unreachable!("the native scanner never makes big ints"),
+            };
+            self.recs.push(PRec { key, val });
+        }
+        self.pends.push(self.recs.len() as u32);
+    }
+
+    /// An event without a parse (one the Python Mediator made).
+    fn push_none(&mut self) {
+        self.fp.push(0);
+        self.corr.push(false);
+        self.etype.push(SRef::default());
+        self.pends.push(self.recs.len() as u32);
+    }
+
+    fn props_range(&self, i: usize) -> (usize, usize) {
+        (if i == 0 { 0 } else { self.pends[i - 1] as usize }, self.pends[i] as usize)
+    }
+
+    /// Event `i` of `from` appended here (its strings copied into this `sbuf`).
+    fn copy_from(&mut self, from: &Parsed, i: usize) {
+        self.fp.push(from.fp[i]);
+        self.corr.push(from.corr[i]);
+        let re = |me: &mut Parsed, r: SRef| me.put_str(&from.sbuf[r.off as usize..(r.off + r.len) as usize]);
+        let et = re(self, from.etype[i]);
+        self.etype.push(et);
+        let (a, b) = from.props_range(i);
+        for rec in &from.recs[a..b] {
+            let key = re(self, rec.key);
+            let val = match rec.val {
+                PVal::Str(r) => PVal::Str(re(self, r)),
+                v => v,
+            };
+            self.recs.push(PRec { key, val });
+        }
+        self.pends.push(self.recs.len() as u32);
+    }
+
+    fn clear(&mut self) {
+        self.fp.clear();
+        self.corr.clear();
+        self.etype.clear();
+        self.pends.clear();
+        self.recs.clear();
+        self.sbuf.clear();
+    }
+
+    #[inline]
+    fn text(&self, r: SRef) -> Option<&str> {
+        self.sbuf.get(r.off as usize..r.off as usize + r.len as usize)
+    }
+
+    /// Event `i`'s (event type, properties) into `props` (cleared first); None: a string out of the arena
+    /// (a decoded bundle is checked, so never).
+    fn event<'b>(&'b self, i: usize, props: &mut Vec<(&'b str, Val<'b>)>) -> Option<&'b str> {
+        props.clear();
+        let (a, b) = self.props_range(i);
+        for rec in &self.recs[a..b] {
+            let v = match rec.val {
+                PVal::Str(r) => Val::Str(std::borrow::Cow::Borrowed(self.text(r)?)),
+                PVal::Int(i) => Val::Int(i),
+                PVal::Float(f) => Val::Float(f),
+                PVal::Bool(b) => Val::Bool(b),
+                PVal::Null => Val::Null,
+            };
+            props.push((self.text(rec.key)?, v));
+        }
+        self.text(self.etype[i])
+    }
+
+    fn encode(&self, w: &mut Vec<u8>) {
+        let sref = |w: &mut Vec<u8>, r: SRef| {
+            w.extend_from_slice(&r.off.to_le_bytes());
+            w.extend_from_slice(&r.len.to_le_bytes());
+        };
+        for i in 0..self.fp.len() {
+            w.extend_from_slice(&self.fp[i].to_le_bytes());
+            w.push(self.corr[i] as u8);
+            sref(w, self.etype[i]);
+            w.extend_from_slice(&self.pends[i].to_le_bytes());
+        }
+        w.extend_from_slice(&(self.recs.len() as u32).to_le_bytes());
+        for rec in &self.recs {
+            sref(w, rec.key);
+            let (tag, x): (u8, u64) = match rec.val {
+                PVal::Str(r) => (0, r.off as u64 | (r.len as u64) << 32),
+                PVal::Int(i) => (1, i as u64),
+                PVal::Float(f) => (2, f.to_bits()),
+                PVal::Bool(b) => (3, b as u64),
+                PVal::Null => (4, 0),
+            };
+            w.push(tag);
+            w.extend_from_slice(&x.to_le_bytes());
+        }
+        w.extend_from_slice(&(self.sbuf.len() as u32).to_le_bytes());
+        w.extend_from_slice(self.sbuf.as_bytes());
+    }
+}
+
 // ---- the bundle ----------------------------------------------------------------------------------------
-const BUNDLE_VERSION: u8 = 1;
+const BUNDLE_VERSION: u8 = 2; // 2: with each native line's parse (`Parsed`)
 
 /// One shard's share of a batch: its customers in order of their first events, each one's events in
 /// arrival order. An event is a native one (its line, time, watermark, exclusion, source) or one the
@@ -177,6 +331,7 @@ pub(crate) struct Bundle {
     srcs: Vec<Src>,
     pub(crate) pyi: Vec<i32>, // -1: native; else the index in `py`
     py: Vec<Py<PyAny>>,
+    parsed: Parsed, // each event's parse (empty for a Python-made one)
     #[pyo3(get)]
     ingested: i64,
 }
@@ -220,6 +375,7 @@ impl Bundle {
             w.extend_from_slice(&s.b.to_le_bytes());
             w.extend_from_slice(&self.pyi[i].to_le_bytes());
         }
+        self.parsed.encode(&mut w);
         w
     }
 
@@ -277,6 +433,55 @@ impl Bundle {
                 return None;
             }
             b.pyi.push(pi);
+        }
+        let p = &mut b.parsed;
+        let sref = |r: &mut Rd<'_>| -> Option<SRef> { Some(SRef { off: r.u32()?, len: r.u32()? }) };
+        for _ in 0..n {
+            p.fp.push(r.i64()? as u64);
+            p.corr.push(match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return None,
+            });
+            p.etype.push(sref(&mut r)?);
+            p.pends.push(r.u32()?);
+        }
+        let nr = r.u32()? as usize;
+        if p.pends.windows(2).any(|w| w[0] > w[1]) || p.pends.last().map_or(0, |&e| e as usize) != nr {
+            return None;
+        }
+        for _ in 0..nr {
+            let key = sref(&mut r)?;
+            let tag = r.u8()?;
+            let x = r.i64()? as u64;
+            let val = match tag {
+                0 => PVal::Str(SRef { off: x as u32, len: (x >> 32) as u32 }),
+                1 => PVal::Int(x as i64),
+                2 => PVal::Float(f64::from_bits(x)),
+                3 if x <= 1 => PVal::Bool(x == 1),
+                4 if x == 0 => PVal::Null,
+                _ => return None,
+            };
+            p.recs.push(PRec { key, val });
+        }
+        let sl = r.u32()? as usize;
+        p.sbuf = String::from_utf8(r.take(sl)?.to_vec()).ok()?;
+        // every string of a parse in the arena, on character boundaries; a Python-made event has none
+        for i in 0..n {
+            let (a, e) = p.props_range(i);
+            if b.pyi[i] >= 0 {
+                if a != e {
+                    return None;
+                }
+                continue;
+            }
+            p.text(p.etype[i])?;
+            for rec in &p.recs[a..e] {
+                p.text(rec.key)?;
+                if let PVal::Str(s) = rec.val {
+                    p.text(s)?;
+                }
+            }
         }
         if r.1 != data.len() || *b.starts.last()? as usize != n {
             return None;
@@ -373,6 +578,7 @@ pub(crate) struct Mediator {
     #[pyo3(get, set)]
     archiving: bool,
     arch: Vec<u8>,
+    parsed: Parsed, // each staged event's parse, in staging order (`evs`)
 }
 
 impl Mediator {
@@ -453,6 +659,7 @@ impl Mediator {
             key_buf: String::new(),
             archiving: false,
             arch: Vec::new(),
+            parsed: Parsed::default(),
         })
     }
 
@@ -491,6 +698,7 @@ impl Mediator {
                 archive::row_head(&mut self.arch, &ev, ts);
             }
             let arch = (a0, self.arch.len() as u32);
+            self.parsed.push(&ev);
             self.stage(StEv { start: start_b, end: end_b, ts, wm, excl: excluded, src, py: None, arch });
             i += 1;
         }
@@ -507,6 +715,7 @@ impl Mediator {
         let at = self.buf.len() as u32;
         let src = Src { name: 0, kind: 0, a: 0, b: 0 };
         let a = self.arch.len() as u32;
+        self.parsed.push_none();
         self.stage(StEv { start: at, end: at, ts, wm, excl, src, py: Some(me.clone().unbind()), arch: (a, a) });
         Ok(())
     }
@@ -571,6 +780,11 @@ impl Mediator {
             });
             for e in c.events {
                 let ev = evs[e as usize].take().expect("each event staged once");
+                if ev.py.is_none() {
+                    b.parsed.copy_from(&self.parsed, e as usize);
+                } else {
+                    b.parsed.push_none();
+                }
                 let raw = &self.buf[ev.start as usize..ev.end as usize];
                 b.buf.extend_from_slice(raw);
                 b.ends.push(b.buf.len() as u32);
@@ -603,6 +817,7 @@ impl Mediator {
         self.index.clear();
         self.buf.clear();
         self.arch.clear();
+        self.parsed.clear();
         self.names.clear();
         let out = PyList::empty(py);
         for s in order {
@@ -620,6 +835,7 @@ pub(crate) fn fold_bundle(core: &mut BatchCore, b: &Bundle, k_start: usize, i_st
     let nk = b.keys.len();
     let mut k = k_start;
     let mut i = i_start;
+    let mut props: Vec<(&str, Val<'_>)> = Vec::with_capacity(8);
     while k < nk {
         let Some(&ci) = core.index.get(b.keys[k].as_str()) else {
             k += 1;
@@ -632,7 +848,10 @@ pub(crate) fn fold_bundle(core: &mut BatchCore, b: &Bundle, k_start: usize, i_st
             if b.pyi[j] >= 0 {
                 return Ok((k, i, 1));
             }
-            if let Some(why) = core.fold_line(k << 32 | i, ci, b.line(j), b.ts[j], b.wm[j], b.excl[j]) {
+            let p = &b.parsed;
+            let Some(etype) = p.event(j, &mut props) else { return Ok((k, i, 1)) };
+            if let Some(why) = core.fold_parsed(k << 32 | i, ci, p.fp[j], etype, b.ts[j], b.wm[j], b.excl[j],
+                                                p.corr[j], &props) {
                 return Ok((k, i, why));
             }
             i += 1;
