@@ -151,3 +151,33 @@ def test_the_shard_of_a_key_is_crc32(key):
 def test_a_bundle_state_is_checked_on_restore():
     with pytest.raises(ValueError, match="not a meterflow_native bundle state"):
         meterflow_native.Bundle(b"\x02garbage", [])
+
+
+def test_a_pickled_bundle_folds_as_the_original_and_a_cut_state_is_refused():
+    """The bundle carries each line's parse (native/src/mediate.rs `Parsed`): after a pickle the shard's
+    native fold gives the very rows of the original, and every truncation of its state is refused."""
+    cfg = parse_config(CFG, "t.toml", environ={})
+    nat = native.NativeMediator(cfg, stats=FlowStats(), clock=lambda: NOW)
+    lines = [json.dumps({"event_id": f"e{i % 7}", "tenant_id": "beta", "customer_id": f"c{i % 3}",
+                         "event_type": "api_call", "timestamp": BASE + i, "correction": i % 5 == 4,
+                         "properties": {"tokens": i, "model": "m\\u00e9" if i % 2 else "big", "x": None,
+                                        "f": 1.5, "ok": True}}).encode() for i in range(40)]
+    bundles, dead, _raw = nat.split([(("f", i), ln) for i, ln in enumerate(lines)], False)
+    assert dead == [] and bundles
+
+    def rows(b):
+        core = meterflow_native.BatchCore(native._spec(cfg))
+        for key in b.keys():
+            core.hold(key)
+        assert core.fold_bundle(b, 0, 0) == (len(b.keys()), 0, 0)
+        w, p, x, notes = core.take_changes()
+        return sorted(map(repr, w)), sorted(map(repr, p)), x, notes, core.counters()
+
+    for _s, b in bundles:
+        assert rows(pickle.loads(pickle.dumps(b))) == rows(b)
+        state = b.__reduce__()[1][0]
+        for cut in range(len(state)):
+            with pytest.raises(ValueError, match="not a meterflow_native bundle state"):
+                meterflow_native.Bundle(state[:cut], [])
+        with pytest.raises(ValueError, match="not a meterflow_native bundle state"):
+            meterflow_native.Bundle(b"\x01" + state[1:], [])  # a state of the version before
