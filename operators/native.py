@@ -38,6 +38,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 import msgspec
 
 from meterflow.base.keys import KEY_SEP
+from meterflow.base.periods import period_bounds
 from meterflow.base.stats import STATS, FlowStats
 from meterflow.base.timeutil import dt_to_ms, now_ms
 from meterflow.operators.dedupe import IdTable, fingerprint
@@ -423,6 +424,7 @@ class NativeMeters:
         self._agg = {m.code: m.aggregation for m in cfg.metrics}
         self._prop = {m.code: m.property or "" for m in cfg.metrics}
         self._grace = cfg.pipeline.late_grace_ms
+        self._window_ms = cfg.pipeline.rollup_window_ms
         self._invalid = 0
         self.keys: set = set()  # the customers folded here
         self.evaluated: set = set()  # those of them whose subscription evaluates thresholds (admit)
@@ -694,13 +696,19 @@ class NativeMeters:
         windows, periods, excluded, _notes = core.take_changes()
         agg = self._agg
         grace = self._grace
+        window_ms = self._window_ms
+        bounds: Dict[Tuple[str, int], Tuple[int, int]] = {}  # the last period found per (kind, anchor)
         for key, code, ws, events, total, fs, dims in windows:
             meter = meters[key]
             wk = (code, ws, dims)
             acc = meter.windows.get(wk)
             if acc is None:
                 sub = meter.ent.rule
-                acc = meter._new_window(wk, agg[code], sub.period, sub.anchor_ms, 0, 0)
+                rule = (sub.period, sub.anchor_ms)
+                ps, pe = bounds.get(rule, (0, 0))
+                if not ps <= ws + window_ms - 1 < pe:  # (new windows mostly share their customers' periods)
+                    ps, pe = bounds[rule] = period_bounds(ws + window_ms - 1, sub.period, sub.anchor_ms)
+                acc = meter._new_window(wk, agg[code], sub.period, sub.anchor_ms, ps, pe)
             _mirror(acc, agg[code], events, total, fs)
             meter.dirty_w.add(wk)
         alerts: List[Any] = []

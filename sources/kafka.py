@@ -63,7 +63,12 @@ class _TopicPartition(StatefulSourcePartition[Tuple[Any, bytes], int]):
             raise StopIteration()
         if self._end == 0:
             raise StopIteration()
-        msgs = self._consumer.consume(self._batch, self._timeout)
+        # What is already fetched, without waiting (a busy topic: the batch is what arrived while the flow was
+        # busy, so an event waits for one pass of the flow, not also for a poll timeout per partition); only an
+        # idle partition waits, up to poll_timeout, so an idle flow does not spin.
+        msgs = self._consumer.consume(self._batch, 0)
+        if not msgs:
+            msgs = self._consumer.consume(self._batch, self._timeout)
         if self._watch.down:
             self._while_down(bool(msgs))
         if not msgs:

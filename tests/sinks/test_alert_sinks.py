@@ -230,3 +230,17 @@ def test_alert_sinks_from_config(tmp_path):
     assert [name for name, _ in sinks] == ["alerts_kafka", "alerts_jsonl", "alerts_stdout", "alerts_webhook"]
     assert [type(s) for _, s in sinks] == [AlertTopicSink, JsonlAlertSink, StdoutAlertSink, WebhookSink]
     assert alert_sinks_from_config(parse_config({}, environ={})) == []
+
+
+def test_alerts_and_gateway_states_are_the_first_outputs_of_the_flow(tmp_path):
+    """Bytewax runs a batch's output steps in the order they were added: the alerts and the live gateway state
+    come before the ClickHouse and Kafka row outputs (a chDB insert of the same batch would delay them)."""
+    from meterflow.dataflows.metering import sinks_from_config
+
+    cfg = parse_config({"kafka": {"bootstrap_servers": "127.0.0.1:1", "alerts_topic": "my.alerts"},
+                        "redis": {"url": "redis://127.0.0.1:1/0"},
+                        "clickhouse": {"dsn": f"chdb://{tmp_path / 'ch'}"},
+                        "alerts": {"jsonl": str(tmp_path / "a.jsonl")}}, environ={})
+    names = [name for name, _ in sinks_from_config(cfg)]
+    assert names[:3] == ["alerts_kafka", "alerts_jsonl", "redis_gateway"]
+    assert set(names[3:]) == {"clickhouse", "aggregated_topic", "rated_topic", "reviews_topic", "dead_letter_topic"}

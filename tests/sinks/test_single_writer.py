@@ -45,7 +45,7 @@ def test_one_process_builds_the_sinks_of_before_whatever_the_dsn(tmp_path):
         sinks = sinks_from_config(_config(tmp_path, dsn))
         assert not any(isinstance(s, SingleWriterSink) for _n, s in sinks)
         assert _kinds(sinks) == _kinds(sinks_from_config(_config(tmp_path, dsn), processes=1, process_id=0))
-        assert isinstance(sinks[0][1], ClickHouseSink)
+        assert isinstance(dict(sinks)["clickhouse"], ClickHouseSink)
 
 
 def test_a_cluster_on_embedded_chdb_has_one_writer_of_chdb_and_of_the_alert_file(tmp_path):
