@@ -14,8 +14,8 @@ What happens:
       raw                    bare confluent-kafka consumer, msgspec decode only: the ceiling
       meterflow-1w           meter run --stop-at-end, 1 worker, recovery off
       meterflow-1w-recovery  the same with --recovery (SQLite snapshots every 2 s)
-      meterflow-1w-native    meterflow-1w with pipeline.core = "native" (README: Native core; every customer
-                             of this workload has thresholds, so the native mode folds them in Python)
+      meterflow-1w-native    meterflow-1w with pipeline.core = "native" (README: Native core: mediation and
+                             the fold in Rust, thresholds checked in Python at the events that reach them)
       meterflow-2p           2 Bytewax processes (-a host:port;host:port -i 0/1), 1 worker each, one chDB
                              store written by process 0 (its totals and alerts are read from that store)
       poll-clickhouse-60s    events batch-inserted into ClickHouse (chDB), a job aggregating and comparing

@@ -509,7 +509,8 @@ def sinks_from_config(config: Config, recoverable: bool = False, processes: int 
     (:mod:`meterflow.sinks.single_writer`); a ClickHouse server, Kafka, Redis and webhooks by every worker."""
     from meterflow.sinks.clickhouse import ClickHouseSink
 
-    sinks: List[Tuple[str, Sink]] = [("clickhouse", ClickHouseSink(config.clickhouse))]
+    # (without a recovery directory its inserts are batched across batches: sinks/clickhouse.py)
+    sinks: List[Tuple[str, Sink]] = [("clickhouse", ClickHouseSink(config.clickhouse, coalesce=not recoverable))]
     if config.kafka is not None:
         from meterflow.sinks.kafka import AggregatedTopicSink, DeadLetterTopicSink, RatedTopicSink, ReviewTopicSink
 

@@ -234,3 +234,69 @@ def test_native_raw_archive_rows_equal_the_column_insert(chdb_path, ch_database)
     got = [client.query(f"SELECT * FROM {db}.raw_events ORDER BY source").result_rows
            for db in (native_db, columns_db)]
     assert len(got[0]) == 6 and got[0] == got[1]
+
+
+def _period(customer: str, value: float, version: int) -> Emission:
+    T = 1_793_491_200_000
+    return Emission(periods=[PeriodAggregate(tenant_id="acme", customer_id=customer, metric="m", period_start=T,
+                                             period_end=T + 1000, value=value, included=None, overage_units=0.0,
+                                             events=version, excluded_events=0, version=version)])
+
+
+def _stored(client, db: str):
+    return sorted((r["customer_id"], r["value"]) for r in schema.query_usage(client, db))
+
+
+def test_without_recovery_inserts_are_batched_and_nothing_is_left_behind(chdb_path, ch_database, monkeypatch):
+    """A flow without recovery: batches wait (up to COALESCE_S) to be inserted together, one insert per table; an
+    idle partition's rows go out by the timer; close inserts the rest. With recovery each batch is inserted at once."""
+    import time
+
+    from meterflow.sinks import clickhouse as ch
+
+    monkeypatch.setattr(ch, "COALESCE_S", 0.4)
+    cfg = ClickHouseConfig(dsn=f"chdb://{chdb_path}", database=ch_database + "_co")
+    client, db = connect(cfg)
+    part = ClickHouseSink(cfg, coalesce=True).build("clickhouse", 0, 1)
+    inserts = []
+    real = part._insert
+    monkeypatch.setattr(part, "_insert", lambda ctx, cols: (inserts.append(len(cols[0])), real(ctx, cols)))
+    part.write_batch([_period("c1", 1.0, 1)])
+    part.write_batch([_period("c2", 2.0, 1), _period("c1", 3.0, 2)])
+    assert _stored(client, db) == [] and inserts == []  # waiting for the next ones
+    deadline = time.monotonic() + 5
+    while not inserts and time.monotonic() < deadline:  # no batch comes: the timer inserts them
+        time.sleep(0.05)
+    assert inserts == [3]  # the three rows of both batches in one insert
+    assert _stored(client, db) == [("c1", 3.0), ("c2", 2.0)]
+    part.write_batch([_period("c3", 4.0, 1)])
+    part.close()  # the end of the flow: what waits is inserted
+    assert inserts == [3, 1]
+    assert _stored(client, db) == [("c1", 3.0), ("c2", 2.0), ("c3", 4.0)]
+
+    now = ClickHouseSink(cfg).build("clickhouse", 0, 1)  # with a recovery directory: no waiting
+    now.write_batch([_period("c4", 5.0, 1)])
+    assert ("c4", 5.0) in _stored(client, db)
+    now.close()
+
+
+def test_a_failed_batched_insert_stops_the_flow_at_its_next_batch(chdb_path, ch_database, monkeypatch):
+    from meterflow.sinks import clickhouse as ch
+
+    monkeypatch.setattr(ch, "COALESCE_S", 0.2)
+    cfg = ClickHouseConfig(dsn=f"chdb://{chdb_path}", database=ch_database + "_cf")
+    part = ClickHouseSink(cfg, coalesce=True).build("clickhouse", 0, 1)
+
+    def fail(ctx, cols):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(part, "_insert", fail)
+    part.write_batch([_period("c1", 1.0, 1)])
+    import time
+
+    deadline = time.monotonic() + 5
+    while part._error is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(RuntimeError, match="disk full"):
+        part.write_batch([_period("c2", 1.0, 1)])
+    part._closed.set()
