@@ -121,15 +121,32 @@ pub fn push_float_repr(out: &mut String, f: f64) {
 /// A finite float's shortest round-trip digits, in fixed notation for decimal exponents `min_fixed..=15`, else
 /// scientific: "1e+16" / "1.5e-05" as Python's `repr` writes the exponent (`python_exp`), or "1e16" / "1.5e-6"
 /// as msgspec does (mediate.rs `push_f64_json`).
+///
+/// The digits are Ryu's (the `ryu` crate): the shortest that round-trip and, of those, the nearest, a tie going to
+/// the even digit, as Python's `repr` and msgspec choose; Rust's own `{:e}` breaks such a tie upwards
+/// (562949953421312.25 is "562949953421312.2" in Python, "5.629499534213123e14" in Rust).
 pub(crate) fn push_shortest(out: &mut String, f: f64, min_fixed: i32, python_exp: bool) {
-    let e = format!("{:e}", f);
-    let (neg, e) = match e.strip_prefix('-') {
+    let mut buf = ryu::Buffer::new();
+    let s = buf.format_finite(f);
+    let (neg, s) = match s.strip_prefix('-') {
         Some(r) => (true, r),
-        None => (false, e.as_str()),
+        None => (false, s),
     };
-    let (mant, exp) = e.split_once('e').unwrap_or((e, "0"));
-    let exp: i32 = exp.parse().unwrap_or(0);
-    let digits: String = mant.chars().filter(|c| *c != '.').collect();
+    let (mant, e10) = s.split_once('e').unwrap_or((s, "0"));
+    let e10: i32 = e10.parse().unwrap_or(0);
+    let (int_part, frac) = mant.split_once('.').unwrap_or((mant, ""));
+    let all = int_part.bytes().chain(frac.bytes());
+    let lead = all.clone().take_while(|&c| c == b'0').count();
+    let mut digits: String = all.skip(lead).map(char::from).collect();
+    while digits.len() > 1 && digits.ends_with('0') {
+        digits.pop();
+    }
+    let exp = if digits.is_empty() {
+        digits.push('0');
+        0
+    } else {
+        int_part.len() as i32 - 1 - lead as i32 + e10
+    };
     if neg {
         out.push('-');
     }

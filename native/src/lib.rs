@@ -1017,6 +1017,7 @@ fn meterflow_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<mediate::Bundle>()?;
     m.add_class::<spec::Subscriptions>()?;
     m.add_function(wrap_pyfunction!(mediate::float_json, m)?)?;
+    m.add_function(wrap_pyfunction!(mediate::float_repr, m)?)?;
     m.add_function(wrap_pyfunction!(mediate::crc32_of, m)?)?;
     m.add_function(wrap_pyfunction!(dims::dim_of, m)?)?;
     m.add_class::<dedupe::PyIdTable>()?;

@@ -896,6 +896,14 @@ pub(crate) fn float_json(f: f64) -> String {
     s
 }
 
+/// Test hook: a `group_by` dimension's text of a float (Python's `repr`, dims.rs `push_float_repr`).
+#[pyfunction]
+pub(crate) fn float_repr(f: f64) -> String {
+    let mut s = String::new();
+    crate::dims::push_float_repr(&mut s, f);
+    s
+}
+
 /// Test hook: `zlib.crc32`.
 #[pyfunction]
 pub(crate) fn crc32_of(b: &[u8]) -> u32 {

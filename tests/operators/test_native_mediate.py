@@ -12,7 +12,7 @@ from typing import Any, Dict
 
 import msgspec
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from meterflow.base.stats import FlowStats
@@ -136,10 +136,29 @@ def test_a_resumed_watermark_applies_to_native_mediation():
     assert (me.ts, me.wm, dead, nat.watermark) == (BASE, BASE + 5, [], BASE + 5)
 
 
+# Shortest digits with a tie between two of them (the float is exactly halfway): Python and msgspec take the even
+# digit, Rust's own float formatting the upper one (the case hypothesis found).
+TIES = [562949953421312.2, 562949953421312.6, 2.0 ** 52 + 0.5, 9007199254740993.0, 1e23, 5e-324, 1.7976931348623157e308,
+        0.1 + 0.2, 1e16, 1e15, 1e-5, 1e-4, 123456789.0, -0.0, 0.0]
+
+
 @settings(max_examples=400, deadline=None, database=None)
 @given(f=floats)
+@example(f=562949953421312.2)
 def test_float_text_is_msgspecs(f):
     assert meterflow_native.float_json(f) == msgspec.json.encode(f).decode()
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(f=st.floats(allow_nan=True, allow_infinity=True))
+def test_float_dimension_text_is_pythons_repr(f):
+    assert meterflow_native.float_repr(f) == repr(f)
+
+
+def test_float_text_of_halfway_floats():
+    for f in TIES + [-f for f in TIES] + [x / 8 + 2.0 ** 49 for x in range(64)]:
+        assert meterflow_native.float_json(f) == msgspec.json.encode(f).decode(), f
+        assert meterflow_native.float_repr(f) == repr(f), f
 
 
 @settings(max_examples=200, deadline=None, database=None)
