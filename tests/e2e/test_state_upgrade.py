@@ -438,7 +438,8 @@ an ``auto_overage`` upgrade, a p95/p99 entitlement) stays on Python."""
     native = pytest.importorskip("meterflow.operators.native")
     if not native.AVAILABLE:  # pragma: no cover - depends on the build
         pytest.skip("meterflow_native is not built (./dev setup with cargo)")
-    conn = sqlite3.connect(f"file:{FIXTURE_V5 / 'recovery' / 'part-0.sqlite3'}?mode=ro", uri=True)
+    # immutable: SQLite writes no -shm/-wal files beside the checked-in fixture
+    conn = sqlite3.connect(f"file:{FIXTURE_V5 / 'recovery' / 'part-0.sqlite3'}?mode=ro&immutable=1", uri=True)
     shards = conn.execute("SELECT ser_change FROM snaps WHERE step_id = 'meterflow.meter' "
                           "ORDER BY state_key, snap_epoch").fetchall()
     conn.close()
