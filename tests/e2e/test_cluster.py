@@ -14,6 +14,11 @@ bundles, ``meterflow_native.Bundle``, cross to the process owning their shard pi
 one-process run on the Python core; each cluster process's native fold tally (``METERFLOW_NATIVE_TALLY``,
 written at its exit) must show customers folded natively in both processes and none left on Python.
 
+With ``--recovery`` (one directory shared by both processes), the cluster is SIGKILLed in the middle of an epoch
+after a complete snapshot, the rest of the topic is produced and both processes are restarted: the store must hold
+exactly the model's totals over the whole topic, alerts and rated rows as a clean one-process run, and the restart
+must have read again events the killed cluster had read (the replay that must not count twice).
+
 The workload is the Kafka pipeline test's (``tests/e2e/test_kafka_pipeline.py``): built so that its results
 do not depend on the order in which partitions are read, which differs between a cluster and one process.
 """
