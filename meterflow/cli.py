@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--process-id", type=int, metavar="N", help="this process's index in --addresses (0 based)")
     r.add_argument("--recovery", metavar="DIR",
                    help="Bytewax recovery directory (SQLite snapshots; created and initialised on first use). "
-                   "A restarted run resumes from the last snapshot with no loss and no double count")
+                   "A restarted run resumes from the last snapshot with no loss and no double count. In a cluster, "
+                   "give every process the same DIR (one machine) and restart them all with the same shape")
     r.add_argument("--stop-at-end", action="store_true",
                    help="Kafka mode: read up to the topic's end offsets at start-up, then stop (backfills)")
     r.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS",

@@ -33,39 +33,99 @@ class RunResult:
 RECOVERY_MARKER = "meterflow-recovery.json"  # what a recovery directory's snapshots need to be read back
 
 
-def prepare_recovery(directory: str, partitions: int = 1, shards: Optional[int] = None):
+def prepare_recovery(directory: str, partitions: int = 1, shards: Optional[int] = None, *, processes: int = 1,
+                     workers: int = 1):
     """A Bytewax RecoveryConfig for ``directory``, initialising the SQLite partitions on first use.
 
     With ``shards`` (``pipeline.shards``), the directory records it on first use and a later run with
     another shard count is refused here, before Bytewax starts, with the fix in the message (the
-    meter step refuses such snapshots too, but only from inside a running worker)."""
-    import json
+    meter step refuses such snapshots too, but only from inside a running worker).
 
-    from bytewax.recovery import RecoveryConfig, init_db_dir
+    ``processes`` > 1 (a cluster; every process passes the same directory): the directory records the
+    cluster's shape, ``processes`` and ``workers`` per process, on first use, and a run of another shape
+    is refused (a directory of one process records no shape: it is refused to a cluster, and a cluster's
+    to one process). The whole check-and-initialise holds ``DIR/meterflow-init.lock`` (flock, blocking),
+    so processes starting together initialise the directory once: the first creates the partitions (in a
+    scratch folder, moved in when complete, the marker last) and the others find them."""
+    import fcntl
+    import os
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
+    fd = os.open(d / RECOVERY_INIT_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes (or the process dies)
+        return _prepare_locked(d, partitions, shards, processes, workers)
+    finally:
+        os.close(fd)
+
+
+def _prepare_locked(d: Path, partitions: int, shards: Optional[int], processes: int, workers: int):
+    import json
+    import os
+    import shutil
+
+    from bytewax.recovery import RecoveryConfig, init_db_dir
+
     marker = d / RECOVERY_MARKER
     fresh = not any(d.glob("part-*.sqlite3"))
-    if shards is not None and not fresh:
-        if not marker.exists():
+    if not fresh:
+        recorded_layout = json.loads(marker.read_text()) if marker.exists() else {}
+        if shards is not None and not marker.exists():
             raise MeterError(f"recovery directory {d} was written by a build without pipeline.shards (its "
                              "snapshots are per customer): finish it with that build, or start with a new "
                              "recovery directory")
-        recorded = json.loads(marker.read_text()).get("shards")
-        if recorded != shards:
+        recorded = recorded_layout.get("shards")
+        if shards is not None and recorded != shards:
             raise MeterError(f"recovery directory {d} holds snapshots taken with pipeline.shards = {recorded}, "
                              f"but the configuration has pipeline.shards = {shards}: set pipeline.shards = "
                              f"{recorded} (or METER_PIPELINE_SHARDS) to resume, or start with a new recovery "
                              "directory")
+        _check_shape(d, recorded_layout, processes, workers)
     if fresh:
-        init_db_dir(d, partitions)
+        scratch = d / f".meterflow-init-{os.getpid()}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir()
+        init_db_dir(scratch, partitions)
+        for part in sorted(scratch.glob("part-*.sqlite3")):
+            os.replace(part, d / part.name)
+        shutil.rmtree(scratch, ignore_errors=True)
     if shards is not None and not marker.exists():
-        marker.write_text(json.dumps({"shards": shards}) + "\n")
+        layout: Dict[str, int] = {"shards": shards}
+        if processes > 1:
+            layout.update(processes=processes, workers=workers)
+        tmp = d / f".{RECOVERY_MARKER}.{os.getpid()}"
+        tmp.write_text(json.dumps(layout) + "\n")
+        os.replace(tmp, marker)
     return RecoveryConfig(str(d))
 
 
-RECOVERY_LOCK = "meterflow.lock"  # held (flock) by the process running on a recovery directory
+def _check_shape(d: Path, recorded: Dict[str, Any], processes: int, workers: int) -> None:
+    """Refuse a run whose cluster shape differs from the one that wrote the directory's snapshots."""
+    was = recorded.get("processes", 1)
+    if was == processes and (processes == 1 or recorded.get("workers") == workers):
+        return
+
+    def shape(p: int, w: Optional[int]) -> str:
+        return "one process" if p == 1 else f"a cluster of {p} processes with --workers {w} each"
+
+    if was == 1:
+        fix = "run it as one process (no --addresses) to resume"
+    else:
+        fix = (f"start the same {was} processes (--addresses with {was} host:port entries) with --workers "
+               f"{recorded.get('workers')} to resume")
+    raise MeterError(f"recovery directory {d} holds snapshots of {shape(was, recorded.get('workers'))}, but this "
+                     f"run is {shape(processes, workers)}: {fix}, or start with a new recovery directory")
+
+
+RECOVERY_INIT_LOCK = "meterflow-init.lock"  # held (flock) while a process checks and initialises the directory
+RECOVERY_LOCK = "meterflow.lock"  # held (flock) by the process running on a recovery directory (process 0)
+
+
+def lock_name(process_id: int = 0) -> str:
+    """The lock file of process ``process_id`` of a cluster: ``meterflow.lock`` for process 0 and a run on its
+    own (so the two exclude each other), ``meterflow-pN.lock`` for process N of a cluster."""
+    return RECOVERY_LOCK if process_id == 0 else f"meterflow-p{process_id}.lock"
 
 
 class RecoveryLock:
@@ -75,29 +135,35 @@ class RecoveryLock:
     ``flock`` on ``DIR/meterflow.lock``, which records the holder's pid, host and start time; the
     kernel releases it when the holder exits, however it exits, so a stale file never blocks a
     restart. (flock is per open file: a second lock of the same directory in one process is refused too.)
+
+    In a cluster every process shares the directory and takes the lock of its own process id
+    (:func:`lock_name`), so the processes of one cluster run together while a second process with the same
+    id (of another cluster, or a run on its own against process 0) is refused.
     """
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, process_id: int = 0, processes: int = 1) -> None:
         import fcntl
         import os
         import socket
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        self.path = d / RECOVERY_LOCK
+        self.path = d / lock_name(process_id)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 4096).decode(errors="replace").strip()
             os.close(fd)
-            raise MeterError(f"recovery directory {d.resolve()} is in use by another meter run "
+            who = "another meter run" if processes == 1 else f"another meter run as process {process_id}"
+            raise MeterError(f"recovery directory {d.resolve()} is in use by {who} "
                              f"({holder or 'holder not recorded'}): two runs on one directory resume from each "
                              "other's snapshots; stop that run first, or give this one its own --recovery "
                              "directory") from None
         os.ftruncate(fd, 0)
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, started {started}\n".encode())
+        place = f", process {process_id} of a cluster of {processes}" if processes > 1 else ""
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, started {started}{place}\n".encode())
         self._fd: Optional[int] = fd
 
     def release(self) -> None:
@@ -108,12 +174,15 @@ class RecoveryLock:
             self._fd = None
 
 
-def open_recovery(directory: str, shards: Optional[int] = None) -> Tuple[Any, RecoveryLock]:
-    """Lock ``directory`` for this process, then prepare it (``prepare_recovery``); the lock is released
-    again if preparing fails. Returns (RecoveryConfig, the lock to release when the run ends)."""
-    lock = RecoveryLock(directory)
+def open_recovery(directory: str, shards: Optional[int] = None, *, processes: int = 1, process_id: int = 0,
+                  workers: int = 1) -> Tuple[Any, RecoveryLock]:
+    """Lock ``directory`` for this process (its process id's lock in a cluster of ``processes``), then prepare
+    it (``prepare_recovery``: one partition per process on first use, the cluster's shape checked); the lock
+    is released again if preparing fails. Returns (RecoveryConfig, the lock to release when the run ends)."""
+    lock = RecoveryLock(directory, process_id, processes)
     try:
-        return prepare_recovery(directory, shards=shards), lock
+        return prepare_recovery(directory, partitions=processes, shards=shards, processes=processes,
+                                workers=workers), lock
     except BaseException:
         lock.release()
         raise
@@ -182,13 +251,10 @@ def run_flow(cfg: Config, inputs: Sequence[str] = (), *, workers: int = 1, recov
     if workers < 1:
         raise MeterError(f"--workers must be at least 1, got {workers}")
     processes = len(addresses) or 1
-    if processes > 1 and recovery_dir:
-        raise MeterError("--recovery is not supported with a cluster of several processes yet: run the cluster "
-                         "without --recovery (outputs are idempotent upserts; a rerun from the topic's start "
-                         "rewrites the same rows), or run one process with --workers N and --recovery")
     flow = flow_from_config(cfg, inputs, stop_at_end=stop_at_end, recoverable=recovery_dir is not None,
                             entitlements=entitlements, processes=processes, process_id=process_id)
-    recovery, lock = open_recovery(recovery_dir, cfg.pipeline.shards) if recovery_dir else (None, None)
+    recovery, lock = (open_recovery(recovery_dir, cfg.pipeline.shards, processes=processes, process_id=process_id,
+                                    workers=workers) if recovery_dir else (None, None))
     tune_gc()
     epoch = timedelta(milliseconds=parse_duration_ms(cfg.pipeline.epoch_interval))
     STATS.reset()
