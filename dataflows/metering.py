@@ -301,13 +301,16 @@ class _ShardLogic(StatefulBatchLogic):
     def _flush_dirty(self, out: "_Merged", now: int, wm: Optional[int] = None) -> None:
         """The tick: every pending row of the shard leaves, rows the watermark closed leave final (``wm``, by
         default the flow's watermark at the previous tick); the next tick is scheduled."""
-        meters = self._meters
-        if self._native is not None:
+        meters, native = self._meters, self._native
+        if native is not None:
             self._sync_native()
         for key in self._dirty:
             meter = meters[key]
             if meter.has_dirty():  # (a customer of this batch was already flushed by process)
+                evicts = meter.wm > meter.next_evict  # (the flush evicts the rows the watermark closed)
                 out.add(meter.flush())
+                if evicts and native is not None and key in native.keys:
+                    native.evicted(meter)
         if self._recoverable:
             self._changed.update(self._dirty)
         self._dirty = set()
@@ -327,6 +330,7 @@ class _ShardLogic(StatefulBatchLogic):
                 out.add(meter.finalize(wm))
                 if self._native is not None and key in self._native.keys:
                     self._native.raise_wm(meter)
+                    self._native.evicted(meter)  # (finalize evicted the rows wm closed)
                 if self._recoverable:
                     self._changed.add(key)
             if meter.next_evict < lowest:

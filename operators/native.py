@@ -774,6 +774,11 @@ class NativeMeters:
         self.evaluated.discard(key)
         self.gateway_due.discard(key)
 
+    def evicted(self, meter: Any) -> None:
+        """The meter's flush evicted the rows its watermark closed (CustomerMeter._evict): the native core drops
+        the same rows, so a long-running flow holds only open periods natively too (call :meth:`sync` first)."""
+        self._core.evict_rows(meter.key, meter.wm, list({(wk[0], wk[1]) for wk in meter.windows}))
+
     def raise_wm(self, meter: Any) -> None:
         """The flow's watermark finalized the customer's rows: its native watermark follows."""
         self._core.raise_wm(meter.key, meter.wm)

@@ -902,6 +902,42 @@ impl BatchCore {
         }
     }
 
+    /// Customer `key`'s rows that its Python meter evicted after a flush (CustomerMeter._evict at watermark
+    /// `wm`): period and excluded rows whose period ended `grace_ms` before `wm` (the same test), and the windows
+    /// whose (metric, window start) is not in `kept` (the meter's windows after its eviction; a window's expiry is
+    /// its period's, so every dims row of one (metric, start) goes together). Without it the native rows of every
+    /// closed period stayed in memory for the life of the flow. Call `take_changes` (sync) first, so the meter
+    /// holds every native row.
+    fn evict_rows(&mut self, key: &str, wm: i64, kept: Vec<(String, i64)>) -> PyResult<(usize, usize, usize)> {
+        let Some(&i) = self.index.get(key) else { return Ok((0, 0, 0)) };
+        let mut keep: std::collections::HashSet<(u32, i64)> = std::collections::HashSet::with_capacity(kept.len());
+        for (code, ws) in kept {
+            let mi = *self.code_index.get(&code).ok_or_else(|| PyValueError::new_err(format!("metric {code}")))?;
+            keep.insert((mi, ws));
+        }
+        let grace = self.grace_ms;
+        let c = &mut self.customers[i];
+        let (w0, p0, x0) = (c.windows.len(), c.periods.len(), c.excluded.len());
+        c.windows.retain(|wk, _| keep.contains(&(wk.0, wk.1)));
+        c.periods.retain(|pk, _| pk.2.saturating_add(grace) >= wm);
+        c.excluded.retain(|pk, _| pk.2.saturating_add(grace) >= wm);
+        if let Some(lv) = c.levels.as_mut() {
+            lv.at.retain(|pk, _| pk.2.saturating_add(grace) >= wm);
+        }
+        Ok((w0 - c.windows.len(), p0 - c.periods.len(), x0 - c.excluded.len()))
+    }
+
+    /// Customer `key`'s native rows: (windows, periods, excluded); zeros for a customer not held.
+    fn rows(&self, key: &str) -> (usize, usize, usize) {
+        match self.index.get(key) {
+            Some(&i) => {
+                let c = &self.customers[i];
+                (c.windows.len(), c.periods.len(), c.excluded.len())
+            }
+            None => (0, 0, 0),
+        }
+    }
+
     /// Customer `key`'s tracked ids as operators/dedupe.py `IdTable` state: (fingerprints, expiries), each a
     /// little-endian uint64 array (ids whose expiry passed are kept until evicted, as IdTable keeps them; the
     /// same ids as IdTable's, evicted at the same points: `evict_seen`).

@@ -906,3 +906,56 @@ def test_a_changelog_record_after_native_events_in_one_batch_folds_them_once():
     got = _run_shard("native", items, 3)
     assert got[:2] == want[:2] and "beta|c3" not in got[2]
     assert want[0]["rows"][("p", "beta", "c3", "api_calls", ts)][1]["events"] == 2
+
+
+def test_the_native_core_drops_the_rows_the_python_meter_evicts():
+    """A flow that runs for months: when a customer's meter evicts the rows of a closed period (its flush, or
+    finalize, past period end + late_grace), the native core drops the same rows. Without that, every closed
+    period's windows stayed in native memory for the life of the flow. The outputs stay those of the Python core
+    (late events into the open grace window included), and each customer's native rows are exactly its meter's."""
+    def ev(eid, cust, ts, tenant="acme", **props):
+        return (("in", eid), json.dumps({"event_id": eid, "tenant_id": tenant, "customer_id": cust,
+                                         "event_type": "api_call", "timestamp": ts,
+                                         "properties": {"tokens": 3, **props}}).encode())
+
+    customers = [("acme", "c1"), ("acme", "c2"), ("acme", "c3"), ("acme", "c9")]
+    batches = []
+    for day in range(0, 150, 2):  # five months, every other day; each batch also has a late event of 1 day before
+        ts = BASE + day * DAY
+        batch = [ev(f"{t}{c}-{day}-{h}", c, ts + h * 3_600_000, tenant=t, kind=f"k{h % 2}")
+                 for t, c in customers for h in range(3)]
+        batch.append(ev(f"late-{day}", "c2", ts - DAY + 5))
+        batches.append(batch)
+
+    def run(core):
+        cfg = config(core, shards=1)
+        tick = [0]
+        med = native.NativeMediator(cfg, stats=FlowStats()) if core == "native" else Mediator(cfg, stats=FlowStats())
+        logic = _ShardLogic(Rules(cfg), 1, None, False, med, clock=lambda: tick[0],
+                            native=native.NativeMeters(cfg) if core == "native" else None)
+        out: List[Any] = []
+        for n, batch in enumerate(batches):
+            tick[0] = BASE + n * 1000  # a flush tick with every batch
+            values = [b for _, b in med.split(batch, False)[0]] if core == "native" else \
+                [b for _, b in bundle_shards(med(batch).groups, 1)]
+            out += logic.on_batch(values)[0]
+        out += logic.on_eof()[0]
+        rows: Dict[Any, Any] = {}
+        for em in out:
+            for r in em.windows:
+                rows[("w", r.tenant_id, r.customer_id, r.metric, r.window_start, tuple(sorted(r.dimensions.items())))] \
+                    = (r.value, r.events, r.version)
+            for r in em.periods:
+                rows[("p", r.tenant_id, r.customer_id, r.metric, r.period_start)] = (r.value, r.events, r.version,
+                                                                                      r.final)
+        return logic, rows
+
+    nat, rows = run("native")
+    assert rows == run("python")[1]
+    assert sum(1 for k in rows if k[0] == "p" and rows[k][3]) >= 4 * 3  # closed periods left final
+    core = nat._native._core
+    for key, meter in nat._meters.items():
+        assert key in nat._native.keys
+        assert core.rows(key) == (len(meter.windows), len(meter.periods), len(meter.excluded)), key
+        # only the open period (and the one inside late_grace) is held: not five months of hourly windows
+        assert len(meter.windows) < 2 * 31 * 3 * 12, key
