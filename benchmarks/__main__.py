@@ -450,6 +450,9 @@ class Bench:
             # detected -> consumed (its output path: sinks before the alert, producer, broker).
             split = {"produced_to_detected_ms": pcts([detected[k] - sent_at[i] * 1000 for k, i in got]),
                      "detected_to_consumed_ms": pcts([received[k] * 1000 - detected[k] for k, _i in got])}
+            # each alert's (produced, detected, consumed) epoch ms, for a look at the tail (kept with --keep)
+            (self.work / f"{run_id}-alerts.json").write_text(
+                json.dumps([(sent_at[i] * 1000, detected[k], received[k] * 1000) for k, i in got]))
             extra = [k for k in received if k not in expected and not k.startswith(WARM_KEY + "|")]
             rate = sent / max(1e-9, sent_at[-1] - sent_at[0]) if sent > 1 else 0
             result.update({"events": sent, "achieved_rate": rate,

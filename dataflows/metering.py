@@ -42,7 +42,7 @@ from meterflow.base.keys import customer_key
 from meterflow.dataflows.mediation import mediate, mediate_changelog
 from meterflow.operators.changelog import ChangelogMediator
 from meterflow.operators.entitlements import EntitlementUpdate
-from meterflow.operators.mediate import Mediator
+from meterflow.operators.mediate import Mediator, shard_of
 from meterflow.operators.meter import CustomerMeter
 from meterflow.operators.native import BUNDLE, bundle_events, bundle_groups
 from meterflow.operators.review_decisions import decision_emissions
@@ -50,6 +50,8 @@ from meterflow.operators.rules import Rules
 from meterflow.schemas.config import Config, load_config
 from meterflow.schemas.records import Emission
 
+# The shards tick in this many slots of each flush interval (README: Outputs and delivery guarantees).
+TICK_SLOTS = 8
 SHARD_STATE_VERSION = 1  # layout of a shard's snapshot: (version, shard count, {tenant|customer: meter bytes})
 # Bytewax pickles what snapshot() returns: that is only builtins (a tuple of ints and a dict of str -> bytes), so
 # no class path is ever stored; the meter bytes are named records (meterflow.schemas.state, version 5), or the
@@ -71,10 +73,12 @@ class _ShardLogic(StatefulBatchLogic):
     they join the shards' outputs after this step (:func:`meterflow.dataflows.mediation.mediate`).
 
     Dead letters, alerts, gateway state and wallets leave with the batch that produced them. Changed rollup
-    rows leave at flush ticks: ticks fall on multiples of ``pipeline.flush_interval`` of the wall clock, the
-    same instants in every shard and process, and at a tick the rows of every customer of the shard changed
-    since the last tick leave together (at once when the tick has passed when a batch arrives, otherwise at
-    the notification), so each changed row is written once per interval and sinks get few, large batches.
+    rows leave at flush ticks: a shard ticks once per ``pipeline.flush_interval`` of the wall clock, at its
+    slot of the interval (shard number mod ``TICK_SLOTS``: the same instants in every process and run), and at
+    a tick the rows of every customer of the shard changed since its last tick leave together (at once when
+    the tick has passed when a batch arrives, otherwise at the notification), so each changed row is written
+    once per interval, sinks get few, large batches, and no single pass of the flow does every shard's tick
+    (events arriving during it would wait for all of it).
     Pending rows are part of each meter's state, so a resume re-emits them.
 
     Snapshots (only with recovery): ``(SHARD_STATE_VERSION, shards, {tenant|customer: bytes})``, builtins only;
@@ -113,6 +117,7 @@ class _ShardLogic(StatefulBatchLogic):
         self._changed: Set[str] = set()  # customers whose state changed since the last snapshot
         self._snaps: Dict[str, bytes] = {}  # every customer's latest snapshot
         self._next_flush = 0  # epoch ms of the next tick; 0: the first batch flushes at once
+        self._phase: Optional[int] = None  # this shard's tick offset in the interval (_tick_phase)
         self._notify: Optional[datetime] = None  # _next_flush as a datetime, for notify_at
         self._republish = False  # resumed with gateway state: every customer's state is still to go out
         if resume is not None:
@@ -319,8 +324,27 @@ class _ShardLogic(StatefulBatchLogic):
         if wm > self._open_min:
             self._finalize(out, wm)
         interval = self._interval
-        self._next_flush = now - now % interval + interval if interval > 0 else 0
+        if interval > 0:
+            phase = self._tick_phase()
+            since = now - phase
+            self._next_flush = since - since % interval + interval + phase
+        else:
+            self._next_flush = 0
         self._notify = None
+
+    def _tick_phase(self) -> int:
+        """This shard's tick offset in the interval: shard number mod TICK_SLOTS slots of interval / TICK_SLOTS,
+        so the shards' ticks, and the rows they emit, are spread over the interval in TICK_SLOTS passes of the
+        flow instead of one long pass in which every event waits (the shard number is its customers': any of
+        them; 0 for a shard with none yet, or one shard)."""
+        phase = self._phase
+        if phase is None:
+            if not self._meters or self._shards <= 1:
+                return 0
+            slots = min(self._shards, TICK_SLOTS)
+            shard = int(shard_of(next(iter(self._meters)), self._shards))
+            phase = self._phase = shard % slots * self._interval // slots
+        return phase
 
     def _finalize(self, out: "_Merged", wm: int) -> None:
         """Customers whose rows the watermark ``wm`` closed emit them final, whether or not they sent anything."""

@@ -246,6 +246,32 @@ def test_every_tick_falls_on_the_flush_grid():
     assert logic.notify_at() == datetime.fromtimestamp((T0 + 2000) / 1000, timezone.utc)
 
 
+def test_shards_tick_in_their_slot_of_the_interval():
+    """With several shards, a shard ticks once per interval at its slot (shard number mod TICK_SLOTS, times
+    interval / TICK_SLOTS), so the shards' ticks are spread over the interval, not all in one pass of the flow."""
+    from meterflow.dataflows.metering import TICK_SLOTS
+    from meterflow.operators.mediate import shard_of
+
+    cfg = with_shards(make_config(), 16)  # flush_interval 1 s: slots of 125 ms
+    custs = {}
+    for i in range(200):  # a customer of every slot
+        custs.setdefault(int(shard_of(f"acme|s{i}", 16)) % TICK_SLOTS, f"s{i}")
+    assert len(custs) == TICK_SLOTS
+    for slot, cust in sorted(custs.items()):
+        clock = Clock(T0 + 10)
+        logic, med = new_logic(cfg, shards=16, clock=clock)
+        shard = shard_of(f"acme|{cust}", 16)
+        first = merged(logic.on_batch(shard_values(med, [event(1, cust)], shard=shard, shards=16)))
+        assert {k[2] for k in row_keys(first)} == {cust}  # the first batch flushes at once
+        tick = T0 + slot * 125 if slot else T0 + 1000  # the next instant of its slot after T0 + 10
+        assert logic.notify_at() == datetime.fromtimestamp(tick / 1000, timezone.utc), slot
+        clock.now = tick - 1
+        assert not merged(logic.on_batch(shard_values(med, [event(2, cust)], shard=shard, shards=16))).periods
+        clock.now = tick
+        assert {r.customer_id for r in merged(logic.on_notify()).periods} == {cust}
+        assert logic.notify_at() == datetime.fromtimestamp((tick + 1000) / 1000, timezone.utc), slot
+
+
 def test_eof_drains_pending_rows():
     cfg = make_config()
     clock = Clock()
