@@ -178,7 +178,10 @@ def dims_key(dims: Dict[str, str]) -> str:
     >>> dims_key({}), dims_key({"region": "eu", "model": "m"})
     ('', 'model=m\x1fregion=eu')
     """
-    return "\x1f".join(f"{k}={dims[k]}" for k in sorted(dims)) if dims else ""
+    if len(dims) == 1:  # the common case, without a sort (a third of a window row's encoding otherwise)
+        [(k, v)] = dims.items()
+        return f"{k}={v}"
+    return "\x1f".join([f"{k}={v}" for k, v in sorted(dims.items())]) if dims else ""  # (keys differ: by key)
 
 
 _DIMS = _WINDOW_FIELDS.index("dimensions")
