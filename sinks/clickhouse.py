@@ -27,7 +27,9 @@ The tables, views and insert columns are :mod:`meterflow.sinks.clickhouse_schema
 the sink does as little Python as it can: one insert context per table is made when
 the partition is built (column types read once, not per insert), and a batch is
 handed over column-oriented, one list per column read straight off the records,
-rather than as rows that the driver would transpose again.
+rather than as rows that the driver would transpose again. A table with money columns (``usage_rated_rows``) is
+encoded by :func:`native_block`: the driver's own ``Native`` bytes, its money columns made in C (``money_data``)
+instead of by the driver's writer, which runs Python per value.
 """
 
 from __future__ import annotations
@@ -47,11 +49,13 @@ from meterflow.schemas.config import ClickHouseConfig, mask_url
 from meterflow.schemas.records import Emission
 from meterflow.sinks.clickhouse_reviews import REVIEW_TABLES, decision_columns, review_columns
 from meterflow.sinks.clickhouse_schema import (
+    MONEY_TYPE,
     RAW_COLUMNS,
     TABLES,
     alert_columns,
     ddl,
     emission_columns,
+    money_data,
     rated_columns,
     raw_event_columns,
     raw_event_rowbinary,
@@ -192,6 +196,33 @@ def _refuse_if_held(path: Path) -> None:
                          "http://localhost:8123/meter) for readers that run while meter run writes")
 
 
+def native_block(context: Any, columns: list) -> bytes:
+    """``columns`` as the ``Native`` insert the driver would send for ``context`` (a column-oriented insert context:
+    the same blocks, headers and column writers), except that ``Decimal(38, 9)`` columns are written by
+    :func:`~meterflow.sinks.clickhouse_schema.money_data`, which makes the same bytes several times faster; insert
+    it with ``raw_insert(..., fmt="Native")``. The ``Native`` format over HTTP (and chDB): per block the column
+    and row counts (LEB128), then per column its name, its type and its data."""
+    from clickhouse_connect.driver.common import write_leb128
+
+    context.data = columns
+    out = bytearray()
+    for block in context.next_block():
+        write_leb128(block.column_count, out)
+        write_leb128(block.row_count, out)
+        for name, typ, data in zip(block.column_names, block.column_types, block.column_data):
+            for text in (name, typ.insert_name):
+                enc = text.encode()
+                write_leb128(len(enc), out)
+                out += enc
+            if typ.insert_name == MONEY_TYPE:
+                out += money_data(data)
+            else:
+                context.start_column(name)
+                typ.write_column(data, out, context)
+    context.data = None
+    return bytes(out)
+
+
 class _ClickHousePartition(StatelessSinkPartition[Emission]):
     def __init__(self, cfg: ClickHouseConfig, coalesce_s: float = 0.0) -> None:
         self._client, db = connect(cfg)
@@ -224,6 +255,10 @@ class _ClickHousePartition(StatelessSinkPartition[Emission]):
     def _insert(self, context: Any, columns: list) -> None:
         context.data = columns
         self._client.insert(context=context)
+
+    def _insert_money(self, context: Any, columns: list) -> None:
+        """An insert into a table with money columns: the driver's Native bytes, made faster (:func:`native_block`)."""
+        self._client.raw_insert(context.table, context.column_names, native_block(context, columns), fmt="Native")
 
     def write_batch(self, items: List[Emission]) -> None:
         if self._delay <= 0:
@@ -273,7 +308,7 @@ class _ClickHousePartition(StatelessSinkPartition[Emission]):
             self._insert(self._periods, pcols)
         rcols = rated_columns(items, now_ms())
         if rcols:
-            self._insert(self._rated, rcols)
+            self._insert_money(self._rated, rcols)
         vcols = review_columns(items, now_ms())
         if vcols:
             self._insert(self._reviews, vcols)

@@ -16,10 +16,11 @@ of an ``alert_id`` is the one ``alerts_log`` keeps. :mod:`meterflow.sinks.clickh
 
 from __future__ import annotations
 
+import decimal
 from decimal import Decimal
-from itertools import chain
-from operator import attrgetter
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from itertools import chain, repeat
+from operator import and_, attrgetter
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
 
 from msgspec.structs import astuple
 
@@ -177,7 +178,10 @@ def dims_key(dims: Dict[str, str]) -> str:
     >>> dims_key({}), dims_key({"region": "eu", "model": "m"})
     ('', 'model=m\x1fregion=eu')
     """
-    return "\x1f".join(f"{k}={dims[k]}" for k in sorted(dims)) if dims else ""
+    if len(dims) == 1:  # the common case, without a sort (a third of a window row's encoding otherwise)
+        [(k, v)] = dims.items()
+        return f"{k}={v}"
+    return "\x1f".join([f"{k}={v}" for k, v in sorted(dims.items())]) if dims else ""  # (keys differ: by key)
 
 
 _DIMS = _WINDOW_FIELDS.index("dimensions")
@@ -212,6 +216,52 @@ def rated_columns(items: List[Emission], at_ms: int) -> Optional[list]:
     if not rs:
         return None
     return _transposed(rs) + [[at_ms] * len(rs)]
+
+
+MONEY_TYPE = "Decimal(38, 9)"  # every money column (rated and reconciliation rows)
+_MONEY_PREC, _MONEY_SCALE = 38, 9
+_INT128 = (1 << 128) - 1  # v & _INT128: the two's complement of v in 16 bytes, for to_bytes without signed=
+
+
+def money_data(col: Sequence[Any]) -> bytes:
+    """A ``Decimal(38, 9)`` column's data in ClickHouse's ``Native`` (and ``RowBinary``) format: per value the
+    Int128 of value x 10^9, little-endian — the bytes clickhouse-connect's writer (``BigDecimal``) makes, which
+    computes ``int(Decimal(str(x)) * 10^9)`` at precision 38 in Python per value. Here, for ``Decimal`` values,
+    ``scaleb(x, 9)`` (exact up to 38 digits, as the product: it only moves the exponent) and ``int`` (truncates
+    toward zero, as the driver's) run mapped in C; a column with few distinct values (zero minimums and overage
+    amounts) encodes each once.
+
+    >>> money_data([Decimal("1.5"), Decimal("-0.000000001")]).hex()
+    '002f6859000000000000000000000000ffffffffffffffffffffffffffffffff'
+
+    A value whose Int128 does not exist (beyond +-1.7e29) is refused, as the driver refuses it.
+    """
+    ctx = decimal.getcontext().copy()  # the driver's: the current context at precision 38
+    ctx.prec = _MONEY_PREC
+    if set(map(type, col)) != {Decimal}:  # not only Decimals (an int): as the driver, value by value
+        with decimal.localcontext(ctx):
+            mult = Decimal(f"{10 ** _MONEY_SCALE}.{'0' * _MONEY_SCALE}")
+            return b"".join(_int128_bytes([int(Decimal(str(x)) * mult) for x in col]))
+    distinct = set(col)
+    if 4 * len(distinct) <= len(col):
+        keys = list(distinct)
+        encoded = dict(zip(keys, _int128_bytes(_scaled(ctx, keys))))
+        return b"".join(map(encoded.__getitem__, col))
+    return b"".join(_int128_bytes(_scaled(ctx, col)))
+
+
+def _scaled(ctx: decimal.Context, col: Sequence[Decimal]) -> List[int]:
+    return list(map(int, map(ctx.scaleb, col, repeat(_MONEY_SCALE, len(col)))))
+
+
+def _int128_bytes(ints: List[int]) -> List[bytes]:
+    n = len(ints)
+    if n and (max(ints) >= 1 << 127 or min(ints) < -(1 << 127)):
+        bad = next(i for i in ints if not -(1 << 127) <= i < 1 << 127)
+        raise MeterError(f"ClickHouse sink: the money value {Decimal(bad).scaleb(-_MONEY_SCALE)} is beyond "
+                         f"{MONEY_TYPE}")
+    little: Literal["little"] = "little"
+    return list(map(int.to_bytes, map(and_, ints, repeat(_INT128, n)), repeat(16, n), repeat(little, n)))
 
 
 def raw_event_columns(items: List[Emission]) -> Optional[list]:

@@ -8,6 +8,8 @@ import os
 import uuid
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meterflow.base.errors import MeterError
 from meterflow.schemas.config import ClickHouseConfig
@@ -138,3 +140,10 @@ def test_a_delivery_the_broker_refuses_stops_the_flow(kafka):
         part.write_batch([Emission(windows=[window("c1", "api_calls", T, 1.0, 1), big])])
     part.write_batch([Emission(windows=[window("c1", "api_calls", T, 2.0, 2)])])  # the next batch is judged alone
     part.close()
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=5))
+def test_dims_key_is_the_sorted_pairs_joined(dims):
+    """The window row identity: every key=value in key order, joined by \\x1f (its first definition, kept)."""
+    assert dims_key(dims) == ("\x1f".join(f"{k}={dims[k]}" for k in sorted(dims)) if dims else "")
