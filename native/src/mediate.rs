@@ -231,23 +231,39 @@ impl Parsed {
         (if i == 0 { 0 } else { self.pends[i - 1] as usize }, self.pends[i] as usize)
     }
 
-    /// Event `i` of `from` appended here (its strings copied into this `sbuf`).
+    /// Event `i` of `from` appended here. Its strings are one run of `from.sbuf` (`push` writes the event type
+    /// and then every key and string value, in order), copied at once and its references moved by the offset.
     fn copy_from(&mut self, from: &Parsed, i: usize) {
         self.fp.push(from.fp[i]);
         self.corr.push(from.corr[i]);
-        let re = |me: &mut Parsed, r: SRef| me.put_str(&from.sbuf[r.off as usize..(r.off + r.len) as usize]);
-        let et = re(self, from.etype[i]);
-        self.etype.push(et);
         let (a, b) = from.props_range(i);
-        for rec in &from.recs[a..b] {
-            let key = re(self, rec.key);
-            let val = match rec.val {
-                PVal::Str(r) => PVal::Str(re(self, r)),
+        let start = from.etype[i].off;
+        let end = from.recs[a..b].iter().fold(from.etype[i].off + from.etype[i].len, |end, rec| match rec.val {
+            PVal::Str(r) => r.off + r.len,
+            _ => rec.key.off + rec.key.len,
+        }.max(end));
+        let base = self.sbuf.len() as u32;
+        self.sbuf.push_str(&from.sbuf[start as usize..end as usize]);
+        let moved = |r: SRef| SRef { off: r.off - start + base, len: r.len };
+        self.etype.push(moved(from.etype[i]));
+        self.recs.extend(from.recs[a..b].iter().map(|rec| PRec {
+            key: moved(rec.key),
+            val: match rec.val {
+                PVal::Str(r) => PVal::Str(moved(r)),
                 v => v,
-            };
-            self.recs.push(PRec { key, val });
-        }
+            },
+        }));
         self.pends.push(self.recs.len() as u32);
+    }
+
+    /// Room for `events` more events with `recs` properties and `bytes` of strings.
+    fn reserve(&mut self, events: usize, recs: usize, bytes: usize) {
+        self.fp.reserve(events);
+        self.corr.reserve(events);
+        self.etype.reserve(events);
+        self.pends.reserve(events);
+        self.recs.reserve(recs);
+        self.sbuf.reserve(bytes);
     }
 
     fn clear(&mut self) {
@@ -772,11 +788,41 @@ impl Mediator {
         let mut order: Vec<u32> = Vec::new();
         let mut by_shard: FxMap<u32, Bundle> = FxMap::default();
         let custs = std::mem::take(&mut self.custs);
+        // Each shard's share sized first (events, line bytes, properties, string bytes), so the bundles are
+        // filled without growing (a batch spreads over up to pipeline.shards bundles).
+        let mut sizes: FxMap<u32, [usize; 5]> = FxMap::default();
+        for c in &custs {
+            let s = sizes.entry(c.shard).or_insert([0; 5]);
+            s[0] += 1;
+            s[1] += c.events.len();
+            for &e in &c.events {
+                let ev = &self.evs[e as usize];
+                s[2] += (ev.end - ev.start) as usize;
+                if ev.py.is_none() {
+                    let (a, b) = self.parsed.props_range(e as usize);
+                    s[3] += b - a;
+                    s[4] += (ev.end - ev.start) as usize; // (the strings are at most the line)
+                }
+            }
+        }
         let mut evs: Vec<Option<StEv>> = std::mem::take(&mut self.evs).into_iter().map(Some).collect();
         for c in custs {
             let b = by_shard.entry(c.shard).or_insert_with(|| {
                 order.push(c.shard);
-                Bundle { ingested, starts: vec![0], ..Default::default() }
+                let [nc, n, bytes, recs, sbytes] = sizes[&c.shard];
+                let mut b = Bundle { ingested, ..Default::default() };
+                b.keys.reserve(nc);
+                b.starts.reserve(nc + 1);
+                b.starts.push(0);
+                b.buf.reserve(bytes);
+                b.ends.reserve(n);
+                b.ts.reserve(n);
+                b.wm.reserve(n);
+                b.excl.reserve(n);
+                b.srcs.reserve(n);
+                b.pyi.reserve(n);
+                b.parsed.reserve(n, recs, sbytes);
+                b
             });
             for e in c.events {
                 let ev = evs[e as usize].take().expect("each event staged once");
