@@ -136,13 +136,3 @@ def test_cluster_arguments_are_checked_with_one_line_errors(addresses, pid, mess
 def test_cluster_arguments():
     assert cluster_addresses(None, None) == []
     assert cluster_addresses("127.0.0.1:2101; 127.0.0.1:2102", 1) == ["127.0.0.1:2101", "127.0.0.1:2102"]
-
-
-def test_cluster_with_recovery_is_refused_before_anything_starts(tmp_path):
-    from meterflow.runner import run_flow
-
-    cfg = _config(tmp_path, f"chdb://{tmp_path}/ch")
-    with pytest.raises(MeterError, match="--recovery is not supported with a cluster"):
-        run_flow(cfg, [str(tmp_path / "x.jsonl")], recovery_dir=str(tmp_path / "rec"),
-                 addresses=["127.0.0.1:2101", "127.0.0.1:2102"], process_id=0)
-    assert not (tmp_path / "rec").exists()
