@@ -9,11 +9,12 @@ folded natively), so the state sees every event in arrival order. Meter dead let
 missing_property) are decided natively and worded here with the Python texts.
 
 :class:`NativeMeters` is what the dataflow runs with ``pipeline.core = "native"``: one native core per shard
-folds the events of the customers with no wallet and no anomaly detection whose entitlements are soft, hard or
-auto_overage without an upgrade to another plan, with or without spend thresholds; their thresholds, spend
+folds the events of the customers with no wallet whose entitlements are soft, hard or auto_overage without an
+upgrade to another plan, with or without spend thresholds and anomaly detection; their thresholds, spend
 amounts, blocks and overage are checked at the events whose fold reaches the next level Python gave for the
 period (:meth:`NativeMeters._check`: the least of the next threshold, block or overage level and the spend
-level, ``Price.units_for`` of the next amount), and it mirrors
+level, ``Price.units_for`` of the next amount), their anomaly cells at the events that reach the day's level
+or start another day (:meth:`NativeMeters._anomaly`, native/src/anomaly.rs), and it mirrors
 the rows each batch changed into those customers' :class:`~meterflow.operators.meter.CustomerMeter`, so
 flushes, versions, finality, rated rows, reviews and snapshots are the Python ones. The other customers run the
 Python fold. A customer resumed from a snapshot, or back from the Python fold after a changelog record, is loaded
@@ -22,7 +23,7 @@ into the native core with its state (:meth:`NativeMeters.load`) when :meth:`Nati
 Every aggregation is native (count, sum, max, min, latest, unique_count, p95, p99; the value kept is the very
 object the Python accumulator keeps, mirrored into it), and ``group_by`` (window rows keyed by the same dims
 tuple as the Python fold's, native/src/dims.rs). Not native yet: wallets, auto_overage upgrades (next_plan),
-anomaly checks and entitlements or spend thresholds on p95/p99 metrics (those customers run the Python fold).
+and entitlements or spend thresholds on p95/p99 metrics (those customers run the Python fold).
 
 When ``meterflow_native`` is not built (no cargo at setup), :data:`AVAILABLE` is False and everything runs on
 the Python path.
@@ -106,7 +107,7 @@ def core_in_use(cfg: Optional[Config] = None) -> str:
         why = python_fold_reason(cfg) if AVAILABLE else None
         if why is not None:
             return f"native requested; every customer on the Python fold ({why})"
-        return "native (customers without wallet, auto_overage upgrade or anomaly; the others on Python)"
+        return "native (customers without wallet or auto_overage upgrade; the others on Python)"
     if not AVAILABLE:
         return "python (native core not built: ./dev setup builds it when cargo is installed)"
     return "python (native core built: pipeline.core = \"native\" turns it on)"
@@ -404,8 +405,9 @@ class NativeMeters:
     """The native fold of one shard (``pipeline.core = "native"``), beside its :class:`CustomerMeter` objects.
 
     A customer is folded here when it is first seen and :meth:`admits` its subscription (soft, hard and
-    auto_overage entitlements, spend thresholds; no wallet, upgrade or anomaly detection); its ``CustomerMeter``
-    then holds everything but the dedupe table: after each list of
+    auto_overage entitlements, spend thresholds, anomaly detection; no wallet or upgrade); its ``CustomerMeter``
+    then holds everything but the dedupe table (and the usage of its anomaly cells between mirrors: at each
+    :meth:`sync`, before a snapshot and on release): after each list of
     events, the rows the native fold changed are written into its accumulators (dirty, with their expiries)
     and its watermark and current periods follow, so :meth:`CustomerMeter.flush` and ``finalize`` emit
     exactly what the Python fold would. The dedupe table is copied into the meter for a snapshot
