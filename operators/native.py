@@ -9,11 +9,12 @@ folded natively), so the state sees every event in arrival order. Meter dead let
 missing_property) are decided natively and worded here with the Python texts.
 
 :class:`NativeMeters` is what the dataflow runs with ``pipeline.core = "native"``: one native core per shard
-folds the events of the customers with no wallet and no anomaly detection whose entitlements are soft, hard or
-auto_overage without an upgrade to another plan, with or without spend thresholds; their thresholds, spend
+folds the events of the customers with no wallet whose entitlements are soft, hard or auto_overage without an
+upgrade to another plan, with or without spend thresholds and anomaly detection; their thresholds, spend
 amounts, blocks and overage are checked at the events whose fold reaches the next level Python gave for the
 period (:meth:`NativeMeters._check`: the least of the next threshold, block or overage level and the spend
-level, ``Price.units_for`` of the next amount), and it mirrors
+level, ``Price.units_for`` of the next amount), their anomaly cells at the events that reach the day's level
+or start another day (:meth:`NativeMeters._anomaly`, native/src/anomaly.rs), and it mirrors
 the rows each batch changed into those customers' :class:`~meterflow.operators.meter.CustomerMeter`, so
 flushes, versions, finality, rated rows, reviews and snapshots are the Python ones. The other customers run the
 Python fold. A customer resumed from a snapshot, or back from the Python fold after a changelog record, is loaded
@@ -22,7 +23,7 @@ into the native core with its state (:meth:`NativeMeters.load`) when :meth:`Nati
 Every aggregation is native (count, sum, max, min, latest, unique_count, p95, p99; the value kept is the very
 object the Python accumulator keeps, mirrored into it), and ``group_by`` (window rows keyed by the same dims
 tuple as the Python fold's, native/src/dims.rs). Not native yet: wallets, auto_overage upgrades (next_plan),
-anomaly checks and entitlements or spend thresholds on p95/p99 metrics (those customers run the Python fold).
+and entitlements or spend thresholds on p95/p99 metrics (those customers run the Python fold).
 
 When ``meterflow_native`` is not built (no cargo at setup), :data:`AVAILABLE` is False and everything runs on
 the Python path.
@@ -41,6 +42,7 @@ from meterflow.base.keys import KEY_SEP
 from meterflow.base.periods import period_bounds
 from meterflow.base.stats import STATS, FlowStats
 from meterflow.base.timeutil import dt_to_ms, now_ms
+from meterflow.operators.anomaly import DAY_MS
 from meterflow.operators.dedupe import IdTable, fingerprint
 from meterflow.operators.mediate import Mediator, MeteredEvent, dead_letter, format_source
 from meterflow.schemas.config import Config
@@ -105,7 +107,7 @@ def core_in_use(cfg: Optional[Config] = None) -> str:
         why = python_fold_reason(cfg) if AVAILABLE else None
         if why is not None:
             return f"native requested; every customer on the Python fold ({why})"
-        return "native (customers without wallet, auto_overage upgrade or anomaly; the others on Python)"
+        return "native (customers without wallet or auto_overage upgrade; the others on Python)"
     if not AVAILABLE:
         return "python (native core not built: ./dev setup builds it when cargo is installed)"
     return "python (native core built: pipeline.core = \"native\" turns it on)"
@@ -403,8 +405,9 @@ class NativeMeters:
     """The native fold of one shard (``pipeline.core = "native"``), beside its :class:`CustomerMeter` objects.
 
     A customer is folded here when it is first seen and :meth:`admits` its subscription (soft, hard and
-    auto_overage entitlements, spend thresholds; no wallet, upgrade or anomaly detection); its ``CustomerMeter``
-    then holds everything but the dedupe table: after each list of
+    auto_overage entitlements, spend thresholds, anomaly detection; no wallet or upgrade); its ``CustomerMeter``
+    then holds everything but the dedupe table (and the usage of its anomaly cells between mirrors: at each
+    :meth:`sync`, before a snapshot and on release): after each list of
     events, the rows the native fold changed are written into its accumulators (dirty, with their expiries)
     and its watermark and current periods follow, so :meth:`CustomerMeter.flush` and ``finalize`` emit
     exactly what the Python fold would. The dedupe table is copied into the meter for a snapshot
@@ -446,14 +449,16 @@ class NativeMeters:
         return self._core_obj
 
     def admits(self, meter: Any) -> bool:
-        """Whether the customer is folded here: no anomaly detection or wallet; soft, hard and auto_overage
-        entitlements (an auto_overage one that would move the plan stays on Python) and spend thresholds, on
-        metrics evaluated per event (thresholds, spend amounts, blocking and overage are evaluated at the events
-        that reach a level, :meth:`_check`)."""
+        """Whether the customer is folded here: no wallet; soft, hard and auto_overage entitlements (an
+        auto_overage one that would move the plan stays on Python) and spend thresholds, on metrics evaluated per
+        event (thresholds, spend amounts, blocking and overage are evaluated at the events that reach a level,
+        :meth:`_check`); anomaly detection on count and sum metrics (the day cells, :meth:`_anomaly`)."""
         ent = meter.ent
-        if self.python_only is not None or meter.anom is not None or ent.credit:
+        if self.python_only is not None or ent.credit:
             return False
         agg = self._agg
+        if meter.anom is not None and any(agg[code] not in ("count", "sum") for code in meter.anom.cur):
+            return False
         # (an entitlement or spend threshold on a p95/p99 metric is checked once per batch by the Python fold)
         for code, info in ent.infos.items():
             if agg[code] in ("p95", "p99") or info.enforcement not in ("soft", "hard", "auto_overage"):
@@ -480,6 +485,8 @@ class NativeMeters:
             self._core.evaluate(key, _evaluated_codes(ent))
         else:
             self._core.hold(key)  # (fold_bundle folds the customers the native core holds)
+        if meter.anom is not None:  # its day cells: none yet, the first event of each metric stops (_anomaly)
+            self._core.anomaly(key, sorted(meter.anom.cur))
         FOLD_TALLY.add({"native": 1})
         self.keys.add(key)
         if ent.infos or ent.spends:
@@ -591,7 +598,7 @@ class NativeMeters:
         (the Python fold's dead letter)."""
         core = self._core
         if why == 3:
-            self._check(meter, me, core.take_stops(), alerts)
+            self._check(meter, me, core.take_stops(meter.key), alerts)
         elif why == 1:
             ev = me.event
             try:
@@ -600,7 +607,7 @@ class NativeMeters:
             except ValueError:
                 why = 2
             else:
-                stops = core.take_stops()
+                stops = core.take_stops(meter.key)
                 if stops:
                     self._check(meter, me, stops, alerts)
         if why == 2:
@@ -631,13 +638,22 @@ class NativeMeters:
 
         return usage
 
-    def _check(self, meter: Any, me: Any, stops: List[Tuple[str, int, int]], alerts: List[Any]) -> None:
+    def _check(self, meter: Any, me: Any, stops: List[Tuple[str, Any, Any]], alerts: List[Any]) -> None:
         """The entitlement check of the Python fold (CustomerMeter._fold) for the evaluated metrics ``me`` folded
         into periods ``stops``: the current period advanced, thresholds and the block evaluated when usage reaches
-        the period's level; then the new level to the native fold (-inf while blocked: every event is checked)."""
+        the period's level; then the new level to the native fold (-inf while blocked: every event is checked).
+        A stop ``(code, None, value)`` is the metric's anomaly cell (:meth:`_anomaly`), run where the Python fold
+        adds to it: after the period advanced, before the thresholds."""
         core, ent, key = self._core, meter.ent, meter.key
         usage_of = self._usage_of(meter)
-        for code, ps, pe in stops:
+        n = len(stops)
+        j = 0
+        while j < n:
+            code, ps, pe = stops[j]
+            j += 1
+            if ps is None:
+                self._anomaly(meter, me, code, pe, alerts)
+                continue
             pk = (code, ps, pe)
             info = ent.infos.get(code)
             sp = ent.spends.get(code)
@@ -646,6 +662,9 @@ class NativeMeters:
                 ent.advance(code, pk, me, usage_of, alerts)
                 if cur is not None:
                     core.set_level(key, code, cur[1], cur[2], None)  # its level no longer includes the block
+            if j < n and stops[j][1] is None and stops[j][0] == code:  # (the metric's anomaly cell)
+                self._anomaly(meter, me, code, stops[j][2], alerts)
+                j += 1
             usage = usage_of(pk)
             if info is not None:
                 lvl = ent.next_level.get(pk)
@@ -664,6 +683,38 @@ class NativeMeters:
             core.set_level(key, code, ps, pe, *_level(ent, pk, info, sp))
         if not meter.rules.gateway_states:
             ent.touched.clear()
+
+    def _anomaly(self, meter: Any, me: Any, code: str, value: Any, alerts: List[Any]) -> None:
+        """The anomaly cell of metric ``code`` at event ``me``, where the native fold stopped (its add would reach
+        the day's level, another UTC day, no cell yet, or an add it does not make exactly; the event is not in
+        the native cell): exactly what CustomerMeter._fold does, from the native cell's ``value`` (None: the Python
+        cell holds it), then the cell back to the native fold."""
+        anom = meter.anom
+        cur = anom.cur
+        cell = cur[code]
+        if value is not None:
+            cell[1] = value
+        day = me.ts // DAY_MS
+        if cell[0] != day:
+            cell = anom.cell(code, day)
+        ev = me.event
+        sign = -1 if ev.correction else 1
+        v = ev.properties.get(self._prop[code]) if self._agg[code] != "count" else None
+        cell[1] += sign if v is None else sign * v
+        if cell[1] >= cell[2]:
+            anom.check(code, cell, me, alerts, meter.ent.rule)
+        val = cell[1]
+        self._core.set_cell(meter.key, code, cell[0], val if type(val) is float or -_I128 <= val < _I128 else None,
+                            cell[2], cell is cur[code])
+
+    def _mirror_cells(self, meter: Any) -> None:
+        """The usage of the customer's native anomaly cells into its ``Anomalies.cur`` (snapshot, release)."""
+        if meter.anom is not None:
+            cur = meter.anom.cur
+            for code, day, val in self._core.cells(meter.key):
+                cell = cur[code]
+                if cell[0] == day:
+                    cell[1] = val
 
     def _may_fall(self, code: str, me: Any) -> bool:
         """Whether ``me`` may have lowered ``code``'s usage (the Python fold then re-derives the spend level of a
@@ -743,6 +794,10 @@ class NativeMeters:
                 meter.next_evict = pe + grace
             meter.excluded[pk] = count
             meter.dirty_p.add(pk)
+        for key, code, day, val in core.take_cells():  # anomaly cells folded natively, into Anomalies.cur
+            cell = meters[key].anom.cur[code]
+            if cell[0] == day:
+                cell[1] = val
         keys = []
         for key, wm in core.take_wms():
             meter = meters.get(key)
@@ -757,8 +812,10 @@ class NativeMeters:
         return IdTable.from_state(DedupeState(fingerprints=fps, expiries=exps))
 
     def before_snapshot(self, meter: Any) -> None:
-        """Copy the customer's dedupe table into its meter, which :meth:`CustomerMeter.snapshot` encodes."""
+        """Copy the customer's dedupe table and anomaly cells into its meter, which :meth:`CustomerMeter.snapshot`
+        encodes."""
         meter.seen = self._seen(meter.key)
+        self._mirror_cells(meter)
 
     def release(self, meter: Any) -> None:
         """The customer goes to the Python fold: its dedupe table into its meter, forgotten here (call
@@ -766,6 +823,7 @@ class NativeMeters:
         key = meter.key
         FOLD_TALLY.add({"released": 1})
         meter.seen = self._seen(key)
+        self._mirror_cells(meter)
         meter.next_dedupe_evict = meter.seen.min_expiry()
         meter._period = (0, 0)
         meter._rows = {}

@@ -9,6 +9,7 @@
 //! missing_property) are decided here and worded by the wrapper with the Python texts.
 
 mod acc;
+mod anomaly;
 mod dims;
 mod dedupe;
 mod json;
@@ -25,6 +26,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
 use acc::{Acc, Agg};
+use anomaly::Stop;
 use dedupe::IdTable;
 use json::{Event, Val};
 use time::PeriodRule;
@@ -194,6 +196,7 @@ struct Customer {
     excluded: FxMap<PKey, (u64, u64)>,
     touched: u64, // the round of take_wms in which an event of this customer was last folded
     levels: Option<Box<Levels>>, // a customer whose subscription evaluates thresholds (None: nothing)
+    anom: Option<Box<anomaly::Cells>>, // a customer with anomaly detection: its current day cells (anomaly.rs)
 }
 
 /// The next usage level of each evaluated metric's period at which Python has something to do (a hair
@@ -246,7 +249,8 @@ struct BatchCore {
     changed_p: Vec<(usize, PKey)>,
     changed_x: Vec<(usize, PKey)>,
     notes: Vec<Note>,
-    stops: Vec<PKey>,
+    stops: Vec<Stop>,
+    anom_changed: Vec<(usize, u32)>, // anomaly cells added to since the last `take_cells` (anomaly.rs)
     code_index: FxMap<String, u32>,
     c: Counters,
     key_buf: String,
@@ -371,6 +375,7 @@ impl BatchCore {
             excluded: FxMap::default(),
             touched: 0,
             levels: None,
+            anom: None,
         });
         self.index.insert(key, i);
         i
@@ -543,8 +548,16 @@ impl BatchCore {
                         }
                     };
                     if stop {
-                        self.stops.push(pk);
+                        self.stops.push(Stop::Level(pk));
                     }
+                }
+            }
+            if let Some(an) = cust.anom.as_mut() {
+                // anomaly: the cell of the event's UTC day, after the metric's rows (CustomerMeter._fold)
+                match an.step(mi, ts, sign, v) {
+                    anomaly::Step::Stop => self.stops.push(Stop::Anom(mi)),
+                    anomaly::Step::Added { first: true } => self.anom_changed.push((ci, mi)),
+                    _ => {}
                 }
             }
         }
@@ -632,6 +645,7 @@ impl BatchCore {
             changed_x: Vec::new(),
             notes: Vec::new(),
             stops: Vec::new(),
+            anom_changed: Vec::new(),
             code_index,
             c: Counters::default(),
             key_buf: String::new(),
@@ -721,11 +735,85 @@ impl BatchCore {
         Ok(())
     }
 
-    /// The periods (metric, start, end) the last folded event stopped at (then none).
-    fn take_stops<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+    /// Where the last folded event stopped (then nowhere), in the order of its metrics: (metric, start, end) of
+    /// a period that reached its level; (metric, None, value) of an anomaly cell (anomaly.rs: the event is not
+    /// added to it; value: the cell's usage before the event, None when Python holds it).
+    fn take_stops<'py>(&mut self, py: Python<'py>, key: &str) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
-        for (mi, s, e) in self.stops.drain(..) {
-            out.append((self.metrics[mi as usize].code.bind(py), s, e))?;
+        let ci = self.index.get(key).copied();
+        for stop in self.stops.drain(..) {
+            match stop {
+                Stop::Level((mi, s, e)) => out.append((self.metrics[mi as usize].code.bind(py), s, e))?,
+                Stop::Anom(mi) => {
+                    let cells = ci.and_then(|ci| self.customers[ci].anom.as_deref());
+                    let val = match cells.and_then(|a| a.mirrored(mi)) {
+                        Some((_, v)) => v.to_py(py)?,
+                        None => None,
+                    };
+                    out.append((self.metrics[mi as usize].code.bind(py), py.None(), val))?
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Customer `key` has anomaly detection on the metrics `codes`: from now on their events add to the
+    /// current day cell of their metric (anomaly.rs; none yet: the next event of each stops).
+    fn anomaly(&mut self, key: &str, codes: Vec<String>) -> PyResult<()> {
+        let mut mis = Vec::new();
+        for c in &codes {
+            mis.push(*self.code_index.get(c).ok_or_else(|| PyValueError::new_err(format!("metric {c}")))?);
+        }
+        let n = self.metrics.len();
+        let &ci = self.index.get(key).ok_or_else(|| PyValueError::new_err(format!("customer {key} not held")))?;
+        self.customers[ci].anom = Some(Box::new(anomaly::Cells::new(n, &mis)));
+        Ok(())
+    }
+
+    /// The current cell of customer `key`'s anomaly metric `code` as Python left it (`Anomalies.cur`, or a
+    /// throwaway cell of a day not kept: `mirror` False): its day, usage (None: beyond what the native cell
+    /// holds, every event stops) and level.
+    fn set_cell(&mut self, key: &str, code: &str, day: i64, val: &Bound<'_, PyAny>, level: f64, mirror: bool)
+                -> PyResult<()> {
+        let mi = *self.code_index.get(code).ok_or_else(|| PyValueError::new_err(format!("metric {code}")))?;
+        let val = anomaly::Num::from_py(val)?;
+        if let Some(&ci) = self.index.get(key) {
+            if let Some(c) = self.customers[ci].anom.as_mut().and_then(|a| a.cell_mut(mi)) {
+                c.day = day;
+                c.val = val;
+                c.level = level;
+                c.mirror = mirror;
+            }
+        }
+        Ok(())
+    }
+
+    /// `(key, metric, day, usage)` of every anomaly cell added to since the last call (to mirror into
+    /// `Anomalies.cur`; throwaway cells and those Python holds left out).
+    fn take_cells<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        for (ci, mi) in self.anom_changed.drain(..) {
+            let c = &mut self.customers[ci];
+            let Some(an) = c.anom.as_mut() else { continue }; // (dropped since)
+            if let Some(cell) = an.cell_mut(mi) {
+                cell.dirty = false;
+            }
+            if let Some((day, v)) = an.mirrored(mi) {
+                out.append((c.key.bind(py), self.metrics[mi as usize].code.bind(py), day, v.to_py(py)?))?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// `(metric, day, usage)` of customer `key`'s anomaly cells to mirror into `Anomalies.cur` (as `take_cells`).
+    fn cells<'py>(&self, py: Python<'py>, key: &str) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        if let Some(an) = self.index.get(key).and_then(|&ci| self.customers[ci].anom.as_deref()) {
+            for mi in 0..self.metrics.len() as u32 {
+                if let Some((day, v)) = an.mirrored(mi) {
+                    out.append((self.metrics[mi as usize].code.bind(py), day, v.to_py(py)?))?;
+                }
+            }
         }
         Ok(out)
     }
@@ -971,6 +1059,7 @@ impl BatchCore {
             c.periods = FxMap::default();
             c.excluded = FxMap::default();
             c.levels = None;
+            c.anom = None;
         }
     }
 

@@ -112,6 +112,7 @@ pub fn load_customer(core: &mut BatchCore, py: Python<'_>, key: &str, period: &s
         excluded: xs,
         touched: 0,
         levels: None,
+        anom: None,
     });
     Ok(())
 }
