@@ -193,7 +193,9 @@ class AnomalyRow(_Rec, frozen=True):
     metric: str
     first: int  # the first day with an accepted event of the metric
     start: int  # the day of usage[0]
-    usage: List[Union[int, float]] = []  # usage of days start, start + 1, ... (the last is the latest day)
+    # usage of days start, start + 1, ...(the last is the latest day): int or float; Any, because an int beyond 64
+    # bits is a MessagePack extension (encode_meter_state), which msgspec hands to the ext hook only for Any
+    usage: List[Any] = []
     fired: List[int] = []  # days of that range whose anomaly alert fired
 
 

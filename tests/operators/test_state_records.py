@@ -81,6 +81,15 @@ def test_an_integer_beyond_64_bits_is_an_extension_not_an_error():
     assert acc_from_state(S.decode_meter_state(data).windows[0].acc).seen == acc.seen
 
 
+def test_an_anomaly_day_beyond_64_bits_resumes():
+    """A day's anomaly usage can be an int of any size (a sum of big ints); its snapshot decodes (it did not:
+    the usage list was typed int | float, which refuses the big-int extension, so the flow could not resume)."""
+    row = S.AnomalyRow(metric="m", first=3, start=5, usage=[2 ** 70, 1.5, -(10 ** 40), 7], fired=[6])
+    data = S.encode_meter_state(S.MeterState(key="t|c", version=5, anomaly=[row]))
+    back = S.decode_meter_state(data).anomaly[0]
+    assert back == row and [type(u) for u in back.usage] == [int, float, int, int]
+
+
 @pytest.mark.parametrize("n", [0, 1, -1, 127, 128, -128, -129, 2 ** 64, -(2 ** 1100) + 3])
 def test_int_bytes_round_trip(n):
     assert S.bytes_int(S.int_bytes(n)) == n
