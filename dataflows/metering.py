@@ -88,7 +88,7 @@ class _ShardLogic(StatefulBatchLogic):
     is refused (its customers would no longer meet their events).
 
     With ``pipeline.core = "native"`` (``native``: a :class:`meterflow.operators.native.NativeMeters`), the
-    customers without wallets, spend thresholds, auto_overage or anomaly are folded by the shard's native core,
+    customers without a wallet, an auto_overage upgrade or a p95/p99 entitlement are folded by the shard's native core,
     in one call per batch, and their rows mirrored into their meters at each tick and before a snapshot
     (README: Native core).
 
