@@ -137,7 +137,7 @@ pub struct Acc {
     pub events: u64,
     pub total: i128,
     pub fixed: Option<Box<Fixed>>,
-    pub reported: u64, // the last take_changes round that listed this row
+    pub reported: u64,         // the last take_changes round that listed this row
     pub ext: Option<Box<Ext>>, // the value of the aggregations that are not additive (None until the first)
 }
 
@@ -200,8 +200,8 @@ impl Agg {
 /// The state of a max / min / latest / unique_count / p95 / p99 row.
 #[derive(Clone)]
 pub enum Ext {
-    Best(Val<'static>),                 // max, min: MaxAcc.best (the first of equal values stays)
-    Latest(i64, Val<'static>),          // LatestAcc.ts, .last (a tie goes to the later arrival)
+    Best(Val<'static>),        // max, min: MaxAcc.best (the first of equal values stays)
+    Latest(i64, Val<'static>), // LatestAcc.ts, .last (a tie goes to the later arrival)
     Unique(Box<UniqueSet>),    // UniqueAcc.seen
     Pct(Box<Multiset>),        // PercentileAcc.counts, .n
 }
@@ -538,9 +538,12 @@ impl Ext {
 
     /// PercentileAcc.counts (value, count) in its order, and n (nothing dirty).
     pub fn pct_of(n: u64, entries: Vec<(Val<'static>, u64)>) -> Option<Ext> {
-        let mut m = Multiset { index: HashMap::with_capacity(entries.len()), entries: Vec::new(), n, dirty: Vec::new() };
+        let mut m =
+            Multiset { index: HashMap::with_capacity(entries.len()), entries: Vec::new(), n, dirty: Vec::new() };
         for (v, c) in entries {
-            if !matches!(v, Val::Int(_) | Val::Big(..) | Val::Float(_)) || m.index.insert(nkey(&v), m.entries.len()).is_some() {
+            if !matches!(v, Val::Int(_) | Val::Big(..) | Val::Float(_))
+                || m.index.insert(nkey(&v), m.entries.len()).is_some()
+            {
                 return None;
             }
             m.entries.push((v, c, false));

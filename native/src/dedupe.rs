@@ -97,13 +97,21 @@ const SMALL: usize = 1024; // below this many homes a table runs fuller (see `li
 /// 15/16 and the pad but one slot (its inserts shift more, in a table that fits in the cache).
 #[inline]
 fn limit(n_home: usize) -> usize {
-    if n_home < SMALL { n_home - n_home / 16 + pad(n_home) - 1 } else { n_home - n_home / 8 }
+    if n_home < SMALL {
+        n_home - n_home / 16 + pad(n_home) - 1
+    } else {
+        n_home - n_home / 8
+    }
 }
 
 /// The homes after a growth: 1/8 more (1/16, at least one, for a small table).
 #[inline]
 fn grown(n_home: usize) -> usize {
-    if n_home < SMALL { n_home + (n_home / 16).max(1) } else { n_home + n_home / 8 }
+    if n_home < SMALL {
+        n_home + (n_home / 16).max(1)
+    } else {
+        n_home + n_home / 8
+    }
 }
 
 #[inline]
@@ -771,13 +779,15 @@ mod tests {
         for round in 0..40 {
             let mut t = IdTable::new();
             let mut m = Model::default();
-            let pool: Vec<u64> = (0..(50 + round * 97)).map(|k| match k % 5 {
-                0 => rng(&mut s),
-                1 => (rng(&mut s) & 0xff) << 56,  // high bits only
-                2 => rng(&mut s) & 0xffff,         // small: low bits only
-                3 => (rng(&mut s) << 16) | 0x1234, // low bits all alike
-                _ => 0,
-            }).collect();
+            let pool: Vec<u64> = (0..(50 + round * 97))
+                .map(|k| match k % 5 {
+                    0 => rng(&mut s),
+                    1 => (rng(&mut s) & 0xff) << 56,   // high bits only
+                    2 => rng(&mut s) & 0xffff,         // small: low bits only
+                    3 => (rng(&mut s) << 16) | 0x1234, // low bits all alike
+                    _ => 0,
+                })
+                .collect();
             let mut wm: i64 = 1_000_000;
             for step in 0..(2_000 + round * 300) {
                 let fp = pool[(rng(&mut s) % pool.len() as u64) as usize];

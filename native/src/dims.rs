@@ -26,8 +26,14 @@ pub struct DimTable {
 impl DimTable {
     pub fn new() -> DimTable {
         // id 0: no dimensions, the empty tuple
-        DimTable { index: FxMap::default(), values: vec![Vec::new()], tuples: vec![None], buf: String::new(),
-                   scratch: String::new(), bounds: Vec::new() }
+        DimTable {
+            index: FxMap::default(),
+            values: vec![Vec::new()],
+            tuples: vec![None],
+            buf: String::new(),
+            scratch: String::new(),
+            bounds: Vec::new(),
+        }
     }
 
     /// The id of the dims tuple of `props` under `group_by` (0 when `group_by` is empty).

@@ -556,13 +556,18 @@ mod tests {
     #[test]
     fn a_value_nested_past_max_depth_is_left_to_python() {
         let line = |d: usize| {
-            format!(r#"{{"event_id":"e","tenant_id":"t","customer_id":"c","event_type":"x","timestamp":1,"u":{}{}}}"#,
-                    "[".repeat(d), "]".repeat(d))
+            format!(
+                r#"{{"event_id":"e","tenant_id":"t","customer_id":"c","event_type":"x","timestamp":1,"u":{}{}}}"#,
+                "[".repeat(d),
+                "]".repeat(d)
+            )
         };
         assert!(parse_event(line(crate::MAX_DEPTH - 1).as_bytes()).is_some()); // the event object is level 1
         assert!(parse_event(line(crate::MAX_DEPTH).as_bytes()).is_none());
-        let brackets = format!(r#"{{"event_id":"{}","tenant_id":"t","customer_id":"c","event_type":"x","timestamp":1}}"#,
-                               "[{".repeat(100));
+        let brackets = format!(
+            r#"{{"event_id":"{}","tenant_id":"t","customer_id":"c","event_type":"x","timestamp":1}}"#,
+            "[{".repeat(100)
+        );
         assert!(parse_event(brackets.as_bytes()).is_some()); // brackets inside a string do not nest
     }
 }

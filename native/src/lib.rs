@@ -10,8 +10,8 @@
 
 mod acc;
 mod anomaly;
-mod dims;
 mod dedupe;
+mod dims;
 mod json;
 mod mediate;
 mod resume;
@@ -194,7 +194,7 @@ struct Customer {
     windows: FxMap<WKey, Acc>,
     periods: FxMap<PKey, Acc>,
     excluded: FxMap<PKey, (u64, u64)>,
-    touched: u64, // the round of take_wms in which an event of this customer was last folded
+    touched: u64,                // the round of take_wms in which an event of this customer was last folded
     levels: Option<Box<Levels>>, // a customer whose subscription evaluates thresholds (None: nothing)
     anom: Option<Box<anomaly::Cells>>, // a customer with anomaly detection: its current day cells (anomaly.rs)
 }
@@ -311,18 +311,43 @@ impl BatchCore {
     /// why the fold stops there — 1, a line the native decoder leaves to Python; 2, no billing period for its
     /// time; 3, it reached a level (`stops`).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn fold_line(&mut self, index: usize, ci: usize, raw: &[u8], ts: i64, wm: i64, excluded: bool)
-                            -> Option<u8> {
+    pub(crate) fn fold_line(
+        &mut self,
+        index: usize,
+        ci: usize,
+        raw: &[u8],
+        ts: i64,
+        wm: i64,
+        excluded: bool,
+    ) -> Option<u8> {
         let Some(ev) = json::parse_event(raw) else { return Some(1) };
-        self.fold_parsed(index, ci, fingerprint(&ev.event_id), &ev.event_type, ts, wm, excluded, ev.correction,
-                         &ev.props)
+        self.fold_parsed(
+            index,
+            ci,
+            fingerprint(&ev.event_id),
+            &ev.event_type,
+            ts,
+            wm,
+            excluded,
+            ev.correction,
+            &ev.props,
+        )
     }
 
     /// `fold_line` of a line already parsed (mediate.rs `fold_bundle`: the bundle keeps each line's parse).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn fold_parsed<K: AsRef<str>>(&mut self, index: usize, ci: usize, fp: u64, event_type: &str, ts: i64,
-                                             wm: i64, excluded: bool, correction: bool, props: &[(K, Val)])
-                                             -> Option<u8> {
+    pub(crate) fn fold_parsed<K: AsRef<str>>(
+        &mut self,
+        index: usize,
+        ci: usize,
+        fp: u64,
+        event_type: &str,
+        ts: i64,
+        wm: i64,
+        excluded: bool,
+        correction: bool,
+        props: &[(K, Val)],
+    ) -> Option<u8> {
         if wm > self.watermark {
             self.watermark = wm;
         }
@@ -383,8 +408,18 @@ impl BatchCore {
 
     /// operators/meter.py `CustomerMeter._fold` for one event, count/sum metrics.
     #[allow(clippy::too_many_arguments)]
-    fn fold_one<K: AsRef<str>>(&mut self, index: usize, ci: usize, fp: u64, event_type: &str, ts: i64, me_wm: i64,
-                               excluded: bool, correction: bool, props: &[(K, Val)]) -> PyResult<()> {
+    fn fold_one<K: AsRef<str>>(
+        &mut self,
+        index: usize,
+        ci: usize,
+        fp: u64,
+        event_type: &str,
+        ts: i64,
+        me_wm: i64,
+        excluded: bool,
+        correction: bool,
+        props: &[(K, Val)],
+    ) -> PyResult<()> {
         let (window_ms, grace_ms, dedupe_ms, round) = (self.window_ms, self.grace_ms, self.dedupe_ms, self.round);
         let cust = &mut self.customers[ci];
         if cust.touched != self.wm_round {
@@ -539,12 +574,16 @@ impl BatchCore {
                         None => true,
                         Some(&(l, fall)) => {
                             let (x, tol) = a.approx();
-                            x + tol >= l || fall && (sign < 0 || !agg.additive() || match v {
-                                Some(Val::Int(i)) => *i < 0,
-                                Some(Val::Float(f)) => *f < 0.0,
-                                Some(Val::Big(b, _)) => b.last().is_some_and(|byte| *byte & 0x80 != 0),
-                                _ => false,
-                            })
+                            x + tol >= l
+                                || fall
+                                    && (sign < 0
+                                        || !agg.additive()
+                                        || match v {
+                                            Some(Val::Int(i)) => *i < 0,
+                                            Some(Val::Float(f)) => *f < 0.0,
+                                            Some(Val::Big(b, _)) => b.last().is_some_and(|byte| *byte & 0x80 != 0),
+                                            _ => false,
+                                        })
                         }
                     };
                     if stop {
@@ -674,8 +713,17 @@ impl BatchCore {
             let wm = self.watermark;
             let ci = self.customer(py, &ev.tenant_id, &ev.customer_id);
             self.c.read += 1;
-            self.fold_one(i, ci, fingerprint(&ev.event_id), &ev.event_type, ts, wm, excluded, ev.correction,
-                          &ev.props)?;
+            self.fold_one(
+                i,
+                ci,
+                fingerprint(&ev.event_id),
+                &ev.event_type,
+                ts,
+                wm,
+                excluded,
+                ev.correction,
+                &ev.props,
+            )?;
             i += 1;
         }
         self.evict_seen(); // the batch's end
@@ -685,8 +733,20 @@ impl BatchCore {
     /// Fold one event the Python Mediator accepted (its `MeteredEvent` fields; `fp` from
     /// operators.dedupe.fingerprint; `props` as (key, value) pairs, ints beyond i64 as ('big', bytes, ok)).
     #[allow(clippy::too_many_arguments)]
-    fn fold(&mut self, py: Python<'_>, index: usize, tenant_id: &str, customer_id: &str, fp: u64, event_type: &str,
-            ts: i64, wm: i64, excluded: bool, correction: bool, props: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn fold(
+        &mut self,
+        py: Python<'_>,
+        index: usize,
+        tenant_id: &str,
+        customer_id: &str,
+        fp: u64,
+        event_type: &str,
+        ts: i64,
+        wm: i64,
+        excluded: bool,
+        correction: bool,
+        props: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let props = pairs(props)?;
         let ci = self.customer(py, tenant_id, customer_id);
         if wm > self.watermark {
@@ -721,8 +781,15 @@ impl BatchCore {
     /// The next level of customer `key`'s metric `code` in period `pstart..pend` (None: none known, the next
     /// event folded into it stops); with `fall`, an event that may lower the value stops too (`Levels`).
     #[pyo3(signature = (key, code, pstart, pend, level, fall = false))]
-    fn set_level(&mut self, key: &str, code: &str, pstart: i64, pend: i64, level: Option<f64>, fall: bool)
-                 -> PyResult<()> {
+    fn set_level(
+        &mut self,
+        key: &str,
+        code: &str,
+        pstart: i64,
+        pend: i64,
+        level: Option<f64>,
+        fall: bool,
+    ) -> PyResult<()> {
         let mi = *self.code_index.get(code).ok_or_else(|| PyValueError::new_err(format!("metric {code}")))?;
         if let Some(&ci) = self.index.get(key) {
             if let Some(lv) = self.customers[ci].levels.as_mut() {
@@ -773,8 +840,15 @@ impl BatchCore {
     /// The current cell of customer `key`'s anomaly metric `code` as Python left it (`Anomalies.cur`, or a
     /// throwaway cell of a day not kept: `mirror` False): its day, usage (None: beyond what the native cell
     /// holds, every event stops) and level.
-    fn set_cell(&mut self, key: &str, code: &str, day: i64, val: &Bound<'_, PyAny>, level: f64, mirror: bool)
-                -> PyResult<()> {
+    fn set_cell(
+        &mut self,
+        key: &str,
+        code: &str,
+        day: i64,
+        val: &Bound<'_, PyAny>,
+        level: f64,
+        mirror: bool,
+    ) -> PyResult<()> {
         let mi = *self.code_index.get(code).ok_or_else(|| PyValueError::new_err(format!("metric {code}")))?;
         let val = anomaly::Num::from_py(val)?;
         if let Some(&ci) = self.index.get(key) {
@@ -821,8 +895,14 @@ impl BatchCore {
     /// Customer `key`'s period row: (events, total, fscaled, changed since the last `take_changes`), or None.
     /// A row of an aggregation that is not additive has its value in place of fscaled (`Acc::peek`).
     #[allow(clippy::type_complexity)]
-    fn period_value<'py>(&self, py: Python<'py>, key: &str, code: &str, pstart: i64, pend: i64)
-                         -> PyResult<Option<(u64, i128, Option<Bound<'py, PyAny>>, bool)>> {
+    fn period_value<'py>(
+        &self,
+        py: Python<'py>,
+        key: &str,
+        code: &str,
+        pstart: i64,
+        pend: i64,
+    ) -> PyResult<Option<(u64, i128, Option<Bound<'py, PyAny>>, bool)>> {
         let (Some(&mi), Some(&ci)) = (self.code_index.get(code), self.index.get(key)) else { return Ok(None) };
         let Some(a) = self.customers[ci].periods.get(&(mi, pstart, pend)) else { return Ok(None) };
         let x = if a.ext.is_some() {
@@ -843,8 +923,13 @@ impl BatchCore {
     /// Returns `(i, why)`: `why` 0 when all are folded (`i == len(events)`); 1 when `events[i]`'s line is one
     /// it does not decode exactly (the caller folds it with `fold`); 2 when `events[i]`'s time has no billing
     /// period (nothing of it was folded: the caller dead-letters it). Then the caller resumes at `i + 1`.
-    fn fold_events(&mut self, py: Python<'_>, key: &str, events: &Bound<'_, PyList>, start: usize)
-                   -> PyResult<(usize, u8)> {
+    fn fold_events(
+        &mut self,
+        py: Python<'_>,
+        key: &str,
+        events: &Bound<'_, PyList>,
+        start: usize,
+    ) -> PyResult<(usize, u8)> {
         self.key_buf.clear();
         self.key_buf.push_str(key);
         let ci = match self.index.get(key) {
@@ -867,8 +952,10 @@ impl BatchCore {
             if wm > self.watermark {
                 self.watermark = wm;
             }
-            if self.fold_one(i, ci, fingerprint(&ev.event_id), &ev.event_type, ts, wm, excluded, ev.correction,
-                             &ev.props).is_err() {
+            if self
+                .fold_one(i, ci, fingerprint(&ev.event_id), &ev.event_type, ts, wm, excluded, ev.correction, &ev.props)
+                .is_err()
+            {
                 return Ok((i, 2));
             }
             self.c.read += 1;
@@ -881,8 +968,13 @@ impl BatchCore {
     /// `fold_events` over `pairs[p_start:]` of `(key, events)`, the first from `events[i_start]` on. Returns
     /// `(p, i, why)`: `p == len(pairs)` when all are folded; else `pairs[p]`'s `events[i]` needs the caller
     /// (`why` as in `fold_events`), which resumes at `(p, i + 1)`. Note indexes are `p << 32 | i`.
-    fn fold_many(&mut self, py: Python<'_>, pairs: &Bound<'_, PyList>, p_start: usize, i_start: usize)
-                 -> PyResult<(usize, usize, u8)> {
+    fn fold_many(
+        &mut self,
+        py: Python<'_>,
+        pairs: &Bound<'_, PyList>,
+        p_start: usize,
+        i_start: usize,
+    ) -> PyResult<(usize, usize, u8)> {
         let (a_raw, a_ts, a_wm, a_ex) =
             (pyo3::intern!(py, "raw"), pyo3::intern!(py, "ts"), pyo3::intern!(py, "wm"), pyo3::intern!(py, "excluded"));
         let np = pairs.len();
@@ -945,8 +1037,11 @@ impl BatchCore {
     }
 
     /// (events of the bundle's customers held here, those of them evaluating nothing, the evaluated keys).
-    fn bundle_counts<'py>(&self, py: Python<'py>, bundle: PyRef<'_, mediate::Bundle>)
-                          -> PyResult<(usize, usize, Bound<'py, PyList>)> {
+    fn bundle_counts<'py>(
+        &self,
+        py: Python<'py>,
+        bundle: PyRef<'_, mediate::Bundle>,
+    ) -> PyResult<(usize, usize, Bound<'py, PyList>)> {
         mediate::bundle_counts(self, py, &bundle)
     }
 
@@ -1043,9 +1138,19 @@ impl BatchCore {
     /// fixed, ext); excluded: (metric, start, end, count); fps/exps as `export_seen` gives them. ValueError
     /// (nothing held) when something does not fit.
     #[allow(clippy::too_many_arguments)]
-    fn load_customer(&mut self, py: Python<'_>, key: &str, period: &str, anchor: i64, wm: i64, fps: &[u8],
-                     exps: &[u8], windows: &Bound<'_, PyAny>, periods: &Bound<'_, PyAny>,
-                     excluded: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn load_customer(
+        &mut self,
+        py: Python<'_>,
+        key: &str,
+        period: &str,
+        anchor: i64,
+        wm: i64,
+        fps: &[u8],
+        exps: &[u8],
+        windows: &Bound<'_, PyAny>,
+        periods: &Bound<'_, PyAny>,
+        excluded: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         resume::load_customer(self, py, key, period, anchor, wm, fps, exps, windows, periods, excluded)
     }
 
@@ -1071,8 +1176,10 @@ impl BatchCore {
     /// notes: (line index, key, "too_late", period_start, period_end, watermark) or
     /// (line index, key, "missing_property", metric, 0, 0).
     #[allow(clippy::type_complexity)]
-    fn take_changes<'py>(&mut self, py: Python<'py>)
-                         -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>, Bound<'py, PyList>, Bound<'py, PyList>)> {
+    fn take_changes<'py>(
+        &mut self,
+        py: Python<'py>,
+    ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>, Bound<'py, PyList>, Bound<'py, PyList>)> {
         // fscaled: the float part of a sum; of the other aggregations what `Acc::report` says
         let fs = |a: &mut Acc| -> PyResult<Option<Bound<'py, PyAny>>> {
             if a.ext.is_some() {
@@ -1110,10 +1217,17 @@ impl BatchCore {
     fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         let c = &self.c;
-        for (k, v) in [("read", c.read), ("accepted", c.accepted), ("duplicates", c.duplicates),
-                       ("excluded", c.excluded), ("unmetered", c.unmetered), ("too_late", c.too_late),
-                       ("missing_property", c.missing_property), ("python_path", c.python_path),
-                       ("corrections_ignored", c.corrections_ignored)] {
+        for (k, v) in [
+            ("read", c.read),
+            ("accepted", c.accepted),
+            ("duplicates", c.duplicates),
+            ("excluded", c.excluded),
+            ("unmetered", c.unmetered),
+            ("too_late", c.too_late),
+            ("missing_property", c.missing_property),
+            ("python_path", c.python_path),
+            ("corrections_ignored", c.corrections_ignored),
+        ] {
             d.set_item(k, v)?;
         }
         Ok(d)

@@ -21,8 +21,12 @@ use crate::json::{self, Event, Stamp, Val};
 use crate::{matches, pairs, time, BatchCore, FxMap, Tenant, LAST_EVENT_MS};
 
 /// Mediation of one line (operators/mediate.py `Mediator.__call__`); None: the Python path decides.
-pub(crate) fn mediate_line<'l>(tenants: &FxMap<String, Tenant>, max_bytes: usize, raw: &'l [u8], horizon: i64)
-                               -> Option<(Event<'l>, i64, bool)> {
+pub(crate) fn mediate_line<'l>(
+    tenants: &FxMap<String, Tenant>,
+    max_bytes: usize,
+    raw: &'l [u8],
+    horizon: i64,
+) -> Option<(Event<'l>, i64, bool)> {
     if raw.is_empty() || raw.len() > max_bytes {
         return None;
     }
@@ -36,8 +40,8 @@ pub(crate) fn mediate_line<'l>(tenants: &FxMap<String, Tenant>, max_bytes: usize
         return None;
     }
     let tenant = tenants.get(&*ev.tenant_id)?;
-    let excluded = tenant.excluded.contains(&*ev.customer_id)
-        || (!tenant.when.is_empty() && matches(&ev.props, &tenant.when));
+    let excluded =
+        tenant.excluded.contains(&*ev.customer_id) || (!tenant.when.is_empty() && matches(&ev.props, &tenant.when));
     Some((ev, ts, excluded))
 }
 
@@ -238,10 +242,13 @@ impl Parsed {
         self.corr.push(from.corr[i]);
         let (a, b) = from.props_range(i);
         let start = from.etype[i].off;
-        let end = from.recs[a..b].iter().fold(from.etype[i].off + from.etype[i].len, |end, rec| match rec.val {
-            PVal::Str(r) => r.off + r.len,
-            _ => rec.key.off + rec.key.len,
-        }.max(end));
+        let end = from.recs[a..b].iter().fold(from.etype[i].off + from.etype[i].len, |end, rec| {
+            match rec.val {
+                PVal::Str(r) => r.off + r.len,
+                _ => rec.key.off + rec.key.len,
+            }
+            .max(end)
+        });
         let base = self.sbuf.len() as u32;
         self.sbuf.push_str(&from.sbuf[start as usize..end as usize]);
         let moved = |r: SRef| SRef { off: r.off - start + base, len: r.len };
@@ -516,7 +523,9 @@ impl Bundle {
     }
 
     #[allow(clippy::type_complexity)]
-    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>, Bound<'py, PyList>))> {
+    fn __reduce__<'py>(
+        slf: &Bound<'py, Self>,
+    ) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>, Bound<'py, PyList>))> {
         let py = slf.py();
         let b = slf.borrow();
         let events = PyList::new(py, b.py.iter().map(|o| o.bind(py)))?;
@@ -739,8 +748,12 @@ impl Mediator {
     /// The raw archive columns of the staged batch (operators/mediate.py `raw_columns`, in its order:
     /// customers by first event), or None when nothing was accepted. `py_row(me)` gives the ten column
     /// values of a Python-made event.
-    fn columns<'py>(&self, py: Python<'py>, ingested: i64, py_row: &Bound<'py, PyAny>)
-                    -> PyResult<Option<Bound<'py, PyTuple>>> {
+    fn columns<'py>(
+        &self,
+        py: Python<'py>,
+        ingested: i64,
+        py_row: &Bound<'py, PyAny>,
+    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
         if self.evs.is_empty() {
             return Ok(None);
         }
@@ -766,7 +779,13 @@ impl Mediator {
                 cols[6].append(PyBool::new(py, p.correction))?;
                 cols[7].append(ingested)?;
                 cols[8].append(PyString::new(py, &src_text(&self.names, &ev.src)))?;
-                cols[9].append(if ev.src.kind == 0 { 0 } else if ev.src.kind == 2 { ev.src.a } else { ev.src.b })?;
+                cols[9].append(if ev.src.kind == 0 {
+                    0
+                } else if ev.src.kind == 2 {
+                    ev.src.a
+                } else {
+                    ev.src.b
+                })?;
             }
         }
         Ok(Some(PyTuple::new(py, cols)?))
@@ -774,8 +793,12 @@ impl Mediator {
 
     /// The raw archive of the staged batch as `(rows, RowBinary bytes)` (archive.rs: the values of `columns`,
     /// in its order), or None: nothing was accepted, or a Python-made event's row is left to `columns`.
-    fn archive<'py>(&self, py: Python<'py>, ingested: i64, py_row: &Bound<'py, PyAny>)
-                    -> PyResult<Option<(usize, Bound<'py, PyBytes>)>> {
+    fn archive<'py>(
+        &self,
+        py: Python<'py>,
+        ingested: i64,
+        py_row: &Bound<'py, PyAny>,
+    ) -> PyResult<Option<(usize, Bound<'py, PyBytes>)>> {
         if self.evs.is_empty() {
             return Ok(None);
         }
@@ -876,8 +899,12 @@ impl Mediator {
 
 /// `BatchCore::fold_bundle`: the customers of `b` the core holds (others skipped), from customer `k` event
 /// `i` on. Returns `(k, i, why)` as `fold_many` (why 1 also for a Python-made event).
-pub(crate) fn fold_bundle(core: &mut BatchCore, b: &Bundle, k_start: usize, i_start: usize)
-                          -> PyResult<(usize, usize, u8)> {
+pub(crate) fn fold_bundle(
+    core: &mut BatchCore,
+    b: &Bundle,
+    k_start: usize,
+    i_start: usize,
+) -> PyResult<(usize, usize, u8)> {
     let nk = b.keys.len();
     let mut k = k_start;
     let mut i = i_start;
@@ -896,8 +923,9 @@ pub(crate) fn fold_bundle(core: &mut BatchCore, b: &Bundle, k_start: usize, i_st
             }
             let p = &b.parsed;
             let Some(etype) = p.event(j, &mut props) else { return Ok((k, i, 1)) };
-            if let Some(why) = core.fold_parsed(k << 32 | i, ci, p.fp[j], etype, b.ts[j], b.wm[j], b.excl[j],
-                                                p.corr[j], &props) {
+            if let Some(why) =
+                core.fold_parsed(k << 32 | i, ci, p.fp[j], etype, b.ts[j], b.wm[j], b.excl[j], p.corr[j], &props)
+            {
                 return Ok((k, i, why));
             }
             i += 1;
@@ -911,8 +939,11 @@ pub(crate) fn fold_bundle(core: &mut BatchCore, b: &Bundle, k_start: usize, i_st
 
 /// `BatchCore::bundle_counts`: (events of the customers the core holds, those of them that evaluate
 /// nothing, the evaluated customers' keys).
-pub(crate) fn bundle_counts<'py>(core: &BatchCore, py: Python<'py>, b: &Bundle)
-                                 -> PyResult<(usize, usize, Bound<'py, PyList>)> {
+pub(crate) fn bundle_counts<'py>(
+    core: &BatchCore,
+    py: Python<'py>,
+    b: &Bundle,
+) -> PyResult<(usize, usize, Bound<'py, PyList>)> {
     let (mut n, mut unevaluated) = (0usize, 0usize);
     let evaluated = PyList::empty(py);
     for (k, key) in b.keys.iter().enumerate() {

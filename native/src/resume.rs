@@ -56,9 +56,19 @@ fn acc_of(agg: Agg, row: &Bound<'_, PyAny>, at: usize) -> PyResult<Acc> {
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn load_customer(core: &mut BatchCore, py: Python<'_>, key: &str, period: &str, anchor: i64, wm: i64,
-                     fps: &[u8], exps: &[u8], windows: &Bound<'_, PyAny>, periods: &Bound<'_, PyAny>,
-                     excluded: &Bound<'_, PyAny>) -> PyResult<()> {
+pub fn load_customer(
+    core: &mut BatchCore,
+    py: Python<'_>,
+    key: &str,
+    period: &str,
+    anchor: i64,
+    wm: i64,
+    fps: &[u8],
+    exps: &[u8],
+    windows: &Bound<'_, PyAny>,
+    periods: &Bound<'_, PyAny>,
+    excluded: &Bound<'_, PyAny>,
+) -> PyResult<()> {
     if core.index.contains_key(key) {
         return Err(bad("the customer is already held"));
     }

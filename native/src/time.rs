@@ -58,7 +58,13 @@ fn d2(b: &[u8], i: usize) -> Option<i64> {
 /// Epoch ms of the strict RFC 3339 form (fraction truncated to the millisecond), or None.
 pub fn parse_rfc3339(text: &str) -> Option<i64> {
     let b = text.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') || b[13] != b':' || b[16] != b':' {
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return None;
     }
     let y = d2(b, 0)? * 100 + d2(b, 2)?;

@@ -77,8 +77,12 @@ fn py_row(out: &mut Vec<u8>, row: &Bound<'_, PyAny>) -> PyResult<Option<()>> {
 }
 
 /// `(rows, RowBinary bytes)` of the staged batch, or None (see `py_row`); the caller checks it is not empty.
-pub(super) fn row_binary(m: &Mediator, py: Python<'_>, ingested: i64, py_row_of: &Bound<'_, PyAny>)
-                         -> PyResult<Option<(usize, Vec<u8>)>> {
+pub(super) fn row_binary(
+    m: &Mediator,
+    py: Python<'_>,
+    ingested: i64,
+    py_row_of: &Bound<'_, PyAny>,
+) -> PyResult<Option<(usize, Vec<u8>)>> {
     let mut out: Vec<u8> = Vec::with_capacity(m.buf.len() + m.evs.len() * 96);
     let mut rows = 0usize;
     for c in &m.custs {
@@ -92,7 +96,8 @@ pub(super) fn row_binary(m: &Mediator, py: Python<'_>, ingested: i64, py_row_of:
                 }
                 continue;
             }
-            if ev.arch.1 > ev.arch.0 {  // written by run as it parsed the line
+            if ev.arch.1 > ev.arch.0 {
+                // written by run as it parsed the line
                 out.extend_from_slice(&m.arch[ev.arch.0 as usize..ev.arch.1 as usize]);
             } else {
                 let raw = &m.buf[ev.start as usize..ev.end as usize];
@@ -102,7 +107,16 @@ pub(super) fn row_binary(m: &Mediator, py: Python<'_>, ingested: i64, py_row_of:
             }
             put_i64(&mut out, ingested);
             put_str(&mut out, src_text(&m.names, &ev.src).as_bytes());
-            put_i64(&mut out, if ev.src.kind == 0 { 0 } else if ev.src.kind == 2 { ev.src.a } else { ev.src.b });
+            put_i64(
+                &mut out,
+                if ev.src.kind == 0 {
+                    0
+                } else if ev.src.kind == 2 {
+                    ev.src.a
+                } else {
+                    ev.src.b
+                },
+            );
         }
     }
     Ok(Some((rows, out)))
