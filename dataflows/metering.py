@@ -311,8 +311,10 @@ class _ShardLogic(StatefulBatchLogic):
             self._sync_native()
         for key in self._dirty:
             meter = meters[key]
-            if meter.has_dirty():  # (a customer of this batch was already flushed by process)
-                evicts = meter.wm > meter.next_evict  # (the flush evicts the rows the watermark closed)
+            # (a customer of this batch was already flushed by process; one the native core folded is flushed
+            # when it has rows to emit or rows its watermark closed, as process(flush=True) would flush it)
+            evicts = meter.wm > meter.next_evict  # (the flush evicts the rows the watermark closed)
+            if meter.has_dirty() or evicts:
                 out.add(meter.flush())
                 if evicts and native is not None and key in native.keys:
                     native.evicted(meter)
