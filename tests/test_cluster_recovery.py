@@ -72,15 +72,19 @@ def test_a_one_process_directory_is_refused_to_a_cluster_and_keeps_its_workers_f
 
 def test_processes_starting_together_initialise_the_directory_once(tmp_path):
     d = tmp_path / "rec"
-    code = ("import sys, time; from meterflow.runner import open_recovery; "
-            "t = float(sys.argv[3]); time.sleep(max(0.0, t - time.time())); "
+    # They start together when the go file appears (a file, not a wall-clock instant: the clock guard moves this
+    # process's clock, not theirs).
+    go = tmp_path / "go"
+    code = ("import os, sys, time; from meterflow.runner import open_recovery; "
+            "print('ready', flush=True); "
+            "exec('while not os.path.exists(sys.argv[3]): time.sleep(0.001)'); "
             "rec, lock = open_recovery(sys.argv[1], 256, processes=4, process_id=int(sys.argv[2])); "
             "print('ok', flush=True)")
-    import time
-
-    at = time.time() + 1.5
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(d), str(i), str(at)], stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(d), str(i), str(go)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(4)]
+    for p in procs:  # every one imported and waiting
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    go.touch()
     outs = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, [o[1][-1000:] for o in outs]
     assert sorted(p.name for p in d.glob("part-*.sqlite3")) == [f"part-{i}.sqlite3" for i in range(4)]
