@@ -182,7 +182,7 @@ struct Tenant {
 type WKey = (u32, i64, u32); // metric, window start, dims (dims.rs DimTable id; 0: none)
 type PKey = (u32, i64, i64);
 
-struct Customer {
+pub(crate) struct Customer {
     key: Py<PyString>,
     rule: PeriodRule,
     seen: IdTable,
@@ -197,6 +197,28 @@ struct Customer {
     touched: u64,                // the round of take_wms in which an event of this customer was last folded
     levels: Option<Box<Levels>>, // a customer whose subscription evaluates thresholds (None: nothing)
     anom: Option<Box<anomaly::Cells>>, // a customer with anomaly detection: its current day cells (anomaly.rs)
+}
+
+impl Customer {
+    /// A customer with no state yet, under period rule `rule`.
+    pub(crate) fn new(py: Python<'_>, key: &str, rule: PeriodRule) -> Customer {
+        Customer {
+            key: PyString::new(py, key).unbind(),
+            rule,
+            seen: IdTable::new(),
+            seen_next: dedupe::NO_EXPIRY,
+            seen_due: false,
+            wm: 0,
+            pstart: 0,
+            pend: 0,
+            windows: FxMap::default(),
+            periods: FxMap::default(),
+            excluded: FxMap::default(),
+            touched: 0,
+            levels: None,
+            anom: None,
+        }
+    }
 }
 
 /// The next usage level of each evaluated metric's period at which Python has something to do (a hair
@@ -259,6 +281,7 @@ struct BatchCore {
     last: [u64; 6],
     dims: dims::DimTable,
     seen_due: Vec<usize>, // customers folded since the last `evict_seen`
+    free: Vec<usize>,     // slots of dropped customers, reused by `hold_customer`
 }
 
 fn val_from_py(v: &Bound<'_, PyAny>) -> PyResult<Val<'static>> {
@@ -385,23 +408,22 @@ impl BatchCore {
     fn new_customer(&mut self, py: Python<'_>) -> usize {
         let key = self.key_buf.clone();
         let rule = *self.subs.get(&key).unwrap_or(&self.default_rule);
-        let i = self.customers.len();
-        self.customers.push(Customer {
-            key: PyString::new(py, &key).unbind(),
-            rule,
-            seen: IdTable::new(),
-            seen_next: dedupe::NO_EXPIRY,
-            seen_due: false,
-            wm: 0,
-            pstart: 0,
-            pend: 0,
-            windows: FxMap::default(),
-            periods: FxMap::default(),
-            excluded: FxMap::default(),
-            touched: 0,
-            levels: None,
-            anom: None,
-        });
+        self.hold_customer(key, Customer::new(py, &self.key_buf, rule))
+    }
+
+    /// Hold customer `c` as `key`, in the slot a dropped customer left if there is one (so a customer moving
+    /// between the folds does not leave an empty slot behind each time), else a new one.
+    pub(crate) fn hold_customer(&mut self, key: String, c: Customer) -> usize {
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.customers[i] = c;
+                i
+            }
+            None => {
+                self.customers.push(c);
+                self.customers.len() - 1
+            }
+        };
         self.index.insert(key, i);
         i
     }
@@ -693,6 +715,7 @@ impl BatchCore {
             last: [0; 6],
             dims: dims::DimTable::new(),
             seen_due: Vec::new(),
+            free: Vec::new(),
         })
     }
 
@@ -1155,16 +1178,18 @@ impl BatchCore {
     }
 
     /// Forget customer `key` (its state moved to the Python path). Call `take_changes` first.
-    fn drop_customer(&mut self, key: &str) {
+    fn drop_customer(&mut self, py: Python<'_>, key: &str) {
         if let Some(i) = self.index.remove(key) {
-            let c = &mut self.customers[i];
-            c.seen = IdTable::new();
-            c.seen_next = dedupe::NO_EXPIRY;
-            c.windows = FxMap::default();
-            c.periods = FxMap::default();
-            c.excluded = FxMap::default();
-            c.levels = None;
-            c.anom = None;
+            // (nothing may still name the slot when it is reused: the pending changes and notes of the customer
+            // were taken first, and what an event of the batch left behind is dropped here)
+            self.touched_c.retain(|&c| c != i);
+            self.seen_due.retain(|&c| c != i);
+            self.changed_w.retain(|&(c, _)| c != i);
+            self.changed_p.retain(|&(c, _)| c != i);
+            self.changed_x.retain(|&(c, _)| c != i);
+            self.notes.retain(|n| !matches!(n, Note::TooLate { cust, .. } | Note::Missing { cust, .. } if *cust == i));
+            self.customers[i] = Customer::new(py, "", self.default_rule);
+            self.free.push(i);
         }
     }
 

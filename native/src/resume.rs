@@ -107,22 +107,7 @@ pub fn load_customer(
     let seen = crate::dedupe::from_state(fps, exps).map_err(|_| bad("the dedupe table"))?;
     // (CustomerMeter's restore and NativeMeters.release start its eviction bound at the smallest expiry too)
     let seen_next = seen.min_expiry();
-    core.index.insert(key.to_owned(), core.customers.len());
-    core.customers.push(Customer {
-        key: PyString::new(py, key).unbind(),
-        rule,
-        seen,
-        seen_next,
-        seen_due: false,
-        wm,
-        pstart: 0,
-        pend: 0,
-        windows: ws,
-        periods: ps,
-        excluded: xs,
-        touched: 0,
-        levels: None,
-        anom: None,
-    });
+    let c = Customer { seen, seen_next, wm, windows: ws, periods: ps, excluded: xs, ..Customer::new(py, key, rule) };
+    core.hold_customer(key.to_owned(), c);
     Ok(())
 }

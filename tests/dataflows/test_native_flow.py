@@ -959,3 +959,36 @@ def test_the_native_core_drops_the_rows_the_python_meter_evicts():
         assert core.rows(key) == (len(meter.windows), len(meter.periods), len(meter.excluded)), key
         # only the open period (and the one inside late_grace) is held: not five months of hourly windows
         assert len(meter.windows) < 2 * 31 * 3 * 12, key
+
+
+def test_a_customer_moving_between_the_folds_reuses_its_native_slot():
+    """Each changelog record moves its customer to the Python fold and back with its state; the native core
+    reuses the slot the customer left instead of keeping an empty one per move, and the outputs stay the Python
+    core's."""
+    def change(n):
+        return json.dumps({"tenant_id": "acme", "customer_id": "c3", "subscription": {
+            "tenant_id": "acme", "customer_id": "c3", "plan": "pro", "period": "month",
+            "anchor": "2026-11-01T00:00:00Z", "account_name": f"v{n}"}}).encode()
+
+    def ev(eid, cust):
+        return (("in", eid), json.dumps({"event_id": eid, "tenant_id": "acme", "customer_id": cust,
+                                         "event_type": "api_call", "timestamp": BASE, "properties": {"tokens": 1}})
+                .encode())
+
+    def run(core):
+        cfg = config(core, shards=1)
+        med = Mediator(cfg, stats=FlowStats())
+        logic = _ShardLogic(Rules(cfg), 1, None, False, med, clock=lambda: BASE + 40 * DAY,
+                            native=native.NativeMeters(cfg) if core == "native" else None)
+        changes = ChangelogMediator(cfg, stats=FlowStats())
+        out = logic.on_batch([b for _, b in bundle_shards(med([ev("a", "c3"), ev("b", "c2")]).groups, 1)])[0]
+        for n in range(6):
+            ((_key, update),), _dead = changes([(("changes", n), change(n))])
+            out += logic.on_batch([update] + [b for _, b in bundle_shards(med([ev(f"e{n}", "c3")]).groups, 1)])[0]
+        out += logic.on_eof()[0]
+        return logic, sorted((r.customer_id, r.metric, r.value, r.version) for em in out for r in em.periods)
+
+    nat, rows = run("native")
+    assert rows == run("python")[1]
+    assert nat._native.keys == {"acme|c3", "acme|c2"} and nat._native.loaded == 6
+    assert nat._native._core.customers() == 2  # (one slot each; it was 2 + one per move)
