@@ -538,24 +538,13 @@ class NativeMeters:
             key, group = pairs[p]
             self._stopped(meters[key], group[i], why, p << 32 | i, failed, alerts)
             p, i, why = core.fold_many(pairs, p, i + 1)
-        for index, key, reason, a, b, c in core.take_notes():
-            me = pairs[index >> 32][1][index & 0xFFFFFFFF]
-            failed.append((index, self._note(meters[key], me, reason, a, b, c)))
-        dup, excl, unmetered, too_late, missing, _read = core.take_counts()
-        ignored = core.take_ignored()
         n = sum(len(g) for _, g in pairs)
         evaluated = self.evaluated
         unevaluated = sum(len(g) for k, g in pairs if k not in evaluated) if evaluated else n
-        bad = too_late + self._invalid
-        self._invalid = 0
-        stats = self._stats
-        stats.add_metered(n - dup - excl - bad, dup, excl, unmetered, ignored, bad, missing)
-        if alerts or unevaluated:  # (as CustomerMeter.process)
-            stats.add({"alerts": len(alerts), "unevaluated": unevaluated})
         if evaluated:
             self.gateway_due.update([k for k, _ in pairs if k in evaluated and meters[k].rules.gateway_states])
-        failed.sort(key=lambda x: x[0])
-        return Emission(dead_letters=[d for _, d in failed], alerts=alerts)
+        return self._finish(meters, lambda index: pairs[index >> 32][1][index & 0xFFFFFFFF], n, unevaluated, failed,
+                            alerts)
 
     def unknown(self, bundle: Any) -> List[int]:
         """The indexes of a native bundle's customers not folded here (new to the shard, or on the Python fold)."""
@@ -575,19 +564,27 @@ class NativeMeters:
         while k < nk:
             self._stopped(meters[keys[k]], bundle_event(bundle, k, i), why, k << 32 | i, failed, alerts)
             k, i, why = core.fold_bundle(bundle, k, i + 1)
-        for index, key, reason, a, b, c in core.take_notes():
-            me = bundle_event(bundle, index >> 32, index & 0xFFFFFFFF)
-            failed.append((index, self._note(meters[key], me, reason, a, b, c)))
-        dup, excl, unmetered, too_late, missing, _read = core.take_counts()
         n, unevaluated, evaluated = core.bundle_counts(bundle)
+        if evaluated and meters[evaluated[0]].rules.gateway_states:
+            self.gateway_due.update(evaluated)
+        return self._finish(meters, lambda index: bundle_event(bundle, index >> 32, index & 0xFFFFFFFF), n,
+                            unevaluated, failed, alerts)
+
+    def _finish(self, meters: Dict[str, Any], event_at: Callable[[int], Any], n: int, unevaluated: int,
+                failed: List[Tuple[int, DeadLetter]], alerts: List[Any]) -> Emission:
+        """The end of :meth:`fold` and :meth:`fold_bundle` over ``n`` events (``unevaluated`` of them of customers
+        that evaluate nothing): the meter dead letters the native fold noted (``event_at(index)`` the event), the
+        counters, and the Emission with every dead letter in event order."""
+        core = self._core
+        for index, key, reason, a, b, c in core.take_notes():
+            failed.append((index, self._note(meters[key], event_at(index), reason, a, b, c)))
+        dup, excl, unmetered, too_late, missing, _read = core.take_counts()
         bad = too_late + self._invalid
         self._invalid = 0
         stats = self._stats
         stats.add_metered(n - dup - excl - bad, dup, excl, unmetered, core.take_ignored(), bad, missing)
         if alerts or unevaluated:  # (as CustomerMeter.process)
             stats.add({"alerts": len(alerts), "unevaluated": unevaluated})
-        if evaluated and meters[evaluated[0]].rules.gateway_states:
-            self.gateway_due.update(evaluated)
         failed.sort(key=lambda x: x[0])
         return Emission(dead_letters=[d for _, d in failed], alerts=alerts)
 
