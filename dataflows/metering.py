@@ -114,6 +114,7 @@ class _ShardLogic(StatefulBatchLogic):
         self._open_min = 1 << 62  # the earliest expiry of any customer's rows (a tick is needed before it)
         self._meters: Dict[str, CustomerMeter] = {}
         self._dirty: Set[str] = set()  # customers with changed rows waiting for the next tick
+        self._native_pending = False  # customers folded natively since the last tick (_sync_native names them)
         self._changed: Set[str] = set()  # customers whose state changed since the last snapshot
         self._snaps: Dict[str, bytes] = {}  # every customer's latest snapshot
         self._next_flush = 0  # epoch ms of the next tick; 0: the first batch flushes at once
@@ -163,7 +164,7 @@ class _ShardLogic(StatefulBatchLogic):
         due = now >= self._next_flush
         bundle = self._bundle
         if bundle is not None:  # pipeline.core = "native": native mediation's shard bundles
-            if all(type(v) is bundle for v in values):
+            if len(values) == 1 and type(values[0]) is bundle or all(type(v) is bundle for v in values):
                 self._native_bundles(values, out, due)
                 if due:
                     self._flush_dirty(out, now)
@@ -233,17 +234,21 @@ class _ShardLogic(StatefulBatchLogic):
             out.add(meter.process(items, flush=due))
             if meter.next_evict < self._open_min:
                 self._open_min = meter.next_evict
-            if not due and meter.has_dirty():
-                dirty.add(key)
+            if not due:
+                dirty.add(key)  # (as every customer of the bundle: see below)
+        dead_letters, alerts = out.dead_letters, out.alerts
         for b in bundles:
-            out.add(native.fold_bundle(meters, b))
-        if not due or self._recoverable:
+            dead, raised = native.fold_bundle_parts(meters, b)
+            if dead:
+                dead_letters += dead
+            if raised:
+                alerts += raised
+        if not due:  # the native rows are mirrored into their meters at the next tick (or snapshot), which
+            # adds their customers to the dirty set (every customer folded since the last sync: NativeMeters.sync)
+            self._native_pending = True
+        if self._recoverable:
             for b in bundles:
-                keys = b.keys()
-                if not due:  # the native rows are mirrored into their meters at the next tick (or snapshot)
-                    dirty.update(keys)
-                if self._recoverable:
-                    self._changed.update(keys)
+                self._changed.update(b.keys())
         if native.gateway_due:  # live gateway state of evaluated customers: their rows mirrored now
             self._sync_native()
             out.add(native.gateway(meters))
@@ -321,6 +326,7 @@ class _ShardLogic(StatefulBatchLogic):
         if self._recoverable:
             self._changed.update(self._dirty)
         self._dirty = set()
+        self._native_pending = False
         if wm is None:
             wm, self._wm_lag = self._wm_lag, self._mediator.watermark
         if wm > self._open_min:
@@ -366,7 +372,7 @@ class _ShardLogic(StatefulBatchLogic):
     def notify_at(self) -> Optional[datetime]:
         if self._republish:
             return _EPOCH_DT  # now: a resumed shard need not wait for an event to republish
-        if not self._dirty and self._open_min >= 1 << 62:
+        if not self._dirty and not self._native_pending and self._open_min >= 1 << 62:
             return None
         if self._notify is None:
             self._notify = _EPOCH_DT + timedelta(milliseconds=self._next_flush)
@@ -380,7 +386,7 @@ class _ShardLogic(StatefulBatchLogic):
         return self._drain(self._mediator.watermark)
 
     def _drain(self, wm: Optional[int] = None) -> Tuple[List[Emission], bool]:
-        if not self._dirty and not self._republish and self._open_min >= 1 << 62:
+        if not self._dirty and not self._native_pending and not self._republish and self._open_min >= 1 << 62:
             return [], StatefulBatchLogic.RETAIN
         out = _Merged()
         now = self._clock()
@@ -446,6 +452,15 @@ class _Merged:
 
     FIELDS = ("windows", "periods", "dead_letters", "alerts", "gateway", "wallets", "rated", "reviews", "markers")
     __slots__ = FIELDS
+    windows: List[Any]
+    periods: List[Any]
+    dead_letters: List[Any]
+    alerts: List[Any]
+    gateway: List[Any]
+    wallets: List[Any]
+    rated: List[Any]
+    reviews: List[Any]
+    markers: List[Any]
 
     def __init__(self) -> None:
         for f in self.FIELDS:
@@ -458,8 +473,12 @@ class _Merged:
                 getattr(self, f).extend(rows)
 
     def emit(self) -> List[Emission]:
-        got = {f: getattr(self, f) for f in self.FIELDS}
-        return [Emission(**got)] if any(got.values()) else []
+        if not (self.windows or self.periods or self.dead_letters or self.alerts or self.gateway or self.wallets
+                or self.rated or self.reviews or self.markers):
+            return []
+        return [Emission(windows=self.windows, periods=self.periods, dead_letters=self.dead_letters,
+                         alerts=self.alerts, gateway=self.gateway, wallets=self.wallets, rated=self.rated,
+                         reviews=self.reviews, markers=self.markers)]
 
 
 _EPOCH_DT = datetime(1970, 1, 1, tzinfo=timezone.utc)

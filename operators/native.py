@@ -150,6 +150,10 @@ def _level(ent: Any, pk: Tuple[str, int, int], info: Any, sp: Any) -> Tuple[floa
     return lvl, fall
 
 
+def _first(x: Tuple[int, Any]) -> int:
+    return x[0]
+
+
 def _scalar(v: Any) -> bool:
     return v is None or type(v) in (str, int, float, bool)
 
@@ -433,6 +437,7 @@ class NativeMeters:
         self.evaluated: set = set()  # those of them whose subscription evaluates thresholds (admit)
         self.loaded = 0  # customers brought in with their state (load: resumed, or back after a changelog record)
         self.gateway_due: set = set()  # evaluated customers folded since the last gateway call (with [redis])
+        self._gateway = False  # the shard's rules.gateway_states (admit): gateway_due is kept only then
 
     @classmethod
     def factory(cls, cfg: Config) -> Callable[[], "NativeMeters"]:
@@ -476,6 +481,7 @@ class NativeMeters:
             return False
         key = meter.key
         ent = meter.ent
+        self._gateway = meter.rules.gateway_states
         if meter.wm or meter.windows or meter.periods or meter.excluded or len(meter.seen) or \
                 ent.src is not None or ent.cancelled is not None or ent.moved_plan is not None:
             if not self.load(meter):
@@ -543,8 +549,9 @@ class NativeMeters:
         unevaluated = sum(len(g) for k, g in pairs if k not in evaluated) if evaluated else n
         if evaluated:
             self.gateway_due.update([k for k, _ in pairs if k in evaluated and meters[k].rules.gateway_states])
-        return self._finish(meters, lambda index: pairs[index >> 32][1][index & 0xFFFFFFFF], n, unevaluated, failed,
-                            alerts)
+        dead = self._finish(meters, lambda index: pairs[index >> 32][1][index & 0xFFFFFFFF], n, unevaluated, failed,
+                            alerts, core.take_end())
+        return Emission(dead_letters=dead, alerts=alerts)
 
     def unknown(self, bundle: Any) -> List[int]:
         """The indexes of a native bundle's customers not folded here (new to the shard, or on the Python fold)."""
@@ -555,38 +562,46 @@ class NativeMeters:
         customers folded here, in one native call, with no Python object per event (the customers not folded
         here are skipped: the caller gives them to their meters). An event is made in Python only where
         Python looks at it: a level reached, a dead letter, a line the native decoder leaves to Python."""
+        dead, alerts = self.fold_bundle_parts(meters, bundle)
+        return Emission(dead_letters=dead, alerts=alerts)
+
+    def fold_bundle_parts(self, meters: Dict[str, Any], bundle: Any) -> Tuple[List[DeadLetter], List[Any]]:
+        """:meth:`fold_bundle` as ``(dead letters, alerts)``, the only fields its Emission has (the shard adds
+        them to its outputs without an Emission per bundle)."""
         core = self._core
         failed: List[Tuple[int, DeadLetter]] = []
         alerts: List[Any] = []
-        keys = bundle.keys()
-        nk = len(keys)
         k, i, why = core.fold_bundle(bundle, 0, 0)
-        while k < nk:
-            self._stopped(meters[keys[k]], bundle_event(bundle, k, i), why, k << 32 | i, failed, alerts)
-            k, i, why = core.fold_bundle(bundle, k, i + 1)
-        n, unevaluated, evaluated = core.bundle_counts(bundle)
-        if evaluated and meters[evaluated[0]].rules.gateway_states:
+        if why:  # (0: every event folded; else it stopped at customer k's event i, as fold_many says)
+            keys = bundle.keys()
+            nk = len(keys)
+            while k < nk:
+                self._stopped(meters[keys[k]], bundle_event(bundle, k, i), why, k << 32 | i, failed, alerts)
+                k, i, why = core.fold_bundle(bundle, k, i + 1)
+        n, unevaluated, evaluated, *end = core.bundle_end(bundle, self._gateway)
+        if evaluated:
             self.gateway_due.update(evaluated)
         return self._finish(meters, lambda index: bundle_event(bundle, index >> 32, index & 0xFFFFFFFF), n,
-                            unevaluated, failed, alerts)
+                            unevaluated, failed, alerts, end), alerts
 
     def _finish(self, meters: Dict[str, Any], event_at: Callable[[int], Any], n: int, unevaluated: int,
-                failed: List[Tuple[int, DeadLetter]], alerts: List[Any]) -> Emission:
+                failed: List[Tuple[int, DeadLetter]], alerts: List[Any], end: Sequence[Any]) -> List[DeadLetter]:
         """The end of :meth:`fold` and :meth:`fold_bundle` over ``n`` events (``unevaluated`` of them of customers
-        that evaluate nothing): the meter dead letters the native fold noted (``event_at(index)`` the event), the
-        counters, and the Emission with every dead letter in event order."""
-        core = self._core
-        for index, key, reason, a, b, c in core.take_notes():
+        that evaluate nothing; ``end``: what the native ``take_end`` gives): the meter dead letters the native fold
+        noted (``event_at(index)`` the event), the counters, and every dead letter in event order."""
+        notes, dup, excl, unmetered, too_late, missing, ignored = end
+        for index, key, reason, a, b, c in notes:
             failed.append((index, self._note(meters[key], event_at(index), reason, a, b, c)))
-        dup, excl, unmetered, too_late, missing, _read = core.take_counts()
         bad = too_late + self._invalid
         self._invalid = 0
         stats = self._stats
-        stats.add_metered(n - dup - excl - bad, dup, excl, unmetered, core.take_ignored(), bad, missing)
+        stats.add_metered(n - dup - excl - bad, dup, excl, unmetered, ignored, bad, missing)
         if alerts or unevaluated:  # (as CustomerMeter.process)
             stats.add({"alerts": len(alerts), "unevaluated": unevaluated})
-        failed.sort(key=lambda x: x[0])
-        return Emission(dead_letters=[d for _, d in failed], alerts=alerts)
+        if not failed:
+            return []
+        failed.sort(key=_first)
+        return [d for _, d in failed]
 
     def _stopped(self, meter: Any, me: Any, why: int, index: int, failed: List[Tuple[int, DeadLetter]],
                  alerts: List[Any]) -> None:

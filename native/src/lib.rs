@@ -1068,6 +1068,45 @@ impl BatchCore {
         mediate::bundle_counts(self, py, &bundle)
     }
 
+    /// The end of a bundle's fold in one call (NativeMeters.fold_bundle): `bundle_counts` (the evaluated keys
+    /// only when `keys` is true, else None), then `take_end`: `(n, unevaluated, evaluated, notes, duplicates,
+    /// excluded, unmetered, too_late, missing_property, corrections ignored)`.
+    #[allow(clippy::type_complexity)]
+    fn bundle_end<'py>(
+        &mut self,
+        py: Python<'py>,
+        bundle: PyRef<'_, mediate::Bundle>,
+        keys: bool,
+    ) -> PyResult<(usize, usize, Option<Bound<'py, PyList>>, Bound<'py, PyList>, u64, u64, u64, u64, u64, u64)> {
+        let (mut n, mut unevaluated) = (0usize, 0usize);
+        let evaluated = if keys { Some(PyList::empty(py)) } else { None };
+        for (k, key) in bundle.keys.iter().enumerate() {
+            if let Some(&ci) = self.index.get(key.as_str()) {
+                let c = (bundle.starts[k + 1] - bundle.starts[k]) as usize;
+                n += c;
+                let cust = &self.customers[ci];
+                if cust.levels.is_some() {
+                    if let Some(ev) = &evaluated {
+                        ev.append(cust.key.bind(py))?;
+                    }
+                } else {
+                    unevaluated += c;
+                }
+            }
+        }
+        let (notes, dup, excl, unmetered, too_late, missing, ignored) = self.take_end(py)?;
+        Ok((n, unevaluated, evaluated, notes, dup, excl, unmetered, too_late, missing, ignored))
+    }
+
+    /// `take_notes`, `take_counts` (without `read`) and `take_ignored` in one call: `(notes, duplicates,
+    /// excluded, unmetered, too_late, missing_property, corrections ignored)`.
+    #[allow(clippy::type_complexity)]
+    fn take_end<'py>(&mut self, py: Python<'py>) -> PyResult<(Bound<'py, PyList>, u64, u64, u64, u64, u64, u64)> {
+        let notes = self.drain_notes(py)?;
+        let (dup, excl, unmetered, too_late, missing, _read) = self.take_counts();
+        Ok((notes, dup, excl, unmetered, too_late, missing, self.take_ignored()))
+    }
+
     /// The meter dead letters to word since the last call (as in `take_changes`), rows left for later.
     fn take_notes<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         self.drain_notes(py)
