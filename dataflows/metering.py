@@ -280,12 +280,12 @@ class _ShardLogic(StatefulBatchLogic):
     def _sync_native(self) -> None:
         """The rows the native core changed into their customers' meters (then they flush and snapshot as
         the Python fold's do)."""
-        meters = self._meters
-        for key in self._native.sync(meters):
-            self._dirty.add(key)
-            meter = meters[key]
-            if meter.next_evict < self._open_min:
-                self._open_min = meter.next_evict
+        native = self._native
+        keys = native.sync(self._meters)
+        if keys:
+            self._dirty.update(keys)
+            if native.synced_evict < self._open_min:
+                self._open_min = native.synced_evict
 
     @staticmethod
     def _gather(values: List[Any]) -> List[Tuple[str, List[Any]]]:

@@ -438,6 +438,7 @@ class NativeMeters:
         self.loaded = 0  # customers brought in with their state (load: resumed, or back after a changelog record)
         self.gateway_due: set = set()  # evaluated customers folded since the last gateway call (with [redis])
         self._gateway = False  # the shard's rules.gateway_states (admit): gateway_due is kept only then
+        self.synced_evict = 1 << 62  # the least next_evict of the meters the last sync mirrored
 
     @classmethod
     def factory(cls, cfg: Config) -> Callable[[], "NativeMeters"]:
@@ -752,7 +753,8 @@ class NativeMeters:
 
     def sync(self, meters: Dict[str, Any]) -> List[str]:
         """Mirror every row changed since the last sync into its customer's meter, as the Python fold leaves it
-        (accumulators, dirty sets, expiries, the watermark, the current periods); the customers mirrored."""
+        (accumulators, dirty sets, expiries, the watermark, the current periods); the customers mirrored (every
+        customer folded since the last sync), the least ``next_evict`` of their meters in :attr:`synced_evict`."""
         core = self._core_obj
         if core is None:
             return []
@@ -761,35 +763,70 @@ class NativeMeters:
         grace = self._grace
         window_ms = self._window_ms
         bounds: Dict[Tuple[str, int], Tuple[int, int]] = {}  # the last period found per (kind, anchor)
+        # (a customer's rows come one after another, mostly: its meter is looked up once per run of them; a count
+        # or sum row is mirrored here, as _mirror does, the other aggregations by _mirror)
+        last: Any = None
+        meter: Any = None
+        rows: Dict[Any, Any] = {}
+        dirty: set = set()
         for key, code, ws, events, total, fs, dims in windows:
-            meter = meters[key]
+            if key is not last:
+                last = key
+                meter = meters[key]
+                rows, dirty = meter.windows, meter.dirty_w
             wk = (code, ws, dims)
-            acc = meter.windows.get(wk)
+            acc = rows.get(wk)
+            a = agg[code]
             if acc is None:
                 sub = meter.ent.rule
                 rule = (sub.period, sub.anchor_ms)
                 ps, pe = bounds.get(rule, (0, 0))
                 if not ps <= ws + window_ms - 1 < pe:  # (new windows mostly share their customers' periods)
                     ps, pe = bounds[rule] = period_bounds(ws + window_ms - 1, sub.period, sub.anchor_ms)
-                acc = meter._new_window(wk, agg[code], sub.period, sub.anchor_ms, ps, pe)
-            _mirror(acc, agg[code], events, total, fs)
-            meter.dirty_w.add(wk)
+                acc = meter._new_window(wk, a, sub.period, sub.anchor_ms, ps, pe)
+            if a == "count":
+                acc.events = events
+                acc.total = total
+            elif a == "sum":
+                acc.events = events
+                acc.total = total
+                acc.fscaled = int.from_bytes(fs, "little", signed=True) if fs else 0
+            else:
+                _mirror(acc, a, events, total, fs)
+            dirty.add(wk)
         alerts: List[Any] = []
+        last = None
+        evaluated = self.evaluated
+        ent: Any = None
+        is_evaluated = gateway = False
         for key, code, ps, pe, events, total, fs in periods:
-            meter = meters[key]
+            if key is not last:
+                last = key
+                meter = meters[key]
+                rows, dirty, ent = meter.periods, meter.dirty_p, meter.ent
+                is_evaluated = key in evaluated
+                gateway = meter.rules.gateway_states
             pk = (code, ps, pe)
-            acc = meter.periods.get(pk)
+            acc = rows.get(pk)
+            a = agg[code]
             if acc is None:
-                acc = meter._new_period(pk, agg[code])
-            _mirror(acc, agg[code], events, total, fs)
-            meter.dirty_p.add(pk)
-            ent = meter.ent
-            if key in self.evaluated:  # an evaluated metric's current period advanced at its event (_check)
+                acc = meter._new_period(pk, a)
+            if a == "count":
+                acc.events = events
+                acc.total = total
+            elif a == "sum":
+                acc.events = events
+                acc.total = total
+                acc.fscaled = int.from_bytes(fs, "little", signed=True) if fs else 0
+            else:
+                _mirror(acc, a, events, total, fs)
+            dirty.add(pk)
+            if is_evaluated:  # an evaluated metric's current period advanced at its event (_check)
                 if code not in ent.infos and code not in ent.spends:
                     cur = ent.cur.get(code)
                     if cur is None or cur[1] < ps:
                         ent.advance(code, pk, None, meter.usage, alerts)
-                if meter.rules.gateway_states:
+                if gateway:
                     ent.touched.add(pk)  # (gateway: each changed period, as the fold touches it)
                 else:
                     ent.touched.clear()
@@ -811,12 +848,17 @@ class NativeMeters:
             if cell[0] == day:
                 cell[1] = val
         keys = []
+        held = self.keys
+        lowest = 1 << 62
         for key, wm in core.take_wms():
             meter = meters.get(key)
-            if meter is not None and key in self.keys:
+            if meter is not None and key in held:
                 if wm > meter.wm:
                     meter.wm = wm
+                if meter.next_evict < lowest:
+                    lowest = meter.next_evict
                 keys.append(key)
+        self.synced_evict = lowest
         return keys
 
     def _seen(self, key: str) -> IdTable:
