@@ -44,7 +44,7 @@ from meterflow.operators.changelog import ChangelogMediator
 from meterflow.operators.entitlements import EntitlementUpdate
 from meterflow.operators.mediate import Mediator, shard_of
 from meterflow.operators.meter import CustomerMeter
-from meterflow.operators.native import BUNDLE, bundle_events, bundle_groups
+from meterflow.operators.native import BUNDLE, FOLD_TALLY, bundle_events, bundle_groups
 from meterflow.operators.review_decisions import decision_emissions
 from meterflow.operators.rules import Rules
 from meterflow.schemas.config import Config, load_config
@@ -211,6 +211,7 @@ class _ShardLogic(StatefulBatchLogic):
         events as MeteredEvents, in one :meth:`CustomerMeter.process` call per customer, as on_batch does."""
         meters, native, rules = self._meters, self._native, self._rules
         python: Dict[str, List[Any]] = {}
+        tally: Dict[str, int] = {}  # (the customers admitted or not, added to FOLD_TALLY once)
         for b in bundles:
             unknown = native.unknown(b)
             if not unknown:
@@ -221,13 +222,15 @@ class _ShardLogic(StatefulBatchLogic):
                 meter = meters.get(key)
                 if meter is None:
                     meter = meters[key] = CustomerMeter(rules, key)
-                    if native.admit(meter):
+                    if native.admit_counted(meter, tally):
                         continue
                 items = python.get(key)
                 if items is None:
                     python[key] = [bundle_events(b, k)]
                 else:
                     items.append(bundle_events(b, k))
+        if tally:
+            FOLD_TALLY.add(tally)
         dirty = self._dirty
         for key, items in python.items():
             meter = meters[key]

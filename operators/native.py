@@ -472,13 +472,24 @@ class NativeMeters:
             # an upgrade re-evaluates every metric mid-event (Entitlements.evaluate): the Python fold's
             if info.enforcement == "auto_overage" and info.next_plan and info.next_plan != ent.rule.plan:
                 return False
-        return all(agg[code] not in ("p95", "p99") for code in ent.spends)
+        for code in ent.spends:
+            if agg[code] in ("p95", "p99"):
+                return False
+        return True
 
     def admit(self, meter: Any) -> bool:
         """Fold the customer here if :meth:`admits`: a new customer of the shard, or one with state (resumed
         from a snapshot, or on the Python fold until a changelog record), which :meth:`load` brings in."""
+        tally: Dict[str, int] = {}
+        ok = self.admit_counted(meter, tally)
+        FOLD_TALLY.add(tally)
+        return ok
+
+    def admit_counted(self, meter: Any, tally: Dict[str, int]) -> bool:
+        """:meth:`admit`, counted into ``tally`` (``native``/``python``) for the caller to add to ``FOLD_TALLY``
+        once for many customers."""
         if not self.admits(meter):
-            FOLD_TALLY.add({"python": 1})
+            tally["python"] = tally.get("python", 0) + 1
             return False
         key = meter.key
         ent = meter.ent
@@ -486,7 +497,8 @@ class NativeMeters:
         if meter.wm or meter.windows or meter.periods or meter.excluded or len(meter.seen) or \
                 ent.src is not None or ent.cancelled is not None or ent.moved_plan is not None:
             if not self.load(meter):
-                FOLD_TALLY.add({"python": 1})  # (its state does not fit the native rows: it stays on Python)
+                # (its state does not fit the native rows: it stays on Python)
+                tally["python"] = tally.get("python", 0) + 1
                 return False
         elif ent.infos or ent.spends:
             self._core.evaluate(key, _evaluated_codes(ent))
@@ -494,7 +506,7 @@ class NativeMeters:
             self._core.hold(key)  # (fold_bundle folds the customers the native core holds)
         if meter.anom is not None:  # its day cells: none yet, the first event of each metric stops (_anomaly)
             self._core.anomaly(key, sorted(meter.anom.cur))
-        FOLD_TALLY.add({"native": 1})
+        tally["native"] = tally.get("native", 0) + 1
         self.keys.add(key)
         if ent.infos or ent.spends:
             self.evaluated.add(key)
@@ -646,7 +658,8 @@ class NativeMeters:
             if r is None or not r[3] and pk not in periods:
                 return None
             if agg[pk[0]] in ("count", "sum"):
-                return sum_value(r[1], r[2])
+                # (no float part: SumAcc.value's float of the int part, which an i128 never overflows)
+                return sum_value(r[1], r[2]) if r[2] else float(r[1])
             return float(r[2])  # max/min/latest: the value kept; unique_count: the number of distinct values
 
         return usage
