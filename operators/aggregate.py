@@ -50,7 +50,8 @@ class CountAcc(Acc):
     __slots__ = ("total",)
 
     def __init__(self) -> None:
-        super().__init__()
+        self.events = 0  # (Acc.__init__ inline: one call less per new row)
+        self.expires = 0
         self.total = 0
 
     def add(self, v: Any, ts: int, sign: int) -> None:
@@ -80,7 +81,8 @@ class SumAcc(Acc):
     __slots__ = ("total", "fscaled")
 
     def __init__(self) -> None:
-        super().__init__()
+        self.events = 0  # (Acc.__init__ inline: one call less per new row)
+        self.expires = 0
         self.total = 0
         self.fscaled = 0
 
@@ -109,7 +111,8 @@ class MaxAcc(Acc):
     __slots__ = ("best",)
 
     def __init__(self) -> None:
-        super().__init__()
+        self.events = 0  # (Acc.__init__ inline: one call less per new row)
+        self.expires = 0
         self.best: Optional[float] = None
 
     def add(self, v: Any, ts: int, sign: int) -> None:
@@ -142,7 +145,8 @@ class LatestAcc(Acc):
     __slots__ = ("ts", "last")
 
     def __init__(self) -> None:
-        super().__init__()
+        self.events = 0  # (Acc.__init__ inline: one call less per new row)
+        self.expires = 0
         self.ts: Optional[int] = None
         self.last: Optional[float] = None
 
@@ -165,7 +169,8 @@ class UniqueAcc(Acc):
     __slots__ = ("seen",)
 
     def __init__(self) -> None:
-        super().__init__()
+        self.events = 0  # (Acc.__init__ inline: one call less per new row)
+        self.expires = 0
         self.seen: Set[Any] = set()
 
     def add(self, v: Any, ts: int, sign: int) -> None:
@@ -185,7 +190,8 @@ class PercentileAcc(Acc):
     __slots__ = ("counts", "n", "p")
 
     def __init__(self, p: float) -> None:
-        super().__init__()
+        self.events = 0  # (Acc.__init__ inline: one call less per new row)
+        self.expires = 0
         self.counts: Dict[float, int] = {}
         self.n = 0
         self.p = p

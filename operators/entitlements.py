@@ -135,6 +135,34 @@ def infos_of(sub: SubscriptionRule) -> Dict[str, EntInfo]:
             for code, e in sub.entitlements.items() if e.included is not None}
 
 
+Derived = Tuple[Dict[str, EntInfo], Dict[str, Price], Dict[str, SpendInfo]]
+_NO_CREDIT: Dict[str, float] = {}  # (shared: read-only, as derived_of's)
+_NO_RATED: List[Tuple[str, float]] = []
+
+
+def derived_of(sub: SubscriptionRule, cache: Optional[Dict[Any, Tuple[Any, Derived]]] = None,
+               price_cache: Optional[Dict[int, Tuple[Any, Price]]] = None) -> Derived:
+    """:func:`infos_of`, :func:`prices_of` and :func:`spends_of` of a subscription. ``cache``
+    (``Rules.derived_cache``) builds them once per set of entitlement objects: customers on the same plan share
+    them (their rules hold the plan's entitlement objects). Shared, so read-only: nothing mutates these dicts or
+    their entries (an :class:`Entitlements` only replaces them)."""
+    ents = sub.entitlements
+    key = None
+    if cache is not None:
+        key = tuple([(code, id(e)) for code, e in ents.items()])
+        hit = cache.get(key)
+        if hit is not None:  # the entry keeps its objects alive, so their ids are not reused
+            return hit[1]
+    infos = infos_of(sub)
+    prices = prices_of(sub, price_cache)
+    out = (infos, prices, spends_of(sub, prices))
+    if cache is not None:
+        if len(cache) > 100_000:  # changelog subscriptions make new objects: keep the cache bounded
+            cache.clear()
+        cache[key] = (tuple(ents.values()), out)
+    return out
+
+
 class Entitlements:
     """Alert and enforcement state of one customer (see the module docstring for the semantics)."""
 
@@ -245,13 +273,13 @@ class Entitlements:
             else:
                 rule = rules.resolve(base, self.moved_plan) if self.moved_plan else rules.subscriptions[self.key]
         self.rule = rule
-        self.infos = infos_of(rule)
-        self.credit: Dict[str, float] = dict(rule.wallet.credit_rates) if rule.wallet is not None else {}
-        self.rated: List[Tuple[str, float]] = sorted(self.credit.items())  # code order: spent sums the same way
-        self.next_level: Dict[PeriodKey, float] = {}
         rated_before = set(self.prices)
-        self.prices = prices_of(rule, self.rules.price_cache)
-        self.spends = spends_of(rule, self.prices)
+        # (shared with the customers of the same plan, read-only: derived_of)
+        self.infos, self.prices, self.spends = derived_of(rule, rules.derived_cache, rules.price_cache)
+        w = rule.wallet
+        self.credit: Dict[str, float] = dict(w.credit_rates) if w is not None else _NO_CREDIT
+        self.rated: List[Tuple[str, float]] = sorted(self.credit.items()) if w is not None else _NO_RATED
+        self.next_level: Dict[PeriodKey, float] = {}
         self.spend_next: Dict[PeriodKey, float] = {}
         if track:
             self.unrated = (self.unrated | rated_before) - set(self.prices)

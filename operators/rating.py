@@ -28,7 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from decimal import Context, Decimal, DivisionByZero, InvalidOperation, Overflow, localcontext
-from typing import Optional, Sequence, Tuple, Union
+from math import copysign
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 from meterflow.base.errors import MeterError
 from meterflow.schemas.config import EntitlementConfig, EntitlementOverride, PriceConfig
@@ -38,6 +39,12 @@ PRICE_MODELS = ("per_unit", "tiered", "volume", "staircase", "package", "overage
 ZERO = Decimal(0)
 # Wide enough that no product or sum of configured numbers and period values is ever rounded.
 _CTX = Context(prec=80, traps=[InvalidOperation, DivisionByZero, Overflow])
+
+
+# Price.rate's results by (id(price), usage, included), with the price (floats only; see Price.rate). Bounded: at
+# _RATED_MAX entries it starts again (a few MiB at most).
+_RATED: Dict[Tuple[int, float, Optional[float]], Tuple["Price", Decimal, Decimal]] = {}
+_RATED_MAX = 16_384
 
 
 class RatingError(MeterError):
@@ -166,12 +173,38 @@ class Price:
             return max(ZERO, self._charge(d) - self._charge(min(d, to_decimal(included))))
 
     def rate(self, u: Number, included: Optional[Number]) -> Tuple[Decimal, Decimal]:
-        """``(charge(u), overage_amount(u, included))``, the charge computed once (a rated row needs both)."""
-        d = max(ZERO, to_decimal(u))
+        """``(charge(u), overage_amount(u, included))``, the charge computed once (a rated row needs both).
+
+        Pure (a frozen card, exact operations of one context whose traps never change), so the result of a float
+        ``u`` and ``included`` is remembered (:data:`_RATED`): every flush re-rates each changed row, and the rows
+        of one plan's customers repeat values (counts above all). Floats that are equal have the same shortest
+        repr, hence the same decimal, except 0.0 and -0.0: a negative zero is never remembered."""
+        if type(u) is float and (included is None or type(included) is float):
+            key = (id(self), u, included)
+            hit = _RATED.get(key)
+            if hit is not None and hit[0] is self:  # (the entry keeps self alive: its id is not reused)
+                return hit[1], hit[2]
+            charge, overage = self._rate(u, included)
+            if (u or copysign(1.0, u) > 0) and (included is None or included or copysign(1.0, included) > 0):
+                if len(_RATED) >= _RATED_MAX:
+                    _RATED.clear()
+                _RATED[key] = (self, charge, overage)
+            return charge, overage
+        return self._rate(u, included)
+
+    def _rate(self, u: Number, included: Optional[Number]) -> Tuple[Decimal, Decimal]:
+        d = Decimal(repr(u)) if type(u) is float else to_decimal(u)  # (to_decimal's float case inline)
+        if not d.is_finite():
+            to_decimal(u)  # raises its RatingError
+        if not d > ZERO:  # max(ZERO, d): ZERO itself for a zero too, as max keeps its first argument
+            d = ZERO
         charge = self._charge(d)
         if included is None:
             return charge, ZERO
-        return charge, max(ZERO, _CTX.subtract(charge, self._charge(min(d, to_decimal(included)))))
+        inc = to_decimal(included)
+        if d <= inc:  # min(d, inc) is d: max(0, charge - charge) is ZERO itself (max keeps its first argument)
+            return charge, ZERO
+        return charge, max(ZERO, _CTX.subtract(charge, self._charge(inc)))
 
     def amount(self, u: Number) -> Decimal:
         """What the period costs: ``max(minimum, charge(u))`` (the committed spend is the floor)."""

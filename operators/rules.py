@@ -97,6 +97,11 @@ class Rules:
         self.gateway_states = True
         # Compiled prices per entitlement object (operators.entitlements.prices_of): not state.
         self.price_cache: Dict[int, Tuple[Any, Any]] = {}
+        # What operators.entitlements.derived_of builds per set of entitlement objects (customers of one plan
+        # share it): not state.
+        self.derived_cache: Dict[Any, Tuple[Any, Any]] = {}
+        # The first rated row of each subscription object and metric (operators.meter.rated_row): not state.
+        self.row_templates: Dict[Tuple[int, str], Tuple[Any, Any, Any]] = {}
         self.review = ReviewPolicy.of(cfg)  # the overage review queue's bands and routes
         self.metrics: Dict[str, MetricRule] = {}
         self.by_event_type: Dict[str, Tuple[MetricRule, ...]] = {}

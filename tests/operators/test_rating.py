@@ -310,6 +310,97 @@ def test_rate_is_charge_and_overage_amount(kind, tiers, unit, size, u, included)
     assert (str(charge), str(over)) == (str(want_charge), str(want_over))
 
 
+zeros = st.sampled_from([0.0, -0.0, 0, 5, 5.0, 5000.0, 5000])  # equal values, different decimals
+
+
+@settings(max_examples=300, deadline=None)
+@given(kind=st.sampled_from(["per_unit", "tiered", "volume", "staircase", "package", "overage"]), tiers=cards(),
+       unit=amounts, size=st.integers(1, 10**4), us=st.lists(usage | st.floats(-1e6, 0) | zeros, min_size=1,
+                                                             max_size=8),
+       included=st.none() | usage | st.sampled_from([0.0, -0.0, 5000.0]))
+def test_a_remembered_rate_is_the_rate_digit_for_digit(kind, tiers, unit, size, us, included):
+    # Price.rate remembers the results of float arguments (rating._RATED): every call, computed or remembered, in
+    # any order (-0.0 after 0.0, 5 after 5.0), gives the Decimals of charge and overage_amount, digit for digit
+    price = {"per_unit": Price.per_unit(unit), "tiered": Price.tiered(tiers), "package": Price.package(size, unit),
+             "volume": Price.tiered(tiers, model="volume"), "staircase": Price.tiered(tiers, model="staircase"),
+             "overage": Price.overage(unit, included)}[kind]
+    for u in us + us[::-1]:
+        charge, over = price.rate(u, included)
+        assert (str(charge), str(over)) == (str(price.charge(u)), str(price.overage_amount(u, included)))
+
+
+def test_the_remembered_rates_are_bounded_and_refuse_what_cannot_be_rated(monkeypatch):
+    from meterflow.operators import rating
+    monkeypatch.setattr(rating, "_RATED", {})
+    monkeypatch.setattr(rating, "_RATED_MAX", 3)
+    price = Price.per_unit(0.0003)
+    for u in (1.0, 2.0, 3.0, 4.0, 5.0, 1.0, 2.0):
+        assert price.rate(u, 2.0) == (price.charge(u), price.overage_amount(u, 2.0))
+        assert len(rating._RATED) <= 3
+    assert rating._RATED[(id(price), 2.0, 2.0)] == (price, Decimal("0.00060"), Decimal("0E-5"))
+    for bad in (math.inf, math.nan):
+        with pytest.raises(RatingError):
+            price.rate(bad, 2.0)
+        with pytest.raises(RatingError):  # (not remembered either)
+            price.rate(bad, 2.0)
+    with pytest.raises(RatingError):
+        price.rate(1.0, math.nan)
+
+
+def test_rated_rows_from_a_template_are_the_rows_built_whole():
+    # rated_row keeps the first row of each subscription and metric (Rules.row_templates) and replaces the fields
+    # that vary in the next ones: the same records, field for field and byte for byte
+    from meterflow.operators.meter import rated_row
+    from meterflow.schemas.records import RATED_ENCODER
+    r = rules()
+    templates = r.row_templates
+    cases = [(0.0, 500000.0, False, 1), (7000.0, 500000.0, False, 2), (600000.5, 500000.0, True, 3),
+             (12.0, None, False, 4), (-1.0, 0.0, True, 5)]
+    seen = set()
+    for key in ("acme|std", "acme|custom"):
+        sub = r.subscriptions[key]
+        t, c = key.split("|")
+        for code in ("api_calls", "tokens", "storage"):
+            price = sub.price(code)
+            if price is None:
+                continue
+            price = r.price_cache.get(id(sub.entitlements[code]), (None, price))[1]
+            for value, included, final, version in cases:
+                args = (t, c, code, 100, 200, sub, price, value, included, max(0.0, value - (included or 0.0)),
+                        final, version)
+                got, want = rated_row(*args, templates), rated_row(*args)
+                assert got == want and RATED_ENCODER.encode(got) == RATED_ENCODER.encode(want)
+                seen.add((key, code, got.plan, got.custom_rate, got.price_model))
+    assert len(templates) == len({(k, code) for k, code, *_ in seen}) >= 5
+    assert ("acme|custom", "api_calls", "pro", True, "per_unit") in seen
+    assert ("acme|std", "api_calls", "pro", False, "tiered") in seen
+    # another price for the same subscription and metric is never rated with the template of the first
+    sub = r.subscriptions["acme|std"]
+    other = Price.per_unit(1)
+    row = rated_row("acme", "std", "api_calls", 100, 200, sub, other, 3.0, 500000.0, 0.0, False, 9, templates)
+    assert (row.price_model, row.charge, row.minimum) == ("per_unit", Decimal("3.0"), Decimal(0))
+
+
+def test_customers_of_one_plan_share_what_their_entitlements_derive():
+    from meterflow.operators.entitlements import Entitlements, infos_of, prices_of, spends_of
+    r = rules()
+    std, custom = Entitlements(r, "acme|std"), Entitlements(r, "acme|custom")
+    again = Entitlements(r, "acme|std")
+    assert again.infos is std.infos and again.prices is std.prices and again.spends is std.spends
+    assert custom.infos is not std.infos
+    for ent in (std, custom):
+        sub = r.subscriptions[ent.key]
+        assert {c: (i.included, i.thresholds, i.enforcement) for c, i in ent.infos.items()} == \
+            {c: (i.included, i.thresholds, i.enforcement) for c, i in infos_of(sub).items()}
+        assert ent.prices == prices_of(sub)
+        assert {c: (s.price, s.amounts) for c, s in ent.spends.items()} == \
+            {c: (s.price, s.amounts) for c, s in spends_of(sub, prices_of(sub)).items()}
+    assert custom.infos["tokens"].thresholds == (50.0,) and std.infos["tokens"].thresholds == (75.0, 90.0, 100.0)
+    assert isinstance(custom.prices["api_calls"], Price) and custom.prices["api_calls"].model == "per_unit"
+    # a customer without a subscription evaluates nothing
+    assert Entitlements(r, "acme|nobody").evaluated is False
+
+
 def test_docstring_examples_run():
     import doctest
 
