@@ -115,6 +115,10 @@ class _ShardLogic(StatefulBatchLogic):
         self._meters: Dict[str, CustomerMeter] = {}
         self._dirty: Set[str] = set()  # customers with changed rows waiting for the next tick
         self._native_pending = False  # customers folded natively since the last tick (_sync_native names them)
+        # The native customers of the batch whose tick is due: flushed at that tick whatever they changed, as
+        # process(flush=True) flushes a Python-fold customer of that batch (its watermark may have closed rows).
+        # A customer folded only in earlier batches flushes only rows it changed, as the Python fold's dirty set.
+        self._due_native: Set[str] = set()
         self._changed: Set[str] = set()  # customers whose state changed since the last snapshot
         self._snaps: Dict[str, bytes] = {}  # every customer's latest snapshot
         self._next_flush = 0  # epoch ms of the next tick; 0: the first batch flushes at once
@@ -196,6 +200,8 @@ class _ShardLogic(StatefulBatchLogic):
             out.add(native.fold(meters, native_work))
             if not due:  # their rows are mirrored into their meters at the next tick (or snapshot)
                 dirty.update([key for key, _ in native_work])
+            else:
+                self._due_native.update([key for key, _ in native_work])
             if native.gateway_due:  # live gateway state of evaluated customers: their rows mirrored now
                 self._sync_native()
                 out.add(native.gateway(meters))
@@ -237,8 +243,8 @@ class _ShardLogic(StatefulBatchLogic):
             out.add(meter.process(items, flush=due))
             if meter.next_evict < self._open_min:
                 self._open_min = meter.next_evict
-            if not due:
-                dirty.add(key)  # (as every customer of the bundle: see below)
+            if not due and meter.has_dirty():
+                dirty.add(key)
         dead_letters, alerts = out.dead_letters, out.alerts
         for b in bundles:
             dead, raised = native.fold_bundle_parts(meters, b)
@@ -249,6 +255,9 @@ class _ShardLogic(StatefulBatchLogic):
         if not due:  # the native rows are mirrored into their meters at the next tick (or snapshot), which
             # adds their customers to the dirty set (every customer folded since the last sync: NativeMeters.sync)
             self._native_pending = True
+        else:
+            for b in bundles:
+                self._due_native.update(b.keys())
         if self._recoverable:
             for b in bundles:
                 self._changed.update(b.keys())
@@ -317,12 +326,15 @@ class _ShardLogic(StatefulBatchLogic):
         meters, native = self._meters, self._native
         if native is not None:
             self._sync_native()
+        due_native = self._due_native
         for key in self._dirty:
             meter = meters[key]
             # (a customer of this batch was already flushed by process; one the native core folded is flushed
-            # when it has rows to emit or rows its watermark closed, as process(flush=True) would flush it)
+            # when it has rows to emit, or, if it was folded in this tick's batch, rows its watermark closed, as
+            # process(flush=True) would flush it; one folded only earlier waits, as it is not in the Python
+            # fold's dirty set, for its next batch or the flow's watermark to finalize it)
             evicts = meter.wm > meter.next_evict  # (the flush evicts the rows the watermark closed)
-            if meter.has_dirty() or evicts:
+            if meter.has_dirty() or (evicts and key in due_native):
                 out.add(meter.flush())
                 if evicts and native is not None and key in native.keys:
                     native.evicted(meter)
@@ -330,6 +342,8 @@ class _ShardLogic(StatefulBatchLogic):
             self._changed.update(self._dirty)
         self._dirty = set()
         self._native_pending = False
+        if due_native:
+            self._due_native = set()
         if wm is None:
             wm, self._wm_lag = self._wm_lag, self._mediator.watermark
         if wm > self._open_min:

@@ -286,6 +286,25 @@ def test_resumed_anomaly_customers_fold_natively_and_agree(before, after, batch,
     assert resumed <= keys
 
 
+def test_a_resumed_customer_whose_batch_changed_nothing_is_finalized_by_the_flows_watermark():
+    """Found by the test above: acme|c3 resumes with an open October row (excluded events only), then sends a
+    duplicate in November, in a batch whose tick is not due. Its own watermark passed October's close, but it
+    changed no row, so the Python fold does not flush it at the next tick: the flow's watermark (beta|c2's later
+    event) finalizes it, and its watermark becomes the flow's. The native fold flushed it at the tick (evicting at
+    its own watermark), so its snapshot kept the older watermark."""
+    nov1 = 1793491200000
+    before = [_line("d0", "acme", "c3", "api_call", nov1, tokens=0, environment="test"),
+              _line("u21", "acme", "c3", "api_call", nov1 - 2 * DAY, tokens=0, environment="test")]
+    after = [_line("d0", "acme", "c3", "api_call", nov1 + 3 * DAY, tokens=0, environment="test"),
+             _line("u27", "beta", "c2", "api_call", nov1 + 3 * DAY + 13 * HOUR + 7, tokens=0, environment="test")]
+    state = _shard("python", [(("a", i), raw) for i, raw in enumerate(before)], 1)[3]
+    then: List[Any] = ["snap"] + [(("b", i), raw) for i, raw in enumerate(after)]
+    want = _shard("python", then, 1, state=state)[0]
+    assert f"'watermark': {nov1 + 3 * DAY + 13 * HOUR + 7}," in want[1]["acme|c3"][1]  # the final snapshot's
+    for batch in (1, 2, 3):
+        assert _shard("native", then, batch, state=state)[0] == _shard("python", then, batch, state=state)[0]
+
+
 @settings(max_examples=30, **SETTINGS)
 @given(steps=st.lists(st.one_of(
     st.tuples(st.sampled_from(["c3", "c3", "c5"]), st.integers(0, 6), st.integers(0, 3), st.integers(0, 8),
