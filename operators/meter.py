@@ -214,6 +214,7 @@ class CustomerMeter:
         alerts: List[Any] = []
         deferred: Dict[PeriodKey, list] = {}
         unevaluated = 0
+        rule = self.ent.rule
         for group in batches:
             if type(group) is EntitlementUpdate:
                 self._apply_change(group, alerts)
@@ -221,6 +222,12 @@ class CustomerMeter:
                 unevaluated += self._fold(group, dead, alerts, deferred)
         if deferred:
             self._evaluate_deferred(deferred, dead, alerts)
+        if self.ent.rule is not rule:
+            # The subscription in effect changed (an auto_overage move to next_plan or a changelog record): every
+            # open period is re-rated at the next flush under it, as _apply_change does, so a row flushed before
+            # the move is not left with the previous plan's included and price, whatever the batch boundaries.
+            self.dirty_p.update(self.periods)
+            self.dirty_p.update(self.excluded)
         if alerts or unevaluated:
             self.stats.add({"alerts": len(alerts), "unevaluated": unevaluated})
         return self._end_batch(dead, alerts, flush)
