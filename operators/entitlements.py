@@ -361,6 +361,7 @@ class Entitlements:
             if info.next_plan and info.next_plan != self.rule.plan and _depth < 8:
                 previous = self.rule.plan
                 self.moved_plan = info.next_plan
+                self.changes += 1  # (a subscription change: every re-rated row's version grows, as a changelog's)
                 self._resolve(track=True)
                 alerts.append(self._alert("plan_changed", code, pk, 100.0, usage, info, "upgrade", me,
                                           previous_plan=previous,
