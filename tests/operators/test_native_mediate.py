@@ -72,6 +72,9 @@ def line(draw) -> Any:
         return None
     if how == 6:
         return raw.replace(b"{", b'{"properties": {}, ', 1)  # a repeated key
+    if how == 7:  # past a long ASCII run: invalid UTF-8 (a dead letter), or a valid two- or three-byte character
+        bad = draw(st.sampled_from([b"\xc3", b"\xff", b"\xed\xa0\x80", b"\xe2\x82", b"\xc3\xa9", b"\xe2\x80\xa8"]))
+        return raw.replace(b'"event_type": "', b'"event_type": "' + b"a" * draw(st.integers(0, 40)) + bad, 1)
     return raw
 
 
