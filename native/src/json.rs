@@ -369,9 +369,33 @@ fn hex4(h: &[u8]) -> R<u32> {
     Some(v)
 }
 
+/// Whether `b` is all ASCII: 16 bytes at a time (the common line), so UTF-8 validation runs only for a line
+/// with a byte above 0x7f.
+#[inline]
+fn is_ascii(b: &[u8]) -> bool {
+    const HI: u128 = 0x8080_8080_8080_8080_8080_8080_8080_8080;
+    let word = |c: &[u8]| u128::from_le_bytes(c.try_into().expect("sixteen bytes"));
+    if b.len() < 16 {
+        return b.iter().all(|&c| c < 0x80);
+    }
+    let mut chunks = b.chunks_exact(16);
+    for c in &mut chunks {
+        if word(c) & HI != 0 {
+            return false;
+        }
+    }
+    // the last bytes within the last sixteen (which overlap the chunks)
+    chunks.remainder().is_empty() || word(&b[b.len() - 16..]) & HI == 0
+}
+
 /// Decode one line as a `UsageEvent`, or `None` when the Python path must decide.
 pub fn parse_event(raw: &[u8]) -> R<Event<'_>> {
-    let s = std::str::from_utf8(raw).ok()?;
+    let s = if is_ascii(raw) {
+        // SAFETY: ASCII is valid UTF-8
+        unsafe { std::str::from_utf8_unchecked(raw) }
+    } else {
+        std::str::from_utf8(raw).ok()? // (invalid UTF-8: the Python path's dead letter)
+    };
     let mut p = P { s, b: raw, i: 0 };
     let mut ev_id = None;
     let mut tenant = None;
@@ -550,6 +574,44 @@ mod tests {
             let want = bytes.iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20);
             let m = special8(w);
             assert_eq!(if m == 0 { None } else { Some((m.trailing_zeros() / 8) as usize) }, want, "{bytes:?}");
+        }
+    }
+
+    #[test]
+    fn is_ascii_finds_a_high_byte_anywhere() {
+        for n in 0..80 {
+            let line = vec![b'a'; n];
+            assert!(is_ascii(&line), "{n}");
+            for at in 0..n {
+                for hi in [0x80u8, 0xC3, 0xFF] {
+                    let mut l = line.clone();
+                    l[at] = hi;
+                    assert!(!is_ascii(&l), "{n} {at}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_after_a_long_ascii_prefix_is_left_to_python_and_valid_utf8_is_read() {
+        for pad in [0usize, 1, 15, 16, 17, 40, 200] {
+            let line = |tail: &[u8]| {
+                let mut l = format!(
+                    r#"{{"event_id":"e","tenant_id":"t","customer_id":"c","event_type":"x","timestamp":1,"properties":{{"p":"{}"#,
+                    "a".repeat(pad)
+                )
+                .into_bytes();
+                l.extend_from_slice(tail);
+                l.extend_from_slice(b"\"}}");
+                l
+            };
+            assert!(parse_event(&line(b"")).is_some());
+            let good = line("\u{e9}\u{2028}".as_bytes());
+            let ok = parse_event(&good).expect("valid UTF-8");
+            assert_eq!(ok.props[0].1, Val::Str(format!("{}\u{e9}\u{2028}", "a".repeat(pad)).into()));
+            for bad in [&b"\xff"[..], b"\xc3", b"\xc3(", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xe2\x82"] {
+                assert!(parse_event(&line(bad)).is_none(), "{pad} {bad:?}");
+            }
         }
     }
 

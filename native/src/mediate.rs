@@ -16,6 +16,7 @@ mod archive;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyInt, PyList, PyString, PyTuple};
+use pyo3::Borrowed;
 
 use crate::json::{self, Event, Stamp, Val};
 use crate::{matches, pairs, time, BatchCore, FxMap, Tenant, LAST_EVENT_MS};
@@ -235,34 +236,6 @@ impl Parsed {
         (if i == 0 { 0 } else { self.pends[i - 1] as usize }, self.pends[i] as usize)
     }
 
-    /// Event `i` of `from` appended here. Its strings are one run of `from.sbuf` (`push` writes the event type
-    /// and then every key and string value, in order), copied at once and its references moved by the offset.
-    fn copy_from(&mut self, from: &Parsed, i: usize) {
-        self.fp.push(from.fp[i]);
-        self.corr.push(from.corr[i]);
-        let (a, b) = from.props_range(i);
-        let start = from.etype[i].off;
-        let end = from.recs[a..b].iter().fold(from.etype[i].off + from.etype[i].len, |end, rec| {
-            match rec.val {
-                PVal::Str(r) => r.off + r.len,
-                _ => rec.key.off + rec.key.len,
-            }
-            .max(end)
-        });
-        let base = self.sbuf.len() as u32;
-        self.sbuf.push_str(&from.sbuf[start as usize..end as usize]);
-        let moved = |r: SRef| SRef { off: r.off - start + base, len: r.len };
-        self.etype.push(moved(from.etype[i]));
-        self.recs.extend(from.recs[a..b].iter().map(|rec| PRec {
-            key: moved(rec.key),
-            val: match rec.val {
-                PVal::Str(r) => PVal::Str(moved(r)),
-                v => v,
-            },
-        }));
-        self.pends.push(self.recs.len() as u32);
-    }
-
     /// Room for `events` more events with `recs` properties and `bytes` of strings.
     fn reserve(&mut self, events: usize, recs: usize, bytes: usize) {
         self.fp.reserve(events);
@@ -271,15 +244,6 @@ impl Parsed {
         self.pends.reserve(events);
         self.recs.reserve(recs);
         self.sbuf.reserve(bytes);
-    }
-
-    fn clear(&mut self) {
-        self.fp.clear();
-        self.corr.clear();
-        self.etype.clear();
-        self.pends.clear();
-        self.recs.clear();
-        self.sbuf.clear();
     }
 
     #[inline]
@@ -335,16 +299,20 @@ impl Parsed {
 }
 
 // ---- the bundle ----------------------------------------------------------------------------------------
-const BUNDLE_VERSION: u8 = 2; // 2: with each native line's parse (`Parsed`)
+// 2: with each native line's parse (`Parsed`); 3: the events in arrival order, `ord` gives the customers' order
+const BUNDLE_VERSION: u8 = 3;
 
 /// One shard's share of a batch: its customers in order of their first events, each one's events in
 /// arrival order. An event is a native one (its line, time, watermark, exclusion, source) or one the
-/// Python Mediator made (`py`: its `MeteredEvent`, index `pyi`).
+/// Python Mediator made (`py`: its `MeteredEvent`, index `pyi`). The per-event columns (`buf`/`ends` ..
+/// `parsed`) hold the shard's events in arrival order, as `Mediator::run` staged them (no copy at `take`);
+/// `ord` lists them customer by customer.
 #[pyclass(module = "meterflow_native")]
 #[derive(Default)]
 pub(crate) struct Bundle {
     pub(crate) keys: Vec<String>,
-    pub(crate) starts: Vec<u32>, // customer k's events are starts[k]..starts[k + 1]
+    pub(crate) starts: Vec<u32>, // customer k's events are ord[starts[k]..starts[k + 1]]
+    pub(crate) ord: Vec<u32>,    // the events (indexes of the columns below), customer by customer
     buf: Vec<u8>,
     ends: Vec<u32>, // event i's line is buf[ends[i - 1]..ends[i]]
     pub(crate) ts: Vec<i64>,
@@ -397,6 +365,9 @@ impl Bundle {
             w.extend_from_slice(&s.a.to_le_bytes());
             w.extend_from_slice(&s.b.to_le_bytes());
             w.extend_from_slice(&self.pyi[i].to_le_bytes());
+        }
+        for &a in &self.ord {
+            u32s(&mut w, a);
         }
         self.parsed.encode(&mut w);
         w
@@ -452,10 +423,23 @@ impl Bundle {
             let (a, bb) = (r.i64()?, r.i64()?);
             b.srcs.push(Src { name, kind, a, b: bb });
             let pi = i32::from_le_bytes(r.take(4)?.try_into().ok()?);
-            if pi >= 0 && pi as usize >= py.len() {
+            if pi >= 0 && pi as usize >= py.len() || pi < 0 && name as usize >= b.names.len() {
                 return None;
             }
             b.pyi.push(pi);
+        }
+        // every line within `buf`, and `buf` all lines
+        if b.ends.windows(2).any(|w| w[0] > w[1]) || b.ends.last().map_or(0, |&e| e as usize) != bl {
+            return None;
+        }
+        // the customers' events: each event once
+        let mut seen = vec![false; n];
+        for _ in 0..n {
+            let a = r.u32()? as usize;
+            if a >= n || std::mem::replace(&mut seen[a], true) {
+                return None;
+            }
+            b.ord.push(a as u32);
         }
         let p = &mut b.parsed;
         let sref = |r: &mut Rd<'_>| -> Option<SRef> { Some(SRef { off: r.u32()?, len: r.u32()? }) };
@@ -506,7 +490,10 @@ impl Bundle {
                 }
             }
         }
-        if r.1 != data.len() || *b.starts.last()? as usize != n {
+        if r.1 != data.len() || b.starts[0] != 0 || b.starts.windows(2).any(|w| w[0] > w[1]) {
+            return None;
+        }
+        if *b.starts.last()? as usize != n {
             return None;
         }
         b.py = py;
@@ -549,7 +536,7 @@ impl Bundle {
     /// Customer `k`'s `i`-th event: its `MeteredEvent` when the Python Mediator made it, else
     /// `(raw, ts, wm, src, excluded)` (the wrapper decodes it).
     fn event<'py>(&self, py: Python<'py>, k: usize, i: usize) -> PyResult<Bound<'py, PyAny>> {
-        let j = self.starts[k] as usize + i;
+        let j = self.ord[self.starts[k] as usize + i] as usize;
         if self.pyi[j] >= 0 {
             return Ok(self.py[self.pyi[j] as usize].bind(py).clone());
         }
@@ -568,21 +555,72 @@ impl Bundle {
 }
 
 // ---- the mediator --------------------------------------------------------------------------------------
+const LAST: u32 = u32::MAX; // (`Stage::next` of a customer's last event)
+
+/// A customer of the staged batch: its shard's stage and its first and last events there.
 struct StCust {
     key: String,
-    shard: u32,
-    events: Vec<u32>,
+    slot: u32,
+    first: u32,
+    last: u32,
 }
 
-struct StEv {
-    start: u32,
-    end: u32,
-    ts: i64,
-    wm: i64,
-    excl: bool,
-    src: Src,
-    py: Option<Py<PyAny>>,
-    arch: (u32, u32), // its archive row's first columns in Mediator.arch (archive.rs); empty: not written
+/// One shard's share of the staged batch: the bundle `take` gives, its events in arrival order as `run` and
+/// `push` stage them (a line is copied once, from its bytes object to here), linked customer by customer.
+#[derive(Default)]
+struct Stage {
+    shard: u32,
+    b: Bundle,
+    next: Vec<u32>,        // event a's customer's next event (LAST: none)
+    arch: Vec<(u32, u32)>, // event a's archive row's first columns in Mediator.arch (archive.rs); empty: not written
+    cap: [usize; 4],       // (events, line bytes, properties, string bytes) of the slot's last bundle
+}
+
+impl Stage {
+    /// Start shard `shard`'s bundle, with the room the slot's last one took.
+    fn open(&mut self, shard: u32) {
+        self.shard = shard;
+        let [n, bytes, recs, sbytes] = self.cap;
+        let b = &mut self.b;
+        b.starts.push(0);
+        b.buf.reserve(bytes);
+        b.ends.reserve(n);
+        b.ts.reserve(n);
+        b.wm.reserve(n);
+        b.excl.reserve(n);
+        b.srcs.reserve(n);
+        b.pyi.reserve(n);
+        b.ord.reserve(n);
+        b.parsed.reserve(n, recs, sbytes);
+        self.next.reserve(n);
+        self.arch.reserve(n);
+    }
+
+    fn name_index(&mut self, name: &str) -> u32 {
+        let names = &mut self.b.names;
+        match names.iter().rposition(|n| n == name) {
+            Some(i) => i as u32,
+            None => {
+                names.push(name.to_owned());
+                (names.len() - 1) as u32
+            }
+        }
+    }
+
+    /// An event whose line (if any) was just appended to `b.buf` and whose parse to `b.parsed`; its index.
+    fn push(&mut self, ts: i64, wm: i64, excl: bool, src: Src, pyi: i32, arch: (u32, u32)) -> u32 {
+        let b = &mut self.b;
+        let a = b.ts.len() as u32;
+        b.ends.push(b.buf.len() as u32);
+        b.ts.push(ts);
+        b.wm.push(wm);
+        b.excl.push(excl);
+        b.srcs.push(src);
+        b.pyi.push(pyi);
+        self.next.push(LAST);
+        self.arch.push(arch);
+        a
+    }
 }
 
 /// One worker's native mediation (see the module doc). `run` and `push` stage a batch; `columns` gives
@@ -593,63 +631,119 @@ pub(crate) struct Mediator {
     max_skew_ms: i64,
     tenants: FxMap<String, Tenant>,
     shards: u32,
-    custs: Vec<StCust>,
+    custs: Vec<StCust>, // in order of their first events
     index: FxMap<String, usize>,
-    buf: Vec<u8>,
-    evs: Vec<StEv>,
-    names: Vec<String>,
+    slots: FxMap<u32, u32>, // a shard's stage in `stages`
+    stages: Vec<Stage>,     // stages[..used]: the batch's shards in order of their first customers (then spares)
+    used: usize,
     key_buf: String,
     /// Whether `run` writes each accepted line's archive row as it parses it (archive.rs; `pipeline.archive_raw`).
     #[pyo3(get, set)]
     archiving: bool,
     arch: Vec<u8>,
-    parsed: Parsed, // each staged event's parse, in staging order (`evs`)
+}
+
+/// A source `(name, a)` or `(name, a, b)` the bundle can store (exact tuple, str, ints): (name, items, a, b).
+fn src_parts<'a, 'py>(src: &'a Bound<'py, PyAny>) -> Option<(Borrowed<'a, 'py, PyString>, u8, i64, i64)> {
+    if !src.is_exact_instance_of::<PyTuple>() {
+        return None;
+    }
+    let s = src.cast::<PyTuple>().ok()?;
+    let n = s.len();
+    if n != 2 && n != 3 {
+        return None;
+    }
+    // (in bounds; borrowed from `s`)
+    let name = unsafe { s.get_borrowed_item_unchecked(0) };
+    if !name.is_exact_instance_of::<PyString>() {
+        return None;
+    }
+    let a = exact_int(&*unsafe { s.get_borrowed_item_unchecked(1) })?;
+    let b = if n == 3 { exact_int(&*unsafe { s.get_borrowed_item_unchecked(2) })? } else { 0 };
+    Some((name.cast::<PyString>().ok()?, n as u8, a, b))
+}
+
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint; it reads nothing and never faults
+    unsafe {
+        std::arch::x86_64::_mm_prefetch(p as *const i8, std::arch::x86_64::_MM_HINT_T0)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// Ask the CPU for item `i`'s objects ahead of `run`: a batch's tuples and bytes are often out of cache
+/// (a source made them a while ago), and `run` otherwise waits for each one in turn. Item `i + 16`'s tuple,
+/// then (it has arrived by then) item `i + 8`'s line and source. Borrowed pointers, only read through the C
+/// API (the list holds them; no Python code runs in `run`).
+#[inline]
+fn prefetch_ahead(batch: &Bound<'_, PyList>, i: usize, n: usize) {
+    use pyo3::ffi;
+    unsafe {
+        if i + 16 < n {
+            prefetch(ffi::PyList_GetItem(batch.as_ptr(), (i + 16) as ffi::Py_ssize_t) as *const u8);
+        }
+        if i + 8 < n {
+            let t = ffi::PyList_GetItem(batch.as_ptr(), (i + 8) as ffi::Py_ssize_t);
+            if ffi::PyTuple_CheckExact(t) != 0 && ffi::PyTuple_Size(t) == 2 {
+                let b = ffi::PyTuple_GetItem(t, 1) as *const u8;
+                for k in 0..5 {
+                    prefetch(b.wrapping_add(64 * k));
+                }
+                prefetch(ffi::PyTuple_GetItem(t, 0) as *const u8);
+            }
+        }
+    }
 }
 
 impl Mediator {
-    fn stage(&mut self, ev: StEv) {
+    /// The customer `key_buf` (a new one after the batch's others).
+    fn customer(&mut self) -> usize {
         let key = self.key_buf.as_str();
-        let ci = match self.index.get(key) {
-            Some(&c) => c,
+        if let Some(&c) = self.index.get(key) {
+            return c;
+        }
+        let shard = crc32(key.as_bytes()) % self.shards;
+        let slot = match self.slots.get(&shard) {
+            Some(&s) => s,
             None => {
-                let c = self.custs.len();
-                let shard = crc32(key.as_bytes()) % self.shards;
-                self.custs.push(StCust { key: key.to_owned(), shard, events: Vec::new() });
-                self.index.insert(key.to_owned(), c);
-                c
+                if self.used == self.stages.len() {
+                    self.stages.push(Stage::default());
+                }
+                self.stages[self.used].open(shard);
+                let s = self.used as u32;
+                self.used += 1;
+                self.slots.insert(shard, s);
+                s
             }
         };
-        self.custs[ci].events.push(self.evs.len() as u32);
-        self.evs.push(ev);
+        let c = self.custs.len();
+        self.custs.push(StCust { key: key.to_owned(), slot, first: LAST, last: LAST });
+        self.index.insert(key.to_owned(), c);
+        c
     }
 
-    fn name_index(&mut self, name: &str) -> u32 {
-        match self.names.iter().rposition(|n| n == name) {
-            Some(i) => i as u32,
-            None => {
-                self.names.push(name.to_owned());
-                (self.names.len() - 1) as u32
-            }
+    /// Event `a` of customer `c`'s stage after the customer's others.
+    fn link(&mut self, c: usize, a: u32) {
+        let cu = &mut self.custs[c];
+        if cu.first == LAST {
+            cu.first = a;
+        } else {
+            self.stages[cu.slot as usize].next[cu.last as usize] = a;
         }
+        cu.last = a;
     }
 
-    fn src_of(&mut self, src: &Bound<'_, PyAny>) -> Option<Src> {
-        let t = src.cast::<PyTuple>().ok()?;
-        if !src.is_exact_instance_of::<PyTuple>() {
-            return None;
-        }
-        let n = t.len();
-        if n != 2 && n != 3 {
-            return None;
-        }
-        let name_obj = t.get_item(0).ok()?;
-        if !name_obj.is_exact_instance_of::<PyString>() {
-            return None;
-        }
-        let a = exact_int(&t.get_item(1).ok()?)?;
-        let b = if n == 3 { exact_int(&t.get_item(2).ok()?)? } else { 0 };
-        let name = name_obj.cast::<PyString>().ok()?.to_str().ok()?;
-        Some(Src { name: self.name_index(name), kind: n as u8, a, b })
+    /// The staged events as (stage, event): customers in order of their first events, each one's events in
+    /// arrival order (operators/mediate.py `raw_columns`).
+    fn staged(&self) -> impl Iterator<Item = (&Stage, usize)> + '_ {
+        self.custs.iter().flat_map(move |c| {
+            let st = &self.stages[c.slot as usize];
+            let more = |a: u32| (a != LAST).then_some(a);
+            std::iter::successors(more(c.first), move |&a| more(st.next[a as usize])).map(move |a| (st, a as usize))
+        })
     }
 }
 
@@ -678,13 +772,12 @@ impl Mediator {
             shards,
             custs: Vec::new(),
             index: FxMap::default(),
-            buf: Vec::new(),
-            evs: Vec::new(),
-            names: Vec::new(),
+            slots: FxMap::default(),
+            stages: Vec::new(),
+            used: 0,
             key_buf: String::new(),
             archiving: false,
             arch: Vec::new(),
-            parsed: Parsed::default(),
         })
     }
 
@@ -696,18 +789,21 @@ impl Mediator {
         let mut wm = wm;
         let mut i = start;
         while i < n {
+            prefetch_ahead(batch, i, n);
             let item = batch.get_item(i)?;
             let Ok(t) = item.cast::<PyTuple>() else { return Ok((i, wm)) };
             if t.len() != 2 {
                 return Ok((i, wm));
             }
-            let raw_obj = t.get_item(1)?;
-            let Ok(b) = raw_obj.cast::<PyBytes>() else { return Ok((i, wm)) };
-            let raw = b.as_bytes();
+            // (borrowed from `t`, which `item` holds)
+            let Ok(b) = unsafe { t.get_borrowed_item_unchecked(1) }.cast::<PyBytes>() else { return Ok((i, wm)) };
+            let raw = PyBytesMethods::as_bytes(&*b);
             let Some((ev, ts, excluded)) = mediate_line(&self.tenants, self.max_bytes, raw, horizon) else {
                 return Ok((i, wm));
             };
-            let Some(src) = self.src_of(&t.get_item(0)?) else { return Ok((i, wm)) };
+            let src = unsafe { t.get_borrowed_item_unchecked(0) };
+            let Some((name, kind, a, sb)) = src_parts(&src) else { return Ok((i, wm)) };
+            let Ok(name) = PyStringMethods::to_str(&*name) else { return Ok((i, wm)) };
             if ts > wm {
                 wm = ts;
             }
@@ -715,16 +811,17 @@ impl Mediator {
             self.key_buf.push_str(&ev.tenant_id);
             self.key_buf.push('|');
             self.key_buf.push_str(&ev.customer_id);
-            let start_b = self.buf.len() as u32;
-            self.buf.extend_from_slice(raw);
-            let end_b = self.buf.len() as u32;
+            let c = self.customer();
+            let st = &mut self.stages[self.custs[c].slot as usize];
+            let src = Src { name: st.name_index(name), kind, a, b: sb };
+            st.b.buf.extend_from_slice(raw);
+            st.b.parsed.push(&ev);
             let a0 = self.arch.len() as u32;
             if self.archiving {
                 archive::row_head(&mut self.arch, &ev, ts);
             }
-            let arch = (a0, self.arch.len() as u32);
-            self.parsed.push(&ev);
-            self.stage(StEv { start: start_b, end: end_b, ts, wm, excl: excluded, src, py: None, arch });
+            let e = st.push(ts, wm, excluded, src, -1, (a0, self.arch.len() as u32));
+            self.link(c, e);
             i += 1;
         }
         Ok((i, wm))
@@ -737,11 +834,14 @@ impl Mediator {
         let excl: bool = me.getattr("excluded")?.extract()?;
         self.key_buf.clear();
         self.key_buf.push_str(key);
-        let at = self.buf.len() as u32;
-        let src = Src { name: 0, kind: 0, a: 0, b: 0 };
-        let a = self.arch.len() as u32;
-        self.parsed.push_none();
-        self.stage(StEv { start: at, end: at, ts, wm, excl, src, py: Some(me.clone().unbind()), arch: (a, a) });
+        let c = self.customer();
+        let st = &mut self.stages[self.custs[c].slot as usize];
+        let pyi = st.b.py.len() as i32;
+        st.b.py.push(me.clone().unbind());
+        st.b.parsed.push_none();
+        let at = self.arch.len() as u32;
+        let e = st.push(ts, wm, excl, Src { name: 0, kind: 0, a: 0, b: 0 }, pyi, (at, at));
+        self.link(c, e);
         Ok(())
     }
 
@@ -754,39 +854,38 @@ impl Mediator {
         ingested: i64,
         py_row: &Bound<'py, PyAny>,
     ) -> PyResult<Option<Bound<'py, PyTuple>>> {
-        if self.evs.is_empty() {
+        if self.custs.is_empty() {
             return Ok(None);
         }
         let cols: Vec<Bound<'py, PyList>> = (0..10).map(|_| PyList::empty(py)).collect();
-        for c in &self.custs {
-            for &e in &c.events {
-                let ev = &self.evs[e as usize];
-                if let Some(me) = &ev.py {
-                    let row = py_row.call1((me.bind(py),))?;
-                    for (k, col) in cols.iter().enumerate() {
-                        col.append(row.get_item(k)?)?;
-                    }
-                    continue;
+        for (st, e) in self.staged() {
+            let b = &st.b;
+            if b.pyi[e] >= 0 {
+                let row = py_row.call1((b.py[b.pyi[e] as usize].bind(py),))?;
+                for (k, col) in cols.iter().enumerate() {
+                    col.append(row.get_item(k)?)?;
                 }
-                let raw = &self.buf[ev.start as usize..ev.end as usize];
-                let p = json::parse_event(raw).ok_or_else(|| PyValueError::new_err("staged line no longer parses"))?;
-                cols[0].append(PyString::new(py, &p.tenant_id))?;
-                cols[1].append(PyString::new(py, &p.customer_id))?;
-                cols[2].append(PyString::new(py, &p.event_id))?;
-                cols[3].append(PyString::new(py, &p.event_type))?;
-                cols[4].append(ev.ts)?;
-                cols[5].append(PyString::new(py, &props_json(&p.props)))?;
-                cols[6].append(PyBool::new(py, p.correction))?;
-                cols[7].append(ingested)?;
-                cols[8].append(PyString::new(py, &src_text(&self.names, &ev.src)))?;
-                cols[9].append(if ev.src.kind == 0 {
-                    0
-                } else if ev.src.kind == 2 {
-                    ev.src.a
-                } else {
-                    ev.src.b
-                })?;
+                continue;
             }
+            let p =
+                json::parse_event(b.line(e)).ok_or_else(|| PyValueError::new_err("staged line no longer parses"))?;
+            let src = &b.srcs[e];
+            cols[0].append(PyString::new(py, &p.tenant_id))?;
+            cols[1].append(PyString::new(py, &p.customer_id))?;
+            cols[2].append(PyString::new(py, &p.event_id))?;
+            cols[3].append(PyString::new(py, &p.event_type))?;
+            cols[4].append(b.ts[e])?;
+            cols[5].append(PyString::new(py, &props_json(&p.props)))?;
+            cols[6].append(PyBool::new(py, p.correction))?;
+            cols[7].append(ingested)?;
+            cols[8].append(PyString::new(py, &src_text(&b.names, src)))?;
+            cols[9].append(if src.kind == 0 {
+                0
+            } else if src.kind == 2 {
+                src.a
+            } else {
+                src.b
+            })?;
         }
         Ok(Some(PyTuple::new(py, cols)?))
     }
@@ -799,7 +898,7 @@ impl Mediator {
         ingested: i64,
         py_row: &Bound<'py, PyAny>,
     ) -> PyResult<Option<(usize, Bound<'py, PyBytes>)>> {
-        if self.evs.is_empty() {
+        if self.custs.is_empty() {
             return Ok(None);
         }
         Ok(archive::row_binary(self, py, ingested, py_row)?.map(|(n, b)| (n, PyBytes::new(py, &b))))
@@ -808,92 +907,35 @@ impl Mediator {
     /// The staged batch as `[(shard, Bundle)]`, shards in order of their first customers (as
     /// operators/mediate.py `bundle_shards`); the next batch starts empty.
     fn take<'py>(&mut self, py: Python<'py>, ingested: i64) -> PyResult<Bound<'py, PyList>> {
-        let mut order: Vec<u32> = Vec::new();
-        let mut by_shard: FxMap<u32, Bundle> = FxMap::default();
-        let custs = std::mem::take(&mut self.custs);
-        // Each shard's share sized first (events, line bytes, properties, string bytes), so the bundles are
-        // filled without growing (a batch spreads over up to pipeline.shards bundles).
-        let mut sizes: FxMap<u32, [usize; 5]> = FxMap::default();
-        for c in &custs {
-            let s = sizes.entry(c.shard).or_insert([0; 5]);
-            s[0] += 1;
-            s[1] += c.events.len();
-            for &e in &c.events {
-                let ev = &self.evs[e as usize];
-                s[2] += (ev.end - ev.start) as usize;
-                if ev.py.is_none() {
-                    let (a, b) = self.parsed.props_range(e as usize);
-                    s[3] += b - a;
-                    s[4] += (ev.end - ev.start) as usize; // (the strings are at most the line)
-                }
-            }
-        }
-        let mut evs: Vec<Option<StEv>> = std::mem::take(&mut self.evs).into_iter().map(Some).collect();
-        for c in custs {
-            let b = by_shard.entry(c.shard).or_insert_with(|| {
-                order.push(c.shard);
-                let [nc, n, bytes, recs, sbytes] = sizes[&c.shard];
-                let mut b = Bundle { ingested, ..Default::default() };
-                b.keys.reserve(nc);
-                b.starts.reserve(nc + 1);
-                b.starts.push(0);
-                b.buf.reserve(bytes);
-                b.ends.reserve(n);
-                b.ts.reserve(n);
-                b.wm.reserve(n);
-                b.excl.reserve(n);
-                b.srcs.reserve(n);
-                b.pyi.reserve(n);
-                b.parsed.reserve(n, recs, sbytes);
-                b
-            });
-            for e in c.events {
-                let ev = evs[e as usize].take().expect("each event staged once");
-                if ev.py.is_none() {
-                    b.parsed.copy_from(&self.parsed, e as usize);
-                } else {
-                    b.parsed.push_none();
-                }
-                let raw = &self.buf[ev.start as usize..ev.end as usize];
-                b.buf.extend_from_slice(raw);
-                b.ends.push(b.buf.len() as u32);
-                b.ts.push(ev.ts);
-                b.wm.push(ev.wm);
-                b.excl.push(ev.excl);
-                let mut src = ev.src;
-                if ev.py.is_none() {
-                    let name = &self.names[src.name as usize];
-                    src.name = match b.names.iter().rposition(|n| n == name) {
-                        Some(i) => i as u32,
-                        None => {
-                            b.names.push(name.clone());
-                            (b.names.len() - 1) as u32
-                        }
-                    };
-                }
-                b.srcs.push(src);
-                match ev.py {
-                    Some(o) => {
-                        b.pyi.push(b.py.len() as i32);
-                        b.py.push(o);
-                    }
-                    None => b.pyi.push(-1),
-                }
-            }
+        for c in self.custs.drain(..) {
+            let st = &mut self.stages[c.slot as usize];
+            let b = &mut st.b;
             b.keys.push(c.key);
-            b.starts.push(b.ts.len() as u32);
+            let mut a = c.first;
+            while a != LAST {
+                b.ord.push(a);
+                a = st.next[a as usize];
+            }
+            b.starts.push(b.ord.len() as u32);
         }
+        let mut out: Vec<(u32, Bundle)> = Vec::with_capacity(self.used);
+        for st in &mut self.stages[..self.used] {
+            let mut b = std::mem::take(&mut st.b);
+            b.ingested = ingested;
+            st.cap = [b.ts.len(), b.buf.len(), b.parsed.recs.len(), b.parsed.sbuf.len()];
+            st.next.clear();
+            st.arch.clear();
+            out.push((st.shard, b));
+        }
+        self.used = 0;
+        self.slots.clear();
         self.index.clear();
-        self.buf.clear();
         self.arch.clear();
-        self.parsed.clear();
-        self.names.clear();
-        let out = PyList::empty(py);
-        for s in order {
-            let b = by_shard.remove(&s).expect("shard staged");
-            out.append((s.to_string(), Bound::new(py, b)?))?;
+        let list = PyList::empty(py);
+        for (s, b) in out {
+            list.append((s.to_string(), Bound::new(py, b)?))?;
         }
-        Ok(out)
+        Ok(list)
     }
 }
 
@@ -917,7 +959,7 @@ pub(crate) fn fold_bundle(
         };
         let (s, e) = (b.starts[k] as usize, b.starts[k + 1] as usize);
         while s + i < e {
-            let j = s + i;
+            let j = b.ord[s + i] as usize;
             if b.pyi[j] >= 0 {
                 return Ok((k, i, 1));
             }

@@ -72,6 +72,9 @@ def line(draw) -> Any:
         return None
     if how == 6:
         return raw.replace(b"{", b'{"properties": {}, ', 1)  # a repeated key
+    if how == 7:  # past a long ASCII run: invalid UTF-8 (a dead letter), or a valid two- or three-byte character
+        bad = draw(st.sampled_from([b"\xc3", b"\xff", b"\xed\xa0\x80", b"\xe2\x82", b"\xc3\xa9", b"\xe2\x80\xa8"]))
+        return raw.replace(b'"event_type": "', b'"event_type": "' + b"a" * draw(st.integers(0, 40)) + bad, 1)
     return raw
 
 
@@ -200,3 +203,58 @@ def test_a_pickled_bundle_folds_as_the_original_and_a_cut_state_is_refused():
                 meterflow_native.Bundle(state[:cut], [])
         with pytest.raises(ValueError, match="not a meterflow_native bundle state"):
             meterflow_native.Bundle(b"\x01" + state[1:], [])  # a state of the version before
+
+
+def _ord_at(state: bytes) -> int:
+    """Where a bundle state (native/src/mediate.rs `Bundle::encode`, version 3) lists its events customer by
+    customer (`ord`), after the header, the lines and the per-event records."""
+    import struct
+    at = 9  # version, ingested
+    for _ in range(2):  # keys, source names
+        (count,) = struct.unpack_from("<I", state, at)
+        at += 4
+        for _ in range(count):
+            (ln,) = struct.unpack_from("<I", state, at)
+            at += 4 + ln
+    (keys,) = struct.unpack_from("<I", state, 9)
+    at += 4 * (keys + 1)  # starts
+    n, bl = struct.unpack_from("<II", state, at)
+    return at + 8 + bl + 46 * n
+
+
+def test_interleaved_customers_of_a_shard_keep_their_order_through_a_pickle_and_a_bad_order_is_refused():
+    """A shard's events are kept in arrival order and listed customer by customer (`ord`): customers
+    interleaved in one shard, with a line the Python Mediator decides between them, come out grouped, each in
+    arrival order, before and after a pickle; a state that lists an event twice, or one that is not there,
+    or is of the version before, is refused."""
+    cfg = parse_config({**CFG, "pipeline": {**CFG["pipeline"], "shards": 1}}, "t.toml", environ={})
+    nat = native.NativeMediator(cfg, stats=FlowStats(), clock=lambda: NOW)
+    py = Mediator(cfg, stats=FlowStats(), clock=lambda: NOW)
+
+    def ln(i: int, c: str, **props: Any) -> bytes:
+        return json.dumps({"event_id": f"e{i}", "tenant_id": "beta", "customer_id": c, "event_type": "api_call",
+                           "timestamp": BASE + i, "properties": props}).encode()
+
+    batch = [(("f", i), ln(i, "abc"[i % 3])) for i in range(9)]
+    batch.insert(4, (("f", 99), ln(99, "b", n=2**70)))  # an int beyond i64: the Python path decides
+    batch.insert(6, ("not a source", ln(98, "c")))
+    bundles, dead, _ = nat.split(list(batch), False)
+    groups, pdead = py(list(batch))
+    assert [_dl(d) for d in dead] == [_dl(d) for d in pdead]
+    want = {k: [_plain(me) for me in g] for k, g in groups.items()}
+    ((_s, b),) = bundles
+    assert {k: [_plain(me) for me in g] for k, g in native.bundle_groups(b).items()} == want
+    assert list(want) == ["beta|a", "beta|b", "beta|c"] and len(want["beta|b"]) == 4
+    back = pickle.loads(pickle.dumps(b))
+    assert {k: [_plain(me) for me in g] for k, g in native.bundle_groups(back).items()} == want
+    cls, (state, events) = b.__reduce__()
+    assert state[0] == 3
+    at = _ord_at(state)
+    assert at + 4 * len(b) <= len(state)
+    first = state[at:at + 4]
+    for bad in (state[:at + 4] + first + state[at + 8:],  # event listed twice
+                state[:at] + (len(b)).to_bytes(4, "little") + state[at + 4:],  # no such event
+                b"\x02" + state[1:]):  # the version before
+        with pytest.raises(ValueError, match="not a meterflow_native bundle state"):
+            cls(bad, events)
+    assert native.bundle_groups(cls(state, events)).keys() == want.keys()

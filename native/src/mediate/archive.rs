@@ -83,41 +83,41 @@ pub(super) fn row_binary(
     ingested: i64,
     py_row_of: &Bound<'_, PyAny>,
 ) -> PyResult<Option<(usize, Vec<u8>)>> {
-    let mut out: Vec<u8> = Vec::with_capacity(m.buf.len() + m.evs.len() * 96);
+    let room: usize = m.stages[..m.used].iter().map(|st| st.b.buf.len() + st.b.ts.len() * 96).sum();
+    let mut out: Vec<u8> = Vec::with_capacity(room);
     let mut rows = 0usize;
-    for c in &m.custs {
-        for &e in &c.events {
-            let ev = &m.evs[e as usize];
-            rows += 1;
-            if let Some(me) = &ev.py {
-                let row = py_row_of.call1((me.bind(py),))?;
-                if py_row(&mut out, &row)?.is_none() {
-                    return Ok(None);
-                }
-                continue;
+    for (st, e) in m.staged() {
+        let b = &st.b;
+        rows += 1;
+        if b.pyi[e] >= 0 {
+            let row = py_row_of.call1((b.py[b.pyi[e] as usize].bind(py),))?;
+            if py_row(&mut out, &row)?.is_none() {
+                return Ok(None);
             }
-            if ev.arch.1 > ev.arch.0 {
-                // written by run as it parsed the line
-                out.extend_from_slice(&m.arch[ev.arch.0 as usize..ev.arch.1 as usize]);
-            } else {
-                let raw = &m.buf[ev.start as usize..ev.end as usize];
-                let p = json::parse_event(raw)
-                    .ok_or_else(|| pyo3::exceptions::PyValueError::new_err("staged line no longer parses"))?;
-                row_head(&mut out, &p, ev.ts);
-            }
-            put_i64(&mut out, ingested);
-            put_str(&mut out, src_text(&m.names, &ev.src).as_bytes());
-            put_i64(
-                &mut out,
-                if ev.src.kind == 0 {
-                    0
-                } else if ev.src.kind == 2 {
-                    ev.src.a
-                } else {
-                    ev.src.b
-                },
-            );
+            continue;
         }
+        let (a0, a1) = st.arch[e];
+        if a1 > a0 {
+            // written by run as it parsed the line
+            out.extend_from_slice(&m.arch[a0 as usize..a1 as usize]);
+        } else {
+            let p = json::parse_event(b.line(e))
+                .ok_or_else(|| pyo3::exceptions::PyValueError::new_err("staged line no longer parses"))?;
+            row_head(&mut out, &p, b.ts[e]);
+        }
+        let src = &b.srcs[e];
+        put_i64(&mut out, ingested);
+        put_str(&mut out, src_text(&b.names, src).as_bytes());
+        put_i64(
+            &mut out,
+            if src.kind == 0 {
+                0
+            } else if src.kind == 2 {
+                src.a
+            } else {
+                src.b
+            },
+        );
     }
     Ok(Some((rows, out)))
 }
