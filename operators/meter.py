@@ -215,11 +215,14 @@ class CustomerMeter:
         deferred: Dict[PeriodKey, list] = {}
         unevaluated = 0
         rule = self.ent.rule
+        # A changelog record in the batch can rate a p95/p99 metric after its period was deferred: then the
+        # wallet needs the period's value before the batch even where the metric was not rated yet.
+        exact = len(batches) > 1 and any(type(group) is EntitlementUpdate for group in batches)
         for group in batches:
             if type(group) is EntitlementUpdate:
                 self._apply_change(group, alerts)
             else:
-                unevaluated += self._fold(group, dead, alerts, deferred)
+                unevaluated += self._fold(group, dead, alerts, deferred, exact)
         if deferred:
             self._evaluate_deferred(deferred, dead, alerts)
         if self.ent.rule is not rule:
@@ -242,9 +245,11 @@ class CustomerMeter:
         self._period = (0, 0)
         self._rows = {}
 
-    def _fold(self, group: List[Any], dead: List[Any], alerts: List[Any], deferred: Dict[PeriodKey, list]) -> int:
+    def _fold(self, group: List[Any], dead: List[Any], alerts: List[Any], deferred: Dict[PeriodKey, list],
+              exact: bool = False) -> int:
         """Fold one list of events in order; returns how many of them went unevaluated (the subscription
-        evaluates no entitlement).
+        evaluates no entitlement). ``exact``: the batch holds a changelog record, so a p95/p99 period deferred
+        while unrated may be rated at the end of the batch: its value before the batch is kept for the wallet.
 
         Per event: admission (its billing period, dedupe, a metered type, a period still open, exclusion),
         then, per metric it matches, the fold into its window and period accumulators (through the row
@@ -376,8 +381,9 @@ class CustomerMeter:
                     if not per_event:  # p95/p99: checked once per batch, on its last event (_evaluate_deferred)
                         d = deferred.get(pk)
                         if d is None:
-                            # (the value before the batch only feeds the wallet: a percentile costs a sort)
-                            deferred[pk] = [acc.value() if rate is not None else 0.0, me]
+                            # (the value before the batch only feeds the wallet: a percentile costs a sort; a
+                            # changelog record later in the batch may rate the metric, see process)
+                            deferred[pk] = [acc.value() if rate is not None or exact else 0.0, me]
                         else:
                             d[1] = me
                         acc.add(v, ts, sign)

@@ -492,6 +492,16 @@ def test_p95_wallet_units_are_the_batch_change():
     assert final_gateway(h.emissions)[1] == {("acme", "c1"): (100.0, 80.0, 20.0, "ok")}
 
 
+def test_p95_wallet_units_are_the_batch_change_when_a_change_in_the_batch_rates_the_metric():
+    # lat95 is evaluated but not rated when a2 defers its period; the record after it in the same batch rates it:
+    # the wallet draws the batch's change (p95 40 -> 60: 20 units), not the whole period value (60)
+    cfg = config(sub("p95"))
+    rated = change(1, "p95", wallet=wallet(100, {"lat95": 0.5}, "alert", low=10))
+    h = run(cfg, [ev("a1", JAN + 1, latency=40)], [ev("a2", JAN + 2, latency=60), rated])
+    assert brief(h) == [("threshold_crossed", "lat95", 50.0, "")]  # (the change re-evaluates at once)
+    assert final_gateway(h.emissions)[1] == {("acme", "c1"): (100.0, 10.0, 90.0, "ok")}
+
+
 # -- isolation and recovery ------------------------------------------------------------------------------------
 
 def test_tenants_and_customers_never_mix():
