@@ -46,7 +46,7 @@ Memory: per customer, a few entries per open billing period and metric; evicted 
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Set, Tuple, cast
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, cast
 
 import msgspec
 
@@ -172,7 +172,9 @@ class Entitlements:
                  "units", "wallet_low", "wallet_exhausted", "wallet_blocked", "sfired", "changes", "unrated",
                  # derived (rebuilt after restore)
                  "rule", "infos", "credit", "rated", "next_level", "touched", "deleted", "wallet_dirty",
-                 "prices", "spends", "spend_next")
+                 "prices", "spends", "spend_next",
+                 # (not state) called with the alert list before an auto_overage move takes effect
+                 "before_move")
 
     def __init__(self, rules: Rules, key: str) -> None:
         self.rules = rules
@@ -199,6 +201,7 @@ class Entitlements:
         self.deleted: Set[str] = set()
         self.wallet_dirty = False
         self.infos: Dict[str, EntInfo] = {}
+        self.before_move: Optional[Callable[[List[Alert]], None]] = None
         self._resolve()
 
     # -- state --------------------------------------------------------------------------
@@ -359,6 +362,8 @@ class Entitlements:
             alerts.append(self._alert("blocked", code, pk, 100.0, usage, info, "block", me))
         elif info.enforcement == "auto_overage" and over and pk not in self.overage:
             if info.next_plan and info.next_plan != self.rule.plan and _depth < 8:
+                if self.before_move is not None:  # (the meter sends the rows closed under the plan moved from)
+                    self.before_move(alerts)
                 previous = self.rule.plan
                 self.moved_plan = info.next_plan
                 self.changes += 1  # (a subscription change: every re-rated row's version grows, as a changelog's)

@@ -64,7 +64,7 @@ class CustomerMeter:
 
     __slots__ = ("rules", "key", "tenant_id", "customer_id", "seen", "wm", "windows", "periods",
                  "excluded", "next_evict", "next_dedupe_evict", "stats", "dirty_w", "dirty_p", "_period", "ent",
-                 "_rows", "reviews", "anom")
+                 "_rows", "reviews", "anom", "_closed")
 
     def __init__(self, rules: Rules, key: str, snapshot: Optional[bytes] = None, stats: FlowStats = STATS) -> None:
         self.rules = rules
@@ -90,6 +90,9 @@ class CustomerMeter:
         self.ent = Entitlements(rules, key)
         self.reviews = ReviewTracker(rules.review)  # open review items (README: Overage review queue)
         self.anom = self._new_anomalies()
+        # Final rows sent at a subscription change, before it took effect (_close_before_change): added to the
+        # emission of the process call that made the change (not state: never outlives that call).
+        self._closed: Optional[Emission] = None
         if snapshot is not None:
             self._restore(snapshot)
 
@@ -214,17 +217,22 @@ class CustomerMeter:
         alerts: List[Any] = []
         deferred: Dict[PeriodKey, list] = {}
         unevaluated = 0
-        rule = self.ent.rule
+        ent = self.ent
+        rule = ent.rule
         # A changelog record in the batch can rate a p95/p99 metric after its period was deferred: then the
         # wallet needs the period's value before the batch even where the metric was not rated yet.
         exact = len(batches) > 1 and any(type(group) is EntitlementUpdate for group in batches)
-        for group in batches:
-            if type(group) is EntitlementUpdate:
-                self._apply_change(group, alerts)
-            else:
-                unevaluated += self._fold(group, dead, alerts, deferred, exact)
-        if deferred:
-            self._evaluate_deferred(deferred, dead, alerts)
+        ent.before_move = self._close_before_change  # (set for the call only: no meter <-> entitlements cycle)
+        try:
+            for group in batches:
+                if type(group) is EntitlementUpdate:
+                    self._apply_change(group, alerts)
+                else:
+                    unevaluated += self._fold(group, dead, alerts, deferred, exact)
+            if deferred:
+                self._evaluate_deferred(deferred, dead, alerts)
+        finally:
+            ent.before_move = None
         if self.ent.rule is not rule:
             # The subscription in effect changed (an auto_overage move to next_plan or a changelog record): every
             # open period is re-rated at the next flush under it, as _apply_change does, so a row flushed before
@@ -238,6 +246,8 @@ class CustomerMeter:
     def _apply_change(self, update: EntitlementUpdate, alerts: List[Any]) -> None:
         """A changelog record: the entitlement change takes effect at its place in the batch, on the usage
         folded so far. The cached period and rows may belong to the previous subscription: dropped."""
+        if update.version > self.ent.version:
+            self._close_before_change(alerts)
         if self.ent.apply_change(update, self.usage, alerts):
             # Rated rows follow the subscription in effect: every open period is re-rated at the next flush.
             self.dirty_p.update(self.periods)
@@ -396,6 +406,7 @@ class CustomerMeter:
                         if lvl is None:
                             lvl = ent.level(pk, info)
                         if usage >= lvl or pk in ent.blocked:  # a threshold or the block to set, keep or lift
+                            self.wm = wm  # (an auto_overage move first sends the rows this watermark closed)
                             ent.evaluate(code, pk, usage, me, usage_of, alerts)
                         else:
                             ent.touched.add(pk)
@@ -426,6 +437,41 @@ class CustomerMeter:
         # invalid_event, internal_error); missing_property dead letters are per metric, counted apart.
         self.stats.add_metered(len(group) - dup - excl - failed, dup, excl, unmetered, ignored, failed, missing)
         return unevaluated
+
+    def _close_before_change(self, alerts: List[Any]) -> None:
+        """A subscription change (a changelog record, an auto_overage move) is about to take effect: the period
+        rows the watermark closed that no flush has sent yet leave final now, rated under the subscription they
+        closed under, and are evicted, with the changed gateway state, as a batch end and flush just before the
+        change would have done. So the change re-rates only the open periods, whatever the batch and flush
+        boundaries (contract: a final row no event can change)."""
+        if self.wm <= self.next_evict:
+            return
+        limit = self.wm - self.rules.grace_ms
+        closing = {pk for pk in self.periods if pk[2] < limit}
+        closing.update([pk for pk in self.excluded if pk[2] < limit])
+        if not closing:
+            return
+        out = self._emit(set(), closing, self.ent.rule, [], closing, partial=True)
+        alerts += out.alerts  # (review notifications, where the flush would have sent them: before the change)
+        out.gateway, out.wallets = self._take_gateway()  # (before the rows it reads are evicted)
+        prev = self._closed
+        if prev is None:
+            out.alerts = []
+            self._closed = out
+        else:
+            prev.periods += out.periods
+            prev.rated += out.rated
+            prev.reviews += out.reviews
+            prev.gateway += out.gateway
+            prev.wallets += out.wallets
+        self.dirty_p.difference_update(closing)
+        for pk in closing:
+            self.periods.pop(pk, None)
+            self.excluded.pop(pk, None)
+        self.ent.evict(self.wm, self.rules.grace_ms)
+        self.reviews.evict(limit)
+        self._recompute_next_evict()
+        self._rows = {}
 
     def _too_late(self, me: Any, pstart: int, pend: int, wm: int) -> Any:
         return dead_letter("too_late", f"billing period {pstart}..{pend} (epoch ms) closed more than late_grace "
@@ -504,27 +550,38 @@ class CustomerMeter:
         """The batch's emission: its dead letters and alerts, the changed gateway state and, with ``flush``, the
         changed rows (then the evictions), and expired dedupe ids dropped once the watermark is an hour past the
         earliest expiry."""
-        ent = self.ent
-        gateway: List[Any] = []
-        wallets: List[Any] = []
-        if ent.touched or ent.deleted or ent.wallet_dirty:
-            if self.rules.gateway_states:
-                gateway, wallets = ent.gateway(self.usage, now_ms())
-            else:  # nothing consumes live gateway state (no [redis]): do not build it
-                ent.touched.clear()
-                ent.deleted.clear()
-                ent.wallet_dirty = False
+        gateway, wallets = self._take_gateway()
         if flush:
             out = self.flush()
             out.dead_letters = dead
         else:
             out = Emission(dead_letters=dead)
+        closed = self._closed
+        if closed is not None:  # final rows a subscription change sent before it took effect: first
+            self._closed = None
+            out.periods = closed.periods + out.periods
+            out.rated = closed.rated + out.rated
+            out.reviews = closed.reviews + out.reviews
+            gateway = closed.gateway + gateway
+            wallets = closed.wallets + wallets
         out.alerts = alerts + out.alerts if out.alerts else alerts  # (review notifications of the flush last)
         out.gateway = gateway
         out.wallets = wallets
         if self.wm > self.next_dedupe_evict + _DEDUPE_EVICT_SLACK_MS:
             self._evict_seen()
         return out
+
+    def _take_gateway(self) -> Tuple[List[Any], List[Any]]:
+        """The changed gateway and wallet state (then nothing is pending)."""
+        ent = self.ent
+        if ent.touched or ent.deleted or ent.wallet_dirty:
+            if self.rules.gateway_states:
+                return ent.gateway(self.usage, now_ms())
+            # nothing consumes live gateway state (no [redis]): do not build it
+            ent.touched.clear()
+            ent.deleted.clear()
+            ent.wallet_dirty = False
+        return [], []
 
     # -- helpers ---------------------------------------------------------------------
     def _bounds(self, ts: int, kind: str, anchor: int) -> Any:
@@ -543,7 +600,9 @@ class CustomerMeter:
                     f"at {anchor} epoch ms): {exc}")
 
     def _emit(self, dirty_w: Set[WindowKey], dirty_p: Set[PeriodKey], sub, dead,
-              closing: Optional[Set[PeriodKey]] = None) -> Emission:
+              closing: Optional[Set[PeriodKey]] = None, partial: bool = False) -> Emission:
+        """The rows ``dirty_w`` and ``dirty_p`` rated under ``sub`` (those in ``closing`` final); ``partial``: not
+        every dirty row (a metric whose price a change took away keeps its pending removals)."""
         rules = self.rules
         t, c = self.tenant_id, self.customer_id
         wrows = []
@@ -595,7 +654,7 @@ class CustomerMeter:
                                       included=included, overage_units=over, charge=_ZERO, overage_amount=_ZERO,
                                       minimum=_ZERO, amount=_ZERO, custom_rate=False, final=final, version=version,
                                       deleted=True))
-        if unrated:  # every open row of those metrics was in this flush: the change dirtied them all
+        if unrated and not partial:  # every open row of those metrics was in this flush: the change dirtied them all
             self.ent.unrated = set()
         reviews, notes = self.reviews.observe(rated, now_ms()) if rated else ([], [])
         return Emission(windows=wrows, periods=prows, dead_letters=dead, rated=rated, reviews=reviews, alerts=notes)
