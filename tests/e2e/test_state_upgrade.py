@@ -330,6 +330,25 @@ def test_a_recovery_directory_of_the_build_before_the_native_core_resumes_exactl
 
     got, want = _v5_views(resumed_cfg, part1_lines), _v5_views(clean_cfg, part1_lines)
     assert set(got) == set(want)
+    # One deliberate change since d11a167: cust_auto's week of 2026-10-19 closed just before its auto_overage move
+    # (starter -> pro) and no flush came between the two, so d11a167 rated that week's final rows under pro
+    # (included 20); today they keep starter, the plan the week closed under (included 5: README Limits). Those
+    # rows were written final in part1, before the snapshot, and the resumed run leaves them as they are.
+    def closed_before_move(row: str) -> bool:
+        r = json.loads(row)
+        return r.get("customer_id") == "cust_auto" and r.get("period_start") == "2026-10-19T00:00:00"
+
+    for view in ("usage_by_period", "usage_rated"):
+        history = [json.loads(r) for r in got[view] if closed_before_move(r)]
+        today = [json.loads(r) for r in want[view] if closed_before_move(r)]
+        assert [(r["final"], r["included"]) for r in history if r["metric"] == "api_calls"] == [(1, 20.0)], history
+        assert [(r["final"], r["included"]) for r in today if r["metric"] == "api_calls"] == [(1, 5.0)], today
+        assert {r.get("plan", "pro") for r in history} == {"pro"} and {r.get("plan", "starter") for r in today} \
+            == {"starter"}, (history, today)  # (the rated rows: pro's, tokens included; starter's)
+        if view == "usage_by_period":  # the same rows but for the included amount
+            assert [{**r, "included": None} for r in history] == [{**r, "included": None} for r in today]
+        got[view] = [r for r in got[view] if not closed_before_move(r)]
+        want[view] = [r for r in want[view] if not closed_before_move(r)]
     for view in want:
         missing = sorted(set(want[view]) - set(got[view]))[:3]
         extra = sorted(set(got[view]) - set(want[view]))[:3]
