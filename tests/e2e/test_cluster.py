@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Optional, Tuple
 
 import pytest
 
@@ -266,14 +266,19 @@ def test_two_process_cluster_with_recovery_sigkilled_mid_stream_resumes_exactly_
     try:
         deadline = time.monotonic() + 90
         seen_at, last = None, None  # the resume epoch when an eighth of the events had been read; at the last poll
+        armed: Optional[Tuple[int, int]] = None  # (the front of a snapshot just completed, the reads seen then)
         while True:  # tailing: once an eighth is read and a snapshot taken after those reads is complete ...
             reads = [r.last_read() for r in live]
             front = _resume_front(recovery)
             if seen_at is None and sum(reads) >= len(events) // 8:
                 seen_at = front
-            if seen_at is not None and front >= seen_at + 2 and last is not None and front > last:
-                time.sleep(0.25)  # ... kill in the middle of the next epoch (500 ms), its reads in no snapshot
-                break
+            if armed is not None and front != armed[0]:
+                armed = None  # another snapshot completed first: wait for reads after that one
+            if armed is not None and sum(reads) > armed[1]:
+                break  # ... and the flow read more since: those reads are in no snapshot (a fixed sleep here
+                # killed, on a loaded machine, while the flow was writing a snapshot and read nothing new)
+            if armed is None and seen_at is not None and front >= seen_at + 2 and last is not None and front > last:
+                armed = (front, sum(reads))
             last = front
             assert all(r.proc.poll() is None for r in live) and time.monotonic() < deadline, (
                 reads, [r.proc.poll() for r in live], "".join(live[0].stderr)[-2000:], "".join(live[1].stderr)[-2000:])
