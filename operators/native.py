@@ -797,15 +797,7 @@ class NativeMeters:
                 if not ps <= ws + window_ms - 1 < pe:  # (new windows mostly share their customers' periods)
                     ps, pe = bounds[rule] = period_bounds(ws + window_ms - 1, sub.period, sub.anchor_ms)
                 acc = meter._new_window(wk, a, sub.period, sub.anchor_ms, ps, pe)
-            if a == "count":
-                acc.events = events
-                acc.total = total
-            elif a == "sum":
-                acc.events = events
-                acc.total = total
-                acc.fscaled = int.from_bytes(fs, "little", signed=True) if fs else 0
-            else:
-                _mirror(acc, a, events, total, fs)
+            _mirror(acc, a, events, total, fs)
             dirty.add(wk)
         alerts: List[Any] = []
         last = None
@@ -824,15 +816,7 @@ class NativeMeters:
             a = agg[code]
             if acc is None:
                 acc = meter._new_period(pk, a)
-            if a == "count":
-                acc.events = events
-                acc.total = total
-            elif a == "sum":
-                acc.events = events
-                acc.total = total
-                acc.fscaled = int.from_bytes(fs, "little", signed=True) if fs else 0
-            else:
-                _mirror(acc, a, events, total, fs)
+            _mirror(acc, a, events, total, fs)
             dirty.add(pk)
             if is_evaluated:  # an evaluated metric's current period advanced at its event (_check)
                 if code not in ent.infos and code not in ent.spends:
