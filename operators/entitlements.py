@@ -19,7 +19,8 @@ Semantics (the README's "Entitlements and alerts" section says the same for user
   ``unblocked``. The metric's first accepted event in a later period fires ``unblocked`` for the
   earlier one if it was blocked (gateways already allow calls once ``period_end`` passed, see
   ``meterflow.gate``); that period never blocks again: a late event for it still counts and still
-  fires the thresholds it crosses, nothing more.
+  fires the thresholds it crosses, nothing more. The alert reports the earlier period's usage: its final usage
+  (:attr:`Entitlements.final`) when it closed and the meter evicted its rows before that event.
 * ``auto_overage``: when usage reaches ``included`` the customer moves to ``next_plan``
   (``plan_changed``, action ``upgrade``, then the new plan is evaluated at once) or, without a next
   plan, overage starts accruing at ``overage_rate`` (``plan_changed``, action ``overage``, once per
@@ -41,7 +42,13 @@ Semantics (the README's "Entitlements and alerts" section says the same for user
   applied only if its version (changelog offset) is newer than the one in effect, so a replayed or
   out-of-date record never rolls a customer back.
 
-Memory: per customer, a few entries per open billing period and metric; evicted with the period.
+* A closed period's alerts are final: a changelog record re-evaluates the current periods that still accept events
+  (the meter sends and evicts the closed ones before the change takes effect). The gateway state of a metric whose
+  current period closed is that period's, with its final usage, until the metric's next period starts; so the
+  alerts, the last gateway state per metric and this state never depend on where the flushes that evict rows fall.
+
+Memory: per customer, a few entries per open billing period and metric; evicted with the period; and per metric
+whose current period closed, its final usage (one number) until the next period starts.
 """
 
 from __future__ import annotations
@@ -170,6 +177,7 @@ class Entitlements:
                  # state (snapshotted)
                  "fired", "blocked", "overage", "seq", "cur", "src", "version", "cancelled", "moved_plan",
                  "units", "wallet_low", "wallet_exhausted", "wallet_blocked", "sfired", "changes", "unrated",
+                 "final",
                  # derived (rebuilt after restore)
                  "rule", "infos", "credit", "rated", "next_level", "touched", "deleted", "wallet_dirty",
                  "prices", "spends", "spend_next",
@@ -196,6 +204,10 @@ class Entitlements:
         self.sfired: Dict[PeriodKey, Set[float]] = {}
         self.changes = 0
         self.unrated: Set[str] = set()
+        # The final usage of each metric's current period once it closed and the meter evicted its rows
+        # (closed_period): what the unblocked alert of its successor and the gateway state report for it, whether
+        # a flush evicted the rows before or not. Dropped when the metric's current period advances.
+        self.final: Dict[str, float] = {}
         self.prices: Dict[str, Price] = {}
         self.touched: Set[PeriodKey] = set()
         self.deleted: Set[str] = set()
@@ -224,7 +236,7 @@ class Entitlements:
             wallet_dirty=self.wallet_dirty,
             spend_fired=[S.FiredRow(metric=pk[0], start=pk[1], end=pk[2], thresholds=sorted(ts))
                          for pk, ts in self.sfired.items()],
-            changes=self.changes, unrated=sorted(self.unrated))
+            changes=self.changes, unrated=sorted(self.unrated), final_usage=dict(self.final))
 
     def restore_state(self, st: S.EntitlementState) -> None:
         """Take the state of a record :meth:`to_state` made (or a converted older snapshot)."""
@@ -246,7 +258,14 @@ class Entitlements:
         self.sfired = {(r.metric, r.start, r.end): set(r.thresholds) for r in st.spend_fired}
         self.changes = st.changes
         self.unrated = set(st.unrated)
+        self.final = dict(st.final_usage)
         self._resolve()
+
+    def closed_period(self, pk: PeriodKey, acc: Any) -> None:
+        """The meter evicts the rows of ``pk``, which closed (no event can change it any more): if it is its
+        metric's current period, its final usage (``acc``'s value) is kept until the current period advances."""
+        if self.cur.get(pk[0]) == pk:
+            self.final[pk[0]] = acc.value()
 
     def evict(self, wm: int, grace_ms: int) -> None:
         """Forget periods that no longer accept late events (their alerts are final)."""
@@ -322,13 +341,21 @@ class Entitlements:
         self.touched.add(pk)
         if old is None:
             return
+        final = self.final.pop(code, None)
         self.next_level.pop(old, None)  # its level no longer includes the block (see level)
         if old in self.blocked:
             self.blocked.discard(old)
             info = self.infos.get(code)
             used = usage_of(old)
-            alerts.append(self._alert("unblocked", code, old, None, 0.0 if used is None else used, info, "unblock",
-                                      me, detail="a new billing period started"))
+            evicted = used is None
+            if evicted:  # it closed and the meter evicted its rows: its final usage (0 from a snapshot without it)
+                used = 0.0 if final is None else final
+            alerts.append(self._alert("unblocked", code, old, None, used, info, "unblock", me,
+                                      detail="a new billing period started"))
+            if evicted:
+                # (evict kept its sequence numbers only because it was blocked while current: it can fire nothing
+                # any more, so they go now, as the eviction of its rows would drop them after this alert)
+                self.seq = {k: n for k, n in self.seq.items() if k[1] != old}
 
     def evaluate(self, code: str, pk: PeriodKey, usage: float, me: Any, usage_of, alerts: List[Alert],
                  _depth: int = 0) -> None:
@@ -520,8 +547,10 @@ class Entitlements:
             if info is None or self.cur.get(code) != pk:
                 continue
             used = usage_of(pk)
-            if used is None:
-                continue
+            if used is None:  # (a current period that closed: its final usage, whether a flush evicted it or not)
+                used = self.final.get(code)
+                if used is None:
+                    continue
             inc = info.included
             pct = used * 100.0 / inc if inc else None
             blocked_by = "quota" if pk in self.blocked else ("wallet" if self.wallet_blocked and code in self.credit

@@ -465,8 +465,11 @@ class CustomerMeter:
             prev.gateway += out.gateway
             prev.wallets += out.wallets
         self.dirty_p.difference_update(closing)
+        closed_period = self.ent.closed_period
         for pk in closing:
-            self.periods.pop(pk, None)
+            acc = self.periods.pop(pk, None)
+            if acc is not None:
+                closed_period(pk, acc)
             self.excluded.pop(pk, None)
         self.ent.evict(self.wm, self.rules.grace_ms)
         self.reviews.evict(limit)
@@ -669,8 +672,9 @@ class CustomerMeter:
         wm = self.wm
         for wk in [k for k, a in self.windows.items() if a.expires < wm]:
             del self.windows[wk]
+        closed_period = self.ent.closed_period  # (a current period's final usage stays with its entitlements)
         for pk in [k for k, a in self.periods.items() if a.expires < wm]:
-            del self.periods[pk]
+            closed_period(pk, self.periods.pop(pk))
         grace = self.rules.grace_ms
         for k in [k for k in self.excluded if k[2] + grace < wm]:
             del self.excluded[k]

@@ -31,8 +31,9 @@ The format, field by field (all times are epoch milliseconds, UTC):
 * :class:`EntitlementState`: thresholds fired and blocked/overage periods per period, alert sequence
   numbers, each metric's current period, the changelog record in effect (``subscription``, the
   contract's entitlement record, and ``version``, its log position), a cancellation, the plan moved to
-  by auto_overage, wallet units per metric (``sum`` accumulators) and flags, and the gateway state
-  still to be written (``touched``, ``deleted``, ``wallet_dirty``).
+  by auto_overage, wallet units per metric (``sum`` accumulators) and flags, the gateway state
+  still to be written (``touched``, ``deleted``, ``wallet_dirty``), and per metric whose current period closed
+  and was evicted, its final usage (``final_usage``; absent in snapshots of earlier builds, read as none).
 * :class:`ReviewRow`: per open period with a review item, its route index and the routes notified (a bit mask).
 """
 
@@ -174,6 +175,9 @@ class EntitlementState(_Rec, frozen=True):
     spend_fired: List[FiredRow] = []  # spend_thresholds fired per period (amounts in the thresholds field)
     changes: int = 0  # subscription changes applied so far (part of every rated row's version)
     unrated: List[str] = []  # metrics whose price a change took away: their open rated rows leave deleted
+    # per metric, the final usage of its current period once that closed and its rows were evicted (absent in
+    # snapshots of earlier builds: then such a period's unblocked alert reports 0 and it has no gateway state)
+    final_usage: Dict[str, float] = {}
 
 
 class ReviewRow(_Rec, frozen=True):

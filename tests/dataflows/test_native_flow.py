@@ -992,3 +992,26 @@ def test_a_customer_moving_between_the_folds_reuses_its_native_slot():
     assert rows == run("python")[1]
     assert nat._native.keys == {"acme|c3", "acme|c2"} and nat._native.loaded == 6
     assert nat._native._core.customers() == 2  # (one slot each; it was 2 + one per move)
+
+
+def test_the_unblocked_alert_after_a_flush_evicted_the_blocked_period_agrees():
+    """Pinned: acme|c4's gpu_seconds (hard, 5 included) blocks at 5 in its day from Nov 1 13:00; an api_call four
+    days later closes that day (its end + late_grace 2d before the watermark) and the first batch's flush evicts its
+    rows. The gpu event of the next batch starts a new period: the unblocked alert reports the closed day's final
+    usage (5, 100 %), on both cores, with the same gateway state (the new period's)."""
+    day0 = BASE + 13 * 3_600_000
+    stream = [json.dumps({"event_id": eid, "tenant_id": "acme", "customer_id": "c4", "event_type": etype,
+                          "timestamp": ts, "properties": props}).encode()
+              for eid, etype, ts, props in (("b", "gpu", day0, {"seconds": 5, "kind": "a100"}),
+                                            ("x", "api_call", day0 + 4 * DAY, {"tokens": 1}),
+                                            ("e", "gpu", day0 + 4 * DAY + 1, {"seconds": 1, "kind": "a100"}))]
+    items = [(("in", i + 1), raw) for i, raw in enumerate(stream)]
+    want = _run_shard("python", items, 2)[:2]
+    unblocked = [(a["metric"], a["event_id"], a["usage"], a["usage_pct"], a["period_start"])
+                 for a in want[0]["alerts"].values() if a["type"] == "unblocked"]
+    assert unblocked == [("gpu_seconds", "e", 5.0, 100.0, _iso(day0))]
+    assert want[0]["gateway"][("acme", "c4", "gpu_seconds")]["period_start"] == day0 + 4 * DAY
+    for nmed in (False, True):
+        got, got_state, keys = _run_shard("native", items, 2, nmed)
+        assert (got, got_state) == want
+        assert "acme|c4" in keys

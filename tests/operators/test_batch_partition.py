@@ -12,9 +12,11 @@ The plans chain ``auto_overage`` upgrades (``next_plan``: starter -> growth -> t
 ``auto_overage`` without a next plan, prices and spend thresholds on metrics the first plan does not rate, so a
 move re-rates rows that were flushed before it. Changelog records (other plans, a cancellation) reset the moves.
 p95/p99 metrics are metered here but carry no entitlement: those are checked once per batch by design
-(README: Entitlements, alerts and enforcement), so their alerts do depend on the batches. late_grace is longer
-than the streams, so no period closes: a plan change after the event that closes a period re-rates its final row
-only if no flush came between them (README: Limits).
+(README: Entitlements, alerts and enforcement), so their alerts do depend on the batches. Two configurations: a
+late_grace longer than the streams (no period closes) and one of 2h, where periods close within a stream, so a
+flush evicts a closed period's rows while later items still read it: a plan change after the event that closed it
+(its final rows keep the plan they closed under), the unblocked alert of the blocked period before a new one, the
+gateway state of a metric whose current period closed (its final usage, kept with the entitlements).
 """
 
 from __future__ import annotations
@@ -192,9 +194,7 @@ def run(items: List[Any], cuts: List[Tuple[int, bool]], config: Any = CONFIG) ->
     # A rated row's removal (a change took the metric's price away) leaves no row to read; it carries the plan and
     # version of the flush that sent it, and is sent only if a rated row was, so it is left out.
     rows = {k: v for k, v in rows.items() if not v[1].get("deleted")}
-    # The gateway as Redis holds it at the end: a metric whose last state is a removal has no hash, as one never
-    # written (a removal for a metric whose hash a batch never wrote is a DEL of nothing).
-    gateway = {m: g for m, g in gateway.items() if "state" in g}
+    # (the gateway keeps a metric's last removal: a DEL that one run sends and the other not is a difference too)
     st = decode_meter_state(meter.snapshot())
     # The dedupe table as the set of its live ids: its slot order follows its resizes and evictions.
     fps, exps = array("Q", st.seen.fingerprints), array("Q", st.seen.expiries)
@@ -231,18 +231,7 @@ def test_outputs_do_not_depend_on_how_the_items_are_batched(config, seq, data):
     assert batched["plan"] == whole["plan"]
     assert batched["rows"] == whole["rows"]
     assert batched["seen"] == whole["seen"]
-    if config is SHORT:
-        # Where periods close, three things still follow the flushes that evict a closed period's rows (README:
-        # Limits), plan changes or not: the usage an `unblocked` alert of a new period reports for the blocked
-        # period before it, the live gateway state of a current period that closed (sent by the batches before
-        # that flush), and the alert sequence numbers of a blocked period kept while it was the current one.
-        for res in (batched, whole):
-            for a in res["alerts"].values():
-                if a["type"] == "unblocked" and a["detail"] == "a new billing period started":
-                    a["usage"] = a["usage_pct"] = None
-            res["state"]["entitlements"].pop("seq", None)
-    else:
-        assert batched["gateway"] == whole["gateway"]
+    assert batched["gateway"] == whole["gateway"]
     assert batched["alerts"] == whole["alerts"]
     assert batched["state"] == whole["state"]
 
@@ -303,3 +292,65 @@ def test_a_plan_change_keeps_the_plan_of_the_periods_closed_before_it():
     assert plans == {("calls", closed): ("starter", True), ("peak", closed): ("starter", True),
                      ("tokens", closed): ("starter", True), ("calls", current): ("top", False),
                      ("uniq", current): ("top", False)}
+
+
+def _call(eid: str, ts: int, etype: str = "api_call", **props: Any) -> Tuple[str, bytes]:
+    return "event", json.dumps({"event_id": eid, "tenant_id": "acme", "customer_id": "c1", "event_type": etype,
+                                "timestamp": ts, "properties": props}).encode()
+
+
+def _change(plan: str) -> Tuple[str, bytes]:
+    return "change", json.dumps({"tenant_id": "acme", "customer_id": "c1", "subscription": {
+        "tenant_id": "acme", "customer_id": "c1", "plan": plan, "period": "day", "anchor": "2026-01-01T06:00:00Z"}})\
+        .encode()
+
+
+def test_the_unblocked_alert_of_a_new_period_reports_the_closed_period_final_usage():
+    """late_grace 2h. A call of Jan 2 05:00 (the period from Jan 1 06:00) peaks at 9 > 8: peak (hard) blocks. A gpu
+    event of Jan 3 20:00 closes that period; a flush after it evicts its rows. The next call (Jan 3 20:00) starts a
+    new period: the unblocked alert reports the closed period's usage, 9 (112.5 %), not 0, as in one batch; and the
+    closed period's alert sequence numbers go with it (no entry left in the snapshot's seq)."""
+    closed = BASE + 6 * H  # Jan 1 06:00 .. Jan 2 06:00
+    items = mediated([_call("a", BASE + 29 * H, tokens=9), _call("g", BASE + 68 * H, "gpu", seconds=1),
+                      _call("b", BASE + 68 * H, tokens=1)], SHORT)
+    whole = run(items, [(3, True)], SHORT)
+    batched = run(items, [(2, True), (1, True)], SHORT)
+    unblocked = [a for a in batched["alerts"].values() if a["type"] == "unblocked"]
+    assert [(a["metric"], a["usage"], a["usage_pct"], a["detail"], a["event_id"]) for a in unblocked] == [
+        ("peak", 9.0, 112.5, "a new billing period started", "b")]
+    assert unblocked[0]["period_start"] == "2026-01-01T06:00:00Z"
+    assert batched["alerts"] == whole["alerts"]
+    assert [r for r in batched["state"]["entitlements"].get("seq", []) if r["start"] == closed] == []
+    assert batched["state"] == whole["state"]
+
+
+def test_a_closed_current_period_keeps_its_gateway_state():
+    """late_grace 2h. gpu's only period (from Jan 1 06:00) has 2 seconds; top rates it (included 5, hard), starter
+    not. A call of Jan 3 20:00 closes the period, and the change to starter evicts its rows (a closed period's final
+    rows leave before a change). Back on top, gpu's current period is still that closed one: its gateway state is
+    the state of those 2 seconds under top, whether each item was its own batch or all were one (before: the batched
+    run's last word was the removal sent under starter, the closed period having no usage left to report)."""
+    items = mediated([_call("g", BASE + 29 * H, "gpu", seconds=2), _change("top"), _call("a", BASE + 68 * H, tokens=3),
+                      _change("starter"), _change("top")], SHORT)
+    whole = run(items, [(5, True)], SHORT)
+    batched = run(items, [(1, False)] * 5, SHORT)
+    gpu = {"tenant_id": "acme", "customer_id": "c1", "metric": "gpu", "included": 5.0, "used": 2.0, "remaining": 3.0,
+           "pct": 40.0, "state": "ok", "period_start": BASE + 6 * H, "period_end": BASE + 30 * H, "plan": "top",
+           "blocked_by": "", "deleted": False}
+    assert whole["gateway"]["gpu"] == batched["gateway"]["gpu"] == gpu
+    assert batched["gateway"] == whole["gateway"]
+    assert batched["state"] == whole["state"]
+
+
+def test_no_gateway_removal_for_a_metric_whose_state_one_run_never_sent():
+    """late_grace 2h. gpu has a period (from Jan 1 06:00) under starter, which does not rate it; a call of Jan 3
+    20:00 closes it and a flush evicts its rows. Then top (gpu rated), starter (gpu's state removed), top again, a
+    batch each. In one batch the removal is undone before the batch ends, so no DEL is sent: the batched run ends
+    with gpu's state too, not with a removal of a hash that it never wrote (before: the closed period had no usage,
+    so neither run wrote a state, and only the batched run sent a DEL)."""
+    items = mediated([_call("g", BASE + 29 * H, "gpu", seconds=2), _call("a", BASE + 68 * H, tokens=3),
+                      _change("top"), _change("starter"), _change("top")], SHORT)
+    whole = run(items, [(5, True)], SHORT)
+    batched = run(items, [(2, True), (1, True), (1, True), (1, True)], SHORT)
+    assert batched["gateway"] == whole["gateway"]
+    assert whole["gateway"]["gpu"]["used"] == 2.0 and whole["gateway"]["gpu"]["plan"] == "top"

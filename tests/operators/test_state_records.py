@@ -7,6 +7,7 @@ the original on the events that follow.
 
 from __future__ import annotations
 
+import copy
 import math
 import pickle
 
@@ -131,7 +132,11 @@ def test_random_meter_state_round_trips_and_behaves_the_same(stream, conf, data)
     for k, m in kept.items():
         want = canonical(S.decode_meter_state(m.snapshot()))
         assert canonical(S.decode_meter_state(v5[k].snapshot())) == want
-        assert canonical(decode_legacy_snapshot(_pickled_v4(m))) == want
+        # (version 4 had no final usage of closed current periods, EntitlementState.final_usage: a build of then
+        # kept none, so the converted state has none either; it only feeds alerts and gateway state, not rows)
+        want4 = copy.deepcopy(want)
+        want4["entitlements"].pop("final_usage", None)
+        assert canonical(decode_legacy_snapshot(_pickled_v4(m))) == want4
         assert v5[k].wm == v4[k].wm == m.wm  # (next_evict & co. are caches, recomputed on restore)
         assert v4[k].ent.rule == m.ent.rule and v5[k].ent.rule == m.ent.rule
     rows = []
