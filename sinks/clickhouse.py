@@ -223,6 +223,23 @@ def native_block(context: Any, columns: list) -> bytes:
     return bytes(out)
 
 
+def _without_dataframes() -> None:
+    """clickhouse-connect asks on every insert whether the data is a pandas DataFrame, and the question imports
+    pandas the first time (about half a second of every ``meter`` start-up). The sinks insert lists and arrays
+    only, so in a process that has not loaded pandas the driver is told that it is not there, as where it is not
+    installed (its ``options`` module resolves ``pd`` once; clickhouse-connect is pinned to 1.12.x); numpy, which
+    chDB loads anyway, is resolved now. A process that already uses pandas keeps it."""
+    import sys
+
+    from clickhouse_connect.driver import options
+
+    if "pandas" not in sys.modules:
+        for name in ("pd", "pd_time_test"):
+            if name not in vars(options):
+                setattr(options, name, None)
+    options.pd, options.np  # noqa: B018 - resolved now, not on the first insert
+
+
 class _ClickHousePartition(StatelessSinkPartition[Emission]):
     def __init__(self, cfg: ClickHouseConfig, coalesce_s: float = 0.0) -> None:
         self._client, db = connect(cfg)
@@ -239,9 +256,7 @@ class _ClickHousePartition(StatelessSinkPartition[Emission]):
         except Exception as exc:
             raise MeterError(f"cannot prepare inserts into ClickHouse at {mask_url(cfg.dsn)} (database {db}): {exc}; "
                              "check that its tables have this version's columns") from exc
-        # clickhouse-connect imports pandas/numpy lazily on the first insert (~0.3 s): pay it at start-up.
-        from clickhouse_connect.driver import options
-        options.pd, options.np  # noqa: B018 - attribute access triggers the import
+        _without_dataframes()
         # Insert batching (module doc): emissions waiting since _since, written by write_batch or the timer.
         self._delay = coalesce_s
         self._pending: List[Emission] = []

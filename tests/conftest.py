@@ -39,6 +39,8 @@ def pytest_addoption(parser) -> None:
                      help="run with the wall clock this far ahead of now (e.g. 730d): the time-bomb guard")
     parser.addoption("--core", default="python", choices=("python", "native"),
                      help="the pipeline.core of every configuration that does not name one (native: the Rust core)")
+    parser.addoption("--hypothesis-scale", default=1.0, type=float, metavar="F",
+                     help="run F times each property test's max_examples (at least 10): the clock guard's reruns")
 
 
 _TRAVEL = []
@@ -63,6 +65,33 @@ def pytest_configure(config) -> None:
     traveller.start()
     _TRAVEL.append(traveller)
     _skip_in_process_dataflows()
+
+
+_SCALED: list = []  # --hypothesis-scale: the property tests whose example counts were scaled
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """``--hypothesis-scale F``: each property test runs F times its ``max_examples`` (at least 10). The clock
+    guard reruns the tests with the wall clock two years ahead to catch a dependence on today's date, not to
+    search the input space again: it runs them at a fifth (``./dev test-clock``)."""
+    scale = config.getoption("--hypothesis-scale")
+    if scale == 1.0:
+        return
+    if not scale > 0:
+        raise pytest.UsageError("--hypothesis-scale: expected a number above 0")
+    from hypothesis import settings
+
+    done = set()
+    for item in items:
+        test = getattr(item, "obj", None)
+        if not getattr(test, "is_hypothesis_test", False) or id(test) in done:
+            continue
+        done.add(id(test))
+        # (the settings @settings and @given leave on the test, which @given's wrapper reads when it runs)
+        current = getattr(test, "_hypothesis_internal_use_settings", None) or settings.default
+        n = max(10, round(current.max_examples * scale))
+        test._hypothesis_internal_use_settings = settings(current, max_examples=n)
+        _SCALED.append((item.nodeid, current.max_examples, n))
 
 
 def _default_core_native() -> None:
@@ -112,15 +141,23 @@ def _skip_in_process_dataflows() -> None:
 def pytest_report_header(config) -> str | None:
     if config.getoption("--core") == "native":
         return "core: native (pipeline.core = \"native\" for every configuration that does not name one)"
+    lines = []
     if _TRAVEL:
-        return f"clock guard: wall clock moved {config.getoption('--clock-ahead')} ahead, now " \
-               f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
-    return None
+        lines.append(f"clock guard: wall clock moved {config.getoption('--clock-ahead')} ahead, now "
+                     f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}")
+    if config.getoption("--hypothesis-scale") != 1.0:
+        lines.append(f"hypothesis: each property test runs {config.getoption('--hypothesis-scale'):g} x its "
+                     "max_examples (at least 10)")
+    return lines or None
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     """``--core native``: how many customers really ran on the native fold, in this process and in the meter
-    subprocesses of tests/e2e (operators/native.py FOLD_TALLY)."""
+    subprocesses of tests/e2e (operators/native.py FOLD_TALLY); ``--hypothesis-scale``: the examples run."""
+    if _SCALED:
+        before, after = sum(n for _id, n, _m in _SCALED), sum(m for _id, _n, m in _SCALED)
+        terminalreporter.write_line(f"hypothesis scale: {len(_SCALED)} property tests, {after:,} examples at most "
+                                    f"instead of {before:,}")
     if config.getoption("--core") != "native" or not _TALLY_FILE:
         return
     import json

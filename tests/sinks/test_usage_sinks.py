@@ -147,3 +147,32 @@ def test_a_delivery_the_broker_refuses_stops_the_flow(kafka):
 def test_dims_key_is_the_sorted_pairs_joined(dims):
     """The window row identity: every key=value in key order, joined by \\x1f (its first definition, kept)."""
     assert dims_key(dims) == ("\x1f".join(f"{k}={dims[k]}" for k in sorted(dims)) if dims else "")
+
+
+_NO_PANDAS_SCRIPT = """
+import sys
+from tests.sinks.test_usage_sinks import EMISSIONS
+from meterflow.schemas.config import ClickHouseConfig
+from meterflow.sinks.clickhouse import ClickHouseSink, connect
+cfg = ClickHouseConfig(dsn="chdb://" + sys.argv[1], database="nopandas")
+part = ClickHouseSink(cfg).build("clickhouse", 0, 1)
+part.write_batch(EMISSIONS)
+part.close()
+client, db = connect(cfg)
+rows = client.query("SELECT count() FROM " + db + ".usage_by_window").result_rows
+print(rows[0][0], "pandas" in sys.modules)
+"""
+
+
+def test_the_clickhouse_sink_writes_without_loading_pandas(tmp_path):
+    """A process of its own (chDB allows one path per process, and this one may have loaded pandas): the sink
+    writes and the rows read back, and pandas was not imported on the way (sinks/clickhouse.py
+    _without_dataframes: about half a second of each start-up; numpy comes with chDB's pyarrow)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", _NO_PANDAS_SCRIPT, str(tmp_path / "chdb")], cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["3", "False"]
