@@ -80,7 +80,7 @@ class _ProducerPartition(StatelessSinkPartition[Emission]):
                 self._producer.poll(0.05)
 
     def _send_rows(self, rows: List[Any], encode: Any) -> None:
-        """Produce ``rows`` keyed ``tenant|customer|metric``, in order, with no Python bytecode per row: the
+        """Produce ``rows`` keyed ``tenant|customer|metric``, in order, with no Python-level call per row: the
         keys are joined and the values encoded in C (``encode_lines``: msgspec escapes every newline inside
         JSON, so splitting its output at newlines gives each row's own encoding), and ``starmap`` calls
         ``produce`` for each. Before each chunk the producer is made to have room for all of it (its queue
