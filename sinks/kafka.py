@@ -15,6 +15,9 @@ deterministic ``alert_id`` (a consumer keeps the first record of each id).
 
 from __future__ import annotations
 
+from collections import deque
+from itertools import repeat, starmap
+from operator import attrgetter, length_hint
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
@@ -28,6 +31,12 @@ from meterflow.sources.kafka_watch import BrokerWatch, watch_for
 
 #: ``kafka.outage_timeout`` default, seconds: how long a delivery may wait for an unreachable broker.
 OUTAGE_TIMEOUT = 60.0
+
+#: librdkafka's default ``queue.buffering.max.messages``: how many messages the producer holds unacknowledged.
+QUEUE_MESSAGES = 100_000
+
+#: The parts of the row topics' key ``tenant|customer|metric``, as a tuple per row ("|".join makes the key).
+_ROW_KEY = attrgetter("tenant_id", "customer_id", "metric")
 
 
 def producer_config(bootstrap: str, client_config: Optional[Dict[str, str]] = None,
@@ -56,6 +65,7 @@ class _ProducerPartition(StatelessSinkPartition[Emission]):
                                    "on_delivery": self._on_delivery})
         self._topic = topic
         self._wait = float(config["message.timeout.ms"]) / 1000 + 10  # flush backstop past the message timeout
+        self._room = max(1, int(config.get("queue.buffering.max.messages", QUEUE_MESSAGES)))
 
     def _on_delivery(self, err: Any, msg: Any) -> None:
         if err is not None:
@@ -68,6 +78,41 @@ class _ProducerPartition(StatelessSinkPartition[Emission]):
                 return
             except BufferError:  # local queue full: let deliveries drain, then retry
                 self._producer.poll(0.05)
+
+    def _send_rows(self, rows: List[Any], encode: Any) -> None:
+        """Produce ``rows`` keyed ``tenant|customer|metric``, in order, with no Python-level call per row: the
+        keys are joined and the values encoded in C (``encode_lines``: msgspec escapes every newline inside
+        JSON, so splitting its output at newlines gives each row's own encoding), and ``starmap`` calls
+        ``produce`` for each. Before each chunk the producer is made to have room for all of it (its queue
+        holds ``queue.buffering.max.messages``; ``len(producer)`` counts what is unacknowledged), so the queue
+        cannot fill mid-chunk. If it still does (``queue.buffering.max.kbytes``), the messages before the one
+        refused are queued and the rest are produced again from it: the order on the topic is the order of
+        ``rows``. Then :meth:`_flush` confirms the whole batch."""
+        keys = list(map("|".join, map(_ROW_KEY, rows)))
+        values = encode(rows).split(b"\n")
+        values.pop()  # the empty piece after the last newline
+        if len(values) != len(keys):  # a newline inside a row's JSON would pair keys with the wrong values
+            raise MeterError(f"Kafka topic {self._topic!r}: {len(rows)} rows encoded as {len(values)} lines")
+        producer = self._producer
+        produce = producer.produce
+        topic = self._topic
+        n, done = len(keys), 0
+        chunk = max(1, self._room // 4)  # big batches go in chunks, each queued while the one before drains
+        while done < n and not self._failed:  # a failure already reported fails the batch: stop queuing
+            take = min(n - done, chunk)
+            while len(producer) + take > self._room and not self._failed:
+                producer.poll(0.05)  # deliveries (or, with the broker down, message timeouts) make room
+            if self._failed:
+                break
+            ks, vs = (keys, values) if take == n else (keys[done:done + take], values[done:done + take])
+            left = iter(ks)  # zip takes each key last: what it has left is what produce has not been given
+            try:
+                deque(starmap(produce, zip(repeat(topic, take), vs, left)), 0)
+                done += take
+            except BufferError:  # queue full by bytes: the refused message and the ones after it go again
+                done += take - length_hint(left) - 1
+                producer.poll(0.05)
+        self._flush()
 
     def _flush(self) -> None:
         remaining = self._producer.flush(self._wait)
@@ -90,39 +135,16 @@ class _ProducerPartition(StatelessSinkPartition[Emission]):
 
 class _AggregatedPartition(_ProducerPartition):
     def write_batch(self, items: List[Emission]) -> None:
-        encode = AGGREGATE_ENCODER.encode
-        produce = self._producer.produce
-        topic = self._topic
-        wrote = False
-        for e in items:
-            for rows in (e.windows, e.periods):
-                for rec in rows:
-                    key = f"{rec.tenant_id}|{rec.customer_id}|{rec.metric}".encode()
-                    try:
-                        produce(topic, encode(rec), key)
-                    except BufferError:  # local queue full: the slow path waits for room
-                        self._produce(key, encode(rec))
-                wrote = wrote or bool(rows)
-        if wrote:
-            self._flush()
+        rows = [rec for e in items for recs in (e.windows, e.periods) for rec in recs]
+        if rows:
+            self._send_rows(rows, AGGREGATE_ENCODER.encode_lines)
 
 
 class _RatedPartition(_ProducerPartition):
     def write_batch(self, items: List[Emission]) -> None:
-        encode = RATED_ENCODER.encode
-        produce = self._producer.produce
-        topic = self._topic
-        wrote = False
-        for e in items:
-            for rec in e.rated:
-                key = f"{rec.tenant_id}|{rec.customer_id}|{rec.metric}".encode()
-                try:
-                    produce(topic, encode(rec), key)
-                except BufferError:  # local queue full: the slow path waits for room
-                    self._produce(key, encode(rec))
-                wrote = True
-        if wrote:
-            self._flush()
+        rows = [rec for e in items for rec in e.rated]
+        if rows:
+            self._send_rows(rows, RATED_ENCODER.encode_lines)
 
 
 class _ReviewPartition(_ProducerPartition):

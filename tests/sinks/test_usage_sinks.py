@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from decimal import Decimal
 
 import pytest
 from hypothesis import given, settings
@@ -13,10 +14,20 @@ from hypothesis import strategies as st
 
 from meterflow.base.errors import MeterError
 from meterflow.schemas.config import ClickHouseConfig
-from meterflow.schemas.records import AGGREGATE_DECODER, DeadLetter, Emission, PeriodAggregate, WindowAggregate
+from meterflow.schemas.records import (
+    AGGREGATE_DECODER,
+    AGGREGATE_ENCODER,
+    RATED_DECODER,
+    RATED_ENCODER,
+    DeadLetter,
+    Emission,
+    PeriodAggregate,
+    RatedRow,
+    WindowAggregate,
+)
 from meterflow.sinks.clickhouse import ClickHouseSink, connect
 from meterflow.sinks.clickhouse_schema import DEAD_COLUMNS, PERIOD_COLUMNS, WINDOW_COLUMNS, dims_key, emission_columns
-from meterflow.sinks.kafka import AggregatedTopicSink, DeadLetterTopicSink
+from meterflow.sinks.kafka import AggregatedTopicSink, DeadLetterTopicSink, RatedTopicSink
 
 H = 3_600_000
 T = 1_793_491_200_000  # 2026-11-01T00:00:00Z
@@ -140,6 +151,59 @@ def test_a_delivery_the_broker_refuses_stops_the_flow(kafka):
         part.write_batch([Emission(windows=[window("c1", "api_calls", T, 1.0, 1), big])])
     part.write_batch([Emission(windows=[window("c1", "api_calls", T, 2.0, 2)])])  # the next batch is judged alone
     part.close()
+
+
+def rated(cust, metric, version, tenant="acme"):
+    return RatedRow(tenant_id=tenant, customer_id=cust, metric=metric, period_start=T, period_end=T + 720 * H,
+                    plan="pro", currency="EUR", price_model="per_unit", usage=float(version), included=None,
+                    overage_units=0.0, charge=Decimal("0.10") * version, overage_amount=Decimal(0),
+                    minimum=Decimal(0), amount=Decimal("0.10") * version, custom_rate=False, final=False,
+                    version=version)
+
+
+def _keyed_emissions(make, keys: int, versions: int, per_emission: int):
+    """``keys`` row keys x ``versions`` versions each, interleaved (version v of every key, then v + 1, with a
+    tenant whose name contains a newline and non-ASCII text), cut into emissions of ``per_emission`` rows."""
+    rows = [make(f"c{k:03d}", "tökens" if k % 3 else "api_calls", v, "acme" if k % 2 else "beta\nß")
+            for v in range(1, versions + 1) for k in range(keys)]
+    return [rows[i:i + per_emission] for i in range(0, len(rows), per_emission)]
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("queue", [{"queue.buffering.max.messages": "50"}, {"queue.buffering.max.kbytes": "2"}],
+                         ids=["messages", "kbytes"])
+@pytest.mark.parametrize("kind", ["aggregated", "rated"])
+def test_row_topics_keep_every_row_once_in_emission_order_past_a_full_queue(kafka, queue, kind):
+    """More rows than the producer's local queue holds, across many keys: every row arrives exactly once, each
+    key's rows in the order they were emitted. A queue of 50 messages makes a batch wait for room before each
+    chunk; a queue of 2 KiB fills mid-chunk (by bytes), so produce refuses a message and the sink re-sends
+    from it. Any message lost, doubled or moved behind a later one of its key fails the comparison."""
+    from tests.e2e.support import consume_all
+
+    topic = kafka.create_topic(f"order-{kind}-{uuid.uuid4().hex[:8]}", partitions=3)
+    if kind == "aggregated":
+        sink = AggregatedTopicSink(kafka.bootstrap, topic, client_config=queue)
+        make = lambda c, m, v, t: window(c, m, T, float(v), v, {"n": "a\nb"}, tenant=t)  # noqa: E731
+        emit, encode, decode = (lambda rows: Emission(windows=rows)), AGGREGATE_ENCODER.encode, AGGREGATE_DECODER
+    else:
+        sink = RatedTopicSink(kafka.bootstrap, topic, client_config=queue)
+        make = lambda c, m, v, t: rated(c, m, v, tenant=t)  # noqa: E731
+        emit, encode, decode = (lambda rows: Emission(rated=rows)), RATED_ENCODER.encode, RATED_DECODER
+    part = sink.build(f"{kind}_topic", 0, 1)
+    chunks = _keyed_emissions(make, keys=40, versions=30, per_emission=70)  # 1200 rows in emissions of 70
+    part.write_batch([emit(rows) for rows in chunks[:12]])  # 840 rows in one batch
+    part.write_batch([emit(rows) for rows in chunks[12:]])
+    part.close()
+    sent = [r for rows in chunks for r in rows]
+    expected: dict = {}
+    for r in sent:
+        expected.setdefault(f"{r.tenant_id}|{r.customer_id}|{r.metric}".encode(), []).append(encode(r))
+    got: dict = {}
+    for k, v, _h in consume_all(kafka.bootstrap, topic, timeout=60):  # a key's messages in offset order
+        got.setdefault(k, []).append(v)
+    assert len(sent) == 1200 and len(expected) == 40
+    assert got == expected
+    assert [decode.decode(v) for v in got[b"acme|c001|t\xc3\xb6kens"]] == [r for r in sent if r.customer_id == "c001"]
 
 
 @settings(max_examples=300, deadline=None, database=None)
