@@ -12,8 +12,10 @@ replay rewrites the rows it had written.
 Insert batching: an insert costs a ClickHouse part whatever its size (about 6 ms on embedded chDB for one row or
 ten thousand), so a flow WITHOUT a recovery directory gathers its batches for up to ``COALESCE_S`` (or
 ``COALESCE_ITEMS`` emissions) and inserts them together; an idle flow's last rows go out within that time (a timer),
-and at the end of the flow (``close``). Nothing is lost that a rerun would not rewrite: without recovery a rerun
-reads the topics from the start. With a recovery directory every batch is inserted before ``write_batch``
+and at the end of the flow (``close``). Those inserts run on a thread of the partition, so the flow's thread goes on
+folding events while ClickHouse works (a batch that finds ``COALESCE_ITEMS`` waiting inserts them itself, so what
+waits stays bounded). Nothing is lost that a rerun would not rewrite: without recovery a rerun reads the topics from
+the start. With a recovery directory every batch is inserted before ``write_batch``
 returns, so Bytewax commits an epoch only after its rows are in ClickHouse. Alerts are keyed by their deterministic
 ``alert_id``; when a replay re-detects an alert the FIRST detection is kept (``rank`` = 2^62 - detected_at ms grows for
 earlier detections), so ``alerts_log`` agrees with the JSONL file and webhooks.
@@ -261,11 +263,15 @@ class _ClickHousePartition(StatelessSinkPartition[Emission]):
         self._delay = coalesce_s
         self._pending: List[Emission] = []
         self._since = 0.0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _pending, _since and _error
+        self._inserting = threading.Lock()  # one insert at a time: each takes what waits, so they go in order
         self._error: Optional[BaseException] = None
         self._closed = threading.Event()
+        self._due = threading.Event()  # write_batch: what waits is due (COALESCE_S old)
+        self._thread: Optional[threading.Thread] = None
         if coalesce_s > 0:
-            threading.Thread(target=self._timer, name="clickhouse-inserts", daemon=True).start()
+            self._thread = threading.Thread(target=self._inserter, name="clickhouse-inserts", daemon=True)
+            self._thread.start()
 
     def _insert(self, context: Any, columns: list) -> None:
         context.data = columns
@@ -284,36 +290,55 @@ class _ClickHousePartition(StatelessSinkPartition[Emission]):
             if not self._pending:
                 self._since = time.monotonic()
             self._pending += items
-            if len(self._pending) >= COALESCE_ITEMS or time.monotonic() - self._since >= self._delay:
-                self._write_pending()
+            full = len(self._pending) >= COALESCE_ITEMS
+            if not full and time.monotonic() - self._since >= self._delay:
+                self._due.set()  # the inserter thread takes it: the flow goes on meanwhile
+        if full:  # the inserter is behind: this batch waits for room, so what waits stays bounded
+            self._write_pending()
+            with self._lock:
+                self._raise_pending_error()
 
     def _write_pending(self) -> None:
-        items, self._pending = self._pending, []
-        if items:
-            self._write(items)
+        """Insert what waits, after any insert under way (the caller holds neither lock)."""
+        with self._inserting:
+            with self._lock:
+                items, self._pending = self._pending, []
+            if items:
+                self._write(items)
 
     def _raise_pending_error(self) -> None:
         if self._error is not None:
             exc, self._error = self._error, None
             raise exc
 
-    def _timer(self) -> None:
-        """Inserts what waited COALESCE_S while no batch came (an idle flow); an error stops the flow at its next
-        batch or at the end."""
-        while not self._closed.wait(self._delay / 2):
+    def _inserter(self) -> None:
+        """Inserts what waited COALESCE_S: when write_batch finds it due, or after COALESCE_S / 2 with no batch (an
+        idle flow). Off the flow's thread: chDB and the HTTP client release the GIL while ClickHouse works, so the
+        flow folds the next events meanwhile instead of waiting an insert per table. An error stops the flow at its
+        next batch or at the end."""
+        while not self._closed.is_set():
+            self._due.wait(self._delay / 2)
+            self._due.clear()
             with self._lock:
-                if self._pending and self._error is None and time.monotonic() - self._since >= self._delay:
-                    try:
-                        self._write_pending()
-                    except Exception as exc:  # raised again by the flow's thread (write_batch, close)
-                        log.error("ClickHouse insert failed: %s", exc)
-                        self._error = exc
+                ready = bool(self._pending) and self._error is None and \
+                    time.monotonic() - self._since >= self._delay
+            if not ready:
+                continue
+            try:
+                self._write_pending()
+            except Exception as exc:  # raised again by the flow's thread (write_batch, close)
+                log.error("ClickHouse insert failed: %s", exc)
+                with self._lock:
+                    self._error = exc
 
     def close(self) -> None:
         self._closed.set()
+        self._due.set()
+        if self._thread is not None:
+            self._thread.join()  # (an insert under way ends first)
         with self._lock:
             self._raise_pending_error()
-            self._write_pending()
+        self._write_pending()
 
     def _write(self, items: List[Emission]) -> None:
         wcols, pcols, dcols = emission_columns(items, now_ms())

@@ -300,3 +300,47 @@ def test_a_failed_batched_insert_stops_the_flow_at_its_next_batch(chdb_path, ch_
     with pytest.raises(RuntimeError, match="disk full"):
         part.write_batch([_period("c2", 1.0, 1)])
     part._closed.set()
+
+
+def test_a_due_insert_runs_off_the_flows_thread_and_a_full_queue_waits_for_it(chdb_path, ch_database, monkeypatch):
+    """Without recovery the inserts run on the partition's thread: write_batch hands a due insert over and returns
+    while ClickHouse works (here an insert held until the test lets it go), the batches written meanwhile go in the
+    next insert, in order; a batch that finds COALESCE_ITEMS waiting waits for the insert under way and inserts them
+    itself, so what waits stays bounded; close inserts the rest."""
+    import threading
+
+    from meterflow.sinks import clickhouse as ch
+
+    monkeypatch.setattr(ch, "COALESCE_S", 30.0)  # (no idle insert during the test: each is made due by hand)
+    monkeypatch.setattr(ch, "COALESCE_ITEMS", 4)
+    cfg = ClickHouseConfig(dsn=f"chdb://{chdb_path}", database=ch_database + "_th")
+    client, db = connect(cfg)
+    part = ClickHouseSink(cfg, coalesce=True).build("clickhouse", 0, 1)
+    inserts, started, release = [], threading.Event(), threading.Event()
+    real = part._insert
+
+    def held(ctx, cols):
+        inserts.append((threading.current_thread().name, sorted(cols[1])))  # (thread, customers)
+        started.set()
+        assert release.wait(10)
+        real(ctx, cols)
+
+    monkeypatch.setattr(part, "_insert", held)
+    part.write_batch([_period("c1", 1.0, 1)])
+    part._since -= 60  # c1 has waited COALESCE_S
+    part.write_batch([_period("c2", 2.0, 1)])  # due: handed to the inserter, which is held in the insert
+    assert started.wait(10)
+    assert inserts == [("clickhouse-inserts", ["c1", "c2"])] and not release.is_set()
+    part.write_batch([_period("c3", 3.0, 1), _period("c4", 4.0, 1)])  # two wait for the next insert
+    writer = threading.Thread(target=part.write_batch, args=([_period("c5", 5.0, 1), _period("c6", 6.0, 1)],))
+    writer.start()  # four waiting: this batch inserts them, after the insert under way
+    writer.join(0.3)
+    assert writer.is_alive() and len(inserts) == 1  # waiting for the held insert
+    release.set()
+    writer.join(10)
+    assert not writer.is_alive()
+    assert inserts[1] == (writer.name, ["c3", "c4", "c5", "c6"])
+    part.write_batch([_period("c7", 7.0, 1)])
+    part.close()
+    assert [c for _t, cs in inserts for c in cs] == ["c1", "c2", "c3", "c4", "c5", "c6", "c7"]
+    assert _stored(client, db) == [(f"c{i}", float(i)) for i in range(1, 8)]
