@@ -15,9 +15,8 @@ the broker acknowledged every message (write_batch flushes); the implementations
 Printed per implementation, per row (best and median round): CPU of this process (``time.process_time``:
 the Python thread and librdkafka's threads, so what the flow's process pays), CPU of the calling thread alone
 (``time.thread_time``: what the flow's thread pays; librdkafka compresses and sends on its own threads) and
-wall time. The broker's own
-CPU (a separate JVM) is not counted. Numbers depend on the machine and on what else runs on it (on a shared
-machine they are noisy); compare rows of one run, not runs.
+wall time. The broker's own CPU (a separate JVM) is not counted. Numbers depend on the machine and on what else
+runs on it (on a shared machine they are noisy); compare rows of one run, not runs.
 """
 
 from __future__ import annotations

@@ -235,8 +235,9 @@ def test_the_clickhouse_sink_writes_without_loading_pandas(tmp_path):
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-c", _NO_PANDAS_SCRIPT, str(tmp_path / "chdb")], cwd=root,
+    from tests.e2e.support import REPO
+
+    out = subprocess.run([sys.executable, "-c", _NO_PANDAS_SCRIPT, str(tmp_path / "chdb")], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["3", "False"]
