@@ -31,7 +31,10 @@ the partition is built (column types read once, not per insert), and a batch is
 handed over column-oriented, one list per column read straight off the records,
 rather than as rows that the driver would transpose again. A table with money columns (``usage_rated_rows``) is
 encoded by :func:`native_block`: the driver's own ``Native`` bytes, its money columns made in C (``money_data``)
-instead of by the driver's writer, which runs Python per value.
+instead of by the driver's writer, which runs Python per value. With ``meterflow_native`` built, the hot tables
+(window, period and rated rows) go instead as ``RowBinary`` made in Rust (``clickhouse_schema.rowbinary``,
+native/src/rowbin.rs; money still by ``money_data``): the values the column insert stores, without Python per
+column or value holding the GIL; a batch with a value the encoder does not take exactly goes the old way.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import urlparse
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
@@ -48,19 +51,25 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from meterflow.base.errors import MeterError
 from meterflow.base.timeutil import now_ms
 from meterflow.schemas.config import ClickHouseConfig, mask_url
-from meterflow.schemas.records import Emission
+from meterflow.schemas.records import Emission, PeriodAggregate, RatedRow, WindowAggregate
 from meterflow.sinks.clickhouse_reviews import REVIEW_TABLES, decision_columns, review_columns
 from meterflow.sinks.clickhouse_schema import (
     MONEY_TYPE,
     RAW_COLUMNS,
     TABLES,
+    RowBinarySpec,
     alert_columns,
     ddl,
-    emission_columns,
+    dead_letter_columns,
+    emission_records,
     money_data,
-    rated_columns,
+    period_columns,
+    rated_record_columns,
     raw_event_columns,
     raw_event_rowbinary,
+    rowbinary,
+    rowbinary_spec,
+    window_columns,
 )
 
 DEFAULT_DATABASE = "meter"
@@ -258,6 +267,14 @@ class _ClickHousePartition(StatelessSinkPartition[Emission]):
         except Exception as exc:
             raise MeterError(f"cannot prepare inserts into ClickHouse at {mask_url(cfg.dsn)} (database {db}): {exc}; "
                              "check that its tables have this version's columns") from exc
+        # The hot tables (window, period and rated rows): per kind of record its context, the RowBinary spec of the
+        # native encoder (None without meterflow_native), its columns for the driver and whether it holds money.
+        self._hot: Dict[str, Tuple[Any, Optional[RowBinarySpec], Callable[[list, int], list], bool]] = {
+            kind: (ctx, rowbinary_spec(record, ctx.column_names, [t.name for t in ctx.column_types]), columns, money)
+            for kind, ctx, record, columns, money in (
+                ("windows", self._windows, WindowAggregate, window_columns, False),
+                ("periods", self._periods, PeriodAggregate, period_columns, False),
+                ("rated", self._rated, RatedRow, rated_record_columns, True))}
         _without_dataframes()
         # Insert batching (module doc): emissions waiting since _since, written by write_batch or the timer.
         self._delay = coalesce_s
@@ -280,6 +297,19 @@ class _ClickHousePartition(StatelessSinkPartition[Emission]):
     def _insert_money(self, context: Any, columns: list) -> None:
         """An insert into a table with money columns: the driver's Native bytes, made faster (:func:`native_block`)."""
         self._client.raw_insert(context.table, context.column_names, native_block(context, columns), fmt="Native")
+
+    def _insert_rows(self, kind: str, records: list, at_ms: int) -> None:
+        """An insert of window, period or rated rows (``kind``): ``RowBinary`` made natively (:func:`rowbinary`, the
+        bytes of the column insert) when it can, else the columns through the driver (``_insert``,
+        ``_insert_money``)."""
+        context, spec, columns, money = self._hot[kind]
+        data = rowbinary(spec, records, at_ms) if spec is not None else None
+        if data is not None:
+            self._client.raw_insert(context.table, context.column_names, data, fmt="RowBinary")
+        elif money:
+            self._insert_money(context, columns(records, at_ms))
+        else:
+            self._insert(context, columns(records, at_ms))
 
     def write_batch(self, items: List[Emission]) -> None:
         if self._delay <= 0:
@@ -341,20 +371,21 @@ class _ClickHousePartition(StatelessSinkPartition[Emission]):
         self._write_pending()
 
     def _write(self, items: List[Emission]) -> None:
-        wcols, pcols, dcols = emission_columns(items, now_ms())
-        if wcols:
-            self._insert(self._windows, wcols)
-        if pcols:
-            self._insert(self._periods, pcols)
-        rcols = rated_columns(items, now_ms())
-        if rcols:
-            self._insert_money(self._rated, rcols)
+        at = now_ms()
+        for kind in ("windows", "periods"):
+            records = emission_records(items, kind)
+            if records:
+                self._insert_rows(kind, records, at)
+        rated = emission_records(items, "rated")
+        if rated:
+            self._insert_rows("rated", rated, now_ms())
         vcols = review_columns(items, now_ms())
         if vcols:
             self._insert(self._reviews, vcols)
         ccols = decision_columns(items)
         if ccols:
             self._insert(self._decisions, ccols)
+        dcols = dead_letter_columns(items)
         if dcols:
             self._insert(self._dead, dcols)
         acols = alert_columns(items)

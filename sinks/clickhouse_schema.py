@@ -20,7 +20,7 @@ import decimal
 from decimal import Decimal
 from itertools import chain, repeat
 from operator import and_, attrgetter
-from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Literal, NamedTuple, Optional, Sequence, Tuple
 
 from msgspec.structs import astuple
 
@@ -193,29 +193,47 @@ def _transposed(records: list) -> list:
     return list(zip(*map(astuple, records)))
 
 
+def window_columns(ws: List[WindowAggregate], at_ms: int) -> list:
+    """Window rows as ``usage_window_rows`` columns (``WINDOW_COLUMNS``)."""
+    wcols = _transposed(ws)
+    return wcols + [[dims_key(d) if d else "" for d in wcols[_DIMS]], [at_ms] * len(ws)]
+
+
+def period_columns(ps: List[PeriodAggregate], at_ms: int) -> list:
+    """Period rows as ``usage_period_rows`` columns (``PERIOD_COLUMNS``)."""
+    return _transposed(ps) + [[at_ms] * len(ps)]
+
+
+def rated_record_columns(rs: List[RatedRow], at_ms: int) -> list:
+    """Rated rows as ``usage_rated_rows`` columns (``RATED_COLUMNS``)."""
+    return _transposed(rs) + [[at_ms] * len(rs)]
+
+
+def emission_records(items: List[Emission], kind: str) -> list:
+    """The records of one kind (``"windows"``, ``"periods"``, ``"rated"``, ``"dead_letters"``) of a batch of
+    emissions, in order."""
+    get = attrgetter(kind)
+    return list(chain.from_iterable([rs for rs in map(get, items) if rs]))
+
+
 def emission_columns(items: List[Emission], at_ms: int) -> Tuple[Optional[list], Optional[list], Optional[list]]:
     """A batch of emissions as the columns of (window rows, period rows, dead-letter rows) — each None when the
     batch has no such row — in the orders ``WINDOW_COLUMNS``, ``PERIOD_COLUMNS``, ``DEAD_COLUMNS``."""
-    wcols = pcols = dcols = None
-    ws = list(chain.from_iterable([e.windows for e in items if e.windows]))
-    if ws:
-        wcols = _transposed(ws)
-        wcols += [[dims_key(d) if d else "" for d in wcols[_DIMS]], [at_ms] * len(ws)]
-    ps = list(chain.from_iterable([e.periods for e in items if e.periods]))
-    if ps:
-        pcols = _transposed(ps) + [[at_ms] * len(ps)]
-    ds = list(chain.from_iterable([e.dead_letters for e in items if e.dead_letters]))
-    if ds:
-        dcols = _transposed(ds)
-    return wcols, pcols, dcols
+    ws, ps, ds = (emission_records(items, kind) for kind in ("windows", "periods", "dead_letters"))
+    return (window_columns(ws, at_ms) if ws else None, period_columns(ps, at_ms) if ps else None,
+            _transposed(ds) if ds else None)
+
+
+def dead_letter_columns(items: List[Emission]) -> Optional[list]:
+    """The dead letters of a batch of emissions as ``dead_letter_rows`` columns (``DEAD_COLUMNS``), None without."""
+    ds = emission_records(items, "dead_letters")
+    return _transposed(ds) if ds else None
 
 
 def rated_columns(items: List[Emission], at_ms: int) -> Optional[list]:
     """The rated rows of a batch of emissions as ``usage_rated_rows`` columns (``RATED_COLUMNS``), None without."""
-    rs = list(chain.from_iterable([e.rated for e in items if e.rated]))
-    if not rs:
-        return None
-    return _transposed(rs) + [[at_ms] * len(rs)]
+    rs = emission_records(items, "rated")
+    return rated_record_columns(rs, at_ms) if rs else None
 
 
 MONEY_TYPE = "Decimal(38, 9)"  # every money column (rated and reconciliation rows)
@@ -262,6 +280,63 @@ def _int128_bytes(ints: List[int]) -> List[bytes]:
                          f"{MONEY_TYPE}")
     little: Literal["little"] = "little"
     return list(map(int.to_bytes, map(and_, ints, repeat(_INT128, n)), repeat(16, n), repeat(little, n)))
+
+
+# -- the hot tables as RowBinary, encoded natively ---------------------------------------------------------
+
+try:  # built by ./dev setup (maturin develop) when cargo is there
+    import meterflow_native as _native
+except ImportError:  # pragma: no cover - depends on the build
+    _native = None
+
+# The column codes of native/src/rowbin.rs, by the column's type as the insert context names it.
+_RB_STRING, _RB_DT64, _RB_MAP, _RB_F64, _RB_NF64, _RB_U64, _RB_BOOL, _RB_DIMS_KEY, _RB_AT, _RB_MONEY = range(10)
+_RB_TYPES = {"String": _RB_STRING, "LowCardinality(String)": _RB_STRING, "DateTime64(3, 'UTC')": _RB_DT64,
+             "Map(String, String)": _RB_MAP, "Float64": _RB_F64, "Nullable(Float64)": _RB_NF64,
+             "UInt64": _RB_U64, "UInt8": _RB_BOOL, MONEY_TYPE: _RB_MONEY}
+
+
+class RowBinarySpec(NamedTuple):
+    """How :func:`rowbinary` encodes a table's rows: per insert column (code, the record's field index or
+    money column), and the money fields' getters in the order of the money columns."""
+
+    codes: List[Tuple[int, int]]
+    money: List[Callable[[Any], Any]]
+
+
+def rowbinary_spec(record: type, columns: Sequence[str], types: Sequence[str]) -> Optional[RowBinarySpec]:
+    """The spec for the rows of Struct ``record`` inserted as ``columns`` of ClickHouse types ``types`` (as the
+    insert context names them): the record's fields, ``dims_key`` (of its ``dimensions``) and ``updated_at`` (the
+    insert's time); None when ``meterflow_native`` is not built or a column is not one it encodes."""
+    if _native is None:
+        return None
+    fields: Tuple[str, ...] = record.__struct_fields__  # type: ignore[attr-defined]
+    codes: List[Tuple[int, int]] = []
+    money: List[Callable[[Any], Any]] = []
+    for name, typ in zip(columns, types, strict=True):
+        code = _RB_TYPES.get(typ)
+        if name in fields and code is not None:
+            if code == _RB_MONEY:
+                codes.append((code, len(money)))
+                money.append(attrgetter(name))
+            else:
+                codes.append((code, fields.index(name)))
+        elif name == "dims_key" and code == _RB_STRING and "dimensions" in fields:
+            codes.append((_RB_DIMS_KEY, fields.index("dimensions")))
+        elif name == "updated_at" and code == _RB_DT64:
+            codes.append((_RB_AT, 0))
+        else:
+            return None
+    return RowBinarySpec(codes, money)
+
+
+def rowbinary(spec: RowBinarySpec, records: list, at_ms: int) -> Optional[bytes]:
+    """``records`` as ``RowBinary`` rows of the table ``spec`` was made for (``updated_at`` = ``at_ms``), the bytes
+    the column insert's values give: each money column made by :func:`money_data` (so a value beyond Decimal(38, 9)
+    is refused as there), the rest natively (native/src/rowbin.rs). None when a value is not one the native encoder
+    writes exactly as the driver (not an exact str, int, float, bool or dict of strs): insert the columns then."""
+    money = [money_data(list(map(get, records))) for get in spec.money]
+    return _native.rowbinary(list(map(astuple, records)), spec.codes, at_ms, money)
 
 
 def raw_event_columns(items: List[Emission]) -> Optional[list]:

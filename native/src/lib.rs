@@ -15,6 +15,7 @@ mod dims;
 mod json;
 mod mediate;
 mod resume;
+mod rowbin;
 mod spec;
 mod time;
 
@@ -1323,6 +1324,7 @@ fn meterflow_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(mediate::float_repr, m)?)?;
     m.add_function(wrap_pyfunction!(mediate::crc32_of, m)?)?;
     m.add_function(wrap_pyfunction!(dims::dim_of, m)?)?;
+    m.add_function(wrap_pyfunction!(rowbin::rowbinary, m)?)?;
     m.add_class::<dedupe::PyIdTable>()?;
     m.add_function(wrap_pyfunction!(dedupe::bench_dedupe, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

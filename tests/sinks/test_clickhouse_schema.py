@@ -259,8 +259,8 @@ def test_without_recovery_inserts_are_batched_and_nothing_is_left_behind(chdb_pa
     client, db = connect(cfg)
     part = ClickHouseSink(cfg, coalesce=True).build("clickhouse", 0, 1)
     inserts = []
-    real = part._insert
-    monkeypatch.setattr(part, "_insert", lambda ctx, cols: (inserts.append(len(cols[0])), real(ctx, cols)))
+    real = part._insert_rows  # (the period rows' insert, natively encoded or not)
+    monkeypatch.setattr(part, "_insert_rows", lambda kind, rows, at: (inserts.append(len(rows)), real(kind, rows, at)))
     part.write_batch([_period("c1", 1.0, 1)])
     part.write_batch([_period("c2", 2.0, 1), _period("c1", 3.0, 2)])
     assert _stored(client, db) == [] and inserts == []  # waiting for the next ones
@@ -287,10 +287,10 @@ def test_a_failed_batched_insert_stops_the_flow_at_its_next_batch(chdb_path, ch_
     cfg = ClickHouseConfig(dsn=f"chdb://{chdb_path}", database=ch_database + "_cf")
     part = ClickHouseSink(cfg, coalesce=True).build("clickhouse", 0, 1)
 
-    def fail(ctx, cols):
+    def fail(kind, rows, at):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(part, "_insert", fail)
+    monkeypatch.setattr(part, "_insert_rows", fail)
     part.write_batch([_period("c1", 1.0, 1)])
     import time
 
@@ -317,15 +317,15 @@ def test_a_due_insert_runs_off_the_flows_thread_and_a_full_queue_waits_for_it(ch
     client, db = connect(cfg)
     part = ClickHouseSink(cfg, coalesce=True).build("clickhouse", 0, 1)
     inserts, started, release = [], threading.Event(), threading.Event()
-    real = part._insert
+    real = part._insert_rows
 
-    def held(ctx, cols):
-        inserts.append((threading.current_thread().name, sorted(cols[1])))  # (thread, customers)
+    def held(kind, rows, at):
+        inserts.append((threading.current_thread().name, sorted(r.customer_id for r in rows)))  # (thread, customers)
         started.set()
         assert release.wait(10)
-        real(ctx, cols)
+        real(kind, rows, at)
 
-    monkeypatch.setattr(part, "_insert", held)
+    monkeypatch.setattr(part, "_insert_rows", held)
     part.write_batch([_period("c1", 1.0, 1)])
     part._since -= 60  # c1 has waited COALESCE_S
     part.write_batch([_period("c2", 2.0, 1)])  # due: handed to the inserter, which is held in the insert

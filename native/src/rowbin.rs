@@ -1,0 +1,206 @@
+//! ClickHouse `RowBinary` rows of the sink's hot tables (usage_window_rows, usage_period_rows,
+//! usage_rated_rows): sinks/clickhouse_schema.py `rowbinary` hands over the records as tuples (msgspec
+//! `astuple`) with a column spec read from the table's insert context, and gets back one bytes object to
+//! insert with `raw_insert(..., fmt="RowBinary")`, instead of Python building columns and the driver
+//! writing them value by value while it holds the GIL.
+//!
+//! Only values that the driver's column insert writes in one obvious way are encoded here: exact `str`
+//! (valid UTF-8), exact `int` in range, exact `float` (or an exact `int`, as the driver's `float(x)`),
+//! exact `bool`, `dict` of exact `str`. Anything else makes the function return None, and the caller
+//! writes that table's rows through the driver as before, so what it does with them stays as it was.
+//!
+//! RowBinary, per row the columns in order: String = LEB128 byte length then the UTF-8 bytes
+//! (LowCardinality(String) is its String); DateTime64(3) = Int64 ms little endian; Map(String, String) =
+//! LEB128 pair count then key, value, ... in the dict's order; Float64 = IEEE 754 little endian (NaN and
+//! infinities as they are); Nullable(T) = byte 1 for NULL (nothing follows), else byte 0 then T; UInt64 =
+//! 8 bytes little endian; UInt8 = one byte; Decimal(38, 9) = Int128 little endian, 16 bytes per row,
+//! already made by `money_data` in Python (passed as one bytes object per money column).
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+
+// Column codes (sinks/clickhouse_schema.py `_RB_*`); each spec entry is (code, argument).
+const STRING: u8 = 0; // String / LowCardinality(String): tuple item `arg`
+const DT64: u8 = 1; // DateTime64(3) from epoch ms: tuple item `arg`
+const MAP: u8 = 2; // Map(String, String): tuple item `arg`
+const F64: u8 = 3; // Float64: tuple item `arg`
+const NF64: u8 = 4; // Nullable(Float64): tuple item `arg`
+const U64: u8 = 5; // UInt64: tuple item `arg`
+const BOOL: u8 = 6; // UInt8 from a bool: tuple item `arg`
+const DIMS_KEY: u8 = 7; // String: clickhouse_schema.dims_key of the dict at tuple item `arg`
+const CONST_MS: u8 = 8; // DateTime64(3): the call's `at_ms`
+const MONEY: u8 = 9; // Decimal(38, 9): 16 bytes per row from `money[arg]`
+
+fn put_len(out: &mut Vec<u8>, mut n: usize) {
+    loop {
+        let b = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_len(out, s.len());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// The UTF-8 of an exact `str`, None otherwise (a subclass, or a str with lone surrogates).
+#[inline]
+fn exact_str<'a>(v: &'a Bound<'_, PyAny>) -> Option<&'a str> {
+    if !v.is_exact_instance_of::<PyString>() {
+        return None;
+    }
+    v.cast::<PyString>().ok()?.to_str().ok()
+}
+
+/// What the driver's Float64 writer stores: an exact float as it is, an exact int as `float(x)`.
+#[inline]
+fn float_of(v: &Bound<'_, PyAny>) -> Option<f64> {
+    if v.is_exact_instance_of::<PyFloat>() {
+        return Some(v.cast::<PyFloat>().ok()?.value());
+    }
+    if v.is_exact_instance_of::<PyInt>() {
+        return v.extract::<f64>().ok(); // PyLong_AsDouble: correctly rounded; too large: not encoded here
+    }
+    None
+}
+
+/// The dict's items, each an exact str (None otherwise), held so that their UTF-8 can be borrowed.
+fn str_items<'py>(d: &Bound<'py, PyDict>) -> Option<Vec<(Bound<'py, PyAny>, Bound<'py, PyAny>)>> {
+    let items: Vec<_> = d.iter().collect();
+    for (k, v) in &items {
+        if !k.is_exact_instance_of::<PyString>() || !v.is_exact_instance_of::<PyString>() {
+            return None;
+        }
+    }
+    Some(items)
+}
+
+/// One row's columns; None when a value is not one this encoder writes (see the module doc).
+fn put_row(
+    out: &mut Vec<u8>,
+    t: &Bound<'_, PyTuple>,
+    spec: &[(u8, usize)],
+    row: usize,
+    at_ms: i64,
+    money: &[&[u8]],
+) -> Option<()> {
+    for &(code, arg) in spec {
+        if code == CONST_MS {
+            out.extend_from_slice(&at_ms.to_le_bytes());
+            continue;
+        }
+        if code == MONEY {
+            out.extend_from_slice(&money[arg][16 * row..16 * row + 16]);
+            continue;
+        }
+        let v = t.get_borrowed_item(arg).ok()?;
+        match code {
+            STRING => put_str(out, exact_str(&v)?),
+            DT64 => {
+                if !v.is_exact_instance_of::<PyInt>() {
+                    return None;
+                }
+                out.extend_from_slice(&v.extract::<i64>().ok()?.to_le_bytes());
+            }
+            U64 => {
+                if !v.is_exact_instance_of::<PyInt>() {
+                    return None;
+                }
+                out.extend_from_slice(&v.extract::<u64>().ok()?.to_le_bytes());
+            }
+            F64 => out.extend_from_slice(&float_of(&v)?.to_le_bytes()),
+            NF64 => {
+                if v.is_none() {
+                    out.push(1);
+                } else {
+                    out.push(0);
+                    out.extend_from_slice(&float_of(&v)?.to_le_bytes());
+                }
+            }
+            BOOL => {
+                if !v.is_exact_instance_of::<PyBool>() {
+                    return None;
+                }
+                out.push(u8::from(v.cast::<PyBool>().ok()?.is_true()));
+            }
+            MAP => {
+                if !v.is_exact_instance_of::<PyDict>() {
+                    return None;
+                }
+                let d = v.cast::<PyDict>().ok()?;
+                put_len(out, d.len());
+                for (k, v) in d.iter() {
+                    put_str(out, exact_str(&k)?);
+                    put_str(out, exact_str(&v)?);
+                }
+            }
+            DIMS_KEY => {
+                // clickhouse_schema.dims_key: "k=v" joined by \x1f, sorted by key (code point order, which is
+                // UTF-8 byte order; the keys differ); "" without dimensions
+                if !v.is_exact_instance_of::<PyDict>() {
+                    return None;
+                }
+                let d = v.cast::<PyDict>().ok()?;
+                let items = str_items(&d)?;
+                let mut pairs = Vec::with_capacity(items.len());
+                for (k, v) in &items {
+                    pairs.push((exact_str(k)?, exact_str(v)?));
+                }
+                if pairs.len() > 1 {
+                    pairs.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+                }
+                let n = pairs.iter().map(|(k, v)| k.len() + v.len() + 2).sum::<usize>().saturating_sub(1);
+                put_len(out, n);
+                for (i, (k, v)) in pairs.iter().enumerate() {
+                    if i > 0 {
+                        out.push(0x1f);
+                    }
+                    out.extend_from_slice(k.as_bytes());
+                    out.push(b'=');
+                    out.extend_from_slice(v.as_bytes());
+                }
+            }
+            _ => return None,
+        }
+    }
+    Some(())
+}
+
+/// `rows` (a list of tuples, the records' fields in order) as RowBinary rows of the columns `spec` (the
+/// table's insert columns in order: (code, tuple index or money column)); `at_ms` is the `updated_at` of
+/// every row, `money` the Decimal(38, 9) columns' data (16 bytes a row each). None when a value is not
+/// one this encoder writes exactly as the driver would: the caller then inserts the columns as before.
+#[pyfunction]
+#[pyo3(signature = (rows, spec, at_ms, money=Vec::new()))]
+pub fn rowbinary<'py>(
+    py: Python<'py>,
+    rows: &Bound<'py, PyList>,
+    spec: Vec<(u8, usize)>,
+    at_ms: i64,
+    money: Vec<Bound<'py, PyBytes>>,
+) -> PyResult<Option<Bound<'py, PyBytes>>> {
+    let n = rows.len();
+    let money: Vec<&[u8]> = money.iter().map(|b| b.as_bytes()).collect();
+    for &(code, arg) in &spec {
+        if code > MONEY {
+            return Err(PyValueError::new_err(format!("rowbinary: unknown column code {code}")));
+        }
+        if code == MONEY && money.get(arg).map_or(true, |m| m.len() != 16 * n) {
+            return Err(PyValueError::new_err("rowbinary: a money column is not 16 bytes a row"));
+        }
+    }
+    let mut out: Vec<u8> = Vec::with_capacity(n * (spec.len() * 9 + 32));
+    for (row, item) in rows.iter().enumerate() {
+        let Ok(t) = item.cast::<PyTuple>() else { return Ok(None) };
+        if put_row(&mut out, t, &spec, row, at_ms, &money).is_none() {
+            return Ok(None);
+        }
+    }
+    Ok(Some(PyBytes::new(py, &out)))
+}
