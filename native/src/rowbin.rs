@@ -18,7 +18,10 @@
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+use std::ptr::addr_of_mut;
+
+use pyo3::ffi;
+use pyo3::types::{PyBytes, PyList};
 
 // Column codes (sinks/clickhouse_schema.py `_RB_*`); each spec entry is (code, argument).
 const STRING: u8 = 0; // String / LowCardinality(String): tuple item `arg`
@@ -44,52 +47,93 @@ fn put_len(out: &mut Vec<u8>, mut n: usize) {
     }
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
+fn put_str(out: &mut Vec<u8>, s: &[u8]) {
     put_len(out, s.len());
-    out.extend_from_slice(s.as_bytes());
+    out.extend_from_slice(s);
+}
+
+// The values are read with the C API directly: every object is borrowed from the rows (a list the caller holds)
+// or from a dict among them, and nothing here runs Python code, so none of them can go away or change meanwhile.
+
+#[inline]
+unsafe fn is(v: *mut ffi::PyObject, t: *mut ffi::PyTypeObject) -> bool {
+    ffi::Py_TYPE(v) == t
 }
 
 /// The UTF-8 of an exact `str`, None otherwise (a subclass, or a str with lone surrogates).
 #[inline]
-fn exact_str<'a>(v: &'a Bound<'_, PyAny>) -> Option<&'a str> {
-    if !v.is_exact_instance_of::<PyString>() {
+unsafe fn exact_str<'a>(v: *mut ffi::PyObject) -> Option<&'a [u8]> {
+    if !is(v, addr_of_mut!(ffi::PyUnicode_Type)) {
         return None;
     }
-    v.cast::<PyString>().ok()?.to_str().ok()
+    let mut n: ffi::Py_ssize_t = 0;
+    let p = ffi::PyUnicode_AsUTF8AndSize(v, &mut n);
+    if p.is_null() {
+        ffi::PyErr_Clear();
+        return None;
+    }
+    Some(std::slice::from_raw_parts(p.cast::<u8>(), n as usize))
 }
 
 /// What the driver's Float64 writer stores: an exact float as it is, an exact int as `float(x)`.
 #[inline]
-fn float_of(v: &Bound<'_, PyAny>) -> Option<f64> {
-    if v.is_exact_instance_of::<PyFloat>() {
-        return Some(v.cast::<PyFloat>().ok()?.value());
+unsafe fn float_of(v: *mut ffi::PyObject) -> Option<f64> {
+    if is(v, addr_of_mut!(ffi::PyFloat_Type)) {
+        return Some(ffi::PyFloat_AsDouble(v));
     }
-    if v.is_exact_instance_of::<PyInt>() {
-        return v.extract::<f64>().ok(); // PyLong_AsDouble: correctly rounded; too large: not encoded here
+    if is(v, addr_of_mut!(ffi::PyLong_Type)) {
+        let f = ffi::PyLong_AsDouble(v); // correctly rounded; too large: not encoded here
+        if f == -1.0 && !ffi::PyErr_Occurred().is_null() {
+            ffi::PyErr_Clear();
+            return None;
+        }
+        return Some(f);
     }
     None
 }
 
-/// The dict's items, each an exact str (None otherwise), held so that their UTF-8 can be borrowed.
-fn str_items<'py>(d: &Bound<'py, PyDict>) -> Option<Vec<(Bound<'py, PyAny>, Bound<'py, PyAny>)>> {
-    let items: Vec<_> = d.iter().collect();
-    for (k, v) in &items {
-        if !k.is_exact_instance_of::<PyString>() || !v.is_exact_instance_of::<PyString>() {
-            return None;
-        }
+/// An exact int's value as i64 (`signed`) or u64 bits; None for another type or out of range.
+#[inline]
+unsafe fn int_of(v: *mut ffi::PyObject, signed: bool) -> Option<u64> {
+    if !is(v, addr_of_mut!(ffi::PyLong_Type)) {
+        return None;
     }
-    Some(items)
+    let x = if signed { ffi::PyLong_AsLongLong(v) as u64 } else { ffi::PyLong_AsUnsignedLongLong(v) };
+    if x == u64::MAX && !ffi::PyErr_Occurred().is_null() {
+        ffi::PyErr_Clear();
+        return None;
+    }
+    Some(x)
+}
+
+/// The (key, value) UTF-8 pairs of an exact dict of exact strs, in its order; None otherwise.
+unsafe fn str_pairs<'a>(d: *mut ffi::PyObject, pairs: &mut Vec<(&'a [u8], &'a [u8])>) -> Option<()> {
+    if !is(d, addr_of_mut!(ffi::PyDict_Type)) {
+        return None;
+    }
+    pairs.clear();
+    let mut pos: ffi::Py_ssize_t = 0;
+    let (mut k, mut v) = (std::ptr::null_mut(), std::ptr::null_mut());
+    while ffi::PyDict_Next(d, &mut pos, &mut k, &mut v) != 0 {
+        pairs.push((exact_str(k)?, exact_str(v)?));
+    }
+    Some(())
 }
 
 /// One row's columns; None when a value is not one this encoder writes (see the module doc).
-fn put_row(
+unsafe fn put_row<'a>(
     out: &mut Vec<u8>,
-    t: &Bound<'_, PyTuple>,
+    t: *mut ffi::PyObject,
     spec: &[(u8, usize)],
     row: usize,
     at_ms: i64,
     money: &[&[u8]],
+    pairs: &mut Vec<(&'a [u8], &'a [u8])>,
 ) -> Option<()> {
+    if !is(t, addr_of_mut!(ffi::PyTuple_Type)) {
+        return None;
+    }
+    let len = ffi::PyTuple_Size(t) as usize;
     for &(code, arg) in spec {
         if code == CONST_MS {
             out.extend_from_slice(&at_ms.to_le_bytes());
@@ -99,61 +143,43 @@ fn put_row(
             out.extend_from_slice(&money[arg][16 * row..16 * row + 16]);
             continue;
         }
-        let v = t.get_borrowed_item(arg).ok()?;
+        if arg >= len {
+            return None;
+        }
+        let v = ffi::PyTuple_GetItem(t, arg as ffi::Py_ssize_t);
         match code {
-            STRING => put_str(out, exact_str(&v)?),
-            DT64 => {
-                if !v.is_exact_instance_of::<PyInt>() {
-                    return None;
-                }
-                out.extend_from_slice(&v.extract::<i64>().ok()?.to_le_bytes());
-            }
-            U64 => {
-                if !v.is_exact_instance_of::<PyInt>() {
-                    return None;
-                }
-                out.extend_from_slice(&v.extract::<u64>().ok()?.to_le_bytes());
-            }
-            F64 => out.extend_from_slice(&float_of(&v)?.to_le_bytes()),
+            STRING => put_str(out, exact_str(v)?),
+            DT64 => out.extend_from_slice(&int_of(v, true)?.to_le_bytes()),
+            U64 => out.extend_from_slice(&int_of(v, false)?.to_le_bytes()),
+            F64 => out.extend_from_slice(&float_of(v)?.to_le_bytes()),
             NF64 => {
-                if v.is_none() {
+                if v == ffi::Py_None() {
                     out.push(1);
                 } else {
                     out.push(0);
-                    out.extend_from_slice(&float_of(&v)?.to_le_bytes());
+                    out.extend_from_slice(&float_of(v)?.to_le_bytes());
                 }
             }
             BOOL => {
-                if !v.is_exact_instance_of::<PyBool>() {
+                if !is(v, addr_of_mut!(ffi::PyBool_Type)) {
                     return None;
                 }
-                out.push(u8::from(v.cast::<PyBool>().ok()?.is_true()));
+                out.push(u8::from(v == ffi::Py_True()));
             }
             MAP => {
-                if !v.is_exact_instance_of::<PyDict>() {
-                    return None;
-                }
-                let d = v.cast::<PyDict>().ok()?;
-                put_len(out, d.len());
-                for (k, v) in d.iter() {
-                    put_str(out, exact_str(&k)?);
-                    put_str(out, exact_str(&v)?);
+                str_pairs(v, pairs)?;
+                put_len(out, pairs.len());
+                for (k, v) in pairs.iter() {
+                    put_str(out, k);
+                    put_str(out, v);
                 }
             }
             DIMS_KEY => {
                 // clickhouse_schema.dims_key: "k=v" joined by \x1f, sorted by key (code point order, which is
                 // UTF-8 byte order; the keys differ); "" without dimensions
-                if !v.is_exact_instance_of::<PyDict>() {
-                    return None;
-                }
-                let d = v.cast::<PyDict>().ok()?;
-                let items = str_items(&d)?;
-                let mut pairs = Vec::with_capacity(items.len());
-                for (k, v) in &items {
-                    pairs.push((exact_str(k)?, exact_str(v)?));
-                }
+                str_pairs(v, pairs)?;
                 if pairs.len() > 1 {
-                    pairs.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+                    pairs.sort_unstable_by(|a, b| a.0.cmp(b.0));
                 }
                 let n = pairs.iter().map(|(k, v)| k.len() + v.len() + 2).sum::<usize>().saturating_sub(1);
                 put_len(out, n);
@@ -161,9 +187,9 @@ fn put_row(
                     if i > 0 {
                         out.push(0x1f);
                     }
-                    out.extend_from_slice(k.as_bytes());
+                    out.extend_from_slice(k);
                     out.push(b'=');
-                    out.extend_from_slice(v.as_bytes());
+                    out.extend_from_slice(v);
                 }
             }
             _ => return None,
@@ -196,9 +222,14 @@ pub fn rowbinary<'py>(
         }
     }
     let mut out: Vec<u8> = Vec::with_capacity(n * (spec.len() * 9 + 32));
-    for (row, item) in rows.iter().enumerate() {
-        let Ok(t) = item.cast::<PyTuple>() else { return Ok(None) };
-        if put_row(&mut out, t, &spec, row, at_ms, &money).is_none() {
+    let mut pairs = Vec::new();
+    for row in 0..n {
+        // (the list's length is n: nothing here runs Python code that could change it)
+        let ok = unsafe {
+            let t = ffi::PyList_GetItem(rows.as_ptr(), row as ffi::Py_ssize_t);
+            put_row(&mut out, t, &spec, row, at_ms, &money, &mut pairs)
+        };
+        if ok.is_none() {
             return Ok(None);
         }
     }
