@@ -82,7 +82,8 @@ def load(ref: str, shared: types.ModuleType) -> types.ModuleType:
     for name in ("clickhouse_schema", "clickhouse"):
         text = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:sinks/{name}.py"], check=True,
                               capture_output=True, text=True).stdout
-        text = text.replace("from meterflow.sinks.clickhouse_schema import", f"from bench_{tag}_clickhouse_schema import")
+        text = text.replace("from meterflow.sinks.clickhouse_schema import",
+                            f"from bench_{tag}_clickhouse_schema import")
         mod = types.ModuleType(f"bench_{tag}_{name}")
         mod.__file__ = str(ROOT / "sinks" / f"{name}.py")
         sys.modules[mod.__name__] = mod  # `from __future__ import annotations` + msgspec need a findable module

@@ -290,17 +290,19 @@ except ImportError:  # pragma: no cover - depends on the build
     _native = None
 
 # The column codes of native/src/rowbin.rs, by the column's type as the insert context names it.
-_RB_STRING, _RB_DT64, _RB_MAP, _RB_F64, _RB_NF64, _RB_U64, _RB_BOOL, _RB_DIMS_KEY, _RB_AT, _RB_MONEY = range(10)
+_RB_STRING, _RB_DT64, _RB_MAP, _RB_F64, _RB_NF64, _RB_U64, _RB_BOOL, _RB_DIMS_KEY, _RB_AT, _RB_MONEY, _RB_DECIMAL = \
+    range(11)
 _RB_TYPES = {"String": _RB_STRING, "LowCardinality(String)": _RB_STRING, "DateTime64(3, 'UTC')": _RB_DT64,
              "Map(String, String)": _RB_MAP, "Float64": _RB_F64, "Nullable(Float64)": _RB_NF64,
-             "UInt64": _RB_U64, "UInt8": _RB_BOOL, MONEY_TYPE: _RB_MONEY}
+             "UInt64": _RB_U64, "UInt8": _RB_BOOL, MONEY_TYPE: _RB_DECIMAL}
 
 
 class RowBinarySpec(NamedTuple):
-    """How :func:`rowbinary` encodes a table's rows: per insert column (code, the record's field index or
-    money column), and the money fields' getters in the order of the money columns."""
+    """How :func:`rowbinary` encodes a table's rows: per insert column (code, the record's field index), the same
+    with the money columns taken from ``money_data`` bytes (code, money column), and the money fields' getters."""
 
     codes: List[Tuple[int, int]]
+    money_codes: List[Tuple[int, int]]
     money: List[Callable[[Any], Any]]
 
 
@@ -312,31 +314,49 @@ def rowbinary_spec(record: type, columns: Sequence[str], types: Sequence[str]) -
         return None
     fields: Tuple[str, ...] = record.__struct_fields__  # type: ignore[attr-defined]
     codes: List[Tuple[int, int]] = []
+    money_codes: List[Tuple[int, int]] = []
     money: List[Callable[[Any], Any]] = []
     for name, typ in zip(columns, types, strict=True):
         code = _RB_TYPES.get(typ)
         if name in fields and code is not None:
-            if code == _RB_MONEY:
-                codes.append((code, len(money)))
+            codes.append((code, fields.index(name)))
+            if code == _RB_DECIMAL:
+                money_codes.append((_RB_MONEY, len(money)))
                 money.append(attrgetter(name))
             else:
-                codes.append((code, fields.index(name)))
+                money_codes.append(codes[-1])
         elif name == "dims_key" and code == _RB_STRING and "dimensions" in fields:
             codes.append((_RB_DIMS_KEY, fields.index("dimensions")))
+            money_codes.append(codes[-1])
         elif name == "updated_at" and code == _RB_DT64:
             codes.append((_RB_AT, 0))
+            money_codes.append(codes[-1])
         else:
             return None
-    return RowBinarySpec(codes, money)
+    return RowBinarySpec(codes, money_codes, money)
+
+
+def _plain_context() -> bool:
+    """The current decimal context limits no exponent a money value has (``rowbin.rs`` money_of takes exponents in
+    [-69, 29] only, where ``money_data``'s scaleb is exact under any context with the default limits)."""
+    ctx = decimal.getcontext()
+    return ctx.Emax >= 99 and ctx.Emin <= -99 and not ctx.clamp
 
 
 def rowbinary(spec: RowBinarySpec, records: list, at_ms: int) -> Optional[bytes]:
-    """``records`` as ``RowBinary`` rows of the table ``spec`` was made for (``updated_at`` = ``at_ms``), the bytes
-    the column insert's values give: each money column made by :func:`money_data` (so a value beyond Decimal(38, 9)
-    is refused as there), the rest natively (native/src/rowbin.rs). None when a value is not one the native encoder
-    writes exactly as the driver (not an exact str, int, float, bool or dict of strs): insert the columns then."""
+    """``records`` as ``RowBinary`` rows of the table ``spec`` was made for (``updated_at`` = ``at_ms``): the values
+    the column insert stores, made natively (native/src/rowbin.rs), money included (the Int128 ``money_data`` makes,
+    from the Decimal's digits); a money column with a value that is not a plain Decimal of at most 38 digits is made
+    by :func:`money_data` itself (so a value beyond Decimal(38, 9) is refused as there). None when a value is not
+    one the native encoder writes exactly as the driver (not an exact str, int, float, bool or dict of strs):
+    insert the columns then."""
+    rows = list(map(astuple, records))
+    if not spec.money or _plain_context():
+        data = _native.rowbinary(rows, spec.codes, at_ms)
+        if data is not None or not spec.money:
+            return data
     money = [money_data(list(map(get, records))) for get in spec.money]
-    return _native.rowbinary(list(map(astuple, records)), spec.codes, at_ms, money)
+    return _native.rowbinary(rows, spec.money_codes, at_ms, money)
 
 
 def raw_event_columns(items: List[Emission]) -> Optional[list]:

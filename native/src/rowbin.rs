@@ -13,8 +13,9 @@
 //! (LowCardinality(String) is its String); DateTime64(3) = Int64 ms little endian; Map(String, String) =
 //! LEB128 pair count then key, value, ... in the dict's order; Float64 = IEEE 754 little endian (NaN and
 //! infinities as they are); Nullable(T) = byte 1 for NULL (nothing follows), else byte 0 then T; UInt64 =
-//! 8 bytes little endian; UInt8 = one byte; Decimal(38, 9) = Int128 little endian, 16 bytes per row,
-//! already made by `money_data` in Python (passed as one bytes object per money column).
+//! 8 bytes little endian; UInt8 = one byte; Decimal(38, 9) = Int128 little endian of value x 10^9: made here
+//! from the Decimal's `str` (`money_of`) or, for a value that takes more than that, by `money_data` in Python
+//! (then passed as one bytes object per money column, 16 bytes a row).
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -34,6 +35,7 @@ const BOOL: u8 = 6; // UInt8 from a bool: tuple item `arg`
 const DIMS_KEY: u8 = 7; // String: clickhouse_schema.dims_key of the dict at tuple item `arg`
 const CONST_MS: u8 = 8; // DateTime64(3): the call's `at_ms`
 const MONEY: u8 = 9; // Decimal(38, 9): 16 bytes per row from `money[arg]`
+const MONEY_DEC: u8 = 10; // Decimal(38, 9) from the exact decimal.Decimal at tuple item `arg` (`money_of`)
 
 fn put_len(out: &mut Vec<u8>, mut n: usize) {
     loop {
@@ -120,6 +122,69 @@ unsafe fn str_pairs<'a>(d: *mut ffi::PyObject, pairs: &mut Vec<(&'a [u8], &'a [u
     Some(())
 }
 
+/// A Decimal's `str` as the Int128 of value x 10^9 truncated toward zero, what `money_data` makes
+/// (`int(scaleb(x, 9))` at precision 38), for a coefficient of at most 38 digits (so scaleb is exact) and an
+/// exponent in [-69, 29] (nothing a context limits); None otherwise (NaN, infinities, more digits, beyond
+/// Int128): the caller then makes the column with `money_data`.
+fn money_of(s: &[u8]) -> Option<i128> {
+    let (neg, s) = match s.first() {
+        Some(b'-') => (true, &s[1..]),
+        _ => (false, s),
+    };
+    let (mant, exp) = match s.iter().position(|&c| c == b'E') {
+        Some(i) => {
+            let e = &s[i + 1..];
+            let (eneg, e) = match e.first() {
+                Some(b'-') => (true, &e[1..]),
+                Some(b'+') => (false, &e[1..]),
+                _ => (false, e),
+            };
+            if e.is_empty() || e.len() > 6 || !e.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            let v = e.iter().fold(0i64, |a, &c| a * 10 + i64::from(c - b'0'));
+            (&s[..i], if eneg { -v } else { v })
+        }
+        None => (s, 0),
+    };
+    let (mut c, mut digits, mut frac, mut dot, mut any) = (0u128, 0, 0i64, false, false);
+    for &ch in mant {
+        match ch {
+            b'0'..=b'9' => {
+                any = true;
+                frac += i64::from(dot);
+                if c == 0 && ch == b'0' {
+                    continue; // a leading zero
+                }
+                digits += 1;
+                if digits > 38 {
+                    return None;
+                }
+                c = c * 10 + u128::from(ch - b'0');
+            }
+            b'.' if !dot => dot = true,
+            _ => return None,
+        }
+    }
+    let e9 = exp - frac + 9;
+    if !any || !(-60..=38).contains(&e9) {
+        return None;
+    }
+    let m = if e9 >= 0 {
+        c.checked_mul(10u128.pow(e9 as u32))?
+    } else if e9 < -38 {
+        0
+    } else {
+        c / 10u128.pow((-e9) as u32)
+    };
+    const LIMIT: u128 = 1 << 127;
+    match (neg, m) {
+        (true, m) if m <= LIMIT => Some((m as i128).wrapping_neg()),
+        (false, m) if m < LIMIT => Some(m as i128),
+        _ => None,
+    }
+}
+
 /// One row's columns; None when a value is not one this encoder writes (see the module doc).
 unsafe fn put_row<'a>(
     out: &mut Vec<u8>,
@@ -129,6 +194,7 @@ unsafe fn put_row<'a>(
     at_ms: i64,
     money: &[&[u8]],
     pairs: &mut Vec<(&'a [u8], &'a [u8])>,
+    decimal: *mut ffi::PyTypeObject,
 ) -> Option<()> {
     if !is(t, addr_of_mut!(ffi::PyTuple_Type)) {
         return None;
@@ -192,6 +258,19 @@ unsafe fn put_row<'a>(
                     out.extend_from_slice(v);
                 }
             }
+            MONEY_DEC => {
+                if !is(v, decimal) {
+                    return None;
+                }
+                let text = ffi::PyObject_Str(v);
+                if text.is_null() {
+                    ffi::PyErr_Clear();
+                    return None;
+                }
+                let m = exact_str(text).and_then(money_of);
+                ffi::Py_DECREF(text);
+                out.extend_from_slice(&m?.to_le_bytes());
+            }
             _ => return None,
         }
     }
@@ -214,7 +293,7 @@ pub fn rowbinary<'py>(
     let n = rows.len();
     let money: Vec<&[u8]> = money.iter().map(|b| b.as_bytes()).collect();
     for &(code, arg) in &spec {
-        if code > MONEY {
+        if code > MONEY_DEC {
             return Err(PyValueError::new_err(format!("rowbinary: unknown column code {code}")));
         }
         if code == MONEY && money.get(arg).map_or(true, |m| m.len() != 16 * n) {
@@ -223,11 +302,13 @@ pub fn rowbinary<'py>(
     }
     let mut out: Vec<u8> = Vec::with_capacity(n * (spec.len() * 9 + 32));
     let mut pairs = Vec::new();
+    let decimal = py.import("decimal")?.getattr("Decimal")?; // (held for the call)
+    let decimal_type = decimal.as_ptr().cast::<ffi::PyTypeObject>();
     for row in 0..n {
         // (the list's length is n: nothing here runs Python code that could change it)
         let ok = unsafe {
             let t = ffi::PyList_GetItem(rows.as_ptr(), row as ffi::Py_ssize_t);
-            put_row(&mut out, t, &spec, row, at_ms, &money, &mut pairs)
+            put_row(&mut out, t, &spec, row, at_ms, &money, &mut pairs, decimal_type)
         };
         if ok.is_none() {
             return Ok(None);

@@ -257,3 +257,42 @@ def test_without_the_native_extension_the_columns_go_through_the_driver(monkeypa
                                                         version=1)])])
     part.close()
     assert inserts == ["meter_rowbin_py.usage_window_rows"]
+
+
+wide_money = st.one_of(
+    money,
+    st.decimals(allow_nan=False, allow_infinity=False),  # any exponent and number of digits
+    st.integers(-10**29 + 1, 10**29 - 1).map(lambda i: Decimal(i).scaleb(-9)),
+    st.floats(-1e20, 1e20).map(Decimal),  # a float's exact digits: often more than 38
+    st.sampled_from([Decimal("1E+20"), Decimal("-1.7E+29"), Decimal("1.70141183460469231731687303715884105727E+29"),
+                     Decimal("-1.70141183460469231731687303715884105728E+29"), Decimal("5E-70"), Decimal("-0E+40"),
+                     Decimal("0.0000000099999999999999999999999999999")]),
+)
+
+
+@settings(max_examples=300, **SETTINGS)
+@given(st.lists(wide_money, min_size=1, max_size=8))
+def test_native_money_is_money_data(col):
+    """The money columns made from the Decimals' digits (rowbin.rs money_of) are money_data's bytes; a value it does
+    not take (more than 38 digits, an exponent far out) has the batch's money made by money_data; beyond Int128 both
+    refuse it."""
+    spec = schema.rowbinary_spec(RatedRow, schema.RATED_COLUMNS, [
+        "String", "String", "LowCardinality(String)", "DateTime64(3, 'UTC')", "DateTime64(3, 'UTC')", "String",
+        "LowCardinality(String)", "LowCardinality(String)", "Float64", "Nullable(Float64)", "Float64",
+        schema.MONEY_TYPE, schema.MONEY_TYPE, schema.MONEY_TYPE, schema.MONEY_TYPE, "UInt8", "UInt8", "UInt64",
+        "String", "Float64", "UInt8", "DateTime64(3, 'UTC')"])
+    rows = [RatedRow(tenant_id="t", customer_id="c", metric="m", period_start=1, period_end=2, plan="", currency="",
+                     price_model="", usage=0.0, included=None, overage_units=0.0, charge=x, overage_amount=Decimal(0),
+                     minimum=-x, amount=x, custom_rate=False, final=False, version=1) for x in col]
+    from msgspec.structs import astuple
+
+    try:
+        want = schema._native.rowbinary(list(map(astuple, rows)), spec.money_codes, 0,
+                                        [schema.money_data(list(map(get, rows))) for get in spec.money])
+    except Exception as exc:
+        with pytest.raises(type(exc)):
+            schema.rowbinary(spec, rows, 0)
+        return
+    assert schema.rowbinary(spec, rows, 0) == want
+    if all(len(x.as_tuple().digits) <= 29 and -9 <= x.as_tuple().exponent <= 0 for x in col):
+        assert schema._native.rowbinary(list(map(astuple, rows)), spec.codes, 0) == want  # (made natively)
