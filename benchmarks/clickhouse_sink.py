@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 H = 3_600_000
 T = 1_793_491_200_000  # 2026-11-01T00:00:00Z
 KINDS = ("windows", "periods", "rated")
+ZERO = Decimal(0)  # as operators/rating.py: one shared zero
 
 
 def record(kind: str, b: int, i: int, k: int) -> Any:
@@ -58,7 +59,7 @@ def record(kind: str, b: int, i: int, k: int) -> Any:
     amount = Decimal(v).scaleb(-3)
     return RatedRow(tenant_id=tenant, customer_id=cust, metric="tokens", period_start=T, period_end=T + 720 * H,
                     plan="pro", currency="EUR", price_model="per_unit", usage=v * 1.5, included=1000.0,
-                    overage_units=0.0, charge=amount, overage_amount=Decimal(0), minimum=Decimal(0), amount=amount,
+                    overage_units=0.0, charge=amount, overage_amount=ZERO, minimum=ZERO, amount=amount,
                     custom_rate=False, final=False, version=v, account_name=f"Account {k}", arr=12.0 * v)
 
 

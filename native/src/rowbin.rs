@@ -195,12 +195,13 @@ unsafe fn put_row<'a>(
     money: &[&[u8]],
     pairs: &mut Vec<(&'a [u8], &'a [u8])>,
     decimal: *mut ffi::PyTypeObject,
+    last: &mut [(*mut ffi::PyObject, i128)],
 ) -> Option<()> {
     if !is(t, addr_of_mut!(ffi::PyTuple_Type)) {
         return None;
     }
     let len = ffi::PyTuple_Size(t) as usize;
-    for &(code, arg) in spec {
+    for (col, &(code, arg)) in spec.iter().enumerate() {
         if code == CONST_MS {
             out.extend_from_slice(&at_ms.to_le_bytes());
             continue;
@@ -259,6 +260,11 @@ unsafe fn put_row<'a>(
                 }
             }
             MONEY_DEC => {
+                if last[col].0 == v {
+                    // the same Decimal as the row before (a shared zero): its Int128 again
+                    out.extend_from_slice(&last[col].1.to_le_bytes());
+                    continue;
+                }
                 if !is(v, decimal) {
                     return None;
                 }
@@ -269,6 +275,7 @@ unsafe fn put_row<'a>(
                 }
                 let m = exact_str(text).and_then(money_of);
                 ffi::Py_DECREF(text);
+                last[col] = (v, m?);
                 out.extend_from_slice(&m?.to_le_bytes());
             }
             _ => return None,
@@ -304,11 +311,12 @@ pub fn rowbinary<'py>(
     let mut pairs = Vec::new();
     let decimal = py.import("decimal")?.getattr("Decimal")?; // (held for the call)
     let decimal_type = decimal.as_ptr().cast::<ffi::PyTypeObject>();
+    let mut last = vec![(std::ptr::null_mut(), 0i128); spec.len()]; // (rows hold every value: no pointer is reused)
     for row in 0..n {
         // (the list's length is n: nothing here runs Python code that could change it)
         let ok = unsafe {
             let t = ffi::PyList_GetItem(rows.as_ptr(), row as ffi::Py_ssize_t);
-            put_row(&mut out, t, &spec, row, at_ms, &money, &mut pairs, decimal_type)
+            put_row(&mut out, t, &spec, row, at_ms, &money, &mut pairs, decimal_type, &mut last)
         };
         if ok.is_none() {
             return Ok(None);
