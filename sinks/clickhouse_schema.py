@@ -288,6 +288,8 @@ try:  # built by ./dev setup (maturin develop) when cargo is there
     import meterflow_native as _native
 except ImportError:  # pragma: no cover - depends on the build
     _native = None
+if not hasattr(_native, "rowbinary"):  # pragma: no cover - a build older than the encoder
+    _native = None
 
 # The column codes of native/src/rowbin.rs, by the column's type as the insert context names it.
 _RB_STRING, _RB_DT64, _RB_MAP, _RB_F64, _RB_NF64, _RB_U64, _RB_BOOL, _RB_DIMS_KEY, _RB_AT, _RB_MONEY, _RB_DECIMAL = \
