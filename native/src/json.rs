@@ -61,6 +61,10 @@ type R<T> = Option<T>;
 impl<'a> P<'a> {
     #[inline]
     fn ws(&mut self) {
+        // (the common case: no whitespace here)
+        if self.b.get(self.i).is_some_and(|&c| c > b' ') {
+            return;
+        }
         while self.i < self.b.len() && matches!(self.b[self.i], b' ' | b'\t' | b'\n' | b'\r') {
             self.i += 1;
         }
@@ -91,6 +95,12 @@ impl<'a> P<'a> {
             let m = special8(w);
             if m != 0 {
                 i += (m.trailing_zeros() / 8) as usize;
+                if b[i] == b'"' {
+                    // (the lowest flagged byte is exact: the closing quote, no escape before it)
+                    self.i = i + 1;
+                    // SAFETY: `start` follows an ASCII quote and `i` is at one: char boundaries of the str `s`
+                    return Some(std::borrow::Cow::Borrowed(unsafe { self.s.get_unchecked(start..i) }));
+                }
                 break;
             }
             i += 8;
