@@ -7,23 +7,29 @@ on (``pipeline.archive_raw`` defaults to true and ``meter run`` in the benchmark
 each shard's bundle through its ``_ShardLogic`` (:meth:`NativeMeters.fold_bundle_parts`), as
 :func:`benchmarks.native_core.run_native_flow` does. The clocks are fixed (``ingested_at`` included), so every
 output is the same from run to run: ``--digest`` prints a SHA-256 of the bundles (their pickles), dead letters,
-archive bytes and emitted rows/alerts, to check that a change to the native code keeps them identical.
+archive bytes and emitted rows/alerts, to check that a change to the native code keeps them identical (it
+runs itself again with ``PYTHONHASHSEED=0``: some outputs follow a set's order).
 
 The workload is cached (``--cache``, a pickle of the configuration text and lines) so that a run under
-valgrind does not generate it again (``--prepare`` only writes the cache). Instruction counts of the Rust
-calls alone, repeatable on a noisy machine::
+valgrind does not generate it again (``--prepare`` only writes the cache). Instruction counts (repeatable on a
+noisy machine): the whole process under callgrind, then the inclusive counts of the extension's calls
+(``Mediator.run``, ``.archive``, ``.take``, ``BatchCore.fold_bundle``)::
 
-    python -m benchmarks.mediate_profile --events 40000 --prepare
-    valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.out \\
-        --toggle-collect='*Mediator*run*' --toggle-collect='*Mediator*archive*' \\
-        --toggle-collect='*Mediator*take*' --toggle-collect='*fold_bundle*' \\
-        .venv/bin/python -m benchmarks.mediate_profile --events 40000 --repeat 1
-    callgrind_annotate /tmp/cg.out | head -60
+    python -m benchmarks.mediate_profile --events 20000 --prepare
+    valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.out \
+        .venv/bin/python -m benchmarks.mediate_profile --events 20000 --repeat 1 [--split-only]
+    callgrind_annotate --threshold=100 --inclusive=yes /tmp/cg.out \
+        | grep -E 'pymethods.rs:meterflow_native::.*__pymethod_(run|archive|take|fold_bundle)__'
+    callgrind_annotate --inclusive=yes /tmp/cg.out | grep native/src | head -30   # the hot functions
 
 (build with ``CARGO_PROFILE_RELEASE_DEBUG=true .venv/bin/maturin develop --release -m native/Cargo.toml`` for
 line-level annotation). Wall time, best of ``--repeat`` passes of split and fold::
 
     python -m benchmarks.mediate_profile --events 300000 --repeat 5 [--digest]
+
+To compare two builds on this machine, copy each build's ``site-packages/meterflow_native`` directory aside
+(``/tmp/old/meterflow_native``, ``/tmp/new/meterflow_native``) and alternate ``PYTHONPATH=/tmp/old`` and
+``PYTHONPATH=/tmp/new`` runs (the same digest, then the best of each).
 """
 
 from __future__ import annotations
