@@ -44,6 +44,9 @@ pub struct Event<'a> {
     pub event_type: std::borrow::Cow<'a, str>,
     pub timestamp: Stamp<'a>,
     pub props: Vec<(std::borrow::Cow<'a, str>, Val<'a>)>,
+    /// The properties object's text when it is already what msgspec encodes for `props` (no whitespace, no
+    /// escapes, no float, no "-0"): the raw archive copies it (mediate.rs `put_props_json` otherwise).
+    pub props_raw: Option<&'a str>,
     pub correction: bool,
 }
 
@@ -58,6 +61,10 @@ type R<T> = Option<T>;
 impl<'a> P<'a> {
     #[inline]
     fn ws(&mut self) {
+        // (the common case: no whitespace here)
+        if self.b.get(self.i).is_some_and(|&c| c > b' ') {
+            return;
+        }
         while self.i < self.b.len() && matches!(self.b[self.i], b' ' | b'\t' | b'\n' | b'\r') {
             self.i += 1;
         }
@@ -88,6 +95,12 @@ impl<'a> P<'a> {
             let m = special8(w);
             if m != 0 {
                 i += (m.trailing_zeros() / 8) as usize;
+                if b[i] == b'"' {
+                    // (the lowest flagged byte is exact: the closing quote, no escape before it)
+                    self.i = i + 1;
+                    // SAFETY: `start` follows an ASCII quote and `i` is at one: char boundaries of the str `s`
+                    return Some(std::borrow::Cow::Borrowed(unsafe { self.s.get_unchecked(start..i) }));
+                }
                 break;
             }
             i += 8;
@@ -403,6 +416,7 @@ pub fn parse_event(raw: &[u8]) -> R<Event<'_>> {
     let mut etype = None;
     let mut stamp = None;
     let mut props: Option<Vec<(std::borrow::Cow<str>, Val)>> = None;
+    let mut props_raw: Option<&str> = None;
     let mut correction: Option<bool> = None;
     let mut corrects_seen = false;
     p.ws();
@@ -452,24 +466,41 @@ pub fn parse_event(raw: &[u8]) -> R<Event<'_>> {
                 if props.is_some() {
                     return None;
                 }
+                let open = p.i;
                 p.eat(b'{')?;
                 let mut out: Vec<(std::borrow::Cow<str>, Val)> = Vec::with_capacity(8);
-                p.ws();
+                // whether the text is msgspec's encoding of `out`: no whitespace skipped, no escape, ints
+                // as i64 prints them
+                let mut canon = true;
+                let ws = |p: &mut P<'_>, canon: &mut bool| {
+                    let at = p.i;
+                    p.ws();
+                    *canon &= p.i == at;
+                };
+                ws(&mut p, &mut canon);
                 if p.peek()? == b'}' {
                     p.i += 1;
                 } else {
                     loop {
-                        p.ws();
+                        ws(&mut p, &mut canon);
                         let k = p.string()?;
-                        p.ws();
+                        canon &= matches!(k, std::borrow::Cow::Borrowed(_));
+                        ws(&mut p, &mut canon);
                         p.eat(b':')?;
-                        p.ws();
+                        ws(&mut p, &mut canon);
+                        let at = p.i;
                         let v = p.value()?;
+                        canon &= match &v {
+                            Val::Str(t) => matches!(t, std::borrow::Cow::Borrowed(_)),
+                            Val::Int(i) => *i != 0 || raw[at] != b'-',
+                            Val::Bool(_) | Val::Null => true,
+                            Val::Float(_) | Val::Big(..) => false,
+                        };
                         if out.iter().any(|(have, _)| *have == k) {
                             return None; // a repeated key: msgspec keeps the last; not worth the fast path
                         }
                         out.push((k, v));
-                        p.ws();
+                        ws(&mut p, &mut canon);
                         match p.peek()? {
                             b',' => p.i += 1,
                             b'}' => {
@@ -479,6 +510,9 @@ pub fn parse_event(raw: &[u8]) -> R<Event<'_>> {
                             _ => return None,
                         }
                     }
+                }
+                if canon {
+                    props_raw = Some(&s[open..p.i]);
                 }
                 props = Some(out);
             }
@@ -549,6 +583,7 @@ pub fn parse_event(raw: &[u8]) -> R<Event<'_>> {
         event_type,
         timestamp,
         props: props.unwrap_or_default(),
+        props_raw,
         correction: correction.unwrap_or(false),
     })
 }

@@ -176,7 +176,7 @@ struct Metric {
 }
 
 struct Tenant {
-    excluded: HashSet<String>,
+    excluded: HashSet<String, BuildHasherDefault<Fx>>, // (FxHash: looked up per event)
     when: Vec<(String, Val<'static>)>,
 }
 

@@ -73,22 +73,55 @@ pub(crate) fn crc32(b: &[u8]) -> u32 {
 }
 
 // ---- JSON text of properties as msgspec encodes them (raw archive `properties`) ------------------------
-fn push_str_json(out: &mut String, s: &str) {
-    out.push('"');
-    for ch in s.chars() {
-        match ch {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
+/// `s` as a JSON string: '"', '\\', and the bytes below 0x20 escaped (\n \t \r \b \f, else \u00xx), every
+/// other byte (non-ASCII UTF-8 included) as it is; runs of plain bytes copied at once.
+fn push_str_json(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    let b = s.as_bytes();
+    let mut run = 0;
+    for (i, &c) in b.iter().enumerate() {
+        if c >= 0x20 && c != b'"' && c != b'\\' {
+            continue;
+        }
+        out.extend_from_slice(&b[run..i]);
+        run = i + 1;
+        match c {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            _ => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[(c >> 4) as usize]);
+                out.push(HEX[(c & 15) as usize]);
+            }
         }
     }
-    out.push('"');
+    out.extend_from_slice(&b[run..]);
+    out.push(b'"');
+}
+
+/// The decimal digits of `v` (as `i64::to_string`), without an allocation.
+pub(crate) fn push_i64(out: &mut Vec<u8>, v: i64) {
+    let mut buf = [0u8; 20];
+    let mut n = v.unsigned_abs();
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if v < 0 {
+        out.push(b'-');
+    }
+    out.extend_from_slice(&buf[at..]);
 }
 
 /// A float as msgspec writes it: the shortest round-trip digits, fixed notation for decimal exponents
@@ -97,29 +130,36 @@ pub(crate) fn push_f64_json(out: &mut String, f: f64) {
     crate::dims::push_shortest(out, f, -5, false);
 }
 
-fn props_json<K: AsRef<str>>(props: &[(K, Val)]) -> String {
-    if props.is_empty() {
-        return "{}".to_owned();
-    }
-    let mut out = String::with_capacity(64);
-    out.push('{');
+/// The properties as msgspec encodes them (JSON, no spaces), appended to `out`.
+fn put_props_json<K: AsRef<str>>(out: &mut Vec<u8>, props: &[(K, Val)]) {
+    out.push(b'{');
     for (i, (k, v)) in props.iter().enumerate() {
         if i > 0 {
-            out.push(',');
+            out.push(b',');
         }
-        push_str_json(&mut out, k.as_ref());
-        out.push(':');
+        push_str_json(out, k.as_ref());
+        out.push(b':');
         match v {
-            Val::Str(s) => push_str_json(&mut out, s),
-            Val::Int(i) => out.push_str(&i.to_string()),
-            Val::Float(f) => push_f64_json(&mut out, *f),
-            Val::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-            Val::Null => out.push_str("null"),
+            Val::Str(s) => push_str_json(out, s),
+            Val::Int(i) => push_i64(out, *i),
+            Val::Float(f) => {
+                let mut t = String::with_capacity(24);
+                push_f64_json(&mut t, *f);
+                out.extend_from_slice(t.as_bytes());
+            }
+            Val::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+            Val::Null => out.extend_from_slice(b"null"),
             Val::Big(..) => unreachable!("the native scanner never makes big ints"),
         }
     }
-    out.push('}');
-    out
+    out.push(b'}');
+}
+
+fn props_json<K: AsRef<str>>(props: &[(K, Val)]) -> String {
+    let mut out = Vec::with_capacity(64);
+    put_props_json(&mut out, props);
+    // (the keys and strings were str, every byte added is ASCII)
+    String::from_utf8(out).expect("JSON of str values is UTF-8")
 }
 
 // ---- sources -------------------------------------------------------------------------------------------
@@ -150,11 +190,22 @@ fn src_tuple<'py>(py: Python<'py>, names: &[String], s: &Src) -> PyResult<Bound<
 }
 
 fn src_text(names: &[String], s: &Src) -> String {
-    let n = &names[s.name as usize];
+    let mut out = Vec::with_capacity(32);
+    put_src_text(&mut out, names, s);
+    String::from_utf8(out).expect("a source name is str")
+}
+
+/// `src_text` appended to `out` (operators/mediate.py `format_source`: `name:a`, `name/a/b`).
+fn put_src_text(out: &mut Vec<u8>, names: &[String], s: &Src) {
+    out.extend_from_slice(names[s.name as usize].as_bytes());
     if s.kind == 2 {
-        format!("{n}:{}", s.a)
+        out.push(b':');
+        push_i64(out, s.a);
     } else {
-        format!("{n}/{}/{}", s.a, s.b)
+        out.push(b'/');
+        push_i64(out, s.a);
+        out.push(b'/');
+        push_i64(out, s.b);
     }
 }
 

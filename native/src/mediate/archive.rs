@@ -12,7 +12,7 @@
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyInt, PyString};
 
-use super::{props_json, src_text, Mediator};
+use super::{put_props_json, put_src_text, Mediator};
 use crate::json::{self, Event};
 
 fn put_str(out: &mut Vec<u8>, s: &[u8]) {
@@ -29,6 +29,36 @@ fn put_str(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(s);
 }
 
+/// A String column whose bytes `write` appends: its LEB128 length before them (one byte kept for it; the
+/// bytes moved up when the length takes more).
+fn put_str_with(out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
+    let at = out.len();
+    out.push(0);
+    write(out);
+    let mut n = out.len() - at - 1;
+    if n < 0x80 {
+        out[at] = n as u8;
+        return;
+    }
+    let mut head = [0u8; 10];
+    let mut k = 0;
+    loop {
+        let b = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            head[k] = b;
+            k += 1;
+            break;
+        }
+        head[k] = b | 0x80;
+        k += 1;
+    }
+    let end = out.len();
+    out.resize(end + k - 1, 0);
+    out.copy_within(at + 1..end, at + k);
+    out[at..at + k].copy_from_slice(&head[..k]);
+}
+
 fn put_i64(out: &mut Vec<u8>, v: i64) {
     out.extend_from_slice(&v.to_le_bytes());
 }
@@ -40,7 +70,10 @@ pub(super) fn row_head(out: &mut Vec<u8>, p: &Event<'_>, ts: i64) {
     put_str(out, p.event_id.as_bytes());
     put_str(out, p.event_type.as_bytes());
     put_i64(out, ts);
-    put_str(out, props_json(&p.props).as_bytes());
+    match p.props_raw {
+        Some(text) => put_str(out, text.as_bytes()), // (already msgspec's text)
+        None => put_str_with(out, |o| put_props_json(o, &p.props)),
+    }
     out.push(u8::from(p.correction));
 }
 
@@ -107,7 +140,7 @@ pub(super) fn row_binary(
         }
         let src = &b.srcs[e];
         put_i64(&mut out, ingested);
-        put_str(&mut out, src_text(&b.names, src).as_bytes());
+        put_str_with(&mut out, |o| put_src_text(o, &b.names, src));
         put_i64(
             &mut out,
             if src.kind == 0 {
