@@ -21,6 +21,7 @@ from meterflow.operators.changelog import ChangelogMediator, Changes
 from meterflow.operators.entitlements import EntitlementUpdate
 from meterflow.operators.mediate import Bundle, Mediator, bundle_shards, raw_columns, shard_of
 from meterflow.schemas.records import DeadLetter, Emission, RawEvents, RawRows
+from meterflow.sources.chunk import SourceChunk, chunk_items
 
 V = TypeVar("V")
 
@@ -63,7 +64,8 @@ def mediate(step_id: str, up: Stream[Raw], mediator: Mediator, shards: int,
     columns (:func:`~meterflow.operators.mediate.raw_columns`).
 
     :arg step_id: Unique ID.
-    :arg up: ``(src, raw)`` items, as every source emits them.
+    :arg up: ``(src, raw)`` items, as every source emits them, or :class:`~meterflow.sources.chunk.SourceChunk`
+        items (the Kafka source's ``chunks``), which the native mediator reads as they are.
     :arg mediator: Called once per batch; a :class:`~meterflow.operators.native.NativeMediator` (``split``)
         makes native shard bundles instead (``pipeline.core = "native"``).
     :arg shards: ``pipeline.shards``.
@@ -71,6 +73,8 @@ def mediate(step_id: str, up: Stream[Raw], mediator: Mediator, shards: int,
     """
 
     def run(batch: List[Raw]) -> List[_Split]:
+        if batch and type(batch[0]) is SourceChunk:
+            batch = chunk_items(batch)
         groups, dead = mediator(batch)
         return [(bundle_shards(groups, shards), dead, raw_columns(groups) if archive_raw else None)]
 

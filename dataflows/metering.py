@@ -508,7 +508,8 @@ def _drop_key(kv: Tuple[str, Emission]) -> Emission:
 def build_flow(config: Config, source: Source, sinks: Sequence[Tuple[str, Sink]], flow_id: str = "meterflow",
                recoverable: bool = True, entitlements: Optional[Source] = None,
                gateway_states: Optional[bool] = None, decisions: Optional[Source] = None) -> Dataflow:
-    """Wire the metering dataflow. ``source`` emits ``(src, raw_bytes)``; every sink receives :class:`Emission`s.
+    """Wire the metering dataflow. ``source`` emits ``(src, raw_bytes)`` (or SourceChunks, sources/chunk.py);
+    every sink receives :class:`Emission`s.
 
     ``entitlements`` (optional) emits changelog records ``(src, raw_bytes)`` that are joined into the
     same keyed state as the events, so a subscription change applies to the customer's next event.
@@ -623,8 +624,10 @@ def source_from_config(config: Config, inputs: Sequence[str] = (), stop_at_end: 
         from meterflow.sources.kafka import KafkaEventSource
 
         k = config.kafka
+        # (native mediation reads a consume call's messages as one chunk: sources/chunk.py)
         return KafkaEventSource(k.bootstrap_servers, k.events_topic, k.client_config, batch_size=k.batch_size,
-                                stop_at_end=stop_at_end, outage_timeout=k.outage_timeout_seconds)
+                                stop_at_end=stop_at_end, outage_timeout=k.outage_timeout_seconds,
+                                chunks=config.pipeline.core == "native")
     raise MeterError("no input: without a [kafka] section, pass --input FILE (or - for standard input)")
 
 

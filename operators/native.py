@@ -49,6 +49,7 @@ from meterflow.schemas.config import Config
 from meterflow.schemas.events import EVENT_DECODER
 from meterflow.schemas.records import DeadLetter, Emission, RawEvents, RawRows
 from meterflow.schemas.state import DedupeState
+from meterflow.sources.chunk import SourceChunk, chunk_items
 
 try:  # built by ./dev setup (maturin develop) when cargo is there
     import meterflow_native as _native
@@ -368,27 +369,32 @@ class NativeMediator(Mediator):
         self._now = 0
         self._lines = Mediator(cfg, FlowStats(), clock=lambda: self._now)  # the lines left to Python
 
-    def split(self, batch: List[Tuple[Any, Optional[bytes]]], archive_raw: bool
+    def split(self, batch: List[Any], archive_raw: bool
               ) -> Tuple[List[Tuple[str, Any]], List[DeadLetter], Optional[Union[RawEvents, RawRows]]]:
-        """``(shard bundles, dead letters, raw archive columns or None)`` of one batch."""
+        """``(shard bundles, dead letters, raw archive columns or None)`` of one batch: ``(src, raw)`` items, or
+        :class:`~meterflow.sources.chunk.SourceChunk` items (each consumed Kafka chunk read natively, with no
+        tuple per message)."""
         med = self._med
         if type(batch) is not list:
             batch = list(batch)
         ingested = now_ms()
         now = self._now = ingested if self._clock is now_ms else self._clock()
         dead: List[DeadLetter] = []
-        n = len(batch)
         med.archiving = archive_raw  # run writes the archive rows as it parses the lines
-        i, wm = med.run(batch, 0, now, self.watermark)
-        while i < n:
-            lines = self._lines
-            lines.watermark = wm
-            got = lines([batch[i]])
-            dead += got.dead_letters
-            for key, events in got.groups.items():
-                for me in events:
-                    med.push(key, msgspec.structs.replace(me, ingested=ingested))
-            i, wm = med.run(batch, i + 1, now, lines.watermark)
+        wm = self.watermark
+        if batch and type(batch[0]) is SourceChunk and all(type(c) is SourceChunk for c in batch):
+            n = 0
+            for c in batch:  # (one per consume call)
+                wm = self._run_chunk(c, now, wm, ingested, dead)
+                n += len(c.values)
+        else:
+            if batch and type(batch[0]) is SourceChunk:  # (chunks and items: not from one source)
+                batch = chunk_items(batch)
+            n = len(batch)
+            i, wm = med.run(batch, 0, now, wm)
+            while i < n:
+                wm = self._python_line(batch[i], wm, ingested, dead)
+                i, wm = med.run(batch, i + 1, now, wm)
         if wm > self.watermark:
             self.watermark = wm
         self._stats.add({"read": n, "dead_lettered": len(dead)})
@@ -403,6 +409,30 @@ class NativeMediator(Mediator):
                                 timestamp=cols[4], properties=cols[5], correction=cols[6], ingested_at=cols[7],
                                 source=cols[8], position=cols[9])
         return med.take(ingested), dead, raw
+
+    def _run_chunk(self, c: SourceChunk, now: int, wm: int, ingested: int, dead: List[DeadLetter]) -> int:
+        """Stage chunk ``c``; the watermark after it. A message the native mediator does not take gets its
+        ``(src, raw)`` item here, for the Python Mediator."""
+        med, topic, part, offsets, values = self._med, c.topic, c.part, c.offsets, c.values
+        n = len(values)
+        i, wm = med.run_chunk(topic, part, offsets, values, 0, now, wm)
+        while i < n:
+            wm = self._python_line(c.item(i), wm, ingested, dead)
+            i, wm = med.run_chunk(topic, part, offsets, values, i + 1, now, wm)
+        return wm
+
+    def _python_line(self, item: Tuple[Any, Optional[bytes]], wm: int, ingested: int,
+                     dead: List[DeadLetter]) -> int:
+        """A line the native mediator left to the Python Mediator, at its place: its dead letter, or its
+        event pushed into the staged bundles; the watermark after it."""
+        lines = self._lines
+        lines.watermark = wm
+        got = lines([item])
+        dead += got.dead_letters
+        for key, events in got.groups.items():
+            for me in events:
+                self._med.push(key, msgspec.structs.replace(me, ingested=ingested))
+        return lines.watermark
 
 
 class NativeMeters:

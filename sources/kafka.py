@@ -8,6 +8,10 @@ finds at start-up and then finishes (backfills, tests); otherwise it tails.
 Messages are emitted as ``((topic, partition, offset), value)`` tuples: no
 per-message wrapper objects on the hot path, and one list comprehension per
 consumed batch (errors, which are rare, are handled only when a batch has one).
+With ``chunks`` (the events topic with ``pipeline.core = "native"``) a consume call is
+emitted as one :class:`~meterflow.sources.chunk.SourceChunk` (the offsets and values
+taken by ``map`` over the messages' C methods): no Python bytecode and no stream item
+per message before the native mediator.
 
 A broker outage (sources/kafka_watch.py): the partitions wait for the cluster, probing it once a second,
 and stop the flow with one error once it has been unreachable for ``kafka.outage_timeout``; a rerun with
@@ -22,14 +26,17 @@ import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from meterflow.base.errors import MeterError
+from meterflow.sources.chunk import SourceChunk
 from meterflow.sources.kafka_watch import BrokerWatch, watch_for
 from meterflow.sources.stop import STOP
 
 log = logging.getLogger("meterflow.kafka")
+
+_error, _offset, _value = Message.error, Message.offset, Message.value  # (C methods: map calls them directly)
 
 
 class _TopicPartition(StatefulSourcePartition[Tuple[Any, bytes], int]):
@@ -37,8 +44,9 @@ class _TopicPartition(StatefulSourcePartition[Tuple[Any, bytes], int]):
     PROBE_EVERY = 1.0
 
     def __init__(self, config: Dict[str, Any], topic: str, part: int, resume: Optional[int], batch_size: int,
-                 stop_at_end: bool, poll_timeout: float, watch: BrokerWatch) -> None:
+                 stop_at_end: bool, poll_timeout: float, watch: BrokerWatch, chunks: bool = False) -> None:
         self._topic, self._part = topic, part
+        self._chunks = chunks
         self._next = resume if resume is not None else OFFSET_BEGINNING
         self._watch = watch
         self._probed = 0.0
@@ -74,18 +82,36 @@ class _TopicPartition(StatefulSourcePartition[Tuple[Any, bytes], int]):
         if not msgs:
             return []
         topic, part = self._topic, self._part
+        if self._chunks:
+            return self._chunk(msgs)
         # The hot path: one comprehension, no per-message Python statements; errors are rare and are
         # looked at only when the comprehension dropped something.
         out: List[Any] = [((topic, part, msg.offset()), msg.value()) for msg in msgs if msg.error() is None]
         if len(out) != len(msgs):
-            for msg in msgs:
-                err = msg.error()
-                if err is None or err.code() == KafkaError._PARTITION_EOF or err.retriable():
-                    continue
-                raise MeterError(f"error consuming {topic}[{part}]: {err} (check the broker and kafka settings)")
+            self._check(msgs)
         if out:
             self._next = out[-1][0][2] + 1
         return out
+
+    def _chunk(self, msgs: List[Message]) -> List[Any]:
+        """The consumed messages as one SourceChunk (none when all were errors to skip)."""
+        if any(map(_error, msgs)):  # (a KafkaError is true: C iteration, no bytecode per message)
+            self._check(msgs)
+            msgs = [msg for msg in msgs if msg.error() is None]
+            if not msgs:
+                return []
+        offsets: List[Any] = list(map(_offset, msgs))
+        self._next = offsets[-1] + 1
+        return [SourceChunk(self._topic, self._part, offsets, list(map(_value, msgs)))]
+
+    def _check(self, msgs: List[Message]) -> None:
+        """Raise for the first error of ``msgs`` that is not an end of partition or retriable (skipped)."""
+        for msg in msgs:
+            err = msg.error()
+            if err is None or err.code() == KafkaError._PARTITION_EOF or err.retriable():
+                continue
+            raise MeterError(f"error consuming {self._topic}[{self._part}]: {err} (check the broker and kafka "
+                             "settings)")
 
     def _while_down(self, consumed: bool) -> None:
         """The cluster was unreachable: a message or an answered metadata probe (once a second) ends the
@@ -136,12 +162,15 @@ def consumer_lags() -> List[Tuple[str, int, int]]:
 
 
 class KafkaEventSource(FixedPartitionedSource[Tuple[Any, bytes], int]):
-    """A topic (the usage events, or the entitlements changelog) as a partitioned Bytewax source."""
+    """A topic (the usage events, or the entitlements changelog) as a partitioned Bytewax source. ``chunks``:
+    one :class:`~meterflow.sources.chunk.SourceChunk` per consume call instead of one ``(src, raw)`` item per
+    message (the events topic with ``pipeline.core = "native"``; mediation takes either)."""
 
     def __init__(self, bootstrap_servers: str, topic: str, client_config: Optional[Dict[str, str]] = None,
                  batch_size: int = 5000, stop_at_end: bool = False, poll_timeout: float = 0.005,
                  config_key: str = "kafka.events_topic", missing_ok: bool = False,
-                 outage_timeout: float = 60.0) -> None:
+                 outage_timeout: float = 60.0, chunks: bool = False) -> None:
+        self._chunks = chunks
         self._config: Dict[str, Any] = {"bootstrap.servers": bootstrap_servers, **(client_config or {})}
         self._outage_timeout = outage_timeout
         self._config_key = config_key
@@ -175,7 +204,7 @@ class KafkaEventSource(FixedPartitionedSource[Tuple[Any, bytes], int]):
                "auto.offset.reset": "earliest", **self._config}
         watch = watch_for(self._config["bootstrap.servers"], self._outage_timeout)
         return _TopicPartition(cfg, topic, int(idx), resume_state, self._batch, self._stop_at_end, self._timeout,
-                               watch)
+                               watch, self._chunks)
 
 
 def ensure_topic(bootstrap_servers: str, topic: str, client_config: Optional[Dict[str, str]] = None,

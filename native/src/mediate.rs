@@ -749,6 +749,21 @@ fn prefetch_ahead(batch: &Bound<'_, PyList>, i: usize, n: usize) {
     }
 }
 
+/// `prefetch_ahead` for `run_chunk`: value `i + 8`'s bytes (a chunk's values are bytes objects the consumer
+/// made a while ago).
+#[inline]
+fn prefetch_values(values: &Bound<'_, PyList>, i: usize, n: usize) {
+    use pyo3::ffi;
+    if i + 8 < n {
+        unsafe {
+            let b = ffi::PyList_GetItem(values.as_ptr(), (i + 8) as ffi::Py_ssize_t) as *const u8;
+            for k in 0..5 {
+                prefetch(b.wrapping_add(64 * k));
+            }
+        }
+    }
+}
+
 impl Mediator {
     /// The customer `key_buf` (a new one after the batch's others).
     fn customer(&mut self) -> usize {
@@ -774,6 +789,42 @@ impl Mediator {
         self.custs.push(StCust { key: key.to_owned(), slot, first: LAST, last: LAST });
         self.index.insert(key.to_owned(), c);
         c
+    }
+
+    /// Stage a line `run` took: its event `ev` at `ts` from source `(name, a)` or `(name, a, b)` (`kind` 2 or
+    /// 3), raising `wm` to `ts`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn stage(
+        &mut self,
+        raw: &[u8],
+        ev: &Event<'_>,
+        ts: i64,
+        excluded: bool,
+        name: &str,
+        kind: u8,
+        a: i64,
+        b: i64,
+        wm: &mut i64,
+    ) {
+        if ts > *wm {
+            *wm = ts;
+        }
+        self.key_buf.clear();
+        self.key_buf.push_str(&ev.tenant_id);
+        self.key_buf.push('|');
+        self.key_buf.push_str(&ev.customer_id);
+        let c = self.customer();
+        let st = &mut self.stages[self.custs[c].slot as usize];
+        let src = Src { name: st.name_index(name), kind, a, b };
+        st.b.buf.extend_from_slice(raw);
+        st.b.parsed.push(ev);
+        let a0 = self.arch.len() as u32;
+        if self.archiving {
+            archive::row_head(&mut self.arch, ev, ts);
+        }
+        let e = st.push(ts, *wm, excluded, src, -1, (a0, self.arch.len() as u32));
+        self.link(c, e);
     }
 
     /// Event `a` of customer `c`'s stage after the customer's others.
@@ -855,24 +906,42 @@ impl Mediator {
             let src = unsafe { t.get_borrowed_item_unchecked(0) };
             let Some((name, kind, a, sb)) = src_parts(&src) else { return Ok((i, wm)) };
             let Ok(name) = PyStringMethods::to_str(&*name) else { return Ok((i, wm)) };
-            if ts > wm {
-                wm = ts;
-            }
-            self.key_buf.clear();
-            self.key_buf.push_str(&ev.tenant_id);
-            self.key_buf.push('|');
-            self.key_buf.push_str(&ev.customer_id);
-            let c = self.customer();
-            let st = &mut self.stages[self.custs[c].slot as usize];
-            let src = Src { name: st.name_index(name), kind, a, b: sb };
-            st.b.buf.extend_from_slice(raw);
-            st.b.parsed.push(&ev);
-            let a0 = self.arch.len() as u32;
-            if self.archiving {
-                archive::row_head(&mut self.arch, &ev, ts);
-            }
-            let e = st.push(ts, wm, excluded, src, -1, (a0, self.arch.len() as u32));
-            self.link(c, e);
+            self.stage(raw, &ev, ts, excluded, name, kind, a, sb, &mut wm);
+            i += 1;
+        }
+        Ok((i, wm))
+    }
+
+    /// `run` over one consumed chunk of a Kafka partition (sources/kafka.py `SourceChunk`): message `k` is the
+    /// line `values[k]` with the source `(topic, part, offsets[k])`, read from the two lists with no tuple per
+    /// message; the same stop rule (a line it does not take exactly, or a value that is not bytes or an
+    /// offset that is not an int: the wrapper builds that message's `(src, raw)` for the Python Mediator).
+    #[allow(clippy::too_many_arguments)]
+    fn run_chunk(
+        &mut self,
+        topic: &Bound<'_, PyString>,
+        part: &Bound<'_, PyAny>,
+        offsets: &Bound<'_, PyList>,
+        values: &Bound<'_, PyList>,
+        start: usize,
+        now_ms: i64,
+        wm: i64,
+    ) -> PyResult<(usize, i64)> {
+        let horizon = (now_ms + self.max_skew_ms).min(LAST_EVENT_MS);
+        let n = values.len().min(offsets.len());
+        let mut wm = wm;
+        let mut i = start;
+        let (Ok(name), Some(a)) = (PyStringMethods::to_str(topic), exact_int(part)) else { return Ok((i, wm)) };
+        while i < n {
+            prefetch_values(values, i, n);
+            let v = values.get_item(i)?;
+            let Ok(b) = v.cast::<PyBytes>() else { return Ok((i, wm)) };
+            let Some(off) = exact_int(&offsets.get_item(i)?) else { return Ok((i, wm)) };
+            let raw = b.as_bytes();
+            let Some((ev, ts, excluded)) = mediate_line(&self.tenants, self.max_bytes, raw, horizon) else {
+                return Ok((i, wm));
+            };
+            self.stage(raw, &ev, ts, excluded, name, 3, a, off, &mut wm);
             i += 1;
         }
         Ok((i, wm))

@@ -19,6 +19,7 @@ from meterflow.base.stats import FlowStats
 from meterflow.operators.mediate import Mediator, bundle_shards, raw_columns
 from meterflow.schemas.config import parse_config
 from meterflow.schemas.records import RawRows
+from meterflow.sources.chunk import SourceChunk, chunk_items
 
 native = pytest.importorskip("meterflow.operators.native")
 if not native.AVAILABLE:  # pragma: no cover - depends on the build
@@ -156,6 +157,74 @@ def test_the_raw_archive_of_a_properties_text_is_the_python_mediators(props):
         assert type(raw) is RawRows
         got = raw.columns()
         assert msgspec.structs.replace(got, ingested_at=[]) == msgspec.structs.replace(cols, ingested_at=[])
+
+
+@st.composite
+def chunk(draw) -> Any:
+    """A consumed Kafka chunk (sources/chunk.py): consecutive offsets with gaps; now and then an offset the
+    native mediator does not store (beyond i64, a bool) or a topic that is not a str."""
+    lines = draw(st.lists(line(), min_size=0, max_size=10))
+    off = draw(st.integers(0, 2**40))
+    offsets: list = []
+    for _ in lines:
+        offsets.append(off)
+        off += draw(st.sampled_from([1, 1, 1, 2, 1000]))
+    if offsets and draw(st.integers(0, 8)) == 0:
+        offsets[draw(st.integers(0, len(offsets) - 1))] = draw(st.sampled_from([2**70, True, None]))
+    part = draw(st.sampled_from([0, 3, 0, True]))
+    return SourceChunk(draw(st.sampled_from(["usage.events", "usage.events", "other"])), part, offsets, lines)
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches=st.lists(st.lists(chunk(), max_size=3), min_size=1, max_size=4))
+def test_native_mediation_of_source_chunks_equals_that_of_their_items(batches):
+    """A batch of SourceChunks (the Kafka source with pipeline.core = "native") gives what its messages'
+    ``((topic, part, offset), value)`` items give: the same dead letters (sources included), bundles, archive
+    columns (source and position), watermark and counters (read: one per message)."""
+    cfg = parse_config(CFG, "t.toml", environ={})
+    py_stats, nat_stats = FlowStats(), FlowStats()
+    py = native.NativeMediator(cfg, stats=py_stats, clock=lambda: NOW)
+    nat = native.NativeMediator(cfg, stats=nat_stats, clock=lambda: NOW)
+    for batch in batches:
+        items = chunk_items(batch)
+        assert len(items) == sum(len(c) for c in batch)
+        bundles, dead, raw = py.split(items, True)
+        nbundles, ndead, nraw = nat.split(list(batch), True)
+        assert [_dl(d) for d in ndead] == [_dl(d) for d in dead]
+        want = [(s, {k: [_plain(me) for me in g] for k, g in native.bundle_groups(b).items()}) for s, b in bundles]
+        got = [(s, {k: [_plain(me) for me in g] for k, g in native.bundle_groups(b).items()}) for s, b in nbundles]
+        assert got == want
+        if raw is None:
+            assert nraw is None
+        else:
+            cols, ncols = (r.columns() if type(r) is RawRows else r for r in (raw, nraw))
+            assert msgspec.structs.replace(ncols, ingested_at=[]) == msgspec.structs.replace(cols, ingested_at=[])
+        assert nat.watermark == py.watermark
+        assert nat_stats.snapshot() == py_stats.snapshot()
+
+
+def test_a_bad_line_inside_a_chunk_has_its_exact_source_and_the_events_around_it_stay():
+    cfg = parse_config(CFG, "t.toml", environ={})
+    stats = FlowStats()
+    nat = native.NativeMediator(cfg, stats=stats, clock=lambda: NOW)
+
+    def ev(i: int) -> bytes:
+        return json.dumps({"event_id": f"e{i}", "tenant_id": "acme", "customer_id": "c1", "event_type": "api_call",
+                           "timestamp": BASE + i}).encode()
+
+    c = SourceChunk("usage.events", 2, [40, 41, 45, 46, 47],
+                    [ev(0), ev(1), b"{not json", None, ev(4)])  # (a gap in the offsets: compacted or aborted)
+    bundles, dead, raw = nat.split([c, SourceChunk("usage.events", 1, [7], [ev(5)])], True)
+    assert [(d.reason, d.source) for d in dead] == [("invalid_json", "usage.events/2/45"),
+                                                   ("invalid_json", "usage.events/2/46")]
+    (_shard, b), = bundles
+    assert [(me.event.event_id, me.src) for me in native.bundle_groups(b)["acme|c1"]] == [
+        ("e0", ("usage.events", 2, 40)), ("e1", ("usage.events", 2, 41)), ("e4", ("usage.events", 2, 47)),
+        ("e5", ("usage.events", 1, 7))]
+    cols = raw.columns() if type(raw) is RawRows else raw
+    assert (cols.source, cols.position) == (["usage.events/2/40", "usage.events/2/41", "usage.events/2/47",
+                                             "usage.events/1/7"], [40, 41, 47, 7])
+    assert (stats.snapshot()["read"], stats.snapshot()["dead_lettered"], nat.watermark) == (6, 2, BASE + 5)
 
 
 def test_a_resumed_watermark_applies_to_native_mediation():
