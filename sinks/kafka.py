@@ -1,8 +1,16 @@
 """Kafka outputs for downstream systems: the aggregated, dead-letter and alerts topics.
 
-Delivery guarantee: at-least-once. ``write_batch`` returns only after every
-message of the batch is acknowledged (idempotent producer, ``acks=all``), so
-nothing a snapshot covers can be lost; a resumed flow may send a row again.
+Delivery guarantee: at-least-once (idempotent producer, ``acks=all``). With a
+recovery directory every ``write_batch`` returns only after every message of the
+batch is acknowledged, so nothing a snapshot covers can be lost; a resumed flow
+may send a row again. Without one (``defer_acks``, the aggregated and rated row
+topics only) ``write_batch`` queues the rows and returns: the flow's thread folds
+the next events while the broker acknowledges. A failed delivery is raised by
+the next ``write_batch`` (or ``close``) with the same error, and ``close`` waits
+for every acknowledgement, so a flow that ends without an error had every row
+acknowledged; one that fails may have left rows of its last batches undelivered,
+which a rerun (it reads the topics from the start) sends again. Alerts, reviews
+and dead letters are always confirmed per batch.
 Consumers get exactly-once *values* by upserting: the aggregated topic is keyed
 ``tenant|customer|metric`` and each record carries its identity
 (kind, start, dimensions) and a ``version`` that only grows — keep the highest.
@@ -56,11 +64,21 @@ class _ProducerPartition(StatelessSinkPartition[Emission]):
 
     While the broker is unreachable ``flush`` waits: librdkafka retries, and each message fails after
     ``message.timeout.ms`` (``kafka.outage_timeout``); the batch then fails and the flow stops, so nothing
-    unacknowledged is ever covered by a snapshot."""
+    unacknowledged is ever covered by a snapshot.
 
-    def __init__(self, config: Dict[str, Any], topic: str, watch: BrokerWatch) -> None:
+    ``defer_acks`` (row topics of a flow without recovery): a batch is queued and not flushed; the next
+    batch first serves the delivery reports due (``poll(0)``) and, if one failed, flushes and raises as a
+    synchronous batch would; ``close`` flushes and raises the same way. The local queue stays bounded by
+    the room check of :meth:`_send_rows` (with the broker down it fills, and the messages' timeouts end
+    the wait). Fewer unacknowledged messages than after the last batch, with no failure, is an answer of
+    the broker (:meth:`BrokerWatch.ok`)."""
+
+    def __init__(self, config: Dict[str, Any], topic: str, watch: BrokerWatch, defer_acks: bool = False) -> None:
         self._failed: List[str] = []
         self._watch = watch
+        self._defer = defer_acks  # row topics without --recovery: a batch's acks are checked at the next batch
+        self._queued = 0  # deferred: len(producer) when the last batch was queued (fewer now: some were acked)
+        self._broken = False  # a batch failed: close() does not wait for what is left
         self._producer = Producer({**config, **watch.client_config(), "delivery.report.only.error": True,
                                    "on_delivery": self._on_delivery})
         self._topic = topic
@@ -87,13 +105,16 @@ class _ProducerPartition(StatelessSinkPartition[Emission]):
         holds ``queue.buffering.max.messages``; ``len(producer)`` counts what is unacknowledged), so the queue
         cannot fill mid-chunk. If it still does (``queue.buffering.max.kbytes``), the messages before the one
         refused are queued and the rest are produced again from it: the order on the topic is the order of
-        ``rows``. Then :meth:`_flush` confirms the whole batch."""
+        ``rows``. Then :meth:`_flush` confirms the whole batch (with ``defer_acks``, the next batch or
+        ``close`` does)."""
         keys = list(map("|".join, map(_ROW_KEY, rows)))
         values = encode(rows).split(b"\n")
         values.pop()  # the empty piece after the last newline
         if len(values) != len(keys):  # a newline inside a row's JSON would pair keys with the wrong values
             raise MeterError(f"Kafka topic {self._topic!r}: {len(rows)} rows encoded as {len(values)} lines")
         producer = self._producer
+        if self._defer:
+            self._check_earlier()
         produce = producer.produce
         topic = self._topic
         n, done = len(keys), 0
@@ -112,11 +133,28 @@ class _ProducerPartition(StatelessSinkPartition[Emission]):
             except BufferError:  # queue full by bytes: the refused message and the ones after it go again
                 done += take - length_hint(left) - 1
                 producer.poll(0.05)
-        self._flush()
+        if not self._defer or self._failed:
+            self._flush()
+            return
+        producer.poll(0)  # serve the delivery reports (and error_cb) due now, without waiting
+        self._queued = len(producer)
+        self._broken = False  # (queued after an earlier failure: close confirms these too)
+
+    def _check_earlier(self) -> None:
+        """Deferred acks: fail now (the way :meth:`_flush` does) if an earlier batch's delivery failed, and
+        clear a broker outage once messages were acknowledged since the last batch."""
+        producer = self._producer
+        producer.poll(0)
+        if self._failed:
+            self._flush()  # waits for the rest (as a synchronous batch would), then raises
+        if len(producer) < self._queued:
+            self._watch.ok()
+        self._queued = len(producer)
 
     def _flush(self) -> None:
         remaining = self._producer.flush(self._wait)
         if remaining or self._failed:
+            self._broken = True
             why = self._failed[0] if self._failed else f"{remaining} messages unacknowledged after {self._wait:g} s"
             n = len(self._failed)
             self._failed.clear()
@@ -129,6 +167,9 @@ class _ProducerPartition(StatelessSinkPartition[Emission]):
         self._watch.ok()
 
     def close(self) -> None:
+        if self._defer and not self._broken:
+            self._flush()  # the flow's end: every row acknowledged, or the flow fails with the delivery error
+            return
         # After a failed batch the broker is gone: what is left was never acknowledged, and the rerun re-sends it.
         self._producer.flush(0 if self._watch.down else 30)
 
@@ -138,6 +179,8 @@ class _AggregatedPartition(_ProducerPartition):
         rows = [rec for e in items for recs in (e.windows, e.periods) for rec in recs]
         if rows:
             self._send_rows(rows, AGGREGATE_ENCODER.encode_lines)
+        elif self._defer:
+            self._check_earlier()
 
 
 class _RatedPartition(_ProducerPartition):
@@ -145,6 +188,8 @@ class _RatedPartition(_ProducerPartition):
         rows = [rec for e in items for rec in e.rated]
         if rows:
             self._send_rows(rows, RATED_ENCODER.encode_lines)
+        elif self._defer:
+            self._check_earlier()
 
 
 class _ReviewPartition(_ProducerPartition):
@@ -190,13 +235,14 @@ class AggregatedTopicSink(DynamicSink[Emission]):
     ``type``) on the aggregated topic, keyed ``tenant|customer|metric``."""
 
     def __init__(self, bootstrap: str, topic: str, client_config: Optional[Dict[str, str]] = None,
-                 outage_timeout: float = OUTAGE_TIMEOUT) -> None:
+                 outage_timeout: float = OUTAGE_TIMEOUT, defer_acks: bool = False) -> None:
         self._config = producer_config(bootstrap, client_config, outage_timeout)
+        self._defer = defer_acks
         self._watch = (bootstrap, outage_timeout)
         self._topic = topic
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _AggregatedPartition:
-        return _AggregatedPartition(self._config, self._topic, watch_for(*self._watch))
+        return _AggregatedPartition(self._config, self._topic, watch_for(*self._watch), self._defer)
 
 
 class RatedTopicSink(DynamicSink[Emission]):
@@ -205,13 +251,14 @@ class RatedTopicSink(DynamicSink[Emission]):
     (key, period_start): a replay re-sends rows with versions already seen."""
 
     def __init__(self, bootstrap: str, topic: str, client_config: Optional[Dict[str, str]] = None,
-                 outage_timeout: float = OUTAGE_TIMEOUT) -> None:
+                 outage_timeout: float = OUTAGE_TIMEOUT, defer_acks: bool = False) -> None:
         self._config = producer_config(bootstrap, client_config, outage_timeout)
+        self._defer = defer_acks
         self._watch = (bootstrap, outage_timeout)
         self._topic = topic
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _RatedPartition:
-        return _RatedPartition(self._config, self._topic, watch_for(*self._watch))
+        return _RatedPartition(self._config, self._topic, watch_for(*self._watch), self._defer)
 
 
 class ReviewTopicSink(DynamicSink[Emission]):

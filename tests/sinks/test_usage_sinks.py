@@ -170,23 +170,25 @@ def _keyed_emissions(make, keys: int, versions: int, per_emission: int):
 
 
 @pytest.mark.kafka
+@pytest.mark.parametrize("defer", [False, True], ids=["acked", "deferred"])
 @pytest.mark.parametrize("queue", [{"queue.buffering.max.messages": "50"}, {"queue.buffering.max.kbytes": "2"}],
                          ids=["messages", "kbytes"])
 @pytest.mark.parametrize("kind", ["aggregated", "rated"])
-def test_row_topics_keep_every_row_once_in_emission_order_past_a_full_queue(kafka, queue, kind):
+def test_row_topics_keep_every_row_once_in_emission_order_past_a_full_queue(kafka, queue, kind, defer):
     """More rows than the producer's local queue holds, across many keys: every row arrives exactly once, each
     key's rows in the order they were emitted. A queue of 50 messages makes a batch wait for room before each
     chunk; a queue of 2 KiB fills mid-chunk (by bytes), so produce refuses a message and the sink re-sends
-    from it. Any message lost, doubled or moved behind a later one of its key fails the comparison."""
+    from it. Any message lost, doubled or moved behind a later one of its key fails the comparison. Deferred
+    (a flow without recovery): the same, with the acknowledgements checked by the next batch and close."""
     from tests.e2e.support import consume_all
 
     topic = kafka.create_topic(f"order-{kind}-{uuid.uuid4().hex[:8]}", partitions=3)
     if kind == "aggregated":
-        sink = AggregatedTopicSink(kafka.bootstrap, topic, client_config=queue)
+        sink = AggregatedTopicSink(kafka.bootstrap, topic, client_config=queue, defer_acks=defer)
         make = lambda c, m, v, t: window(c, m, T, float(v), v, {"n": "a\nb"}, tenant=t)  # noqa: E731
         emit, encode, decode = (lambda rows: Emission(windows=rows)), AGGREGATE_ENCODER.encode, AGGREGATE_DECODER
     else:
-        sink = RatedTopicSink(kafka.bootstrap, topic, client_config=queue)
+        sink = RatedTopicSink(kafka.bootstrap, topic, client_config=queue, defer_acks=defer)
         make = lambda c, m, v, t: rated(c, m, v, tenant=t)  # noqa: E731
         emit, encode, decode = (lambda rows: Emission(rated=rows)), RATED_ENCODER.encode, RATED_DECODER
     part = sink.build(f"{kind}_topic", 0, 1)
@@ -204,6 +206,90 @@ def test_row_topics_keep_every_row_once_in_emission_order_past_a_full_queue(kafk
     assert len(sent) == 1200 and len(expected) == 40
     assert got == expected
     assert [decode.decode(v) for v in got[b"acme|c001|t\xc3\xb6kens"]] == [r for r in sent if r.customer_id == "c001"]
+
+
+def _rows_of(kind, n):
+    if kind == "aggregated":
+        return AggregatedTopicSink, Emission(windows=[window(f"c{i % 97}", "api_calls", T, float(i), i)
+                                                      for i in range(1, n + 1)])
+    return RatedTopicSink, Emission(rated=[rated(f"c{i % 97}", "api_calls", i) for i in range(1, n + 1)])
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("kind", ["aggregated", "rated"])
+def test_without_recovery_a_row_batch_returns_before_its_acks_and_close_confirms_them(kafka, kind):
+    """defer_acks (no recovery directory): write_batch leaves its messages unacknowledged in the producer
+    (the flow's thread goes on folding); close waits for them: every row on the topic once, per key in
+    emission order. With acks awaited (recovery) nothing is left unacknowledged when write_batch returns."""
+    from tests.e2e.support import consume_all
+
+    for defer in (True, False):
+        topic = kafka.create_topic(f"defer-{kind}-{uuid.uuid4().hex[:8]}", partitions=2)
+        cls, batch = _rows_of(kind, 5000)
+        part = cls(kafka.bootstrap, topic, defer_acks=defer).build(f"{kind}_topic", 0, 1)
+        part.write_batch([batch])
+        assert (len(part._producer) > 0) is defer
+        part.write_batch([Emission()])  # no rows: serves reports, sends nothing
+        part.close()
+        assert len(part._producer) == 0
+        msgs = consume_all(kafka.bootstrap, topic, timeout=60)
+        rows = batch.windows or batch.rated
+        encode = AGGREGATE_ENCODER.encode if kind == "aggregated" else RATED_ENCODER.encode
+        expected: dict = {}
+        for r in rows:
+            expected.setdefault(f"{r.tenant_id}|{r.customer_id}|{r.metric}".encode(), []).append(encode(r))
+        got: dict = {}
+        for k, v, _h in msgs:
+            got.setdefault(k, []).append(v)
+        assert len(msgs) == 5000 and got == expected
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("kind", ["aggregated", "rated"])
+def test_without_recovery_a_refused_delivery_fails_the_next_batch_or_close(kafka, kind):
+    """A delivery the broker refuses (message larger than the topic takes) does not fail the batch that sent it
+    (it returned before the acks) but the next write_batch, with the synchronous path's error; after a
+    failure-free batch, close raises the same error for a refusal of the last batch."""
+    topic = kafka.create_topic(f"small-{uuid.uuid4().hex[:8]}", config={"max.message.bytes": 1000})
+    cls, _ = _rows_of(kind, 1)
+    big = os.urandom(2000).hex()  # a customer id larger than the topic accepts, compressed
+    emit = ((lambda c, v: Emission(windows=[window(c, "api_calls", T, float(v), v)])) if kind == "aggregated"
+            else (lambda c, v: Emission(rated=[rated(c, "api_calls", v)])))
+    part = cls(kafka.bootstrap, topic, defer_acks=True).build(f"{kind}_topic", 0, 1)
+    part.write_batch([emit("c1", 1), emit(big, 1)])  # returns: the refusal comes with the acks
+    part._producer.flush(30)  # (the refusal has arrived; the sink has not looked yet)
+    with pytest.raises(MeterError, match=f"Kafka topic '{topic}': delivery failed.*--recovery"):
+        part.write_batch([emit("c1", 2)])
+    part.write_batch([emit("c1", 3)])  # a batch after the failure is judged alone
+    part.write_batch([emit(big, 2)])
+    with pytest.raises(MeterError, match=f"Kafka topic '{topic}': delivery failed"):
+        part.close()
+
+
+@pytest.mark.parametrize("kind", ["aggregated", "rated"])
+def test_without_recovery_an_unreachable_broker_fails_a_later_batch_or_close_as_an_outage(kind):
+    """No broker answers (a closed port): the batch returns at once; once its messages time out
+    (kafka.outage_timeout, 1 s here) the next write_batch, or close, raises the outage error."""
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cls, batch = _rows_of(kind, 10)
+    bootstrap = f"127.0.0.1:{port}"
+    part = cls(bootstrap, "nowhere", outage_timeout=1.0, defer_acks=True).build(f"{kind}_topic", 0, 1)
+    t0 = time.monotonic()
+    part.write_batch([batch])
+    assert time.monotonic() - t0 < 0.5 and len(part._producer) == 10
+    time.sleep(2.5)
+    with pytest.raises(MeterError, match=rf"Kafka at {bootstrap} .*unreachable for more than kafka.outage_timeout"
+                                         rf" = 1s .*10 messages to topic 'nowhere' not delivered"):
+        part.write_batch([batch])
+    part = cls(bootstrap, "nowhere", outage_timeout=1.0, defer_acks=True).build(f"{kind}_topic", 0, 1)
+    part.write_batch([batch])
+    with pytest.raises(MeterError, match=r"unreachable for more than kafka.outage_timeout = 1s .*10 messages"):
+        part.close()
 
 
 @settings(max_examples=300, deadline=None, database=None)
