@@ -5,12 +5,14 @@ sinks/kafka.py and, side by side, the same file at other git revisions.
     python -m benchmarks.kafka_sink
     python -m benchmarks.kafka_sink --ref 7e62e6f --rows 2000 --batches 50 --repeat 5
     python -m benchmarks.kafka_sink --ref main --queue-messages 500 --json
+    python -m benchmarks.kafka_sink --deferred   # also the working tree's sink with defer_acks (no recovery)
 
 Each batch is ``--rows`` rows (window and period rows half and half, ``--keys`` keys spread over the batches, as
 a flush of the native core emits them), one ``Emission`` per 100 rows; every implementation writes the same
 batches to its own topic (``--partitions``). A round is all ``--batches`` batches, each returning only once
-the broker acknowledged every message (write_batch flushes); the implementations take turns round by round,
-``--repeat`` rounds each after one warm-up batch.
+the broker acknowledged every message (write_batch flushes; with ``--deferred`` the ``worktree+defer`` sink's
+batches return before their acks, and its round ends when the producer has flushed them: what ``close`` waits
+for); the implementations take turns round by round, ``--repeat`` rounds each after one warm-up batch.
 
 Printed per implementation, per row (best and median round): CPU of this process (``time.process_time``:
 the Python thread and librdkafka's threads, so what the flow's process pays), CPU of the calling thread alone
@@ -90,6 +92,8 @@ def main(argv: List[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="timed rounds per implementation (default 3)")
     ap.add_argument("--queue-messages", type=int, default=0,
                     help="client_config queue.buffering.max.messages (default: librdkafka's, 100000)")
+    ap.add_argument("--deferred", action="store_true",
+                    help="also measure the working tree's sink with defer_acks=True (a flow without recovery)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args(argv)
 
@@ -97,15 +101,17 @@ def main(argv: List[str] | None = None) -> int:
 
     work = batches(args.batches, args.rows, args.keys)
     client = {"queue.buffering.max.messages": str(args.queue_messages)} if args.queue_messages else {}
-    names = ["worktree", *args.ref]
-    mods = {name: load("" if name == "worktree" else name) for name in names}
+    names = ["worktree", *(["worktree+defer"] if args.deferred else []), *args.ref]
+    mods = {name: load("" if name.startswith("worktree") else name) for name in names}
     results: Dict[str, List[Dict[str, float]]] = {name: [] for name in names}
     n = args.rows * args.batches
     with KafkaBroker() as kafka:
         parts = {}
         for name in names:
             topic = kafka.create_topic(f"bench-sink-{uuid.uuid4().hex[:8]}", partitions=args.partitions)
-            parts[name] = mods[name].AggregatedTopicSink(kafka.bootstrap, topic, client).build("aggregated", 0, 1)
+            extra = {"defer_acks": True} if name == "worktree+defer" else {}
+            parts[name] = mods[name].AggregatedTopicSink(kafka.bootstrap, topic, client, **extra).build(
+                "aggregated", 0, 1)
             parts[name].write_batch(work[0])  # warm-up: connection, metadata, idempotent producer id
         for _ in range(args.repeat):
             for name in names:
@@ -113,6 +119,7 @@ def main(argv: List[str] | None = None) -> int:
                 c0, t0, w0 = time.process_time(), time.thread_time(), time.perf_counter()
                 for items in work:
                     part.write_batch(items)
+                part._producer.flush(60)  # (nothing left unless deferred: the round ends with every ack)
                 results[name].append({"cpu_ns_per_row": (time.process_time() - c0) / n * 1e9,
                                       "thread_ns_per_row": (time.thread_time() - t0) / n * 1e9,
                                       "wall_ns_per_row": (time.perf_counter() - w0) / n * 1e9})
