@@ -72,7 +72,7 @@ def bytewax_items(n: int, batch: int, chunks: bool) -> float:
     from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
     from bytewax.testing import run_main
 
-    from meterflow.sources.chunk import SourceChunk
+    from meterflow.schemas.chunk import SourceChunk
 
     values = [b"x" * 250] * n
     offsets = list(range(n))

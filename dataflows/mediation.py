@@ -20,8 +20,8 @@ from bytewax.operators import KeyedStream
 from meterflow.operators.changelog import ChangelogMediator, Changes
 from meterflow.operators.entitlements import EntitlementUpdate
 from meterflow.operators.mediate import Bundle, Mediator, bundle_shards, raw_columns, shard_of
+from meterflow.schemas.chunk import SourceChunk, chunk_items
 from meterflow.schemas.records import DeadLetter, Emission, RawEvents, RawRows
-from meterflow.sources.chunk import SourceChunk, chunk_items
 
 V = TypeVar("V")
 
@@ -64,7 +64,7 @@ def mediate(step_id: str, up: Stream[Raw], mediator: Mediator, shards: int,
     columns (:func:`~meterflow.operators.mediate.raw_columns`).
 
     :arg step_id: Unique ID.
-    :arg up: ``(src, raw)`` items, as every source emits them, or :class:`~meterflow.sources.chunk.SourceChunk`
+    :arg up: ``(src, raw)`` items, as every source emits them, or :class:`~meterflow.schemas.chunk.SourceChunk`
         items (the Kafka source's ``chunks``), which the native mediator reads as they are.
     :arg mediator: Called once per batch; a :class:`~meterflow.operators.native.NativeMediator` (``split``)
         makes native shard bundles instead (``pipeline.core = "native"``).

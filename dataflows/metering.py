@@ -508,7 +508,7 @@ def _drop_key(kv: Tuple[str, Emission]) -> Emission:
 def build_flow(config: Config, source: Source, sinks: Sequence[Tuple[str, Sink]], flow_id: str = "meterflow",
                recoverable: bool = True, entitlements: Optional[Source] = None,
                gateway_states: Optional[bool] = None, decisions: Optional[Source] = None) -> Dataflow:
-    """Wire the metering dataflow. ``source`` emits ``(src, raw_bytes)`` (or SourceChunks, sources/chunk.py);
+    """Wire the metering dataflow. ``source`` emits ``(src, raw_bytes)`` (or SourceChunks, schemas/chunk.py);
     every sink receives :class:`Emission`s.
 
     ``entitlements`` (optional) emits changelog records ``(src, raw_bytes)`` that are joined into the
@@ -625,7 +625,7 @@ def source_from_config(config: Config, inputs: Sequence[str] = (), stop_at_end: 
         from meterflow.sources.kafka import KafkaEventSource
 
         k = config.kafka
-        # (native mediation reads a consume call's messages as one chunk: sources/chunk.py)
+        # (native mediation reads a consume call's messages as one chunk: schemas/chunk.py)
         return KafkaEventSource(k.bootstrap_servers, k.events_topic, k.client_config, batch_size=k.batch_size,
                                 stop_at_end=stop_at_end, outage_timeout=k.outage_timeout_seconds,
                                 chunks=config.pipeline.core == "native")

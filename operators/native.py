@@ -45,11 +45,11 @@ from meterflow.base.timeutil import dt_to_ms, now_ms
 from meterflow.operators.anomaly import DAY_MS
 from meterflow.operators.dedupe import IdTable, fingerprint
 from meterflow.operators.mediate import Mediator, MeteredEvent, dead_letter, format_source
+from meterflow.schemas.chunk import SourceChunk, chunk_items
 from meterflow.schemas.config import Config
 from meterflow.schemas.events import EVENT_DECODER
 from meterflow.schemas.records import DeadLetter, Emission, RawEvents, RawRows
 from meterflow.schemas.state import DedupeState
-from meterflow.sources.chunk import SourceChunk, chunk_items
 
 try:  # built by ./dev setup (maturin develop) when cargo is there
     import meterflow_native as _native
@@ -372,7 +372,7 @@ class NativeMediator(Mediator):
     def split(self, batch: List[Any], archive_raw: bool
               ) -> Tuple[List[Tuple[str, Any]], List[DeadLetter], Optional[Union[RawEvents, RawRows]]]:
         """``(shard bundles, dead letters, raw archive columns or None)`` of one batch: ``(src, raw)`` items, or
-        :class:`~meterflow.sources.chunk.SourceChunk` items (each consumed Kafka chunk read natively, with no
+        :class:`~meterflow.schemas.chunk.SourceChunk` items (each consumed Kafka chunk read natively, with no
         tuple per message)."""
         med = self._med
         if type(batch) is not list:

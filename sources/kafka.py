@@ -9,7 +9,7 @@ Messages are emitted as ``((topic, partition, offset), value)`` tuples: no
 per-message wrapper objects on the hot path, and one list comprehension per
 consumed batch (errors, which are rare, are handled only when a batch has one).
 With ``chunks`` (the events topic with ``pipeline.core = "native"``) a consume call is
-emitted as one :class:`~meterflow.sources.chunk.SourceChunk` (the offsets and values
+emitted as one :class:`~meterflow.schemas.chunk.SourceChunk` (the offsets and values
 taken by ``map`` over the messages' C methods): no Python bytecode and no stream item
 per message before the native mediator.
 
@@ -30,7 +30,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka.admin import AdminClient
 
 from meterflow.base.errors import MeterError
-from meterflow.sources.chunk import SourceChunk
+from meterflow.schemas.chunk import SourceChunk
 from meterflow.sources.kafka_watch import BrokerWatch, watch_for
 from meterflow.sources.stop import STOP
 
@@ -163,7 +163,7 @@ def consumer_lags() -> List[Tuple[str, int, int]]:
 
 class KafkaEventSource(FixedPartitionedSource[Tuple[Any, bytes], int]):
     """A topic (the usage events, or the entitlements changelog) as a partitioned Bytewax source. ``chunks``:
-    one :class:`~meterflow.sources.chunk.SourceChunk` per consume call instead of one ``(src, raw)`` item per
+    one :class:`~meterflow.schemas.chunk.SourceChunk` per consume call instead of one ``(src, raw)`` item per
     message (the events topic with ``pipeline.core = "native"``; mediation takes either)."""
 
     def __init__(self, bootstrap_servers: str, topic: str, client_config: Optional[Dict[str, str]] = None,

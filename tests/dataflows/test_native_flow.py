@@ -32,10 +32,10 @@ from meterflow.dataflows.metering import _ShardLogic, build_flow
 from meterflow.operators.changelog import ChangelogMediator
 from meterflow.operators.mediate import Mediator, bundle_shards
 from meterflow.operators.rules import Rules
+from meterflow.schemas.chunk import SourceChunk
 from meterflow.schemas.config import parse_config
 from meterflow.schemas.records import RawRows
 from meterflow.schemas.state import decode_meter_state
-from meterflow.sources.chunk import SourceChunk
 
 native = pytest.importorskip("meterflow.operators.native")
 if not native.AVAILABLE:  # pragma: no cover - depends on the build
@@ -449,7 +449,7 @@ def test_native_and_python_cores_emit_the_same_through_the_flow(stream, batch_si
 @given(stream=st.lists(lines(), min_size=1, max_size=40), chunk=st.integers(1, 12), batch_size=st.integers(1, 3),
        workers=st.sampled_from([1, 2]))
 def test_kafka_chunks_emit_what_their_messages_emit_on_both_cores(stream, chunk, batch_size, workers):
-    """The Kafka source's SourceChunks (sources/chunk.py: one per consume call, what it emits with the
+    """The Kafka source's SourceChunks (schemas/chunk.py: one per consume call, what it emits with the
     native core) give what the per-message ``((topic, part, offset), value)`` items give: the same
     outputs, dead letters (their sources) and counters (read: per message), on either core."""
     items = [(("usage.events", 1, 500 + 2 * i), raw) for i, raw in enumerate(stream)]  # (offsets with gaps)

@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 
 from meterflow.base.stats import FlowStats
 from meterflow.operators.mediate import Mediator, bundle_shards, raw_columns
+from meterflow.schemas.chunk import SourceChunk, chunk_items
 from meterflow.schemas.config import parse_config
 from meterflow.schemas.records import RawRows
-from meterflow.sources.chunk import SourceChunk, chunk_items
 
 native = pytest.importorskip("meterflow.operators.native")
 if not native.AVAILABLE:  # pragma: no cover - depends on the build
@@ -161,7 +161,7 @@ def test_the_raw_archive_of_a_properties_text_is_the_python_mediators(props):
 
 @st.composite
 def chunk(draw) -> Any:
-    """A consumed Kafka chunk (sources/chunk.py): consecutive offsets with gaps; now and then an offset the
+    """A consumed Kafka chunk (schemas/chunk.py): consecutive offsets with gaps; now and then an offset the
     native mediator does not store (beyond i64, a bool) or a topic that is not a str."""
     lines = draw(st.lists(line(), min_size=0, max_size=10))
     off = draw(st.integers(0, 2**40))

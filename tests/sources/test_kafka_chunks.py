@@ -10,7 +10,7 @@ import pytest
 from confluent_kafka import KafkaError, Message
 
 from meterflow.base.errors import MeterError
-from meterflow.sources.chunk import SourceChunk, chunk_items
+from meterflow.schemas.chunk import SourceChunk, chunk_items
 from meterflow.sources.kafka import _TopicPartition
 
 

@@ -1,4 +1,5 @@
-"""One consume call of a Kafka partition as one stream item, for ``pipeline.core = "native"``.
+"""One consume call of a Kafka partition as one stream item, for ``pipeline.core = "native"`` (a schema: the
+source makes it, mediation reads it, so it lives below both).
 
 The Kafka source (sources/kafka.py, ``chunks=True``) emits one :class:`SourceChunk` per consume call instead
 of one ``((topic, partition, offset), value)`` tuple per message: its offsets and values come out of the
