@@ -281,7 +281,7 @@ def test_without_recovery_an_unreachable_broker_fails_a_later_batch_or_close_as_
     part = cls(bootstrap, "nowhere", outage_timeout=1.0, defer_acks=True).build(f"{kind}_topic", 0, 1)
     t0 = time.monotonic()
     part.write_batch([batch])
-    assert time.monotonic() - t0 < 0.5 and len(part._producer) == 10
+    assert time.monotonic() - t0 < 0.5 and len(part._producer) >= 10  # (len also counts librdkafka requests)
     time.sleep(2.5)
     with pytest.raises(MeterError, match=rf"Kafka at {bootstrap} .*unreachable for more than kafka.outage_timeout"
                                          rf" = 1s .*10 messages to topic 'nowhere' not delivered"):
