@@ -37,7 +37,8 @@ const CONST_MS: u8 = 8; // DateTime64(3): the call's `at_ms`
 const MONEY: u8 = 9; // Decimal(38, 9): 16 bytes per row from `money[arg]`
 const MONEY_DEC: u8 = 10; // Decimal(38, 9) from the exact decimal.Decimal at tuple item `arg` (`money_of`)
 
-fn put_len(out: &mut Vec<u8>, mut n: usize) {
+/// LEB128 length (RowBinary strings and maps; also the raw archive's rows, native/src/mediate/archive.rs).
+pub(crate) fn put_len(out: &mut Vec<u8>, mut n: usize) {
     loop {
         let b = (n & 0x7f) as u8;
         n >>= 7;
@@ -49,7 +50,7 @@ fn put_len(out: &mut Vec<u8>, mut n: usize) {
     }
 }
 
-fn put_str(out: &mut Vec<u8>, s: &[u8]) {
+pub(crate) fn put_str(out: &mut Vec<u8>, s: &[u8]) {
     put_len(out, s.len());
     out.extend_from_slice(s);
 }

@@ -14,20 +14,7 @@ use pyo3::types::{PyBool, PyInt, PyString};
 
 use super::{put_props_json, put_src_text, Mediator};
 use crate::json::{self, Event};
-
-fn put_str(out: &mut Vec<u8>, s: &[u8]) {
-    let mut n = s.len();
-    loop {
-        let b = (n & 0x7f) as u8;
-        n >>= 7;
-        if n == 0 {
-            out.push(b);
-            break;
-        }
-        out.push(b | 0x80);
-    }
-    out.extend_from_slice(s);
-}
+use crate::rowbin::put_str;
 
 /// A String column whose bytes `write` appends: its LEB128 length before them (one byte kept for it; the
 /// bytes moved up when the length takes more).
