@@ -71,7 +71,8 @@ class _ProducerPartition(StatelessSinkPartition[Emission]):
     synchronous batch would; ``close`` flushes and raises the same way. The local queue stays bounded by
     the room check of :meth:`_send_rows` (with the broker down it fills, and the messages' timeouts end
     the wait). Fewer unacknowledged messages than after the last batch, with no failure, is an answer of
-    the broker (:meth:`BrokerWatch.ok`)."""
+    the broker since that batch (:meth:`BrokerWatch.ok`); so is a flush that ends with every message
+    acknowledged, since it began, if some were pending then."""
 
     def __init__(self, config: Dict[str, Any], topic: str, watch: BrokerWatch, defer_acks: bool = False) -> None:
         self._failed: List[str] = []
@@ -115,6 +116,7 @@ class _ProducerPartition(StatelessSinkPartition[Emission]):
         producer = self._producer
         if self._defer:
             self._check_earlier()
+        produced_at = self._watch.now()
         produce = producer.produce
         topic = self._topic
         n, done = len(keys), 0
@@ -134,7 +136,7 @@ class _ProducerPartition(StatelessSinkPartition[Emission]):
                 done += take - length_hint(left) - 1
                 producer.poll(0.05)
         if not self._defer or self._failed:
-            self._flush()
+            self._flush(produced_at)
             return
         producer.poll(0)  # serve the delivery reports (and error_cb) due now, without waiting
         self._queued = len(producer)
@@ -147,11 +149,15 @@ class _ProducerPartition(StatelessSinkPartition[Emission]):
         producer.poll(0)
         if self._failed:
             self._flush()  # waits for the rest (as a synchronous batch would), then raises
-        if len(producer) < self._queued:
-            self._watch.ok()
+        if len(producer) < self._queued:  # (librdkafka's own requests count too: a probe decides)
+            self._watch.probe(producer, self._topic)
         self._queued = len(producer)
 
-    def _flush(self) -> None:
+    def _flush(self, produced_at: Optional[float] = None) -> None:
+        """Wait for every queued message's acknowledgement; raise if one failed. ``produced_at``
+        (:meth:`BrokerWatch.now` before the batch's first message was produced): the acknowledgements are an
+        answer of the broker since then, which ends an outage known by then (not one reported later, during
+        the flush: those messages may have been acknowledged before the broker went away)."""
         remaining = self._producer.flush(self._wait)
         if remaining or self._failed:
             self._broken = True
@@ -164,7 +170,8 @@ class _ProducerPartition(StatelessSinkPartition[Emission]):
             raise MeterError(f"Kafka topic {self._topic!r}: delivery failed ({why}, brokers "
                              f"{self._watch.bootstrap}); the flow stops so that a rerun of the same command with "
                              "--recovery re-sends from the last snapshot (check the broker)")
-        self._watch.ok()
+        if produced_at is not None:
+            self._watch.ok(produced_at)
 
     def close(self) -> None:
         if self._defer and not self._broken:
@@ -196,17 +203,19 @@ class _ReviewPartition(_ProducerPartition):
     def write_batch(self, items: List[Emission]) -> None:
         encode = REVIEW_ENCODER.encode
         wrote = False
+        produced_at = self._watch.now()
         for e in items:
             for rec in e.reviews:
                 self._produce(rec.review_id.encode(), encode(rec), [("route", rec.route.encode())])
                 wrote = True
         if wrote:
-            self._flush()
+            self._flush(produced_at)
 
 
 class _DeadLetterPartition(_ProducerPartition):
     def write_batch(self, items: List[Emission]) -> None:
         wrote = False
+        produced_at = self._watch.now()
         for e in items:
             for d in e.dead_letters:
                 headers = [("reason", d.reason.encode()), ("detail", d.detail.encode()),
@@ -215,19 +224,20 @@ class _DeadLetterPartition(_ProducerPartition):
                 self._produce(d.dl_id.encode(), d.payload, headers)
                 wrote = True
         if wrote:
-            self._flush()
+            self._flush(produced_at)
 
 
 class _AlertPartition(_ProducerPartition):
     def write_batch(self, items: List[Emission]) -> None:
         wrote = False
+        produced_at = self._watch.now()
         for e in items:
             for a in e.alerts:
                 headers = [("type", a.type.encode()), ("tenant_id", a.tenant_id.encode())]
                 self._produce(a.alert_id.encode(), ALERT_ENCODER.encode(a), headers)
                 wrote = True
         if wrote:
-            self._flush()
+            self._flush(produced_at)
 
 
 class AggregatedTopicSink(DynamicSink[Emission]):

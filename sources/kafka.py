@@ -40,16 +40,12 @@ _error, _offset, _value = Message.error, Message.offset, Message.value  # (C met
 
 
 class _TopicPartition(StatefulSourcePartition[Tuple[Any, bytes], int]):
-    #: Seconds between metadata probes while the cluster is unreachable (they end the outage when answered).
-    PROBE_EVERY = 1.0
-
     def __init__(self, config: Dict[str, Any], topic: str, part: int, resume: Optional[int], batch_size: int,
                  stop_at_end: bool, poll_timeout: float, watch: BrokerWatch, chunks: bool = False) -> None:
         self._topic, self._part = topic, part
         self._chunks = chunks
         self._next = resume if resume is not None else OFFSET_BEGINNING
         self._watch = watch
-        self._probed = 0.0
         self._consumer = Consumer({**config, **watch.client_config()})
         self._consumer.assign([TopicPartition(topic, part, self._next)])
         _LIVE.add(self)
@@ -114,20 +110,14 @@ class _TopicPartition(StatefulSourcePartition[Tuple[Any, bytes], int]):
                              "settings)")
 
     def _while_down(self, consumed: bool) -> None:
-        """The cluster was unreachable: a message or an answered metadata probe (once a second) ends the
-        outage; past kafka.outage_timeout the flow stops (offsets resume from the last snapshot)."""
-        now = time.monotonic()
-        if not consumed and now - self._probed >= self.PROBE_EVERY:
-            self._probed = now
-            try:
-                self._consumer.list_topics(self._topic, timeout=0.5)
-                consumed = True
-            except KafkaException:
-                pass
-        if consumed:
-            self._watch.ok()
-        else:
-            self._watch.check(f"reading {self._topic}[{self._part}] from offset {self._next}")
+        """The cluster was unreachable: a metadata probe answered (:meth:`BrokerWatch.probe`, at most once a
+        second, and before the flow is stopped) ends the outage; past kafka.outage_timeout with nothing consumed
+        the flow stops (offsets resume from the last snapshot). A consumed message is no answer: it may have been
+        fetched before the outage began (the consumer prefetches); it only defers the stop."""
+        watch = self._watch
+        watch.probe(self._consumer, self._topic, force=not consumed and watch.down_for() > watch.timeout)
+        if not consumed:
+            watch.check(f"reading {self._topic}[{self._part}] from offset {self._next}")
 
     def snapshot(self) -> int:
         return self._next

@@ -9,8 +9,13 @@ and once when they answer again, and a client that finds the cluster unreachable
 state come back from the last recovery snapshot, so stopping loses nothing: the rerun re-reads and
 re-sends what no snapshot covers.
 
-Evidence that the cluster answers (a consumed message, a metadata reply, an acknowledged delivery) clears
-the outage; librdkafka's ``_ALL_BROKERS_DOWN`` (every broker connection is down) starts it.
+librdkafka's ``_ALL_BROKERS_DOWN`` (every broker connection is down) starts an outage; evidence that the cluster
+answers *since then* ends it: a metadata reply to a probe sent during the outage, or the acknowledgement of
+deliveries produced after the outage was known. An answer that may predate the outage ends nothing: a message
+the consumer had prefetched, or a flush whose messages were all acknowledged before the broker went away. Taken
+as an answer, one of those ended the outage before it was announced, and the flow then waited for a broker that
+was still down without ever reaching ``kafka.outage_timeout`` (librdkafka reports "all brokers down" once per
+client, so no second report came to start it again).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, KafkaException
 
 from meterflow.base.errors import MeterError
 
@@ -47,6 +52,8 @@ class BrokerWatch:
     #: An outage is announced once it has lasted this long (librdkafka reports brief "all brokers down" blips
     #: while it reconnects; they end before anyone needs to hear of them).
     ANNOUNCE_AFTER = 2.0
+    #: Seconds between metadata probes while the cluster is unreachable (:meth:`probe`).
+    PROBE_EVERY = 1.0
 
     def __init__(self, bootstrap: str, timeout: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.bootstrap = bootstrap
@@ -57,6 +64,7 @@ class BrokerWatch:
         self._announced = False
         self._why = ""
         self._fatal: Optional[str] = None
+        self._probed = float("-inf")  # when the last probe was sent
 
     def client_config(self) -> Dict[str, Any]:
         """The librdkafka settings that route a client's errors here and its log lines to DEBUG."""
@@ -92,11 +100,37 @@ class BrokerWatch:
     def down(self) -> bool:
         return self._down_since is not None
 
-    def ok(self) -> None:
-        """The cluster answered: the outage, if any, is over."""
+    def now(self) -> float:
+        """The watch's clock (monotonic seconds): what :meth:`ok`'s ``asked_at`` is measured on."""
+        return self._clock()
+
+    def probe(self, client: Any, topic: str, force: bool = False) -> None:
+        """While the cluster is down, ask it for ``topic``'s metadata through ``client`` (a consumer or producer
+        of this watch), at most once per :attr:`PROBE_EVERY` seconds for all of them unless ``force``: an answer
+        ends the outage. Blocks up to half a second while no broker answers."""
+        if self._down_since is None:
+            return
+        asked_at = self._clock()
+        with self._lock:
+            if not force and asked_at - self._probed < self.PROBE_EVERY:
+                return
+            self._probed = asked_at
+        try:
+            client.list_topics(topic, timeout=0.5)
+        except KafkaException:
+            return
+        self.ok(asked_at)
+
+    def ok(self, asked_at: Optional[float] = None) -> None:
+        """The cluster answered: the outage, if any, is over. ``asked_at`` (:meth:`now`): when the request
+        answered was made (a probe sent, the first message of a flushed batch produced); an answer to a request
+        made before the outage began may have come before it too, so it ends nothing. None: the answer is
+        known to postdate any outage (tests)."""
         if self._down_since is None:
             return
         with self._lock:
+            if self._down_since is None or (asked_at is not None and asked_at < self._down_since):
+                return
             since, self._down_since = self._down_since, None
             announced, self._announced = self._announced, False
         if since is not None and announced:

@@ -11,8 +11,11 @@ from confluent_kafka import KafkaError
 
 from meterflow.base.errors import ConfigError, MeterError
 from meterflow.schemas.config import parse_config
-from meterflow.sinks.kafka import producer_config
+from meterflow.sinks.kafka import _AlertPartition, producer_config
+from meterflow.sources.kafka import _TopicPartition
 from meterflow.sources.kafka_watch import BrokerWatch, watch_for
+
+NOWHERE = "127.0.0.1:9"  # the discard port: no broker answers there
 
 ALL_DOWN = KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down")
 
@@ -63,6 +66,56 @@ def test_an_answer_ends_the_outage_and_a_later_one_starts_its_own_clock():
     clock.t += 2
     with pytest.raises(MeterError):
         w.check("reading")
+
+
+def test_an_answer_to_a_request_older_than_the_outage_ends_nothing():
+    w, clock = _watch(10)
+    asked = w.now()
+    clock.t += 1
+    w.on_error(ALL_DOWN)
+    clock.t += 1
+    w.ok(asked)  # (acknowledged before the broker went away, perhaps)
+    assert w.down and w.down_for() == 1.0
+    clock.t += 9.5
+    with pytest.raises(MeterError):  # so the timeout still ends a real outage
+        w.check("reading")
+    w.ok(w.now())
+    assert not w.down
+
+
+def test_a_flush_with_nothing_pending_is_no_answer_of_a_broker_that_went_away():
+    # The flake of test_broker_outage (no "unreachable" line): a batch's flush that found its messages already
+    # acknowledged ended the outage just reported, before it was announced, and nothing reported it again.
+    w, _clock = _watch(60, NOWHERE)
+    part = _AlertPartition(producer_config(NOWHERE, None, 1), "t", w)
+    try:
+        w.on_error(ALL_DOWN)
+        part._flush()  # nothing produced in this batch: no answer
+        assert w.down
+        asked = w.now()
+        _clock.t += 1
+        w.on_error(ALL_DOWN)  # (already down: its start stays)
+        part._flush(asked)  # produced after the outage was known, and acknowledged: an answer
+        assert not w.down
+        w.on_error(ALL_DOWN)
+        part._flush(asked)  # produced before this outage: perhaps acknowledged before it
+        assert w.down
+    finally:
+        part._producer.flush(0)
+
+
+def test_a_consumed_message_is_no_answer_only_a_probe_is():
+    # A prefetched message consumed after the broker went away proves nothing; the probe (a metadata request
+    # sent during the outage) does, and it is not answered here.
+    w, _clock = _watch(60, NOWHERE)
+    part = _TopicPartition({"bootstrap.servers": NOWHERE, "group.id": "g"}, "t", 0, None, 10, False, 0.01, w)
+    try:
+        w.on_error(ALL_DOWN)
+        part._while_down(True)
+        assert w.down
+        assert w._probed == w.now(), "the outage is probed even while messages arrive"
+    finally:
+        part._consumer.close()
 
 
 def test_other_errors_and_retired_bootstrap_connections_are_not_outages():
