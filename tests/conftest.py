@@ -22,6 +22,7 @@ in the ``meter`` subprocesses (``METER_PIPELINE_CORE``). ``./dev test`` runs a f
 
 from __future__ import annotations
 
+import os
 import tempfile
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -69,8 +70,47 @@ def pytest_configure(config) -> None:
 
 _SCALED: list = []  # --hypothesis-scale: the property tests whose example counts were scaled
 
+# The longest test files, longest first (--durations of a CI run; seconds of the whole file on 2 cores). Under
+# pytest-xdist (./dev test runs the suite on METERFLOW_TEST_WORKERS=2 processes, --dist load) the workers take the
+# tests in collection order from one queue, so these go first: a long test that starts last would leave the other
+# worker idle until it ends. A serial run keeps the collection order.
+SLOW_FIRST = (
+    "tests/e2e/test_crash_resume.py",  # 251 s
+    "tests/e2e/test_cluster.py",  # 117 s
+    "tests/e2e/test_broker_outage.py",  # 93 s
+    "tests/e2e/test_alerts_e2e.py",  # 81 s
+    "tests/operators/test_entitlement_properties.py",  # 47 s
+    "tests/operators/test_meter_properties.py",  # 32 s
+    "tests/reconcile/test_reconcile_e2e.py",  # 26 s
+    "tests/operators/test_native_dedupe.py",  # 26 s
+    "tests/e2e/test_review_e2e.py",  # 24 s
+    "tests/e2e/test_kafka_pipeline.py",  # 23 s
+    "tests/operators/test_batch_partition.py",  # 20 s
+    "tests/e2e/test_operator_errors.py",  # 19 s
+    "tests/e2e/test_review_kafka_e2e.py",  # 18 s
+    "tests/dataflows/test_native_dedupe_flow.py",  # 17 s
+    "tests/operators/test_native_mediate.py",  # 17 s
+    "tests/e2e/test_bad_input.py",  # 17 s
+    "tests/e2e/test_state_upgrade.py",  # 16 s
+    "tests/e2e/test_exit_state_e2e.py",  # 16 s
+    "tests/dataflows/test_native_anomaly_flow.py",  # 14 s
+    "tests/test_devservices.py",  # 14 s
+)
+
+
+def _slow_first(items) -> None:
+    """Stable: the files of SLOW_FIRST in its order, then every other test in collection order."""
+    rank = {path: n for n, path in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+
 
 def pytest_collection_modifyitems(config, items) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        _slow_first(items)  # every worker collects, and sorts the same way (xdist checks they agree)
+    _scale_hypothesis(config, items)
+
+
+def _scale_hypothesis(config, items) -> None:
     """``--hypothesis-scale F``: each property test runs F times its ``max_examples`` (at least 10). The clock
     guard reruns the tests with the wall clock two years ahead to catch a dependence on today's date, not to
     search the input space again: it runs them at a fifth (``./dev test-clock``)."""
