@@ -89,6 +89,38 @@ impl<'a> P<'a> {
         let start = self.i;
         let b = self.b;
         let mut i = start;
+        // sixteen bytes at a time (the common string: one step; exact for every byte)
+        #[cfg(target_arch = "x86_64")]
+        {
+            let n = b.len();
+            while i + 16 <= n {
+                let m = special16(b, i);
+                if m != 0 {
+                    i += m.trailing_zeros() as usize;
+                    if b[i] == b'"' {
+                        self.i = i + 1;
+                        // SAFETY: `start` follows an ASCII quote and `i` is at one: char boundaries of the str `s`
+                        return Some(std::borrow::Cow::Borrowed(unsafe { self.s.get_unchecked(start..i) }));
+                    }
+                    break;
+                }
+                i += 16;
+            }
+            if i + 16 > n && n >= 16 && i < n {
+                // the last bytes: the sixteen that end the line, less those before `i`
+                let m = special16(b, n - 16) >> (i + 16 - n);
+                if m != 0 {
+                    i += m.trailing_zeros() as usize;
+                    if b[i] == b'"' {
+                        self.i = i + 1;
+                        // SAFETY: as above
+                        return Some(std::borrow::Cow::Borrowed(unsafe { self.s.get_unchecked(start..i) }));
+                    }
+                } else {
+                    i = n; // (no closing quote: the loops below answer None)
+                }
+            }
+        }
         // eight bytes at a time past the plain ones (the loop below decides every quote, escape, control byte)
         while i + 8 <= b.len() {
             let w = u64::from_le_bytes(b[i..i + 8].try_into().expect("eight bytes"));
@@ -247,7 +279,7 @@ impl<'a> P<'a> {
             _ => {
                 let (int, text) = self.number()?;
                 if int {
-                    Val::Int(text.parse::<i64>().ok()?)
+                    Val::Int(int_of(text)?)
                 } else {
                     let f = text.parse::<f64>().ok()?;
                     if !f.is_finite() {
@@ -342,6 +374,24 @@ fn special8(w: u64) -> u64 {
     (q.wrapping_sub(LO) & !q | e.wrapping_sub(LO) & !e | w.wrapping_sub(LO * 0x20) & !w) & HI
 }
 
+/// Bit k set when byte `b[i + k]` (k < 16) is '"', '\\' or below 0x20 (exact for every byte). Needs
+/// `i + 16 <= b.len()`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn special16(b: &[u8], i: usize) -> u32 {
+    use std::arch::x86_64::*;
+    assert!(i + 16 <= b.len());
+    // SAFETY: sixteen bytes in bounds (checked above); SSE2 is part of x86_64
+    unsafe {
+        let v = _mm_loadu_si128(b.as_ptr().add(i) as *const __m128i);
+        let q = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8));
+        let e = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8));
+        let low = _mm_set1_epi8(0x1f);
+        let c = _mm_cmpeq_epi8(_mm_max_epu8(v, low), low); // (unsigned v <= 0x1f)
+        _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(q, e), c)) as u32
+    }
+}
+
 /// Which top-level field a key names (0: none of them), without a string comparison per field.
 #[inline]
 fn field(k: &[u8]) -> u8 {
@@ -359,6 +409,24 @@ fn field(k: &[u8]) -> u8 {
         11 if is(k, b"customer_id") => 3,
         _ => 0,
     }
+}
+
+/// The value of an integer literal `number` accepted (`-?(0|[1-9][0-9]*)`), None outside i64.
+#[inline]
+fn int_of(text: &str) -> R<i64> {
+    let b = text.as_bytes();
+    let (neg, d) = match b.first() {
+        Some(b'-') => (true, &b[1..]),
+        _ => (false, b),
+    };
+    if d.is_empty() || d.len() > 18 {
+        return text.parse::<i64>().ok(); // (19 digits and more may overflow)
+    }
+    let mut v: i64 = 0;
+    for &c in d {
+        v = v * 10 + (c - b'0') as i64;
+    }
+    Some(if neg { -v } else { v })
 }
 
 #[inline]
@@ -455,7 +523,7 @@ pub fn parse_event(raw: &[u8]) -> R<Event<'_>> {
                     if !int {
                         return None;
                     }
-                    let v = text.parse::<i64>().ok()?;
+                    let v = int_of(text)?;
                     if v < 0 {
                         return None;
                     }
@@ -609,6 +677,77 @@ mod tests {
             let want = bytes.iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20);
             let m = special8(w);
             assert_eq!(if m == 0 { None } else { Some((m.trailing_zeros() / 8) as usize) }, want, "{bytes:?}");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn special16_flags_every_quote_escape_and_control_byte() {
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        for _ in 0..100_000 {
+            let mut bytes = [0u8; 20];
+            for c in bytes.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let r = (x >> 24) as u8;
+                *c = match r % 9 {
+                    0 => b'"',
+                    1 => b'\\',
+                    2 => r % 0x20,
+                    3 => 0x20,
+                    4 => 0x80 | r,
+                    _ => r | 0x20,
+                };
+            }
+            for at in 0..=4 {
+                let want =
+                    (0..16).filter(|&k| matches!(bytes[at + k], b'"' | b'\\' | 0..=0x1f)).fold(0, |m, k| m | 1 << k);
+                assert_eq!(special16(&bytes, at), want, "{bytes:?} {at}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_string_ends_at_its_first_quote_wherever_it_lies() {
+        // the quote, an escape or a control byte at every offset, in lines of every length around 16 bytes
+        for pre in 0..40 {
+            for len in 0..40 {
+                let body = "a".repeat(len);
+                let line = format!("{}\"{body}\"{}", " ".repeat(pre), "x".repeat(len % 5));
+                let mut p = P { s: &line, b: line.as_bytes(), i: pre };
+                assert_eq!(p.string().as_deref(), Some(body.as_str()), "{pre} {len}");
+                assert_eq!(p.i, pre + len + 2);
+                let open = format!("{}\"{body}", " ".repeat(pre));
+                let mut p = P { s: &open, b: open.as_bytes(), i: pre };
+                assert_eq!(p.string(), None, "unterminated {pre} {len}");
+                for (tail, want) in
+                    [("\\n\"", Some(format!("{body}\n"))), ("\\u00e9\"", Some(format!("{body}\u{e9}"))), ("\t\"", None)]
+                {
+                    let line = format!("{}\"{body}{tail}{}", " ".repeat(pre), "y".repeat(len % 3));
+                    let mut p = P { s: &line, b: line.as_bytes(), i: pre };
+                    assert_eq!(p.string().map(|c| c.into_owned()), want, "{pre} {len} {tail:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn int_of_is_str_parse() {
+        let mut cases: Vec<String> = ["0", "-0", "7", "-7", "9223372036854775807", "-9223372036854775808"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        cases.extend(["9223372036854775808", "-9223372036854775809", "99999999999999999999"].map(String::from));
+        let mut v: u64 = 1;
+        for _ in 0..20 {
+            cases.push(v.to_string());
+            cases.push(format!("-{v}"));
+            cases.push((v - 1).to_string());
+            v = v.wrapping_mul(10);
+        }
+        for c in cases {
+            assert_eq!(int_of(&c), c.parse::<i64>().ok(), "{c}");
         }
     }
 
