@@ -469,8 +469,25 @@ fn is_ascii(b: &[u8]) -> bool {
     chunks.remainder().is_empty() || word(&b[b.len() - 16..]) & HI == 0
 }
 
+/// A line's properties: (key, value) in the line's order.
+pub type Props<'a> = Vec<(std::borrow::Cow<'a, str>, Val<'a>)>;
+
+/// An empty `Props` with the allocation of `v` (dropped first), for another line: a caller parsing line
+/// after line hands each event's `props` back to the next `parse_event_with` and allocates no Vec per line.
+pub fn recycle<'b>(mut v: Props<'_>) -> Props<'b> {
+    v.clear();
+    // (the same layout: the standard library collects this in place, keeping the capacity; were it not to,
+    // the result is an empty Vec all the same)
+    v.into_iter().map(|_| unreachable!("empty")).collect()
+}
+
 /// Decode one line as a `UsageEvent`, or `None` when the Python path must decide.
 pub fn parse_event(raw: &[u8]) -> R<Event<'_>> {
+    parse_event_with(raw, Vec::new())
+}
+
+/// `parse_event`, the properties in `spare` (an empty Vec, e.g. a `recycle`d one).
+pub fn parse_event_with<'a>(raw: &'a [u8], spare: Props<'a>) -> R<Event<'a>> {
     let s = if is_ascii(raw) {
         // SAFETY: ASCII is valid UTF-8
         unsafe { std::str::from_utf8_unchecked(raw) }
@@ -483,7 +500,8 @@ pub fn parse_event(raw: &[u8]) -> R<Event<'_>> {
     let mut customer = None;
     let mut etype = None;
     let mut stamp = None;
-    let mut props: Option<Vec<(std::borrow::Cow<str>, Val)>> = None;
+    let mut spare = Some(spare);
+    let mut props: Option<Props<'a>> = None;
     let mut props_raw: Option<&str> = None;
     let mut correction: Option<bool> = None;
     let mut corrects_seen = false;
@@ -536,7 +554,9 @@ pub fn parse_event(raw: &[u8]) -> R<Event<'_>> {
                 }
                 let open = p.i;
                 p.eat(b'{')?;
-                let mut out: Vec<(std::borrow::Cow<str>, Val)> = Vec::with_capacity(8);
+                let mut out = spare.take().unwrap_or_default();
+                out.clear(); // (empty already)
+                out.reserve(8);
                 // whether the text is msgspec's encoding of `out`: no whitespace skipped, no escape, ints
                 // as i64 prints them
                 let mut canon = true;
@@ -650,7 +670,7 @@ pub fn parse_event(raw: &[u8]) -> R<Event<'_>> {
         customer_id,
         event_type,
         timestamp,
-        props: props.unwrap_or_default(),
+        props: props.or(spare).unwrap_or_default(),
         props_raw,
         correction: correction.unwrap_or(false),
     })
@@ -730,6 +750,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn recycled_props_keep_their_allocation_and_the_next_line_parses_the_same() {
+        let a = br#"{"event_id":"e","tenant_id":"t","customer_id":"c","event_type":"x","timestamp":1,"properties":{"k":"v","n":2}}"#;
+        let b = br#"{"event_id":"f","tenant_id":"t","customer_id":"c","event_type":"x","timestamp":2,"properties":{"m":true}}"#;
+        let first = parse_event(a).expect("a line");
+        let cap = first.props.capacity();
+        let spare = recycle(first.props);
+        assert!(spare.is_empty() && spare.capacity() == cap && cap >= 8);
+        let second = parse_event_with(b, spare).expect("a line");
+        assert_eq!(second.props, parse_event(b).expect("a line").props);
+        assert_eq!(second.props.capacity(), cap);
+        let none = br#"{"event_id":"g","tenant_id":"t","customer_id":"c","event_type":"x","timestamp":3}"#;
+        let third = parse_event_with(none, recycle(second.props)).expect("a line");
+        assert!(third.props.is_empty());
     }
 
     #[test]

@@ -27,12 +27,13 @@ pub(crate) fn mediate_line<'l>(
     max_bytes: usize,
     raw: &'l [u8],
     horizon: i64,
+    spare: json::Props<'l>,
 ) -> Option<(Event<'l>, i64, bool)> {
     if raw.is_empty() || raw.len() > max_bytes {
         return None;
     }
     // (nesting deeper than MAX_DEPTH: parse_event leaves those lines to Python)
-    let ev = json::parse_event(raw)?;
+    let ev = json::parse_event_with(raw, spare)?;
     let ts = match &ev.timestamp {
         Stamp::Millis(v) => *v,
         Stamp::Text(t) => time::parse_rfc3339(t)?,
@@ -688,6 +689,7 @@ pub(crate) struct Mediator {
     stages: Vec<Stage>,     // stages[..used]: the batch's shards in order of their first customers (then spares)
     used: usize,
     key_buf: String,
+    spare: json::Props<'static>, // (the last line's properties Vec, empty: json::recycle)
     /// Whether `run` writes each accepted line's archive row as it parses it (archive.rs; `pipeline.archive_raw`).
     #[pyo3(get, set)]
     archiving: bool,
@@ -878,6 +880,7 @@ impl Mediator {
             stages: Vec::new(),
             used: 0,
             key_buf: String::new(),
+            spare: Vec::new(),
             archiving: false,
             arch: Vec::new(),
         })
@@ -900,13 +903,15 @@ impl Mediator {
             // (borrowed from `t`, which `item` holds)
             let Ok(b) = unsafe { t.get_borrowed_item_unchecked(1) }.cast::<PyBytes>() else { return Ok((i, wm)) };
             let raw = PyBytesMethods::as_bytes(&*b);
-            let Some((ev, ts, excluded)) = mediate_line(&self.tenants, self.max_bytes, raw, horizon) else {
+            let spare = json::recycle(std::mem::take(&mut self.spare));
+            let Some((ev, ts, excluded)) = mediate_line(&self.tenants, self.max_bytes, raw, horizon, spare) else {
                 return Ok((i, wm));
             };
             let src = unsafe { t.get_borrowed_item_unchecked(0) };
             let Some((name, kind, a, sb)) = src_parts(&src) else { return Ok((i, wm)) };
             let Ok(name) = PyStringMethods::to_str(&*name) else { return Ok((i, wm)) };
             self.stage(raw, &ev, ts, excluded, name, kind, a, sb, &mut wm);
+            self.spare = json::recycle(ev.props);
             i += 1;
         }
         Ok((i, wm))
@@ -938,10 +943,12 @@ impl Mediator {
             let Ok(b) = v.cast::<PyBytes>() else { return Ok((i, wm)) };
             let Some(off) = exact_int(&offsets.get_item(i)?) else { return Ok((i, wm)) };
             let raw = b.as_bytes();
-            let Some((ev, ts, excluded)) = mediate_line(&self.tenants, self.max_bytes, raw, horizon) else {
+            let spare = json::recycle(std::mem::take(&mut self.spare));
+            let Some((ev, ts, excluded)) = mediate_line(&self.tenants, self.max_bytes, raw, horizon, spare) else {
                 return Ok((i, wm));
             };
             self.stage(raw, &ev, ts, excluded, name, 3, a, off, &mut wm);
+            self.spare = json::recycle(ev.props);
             i += 1;
         }
         Ok((i, wm))
