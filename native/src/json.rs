@@ -83,8 +83,32 @@ impl<'a> P<'a> {
         }
     }
 
-    /// A JSON string at `i` (which holds the opening quote), borrowed when it has no escapes.
+    /// A JSON string at `i` (which holds the opening quote), borrowed when it has no escapes. Inline: the
+    /// common string (its closing quote within the sixteen bytes after the opening one, nothing to unescape
+    /// before it); any other string goes to `string_at` from the start.
+    #[inline(always)]
     fn string(&mut self) -> R<std::borrow::Cow<'a, str>> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let (b, i) = (self.b, self.i);
+            if i + 17 <= b.len() && b[i] == b'"' {
+                let m = special16(b, i + 1);
+                if m != 0 {
+                    let end = i + 1 + m.trailing_zeros() as usize;
+                    if b[end] == b'"' {
+                        self.i = end + 1;
+                        // SAFETY: after an ASCII quote and at one: char boundaries of the str `s`
+                        return Some(std::borrow::Cow::Borrowed(unsafe { self.s.get_unchecked(i + 1..end) }));
+                    }
+                }
+            }
+        }
+        self.string_at()
+    }
+
+    /// `string`, every case.
+    #[inline(never)]
+    fn string_at(&mut self) -> R<std::borrow::Cow<'a, str>> {
         self.eat(b'"')?;
         let start = self.i;
         let b = self.b;
