@@ -83,12 +83,68 @@ impl<'a> P<'a> {
         }
     }
 
-    /// A JSON string at `i` (which holds the opening quote), borrowed when it has no escapes.
+    /// A JSON string at `i` (which holds the opening quote), borrowed when it has no escapes. Inline: the
+    /// common string (its closing quote within the sixteen bytes after the opening one, nothing to unescape
+    /// before it); any other string goes to `string_at` from the start.
+    #[inline(always)]
     fn string(&mut self) -> R<std::borrow::Cow<'a, str>> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let (b, i) = (self.b, self.i);
+            if i + 17 <= b.len() && b[i] == b'"' {
+                let m = special16(b, i + 1);
+                if m != 0 {
+                    let end = i + 1 + m.trailing_zeros() as usize;
+                    if b[end] == b'"' {
+                        self.i = end + 1;
+                        // SAFETY: after an ASCII quote and at one: char boundaries of the str `s`
+                        return Some(std::borrow::Cow::Borrowed(unsafe { self.s.get_unchecked(i + 1..end) }));
+                    }
+                }
+            }
+        }
+        self.string_at()
+    }
+
+    /// `string`, every case.
+    #[inline(never)]
+    fn string_at(&mut self) -> R<std::borrow::Cow<'a, str>> {
         self.eat(b'"')?;
         let start = self.i;
         let b = self.b;
         let mut i = start;
+        // sixteen bytes at a time (the common string: one step; exact for every byte)
+        #[cfg(target_arch = "x86_64")]
+        {
+            let n = b.len();
+            while i + 16 <= n {
+                let m = special16(b, i);
+                if m != 0 {
+                    i += m.trailing_zeros() as usize;
+                    if b[i] == b'"' {
+                        self.i = i + 1;
+                        // SAFETY: `start` follows an ASCII quote and `i` is at one: char boundaries of the str `s`
+                        return Some(std::borrow::Cow::Borrowed(unsafe { self.s.get_unchecked(start..i) }));
+                    }
+                    break;
+                }
+                i += 16;
+            }
+            if i + 16 > n && n >= 16 && i < n {
+                // the last bytes: the sixteen that end the line, less those before `i`
+                let m = special16(b, n - 16) >> (i + 16 - n);
+                if m != 0 {
+                    i += m.trailing_zeros() as usize;
+                    if b[i] == b'"' {
+                        self.i = i + 1;
+                        // SAFETY: as above
+                        return Some(std::borrow::Cow::Borrowed(unsafe { self.s.get_unchecked(start..i) }));
+                    }
+                } else {
+                    i = n; // (no closing quote: the loops below answer None)
+                }
+            }
+        }
         // eight bytes at a time past the plain ones (the loop below decides every quote, escape, control byte)
         while i + 8 <= b.len() {
             let w = u64::from_le_bytes(b[i..i + 8].try_into().expect("eight bytes"));
@@ -219,6 +275,31 @@ impl<'a> P<'a> {
         Some((int, &self.s[start..i]))
     }
 
+    /// The common integer literal at `i` (`-?(0|[1-9][0-9]*)` of at most 18 digits, no fraction or exponent
+    /// after it), summed as it is scanned; None (`i` unchanged) for any other text: `number` decides.
+    #[inline(always)]
+    fn small_int(&mut self) -> R<i64> {
+        let b = self.b;
+        let mut i = self.i;
+        let neg = b.get(i) == Some(&b'-');
+        i += neg as usize;
+        let d0 = i;
+        let mut v: i64 = 0;
+        while let Some(&c) = b.get(i) {
+            if !c.is_ascii_digit() || i - d0 == 18 {
+                break;
+            }
+            v = v * 10 + (c - b'0') as i64;
+            i += 1;
+        }
+        let n = i - d0;
+        if n == 0 || (n > 1 && b[d0] == b'0') || matches!(b.get(i), Some(b'0'..=b'9' | b'.' | b'e' | b'E')) {
+            return None;
+        }
+        self.i = i;
+        Some(if neg { -v } else { v })
+    }
+
     fn lit(&mut self, word: &[u8]) -> R<()> {
         if self.b.get(self.i..self.i + word.len())? == word {
             self.i += word.len();
@@ -245,9 +326,12 @@ impl<'a> P<'a> {
                 Val::Null
             }
             _ => {
+                if let Some(v) = self.small_int() {
+                    return Some(Val::Int(v));
+                }
                 let (int, text) = self.number()?;
                 if int {
-                    Val::Int(text.parse::<i64>().ok()?)
+                    Val::Int(int_of(text)?)
                 } else {
                     let f = text.parse::<f64>().ok()?;
                     if !f.is_finite() {
@@ -342,6 +426,24 @@ fn special8(w: u64) -> u64 {
     (q.wrapping_sub(LO) & !q | e.wrapping_sub(LO) & !e | w.wrapping_sub(LO * 0x20) & !w) & HI
 }
 
+/// Bit k set when byte `b[i + k]` (k < 16) is '"', '\\' or below 0x20 (exact for every byte). Needs
+/// `i + 16 <= b.len()`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn special16(b: &[u8], i: usize) -> u32 {
+    use std::arch::x86_64::*;
+    assert!(i + 16 <= b.len());
+    // SAFETY: sixteen bytes in bounds (checked above); SSE2 is part of x86_64
+    unsafe {
+        let v = _mm_loadu_si128(b.as_ptr().add(i) as *const __m128i);
+        let q = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8));
+        let e = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8));
+        let low = _mm_set1_epi8(0x1f);
+        let c = _mm_cmpeq_epi8(_mm_max_epu8(v, low), low); // (unsigned v <= 0x1f)
+        _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(q, e), c)) as u32
+    }
+}
+
 /// Which top-level field a key names (0: none of them), without a string comparison per field.
 #[inline]
 fn field(k: &[u8]) -> u8 {
@@ -359,6 +461,24 @@ fn field(k: &[u8]) -> u8 {
         11 if is(k, b"customer_id") => 3,
         _ => 0,
     }
+}
+
+/// The value of an integer literal `number` accepted (`-?(0|[1-9][0-9]*)`), None outside i64.
+#[inline]
+fn int_of(text: &str) -> R<i64> {
+    let b = text.as_bytes();
+    let (neg, d) = match b.first() {
+        Some(b'-') => (true, &b[1..]),
+        _ => (false, b),
+    };
+    if d.is_empty() || d.len() > 18 {
+        return text.parse::<i64>().ok(); // (19 digits and more may overflow)
+    }
+    let mut v: i64 = 0;
+    for &c in d {
+        v = v * 10 + (c - b'0') as i64;
+    }
+    Some(if neg { -v } else { v })
 }
 
 #[inline]
@@ -401,8 +521,25 @@ fn is_ascii(b: &[u8]) -> bool {
     chunks.remainder().is_empty() || word(&b[b.len() - 16..]) & HI == 0
 }
 
+/// A line's properties: (key, value) in the line's order.
+pub type Props<'a> = Vec<(std::borrow::Cow<'a, str>, Val<'a>)>;
+
+/// An empty `Props` with the allocation of `v` (dropped first), for another line: a caller parsing line
+/// after line hands each event's `props` back to the next `parse_event_with` and allocates no Vec per line.
+pub fn recycle<'b>(mut v: Props<'_>) -> Props<'b> {
+    v.clear();
+    // (the same layout: the standard library collects this in place, keeping the capacity; were it not to,
+    // the result is an empty Vec all the same)
+    v.into_iter().map(|_| unreachable!("empty")).collect()
+}
+
 /// Decode one line as a `UsageEvent`, or `None` when the Python path must decide.
 pub fn parse_event(raw: &[u8]) -> R<Event<'_>> {
+    parse_event_with(raw, Vec::new())
+}
+
+/// `parse_event`, the properties in `spare` (an empty Vec, e.g. a `recycle`d one).
+pub fn parse_event_with<'a>(raw: &'a [u8], spare: Props<'a>) -> R<Event<'a>> {
     let s = if is_ascii(raw) {
         // SAFETY: ASCII is valid UTF-8
         unsafe { std::str::from_utf8_unchecked(raw) }
@@ -415,7 +552,8 @@ pub fn parse_event(raw: &[u8]) -> R<Event<'_>> {
     let mut customer = None;
     let mut etype = None;
     let mut stamp = None;
-    let mut props: Option<Vec<(std::borrow::Cow<str>, Val)>> = None;
+    let mut spare = Some(spare);
+    let mut props: Option<Props<'a>> = None;
     let mut props_raw: Option<&str> = None;
     let mut correction: Option<bool> = None;
     let mut corrects_seen = false;
@@ -455,7 +593,7 @@ pub fn parse_event(raw: &[u8]) -> R<Event<'_>> {
                     if !int {
                         return None;
                     }
-                    let v = text.parse::<i64>().ok()?;
+                    let v = int_of(text)?;
                     if v < 0 {
                         return None;
                     }
@@ -468,7 +606,9 @@ pub fn parse_event(raw: &[u8]) -> R<Event<'_>> {
                 }
                 let open = p.i;
                 p.eat(b'{')?;
-                let mut out: Vec<(std::borrow::Cow<str>, Val)> = Vec::with_capacity(8);
+                let mut out = spare.take().unwrap_or_default();
+                out.clear(); // (empty already)
+                out.reserve(8);
                 // whether the text is msgspec's encoding of `out`: no whitespace skipped, no escape, ints
                 // as i64 prints them
                 let mut canon = true;
@@ -582,7 +722,7 @@ pub fn parse_event(raw: &[u8]) -> R<Event<'_>> {
         customer_id,
         event_type,
         timestamp,
-        props: props.unwrap_or_default(),
+        props: props.or(spare).unwrap_or_default(),
         props_raw,
         correction: correction.unwrap_or(false),
     })
@@ -609,6 +749,136 @@ mod tests {
             let want = bytes.iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20);
             let m = special8(w);
             assert_eq!(if m == 0 { None } else { Some((m.trailing_zeros() / 8) as usize) }, want, "{bytes:?}");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn special16_flags_every_quote_escape_and_control_byte() {
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        for _ in 0..100_000 {
+            let mut bytes = [0u8; 20];
+            for c in bytes.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let r = (x >> 24) as u8;
+                *c = match r % 9 {
+                    0 => b'"',
+                    1 => b'\\',
+                    2 => r % 0x20,
+                    3 => 0x20,
+                    4 => 0x80 | r,
+                    _ => r | 0x20,
+                };
+            }
+            for at in 0..=4 {
+                let want =
+                    (0..16).filter(|&k| matches!(bytes[at + k], b'"' | b'\\' | 0..=0x1f)).fold(0, |m, k| m | 1 << k);
+                assert_eq!(special16(&bytes, at), want, "{bytes:?} {at}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_string_ends_at_its_first_quote_wherever_it_lies() {
+        // the quote, an escape or a control byte at every offset, in lines of every length around 16 bytes
+        for pre in 0..40 {
+            for len in 0..40 {
+                let body = "a".repeat(len);
+                let line = format!("{}\"{body}\"{}", " ".repeat(pre), "x".repeat(len % 5));
+                let mut p = P { s: &line, b: line.as_bytes(), i: pre };
+                assert_eq!(p.string().as_deref(), Some(body.as_str()), "{pre} {len}");
+                assert_eq!(p.i, pre + len + 2);
+                let open = format!("{}\"{body}", " ".repeat(pre));
+                let mut p = P { s: &open, b: open.as_bytes(), i: pre };
+                assert_eq!(p.string(), None, "unterminated {pre} {len}");
+                for (tail, want) in
+                    [("\\n\"", Some(format!("{body}\n"))), ("\\u00e9\"", Some(format!("{body}\u{e9}"))), ("\t\"", None)]
+                {
+                    let line = format!("{}\"{body}{tail}{}", " ".repeat(pre), "y".repeat(len % 3));
+                    let mut p = P { s: &line, b: line.as_bytes(), i: pre };
+                    assert_eq!(p.string().map(|c| c.into_owned()), want, "{pre} {len} {tail:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn recycled_props_keep_their_allocation_and_the_next_line_parses_the_same() {
+        let a = br#"{"event_id":"e","tenant_id":"t","customer_id":"c","event_type":"x","timestamp":1,"properties":{"k":"v","n":2}}"#;
+        let b = br#"{"event_id":"f","tenant_id":"t","customer_id":"c","event_type":"x","timestamp":2,"properties":{"m":true}}"#;
+        let first = parse_event(a).expect("a line");
+        let cap = first.props.capacity();
+        let spare = recycle(first.props);
+        assert!(spare.is_empty() && spare.capacity() == cap && cap >= 8);
+        let second = parse_event_with(b, spare).expect("a line");
+        assert_eq!(second.props, parse_event(b).expect("a line").props);
+        assert_eq!(second.props.capacity(), cap);
+        let none = br#"{"event_id":"g","tenant_id":"t","customer_id":"c","event_type":"x","timestamp":3}"#;
+        let third = parse_event_with(none, recycle(second.props)).expect("a line");
+        assert!(third.props.is_empty());
+    }
+
+    #[test]
+    fn a_small_int_is_what_number_and_int_of_read() {
+        let mut texts: Vec<String> = ["0", "-0", "7", "-7", "01", "-01", "00", "-", "1.5", "1e3", "1E3", "2.", "-x"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut v: i64 = 1;
+        for _ in 0..19 {
+            texts.extend([v.to_string(), (-v).to_string(), (v - 1).to_string(), (v * 9 / 7).to_string()]);
+            v = v.saturating_mul(10);
+        }
+        texts.extend(["9223372036854775807", "-9223372036854775808", "9223372036854775808"].map(String::from));
+        for t in texts {
+            for tail in ["", ",", "}", " ", "]"] {
+                let line = format!("{t}{tail}");
+                let mut fast = P { s: &line, b: line.as_bytes(), i: 0 };
+                let mut slow = P { s: &line, b: line.as_bytes(), i: 0 };
+                let want = slow.number().and_then(|(int, text)| if int { int_of(text) } else { None });
+                match fast.small_int() {
+                    Some(got) => {
+                        assert_eq!(Some(got), want, "{line:?}");
+                        assert_eq!(fast.i, slow.i, "{line:?}");
+                    }
+                    None => assert_eq!(fast.i, 0, "{line:?}"), // (left to number)
+                }
+                let mut p = P { s: &line, b: line.as_bytes(), i: 0 };
+                let mut q = P { s: &line, b: line.as_bytes(), i: 0 };
+                let via_value = p.value();
+                let old = q.number().and_then(|(int, text)| {
+                    if int {
+                        int_of(text).map(Val::Int)
+                    } else {
+                        text.parse::<f64>().ok().filter(|f| f.is_finite()).map(Val::Float)
+                    }
+                });
+                assert_eq!(via_value, old, "{line:?}");
+                if via_value.is_some() {
+                    assert_eq!(p.i, q.i, "{line:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn int_of_is_str_parse() {
+        let mut cases: Vec<String> = ["0", "-0", "7", "-7", "9223372036854775807", "-9223372036854775808"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        cases.extend(["9223372036854775808", "-9223372036854775809", "99999999999999999999"].map(String::from));
+        let mut v: u64 = 1;
+        for _ in 0..20 {
+            cases.push(v.to_string());
+            cases.push(format!("-{v}"));
+            cases.push((v - 1).to_string());
+            v = v.wrapping_mul(10);
+        }
+        for c in cases {
+            assert_eq!(int_of(&c), c.parse::<i64>().ok(), "{c}");
         }
     }
 

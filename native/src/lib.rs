@@ -646,7 +646,7 @@ impl BatchCore {
 
     /// Mediation of one line (operators/mediate.py `Mediator.__call__`); None: the Python path decides.
     fn mediate<'l>(&self, raw: &'l [u8], horizon: i64) -> Option<(Event<'l>, i64, bool)> {
-        mediate::mediate_line(&self.tenants, self.max_bytes, raw, horizon)
+        mediate::mediate_line(&self.tenants, self.max_bytes, raw, horizon, Vec::new())
     }
 }
 

@@ -27,12 +27,13 @@ pub(crate) fn mediate_line<'l>(
     max_bytes: usize,
     raw: &'l [u8],
     horizon: i64,
+    spare: json::Props<'l>,
 ) -> Option<(Event<'l>, i64, bool)> {
     if raw.is_empty() || raw.len() > max_bytes {
         return None;
     }
     // (nesting deeper than MAX_DEPTH: parse_event leaves those lines to Python)
-    let ev = json::parse_event(raw)?;
+    let ev = json::parse_event_with(raw, spare)?;
     let ts = match &ev.timestamp {
         Stamp::Millis(v) => *v,
         Stamp::Text(t) => time::parse_rfc3339(t)?,
@@ -614,6 +615,27 @@ struct StCust {
     slot: u32,
     first: u32,
     last: u32,
+    same: u32, // the customer before it whose key has the same `key_hash` (LAST: none)
+}
+
+/// The customer of `custs` with `key` (hash `h`), or Err(the last one whose key hashes to `h`, LAST: none).
+fn find_customer(index: &FxMap<u64, u32>, custs: &[StCust], h: u64, key: &str) -> Result<usize, u32> {
+    let Some(&last) = index.get(&h) else { return Err(LAST) };
+    let mut c = last;
+    while c != LAST {
+        let cu = &custs[c as usize];
+        if cu.key == key {
+            return Ok(c as usize);
+        }
+        c = cu.same;
+    }
+    Err(last)
+}
+
+/// A customer key's 64-bit hash for `Mediator::index` (which compares the keys of equal hashes).
+#[inline]
+fn key_hash(key: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(key.as_bytes())
 }
 
 /// One shard's share of the staged batch: the bundle `take` gives, its events in arrival order as `run` and
@@ -682,12 +704,13 @@ pub(crate) struct Mediator {
     max_skew_ms: i64,
     tenants: FxMap<String, Tenant>,
     shards: u32,
-    custs: Vec<StCust>, // in order of their first events
-    index: FxMap<String, usize>,
+    custs: Vec<StCust>,     // in order of their first events
+    index: FxMap<u64, u32>, // key_hash(key) -> the last customer with it (StCust.same: the one before)
     slots: FxMap<u32, u32>, // a shard's stage in `stages`
     stages: Vec<Stage>,     // stages[..used]: the batch's shards in order of their first customers (then spares)
     used: usize,
     key_buf: String,
+    spare: json::Props<'static>, // (the last line's properties Vec, empty: json::recycle)
     /// Whether `run` writes each accepted line's archive row as it parses it (archive.rs; `pipeline.archive_raw`).
     #[pyo3(get, set)]
     archiving: bool,
@@ -768,9 +791,11 @@ impl Mediator {
     /// The customer `key_buf` (a new one after the batch's others).
     fn customer(&mut self) -> usize {
         let key = self.key_buf.as_str();
-        if let Some(&c) = self.index.get(key) {
-            return c;
-        }
+        let h = key_hash(key);
+        let before = match find_customer(&self.index, &self.custs, h, key) {
+            Ok(c) => return c,
+            Err(before) => before,
+        };
         let shard = crc32(key.as_bytes()) % self.shards;
         let slot = match self.slots.get(&shard) {
             Some(&s) => s,
@@ -786,8 +811,8 @@ impl Mediator {
             }
         };
         let c = self.custs.len();
-        self.custs.push(StCust { key: key.to_owned(), slot, first: LAST, last: LAST });
-        self.index.insert(key.to_owned(), c);
+        self.custs.push(StCust { key: key.to_owned(), slot, first: LAST, last: LAST, same: before });
+        self.index.insert(h, c as u32);
         c
     }
 
@@ -878,6 +903,7 @@ impl Mediator {
             stages: Vec::new(),
             used: 0,
             key_buf: String::new(),
+            spare: Vec::new(),
             archiving: false,
             arch: Vec::new(),
         })
@@ -900,13 +926,15 @@ impl Mediator {
             // (borrowed from `t`, which `item` holds)
             let Ok(b) = unsafe { t.get_borrowed_item_unchecked(1) }.cast::<PyBytes>() else { return Ok((i, wm)) };
             let raw = PyBytesMethods::as_bytes(&*b);
-            let Some((ev, ts, excluded)) = mediate_line(&self.tenants, self.max_bytes, raw, horizon) else {
+            let spare = json::recycle(std::mem::take(&mut self.spare));
+            let Some((ev, ts, excluded)) = mediate_line(&self.tenants, self.max_bytes, raw, horizon, spare) else {
                 return Ok((i, wm));
             };
             let src = unsafe { t.get_borrowed_item_unchecked(0) };
             let Some((name, kind, a, sb)) = src_parts(&src) else { return Ok((i, wm)) };
             let Ok(name) = PyStringMethods::to_str(&*name) else { return Ok((i, wm)) };
             self.stage(raw, &ev, ts, excluded, name, kind, a, sb, &mut wm);
+            self.spare = json::recycle(ev.props);
             i += 1;
         }
         Ok((i, wm))
@@ -938,10 +966,12 @@ impl Mediator {
             let Ok(b) = v.cast::<PyBytes>() else { return Ok((i, wm)) };
             let Some(off) = exact_int(&offsets.get_item(i)?) else { return Ok((i, wm)) };
             let raw = b.as_bytes();
-            let Some((ev, ts, excluded)) = mediate_line(&self.tenants, self.max_bytes, raw, horizon) else {
+            let spare = json::recycle(std::mem::take(&mut self.spare));
+            let Some((ev, ts, excluded)) = mediate_line(&self.tenants, self.max_bytes, raw, horizon, spare) else {
                 return Ok((i, wm));
             };
             self.stage(raw, &ev, ts, excluded, name, 3, a, off, &mut wm);
+            self.spare = json::recycle(ev.props);
             i += 1;
         }
         Ok((i, wm))
@@ -1147,4 +1177,35 @@ pub(crate) fn float_repr(f: f64) -> String {
 #[pyfunction]
 pub(crate) fn crc32_of(b: &[u8]) -> u32 {
     crc32(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn customers_whose_keys_share_a_hash_stay_apart() {
+        let mut index: FxMap<u64, u32> = FxMap::default();
+        let mut custs: Vec<StCust> = Vec::new();
+        // (as Mediator::customer, with the hash given: three keys hash alike)
+        let mut add = |h: u64, key: &str| -> usize {
+            match find_customer(&index, &custs, h, key) {
+                Ok(c) => c,
+                Err(before) => {
+                    let c = custs.len();
+                    custs.push(StCust { key: key.to_owned(), slot: 0, first: LAST, last: LAST, same: before });
+                    index.insert(h, c as u32);
+                    c
+                }
+            }
+        };
+        let keys = [(7, "t|a"), (7, "t|b"), (8, "t|c"), (7, "t|d"), (9, "t|a")];
+        let first: Vec<usize> = keys.iter().map(|&(h, k)| add(h, k)).collect();
+        assert_eq!(first, [0, 1, 2, 3, 4]); // ("t|a" under another hash: a test's hash, never key_hash's)
+        let again: Vec<usize> = keys.iter().rev().map(|&(h, k)| add(h, k)).collect();
+        assert_eq!(again, [4, 3, 2, 1, 0]);
+        assert_eq!(add(7, "t|e"), 5);
+        assert_eq!(add(7, "t|a"), 0);
+        assert_eq!(add(8, "t|c"), 2);
+    }
 }
