@@ -70,9 +70,10 @@ class _ProducerPartition(StatelessSinkPartition[Emission]):
     batch first serves the delivery reports due (``poll(0)``) and, if one failed, flushes and raises as a
     synchronous batch would; ``close`` flushes and raises the same way. The local queue stays bounded by
     the room check of :meth:`_send_rows` (with the broker down it fills, and the messages' timeouts end
-    the wait). Fewer unacknowledged messages than after the last batch, with no failure, is an answer of
-    the broker since that batch (:meth:`BrokerWatch.ok`); so is a flush that ends with every message
-    acknowledged, since it began, if some were pending then."""
+    the wait). While the cluster is down, fewer unacknowledged messages than after the last batch (which
+    librdkafka's own requests can also cause) lead to a metadata probe (:meth:`BrokerWatch.probe`), whose
+    answer ends the outage. A synchronous flush that ends with every message acknowledged ends an outage
+    known before the batch's first message was produced (:meth:`BrokerWatch.ok`), not one reported later."""
 
     def __init__(self, config: Dict[str, Any], topic: str, watch: BrokerWatch, defer_acks: bool = False) -> None:
         self._failed: List[str] = []
@@ -149,7 +150,7 @@ class _ProducerPartition(StatelessSinkPartition[Emission]):
         producer.poll(0)
         if self._failed:
             self._flush()  # waits for the rest (as a synchronous batch would), then raises
-        if len(producer) < self._queued:  # (librdkafka's own requests count too: a probe decides)
+        if len(producer) < self._queued:  # maybe acknowledgements (or librdkafka's own requests): probe, if down
             self._watch.probe(producer, self._topic)
         self._queued = len(producer)
 
