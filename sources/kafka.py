@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
+from datetime import datetime, timedelta, timezone
 from typing import Any, Dict, List, Optional, Tuple
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
@@ -51,6 +52,7 @@ class _TopicPartition(StatefulSourcePartition[Tuple[Any, bytes], int]):
         _LIVE.add(self)
         self._batch = batch_size
         self._timeout = poll_timeout
+        self._awake: Optional[datetime] = None  # an idle partition's next poll (next_awake); None: at once
         self._end: Optional[int] = None
         if stop_at_end:
             try:
@@ -67,16 +69,19 @@ class _TopicPartition(StatefulSourcePartition[Tuple[Any, bytes], int]):
             raise StopIteration()
         if self._end == 0:
             raise StopIteration()
-        # What is already fetched, without waiting (a busy topic: the batch is what arrived while the flow was
-        # busy, so an event waits for one pass of the flow, not also for a poll timeout per partition); only an
-        # idle partition waits, up to poll_timeout, so an idle flow does not spin.
+        # What is already fetched, never waiting: a busy topic's batch is what arrived while the flow was busy,
+        # so an event waits for one pass of the flow and no more. A partition with nothing fetched is polled again
+        # after poll_timeout (next_awake), so an idle flow does not spin, and the worker goes on meanwhile with
+        # the other partitions and the steps after the source. (A consume call with a timeout holds all of them
+        # for its whole timeout, even when messages arrive during it: librdkafka returns early only for a full
+        # batch.)
         msgs = self._consumer.consume(self._batch, 0)
-        if not msgs:
-            msgs = self._consumer.consume(self._batch, self._timeout)
         if self._watch.down:
             self._while_down(bool(msgs))
         if not msgs:
+            self._awake = datetime.now(timezone.utc) + timedelta(seconds=self._timeout)
             return []
+        self._awake = None
         topic, part = self._topic, self._part
         if self._chunks:
             return self._chunk(msgs)
@@ -118,6 +123,9 @@ class _TopicPartition(StatefulSourcePartition[Tuple[Any, bytes], int]):
         watch.probe(self._consumer, self._topic, force=not consumed and watch.down_for() > watch.timeout)
         if not consumed:
             watch.check(f"reading {self._topic}[{self._part}] from offset {self._next}")
+
+    def next_awake(self) -> Optional[datetime]:
+        return self._awake
 
     def snapshot(self) -> int:
         return self._next

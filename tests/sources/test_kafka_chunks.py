@@ -17,8 +17,10 @@ from meterflow.sources.kafka import _TopicPartition
 class _Consumer:
     def __init__(self, batches: List[List[Message]]) -> None:
         self.batches = batches
+        self.timeouts: List[float] = []
 
     def consume(self, n: int, timeout: float) -> List[Message]:
+        self.timeouts.append(timeout)
         return self.batches.pop(0) if self.batches else []
 
 
@@ -68,3 +70,22 @@ def test_a_fatal_error_in_a_chunk_stops_the_flow_and_keeps_the_resume_offset(chu
     with pytest.raises(MeterError, match=r"error consuming usage.events\[2\]: .*TOPIC_AUTHORIZATION_FAILED"):
         p.next_batch()
     assert p.snapshot() == 40
+
+
+@pytest.mark.parametrize("chunks", [False, True])
+def test_a_partition_never_waits_in_consume_and_an_idle_one_is_polled_again_after_poll_timeout(chunks):
+    """A consume call with a timeout holds the whole worker for all of it (librdkafka returns early only for a
+    full batch): every call takes what is fetched (timeout 0); a partition that had nothing asks Bytewax to call
+    it again after poll_timeout (next_awake), one with messages at once (None)."""
+    from datetime import datetime, timedelta, timezone
+
+    p = _part([[_msg(40, b"a")], [], [_msg(41, b"b")]], chunks)
+    p._timeout = 0.25
+    assert p.next_batch() and p.next_awake() is None
+    before = datetime.now(timezone.utc)
+    assert p.next_batch() == []
+    awake = p.next_awake()
+    assert awake is not None and before + timedelta(seconds=0.25) <= awake <= datetime.now(timezone.utc) + \
+        timedelta(seconds=0.25)
+    assert p.next_batch() and p.next_awake() is None
+    assert p._consumer.timeouts == [0, 0, 0]
