@@ -159,16 +159,18 @@ class StdoutAlertSink(DynamicSink[Emission]):
         return _StdoutPartition(self._stream)
 
 
-def alert_sinks_from_config(config: Config) -> List[Tuple[str, Sink]]:
+def alert_sinks_from_config(config: Config, recoverable: bool = False) -> List[Tuple[str, Sink]]:
     """``(step id, sink)`` for every alert destination the configuration asks for: the Kafka alerts topic
-    when ``[kafka]`` is set, then ``alerts.jsonl``, ``alerts.stdout`` and ``alerts.webhook``."""
+    when ``[kafka]`` is set, then ``alerts.jsonl``, ``alerts.stdout`` and ``alerts.webhook``. ``recoverable``:
+    the flow keeps a recovery directory (then each batch's alerts are acknowledged before it ends; without one
+    the next batch checks them, sinks/kafka.py)."""
     sinks: List[Tuple[str, Sink]] = []
     if config.kafka is not None:
         from meterflow.sinks.kafka import AlertTopicSink
 
         k = config.kafka
         sinks.append(("alerts_kafka", AlertTopicSink(k.bootstrap_servers, k.alerts_topic, k.client_config,
-                                                     k.outage_timeout_seconds)))
+                                                     k.outage_timeout_seconds, defer_acks=not recoverable)))
     if config.alerts.jsonl:
         sinks.append(("alerts_jsonl", JsonlAlertSink(config.alerts.jsonl)))
     if config.alerts.stdout:

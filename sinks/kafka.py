@@ -9,8 +9,11 @@ the next events while the broker acknowledges. A failed delivery is raised by
 the next ``write_batch`` (or ``close``) with the same error, and ``close`` waits
 for every acknowledgement, so a flow that ends without an error had every row
 acknowledged; one that fails may have left rows of its last batches undelivered,
-which a rerun (it reads the topics from the start) sends again. Alerts, reviews
-and dead letters are always confirmed per batch.
+which a rerun (it reads the topics from the start) sends again. The alerts topic
+does the same without recovery (its producer sends each alert at once, with no
+linger, and the flow's thread does not wait for the broker's answer before the
+next events: a rerun re-detects an undelivered alert, with the same ``alert_id``).
+Reviews and dead letters are always confirmed per batch.
 Consumers get exactly-once *values* by upserting: the aggregated topic is keyed
 ``tenant|customer|metric`` and each record carries its identity
 (kind, start, dimensions) and a ``version`` that only grows — keep the highest.
@@ -230,6 +233,8 @@ class _DeadLetterPartition(_ProducerPartition):
 
 class _AlertPartition(_ProducerPartition):
     def write_batch(self, items: List[Emission]) -> None:
+        if self._defer:
+            self._check_earlier()
         wrote = False
         produced_at = self._watch.now()
         for e in items:
@@ -237,8 +242,15 @@ class _AlertPartition(_ProducerPartition):
                 headers = [("type", a.type.encode()), ("tenant_id", a.tenant_id.encode())]
                 self._produce(a.alert_id.encode(), ALERT_ENCODER.encode(a), headers)
                 wrote = True
-        if wrote:
+        if not wrote:
+            return
+        if not self._defer or self._failed:
             self._flush(produced_at)
+            return
+        # (linger.ms 0: librdkafka sends them at once; the next batch, or close, confirms them)
+        self._producer.poll(0)
+        self._queued = len(self._producer)
+        self._broken = False
 
 
 class AggregatedTopicSink(DynamicSink[Emission]):
@@ -308,13 +320,18 @@ class AlertTopicSink(DynamicSink[Emission]):
     At-least-once: a resumed flow may re-send an alert with the same key; consumers deduplicate by key."""
 
     def __init__(self, bootstrap: str, topic: str, client_config: Optional[Dict[str, str]] = None,
-                 outage_timeout: float = OUTAGE_TIMEOUT) -> None:
-        self._config = producer_config(bootstrap, client_config, outage_timeout)
+                 outage_timeout: float = OUTAGE_TIMEOUT, defer_acks: bool = False) -> None:
+        # An alert is sent the moment it is produced (no linger: it is what someone waits for); with
+        # ``defer_acks`` (a flow without recovery) the flow's thread does not wait for its acknowledgement either.
+        self._config = {**producer_config(bootstrap, client_config, outage_timeout), "linger.ms": 0}
+        if client_config and "linger.ms" in client_config:
+            self._config["linger.ms"] = client_config["linger.ms"]
         self._watch = (bootstrap, outage_timeout)
         self._topic = topic
+        self._defer = defer_acks
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _AlertPartition:
-        return _AlertPartition(self._config, self._topic, watch_for(*self._watch))
+        return _AlertPartition(self._config, self._topic, watch_for(*self._watch), self._defer)
 
 
 def publish_entitlements(bootstrap: str, topic: str, messages: Sequence[Tuple[bytes, bytes]],

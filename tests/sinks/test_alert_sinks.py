@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import io
+import os
 import threading
 import uuid
 from pathlib import Path
@@ -219,6 +220,62 @@ def test_alert_topic_sink_keys_values_and_headers(kafka):
     assert by_key == {a.alert_id: a for a in alerts}
 
 
+@pytest.mark.kafka
+def test_without_recovery_alerts_go_at_once_and_the_next_batch_or_close_confirms_them(kafka):
+    """defer_acks (no recovery directory): write_batch sends each alert (no linger) and returns without waiting
+    for the broker; the alert is on the topic before the next batch; close confirms the rest. With acks awaited
+    (recovery) nothing is left unacknowledged when write_batch returns."""
+    import time
+
+    from confluent_kafka import Consumer
+
+    from tests.e2e.support import consume_all
+
+    for defer in (True, False):
+        topic = kafka.create_topic(f"alerts-defer-{uuid.uuid4().hex[:8]}")
+        alerts = make_alerts(5, prefix=f"d{int(defer)}")
+        part = AlertTopicSink(kafka.bootstrap, topic, defer_acks=defer).build("alerts_kafka", 0, 1)
+        part.write_batch(batch(alerts[:1]))
+        assert (len(part._producer) > 0) is defer  # (deferred: back before the broker's answer)
+        if defer:  # (sent, not yet known to be acknowledged: a consumer still reads it without another batch)
+            c = Consumer({"bootstrap.servers": kafka.bootstrap, "group.id": uuid.uuid4().hex,
+                          "auto.offset.reset": "earliest", "log_level": 2})
+            c.subscribe([topic])
+            deadline, got = time.monotonic() + 30, None
+            while got is None and time.monotonic() < deadline:
+                m = c.poll(0.2)
+                got = m if m is not None and m.error() is None else None
+            c.close()
+            assert got is not None and got.key() == alerts[0].alert_id.encode()
+        else:
+            assert len(part._producer) == 0
+        part.write_batch([Emission()])
+        part.write_batch(batch(alerts[1:]))
+        part.close()
+        assert len(part._producer) == 0
+        msgs = consume_all(kafka.bootstrap, topic, timeout=60)
+        assert [ALERT_DECODER.decode(v) for _k, v, _h in msgs] == alerts
+
+
+@pytest.mark.kafka
+def test_without_recovery_a_refused_alert_fails_the_next_batch_or_close(kafka):
+    """An alert the broker refuses (larger than the topic takes) fails the next write_batch with the synchronous
+    path's error, or close when it was the last batch."""
+    from meterflow.base.errors import MeterError
+
+    topic = kafka.create_topic(f"alerts-small-{uuid.uuid4().hex[:8]}", config={"max.message.bytes": 1000})
+    big = make_alert(os.urandom(2000).hex(), 75.0)  # a customer id larger than the topic accepts, compressed
+    part = AlertTopicSink(kafka.bootstrap, topic, defer_acks=True).build("alerts_kafka", 0, 1)
+    part.write_batch(batch([make_alert("c1", 75.0), big]))  # returns: the refusal comes with the acks
+    part._producer.flush(30)
+    with pytest.raises(MeterError, match=f"Kafka topic '{topic}': delivery failed.*--recovery"):
+        part.write_batch(batch([make_alert("c1", 90.0)]))
+    part.write_batch(batch([make_alert("c1", 100.0)]))  # a batch after the failure is judged alone
+    part.write_batch(batch([make_alert(os.urandom(2000).hex(), 90.0)]))
+    with pytest.raises(MeterError, match=f"Kafka topic '{topic}': delivery failed"):
+        part.close()
+
+
 # -- wiring ---------------------------------------------------------------------------------------
 
 def test_alert_sinks_from_config(tmp_path):
@@ -232,9 +289,10 @@ def test_alert_sinks_from_config(tmp_path):
     assert alert_sinks_from_config(parse_config({}, environ={})) == []
 
 
-def test_alerts_and_gateway_states_are_the_first_outputs_of_the_flow(tmp_path):
-    """Bytewax runs a batch's output steps in the order they were added: the alerts and the live gateway state
-    come before the ClickHouse and Kafka row outputs (a chDB insert of the same batch would delay them)."""
+def test_gateway_states_then_alerts_are_the_first_outputs_of_the_flow(tmp_path):
+    """Bytewax runs a batch's output steps in the order they were added: the live gateway state, then the alerts,
+    come before the ClickHouse and Kafka row outputs (a chDB insert of the same batch would delay them); the
+    gateway state first, so a `blocked` alert's reader finds the gateways already refusing."""
     from meterflow.dataflows.metering import sinks_from_config
 
     cfg = parse_config({"kafka": {"bootstrap_servers": "127.0.0.1:1", "alerts_topic": "my.alerts"},
@@ -242,5 +300,5 @@ def test_alerts_and_gateway_states_are_the_first_outputs_of_the_flow(tmp_path):
                         "clickhouse": {"dsn": f"chdb://{tmp_path / 'ch'}"},
                         "alerts": {"jsonl": str(tmp_path / "a.jsonl")}}, environ={})
     names = [name for name, _ in sinks_from_config(cfg)]
-    assert names[:3] == ["alerts_kafka", "alerts_jsonl", "redis_gateway"]
+    assert names[:3] == ["redis_gateway", "alerts_kafka", "alerts_jsonl"]
     assert set(names[3:]) == {"clickhouse", "aggregated_topic", "rated_topic", "reviews_topic", "dead_letter_topic"}
