@@ -7,7 +7,8 @@ wall-clock time it was produced, so for every ``threshold_crossed``/``blocked`` 
 
 * end to end  = alert consumed - event produced  (what an account manager's system sees),
 * in the flow = ``detected_at - ingested_at``     (mediate -> meter -> evaluate),
-* to the flow = ``ingested_at - event_time``      (broker + source poll).
+* to the flow = ``ingested_at - event_time``      (broker + source poll),
+* from the flow = alert consumed - ``detected_at`` (the rest of the flow's pass, the alert sink, broker, consumer).
 
 It also reads the Redis gateway hash right after each ``blocked`` alert arrives and reports how
 often the gateway state was already ``blocked`` (the gateway state lag is bounded by the same batch).
@@ -98,7 +99,10 @@ def main() -> int:
                           "fetch.wait.max.ms": 5, "log_level": 2})
             c.subscribe(["usage.alerts"])
             while not stop.is_set():
-                for msg in c.consume(500, 0.05):
+                first = c.poll(0.05)  # returns as soon as one alert is there (consume() would wait its timeout)
+                if first is None:
+                    continue
+                for msg in [first] + c.consume(500, 0):
                     if msg.error():
                         continue
                     now = time.time() * 1000
@@ -159,7 +163,7 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             os.killpg(flow.pid, signal.SIGKILL)
         log.close()
-    e2e, inflow, toflow = [], [], []
+    e2e, inflow, toflow, outflow = [], [], [], []
     for aid, (got, a) in received.items():
         if aid in warm or not a["event_id"].startswith("e"):
             continue
@@ -169,6 +173,7 @@ def main() -> int:
         e2e.append(got - ev)
         inflow.append(det - ing)
         toflow.append(ing - ev)
+        outflow.append(got - det)
     counts = [0] * args.customers
     for k in range(sent):
         counts[1 + k % (args.customers - 1)] += 1
@@ -176,6 +181,7 @@ def main() -> int:
                    + 2 * (counts[i] >= included[i]) for i in range(1, args.customers))
     res = {"rate": args.rate, "seconds": args.seconds, "events": sent, "alerts": len(e2e),
            "end_to_end_ms": _pcts(e2e), "in_flow_ms": _pcts(inflow), "to_flow_ms": _pcts(toflow),
+           "from_flow_ms": _pcts(outflow),
            "blocked_visible_in_redis": f"{sum(gate_checks)}/{len(gate_checks)}",
            "expected_alerts": expected}
     RESULTS.mkdir(exist_ok=True)
@@ -188,7 +194,8 @@ def main() -> int:
         t.add_column(col, justify="right" if col != "path" else "left")
     for name, key in (("event produced -> alert consumed", "end_to_end_ms"),
                       ("ingested -> detected (in the flow)", "in_flow_ms"),
-                      ("event time -> ingested (broker+poll)", "to_flow_ms")):
+                      ("event time -> ingested (broker+poll)", "to_flow_ms"),
+                      ("detected -> consumed (sink+broker)", "from_flow_ms")):
         r = res[key]
         t.add_row(name, str(r["n"]), f"{r['p50']:.1f}", f"{r['p99']:.1f}", f"{r['max']:.1f}")
     Console().print(t)
