@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import time
 from datetime import datetime, timedelta, timezone
+from typing import Dict
 
 UTC = timezone.utc
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -123,10 +124,16 @@ def ms_to_iso(ms: int) -> str:
     >>> ms_to_iso(1793491200123)
     '2026-11-01T00:00:00.123Z'
     """
-    dt = ms_to_dt(ms)
-    if ms % 1000:
-        return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
-    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+    sec, frac = divmod(ms, 1000)
+    head = _ISO_SECONDS.get(sec)
+    if head is None:  # (strftime costs microseconds: the texts of recent seconds are kept)
+        if len(_ISO_SECONDS) >= 8192:
+            _ISO_SECONDS.clear()
+        head = _ISO_SECONDS[sec] = ms_to_dt(ms - frac).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{head}.{frac:03d}Z" if frac else head + "Z"
+
+
+_ISO_SECONDS: Dict[int, str] = {}  # epoch second -> its RFC 3339 text without the zone (ms_to_iso)
 
 
 def now_ms() -> int:

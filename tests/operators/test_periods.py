@@ -259,3 +259,18 @@ def test_cached_parser_is_exact_for_any_instant(ms, frac, zone):
     first = parser(text)
     assert first == parse_rfc3339_ms(text)
     assert parser(text) == first  # from the cache
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(min_value=-62_135_596_800_000, max_value=253_402_300_799_999), min_size=1,
+                max_size=30))
+def test_ms_to_iso_with_its_cache_of_seconds_is_the_strftime_text(values):
+    """ms_to_iso keeps the text of recent seconds; each call, cached or not, gives the uncached text."""
+    def uncached(ms):
+        dt = ms_to_dt(ms)
+        frac = ms % 1000
+        return dt.strftime("%Y-%m-%dT%H:%M:%S") + (f".{frac:03d}Z" if frac else "Z")
+
+    for ms in values + [v + 1 for v in values] + values:  # (the same second again, another millisecond of it)
+        if ms <= 253_402_300_799_999:
+            assert ms_to_iso(ms) == uncached(ms), ms
