@@ -73,19 +73,29 @@ def test_a_fatal_error_in_a_chunk_stops_the_flow_and_keeps_the_resume_offset(chu
 
 
 @pytest.mark.parametrize("chunks", [False, True])
-def test_a_partition_never_waits_in_consume_and_an_idle_one_is_polled_again_after_poll_timeout(chunks):
+def test_a_busy_worker_never_waits_in_consume_and_an_idle_one_does(chunks):
     """A consume call with a timeout holds the whole worker for all of it (librdkafka returns early only for a
-    full batch): every call takes what is fetched (timeout 0); a partition that had nothing asks Bytewax to call
-    it again after poll_timeout (next_awake), one with messages at once (None)."""
+    full batch): while a partition of the worker consumed messages in the last WORKER_IDLE_S every call takes
+    what is fetched (timeout 0), and a partition that had nothing asks Bytewax to call it again after
+    poll_timeout (next_awake); once the whole worker is idle, it waits in consume up to poll_timeout (the
+    thread sleeps there) and next_awake is None."""
     from datetime import datetime, timedelta, timezone
+    from threading import get_ident
 
-    p = _part([[_msg(40, b"a")], [], [_msg(41, b"b")]], chunks)
+    from meterflow.sources import kafka as source
+
+    p = _part([[_msg(40, b"a")], [], [_msg(41, b"b")], [], [], [], [_msg(42, b"c")]], chunks)
     p._timeout = 0.25
     assert p.next_batch() and p.next_awake() is None
     before = datetime.now(timezone.utc)
-    assert p.next_batch() == []
+    assert p.next_batch() == []  # (the worker consumed a moment ago: busy)
     awake = p.next_awake()
     assert awake is not None and before + timedelta(seconds=0.25) <= awake <= datetime.now(timezone.utc) + \
         timedelta(seconds=0.25)
     assert p.next_batch() and p.next_awake() is None
     assert p._consumer.timeouts == [0, 0, 0]
+    source._LAST_DATA[get_ident()] -= 2 * source.WORKER_IDLE_S  # nothing consumed by the worker since then
+    assert p.next_batch() == [] and p.next_awake() is None  # idle: the first call found nothing, the second waited
+    assert p._consumer.timeouts[3:] == [0, 0.25]
+    assert p.next_batch() and p.next_awake() is None  # messages after the wait
+    assert p._consumer.timeouts[5:] == [0, 0.25]
