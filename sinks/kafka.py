@@ -139,11 +139,16 @@ class _ProducerPartition(StatelessSinkPartition[Emission]):
             except BufferError:  # queue full by bytes: the refused message and the ones after it go again
                 done += take - length_hint(left) - 1
                 producer.poll(0.05)
+        self._end_batch(produced_at)
+
+    def _end_batch(self, produced_at: float) -> None:
+        """A batch is queued: confirm it now (:meth:`_flush`), or with ``defer_acks`` leave it to the next batch
+        or ``close`` unless a failure is already known."""
         if not self._defer or self._failed:
             self._flush(produced_at)
             return
-        producer.poll(0)  # serve the delivery reports (and error_cb) due now, without waiting
-        self._queued = len(producer)
+        self._producer.poll(0)  # serve the delivery reports (and error_cb) due now, without waiting
+        self._queued = len(self._producer)
         self._broken = False  # (queued after an earlier failure: close confirms these too)
 
     def _check_earlier(self) -> None:
@@ -242,15 +247,8 @@ class _AlertPartition(_ProducerPartition):
                 headers = [("type", a.type.encode()), ("tenant_id", a.tenant_id.encode())]
                 self._produce(a.alert_id.encode(), ALERT_ENCODER.encode(a), headers)
                 wrote = True
-        if not wrote:
-            return
-        if not self._defer or self._failed:
-            self._flush(produced_at)
-            return
-        # (linger.ms 0: librdkafka sends them at once; the next batch, or close, confirms them)
-        self._producer.poll(0)
-        self._queued = len(self._producer)
-        self._broken = False
+        if wrote:
+            self._end_batch(produced_at)
 
 
 class AggregatedTopicSink(DynamicSink[Emission]):
@@ -323,9 +321,7 @@ class AlertTopicSink(DynamicSink[Emission]):
                  outage_timeout: float = OUTAGE_TIMEOUT, defer_acks: bool = False) -> None:
         # An alert is sent the moment it is produced (no linger: it is what someone waits for); with
         # ``defer_acks`` (a flow without recovery) the flow's thread does not wait for its acknowledgement either.
-        self._config = {**producer_config(bootstrap, client_config, outage_timeout), "linger.ms": 0}
-        if client_config and "linger.ms" in client_config:
-            self._config["linger.ms"] = client_config["linger.ms"]
+        self._config = producer_config(bootstrap, {"linger.ms": "0", **(client_config or {})}, outage_timeout)
         self._watch = (bootstrap, outage_timeout)
         self._topic = topic
         self._defer = defer_acks

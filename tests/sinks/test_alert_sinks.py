@@ -302,3 +302,10 @@ def test_gateway_states_then_alerts_are_the_first_outputs_of_the_flow(tmp_path):
     names = [name for name, _ in sinks_from_config(cfg)]
     assert names[:3] == ["redis_gateway", "alerts_kafka", "alerts_jsonl"]
     assert set(names[3:]) == {"clickhouse", "aggregated_topic", "rated_topic", "reviews_topic", "dead_letter_topic"}
+
+
+def test_the_alert_producer_has_no_linger_unless_kafka_client_config_sets_one():
+    """An alert is sent the moment it is produced (deferred acks no longer flush it out); client_config still
+    overrides, as for every producer."""
+    assert AlertTopicSink("127.0.0.1:1", "a")._config["linger.ms"] == "0"
+    assert AlertTopicSink("127.0.0.1:1", "a", {"linger.ms": "7"})._config["linger.ms"] == "7"
