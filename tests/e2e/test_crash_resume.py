@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
+import time
 from collections import Counter
+from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Optional
 
 import orjson
 import pytest
@@ -104,17 +108,54 @@ def _dl_rows(views: dict):
     return Counter(json.dumps(r[:-1]) for r in views["dead_letters"])
 
 
+def _frontier(recovery: Path) -> Optional[int]:
+    """The epoch the latest execution of the flow has closed on every worker (Bytewax's recovery store: the
+    ``fronts`` table of each ``part-*.sqlite3``), None before it has one."""
+    lows = []
+    for part in sorted(recovery.glob("part-*.sqlite3")):
+        try:
+            with closing(sqlite3.connect(f"file:{part}?mode=ro", uri=True, timeout=1)) as db:
+                row = db.execute("SELECT min(worker_frontier) FROM fronts WHERE ex_num = "
+                                 "(SELECT max(ex_num) FROM fronts)").fetchone()
+        except sqlite3.Error:  # (not created yet, or being written)
+            return None
+        if row is None or row[0] is None:
+            return None
+        lows.append(row[0])
+    return min(lows) if lows else None
+
+
+def _wait_for_snapshot_after(recovery: Path, live: "LiveRun", timeout: float) -> None:
+    """Wait until the running flow has closed the epoch that was open now, so its snapshot holds what was read by
+    now: a kill at a read count alone may come before any epoch with reads in it was committed (on a fast,
+    quiet machine the first epochs of new customers take seconds to snapshot), and the resume would then start
+    from the beginning."""
+    deadline = time.monotonic() + timeout
+    start = _frontier(recovery)
+    while time.monotonic() < deadline and live.proc.poll() is None:
+        now = _frontier(recovery)
+        if now is not None and (start is None or now > start):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"meter run committed no epoch in {timeout:g} s (frontier {start}, exit "
+                         f"{live.proc.poll()}):\n{''.join(live.stderr)[-3000:]}")
+
+
 def _crash_and_resume(tmp_path: Path, cfg: Path, run_args, total: int, extra_env=None) -> dict:
-    """Start `meter run`, SIGKILL it mid-stream; restart it and SIGKILL the restarted run too (a crash during
-    recovery); then restart the same command until it exits 0 (every run with ``extra_env`` added)."""
-    argv = ["run", "--config", str(cfg), "--recovery", str(tmp_path / f"recovery-{cfg.stem}"),
+    """Start `meter run`, SIGKILL it mid-stream once it has read a share of the stream and committed a snapshot
+    taken after that; restart it and SIGKILL the restarted run too (a crash during recovery); then restart the same
+    command until it exits 0 (every run with ``extra_env`` added)."""
+    recovery = tmp_path / f"recovery-{cfg.stem}"
+    argv = ["run", "--config", str(cfg), "--recovery", str(recovery),
             "--progress-every", "0.5", "--json", *run_args]
     kills = []
     after_kill = None
     for n, share in enumerate((KILL_AT, SECOND_KILL_AT)):
         live = LiveRun(argv, tmp_path / f"{cfg.stem}-crash{n}.out", extra_env)
         try:
-            read_at_kill = live.wait_until_read(int(total * share), timeout=120)
+            live.wait_until_read(int(total * share), timeout=120)
+            _wait_for_snapshot_after(recovery, live, timeout=120)
+            read_at_kill = live.last_read()
         finally:
             rc = live.kill()
         # -SIGKILL, not 0: it was still running when the signal arrived
