@@ -582,15 +582,16 @@ def sinks_from_config(config: Config, recoverable: bool = False, processes: int 
         from meterflow.sinks.kafka import AggregatedTopicSink, DeadLetterTopicSink, RatedTopicSink, ReviewTopicSink
 
         k = config.kafka
-        # (without a recovery directory the row topics' acks are checked at the next batch: sinks/kafka.py)
+        # (without a recovery directory every topic's acks are checked at the next batch: sinks/kafka.py)
         sinks.append(("aggregated_topic", AggregatedTopicSink(k.bootstrap_servers, k.aggregated_topic, k.client_config,
                                                               k.outage_timeout_seconds, defer_acks=not recoverable)))
         sinks.append(("rated_topic", RatedTopicSink(k.bootstrap_servers, k.rated_topic, k.client_config,
                                                     k.outage_timeout_seconds, defer_acks=not recoverable)))
         sinks.append(("reviews_topic", ReviewTopicSink(k.bootstrap_servers, k.reviews_topic, k.client_config,
-                                                       k.outage_timeout_seconds)))
+                                                       k.outage_timeout_seconds, defer_acks=not recoverable)))
         sinks.append(("dead_letter_topic", DeadLetterTopicSink(k.bootstrap_servers, k.dead_letter_topic,
-                                                               k.client_config, k.outage_timeout_seconds)))
+                                                               k.client_config, k.outage_timeout_seconds,
+                                                               defer_acks=not recoverable)))
     if config.redis is not None:
         from meterflow.sinks.redis import GatewayStateSink
 

@@ -3,8 +3,8 @@
 Delivery guarantee: at-least-once (idempotent producer, ``acks=all``). With a
 recovery directory every ``write_batch`` returns only after every message of the
 batch is acknowledged, so nothing a snapshot covers can be lost; a resumed flow
-may send a row again. Without one (``defer_acks``, the aggregated and rated row
-topics only) ``write_batch`` queues the rows and returns: the flow's thread folds
+may send a row again. Without one (``defer_acks``: the aggregated, rated, review
+and dead-letter topics) ``write_batch`` queues the rows and returns: the flow's thread folds
 the next events while the broker acknowledges. A failed delivery is raised by
 the next ``write_batch`` (or ``close``) with the same error, and ``close`` waits
 for every acknowledgement, so a flow that ends without an error had every row
@@ -13,7 +13,8 @@ which a rerun (it reads the topics from the start) sends again. The alerts topic
 does the same without recovery (its producer sends each alert at once, with no
 linger, and the flow's thread does not wait for the broker's answer before the
 next events: a rerun re-detects an undelivered alert, with the same ``alert_id``).
-Reviews and dead letters are always confirmed per batch.
+A rerun re-derives an undelivered review item or dead letter the same way (same
+``review_id`` and ``version``, same ``dl_id``).
 Consumers get exactly-once *values* by upserting: the aggregated topic is keyed
 ``tenant|customer|metric`` and each record carries its identity
 (kind, start, dimensions) and a ``version`` that only grows — keep the highest.
@@ -69,7 +70,7 @@ class _ProducerPartition(StatelessSinkPartition[Emission]):
     ``message.timeout.ms`` (``kafka.outage_timeout``); the batch then fails and the flow stops, so nothing
     unacknowledged is ever covered by a snapshot.
 
-    ``defer_acks`` (row topics of a flow without recovery): a batch is queued and not flushed; the next
+    ``defer_acks`` (every topic of a flow without recovery): a batch is queued and not flushed; the next
     batch first serves the delivery reports due (``poll(0)``) and, if one failed, flushes and raises as a
     synchronous batch would; ``close`` flushes and raises the same way. The local queue stays bounded by
     the room check of :meth:`_send_rows` (with the broker down it fills, and the messages' timeouts end
@@ -210,6 +211,8 @@ class _RatedPartition(_ProducerPartition):
 
 class _ReviewPartition(_ProducerPartition):
     def write_batch(self, items: List[Emission]) -> None:
+        if self._defer:
+            self._check_earlier()
         encode = REVIEW_ENCODER.encode
         wrote = False
         produced_at = self._watch.now()
@@ -218,11 +221,13 @@ class _ReviewPartition(_ProducerPartition):
                 self._produce(rec.review_id.encode(), encode(rec), [("route", rec.route.encode())])
                 wrote = True
         if wrote:
-            self._flush(produced_at)
+            self._end_batch(produced_at)
 
 
 class _DeadLetterPartition(_ProducerPartition):
     def write_batch(self, items: List[Emission]) -> None:
+        if self._defer:
+            self._check_earlier()
         wrote = False
         produced_at = self._watch.now()
         for e in items:
@@ -233,7 +238,7 @@ class _DeadLetterPartition(_ProducerPartition):
                 self._produce(d.dl_id.encode(), d.payload, headers)
                 wrote = True
         if wrote:
-            self._flush(produced_at)
+            self._end_batch(produced_at)
 
 
 class _AlertPartition(_ProducerPartition):
@@ -288,13 +293,14 @@ class ReviewTopicSink(DynamicSink[Emission]):
     ``version`` per key: a replay re-sends items with versions already seen."""
 
     def __init__(self, bootstrap: str, topic: str, client_config: Optional[Dict[str, str]] = None,
-                 outage_timeout: float = OUTAGE_TIMEOUT) -> None:
+                 outage_timeout: float = OUTAGE_TIMEOUT, defer_acks: bool = False) -> None:
         self._config = producer_config(bootstrap, client_config, outage_timeout)
+        self._defer = defer_acks
         self._watch = (bootstrap, outage_timeout)
         self._topic = topic
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _ReviewPartition:
-        return _ReviewPartition(self._config, self._topic, watch_for(*self._watch))
+        return _ReviewPartition(self._config, self._topic, watch_for(*self._watch), self._defer)
 
 
 class DeadLetterTopicSink(DynamicSink[Emission]):
@@ -302,13 +308,14 @@ class DeadLetterTopicSink(DynamicSink[Emission]):
     detail, source, tenant and metric as headers, keyed by ``dl_id``."""
 
     def __init__(self, bootstrap: str, topic: str, client_config: Optional[Dict[str, str]] = None,
-                 outage_timeout: float = OUTAGE_TIMEOUT) -> None:
+                 outage_timeout: float = OUTAGE_TIMEOUT, defer_acks: bool = False) -> None:
         self._config = producer_config(bootstrap, client_config, outage_timeout)
+        self._defer = defer_acks
         self._watch = (bootstrap, outage_timeout)
         self._topic = topic
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _DeadLetterPartition:
-        return _DeadLetterPartition(self._config, self._topic, watch_for(*self._watch))
+        return _DeadLetterPartition(self._config, self._topic, watch_for(*self._watch), self._defer)
 
 
 class AlertTopicSink(DynamicSink[Emission]):

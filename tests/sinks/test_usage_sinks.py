@@ -27,7 +27,7 @@ from meterflow.schemas.records import (
 )
 from meterflow.sinks.clickhouse import ClickHouseSink, connect
 from meterflow.sinks.clickhouse_schema import DEAD_COLUMNS, PERIOD_COLUMNS, WINDOW_COLUMNS, dims_key, emission_columns
-from meterflow.sinks.kafka import AggregatedTopicSink, DeadLetterTopicSink, RatedTopicSink
+from meterflow.sinks.kafka import AggregatedTopicSink, DeadLetterTopicSink, RatedTopicSink, ReviewTopicSink
 
 H = 3_600_000
 T = 1_793_491_200_000  # 2026-11-01T00:00:00Z
@@ -139,6 +139,64 @@ def test_dead_letter_topic_keeps_the_payload_and_headers(kafka):
                                        "source": d.source.encode(), "tenant_id": b"", "metric": b"",
                                        "received_at": str(d.received_at).encode()})
         for d in (dead(1), dead(2, b"\x00\xff binary"))]
+
+
+@pytest.mark.kafka
+def test_without_recovery_dead_letters_and_reviews_are_queued_and_confirmed_by_close(kafka):
+    """defer_acks (no recovery directory): the dead-letter and review topics' write_batch returns before the
+    broker's answer (messages still unacknowledged in the producer), and close confirms every one of them; with
+    acks awaited (recovery) nothing is left unacknowledged when write_batch returns. What reaches the topics is the
+    same either way."""
+    from tests.e2e.support import consume_all
+    from tests.sinks.test_review_store import item
+
+    reviews = [Emission(reviews=[item(f"{i:032x}", f"{i}.5", "approve", i)]) for i in range(1, 4)]
+    for defer in (True, False):
+        for name, sink, emissions, key in (
+                ("dead_letter_topic", DeadLetterTopicSink, EMISSIONS, lambda e: [d.dl_id for d in e.dead_letters]),
+                ("reviews_topic", ReviewTopicSink, reviews, lambda e: [r.review_id for r in e.reviews])):
+            topic = kafka.create_topic(f"{name}-{int(defer)}-{uuid.uuid4().hex[:8]}")
+            part = sink(kafka.bootstrap, topic, defer_acks=defer).build(name, 0, 1)
+            part.write_batch(emissions)
+            assert (len(part._producer) > 0) is defer, name  # (deferred: back before the broker's answer)
+            part.write_batch([Emission()])  # (a batch with nothing for the topic checks earlier deliveries)
+            part.close()
+            assert len(part._producer) == 0
+            msgs = consume_all(kafka.bootstrap, topic, timeout=60)
+            assert [k.decode() for k, _v, _h in msgs] == [k for e in emissions for k in key(e)], name
+
+
+@pytest.mark.kafka
+def test_without_recovery_a_refused_dead_letter_fails_the_next_batch_or_close(kafka):
+    """A dead letter the broker refuses (larger than the topic takes) fails the next write_batch with the
+    synchronous path's error, or close when it was the last batch."""
+    topic = kafka.create_topic(f"dead-small-{uuid.uuid4().hex[:8]}", config={"max.message.bytes": 1000})
+    part = DeadLetterTopicSink(kafka.bootstrap, topic, defer_acks=True).build("dead_letter_topic", 0, 1)
+    part.write_batch([Emission(dead_letters=[dead(1), dead(2, os.urandom(4000))])])  # returns: refused later
+    part._producer.flush(30)
+    with pytest.raises(MeterError, match=f"Kafka topic '{topic}': delivery failed.*--recovery"):
+        part.write_batch([Emission(dead_letters=[dead(3)])])
+    part.write_batch([Emission(dead_letters=[dead(4)])])  # a batch after the failure is judged alone
+    part.write_batch([Emission(dead_letters=[dead(5, os.urandom(4000))])])
+    with pytest.raises(MeterError, match=f"Kafka topic '{topic}': delivery failed"):
+        part.close()
+
+
+def test_every_kafka_topic_defers_its_acks_exactly_when_the_flow_has_no_recovery(tmp_path):
+    """The wiring: without a recovery directory every Kafka output checks its acknowledgements at the next batch
+    (and close); with one, every batch is confirmed before write_batch returns."""
+    from meterflow.dataflows.metering import sinks_from_config
+    from meterflow.schemas.config import parse_config
+
+    cfg = parse_config({"kafka": {"bootstrap_servers": "127.0.0.1:9"},
+                        "clickhouse": {"dsn": f"chdb://{tmp_path / 'ch'}"},
+                        "metrics": [{"code": "api_calls", "event_type": "api_call", "aggregation": "count"}]},
+                       "test", environ={})
+    for recoverable in (True, False):
+        topics = {name: sink for name, sink in sinks_from_config(cfg, recoverable)
+                  if name.endswith("_topic") or name == "alerts_kafka"}
+        assert set(topics) == {"aggregated_topic", "rated_topic", "reviews_topic", "dead_letter_topic", "alerts_kafka"}
+        assert {name: sink._defer for name, sink in topics.items()} == {name: not recoverable for name in topics}
 
 
 @pytest.mark.kafka
