@@ -30,6 +30,7 @@ and CPU seconds per million events of each, and checks that both cores emit the 
 alerts (id, type, event_id, usage).
 
     python -m benchmarks.native_core --events 300000 [--flow]
+    python -m benchmarks.native_core --events 300000 --shards 256,64,16   # the per-shard cost of a batch
 """
 
 from __future__ import annotations
@@ -156,6 +157,34 @@ def run_native_flow(cfg, batches, now: int, flush_every: int = 50) -> Dict[str, 
             "evaluated": sum(len(lg._native.evaluated) for lg in logics.values())}
 
 
+def run_shard_counts(args: argparse.Namespace, counts: List[int]) -> None:
+    """:func:`run_native_flow` over the bench workload at each ``pipeline.shards`` count, ``args.rounds``
+    alternating rounds (a noisy machine moves all counts of a round alike): events/s, CPU and the shard calls."""
+    import msgspec
+
+    from meterflow.operators.native import AVAILABLE
+
+    if not AVAILABLE:
+        print("native    not built (./dev setup builds meterflow_native when cargo is installed)")
+        return
+    cfg, lines, batches = build_bench(args.events, args.batch, args.customers, args.aggs)
+    tune_gc()
+    now = 1_793_491_200_000 + 86_400_000
+    best: Dict[int, float] = {}
+    for rnd in range(1, args.rounds + 1):
+        for n in counts:
+            c = msgspec.structs.replace(cfg, pipeline=msgspec.structs.replace(cfg.pipeline, shards=n))
+            r = run_native_flow(c, batches, now)
+            eps = r["events"] / r["seconds"]
+            best[n] = max(best.get(n, 0.0), eps)
+            print(f"round {rnd}  shards {n:>5}: {eps:>10,.0f} events/s {r['cpu_seconds'] / r['events'] * 1e6:5.2f} "
+                  f"CPU s/M, {r['alerts'].get('threshold_crossed', 0):,} threshold alerts, {r['rows']:,} rows",
+                  flush=True)
+    base = best[counts[0]]
+    print("best of each: " + ", ".join(f"{n} shards {e:,.0f} events/s ({e / base:.2f}x of {counts[0]})"
+                                       for n, e in best.items()))
+
+
 def dedupe_table_figures(sizes=(10_000, 100_000, 1_000_000), repeat: int = 3) -> List[Dict[str, float]]:
     """The native dedupe table against ``HashMap<u64, u64>`` (what BatchCore held before) in one table of n
     random fingerprints, natively (``meterflow_native.bench_dedupe``): ns per check (new ids, growth included;
@@ -226,12 +255,19 @@ def main() -> None:
                     help="also run the whole dataflow in process with pipeline.core python and native")
     ap.add_argument("--aggs", action="store_true",
                     help="bench workload plus max, min, latest, unique_count and p95 metrics of the tokens")
+    ap.add_argument("--shards", default="", metavar="N,M,...",
+                    help="only the native path with threshold detection (run_native_flow) at each of these "
+                         "pipeline.shards counts, in alternating rounds (the per-shard cost of a batch)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of --shards")
     ap.add_argument("--resume", type=int, default=0, metavar="N",
                     help="only time a shard's resume of N customers from a snapshot, on each core (the native one "
                          "loads every customer back into the native fold)")
     args = ap.parse_args()
     if args.resume:
         run_resume(args.resume)
+        return
+    if args.shards:
+        run_shard_counts(args, [int(x) for x in args.shards.split(",")])
         return
     t = time.perf_counter()
     if args.workload == "bench":

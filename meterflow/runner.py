@@ -236,6 +236,33 @@ def cluster_addresses(addresses: Optional[str], process_id: Optional[int]) -> Li
     return out
 
 
+def recorded_shards(directory: str) -> Optional[int]:
+    """The ``pipeline.shards`` a recovery directory's snapshots were taken with (None: none recorded yet)."""
+    import json
+
+    marker = Path(directory) / RECOVERY_MARKER
+    try:
+        shards = json.loads(marker.read_text()).get("shards")
+    except (OSError, ValueError, AttributeError):
+        return None  # (absent, or unreadable: prepare_recovery reports what is wrong with the directory)
+    return shards if type(shards) is int and shards >= 1 else None
+
+
+def adopt_recorded_shards(cfg: Config, directory: str, out: Optional[TextIO] = None) -> Config:
+    """``cfg`` with the shard count recorded in recovery directory ``directory`` when the configuration leaves
+    ``pipeline.shards`` unset (a directory written with the old default of 256 resumes after an upgrade; one line
+    on ``out`` says so). A count the configuration gives is kept: :func:`prepare_recovery` refuses a mismatch."""
+    import msgspec
+
+    recorded = recorded_shards(directory)
+    if recorded is None or recorded == cfg.pipeline.shards or cfg.pipeline.shards_given:
+        return cfg
+    print(f"meter: {directory} holds snapshots taken with pipeline.shards = {recorded}; resuming with {recorded} "
+          f"shards (pipeline.shards is unset; its default is {cfg.pipeline.shards} for new recovery directories)",
+          file=out if out is not None else sys.stderr, flush=True)
+    return msgspec.structs.replace(cfg, pipeline=msgspec.structs.replace(cfg.pipeline, shards=recorded))
+
+
 def run_flow(cfg: Config, inputs: Sequence[str] = (), *, workers: int = 1, recovery_dir: Optional[str] = None,
              stop_at_end: bool = False, progress_out: Optional[TextIO] = None, progress_every: float = 5.0,
              entitlements: Sequence[str] = (), addresses: Sequence[str] = (), process_id: int = 0) -> RunResult:
@@ -251,6 +278,8 @@ def run_flow(cfg: Config, inputs: Sequence[str] = (), *, workers: int = 1, recov
     if workers < 1:
         raise MeterError(f"--workers must be at least 1, got {workers}")
     processes = len(addresses) or 1
+    if recovery_dir:
+        cfg = adopt_recorded_shards(cfg, recovery_dir, progress_out)
     flow = flow_from_config(cfg, inputs, stop_at_end=stop_at_end, recoverable=recovery_dir is not None,
                             entitlements=entitlements, processes=processes, process_id=process_id)
     recovery, lock = (open_recovery(recovery_dir, cfg.pipeline.shards, processes=processes, process_id=process_id,

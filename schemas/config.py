@@ -34,6 +34,11 @@ class _Frozen(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     pass
 
 
+# pipeline.shards when unset (256 before issue 16: every shard's per-batch Python is a fixed cost, and 64 shards
+# meter the benchmark's stream 1.23x as fast in process; README: Native core).
+DEFAULT_SHARDS = 64
+
+
 class PipelineConfig(_Frozen, frozen=True):
     rollup_window: str = "1h"
     late_grace: str = "6h"
@@ -45,8 +50,11 @@ class PipelineConfig(_Frozen, frozen=True):
     # How often a busy customer's changed rollup rows are written (alerts never wait for this).
     flush_interval: str = "1s"
     # Keyed state is routed in this many shards (stable hash of tenant|customer), one Bytewax key each.
-    # Part of the recovery state: a flow resumes only with the shard count its snapshots were taken with.
-    shards: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 256
+    # Part of the recovery state: a flow resumes only with the shard count its snapshots were taken with (left
+    # unset, a recovery directory's recorded count is used: meterflow.runner.run_flow).
+    shards: Annotated[int, msgspec.Meta(ge=1, le=65536)] = DEFAULT_SHARDS
+    # Set by parse_config, not a setting: whether the document or METER_PIPELINE_SHARDS gave ``shards``.
+    shards_given: bool = False
     # Every accepted event (duplicates included) archived in ClickHouse raw_events, for `meter reconcile`.
     archive_raw: bool = True
     # Which core meters (README: Native core): "python", or "native" (the Rust core of native/, when built).
@@ -369,13 +377,16 @@ _ENV_SECTIONS: Dict[str, Type[msgspec.Struct]] = {
 _ENV_LISTS = {("anomaly", "metrics")}  # comma-separated in the environment: METER_ANOMALY_METRICS=api_calls,tokens
 
 
+_NOT_SETTINGS = ("webhook", "shards_given")  # (fields with no METER_* variable)
+
+
 def _apply_env(raw: dict, environ: Dict[str, str]) -> List[str]:
     """Apply METER_<SECTION>_<FIELD> overrides to scalar keys; returns the variables used."""
     used = []
     for section, struct in _ENV_SECTIONS.items():
         for field in msgspec.structs.fields(struct):
             var = f"METER_{section.upper()}_{field.name.upper()}"
-            if var in environ and not field.name.endswith("config") and field.name != "webhook":
+            if var in environ and not field.name.endswith("config") and field.name not in _NOT_SETTINGS:
                 raw[section] = dict(raw.get(section) or {})  # copy: never change the caller's document
                 value: Any = environ[var]
                 if (section, field.name) in _ENV_LISTS:
@@ -399,6 +410,9 @@ def parse_config(raw: dict, source: str = "<memory>", environ: Optional[Dict[str
     raw = dict(raw)
     _apply_env(raw, dict(os.environ) if environ is None else environ)
     raw["source_path"] = source
+    pipeline = raw.get("pipeline")
+    if pipeline is None or isinstance(pipeline, dict):  # (anything else: msgspec's error below)
+        raw["pipeline"] = {**(pipeline or {}), "shards_given": "shards" in (pipeline or {})}
     _check_keyed_tables(raw, source)
     _check_reconcile_units(raw, source)
     try:

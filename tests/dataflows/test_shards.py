@@ -34,7 +34,7 @@ from meterflow.operators.changelog import ChangelogMediator
 from meterflow.operators.mediate import Mediator, bundle_shards, shard_of
 from meterflow.operators.meter import CustomerMeter
 from meterflow.operators.rules import Rules
-from meterflow.schemas.config import parse_config
+from meterflow.schemas.config import DEFAULT_SHARDS, parse_config
 from meterflow.schemas.records import Emission
 from tests.operators import test_entitlement_properties as ent_props
 from tests.operators.test_meter_properties import (
@@ -105,8 +105,13 @@ def row_keys(em):
 # -- routing ------------------------------------------------------------------------------------------------
 
 def test_the_shard_count_is_a_validated_pipeline_setting():
-    assert parse_config({}, environ={}).pipeline.shards == 256
+    assert parse_config({}, environ={}).pipeline.shards == DEFAULT_SHARDS == 64
     assert parse_config({}, environ={"METER_PIPELINE_SHARDS": "16"}).pipeline.shards == 16
+    # whether the shard count was given (a recovery directory's recorded count is used when it was not)
+    assert [parse_config(raw, environ=environ).pipeline.shards_given for raw, environ in (
+        ({}, {}), ({"pipeline": {"flush_interval": "2s"}}, {}), ({"pipeline": {"shards": 64}}, {}),
+        ({}, {"METER_PIPELINE_SHARDS": "64"}), ({"pipeline": {"shards_given": True}}, {}))] == [
+        False, False, True, True, False]
     for bad in (0, -1, "many"):
         with pytest.raises(ConfigError, match=r"pipeline\.shards"):
             parse_config({"pipeline": {"shards": bad}}, "meter.toml", environ={})
@@ -419,6 +424,29 @@ def test_changelog_and_events_of_customers_sharing_one_shard_match_the_alert_mod
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(ent_props.CONFIGS, False, with_shards(ent_props.CONFIGS[False], 1))
         ent_props.check_flow(stream, batch_size, workers)
+
+
+def test_an_unset_shard_count_takes_the_recovery_directory_s_and_a_given_one_is_kept(tmp_path):
+    """A directory records its shard count; a configuration without pipeline.shards resumes it with that count
+    (one line says so), one that sets a count keeps it (and prepare_recovery refuses a mismatch)."""
+    import io
+
+    from meterflow.runner import adopt_recorded_shards, prepare_recovery
+
+    d = tmp_path / "rec"
+    unset = parse_config({}, environ={})
+    assert adopt_recorded_shards(unset, str(d)) is unset  # (no directory yet: the default)
+    prepare_recovery(str(d), shards=256)
+    out = io.StringIO()
+    adopted = adopt_recorded_shards(unset, str(d), out)
+    assert adopted.pipeline.shards == 256 and unset.pipeline.shards == DEFAULT_SHARDS
+    assert out.getvalue() == (f"meter: {d} holds snapshots taken with pipeline.shards = 256; resuming with 256 shards "
+                              f"(pipeline.shards is unset; its default is {DEFAULT_SHARDS} for new recovery "
+                              "directories)\n")
+    given = parse_config({"pipeline": {"shards": DEFAULT_SHARDS}}, environ={})
+    assert adopt_recorded_shards(given, str(d), out) is given
+    (d / "meterflow-recovery.json").write_text("not json")
+    assert adopt_recorded_shards(unset, str(d)) is unset  # (prepare_recovery says what is wrong with it)
 
 
 def test_the_runner_refuses_a_recovery_directory_of_another_shard_count_before_bytewax_starts(tmp_path):

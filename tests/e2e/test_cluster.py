@@ -37,6 +37,7 @@ from typing import List, Optional, Tuple
 import pytest
 
 from meterflow.sample import sample_config_toml
+from meterflow.schemas.config import DEFAULT_SHARDS
 from tests.e2e import reference as ref
 from tests.e2e.support import (
     REPO,
@@ -292,8 +293,8 @@ def test_two_process_cluster_with_recovery_sigkilled_mid_stream_resumes_exactly_
     assert sum(read_at_kill) < len(events), read_at_kill  # mid-stream: a quarter was not even produced yet
     # The layout the two processes agreed on (one partition per process, the shape recorded once).
     assert sorted(p.name for p in recovery.glob("part-*.sqlite3")) == ["part-0.sqlite3", "part-1.sqlite3"]
-    assert json.loads((recovery / "meterflow-recovery.json").read_text()) == {"shards": 256, "processes": 2,
-                                                                               "workers": 1}
+    assert json.loads((recovery / "meterflow-recovery.json").read_text()) == {
+        "shards": DEFAULT_SHARDS, "processes": 2, "workers": 1}
     produce(kafka.bootstrap, topic, events[first:], PARTITIONS)
 
     # Restart both with the same command (to the end this time).
