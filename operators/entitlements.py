@@ -170,6 +170,20 @@ def derived_of(sub: SubscriptionRule, cache: Optional[Dict[Any, Tuple[Any, Deriv
     return out
 
 
+def _level_of(info: EntInfo, fired: Any, block_level: bool) -> float:
+    """The next unfired threshold of ``info`` as usage (``included`` too if ``block_level``: a hard block or an
+    auto_overage crossing still to come), a hair low; infinity when nothing is left."""
+    inc = info.included
+    lvl = _INF
+    for t in info.thresholds:
+        if t not in fired:
+            lvl = t * inc / 100.0
+            break
+    if block_level:
+        lvl = min(lvl, inc)
+    return lvl - abs(lvl) * _SLACK - 1e-12 if lvl != _INF else _INF
+
+
 class Entitlements:
     """Alert and enforcement state of one customer (see the module docstring for the semantics)."""
 
@@ -317,19 +331,17 @@ class Entitlements:
 
     def level(self, pk: PeriodKey, info: EntInfo) -> float:
         """The smallest usage at which :meth:`evaluate` has something to do for ``pk`` (cached)."""
-        fired = self.fired.get(pk, ())
-        inc = info.included
-        lvl = _INF
-        for t in info.thresholds:
-            if t not in fired:
-                lvl = t * inc / 100.0
-                break
-        if info.enforcement == "hard" and pk not in self.blocked and self.cur.get(info.code) == pk or \
-                info.enforcement == "auto_overage" and pk not in self.overage:
-            lvl = min(lvl, inc)
-        lvl = lvl - abs(lvl) * _SLACK - 1e-12 if lvl != _INF else _INF
+        lvl = _level_of(info, self.fired.get(pk, ()),
+                        info.enforcement == "hard" and pk not in self.blocked and self.cur.get(info.code) == pk or
+                        info.enforcement == "auto_overage" and pk not in self.overage)
         self.next_level[pk] = lvl
         return lvl
+
+    @staticmethod
+    def fresh_level(info: EntInfo) -> float:
+        """:meth:`level` of a current period of ``info``'s metric in which nothing fired, blocked or crossed into
+        overage: a new customer's first period, whatever it is (operators/native.py starts the native fold there)."""
+        return _level_of(info, (), info.enforcement in ("hard", "auto_overage"))
 
     # -- evaluation -----------------------------------------------------------------------
     def advance(self, code: str, pk: PeriodKey, me: Any, usage_of, alerts: List[Alert]) -> None:

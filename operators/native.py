@@ -218,6 +218,7 @@ def _mirror(acc: Any, agg: str, events: int, total: int, x: Any) -> None:
             counts[v] = c
 
 
+_NO_ALERTS: List[Any] = []  # (advance of a first period appends nothing: it has no earlier period)
 _FIXED_BYTES = 36 * 8  # native/src/acc.rs LIMBS: the float part of a native sum
 _I128 = 1 << 127
 
@@ -531,7 +532,11 @@ class NativeMeters:
                 tally["python"] = tally.get("python", 0) + 1
                 return False
         elif ent.infos or ent.spends:
-            self._core.evaluate(key, _evaluated_codes(ent))
+            core = self._core
+            core.evaluate(key, _evaluated_codes(ent))
+            for code, info in ent.infos.items():  # (a new customer: its first periods need no stop, :meth:`_fresh`)
+                if code not in ent.spends:
+                    core.set_fresh(key, code, ent.fresh_level(info))
         else:
             self._core.hold(key)  # (fold_bundle folds the customers the native core holds)
         if meter.anom is not None:  # its day cells: none yet, the first event of each metric stops (_anomaly)
@@ -587,6 +592,9 @@ class NativeMeters:
             key, group = pairs[p]
             self._stopped(meters[key], group[i], why, p << 32 | i, failed, alerts)
             p, i, why = core.fold_many(pairs, p, i + 1)
+        fresh = core.take_fresh()
+        if fresh:
+            self._fresh(meters, fresh)
         n = sum(len(g) for _, g in pairs)
         evaluated = self.evaluated
         unevaluated = sum(len(g) for k, g in pairs if k not in evaluated) if evaluated else n
@@ -621,6 +629,9 @@ class NativeMeters:
             while k < nk:
                 self._stopped(meters[keys[k]], bundle_event(bundle, k, i), why, k << 32 | i, failed, alerts)
                 k, i, why = core.fold_bundle(bundle, k, i + 1)
+        fresh = core.take_fresh()
+        if fresh:
+            self._fresh(meters, fresh)
         n, unevaluated, evaluated, *end = core.bundle_end(bundle, self._gateway)
         if evaluated:
             self.gateway_due.update(evaluated)
@@ -645,6 +656,19 @@ class NativeMeters:
             return []
         failed.sort(key=_first)
         return [d for _, d in failed]
+
+    def _fresh(self, meters: Dict[str, Any], fresh: List[Tuple[str, str, int, int]]) -> None:
+        """New customers' first periods that took their fresh level (:meth:`admit_counted`; the native fold did not
+        stop there): each becomes its metric's current period, in event order, as :meth:`_check` would have made
+        it at the stop (there is no earlier period: no alert)."""
+        for key, code, ps, pe in fresh:
+            meter = meters[key]
+            ent = meter.ent
+            cur = ent.cur.get(code)
+            if cur is None or cur[1] < ps:
+                ent.advance(code, (code, ps, pe), None, meter.usage, _NO_ALERTS)
+            if not meter.rules.gateway_states:
+                ent.touched.clear()
 
     def _stopped(self, meter: Any, me: Any, why: int, index: int, failed: List[Tuple[int, DeadLetter]],
                  alerts: List[Any]) -> None:
@@ -705,8 +729,15 @@ class NativeMeters:
         n = len(stops)
         j = 0
         while j < n:
-            code, ps, pe = stops[j]
+            stop = stops[j]
             j += 1
+            if len(stop) == 4:  # (a first period that took its fresh level, at this or an earlier event: _fresh)
+                code, ps, pe, _ = stop
+                cur = ent.cur.get(code)
+                if cur is None or cur[1] < ps:
+                    ent.advance(code, (code, ps, pe), me, usage_of, alerts)
+                continue
+            code, ps, pe = stop
             if ps is None:
                 self._anomaly(meter, me, code, pe, alerts)
                 continue

@@ -228,9 +228,15 @@ impl Customer {
 /// A level with `fall` set also stops an event that may lower the value (a correction, a negative value, an
 /// aggregation that is not additive): a spend level of a card whose charge can fall is valid only while usage
 /// does not (Python re-derives it from the lower usage).
+///
+/// `fresh[m]` (`set_fresh`): the level of metric `m`'s first period, for a customer with no entitlement state yet
+/// (its level depends on nothing but the entitlement then): the first event folded into a period of `m` without a
+/// level takes it (noted in `BatchCore.fresh_done` for Python to make that period the current one, as the stop
+/// it replaces would have), so a new customer's first events do not stop.
 struct Levels {
     evals: Vec<bool>,
     at: FxMap<PKey, (f64, bool)>,
+    fresh: Vec<Option<f64>>,
 }
 
 enum Note {
@@ -273,6 +279,7 @@ struct BatchCore {
     changed_x: Vec<(usize, PKey)>,
     notes: Vec<Note>,
     stops: Vec<Stop>,
+    fresh_done: Vec<(usize, PKey)>, // first periods that took their customer's fresh level (`Levels`), in order
     anom_changed: Vec<(usize, u32)>, // anomaly cells added to since the last `take_cells` (anomaly.rs)
     code_index: FxMap<String, u32>,
     c: Counters,
@@ -589,13 +596,21 @@ impl BatchCore {
                     _ => unreachable!(),
                 }
             }
-            if let Some(lv) = &cust.levels {
+            if let Some(lv) = cust.levels.as_deref_mut() {
                 if lv.evals[mi as usize] {
                     // SAFETY: pacc points into cust.periods, unchanged since.
                     let a = unsafe { &*pacc };
-                    let stop = match lv.at.get(&pk) {
+                    let mut level = lv.at.get(&pk).copied();
+                    if level.is_none() {
+                        if let Some(l) = lv.fresh[mi as usize].take() {
+                            lv.at.insert(pk, (l, false));
+                            self.fresh_done.push((ci, pk));
+                            level = Some((l, false));
+                        }
+                    }
+                    let stop = match level {
                         None => true,
-                        Some(&(l, fall)) => {
+                        Some((l, fall)) => {
                             let (x, tol) = a.approx();
                             x + tol >= l
                                 || fall
@@ -707,6 +722,7 @@ impl BatchCore {
             changed_x: Vec::new(),
             notes: Vec::new(),
             stops: Vec::new(),
+            fresh_done: Vec::new(),
             anom_changed: Vec::new(),
             code_index,
             c: Counters::default(),
@@ -798,7 +814,8 @@ impl BatchCore {
             let mi = *self.code_index.get(c).ok_or_else(|| PyValueError::new_err(format!("metric {c}")))?;
             evals[mi as usize] = true;
         }
-        self.customers[ci].levels = Some(Box::new(Levels { evals, at: FxMap::default() }));
+        let fresh = vec![None; evals.len()];
+        self.customers[ci].levels = Some(Box::new(Levels { evals, at: FxMap::default(), fresh }));
         Ok(())
     }
 
@@ -832,6 +849,25 @@ impl BatchCore {
     fn take_stops<'py>(&mut self, py: Python<'py>, key: &str) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
         let ci = self.index.get(key).copied();
+        if let Some(ci) = ci {
+            // (first, the customer's periods that took a fresh level: `(code, start, end, True)`, in order)
+            if self.fresh_done.iter().any(|f| f.0 == ci) {
+                let metrics = &self.metrics;
+                let mut err = None;
+                self.fresh_done.retain(|&(c, (mi, s, e))| {
+                    if c != ci {
+                        return true;
+                    }
+                    if let Err(x) = out.append((metrics[mi as usize].code.bind(py), s, e, true)) {
+                        err = Some(x);
+                    }
+                    false
+                });
+                if let Some(x) = err {
+                    return Err(x);
+                }
+            }
+        }
         for stop in self.stops.drain(..) {
             match stop {
                 Stop::Level((mi, s, e)) => out.append((self.metrics[mi as usize].code.bind(py), s, e))?,
@@ -844,6 +880,28 @@ impl BatchCore {
                     out.append((self.metrics[mi as usize].code.bind(py), py.None(), val))?
                 }
             }
+        }
+        Ok(out)
+    }
+
+    /// The level of the first period of customer `key`'s evaluated metric `code`, for a customer with no
+    /// entitlement state yet (`Levels.fresh`; call `evaluate` first): its first event of `code` does not stop.
+    fn set_fresh(&mut self, key: &str, code: &str, level: f64) -> PyResult<()> {
+        let mi = *self.code_index.get(code).ok_or_else(|| PyValueError::new_err(format!("metric {code}")))?;
+        if let Some(&ci) = self.index.get(key) {
+            if let Some(lv) = self.customers[ci].levels.as_mut() {
+                lv.fresh[mi as usize] = Some(level);
+            }
+        }
+        Ok(())
+    }
+
+    /// The periods that took a fresh level since the last call (and `take_stops`), as `(key, code, start,
+    /// end)` in the order of their events: Python makes each its metric's current period.
+    fn take_fresh<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        for (ci, (mi, s, e)) in self.fresh_done.drain(..) {
+            out.append((self.customers[ci].key.bind(py), self.metrics[mi as usize].code.bind(py), s, e))?;
         }
         Ok(out)
     }
@@ -1227,6 +1285,7 @@ impl BatchCore {
             self.changed_w.retain(|&(c, _)| c != i);
             self.changed_p.retain(|&(c, _)| c != i);
             self.changed_x.retain(|&(c, _)| c != i);
+            self.fresh_done.retain(|&(c, _)| c != i);
             self.notes.retain(|n| !matches!(n, Note::TooLate { cust, .. } | Note::Missing { cust, .. } if *cust == i));
             self.customers[i] = Customer::new(py, "", self.default_rule);
             self.free.push(i);

@@ -618,6 +618,48 @@ def test_blocks_set_and_lifted_and_thresholds_crossed_at_once_alert_the_same():
         assert run_flow("native", items, batch) == run_flow("python", items, batch)
 
 
+def test_a_new_customer_s_first_events_do_not_stop_the_native_fold_and_alert_the_same(monkeypatch):
+    """A new customer's first period of each evaluated metric starts at the level NativeMeters.admit_counted gave
+    the native fold (Entitlements.fresh_level), so its first events stop nowhere; the period still becomes the
+    current one (NativeMeters._fresh), so what follows — a first event that reaches a level at once, a hard block,
+    the next period, a late event of the first — alerts and writes gateway state exactly as the Python core."""
+    from meterflow.operators import native
+
+    def ev(eid, cust, etype, ts, tenant="acme", **props):
+        return json.dumps({"event_id": eid, "tenant_id": tenant, "customer_id": cust, "event_type": etype,
+                           "timestamp": ts, "properties": props}).encode()
+
+    day0 = BASE + 13 * 3_600_000  # acme|c4's day periods start at 13:00
+    quiet = [ev("q1", "c2", "api_call", BASE + 6 * 3_600_000, tenant="beta", tokens=1),  # soft: 5 % of 20
+             ev("q2", "c4", "gpu", day0, seconds=1, kind="a100"),  # hard: 20 % of 5
+             ev("q3", "c4", "api_call", day0 + 1, tokens=1),  # tokens 3 % of 30, peak 10 % of 10
+             ev("q4", "c1", "api_call", BASE + 8 * 3_600_000)]  # pro (hard): 1 of 4
+    checks = []
+    original = native.NativeMeters._check
+    monkeypatch.setattr(native.NativeMeters, "_check", lambda self, *a: checks.append(a[1].event.event_id) or
+                        original(self, *a))
+    items = [(("in", i + 1), raw) for i, raw in enumerate(quiet)]
+    for batch in (1, 4):
+        checks.clear()
+        assert run_flow("native", items, batch) == run_flow("python", items, batch)
+        assert checks == []  # (before: a stop at every first event of an evaluated metric)
+    later = [ev("n1", "c2", "api_call", BASE + 6 * 3_600_000 + 5, tenant="beta", tokens=15),  # 80 %: four thresholds
+             ev("n2", "c4", "gpu", day0 + 2, seconds=4, kind="a100"),  # 5 of 5: blocked
+             ev("n3", "c4", "gpu", day0 + DAY, seconds=1, kind="a100"),  # next period: unblocked
+             ev("n4", "c4", "gpu", day0 + 3, seconds=1, kind="a100"),  # late, in the first period
+             ev("f1", "c3", "api_call", day0 + DAY + 1, tenant="acme", tokens=1),  # no subscription
+             ev("f2", "c5", "api_call", BASE, tenant="beta", tokens=500)]  # its first event reaches every level
+    items = [(("in", i + 1), raw) for i, raw in enumerate(quiet + later)]
+    for batch in (1, 3, 10):
+        checks.clear()
+        want = run_flow("python", items, batch)
+        assert run_flow("native", items, batch) == want
+        assert {"n1", "n2", "n3"} <= set(checks) and not {"q1", "q2", "q3", "q4"} & set(checks)
+    assert sorted((a["customer_id"], a["type"], a["event_id"]) for a in want["alerts"].values()
+                  if a["customer_id"] == "c4" and a["type"] != "threshold_crossed") == [
+        ("c4", "blocked", "n2"), ("c4", "unblocked", "n3")]
+
+
 tricky = st.sampled_from([1, 1.0, True, -0.0, 0.0, 0, 2**53, float(2**53), 2**53 + 1, 2**63, -(2**63) - 1,
                           float(2**63), 10**30, 1e30, 1e299, -1e299, 0.5, -3, "1", "x", None])
 

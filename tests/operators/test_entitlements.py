@@ -13,6 +13,8 @@ import json
 from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meterflow.schemas.alerts import alert_id
 from meterflow.schemas.config import parse_config
@@ -645,3 +647,22 @@ def test_a_change_after_the_current_period_closed_does_not_re_evaluate_it_from_z
     ids = [a.alert_id for a in h.alerts()]
     assert len(ids) == len(set(ids)), "an alert fired twice"
     assert h.alert_tuples() == expected_alerts(cfg, items)
+
+
+@settings(max_examples=200, deadline=None)
+@given(included=st.floats(0, 1e12, allow_nan=False) | st.integers(0, 10**6).map(float),
+       thresholds=st.lists(st.floats(1, 400), max_size=4, unique=True).map(lambda t: tuple(sorted(t))),
+       enforcement=st.sampled_from(["soft", "hard", "auto_overage"]))
+def test_the_fresh_level_is_the_level_of_a_new_customer_s_current_period(included, thresholds, enforcement):
+    """Entitlements.fresh_level (where the native fold starts a new customer's first period) is level() of a current
+    period in which nothing fired, blocked or crossed into overage: the stop it replaces would have set the same."""
+    from meterflow.operators.entitlements import EntInfo, Entitlements
+    from meterflow.operators.rules import Rules
+
+    info = EntInfo("api_calls", included, thresholds, enforcement, None, 0.0)
+    ent = Entitlements(Rules(parse_config({}, environ={})), "acme|c1")
+    pk = ("api_calls", 0, 1000)
+    ent.advance("api_calls", pk, None, lambda _pk: None, [])
+    assert Entitlements.fresh_level(info) == ent.level(pk, info)
+    ent.fired[pk] = set(thresholds[:1])  # (once something fired, the fresh level no longer applies)
+    assert ent.level(pk, info) >= Entitlements.fresh_level(info)
