@@ -218,7 +218,6 @@ def _mirror(acc: Any, agg: str, events: int, total: int, x: Any) -> None:
             counts[v] = c
 
 
-_NO_ALERTS: List[Any] = []  # (advance of a first period appends nothing: it has no earlier period)
 _FIXED_BYTES = 36 * 8  # native/src/acc.rs LIMBS: the float part of a native sum
 _I128 = 1 << 127
 
@@ -594,7 +593,7 @@ class NativeMeters:
             p, i, why = core.fold_many(pairs, p, i + 1)
         fresh = core.take_fresh()
         if fresh:
-            self._fresh(meters, fresh)
+            self._fresh(meters, fresh, alerts)
         n = sum(len(g) for _, g in pairs)
         evaluated = self.evaluated
         unevaluated = sum(len(g) for k, g in pairs if k not in evaluated) if evaluated else n
@@ -631,7 +630,7 @@ class NativeMeters:
                 k, i, why = core.fold_bundle(bundle, k, i + 1)
         fresh = core.take_fresh()
         if fresh:
-            self._fresh(meters, fresh)
+            self._fresh(meters, fresh, alerts)
         n, unevaluated, evaluated, *end = core.bundle_end(bundle, self._gateway)
         if evaluated:
             self.gateway_due.update(evaluated)
@@ -657,16 +656,16 @@ class NativeMeters:
         failed.sort(key=_first)
         return [d for _, d in failed]
 
-    def _fresh(self, meters: Dict[str, Any], fresh: List[Tuple[str, str, int, int]]) -> None:
+    def _fresh(self, meters: Dict[str, Any], fresh: List[Tuple[str, str, int, int]], alerts: List[Any]) -> None:
         """New customers' first periods that took their fresh level (:meth:`admit_counted`; the native fold did not
         stop there): each becomes its metric's current period, in event order, as :meth:`_check` would have made
-        it at the stop (there is no earlier period: no alert)."""
+        it at the stop (the metric has no earlier period, so no alert comes of it; any would go to ``alerts``)."""
         for key, code, ps, pe in fresh:
             meter = meters[key]
             ent = meter.ent
             cur = ent.cur.get(code)
             if cur is None or cur[1] < ps:
-                ent.advance(code, (code, ps, pe), None, meter.usage, _NO_ALERTS)
+                ent.advance(code, (code, ps, pe), None, meter.usage, alerts)
             if not meter.rules.gateway_states:
                 ent.touched.clear()
 
