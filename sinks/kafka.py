@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections import deque
 from itertools import repeat, starmap
 from operator import attrgetter, length_hint
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Type
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Producer
@@ -152,6 +152,20 @@ class _ProducerPartition(StatelessSinkPartition[Emission]):
         self._queued = len(self._producer)
         self._broken = False  # (queued after an earlier failure: close confirms these too)
 
+    def _send_each(self, messages: Iterable[Tuple[bytes, bytes, list]]) -> None:
+        """Produce ``(key, value, headers)`` messages one call each (a batch of dead letters, reviews or alerts),
+        then end the batch (:meth:`_end_batch`); with ``defer_acks`` earlier batches are checked first, also when
+        this one has nothing."""
+        if self._defer:
+            self._check_earlier()
+        produced_at = self._watch.now()
+        wrote = False
+        for key, value, headers in messages:
+            self._produce(key, value, headers)
+            wrote = True
+        if wrote:
+            self._end_batch(produced_at)
+
     def _check_earlier(self) -> None:
         """Deferred acks: fail now (the way :meth:`_flush` does) if an earlier batch's delivery failed, and
         clear a broker outage once messages were acknowledged since the last batch."""
@@ -211,130 +225,86 @@ class _RatedPartition(_ProducerPartition):
 
 class _ReviewPartition(_ProducerPartition):
     def write_batch(self, items: List[Emission]) -> None:
-        if self._defer:
-            self._check_earlier()
         encode = REVIEW_ENCODER.encode
-        wrote = False
-        produced_at = self._watch.now()
-        for e in items:
-            for rec in e.reviews:
-                self._produce(rec.review_id.encode(), encode(rec), [("route", rec.route.encode())])
-                wrote = True
-        if wrote:
-            self._end_batch(produced_at)
+        self._send_each((rec.review_id.encode(), encode(rec), [("route", rec.route.encode())])
+                        for e in items for rec in e.reviews)
 
 
 class _DeadLetterPartition(_ProducerPartition):
     def write_batch(self, items: List[Emission]) -> None:
-        if self._defer:
-            self._check_earlier()
-        wrote = False
-        produced_at = self._watch.now()
-        for e in items:
-            for d in e.dead_letters:
-                headers = [("reason", d.reason.encode()), ("detail", d.detail.encode()),
-                           ("source", d.source.encode()), ("tenant_id", d.tenant_id.encode()),
-                           ("metric", d.metric.encode()), ("received_at", str(d.received_at).encode())]
-                self._produce(d.dl_id.encode(), d.payload, headers)
-                wrote = True
-        if wrote:
-            self._end_batch(produced_at)
+        self._send_each((d.dl_id.encode(), d.payload,
+                         [("reason", d.reason.encode()), ("detail", d.detail.encode()), ("source", d.source.encode()),
+                          ("tenant_id", d.tenant_id.encode()), ("metric", d.metric.encode()),
+                          ("received_at", str(d.received_at).encode())])
+                        for e in items for d in e.dead_letters)
 
 
 class _AlertPartition(_ProducerPartition):
     def write_batch(self, items: List[Emission]) -> None:
-        if self._defer:
-            self._check_earlier()
-        wrote = False
-        produced_at = self._watch.now()
-        for e in items:
-            for a in e.alerts:
-                headers = [("type", a.type.encode()), ("tenant_id", a.tenant_id.encode())]
-                self._produce(a.alert_id.encode(), ALERT_ENCODER.encode(a), headers)
-                wrote = True
-        if wrote:
-            self._end_batch(produced_at)
+        encode = ALERT_ENCODER.encode
+        self._send_each((a.alert_id.encode(), encode(a), [("type", a.type.encode()),
+                                                          ("tenant_id", a.tenant_id.encode())])
+                        for e in items for a in e.alerts)
 
 
-class AggregatedTopicSink(DynamicSink[Emission]):
-    """Window and period aggregates as JSON (meterflow.schemas.records.WindowAggregate / PeriodAggregate, tagged by
-    ``type``) on the aggregated topic, keyed ``tenant|customer|metric``."""
+class _TopicSink(DynamicSink[Emission]):
+    """One producer partition (``_partition``) per worker on ``topic``; ``_defaults``: client settings of this kind
+    of topic that a ``client_config`` entry still overrides."""
+
+    _partition: Type[_ProducerPartition]
+    _defaults: Dict[str, str] = {}
 
     def __init__(self, bootstrap: str, topic: str, client_config: Optional[Dict[str, str]] = None,
                  outage_timeout: float = OUTAGE_TIMEOUT, defer_acks: bool = False) -> None:
-        self._config = producer_config(bootstrap, client_config, outage_timeout)
+        self._config = producer_config(bootstrap, {**self._defaults, **(client_config or {})}, outage_timeout)
         self._defer = defer_acks
         self._watch = (bootstrap, outage_timeout)
         self._topic = topic
 
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _AggregatedPartition:
-        return _AggregatedPartition(self._config, self._topic, watch_for(*self._watch), self._defer)
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _ProducerPartition:
+        return self._partition(self._config, self._topic, watch_for(*self._watch), self._defer)
 
 
-class RatedTopicSink(DynamicSink[Emission]):
+class AggregatedTopicSink(_TopicSink):
+    """Window and period aggregates as JSON (meterflow.schemas.records.WindowAggregate / PeriodAggregate, tagged by
+    ``type``) on the aggregated topic, keyed ``tenant|customer|metric``."""
+
+    _partition = _AggregatedPartition
+
+
+class RatedTopicSink(_TopicSink):
     """Rated rows (``meterflow.schemas.records.RatedRow``) as JSON on the rated topic, keyed ``tenant|customer|metric``;
     money as JSON numbers with exact decimal digits. Consumers keep the highest ``version`` per
     (key, period_start): a replay re-sends rows with versions already seen."""
 
-    def __init__(self, bootstrap: str, topic: str, client_config: Optional[Dict[str, str]] = None,
-                 outage_timeout: float = OUTAGE_TIMEOUT, defer_acks: bool = False) -> None:
-        self._config = producer_config(bootstrap, client_config, outage_timeout)
-        self._defer = defer_acks
-        self._watch = (bootstrap, outage_timeout)
-        self._topic = topic
-
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _RatedPartition:
-        return _RatedPartition(self._config, self._topic, watch_for(*self._watch), self._defer)
+    _partition = _RatedPartition
 
 
-class ReviewTopicSink(DynamicSink[Emission]):
+class ReviewTopicSink(_TopicSink):
     """Review items (``meterflow.schemas.reviews.ReviewItem``) as JSON on the reviews topic for tools, keyed by
     ``review_id``, with a ``route`` header; money as JSON numbers with exact digits. Consumers keep the highest
     ``version`` per key: a replay re-sends items with versions already seen."""
 
-    def __init__(self, bootstrap: str, topic: str, client_config: Optional[Dict[str, str]] = None,
-                 outage_timeout: float = OUTAGE_TIMEOUT, defer_acks: bool = False) -> None:
-        self._config = producer_config(bootstrap, client_config, outage_timeout)
-        self._defer = defer_acks
-        self._watch = (bootstrap, outage_timeout)
-        self._topic = topic
-
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _ReviewPartition:
-        return _ReviewPartition(self._config, self._topic, watch_for(*self._watch), self._defer)
+    _partition = _ReviewPartition
 
 
-class DeadLetterTopicSink(DynamicSink[Emission]):
+class DeadLetterTopicSink(_TopicSink):
     """Dead letters on the dead-letter topic: the original payload bytes untouched as the value, the reason,
     detail, source, tenant and metric as headers, keyed by ``dl_id``."""
 
-    def __init__(self, bootstrap: str, topic: str, client_config: Optional[Dict[str, str]] = None,
-                 outage_timeout: float = OUTAGE_TIMEOUT, defer_acks: bool = False) -> None:
-        self._config = producer_config(bootstrap, client_config, outage_timeout)
-        self._defer = defer_acks
-        self._watch = (bootstrap, outage_timeout)
-        self._topic = topic
-
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _DeadLetterPartition:
-        return _DeadLetterPartition(self._config, self._topic, watch_for(*self._watch), self._defer)
+    _partition = _DeadLetterPartition
 
 
-class AlertTopicSink(DynamicSink[Emission]):
+class AlertTopicSink(_TopicSink):
     """Alerts on the alerts topic: the contract's alert JSON (``meterflow.schemas.alerts.Alert``) as the value, keyed by
     the deterministic ``alert_id``, with ``type`` and ``tenant_id`` headers for routing without decoding.
 
     At-least-once: a resumed flow may re-send an alert with the same key; consumers deduplicate by key."""
 
-    def __init__(self, bootstrap: str, topic: str, client_config: Optional[Dict[str, str]] = None,
-                 outage_timeout: float = OUTAGE_TIMEOUT, defer_acks: bool = False) -> None:
-        # An alert is sent the moment it is produced (no linger: it is what someone waits for); with
-        # ``defer_acks`` (a flow without recovery) the flow's thread does not wait for its acknowledgement either.
-        self._config = producer_config(bootstrap, {"linger.ms": "0", **(client_config or {})}, outage_timeout)
-        self._watch = (bootstrap, outage_timeout)
-        self._topic = topic
-        self._defer = defer_acks
-
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _AlertPartition:
-        return _AlertPartition(self._config, self._topic, watch_for(*self._watch), self._defer)
+    _partition = _AlertPartition
+    # An alert is sent the moment it is produced (no linger: it is what someone waits for); with
+    # ``defer_acks`` (a flow without recovery) the flow's thread does not wait for its acknowledgement either.
+    _defaults = {"linger.ms": "0"}
 
 
 def publish_entitlements(bootstrap: str, topic: str, messages: Sequence[Tuple[bytes, bytes]],
