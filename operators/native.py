@@ -589,11 +589,10 @@ class NativeMeters:
         p, i, why = core.fold_many(pairs, 0, 0)
         while p < np_:
             key, group = pairs[p]
+            self._fresh(meters, alerts)
             self._stopped(meters[key], group[i], why, p << 32 | i, failed, alerts)
             p, i, why = core.fold_many(pairs, p, i + 1)
-        fresh = core.take_fresh()
-        if fresh:
-            self._fresh(meters, fresh, alerts)
+        self._fresh(meters, alerts)
         n = sum(len(g) for _, g in pairs)
         evaluated = self.evaluated
         unevaluated = sum(len(g) for k, g in pairs if k not in evaluated) if evaluated else n
@@ -626,11 +625,10 @@ class NativeMeters:
             keys = bundle.keys()
             nk = len(keys)
             while k < nk:
+                self._fresh(meters, alerts)
                 self._stopped(meters[keys[k]], bundle_event(bundle, k, i), why, k << 32 | i, failed, alerts)
                 k, i, why = core.fold_bundle(bundle, k, i + 1)
-        fresh = core.take_fresh()
-        if fresh:
-            self._fresh(meters, fresh, alerts)
+        self._fresh(meters, alerts)
         n, unevaluated, evaluated, *end = core.bundle_end(bundle, self._gateway)
         if evaluated:
             self.gateway_due.update(evaluated)
@@ -656,11 +654,13 @@ class NativeMeters:
         failed.sort(key=_first)
         return [d for _, d in failed]
 
-    def _fresh(self, meters: Dict[str, Any], fresh: List[Tuple[str, str, int, int]], alerts: List[Any]) -> None:
-        """New customers' first periods that took their fresh level (:meth:`admit_counted`; the native fold did not
-        stop there): each becomes its metric's current period, in event order, as :meth:`_check` would have made
-        it at the stop (the metric has no earlier period, so no alert comes of it; any would go to ``alerts``)."""
-        for key, code, ps, pe in fresh:
+    def _fresh(self, meters: Dict[str, Any], alerts: List[Any]) -> None:
+        """New customers' first periods that took their fresh level since the last call (:meth:`admit_counted`; the
+        native fold did not stop there): each becomes its metric's current period, in event order, as
+        :meth:`_check` would have made it at the stop. Called before Python looks at a stop (so its customer's
+        current periods are the Python fold's there) and at the end of each fold call (the metric has no earlier
+        period, so no alert comes of it; any would go to ``alerts``)."""
+        for key, code, ps, pe in self._core.take_fresh():
             meter = meters[key]
             ent = meter.ent
             cur = ent.cur.get(code)
@@ -728,15 +728,8 @@ class NativeMeters:
         n = len(stops)
         j = 0
         while j < n:
-            stop = stops[j]
+            code, ps, pe = stops[j]
             j += 1
-            if len(stop) == 4:  # (a first period that took its fresh level, at this or an earlier event: _fresh)
-                code, ps, pe, _ = stop
-                cur = ent.cur.get(code)
-                if cur is None or cur[1] < ps:
-                    ent.advance(code, (code, ps, pe), me, usage_of, alerts)
-                continue
-            code, ps, pe = stop
             if ps is None:
                 self._anomaly(meter, me, code, pe, alerts)
                 continue

@@ -231,8 +231,8 @@ impl Customer {
 ///
 /// `fresh[m]` (`set_fresh`): the level of metric `m`'s first period, for a customer with no entitlement state yet
 /// (its level depends on nothing but the entitlement then): the first event folded into a period of `m` without a
-/// level takes it (noted in `BatchCore.fresh_done` for Python to make that period the current one, as the stop
-/// it replaces would have), so a new customer's first events do not stop.
+/// level takes it (noted in `BatchCore.fresh_done`, `take_fresh`, for Python to make that period the current one,
+/// as the stop it replaces would have), so a new customer's first events do not stop.
 struct Levels {
     evals: Vec<bool>,
     at: FxMap<PKey, (f64, bool)>,
@@ -849,25 +849,6 @@ impl BatchCore {
     fn take_stops<'py>(&mut self, py: Python<'py>, key: &str) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
         let ci = self.index.get(key).copied();
-        if let Some(ci) = ci {
-            // (first, the customer's periods that took a fresh level: `(code, start, end, True)`, in order)
-            if self.fresh_done.iter().any(|f| f.0 == ci) {
-                let metrics = &self.metrics;
-                let mut err = None;
-                self.fresh_done.retain(|&(c, (mi, s, e))| {
-                    if c != ci {
-                        return true;
-                    }
-                    if let Err(x) = out.append((metrics[mi as usize].code.bind(py), s, e, true)) {
-                        err = Some(x);
-                    }
-                    false
-                });
-                if let Some(x) = err {
-                    return Err(x);
-                }
-            }
-        }
         for stop in self.stops.drain(..) {
             match stop {
                 Stop::Level((mi, s, e)) => out.append((self.metrics[mi as usize].code.bind(py), s, e))?,
@@ -896,8 +877,8 @@ impl BatchCore {
         Ok(())
     }
 
-    /// The periods that took a fresh level since the last call (and `take_stops`), as `(key, code, start,
-    /// end)` in the order of their events: Python makes each its metric's current period.
+    /// The periods that took a fresh level since the last call, as `(key, code, start, end)` in the order of their
+    /// events: Python makes each its metric's current period (before it looks at a stop, and after each fold call).
     fn take_fresh<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
         for (ci, (mi, s, e)) in self.fresh_done.drain(..) {
