@@ -70,7 +70,7 @@ def _prepare_locked(d: Path, partitions: int, shards: Optional[int], processes: 
     marker = d / RECOVERY_MARKER
     fresh = not any(d.glob("part-*.sqlite3"))
     if not fresh:
-        recorded_layout = json.loads(marker.read_text()) if marker.exists() else {}
+        recorded_layout = read_layout(d) or {}
         if shards is not None and not marker.exists():
             raise MeterError(f"recovery directory {d} was written by a build without pipeline.shards (its "
                              "snapshots are per customer): finish it with that build, or start with a new "
@@ -236,15 +236,38 @@ def cluster_addresses(addresses: Optional[str], process_id: Optional[int]) -> Li
     return out
 
 
-def recorded_shards(directory: str) -> Optional[int]:
-    """The ``pipeline.shards`` a recovery directory's snapshots were taken with (None: none recorded yet)."""
+def read_layout(d: Path) -> Optional[Dict[str, Any]]:
+    """The layout a recovery directory records (``RECOVERY_MARKER``: shards, and a cluster's shape); None when it
+    records none. A marker that is not a JSON object stops with one line naming the file."""
     import json
 
-    marker = Path(directory) / RECOVERY_MARKER
+    marker = d / RECOVERY_MARKER
     try:
-        shards = json.loads(marker.read_text()).get("shards")
-    except (OSError, ValueError, AttributeError):
-        return None  # (absent, or unreadable: prepare_recovery reports what is wrong with the directory)
+        text = marker.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise MeterError(f"cannot read {marker}: {exc.strerror or exc}; check the recovery directory's "
+                         "permissions") from exc
+    try:
+        layout = json.loads(text)
+    except ValueError:
+        layout = None
+    if not isinstance(layout, dict):
+        raise MeterError(f"{marker} is not the layout meterflow writes (a JSON object such as {{\"shards\": 64}}): "
+                         "restore it (its shards value is the pipeline.shards the snapshots were taken with), or "
+                         "start with a new recovery directory")
+    return layout
+
+
+def recorded_shards(directory: str) -> Optional[int]:
+    """The ``pipeline.shards`` a recovery directory's snapshots were taken with (None: none recorded, or a marker
+    :func:`prepare_recovery` refuses in its own words)."""
+    try:
+        layout = read_layout(Path(directory))
+    except MeterError:
+        return None
+    shards = layout.get("shards") if layout else None
     return shards if type(shards) is int and shards >= 1 else None
 
 

@@ -459,6 +459,10 @@ def test_the_runner_refuses_a_recovery_directory_of_another_shard_count_before_b
     prepare_recovery(str(d), shards=4)  # the same count resumes
     with pytest.raises(MeterError, match=r"pipeline.shards = 4.*pipeline.shards = 8"):
         prepare_recovery(str(d), shards=8)
+    for bad in ("garbage{", "[4]"):  # a marker that is not the layout: one line naming the file, not a traceback
+        (d / RECOVERY_MARKER).write_text(bad)
+        with pytest.raises(MeterError, match=rf"{RECOVERY_MARKER} is not the layout meterflow writes.*new recovery"):
+            prepare_recovery(str(d), shards=4)
     (d / RECOVERY_MARKER).unlink()  # as a directory written before shards existed
     with pytest.raises(MeterError, match="without pipeline.shards"):
         prepare_recovery(str(d), shards=4)
