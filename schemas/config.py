@@ -34,8 +34,8 @@ class _Frozen(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     pass
 
 
-# pipeline.shards when unset (256 before issue 16: every shard's per-batch Python is a fixed cost, and 64 shards
-# meter the benchmark's stream 1.23x as fast in process; README: Native core).
+# pipeline.shards when unset (256 before issue 16: every shard with events costs fixed work per batch;
+# `python -m benchmarks.native_core --shards 256,64,16` printed 1.25x the in-process events/s at 64).
 DEFAULT_SHARDS = 64
 
 

@@ -91,7 +91,6 @@ class _TopicPartition(StatefulSourcePartition[Tuple[Any, bytes], int]):
             self._while_down(bool(msgs))
         if not msgs:
             return []
-        self._awake = None
         _LAST_DATA[worker] = time.monotonic()
         topic, part = self._topic, self._part
         if self._chunks:
