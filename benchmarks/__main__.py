@@ -365,13 +365,14 @@ class Bench:
             ready = self.work / f"{run_id}.ready"
             cmds = [self._peer_cmd(name, self.work / f"{run_id}.json", ev_topic, rules, alerts_topic, tail=True,
                                    ready=ready)]
-            def parse(raw: bytes) -> Tuple[Optional[str], Optional[float]]:
+            def parse(raw: bytes) -> Tuple[Optional[str], Optional[float], Optional[float]]:
                 a = json.loads(raw)
-                return a["k"], float(a["at"])
+                return a["k"], float(a["at"]), None
             stop_sig = signal.SIGTERM
         self.kafka.create_topic(alerts_topic, partitions=1)
         received: Dict[str, float] = {}  # alert key -> consumed at (epoch s)
         detected: Dict[str, float] = {}  # alert key -> detected at, as the contender stamped it (epoch ms)
+        ingested: Dict[str, float] = {}  # alert key -> its crossing event's ingested_at (meterflow's stamp, epoch ms)
         stop = threading.Event()
 
         def consume() -> None:
@@ -386,10 +387,12 @@ class Bench:
                     if msg.error():
                         continue
                     now = time.time()
-                    k, at = parse(msg.value())
+                    k, at, ing = parse(msg.value())
                     if k is not None and k not in received:
                         received[k] = now
                         detected[k] = at
+                        if ing is not None:
+                            ingested[k] = ing
             c.close()
 
         th = threading.Thread(target=consume, daemon=True)
@@ -450,9 +453,14 @@ class Bench:
             # detected -> consumed (its output path: sinks before the alert, producer, broker).
             split = {"produced_to_detected_ms": pcts([detected[k] - sent_at[i] * 1000 for k, i in got]),
                      "detected_to_consumed_ms": pcts([received[k] * 1000 - detected[k] for k, _i in got])}
-            # each alert's (produced, detected, consumed) epoch ms, for a look at the tail (kept with --keep)
+            if ingested:  # meterflow: the first part split at the crossing event's ingested_at (its source's clock)
+                split["produced_to_ingested_ms"] = pcts([ingested[k] - sent_at[i] * 1000 for k, i in got
+                                                         if k in ingested])
+                split["ingested_to_detected_ms"] = pcts([detected[k] - ingested[k] for k, _i in got if k in ingested])
+            # each alert's (produced, detected, consumed[, ingested]) epoch ms, for a look at the tail (--keep)
             (self.work / f"{run_id}-alerts.json").write_text(
-                json.dumps([(sent_at[i] * 1000, detected[k], received[k] * 1000) for k, i in got]))
+                json.dumps([(sent_at[i] * 1000, detected[k], received[k] * 1000, *([ingested[k]] if k in ingested
+                                                                                   else [])) for k, i in got]))
             extra = [k for k in received if k not in expected and not k.startswith(WARM_KEY + "|")]
             rate = sent / max(1e-9, sent_at[-1] - sent_at[0]) if sent > 1 else 0
             result.update({"events": sent, "achieved_rate": rate,
@@ -597,7 +605,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                     else:
                         bench.log(f"latency [bold]{name}[/]: p50 / p99 / max {lat_text(lat)} ("
                                   f"{lat['received_alerts']}/{lat['expected_alerts']} alerts, "
-                                  f"{lat['events']:,} events at {lat['achieved_rate']:,.0f}/s)")
+                                  f"{lat['events']:,} events at {lat['achieved_rate']:,.0f}/s)"
+                                  + (f"; p99 produced -> ingested {lat['produced_to_ingested_ms']['p99']:,.0f} ms, "
+                                     f"ingested -> detected {lat['ingested_to_detected_ms']['p99']:,.0f} ms"
+                                     if (lat.get("produced_to_ingested_ms") or {}).get("p99") is not None else ""))
     except DevServiceError as exc:
         console.print(f"[red]benchmarks: {exc}[/]")
         return 2

@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--interval-ms", type=int, default=1000, help="pipeline.flush_interval (default 1000)")
     args = ap.parse_args()
     rows = json.load(open(args.alerts))
-    lat = [(consumed - produced, produced) for produced, _detected, consumed in rows]
+    lat = [(consumed - produced, produced) for produced, _detected, consumed, *_ingested in rows]
     tenth = args.interval_ms / 10
     print(f"{len(lat)} alerts: p50 {pct([x for x, _ in lat], 0.5):.0f} ms, p99 {pct([x for x, _ in lat], 0.99):.0f} ms")
     print("produced at (ms into the interval)  alerts  p50 ms  p95 ms")

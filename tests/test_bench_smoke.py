@@ -171,3 +171,25 @@ def test_the_core_step_times_the_native_path_with_threshold_detection_and_checks
     assert main(["core", "--config", str(cfg), "--events", str(events), "--batch", "512", "--out", str(out),
                  "--expected-alerts", str(expected)]) == 0
     assert json.loads(out.read_text())["native_flow_alerts_ok"] is False
+
+
+def test_a_meterflow_alert_gives_its_crossing_event_s_ingested_at_and_the_report_splits_the_latency_there():
+    import orjson
+
+    from benchmarks.peers.meterflow import parse_alert
+    from benchmarks.peers.report import Row
+
+    alert = {"type": "threshold_crossed", "tenant_id": "acme", "customer_id": "c1", "metric": "api_calls",
+             "period_start": "2026-12-01T00:00:00.000Z", "threshold_pct": 75.0,
+             "ingested_at": "2026-12-03T10:00:00.040Z", "detected_at": "2026-12-03T10:00:00.052Z"}
+    key, detected, ingested = parse_alert(orjson.dumps(alert))
+    assert key is not None and detected - ingested == 12.0
+    assert parse_alert(orjson.dumps(dict(alert, type="blocked"))) == (None, None, None)
+    lat = {"rate": 40_000, "p50_ms": 9.0, "p99_ms": 60.0, "max_ms": 70.0,
+           "produced_to_detected_ms": {"p50": 8.0, "p99": 50.0}, "detected_to_consumed_ms": {"p50": 1.0, "p99": 9.0},
+           "produced_to_ingested_ms": {"p50": 5.0, "p99": 41.0}, "ingested_to_detected_ms": {"p50": 3.0, "p99": 12.0}}
+    peer = {k: v for k, v in lat.items() if not k.startswith(("produced_to_ingested", "ingested_to"))}
+    text = markdown([Row("meterflow-1w-native", ran=True, eps=80_000.0, latency=lat),
+                     Row("quixstreams", ran=True, eps=8_000.0, latency=peer)], {"targets": []})
+    assert "| meterflow-1w-native @ 40,000/s | 8 / 50 | 5 / 41 | 3 / 12 | 1 / 9 |" in text
+    assert "| quixstreams @ 40,000/s | 8 / 50 | — | — | 1 / 9 |" in text

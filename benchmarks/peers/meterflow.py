@@ -125,18 +125,19 @@ def store_outputs(chdb: str) -> Tuple[Dict[str, float], List[str]]:
     return clean_totals(totals), sorted(set(alerts))
 
 
-def parse_alert(raw: bytes) -> Tuple[Optional[str], Optional[float]]:
-    """A meterflow alert on the alerts topic as (the benchmark's alert key, detected_at in epoch ms);
-    (None, None) for anything but a threshold crossing."""
+def parse_alert(raw: bytes) -> Tuple[Optional[str], Optional[float], Optional[float]]:
+    """A meterflow alert on the alerts topic as (the benchmark's alert key, detected_at, ingested_at of the crossing
+    event, both in epoch ms); (None, None, None) for anything but a threshold crossing."""
     import orjson
 
     from meterflow.base.timeutil import parse_rfc3339_ms
 
     a = orjson.loads(raw)
     if a.get("type") != "threshold_crossed":
-        return None, None
+        return None, None, None
     return (alert_key(f"{a['tenant_id']}|{a['customer_id']}", a["metric"], parse_rfc3339_ms(a["period_start"]),
-                      float(a["threshold_pct"])), float(parse_rfc3339_ms(a["detected_at"])))
+                      float(a["threshold_pct"])), float(parse_rfc3339_ms(a["detected_at"])),
+            float(parse_rfc3339_ms(a["ingested_at"])) if a.get("ingested_at") else None)
 
 
 # -- subcommands --------------------------------------------------------------------------------------------

@@ -238,12 +238,13 @@ def markdown(rows: List[Row], doc: Dict[str, Any]) -> str:
                       f"{core['native_flow_folded_python']:,} on Python."]
     split = [r for r in rows if r.latency and r.latency.get("produced_to_detected_ms", {}).get("p50") is not None]
     if split:
-        lines += ["", "| latency split (ms, p50 / p99) | produced -> detected | detected -> alert consumed |",
-                  "|---|---|---|"]
+        lines += ["", "| latency split (ms, p50 / p99) | produced -> detected | of which produced -> ingested | "
+                  "of which ingested -> detected | detected -> alert consumed |", "|---|---|---|---|---|"]
         for r in split:
             a, b = r.latency["produced_to_detected_ms"], r.latency["detected_to_consumed_ms"]
+            c, d = r.latency.get("produced_to_ingested_ms"), r.latency.get("ingested_to_detected_ms")
             lines.append(f"| {r.name} @ {r.latency['rate']:,}/s | {a['p50']:,.0f} / {a['p99']:,.0f} | "
-                         f"{b['p50']:,.0f} / {b['p99']:,.0f} |")
+                         f"{_p50_p99(c)} | {_p50_p99(d)} | {b['p50']:,.0f} / {b['p99']:,.0f} |")
     lines += ["", "| issue | target | goal | measured | |", "|---|---|---|---|---|"]
     for t in doc.get("targets", []):
         v = t["value"]
@@ -251,6 +252,13 @@ def markdown(rows: List[Row], doc: Dict[str, Any]) -> str:
                      f"{'—' if v is None else format(v, ',.2f')} {t.get('unit', '') if v is not None else ''} | "
                      f"{t['gap']} |")
     return "\n".join(lines) + "\n"
+
+
+def _p50_p99(p: Optional[Dict[str, Any]]) -> str:
+    """``p50 / p99`` of a :func:`pcts` result, ``—`` where the contender gives no such stamp."""
+    if not p or p.get("p50") is None:
+        return "—"
+    return f"{p['p50']:,.0f} / {p['p99']:,.0f}"
 
 
 def chart(rows: List[Row], path: Path, title: str) -> Optional[str]:
