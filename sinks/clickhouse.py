@@ -10,8 +10,10 @@ Raw archive rows are keyed by (tenant, customer, event id, source location), so 
 replay rewrites the rows it had written.
 
 Insert batching: an insert costs a ClickHouse part whatever its size (about 6 ms on embedded chDB for one row or
-ten thousand), so a flow WITHOUT a recovery directory gathers its batches for up to ``COALESCE_S`` (or
-``COALESCE_ITEMS`` emissions) and inserts them together; an idle flow's last rows go out within that time (a timer),
+ten thousand, and the merges of those parts after it), so a flow WITHOUT a recovery directory gathers its batches
+for ``COALESCE_S`` (or ``COALESCE_ITEMS`` emissions) and inserts them together; after a slow insert the next
+emissions wait longer, up to ``COALESCE_MAX_S``, so that inserts take about ``INSERT_SHARE`` of the time
+(:func:`paced_wait`). An idle flow's last rows go out within that time (a timer),
 and at the end of the flow (``close``). Those inserts run on a thread of the partition, so the flow's thread goes on
 folding events while ClickHouse works (a batch that finds ``COALESCE_ITEMS`` waiting inserts them itself, so what
 waits stays bounded). Nothing is lost that a rerun would not rewrite: without recovery a rerun reads the topics from
@@ -73,8 +75,20 @@ from meterflow.sinks.clickhouse_schema import (
 )
 
 DEFAULT_DATABASE = "meter"
-COALESCE_S = 0.5  # without recovery: the longest a batch's rows wait to be inserted with later batches
+COALESCE_S = 0.5  # without recovery: how long a batch's rows wait to be inserted with later batches, at least
+COALESCE_MAX_S = 2.0  # ... and at most, when inserts are slow (INSERT_SHARE)
+INSERT_SHARE = 0.05  # the wait after an insert that took t: t * (1 - share) / share, inserts then taking this share
 COALESCE_ITEMS = 20_000  # ... or this many emissions (about one per shard and batch) waiting
+
+
+def paced_wait(least: float, took: float) -> float:
+    """How long the next emissions wait to be inserted together after an insert that took ``took`` seconds: at
+    least ``least`` (``COALESCE_S``), at most ``COALESCE_MAX_S``, else long enough that inserts take about
+    ``INSERT_SHARE`` of the time. Each insert costs ClickHouse a part whatever its size, and the merges of those parts
+    after it: on embedded chDB, its thread pool's CPU in the latency run went from 2.8 s to 1.5 s with 2 s instead of
+    0.5 s between inserts (measured by hand), CPU the flow's thread and the Kafka clients need on a small machine. A
+    slow insert is a loaded machine or big inserts: both are better served by fewer of them."""
+    return max(least, min(COALESCE_MAX_S, took * (1.0 - INSERT_SHARE) / INSERT_SHARE))
 
 log = logging.getLogger("meterflow.clickhouse")
 
@@ -278,9 +292,10 @@ class _ClickHousePartition(StatelessSinkPartition[Emission]):
         _without_dataframes()
         # Insert batching (module doc): emissions waiting since _since, written by write_batch or the timer.
         self._delay = coalesce_s
+        self._wait = coalesce_s  # the current wait: paced_wait after each insert
         self._pending: List[Emission] = []
         self._since = 0.0
-        self._lock = threading.Lock()  # guards _pending, _since and _error
+        self._lock = threading.Lock()  # guards _pending, _since, _wait and _error
         self._inserting = threading.Lock()  # one insert at a time: each takes what waits, so they go in order
         self._error: Optional[BaseException] = None
         self._closed = threading.Event()
@@ -321,7 +336,7 @@ class _ClickHousePartition(StatelessSinkPartition[Emission]):
                 self._since = time.monotonic()
             self._pending += items
             full = len(self._pending) >= COALESCE_ITEMS
-            if not full and time.monotonic() - self._since >= self._delay:
+            if not full and time.monotonic() - self._since >= self._wait:
                 self._due.set()  # the inserter thread takes it: the flow goes on meanwhile
         if full:  # the inserter is behind: this batch waits for room, so what waits stays bounded
             self._write_pending()
@@ -334,7 +349,12 @@ class _ClickHousePartition(StatelessSinkPartition[Emission]):
             with self._lock:
                 items, self._pending = self._pending, []
             if items:
+                t0 = time.monotonic()
                 self._write(items)
+                if self._delay > 0:
+                    wait = paced_wait(self._delay, time.monotonic() - t0)
+                    with self._lock:
+                        self._wait = wait
 
     def _raise_pending_error(self) -> None:
         if self._error is not None:
@@ -342,16 +362,16 @@ class _ClickHousePartition(StatelessSinkPartition[Emission]):
             raise exc
 
     def _inserter(self) -> None:
-        """Inserts what waited COALESCE_S: when write_batch finds it due, or after COALESCE_S / 2 with no batch (an
-        idle flow). Off the flow's thread: chDB and the HTTP client release the GIL while ClickHouse works, so the
-        flow folds the next events meanwhile instead of waiting an insert per table. An error stops the flow at its
-        next batch or at the end."""
+        """Inserts what waited its wait (COALESCE_S, longer after slow inserts: :func:`paced_wait`): when write_batch
+        finds it due, or after COALESCE_S / 2 with no batch (an idle flow). Off the flow's thread: chDB and the HTTP
+        client release the GIL while ClickHouse works, so the flow folds the next events meanwhile instead of waiting
+        an insert per table. An error stops the flow at its next batch or at the end."""
         while not self._closed.is_set():
             self._due.wait(self._delay / 2)
             self._due.clear()
             with self._lock:
                 ready = bool(self._pending) and self._error is None and \
-                    time.monotonic() - self._since >= self._delay
+                    time.monotonic() - self._since >= self._wait
             if not ready:
                 continue
             try:

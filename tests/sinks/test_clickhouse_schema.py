@@ -280,6 +280,51 @@ def test_without_recovery_inserts_are_batched_and_nothing_is_left_behind(chdb_pa
     now.close()
 
 
+def test_after_a_slow_insert_the_next_rows_wait_longer_to_go_in_one_insert(chdb_path, ch_database, monkeypatch):
+    """Pacing without recovery (:func:`paced_wait`): after an insert that took t, the next emissions wait about 19 t
+    (inserts then take a twentieth of the time), between COALESCE_S and COALESCE_MAX_S; a fast insert brings the wait
+    back to COALESCE_S. Nothing waits past close."""
+    import time
+
+    from meterflow.sinks import clickhouse as ch
+
+    assert ch.paced_wait(0.5, 0.01) == 0.5  # a light flow: its rows within COALESCE_S
+    assert ch.paced_wait(0.5, 0.06) == pytest.approx(1.14)
+    assert ch.paced_wait(0.5, 1.0) == ch.COALESCE_MAX_S == 2.0
+    assert ch.paced_wait(30.0, 1.0) == 30.0  # (never below the configured wait)
+    monkeypatch.setattr(ch, "COALESCE_S", 0.2)
+    cfg = ClickHouseConfig(dsn=f"chdb://{chdb_path}", database=ch_database + "_pw")
+    client, db = connect(cfg)
+    part = ClickHouseSink(cfg, coalesce=True).build("clickhouse", 0, 1)
+    inserts = []
+    real = part._insert_rows
+
+    def slow(kind, rows, at):
+        time.sleep(0.06)
+        inserts.append((time.monotonic(), len(rows)))
+        real(kind, rows, at)
+
+    monkeypatch.setattr(part, "_insert_rows", slow)
+    part.write_batch([_period("c1", 1.0, 1)])
+    deadline = time.monotonic() + 5
+    while part._wait == 0.2 and time.monotonic() < deadline:  # (the timer's insert, then its pacing)
+        time.sleep(0.02)
+    assert len(inserts) == 1 and part._wait >= 19 * 0.06  # the insert took at least 0.06 s
+    t = time.monotonic()
+    part.write_batch([_period("c2", 2.0, 1)])
+    part.write_batch([_period("c3", 3.0, 1)])
+    time.sleep(0.8)  # four times COALESCE_S: still waiting
+    assert len(inserts) == 1
+    while len(inserts) == 1 and time.monotonic() < deadline + 5:
+        time.sleep(0.02)
+    assert inserts[1][1] == 2 and inserts[1][0] - t >= 19 * 0.06  # both batches in one insert, after the paced wait
+    monkeypatch.setattr(part, "_insert_rows", real)
+    part.write_batch([_period("c4", 4.0, 1)])
+    part.close()
+    assert _stored(client, db) == [("c1", 1.0), ("c2", 2.0), ("c3", 3.0), ("c4", 4.0)]
+    assert part._wait == 0.2  # (the last insert was fast)
+
+
 def test_a_failed_batched_insert_stops_the_flow_at_its_next_batch(chdb_path, ch_database, monkeypatch):
     from meterflow.sinks import clickhouse as ch
 
