@@ -247,6 +247,24 @@ def _stored(client, db: str):
     return sorted((r["customer_id"], r["value"]) for r in schema.query_usage(client, db))
 
 
+def test_an_insert_keeps_every_version_of_its_block_and_the_views_read_the_latest(chdb_path, ch_database):
+    """INSERT_SETTINGS: an insert does not collapse its block as a merge would (``optimize_on_insert = 0``): two
+    versions of one row inserted together are both in the table until a merge, and the view (FINAL) reads the latest,
+    as it does for versions inserted apart; the raw archive's rows go with the same settings."""
+    from meterflow.sinks import clickhouse as ch
+
+    assert ch.INSERT_SETTINGS == {"optimize_on_insert": 0}
+    cfg = ClickHouseConfig(dsn=f"chdb://{chdb_path}", database=ch_database + "_oi")
+    client, db = connect(cfg)
+    part = ClickHouseSink(cfg).build("clickhouse", 0, 1)  # (with recovery: each batch inserted at once)
+    part.write_batch([_period("c1", 1.0, 1), _period("c1", 3.0, 2), _period("c2", 2.0, 1)])
+    part.write_batch([_period("c2", 5.0, 3)])
+    rows = client.query(f"SELECT customer_id, value FROM {db}.usage_period_rows ORDER BY customer_id, version")
+    assert rows.result_rows == [("c1", 1.0), ("c1", 3.0), ("c2", 2.0), ("c2", 5.0)]  # (no merge yet)
+    assert _stored(client, db) == [("c1", 3.0), ("c2", 5.0)]
+    part.close()
+
+
 def test_without_recovery_inserts_are_batched_and_nothing_is_left_behind(chdb_path, ch_database, monkeypatch):
     """A flow without recovery: batches wait (up to COALESCE_S) to be inserted together, one insert per table; an
     idle partition's rows go out by the timer; close inserts the rest. With recovery each batch is inserted at once."""
