@@ -331,16 +331,17 @@ def test_after_a_slow_insert_the_next_rows_wait_longer_to_go_in_one_insert(chdb_
     t = time.monotonic()
     part.write_batch([_period("c2", 2.0, 1)])
     part.write_batch([_period("c3", 3.0, 1)])
-    time.sleep(0.8)  # four times COALESCE_S: still waiting
+    time.sleep(0.5)  # 2.5 times COALESCE_S: still waiting
     assert len(inserts) == 1
     while len(inserts) == 1 and time.monotonic() < deadline + 5:
         time.sleep(0.02)
     assert inserts[1][1] == 2 and inserts[1][0] - t >= 19 * 0.06  # both batches in one insert, after the paced wait
-    monkeypatch.setattr(part, "_insert_rows", real)
+    assert _stored(client, db) == [("c1", 1.0), ("c2", 2.0), ("c3", 3.0)]
+    fast = []  # (an insert that takes no time: the wait goes back to COALESCE_S)
+    monkeypatch.setattr(part, "_insert_rows", lambda kind, rows, at: fast.extend(r.customer_id for r in rows))
     part.write_batch([_period("c4", 4.0, 1)])
     part.close()
-    assert _stored(client, db) == [("c1", 1.0), ("c2", 2.0), ("c3", 3.0), ("c4", 4.0)]
-    assert part._wait == 0.2  # (the last insert was fast)
+    assert fast == ["c4"] and part._wait == 0.2
 
 
 def test_a_failed_batched_insert_stops_the_flow_at_its_next_batch(chdb_path, ch_database, monkeypatch):
