@@ -109,10 +109,11 @@ def test_rated_rows_are_written_as_the_drivers_column_insert(partitions, batches
     new._insert_money(new._rated, cols)  # what write_batch does with them
     old._insert(old._rated, cols)  # the driver's column insert, as the sink did before
     got = [client.query(f"SELECT *, toString(charge), toString(overage_amount), toString(minimum), toString(amount) "
-                        f"FROM {db}.usage_rated_rows ORDER BY ALL").result_rows
+                        f"FROM {db}.usage_rated_rows FINAL ORDER BY ALL").result_rows
            for db in ("meter_money_new", "meter_money_old")]
     keys = {(r.tenant_id, r.customer_id, r.metric, r.period_start) for rows in batches for r in rows}
-    assert len(got[0]) == len(keys) and got[0] == got[1]  # (an insert keeps one row of a key: ReplacingMergeTree)
+    # (FINAL, as the views read: one row per key; an insert keeps every version, INSERT_SETTINGS)
+    assert len(got[0]) == len(keys) and got[0] == got[1]
     assert new._rated.table == "meter_money_new.usage_rated_rows"
 
 

@@ -265,6 +265,48 @@ def test_an_insert_keeps_every_version_of_its_block_and_the_views_read_the_lates
     part.close()
 
 
+def test_embedded_inserts_go_through_a_spool_file_that_is_removed_after(chdb_path, ch_database, tmp_path,
+                                                                         monkeypatch):
+    """Embedded chDB: an insert's bytes go to a file of spool_dir() (/dev/shm where it is writable, else the default
+    temporary directory) and ClickHouse reads them with INSERT ... FROM INFILE and INSERT_SETTINGS; the file is gone
+    after, and after a failed insert too."""
+    import tempfile
+
+    from meterflow.sinks import clickhouse as ch
+
+    monkeypatch.setattr(ch, "SPOOL_DIR", str(tmp_path / "missing"))
+    assert ch.spool_dir() == tempfile.gettempdir()
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    monkeypatch.setattr(ch, "SPOOL_DIR", str(spool))
+    cfg = ClickHouseConfig(dsn=f"chdb://{chdb_path}", database=ch_database + "_sp")
+    client, db = connect(cfg)
+    part = ClickHouseSink(cfg).build("clickhouse", 0, 1)
+    sql = []
+    real = part._client.command
+
+    def command(cmd, *a, **k):
+        sql.append((cmd, sorted(p.name for p in spool.iterdir())))
+        return real(cmd, *a, **k)
+
+    monkeypatch.setattr(part._client, "command", command, raising=False)
+    part.write_batch([_period("c1", 1.0, 1), _period("c2", 2.0, 1)])
+    assert _stored(client, db) == [("c1", 1.0), ("c2", 2.0)]
+    (cmd, files), = sql
+    assert cmd.startswith(f"INSERT INTO {db}.usage_period_rows (") and f"FROM INFILE '{spool}/" in cmd
+    assert cmd.endswith("SETTINGS optimize_on_insert = 0 FORMAT RowBinary") or cmd.endswith(
+        "SETTINGS optimize_on_insert = 0 FORMAT Native")
+    assert len(files) == 1 and list(spool.iterdir()) == []  # (there during the insert, gone after)
+
+    def broken(cmd, *a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(part._client, "command", broken, raising=False)
+    with pytest.raises(RuntimeError, match="disk full"):
+        part.write_batch([_period("c3", 3.0, 1)])
+    assert list(spool.iterdir()) == []
+
+
 def test_without_recovery_inserts_are_batched_and_nothing_is_left_behind(chdb_path, ch_database, monkeypatch):
     """A flow without recovery: batches wait (up to COALESCE_S) to be inserted together, one insert per table; an
     idle partition's rows go out by the timer; close inserts the rest. With recovery each batch is inserted at once."""
