@@ -110,10 +110,41 @@ INSERT_SETTINGS: Dict[str, Any] = {"optimize_on_insert": 0}
 SPOOL_DIR = "/dev/shm"
 
 
+SPOOL_PREFIX = "meterflow-insert-"  # then the writing process's pid: a killed process's files are found by it
+
+
 def spool_dir() -> str:
     """Where embedded inserts' bytes wait for ClickHouse: :data:`SPOOL_DIR` if it is a writable directory, else the
     default temporary directory."""
     return SPOOL_DIR if os.path.isdir(SPOOL_DIR) and os.access(SPOOL_DIR, os.W_OK) else tempfile.gettempdir()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # (another user's process)
+        return True
+    return True
+
+
+def sweep_spool(directory: str) -> int:
+    """Remove the spool files of processes that are gone: a process killed during an insert leaves its file (in
+    memory, for /dev/shm). The number removed; a file of a live process, or not of this sink, is left alone."""
+    removed = 0
+    for name in os.listdir(directory):
+        if not (name.startswith(SPOOL_PREFIX) and name.endswith(".insert")):
+            continue
+        pid = name[len(SPOOL_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+            removed += 1
+        except OSError:
+            pass
+    return removed
 
 
 log = logging.getLogger("meterflow.clickhouse")
@@ -295,6 +326,8 @@ class _ClickHousePartition(StatelessSinkPartition[Emission]):
     def __init__(self, cfg: ClickHouseConfig, coalesce_s: float = 0.0) -> None:
         self._client, db = connect(cfg)
         self._spool = spool_dir() if resolve(cfg)[2] else None  # (embedded chDB: the inserts' bytes go by file)
+        if self._spool is not None:
+            sweep_spool(self._spool)
         self._raw_table = f"{db}.raw_event_rows"
         try:
             # One reusable insert context per table: the column types are read once here, not per insert.
@@ -340,7 +373,7 @@ class _ClickHousePartition(StatelessSinkPartition[Emission]):
         if self._spool is None:
             self._client.raw_insert(table, columns, data, fmt=fmt, settings=INSERT_SETTINGS)
             return
-        fd, path = tempfile.mkstemp(suffix=".insert", dir=self._spool)
+        fd, path = tempfile.mkstemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-", suffix=".insert", dir=self._spool)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)

@@ -5,6 +5,7 @@ the alert columns follow the Alert Struct, so a new field cannot be left out of 
 from __future__ import annotations
 
 import doctest
+import os
 
 import pytest
 
@@ -297,6 +298,7 @@ def test_embedded_inserts_go_through_a_spool_file_that_is_removed_after(chdb_pat
     assert cmd.endswith("SETTINGS optimize_on_insert = 0 FORMAT RowBinary") or cmd.endswith(
         "SETTINGS optimize_on_insert = 0 FORMAT Native")
     assert len(files) == 1 and list(spool.iterdir()) == []  # (there during the insert, gone after)
+    assert files[0].startswith(f"{ch.SPOOL_PREFIX}{os.getpid()}-") and files[0].endswith(".insert")
 
     def broken(cmd, *a, **k):
         raise RuntimeError("disk full")
@@ -305,6 +307,31 @@ def test_embedded_inserts_go_through_a_spool_file_that_is_removed_after(chdb_pat
     with pytest.raises(RuntimeError, match="disk full"):
         part.write_batch([_period("c3", 3.0, 1)])
     assert list(spool.iterdir()) == []
+
+
+def test_a_killed_process_s_spool_files_are_swept_when_a_partition_is_built(chdb_path, ch_database, tmp_path,
+                                                                             monkeypatch):
+    """A process killed during an insert leaves its spool file: the next partition built removes the files of
+    processes that are gone, and leaves those of live processes and anything else in the directory."""
+    import subprocess
+    import sys
+
+    from meterflow.sinks import clickhouse as ch
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    for name in (f"{ch.SPOOL_PREFIX}{dead}-abc.insert", f"{ch.SPOOL_PREFIX}{os.getpid()}-def.insert",
+                 f"{ch.SPOOL_PREFIX}1-ghi.insert", "other.insert", f"{ch.SPOOL_PREFIX}x-y.insert"):
+        (spool / name).write_bytes(b"rows")
+    monkeypatch.setattr(ch, "SPOOL_DIR", str(spool))
+    cfg = ClickHouseConfig(dsn=f"chdb://{chdb_path}", database=ch_database + "_sw")
+    part = ClickHouseSink(cfg).build("clickhouse", 0, 1)
+    assert sorted(p.name for p in spool.iterdir()) == sorted([
+        f"{ch.SPOOL_PREFIX}{os.getpid()}-def.insert", f"{ch.SPOOL_PREFIX}1-ghi.insert", "other.insert",
+        f"{ch.SPOOL_PREFIX}x-y.insert"])  # (pid 1 is alive)
+    part.close()
 
 
 def test_without_recovery_inserts_are_batched_and_nothing_is_left_behind(chdb_path, ch_database, monkeypatch):
