@@ -41,6 +41,7 @@ column or value holding the GIL; a batch with a value the encoder does not take 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import tempfile
@@ -108,8 +109,6 @@ INSERT_SETTINGS: Dict[str, Any] = {"optimize_on_insert": 0}
 # three alternating pairs of the native throughput run read 160,085 / 148,588 / 154,321 events/s against 121,212 /
 # 141,978 / 136,737 through the backend's file (CPU per million events 7.33-7.38 against 7.52-8.70, by hand).
 SPOOL_DIR = "/dev/shm"
-
-
 SPOOL_PREFIX = "meterflow-insert-"  # then the writing process's pid: a killed process's files are found by it
 
 
@@ -117,6 +116,18 @@ def spool_dir() -> str:
     """Where embedded inserts' bytes wait for ClickHouse: :data:`SPOOL_DIR` if it is a writable directory, else the
     default temporary directory."""
     return SPOOL_DIR if os.path.isdir(SPOOL_DIR) and os.access(SPOOL_DIR, os.W_OK) else tempfile.gettempdir()
+
+
+def _new_spool_file(directory: str, data: bytes) -> str:
+    """A new file of ``directory`` named for :func:`sweep_spool`, holding ``data`` (none left when it fails)."""
+    fd, path = tempfile.mkstemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-", suffix=".insert", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+    except BaseException:
+        os.unlink(path)
+        raise
+    return path
 
 
 def _alive(pid: int) -> bool:
@@ -327,7 +338,8 @@ class _ClickHousePartition(StatelessSinkPartition[Emission]):
         self._client, db = connect(cfg)
         self._spool = spool_dir() if resolve(cfg)[2] else None  # (embedded chDB: the inserts' bytes go by file)
         if self._spool is not None:
-            sweep_spool(self._spool)
+            for directory in {self._spool, tempfile.gettempdir()}:  # (a full spool falls back to the second)
+                sweep_spool(directory)
         self._raw_table = f"{db}.raw_event_rows"
         try:
             # One reusable insert context per table: the column types are read once here, not per insert.
@@ -373,16 +385,30 @@ class _ClickHousePartition(StatelessSinkPartition[Emission]):
         if self._spool is None:
             self._client.raw_insert(table, columns, data, fmt=fmt, settings=INSERT_SETTINGS)
             return
-        fd, path = tempfile.mkstemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-", suffix=".insert", dir=self._spool)
+        from clickhouse_connect.driver.binding import quote_identifier
+
+        path = self._spool_file(data)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            cols = ", ".join(f"`{c}`" for c in columns)
+            cols = ", ".join(quote_identifier(c) for c in columns)
             settings = ", ".join(f"{k} = {v}" for k, v in INSERT_SETTINGS.items())
-            self._client.command(f"INSERT INTO {table} ({cols}) FROM INFILE '{path}'"
+            quoted = path.replace("\\", "\\\\").replace("'", "\\'")  # (a TMPDIR may hold any character)
+            self._client.command(f"INSERT INTO {table} ({cols}) FROM INFILE '{quoted}'"
                                  f"{' SETTINGS ' + settings if settings else ''} FORMAT {fmt}")
         finally:
             os.unlink(path)
+
+    def _spool_file(self, data: bytes) -> str:
+        """A new file of the spool directory holding ``data``; of the default temporary directory when the spool is
+        full (/dev/shm is small in some containers: 64 MiB by default under Docker)."""
+        assert self._spool is not None
+        try:
+            return _new_spool_file(self._spool, data)
+        except OSError as exc:
+            fallback = tempfile.gettempdir()
+            if exc.errno != errno.ENOSPC or fallback == self._spool:
+                raise
+            log.warning("%s is full: ClickHouse inserts go through %s", self._spool, fallback)
+            return _new_spool_file(fallback, data)
 
     def _insert(self, context: Any, columns: list) -> None:
         context.data = columns

@@ -309,6 +309,41 @@ def test_embedded_inserts_go_through_a_spool_file_that_is_removed_after(chdb_pat
     assert list(spool.iterdir()) == []
 
 
+def test_a_full_spool_falls_back_to_the_temporary_directory(chdb_path, ch_database, tmp_path, monkeypatch):
+    """/dev/shm is small in some containers: an insert whose spool file finds it full (ENOSPC) goes through the
+    default temporary directory instead, its rows stored and no file left in either; another error is raised."""
+    import errno
+    import tempfile
+
+    from meterflow.sinks import clickhouse as ch
+
+    spool, tmp = tmp_path / "spool", tmp_path / "tm'p"  # (a quote in the path, as a TMPDIR may have)
+    spool.mkdir()
+    tmp.mkdir()
+    monkeypatch.setattr(ch, "SPOOL_DIR", str(spool))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    real = ch._new_spool_file
+    used = []
+
+    def full(directory, data, fail=errno.ENOSPC):
+        used.append(directory)
+        if directory == str(spool):
+            raise OSError(fail, os.strerror(fail))
+        return real(directory, data)
+
+    monkeypatch.setattr(ch, "_new_spool_file", full)
+    cfg = ClickHouseConfig(dsn=f"chdb://{chdb_path}", database=ch_database + "_fs")
+    client, db = connect(cfg)
+    part = ClickHouseSink(cfg).build("clickhouse", 0, 1)
+    part.write_batch([_period("c1", 1.0, 1)])
+    assert used == [str(spool), str(tmp)] and _stored(client, db) == [("c1", 1.0)]
+    assert list(spool.iterdir()) == [] and list(tmp.iterdir()) == []
+    monkeypatch.setattr(ch, "_new_spool_file", lambda d, data: full(d, data, errno.EACCES))
+    with pytest.raises(PermissionError):
+        part.write_batch([_period("c2", 2.0, 1)])
+    part.close()
+
+
 def test_a_killed_process_s_spool_files_are_swept_when_a_partition_is_built(chdb_path, ch_database, tmp_path,
                                                                              monkeypatch):
     """A process killed during an insert leaves its spool file: the next partition built removes the files of
